@@ -1,0 +1,530 @@
+"""The one module that knows array libraries by name.
+
+Everything above this layer talks to an array namespace ``xp`` (array-api-compat) and
+calls the helpers here for the few things the array API standard does not cover:
+sparse matrices, random numbers, vectorizing maps and moving data to NumPy for I/O.
+Optional libraries (torch, jax, cupy) are imported lazily, only when an array of theirs
+is already in the user's hands, so ``import linop_trace`` never imports them.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, Callable
+
+import array_api_compat
+import numpy as np
+
+__all__ = [
+    "RandomSource",
+    "array_namespace",
+    "default_float_dtype",
+    "describe",
+    "device_of",
+    "dtype_name",
+    "is_complex_dtype",
+    "is_sparse",
+    "library_name",
+    "make_random_source",
+    "promote_to_float",
+    "to_numpy",
+]
+
+
+# --------------------------------------------------------------------------- identity
+
+
+def _module_loaded(name: str) -> bool:
+    return name in sys.modules
+
+
+def _is_scipy_sparse(x: Any) -> bool:
+    if not _module_loaded("scipy.sparse"):
+        return False
+    import scipy.sparse
+
+    return scipy.sparse.issparse(x)
+
+
+def _is_torch_sparse(x: Any) -> bool:
+    if not _module_loaded("torch"):
+        return False
+    import torch
+
+    return isinstance(x, torch.Tensor) and x.layout != torch.strided
+
+
+def _is_jax_sparse(x: Any) -> bool:
+    if not _module_loaded("jax.experimental.sparse"):
+        return False
+    from jax.experimental import sparse as jsparse
+
+    return isinstance(x, jsparse.JAXSparse)
+
+
+def _is_cupy_sparse(x: Any) -> bool:
+    if not _module_loaded("cupyx.scipy.sparse"):
+        return False
+    import cupyx.scipy.sparse
+
+    return cupyx.scipy.sparse.issparse(x)
+
+
+def is_sparse(x: Any) -> bool:
+    """Whether ``x`` is a sparse matrix of a supported library."""
+    return (
+        _is_scipy_sparse(x) or _is_torch_sparse(x) or _is_jax_sparse(x) or _is_cupy_sparse(x)
+    )
+
+
+def library_name(x: Any) -> str:
+    """A short human name for the library that owns ``x`` (used in error messages)."""
+    if _is_scipy_sparse(x):
+        return "scipy.sparse"
+    if _is_cupy_sparse(x):
+        return "cupyx.scipy.sparse"
+    if _is_jax_sparse(x):
+        return "jax"
+    if array_api_compat.is_numpy_array(x):
+        return "numpy"
+    if array_api_compat.is_torch_array(x):
+        return "torch"
+    if array_api_compat.is_jax_array(x):
+        return "jax"
+    if array_api_compat.is_cupy_array(x):
+        return "cupy"
+    if array_api_compat.is_array_api_strict_namespace(getattr(x, "__array_namespace__", lambda: None)()):
+        return "array_api_strict"
+    module = type(x).__module__.split(".")[0]
+    return module or type(x).__name__
+
+
+def namespace_name(xp: Any) -> str:
+    """The library behind an array namespace, for messages."""
+    if array_api_compat.is_numpy_namespace(xp):
+        return "numpy"
+    if array_api_compat.is_torch_namespace(xp):
+        return "torch"
+    if array_api_compat.is_jax_namespace(xp):
+        return "jax"
+    if array_api_compat.is_cupy_namespace(xp):
+        return "cupy"
+    if array_api_compat.is_array_api_strict_namespace(xp):
+        return "array_api_strict"
+    return getattr(xp, "__name__", repr(xp))
+
+
+def array_namespace(*arrays: Any) -> Any:
+    """The array-api-compat namespace shared by ``arrays`` (sparse matrices included).
+
+    Raises
+    ------
+    TypeError
+        If the arrays come from different libraries (both are named).
+    """
+    spaces = []
+    for a in arrays:
+        if _is_scipy_sparse(a):
+            import array_api_compat.numpy as np_compat
+
+            spaces.append((np_compat, a))
+        elif _is_jax_sparse(a):
+            import jax.numpy as jnp
+
+            spaces.append((jnp, a))
+        elif _is_cupy_sparse(a):
+            import array_api_compat.cupy as cp_compat
+
+            spaces.append((cp_compat, a))
+        else:
+            try:
+                spaces.append((array_api_compat.array_namespace(a), a))
+            except TypeError:
+                raise TypeError(
+                    f"expected an array of a supported library (numpy, scipy.sparse, torch, "
+                    f"jax, cupy or any array API library), got {type(a).__module__}."
+                    f"{type(a).__name__}"
+                ) from None
+    first_xp, first = spaces[0]
+    for xp, a in spaces[1:]:
+        if xp is not first_xp:
+            raise TypeError(
+                f"arrays of two libraries are mixed: {describe(first)} and {describe(a)}"
+            )
+    return first_xp
+
+
+def device_of(x: Any) -> Any:
+    """The device that holds ``x``."""
+    if _is_scipy_sparse(x):
+        return "cpu"
+    if _is_jax_sparse(x):
+        return array_api_compat.device(x.data)
+    if _is_cupy_sparse(x):
+        return array_api_compat.device(x.data)
+    return array_api_compat.device(x)
+
+
+def same_device(a: Any, b: Any) -> bool:
+    """Whether two device objects name the same device."""
+    return a == b or str(a) == str(b)
+
+
+def dtype_name(dtype: Any) -> str:
+    """``float64`` rather than ``torch.float64`` or ``dtype('float64')``."""
+    text = str(dtype)
+    for prefix in ("torch.", "array_api_strict.", "dtype("):
+        text = text.replace(prefix, "")
+    return text.strip("')\"")
+
+
+def describe(x: Any) -> str:
+    """``'a torch array on cpu (float32, shape (3, 4))'`` for error messages."""
+    shape = tuple(getattr(x, "shape", ()))
+    dtype = getattr(x, "dtype", None)
+    kind = "sparse matrix" if is_sparse(x) else "array"
+    try:
+        dev = device_of(x)
+    except Exception:  # pragma: no cover - exotic objects
+        dev = "?"
+    return f"a {library_name(x)} {kind} on {dev} ({dtype_name(dtype)}, shape {shape})"
+
+
+# ---------------------------------------------------------------------------- dtypes
+
+
+def is_complex_dtype(xp: Any, dtype: Any) -> bool:
+    return xp.isdtype(dtype, "complex floating")
+
+
+def is_float_dtype(xp: Any, dtype: Any) -> bool:
+    return xp.isdtype(dtype, ("real floating", "complex floating"))
+
+
+def default_float_dtype(xp: Any, device: Any = None) -> Any:
+    """The library's default real floating dtype (float64 in NumPy, float32 in torch)."""
+    info = xp.__array_namespace_info__()
+    try:
+        return info.default_dtypes(device=device)["real floating"]
+    except TypeError:  # pragma: no cover - older namespaces without ``device=``
+        return info.default_dtypes()["real floating"]
+
+
+def promote_to_float(xp: Any, dtype: Any, device: Any = None) -> Any:
+    """Integer and bool dtypes become the default float; float and complex stay as they are."""
+    if is_float_dtype(xp, dtype):
+        return dtype
+    return default_float_dtype(xp, device)
+
+
+def complex_dtype_for(xp: Any, dtype: Any) -> Any:
+    """The complex dtype with the precision of a real floating ``dtype``."""
+    if xp.isdtype(dtype, "complex floating"):
+        return dtype
+    return xp.complex64 if dtype == xp.float32 else xp.complex128
+
+
+def real_dtype_for(xp: Any, dtype: Any) -> Any:
+    """The real dtype with the precision of ``dtype`` (complex128 -> float64)."""
+    if xp.isdtype(dtype, "complex floating"):
+        return xp.float32 if dtype == xp.complex64 else xp.float64
+    return dtype
+
+
+# ------------------------------------------------------------------------ sparse ops
+
+
+def sparse_astype(matrix: Any, dtype: Any) -> Any:
+    """A sparse matrix with its values cast to ``dtype`` (no copy if unchanged)."""
+    if matrix.dtype == dtype:
+        return matrix
+    if _is_jax_sparse(matrix):
+        return matrix.astype(dtype)
+    if _is_torch_sparse(matrix):
+        return matrix.to(dtype)
+    return matrix.astype(dtype)
+
+
+def sparse_matmat(matrix: Any, block: Any) -> Any:
+    """``matrix @ block`` for a sparse matrix and a dense 2-d block of its library."""
+    if _is_scipy_sparse(matrix) or _is_cupy_sparse(matrix):
+        return matrix @ block
+    if _is_torch_sparse(matrix):
+        import torch
+
+        return torch.sparse.mm(matrix, block) if matrix.layout == torch.sparse_coo else matrix @ block
+    return matrix @ block
+
+
+def sparse_adjoint(matrix: Any) -> Any:
+    """The conjugate transpose of a sparse matrix, in its library and (where it can) format."""
+    if _is_scipy_sparse(matrix) or _is_cupy_sparse(matrix):
+        return matrix.conj().T.tocsr()
+    if _is_torch_sparse(matrix):
+        import torch
+
+        coo = matrix if matrix.layout == torch.sparse_coo else matrix.to_sparse_coo()
+        adjoint = coo.t().coalesce()
+        if adjoint.is_complex():
+            adjoint = adjoint.conj().coalesce()
+        return adjoint.to_sparse_csr() if matrix.layout == torch.sparse_csr else adjoint
+    if _is_jax_sparse(matrix):
+        from jax.experimental import sparse as jsparse
+
+        transposed = matrix.T
+        return jsparse.BCOO((transposed.data.conj(), transposed.indices), shape=transposed.shape)
+    raise TypeError(f"not a supported sparse matrix: {type(matrix)!r}")  # pragma: no cover
+
+
+def sparse_to_dense(matrix: Any) -> Any:
+    """A dense array of the same library holding the sparse matrix."""
+    if _is_scipy_sparse(matrix):
+        return matrix.toarray()
+    if _is_cupy_sparse(matrix):
+        return matrix.toarray()
+    if _is_torch_sparse(matrix):
+        return matrix.to_dense()
+    return matrix.todense()
+
+
+def sparse_diagonal(matrix: Any) -> Any:
+    """The main diagonal of a square sparse matrix as a dense 1-d array, O(nnz) work."""
+    if _is_scipy_sparse(matrix) or _is_cupy_sparse(matrix):
+        return matrix.diagonal()
+    if _is_torch_sparse(matrix):
+        import torch
+
+        coo = matrix if matrix.layout == torch.sparse_coo else matrix.to_sparse_coo()
+        coo = coo.coalesce()
+        rows, cols = coo.indices()
+        values = coo.values()
+        on_diag = rows == cols
+        out = torch.zeros(matrix.shape[0], dtype=matrix.dtype, device=matrix.device)
+        return out.index_add(0, rows[on_diag], values[on_diag])
+    if _is_jax_sparse(matrix):
+        import jax.numpy as jnp
+
+        rows, cols = matrix.indices[:, 0], matrix.indices[:, 1]
+        values = jnp.where(rows == cols, matrix.data, 0)
+        return jnp.zeros(matrix.shape[0], dtype=matrix.dtype).at[rows].add(values)
+    raise TypeError(f"not a supported sparse matrix: {type(matrix)!r}")  # pragma: no cover
+
+
+def prepare_sparse(matrix: Any) -> Any:
+    """Normalize a sparse input to a format with fast products (CSR for SciPy/CuPy)."""
+    if _is_scipy_sparse(matrix) or _is_cupy_sparse(matrix):
+        return matrix.tocsr()
+    if _is_torch_sparse(matrix):
+        import torch
+
+        if matrix.layout == torch.sparse_coo:
+            return matrix.coalesce()
+        if matrix.layout in (torch.sparse_csr,):
+            return matrix
+        return matrix.to_sparse_csr()
+    return matrix
+
+
+# ------------------------------------------------------------------------ batching
+
+
+def vmap_columns(function: Callable[[Any], Any], xp: Any) -> Callable[[Any], Any] | None:
+    """``function`` (vector -> vector) mapped over the columns of a block, or ``None``.
+
+    Uses the library's own vectorizing map (torch.func.vmap, jax.vmap); other libraries
+    have none and the caller falls back to a loop.
+    """
+    if array_api_compat.is_torch_namespace(xp):
+        import torch
+
+        return torch.func.vmap(function, in_dims=1, out_dims=1)
+    if array_api_compat.is_jax_namespace(xp):
+        import jax
+
+        return jax.vmap(function, in_axes=1, out_axes=1)
+    return None
+
+
+# ---------------------------------------------------------------------------- random
+
+
+class RandomSource:
+    """Seeded random numbers in one library on one device.
+
+    Built by :func:`make_random_source`; wraps a NumPy ``Generator``, a
+    ``torch.Generator`` on the operator's device, a JAX key (split at each draw) or a
+    CuPy ``Generator``. Libraries without a random module (array_api_strict) draw with a
+    NumPy generator and move the numbers with ``xp.asarray``.
+    """
+
+    def __init__(self, xp: Any, device: Any, kind: str, state: Any) -> None:
+        self.xp = xp
+        self.device = device
+        self._kind = kind
+        self._state = state
+
+    def _next_jax_key(self) -> Any:
+        import jax
+
+        self._state, key = jax.random.split(self._state)
+        return key
+
+    def standard_normal(self, shape: tuple[int, ...], dtype: Any) -> Any:
+        """Independent N(0, 1) entries of real floating ``dtype``."""
+        kind, state, xp = self._kind, self._state, self.xp
+        if kind == "torch":
+            import torch
+
+            return torch.randn(shape, generator=state, dtype=dtype, device=self.device)
+        if kind == "jax":
+            import jax
+
+            return jax.random.normal(self._next_jax_key(), shape, dtype=dtype)
+        if kind == "cupy":
+            return state.standard_normal(shape, dtype=dtype)
+        values = state.standard_normal(shape)
+        return self._from_numpy(values, dtype)
+
+    def rademacher(self, shape: tuple[int, ...], dtype: Any) -> Any:
+        """Independent +-1 entries with probability 1/2 each, real floating ``dtype``."""
+        kind, state = self._kind, self._state
+        if kind == "torch":
+            import torch
+
+            bits = torch.randint(0, 2, shape, generator=state, device=self.device, dtype=dtype)
+            return 2 * bits - 1
+        if kind == "jax":
+            import jax
+
+            return jax.random.rademacher(self._next_jax_key(), shape, dtype=dtype)
+        if kind == "cupy":
+            return (2 * state.integers(0, 2, size=shape) - 1).astype(dtype)
+        values = 2.0 * state.integers(0, 2, size=shape) - 1.0
+        return self._from_numpy(values, dtype)
+
+    def uniform(self, shape: tuple[int, ...], dtype: Any) -> Any:
+        """Independent U[0, 1) entries of real floating ``dtype``."""
+        kind, state = self._kind, self._state
+        if kind == "torch":
+            import torch
+
+            return torch.rand(shape, generator=state, dtype=dtype, device=self.device)
+        if kind == "jax":
+            import jax
+
+            return jax.random.uniform(self._next_jax_key(), shape, dtype=dtype)
+        if kind == "cupy":
+            return state.random(shape, dtype=dtype)
+        return self._from_numpy(state.random(shape), dtype)
+
+    def _from_numpy(self, values: np.ndarray, dtype: Any) -> Any:
+        if self._kind == "numpy":
+            return values.astype(dtype, copy=False)
+        return self.xp.asarray(values, dtype=dtype, device=self.device)
+
+
+def make_random_source(seed: Any, xp: Any, device: Any) -> RandomSource:
+    """Turn ``seed`` into the library's own generator on ``device``.
+
+    ``seed`` is an ``int``, ``None`` (fresh entropy), or the library's own generator:
+    a ``numpy.random.Generator`` (NumPy, array_api_strict), a ``torch.Generator``, a
+    JAX PRNG key, a ``cupy.random.Generator``. An existing :class:`RandomSource` is
+    returned as it is.
+    """
+    if isinstance(seed, RandomSource):
+        return seed
+    if seed is not None and not isinstance(seed, (int, np.integer, np.random.Generator)):
+        if not _is_native_generator(seed, xp):
+            raise TypeError(
+                f"seed must be an int, None or a {namespace_name(xp)} generator/key, "
+                f"got {type(seed).__module__}.{type(seed).__name__}"
+            )
+    if isinstance(seed, bool):
+        raise TypeError("seed must be an int, None or a generator, got a bool")
+    if array_api_compat.is_torch_namespace(xp):
+        import torch
+
+        if isinstance(seed, torch.Generator):
+            generator = seed
+        else:
+            generator = torch.Generator(device=device)
+            if seed is None:
+                generator.seed()
+            elif isinstance(seed, np.random.Generator):
+                generator.manual_seed(int(seed.integers(0, 2**63 - 1)))
+            else:
+                generator.manual_seed(int(seed))
+        return RandomSource(xp, device, "torch", generator)
+    if array_api_compat.is_jax_namespace(xp):
+        import jax
+
+        if isinstance(seed, (int, np.integer)):
+            key = jax.random.key(int(seed))
+        elif seed is None or isinstance(seed, np.random.Generator):
+            rng = seed if seed is not None else np.random.default_rng()
+            key = jax.random.key(int(rng.integers(0, 2**31 - 1)))
+        else:
+            key = seed
+        return RandomSource(xp, device, "jax", key)
+    if array_api_compat.is_cupy_namespace(xp):
+        import cupy
+
+        if isinstance(seed, cupy.random.Generator):
+            return RandomSource(xp, device, "cupy", seed)
+        entropy = None if seed is None else int(seed) if not isinstance(seed, np.random.Generator) else int(seed.integers(0, 2**63 - 1))
+        return RandomSource(xp, device, "cupy", cupy.random.default_rng(entropy))
+    generator = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
+    kind = "numpy" if array_api_compat.is_numpy_namespace(xp) else "foreign"
+    return RandomSource(xp, device, kind, generator)
+
+
+def _is_native_generator(seed: Any, xp: Any) -> bool:
+    if array_api_compat.is_torch_namespace(xp):
+        import torch
+
+        return isinstance(seed, torch.Generator)
+    if array_api_compat.is_jax_namespace(xp):
+        return array_api_compat.is_jax_array(seed)
+    if array_api_compat.is_cupy_namespace(xp):
+        import cupy
+
+        return isinstance(seed, cupy.random.Generator)
+    return False
+
+
+# ------------------------------------------------------------------------- transfer
+
+
+def to_numpy(x: Any) -> np.ndarray:
+    """A NumPy copy of ``x`` (for files, printing and tests; never on a compute path)."""
+    if is_sparse(x):
+        x = sparse_to_dense(x)
+    if array_api_compat.is_torch_array(x):
+        return x.detach().cpu().resolve_conj().numpy()
+    if array_api_compat.is_cupy_array(x):
+        return x.get()
+    if array_api_compat.is_numpy_array(x):
+        return np.asarray(x)
+    if array_api_compat.is_jax_array(x):
+        return np.asarray(x)
+    # array_api_strict and other libraries: via DLPack, then the buffer protocol.
+    try:
+        return np.from_dlpack(x)
+    except Exception:
+        return np.asarray(x)
+
+
+def synchronize(device: Any) -> None:
+    """Wait for queued work on ``device`` (a no-op on the CPU); used by benchmarks."""
+    text = str(device)
+    if text.startswith("cuda") and _module_loaded("torch"):
+        import torch
+
+        torch.cuda.synchronize(device)
+
+
+def block_until_ready(x: Any) -> Any:
+    """Wait until ``x`` is computed (JAX dispatches asynchronously); returns ``x``."""
+    if array_api_compat.is_jax_array(x):
+        return x.block_until_ready()
+    return x

@@ -1,0 +1,240 @@
+"""The everyday face: ``trace``, ``diagonal``, ``row_sums``, ``col_sums``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from . import _backend as backend
+from ._estimate import Estimate
+from ._operators import LinearOperator, aslinearoperator
+from ._probes import ProbeSampler
+from ._validation import check_num_matvecs, check_positive_int, check_square, check_tolerance
+from .estimators._base import CountingMatmat, EstimationRequest, default_block_size
+from .estimators._exact import _itemsize
+from .estimators._registry import get_estimator
+
+__all__ = ["col_sums", "diagonal", "row_sums", "trace"]
+
+DEFAULT_NUM_MATVECS = 100
+DEFAULT_MAX_MATVECS = 1000
+
+
+def _request(
+    operator: LinearOperator,
+    estimator: Any,
+    *,
+    num_matvecs: int | None,
+    seed: Any,
+    probe: str,
+    rtol: float | None,
+    atol: float | None,
+    confidence: float,
+    max_matvecs: int | None,
+    block_size: int | None,
+    check_finite: bool,
+) -> EstimationRequest:
+    check_tolerance(rtol, atol, confidence)
+    n = operator.shape[1]
+    adaptive = rtol is not None or atol is not None
+    minimum = getattr(estimator, "min_matvecs", 1)
+    name = getattr(estimator, "name", repr(estimator))
+    if adaptive and not getattr(estimator, "supports_tolerance", False):
+        raise ValueError(f"method {name!r} does not support rtol/atol (adaptive stopping)")
+    if num_matvecs is None:
+        num_matvecs = DEFAULT_NUM_MATVECS if not adaptive else max(minimum, 2 * minimum)
+    num_matvecs = check_num_matvecs(num_matvecs, name, minimum)
+    if max_matvecs is None:
+        max_matvecs = max(num_matvecs, DEFAULT_MAX_MATVECS) if adaptive else num_matvecs
+    else:
+        max_matvecs = check_num_matvecs(max_matvecs, name, minimum)
+        if max_matvecs < num_matvecs and adaptive:
+            raise ValueError(
+                f"`max_matvecs`={max_matvecs} is smaller than `num_matvecs`={num_matvecs}"
+            )
+    if block_size is None:
+        block_size = default_block_size(n, _itemsize(operator), limit=max(max_matvecs, 1))
+    else:
+        block_size = check_positive_int(block_size, "block_size")
+    sampler = ProbeSampler(probe, n, operator.xp, operator.dtype, operator.device, seed)
+    return EstimationRequest(
+        matmat=CountingMatmat(operator, check_finite),
+        probes=sampler,
+        num_matvecs=num_matvecs,
+        block_size=block_size,
+        rtol=rtol,
+        atol=atol,
+        confidence=confidence,
+        max_matvecs=max_matvecs,
+    )
+
+
+def _estimate(quantity: str, A: Any, method: Any, **options: Any) -> Estimate:
+    operator = aslinearoperator(A)
+    n = check_square(operator, quantity)
+    estimator = get_estimator(method, quantity)
+    if n == 0:
+        xp = operator.xp
+        shape = () if quantity == "trace" else (0,)
+        zero = xp.zeros(shape, dtype=operator.dtype, device=operator.device)
+        return Estimate(zero, xp.zeros(shape, dtype=backend.real_dtype_for(xp, operator.dtype), device=operator.device), 0, "exact")
+    request = _request(operator, estimator, **options)
+    return getattr(estimator, quantity)(operator, request)
+
+
+def trace(
+    A: Any,
+    method: Any = "auto",
+    num_matvecs: int | None = None,
+    seed: Any = None,
+    probe: str = "rademacher",
+    rtol: float | None = None,
+    atol: float | None = None,
+    confidence: float = 0.95,
+    max_matvecs: int | None = None,
+    block_size: int | None = None,
+    check_finite: bool = True,
+) -> Estimate:
+    """Estimate (or compute) the trace of a square operator.
+
+    Parameters
+    ----------
+    A : LinearOperator or matrix
+        Anything :func:`aslinearoperator` accepts.
+    method : str or Estimator
+        A registered name (see :func:`available_methods`) or an estimator object.
+        ``"auto"`` computes exactly when n <= ``num_matvecs``.
+    num_matvecs : int, optional
+        Budget of operator applications (columns through the operator); 100 if not
+        given. With ``rtol``/``atol`` it is the number to start with.
+    seed : int, None, or the library's generator/key
+    probe : {"rademacher", "gaussian", "sphere", "steinhaus"}
+        Probe distribution for the randomized methods.
+    rtol, atol : float, optional
+        Keep adding probe blocks until the half-width of the ``confidence`` interval is
+        at most ``max(atol, rtol * |estimate|)``, or ``max_matvecs`` are spent.
+    confidence : float
+        Level of that interval.
+    max_matvecs : int, optional
+        Budget cap with a tolerance (default 1000).
+    block_size : int, optional
+        Most columns per operator call; by default as many as fit in 64 MiB.
+    check_finite : bool
+        Raise ``FloatingPointError`` when a product is NaN or infinite.
+
+    Returns
+    -------
+    Estimate
+        ``value`` is a 0-d array of the operator's library.
+
+    Raises
+    ------
+    ValueError
+        Non-square operator, unknown method, budget below the method's minimum.
+    FloatingPointError
+        A non-finite product (with ``check_finite=True``).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from linop_trace import trace
+    >>> A = np.diag(np.arange(1.0, 201.0))
+    >>> float(trace(A, method="exact"))
+    20100.0
+    >>> est = trace(A, method="hutchinson", num_matvecs=20, seed=0)
+    >>> float(est)  # Rademacher probes are exact on a diagonal matrix
+    20100.0
+    """
+    return _estimate(
+        "trace",
+        A,
+        method,
+        num_matvecs=num_matvecs,
+        seed=seed,
+        probe=probe,
+        rtol=rtol,
+        atol=atol,
+        confidence=confidence,
+        max_matvecs=max_matvecs,
+        block_size=block_size,
+        check_finite=check_finite,
+    )
+
+
+def diagonal(
+    A: Any,
+    method: Any = "auto",
+    num_matvecs: int | None = None,
+    seed: Any = None,
+    probe: str = "rademacher",
+    rtol: float | None = None,
+    atol: float | None = None,
+    confidence: float = 0.95,
+    max_matvecs: int | None = None,
+    block_size: int | None = None,
+    check_finite: bool = True,
+) -> Estimate:
+    """Estimate (or compute) the main diagonal of a square operator.
+
+    Parameters are those of :func:`trace`; ``value`` and ``stderr`` are vectors.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from linop_trace import diagonal
+    >>> diagonal(np.array([[1.0, 2.0], [3.0, 4.0]]), method="exact").value
+    array([1., 4.])
+    """
+    return _estimate(
+        "diagonal",
+        A,
+        method,
+        num_matvecs=num_matvecs,
+        seed=seed,
+        probe=probe,
+        rtol=rtol,
+        atol=atol,
+        confidence=confidence,
+        max_matvecs=max_matvecs,
+        block_size=block_size,
+        check_finite=check_finite,
+    )
+
+
+def _sums(A: Any, adjoint: bool, check_finite: bool) -> Estimate:
+    operator = aslinearoperator(A)
+    xp = operator.xp
+    rows, cols = operator.shape
+    target = operator.T if adjoint else operator
+    counter = CountingMatmat(target, check_finite)
+    length = rows if adjoint else cols
+    ones = xp.ones((length, 1), dtype=operator.dtype, device=operator.device)
+    value = counter(ones)[:, 0]
+    real = backend.real_dtype_for(xp, operator.dtype)
+    stderr = xp.zeros(value.shape, dtype=real, device=operator.device)
+    return Estimate(value, stderr, counter.columns, "exact")
+
+
+def row_sums(A: Any, check_finite: bool = True) -> Estimate:
+    """Exact row sums ``A @ 1`` with one matvec.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from linop_trace import row_sums
+    >>> row_sums(np.array([[1.0, 2.0], [3.0, 4.0]])).value
+    array([3., 7.])
+    """
+    return _sums(A, adjoint=False, check_finite=check_finite)
+
+
+def col_sums(A: Any, check_finite: bool = True) -> Estimate:
+    """Exact column sums ``A^T @ 1`` with one adjoint product (rmatvec).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from linop_trace import col_sums
+    >>> col_sums(np.array([[1.0, 2.0], [3.0, 4.0]])).value
+    array([4., 6.])
+    """
+    return _sums(A, adjoint=True, check_finite=check_finite)

@@ -1,0 +1,782 @@
+"""``LinearOperator``: a matrix known only through its products with blocks of vectors.
+
+Subclasses implement ``_matmat`` (and ``_rmatmat`` where the adjoint exists); the base
+class derives ``matvec``/``rmatvec``, validates what it is given and what user code
+returns, and builds lazy sums, scalings, products and adjoints.
+"""
+
+from __future__ import annotations
+
+import numbers
+import warnings
+from typing import Any, Callable, Iterable
+
+import numpy as np
+
+from . import _backend as backend
+
+__all__ = ["LinearOperator", "aslinearoperator"]
+
+_KNOWN_TAGS = frozenset({"symmetric", "hermitian", "positive_semidefinite"})
+
+
+def _validate_tags(tags: Iterable[str]) -> frozenset[str]:
+    tags = frozenset(tags)
+    unknown = tags - _KNOWN_TAGS
+    if unknown:
+        raise ValueError(f"unknown tags {sorted(unknown)}; known tags are {sorted(_KNOWN_TAGS)}")
+    return tags
+
+
+class LinearOperator:
+    """A linear map ``x -> A x`` between vectors of one array library on one device.
+
+    Do not instantiate this class directly: use :func:`aslinearoperator` for matrices,
+    :meth:`LinearOperator.from_callable` for functions, or the autodiff constructors.
+    A subclass sets ``shape``, ``dtype``, ``xp`` and ``device`` through
+    ``super().__init__`` and implements ``_matmat(X)`` for an ``(n, k)`` block ``X``
+    (and ``_rmatmat`` for the adjoint, if it has one).
+
+    Attributes
+    ----------
+    shape : tuple of int
+        ``(rows, columns)``.
+    dtype : dtype
+        The dtype of the operator's entries, in its library.
+    xp : module
+        The array-api-compat namespace of the operator's library.
+    device : object
+        The device that holds the operator's data; inputs must live there too.
+    tags : frozenset of str
+        Unchecked structural labels: ``"symmetric"``, ``"hermitian"``,
+        ``"positive_semidefinite"``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from linop_trace import aslinearoperator
+    >>> A = aslinearoperator(np.array([[2.0, 1.0], [0.0, 3.0]]))
+    >>> A @ np.array([1.0, 1.0])
+    array([3., 3.])
+    >>> (A + 2 * A.T).to_dense()
+    array([[6., 1.],
+           [2., 9.]])
+    """
+
+    #: Output of user code is validated (shape, library, dtype) when this is true.
+    _validate_output = False
+
+    def __init__(
+        self,
+        shape: tuple[int, int],
+        dtype: Any,
+        xp: Any,
+        device: Any,
+        tags: Iterable[str] = (),
+    ) -> None:
+        if len(shape) != 2 or any(not isinstance(s, (int, np.integer)) or s < 0 for s in shape):
+            raise ValueError(f"shape must be a pair of non-negative ints, got {shape!r}")
+        self.shape: tuple[int, int] = (int(shape[0]), int(shape[1]))
+        self.dtype = dtype
+        self.xp = xp
+        self.device = device
+        self.tags = _validate_tags(tags)
+
+    # ------------------------------------------------------------------ description
+    @property
+    def ndim(self) -> int:
+        return 2
+
+    @property
+    def library(self) -> str:
+        """The name of the operator's array library (``"numpy"``, ``"torch"``, ...)."""
+        return backend.namespace_name(self.xp)
+
+    def __repr__(self) -> str:
+        return (
+            f"<{self.shape[0]}x{self.shape[1]} {type(self).__name__} "
+            f"({self.library}, {backend.dtype_name(self.dtype)}, {self.device})>"
+        )
+
+    def _describe(self) -> str:
+        return f"{self.library} on {self.device}"
+
+    # -------------------------------------------------------------- input checking
+    def _check_block(self, block: Any, rows: int, name: str) -> Any:
+        """Validate a 2-d input block: library, device, shape; return it as a float array."""
+        if isinstance(block, LinearOperator):
+            raise TypeError(f"`{name}` got a LinearOperator; use `@` to compose operators")
+        try:
+            xp = backend.array_namespace(block)
+        except TypeError:
+            raise TypeError(
+                f"`{name}` got a {type(block).__module__}.{type(block).__name__}, "
+                f"operator is {self._describe()}"
+            ) from None
+        if xp is not self.xp:
+            raise TypeError(
+                f"`{name}` got {backend.describe(block)}, operator is {self._describe()}; "
+                "arrays of two libraries are mixed"
+            )
+        try:
+            device = backend.device_of(block)
+        except Exception:  # tracers under jit/vmap may not carry a device
+            device = self.device
+        if not backend.same_device(device, self.device):
+            raise ValueError(
+                f"`{name}` got an array on {device}, operator is {self._describe()}; "
+                "devices are mixed"
+            )
+        if block.ndim != 2 or block.shape[0] != rows:
+            raise ValueError(
+                f"`{name}` expects an array of shape ({rows}, k), got shape {tuple(block.shape)}"
+            )
+        if not backend.is_float_dtype(self.xp, block.dtype):
+            return self.xp.astype(block, self.dtype)
+        return block
+
+    def _result_dtype(self, block: Any) -> Any:
+        return self.xp.result_type(self.dtype, block.dtype)
+
+    # ------------------------------------------------------------------- products
+    def matmat(self, X: Any) -> Any:
+        """``A @ X`` for a block ``X`` of shape ``(n, k)``: one call for k vectors.
+
+        Parameters
+        ----------
+        X : array of shape (n, k)
+            In the operator's library and on its device.
+
+        Returns
+        -------
+        array of shape (m, k)
+        """
+        X = self._check_block(X, self.shape[1], "matmat")
+        dtype = self._result_dtype(X)
+        if X.dtype != dtype:
+            X = self.xp.astype(X, dtype)
+        out = self._matmat(X)
+        if self._validate_output:
+            self._check_output(out, (self.shape[0], X.shape[1]), dtype, "matmat")
+        return out
+
+    def rmatmat(self, X: Any) -> Any:
+        """``A^H @ X`` (conjugate transpose) for a block ``X`` of shape ``(m, k)``."""
+        X = self._check_block(X, self.shape[0], "rmatmat")
+        dtype = self._result_dtype(X)
+        if X.dtype != dtype:
+            X = self.xp.astype(X, dtype)
+        out = self._rmatmat(X)
+        if self._validate_output:
+            self._check_output(out, (self.shape[1], X.shape[1]), dtype, "rmatmat")
+        return out
+
+    def matvec(self, x: Any) -> Any:
+        """``A @ x`` for a vector of length n (shape ``(n,)`` or ``(n, 1)``)."""
+        return self._vector_call(x, self.matmat, self.shape[1], "matvec")
+
+    def rmatvec(self, x: Any) -> Any:
+        """``A^H @ x`` for a vector of length m (shape ``(m,)`` or ``(m, 1)``)."""
+        return self._vector_call(x, self.rmatmat, self.shape[0], "rmatvec")
+
+    def _vector_call(self, x: Any, block_call: Callable[[Any], Any], rows: int, name: str) -> Any:
+        ndim = getattr(x, "ndim", None)
+        if ndim == 1:
+            if x.shape[0] != rows:
+                raise ValueError(f"`{name}` expects a vector of length {rows}, got shape {tuple(x.shape)}")
+            return block_call(x[:, None])[:, 0]
+        if ndim == 2 and x.shape[1] == 1:
+            return block_call(x)
+        if ndim is None:
+            return block_call(x)  # let the block check name the wrong type
+        raise ValueError(
+            f"`{name}` expects a vector of shape ({rows},) or ({rows}, 1), got shape {tuple(x.shape)}"
+        )
+
+    def _matmat(self, X: Any) -> Any:  # pragma: no cover - abstract
+        raise NotImplementedError(f"{type(self).__name__} does not implement _matmat")
+
+    def _rmatmat(self, X: Any) -> Any:
+        raise NotImplementedError(
+            f"{type(self).__name__} has no adjoint product (rmatvec/rmatmat) defined"
+        )
+
+    def _check_output(self, out: Any, shape: tuple[int, int], dtype: Any, name: str) -> None:
+        try:
+            xp = backend.array_namespace(out)
+        except TypeError:
+            xp = None
+        if xp is not self.xp:
+            what = backend.describe(out) if xp is not None else type(out).__name__
+            raise TypeError(f"`{name}` returned {what}, operator is {self._describe()}")
+        if tuple(out.shape) != shape:
+            raise ValueError(f"`{name}` returned an array of shape {tuple(out.shape)}, expected {shape}")
+        if out.dtype != dtype:
+            raise TypeError(
+                f"`{name}` returned dtype {backend.dtype_name(out.dtype)}, "
+                f"expected {backend.dtype_name(dtype)}"
+            )
+
+    def __matmul__(self, other: Any) -> Any:
+        if isinstance(other, LinearOperator):
+            return _ProductOperator(self, other)
+        ndim = getattr(other, "ndim", None)
+        if ndim == 1:
+            return self.matvec(other)
+        if ndim == 2:
+            return self.matmat(other)
+        if ndim is None:
+            return NotImplemented
+        raise ValueError(f"`@` expects a vector or a 2-d block, got shape {tuple(other.shape)}")
+
+    def __call__(self, x: Any) -> Any:
+        return self @ x
+
+    # -------------------------------------------------------------------- algebra
+    @property
+    def H(self) -> LinearOperator:
+        """The conjugate transpose (adjoint), lazily."""
+        return _AdjointOperator(self)
+
+    @property
+    def T(self) -> LinearOperator:
+        """The transpose (no conjugation), lazily."""
+        return _TransposeOperator(self)
+
+    def adjoint(self) -> LinearOperator:
+        return self.H
+
+    def transpose(self) -> LinearOperator:
+        return self.T
+
+    def __add__(self, other: Any) -> LinearOperator:
+        if not isinstance(other, LinearOperator):
+            return NotImplemented
+        return _SumOperator(self, other)
+
+    def __sub__(self, other: Any) -> LinearOperator:
+        if not isinstance(other, LinearOperator):
+            return NotImplemented
+        return _SumOperator(self, _ScaledOperator(other, -1))
+
+    def __neg__(self) -> LinearOperator:
+        return _ScaledOperator(self, -1)
+
+    def __pos__(self) -> LinearOperator:
+        return self
+
+    def __mul__(self, scalar: Any) -> LinearOperator:
+        if isinstance(scalar, LinearOperator):
+            raise TypeError("use `@` to compose two operators; `*` scales by a number")
+        if not _is_scalar(scalar):
+            return NotImplemented
+        return _ScaledOperator(self, scalar)
+
+    def __rmul__(self, scalar: Any) -> LinearOperator:
+        return self.__mul__(scalar)
+
+    def __truediv__(self, scalar: Any) -> LinearOperator:
+        if not _is_scalar(scalar):
+            return NotImplemented
+        return _ScaledOperator(self, 1 / scalar)
+
+    # ------------------------------------------------------------ dense and scipy
+    def to_dense(self, block_size: int | None = None) -> Any:
+        """The full matrix as a dense array of the operator's library (n^2 memory)."""
+        n = self.shape[1]
+        xp = self.xp
+        if n == 0 or self.shape[0] == 0:
+            return xp.zeros(self.shape, dtype=self.dtype, device=self.device)
+        block = n if block_size is None else max(1, min(int(block_size), n))
+        pieces = []
+        for start in range(0, n, block):
+            width = min(block, n - start)
+            identity = xp.eye(n, width, k=-start, dtype=self.dtype, device=self.device)
+            pieces.append(self.matmat(identity))
+        return pieces[0] if len(pieces) == 1 else xp.concat(pieces, axis=1)
+
+    def to_scipy(self) -> Any:
+        """A :class:`scipy.sparse.linalg.LinearOperator` over the same products (NumPy only)."""
+        if backend.namespace_name(self.xp) != "numpy":
+            raise TypeError(
+                f"to_scipy() needs a NumPy-backed operator, this one is {self._describe()}"
+            )
+        import scipy.sparse.linalg as spla
+
+        def rmatmat(X: Any) -> Any:
+            return self.rmatmat(np.asarray(X))
+
+        return spla.LinearOperator(
+            self.shape,
+            matvec=lambda x: self.matvec(np.asarray(x).reshape(-1)),
+            rmatvec=lambda x: self.rmatvec(np.asarray(x).reshape(-1)),
+            matmat=lambda X: self.matmat(np.asarray(X)),
+            rmatmat=rmatmat,
+            dtype=np.dtype(self.dtype),
+        )
+
+    # ---------------------------------------------------------- structural facts
+    def _exact_diagonal(self) -> Any | None:
+        """The diagonal when the structure gives it cheaply (dense, sparse, sums), else None."""
+        return None
+
+    # --------------------------------------------------------------- constructors
+    @classmethod
+    def from_callable(
+        cls,
+        matvec: Callable[[Any], Any] | None = None,
+        matmat: Callable[[Any], Any] | None = None,
+        rmatvec: Callable[[Any], Any] | None = None,
+        rmatmat: Callable[[Any], Any] | None = None,
+        *,
+        shape: tuple[int, int],
+        dtype: Any = None,
+        like: Any = None,
+        tags: Iterable[str] = (),
+    ) -> LinearOperator:
+        """Wrap user functions as an operator.
+
+        Parameters
+        ----------
+        matvec, matmat : callable, optional
+            ``x -> A x`` for a vector of shape ``(n,)``, and ``X -> A X`` for a block of
+            shape ``(n, k)``. At least one is required. A missing ``matmat`` is derived
+            by batching ``matvec``: ``torch.func.vmap``/``jax.vmap`` where the library
+            has one and the function allows it, else a loop over columns.
+        rmatvec, rmatmat : callable, optional
+            The same for the conjugate transpose ``A^H``.
+        shape : (int, int)
+        dtype : dtype, optional
+            Defaults to the dtype of ``like`` (integer and bool promoted to the default
+            float), or float64 for NumPy.
+        like : array, optional
+            An array of the library and on the device the operator works in; NumPy on
+            the CPU if omitted.
+        tags : iterable of str
+            Structural labels (``"symmetric"``, ``"hermitian"``,
+            ``"positive_semidefinite"``).
+
+        Returns
+        -------
+        LinearOperator
+            Its products check the shape, library and dtype of what the functions return.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from linop_trace import LinearOperator
+        >>> d = np.arange(1.0, 4.0)
+        >>> A = LinearOperator.from_callable(matvec=lambda x: d * x, shape=(3, 3))
+        >>> A.matmat(np.ones((3, 2)))
+        array([[1., 1.],
+               [2., 2.],
+               [3., 3.]])
+        """
+        return _CallableOperator(matvec, matmat, rmatvec, rmatmat, shape, dtype, like, tags)
+
+
+def _is_scalar(value: Any) -> bool:
+    if isinstance(value, numbers.Number) and not isinstance(value, bool):
+        return True
+    return getattr(value, "ndim", None) == 0 and getattr(value, "shape", None) == ()
+
+
+# ------------------------------------------------------------------------ explicit
+
+
+class _DenseOperator(LinearOperator):
+    """A dense 2-d array of any array-API library."""
+
+    def __init__(self, matrix: Any, tags: Iterable[str] = ()) -> None:
+        xp = backend.array_namespace(matrix)
+        device = backend.device_of(matrix)
+        dtype = backend.promote_to_float(xp, matrix.dtype, device)
+        if matrix.dtype != dtype:
+            matrix = xp.astype(matrix, dtype)
+        super().__init__(tuple(matrix.shape), dtype, xp, device, tags)
+        self.matrix = matrix
+        self._adjoint: Any = None
+        self._cast: dict[Any, Any] = {}
+
+    def _matrix_as(self, dtype: Any) -> Any:
+        if dtype == self.dtype:
+            return self.matrix
+        if dtype not in self._cast:
+            self._cast[dtype] = self.xp.astype(self.matrix, dtype)
+        return self._cast[dtype]
+
+    def _matmat(self, X: Any) -> Any:
+        return self._matrix_as(X.dtype) @ X
+
+    def _rmatmat(self, X: Any) -> Any:
+        xp = self.xp
+        matrix = self._matrix_as(X.dtype)
+        if backend.is_complex_dtype(xp, matrix.dtype):
+            return xp.conj(xp.matrix_transpose(matrix)) @ X
+        return xp.matrix_transpose(matrix) @ X
+
+    def to_dense(self, block_size: int | None = None) -> Any:
+        return self.matrix
+
+    def _exact_diagonal(self) -> Any:
+        n = min(self.shape)
+        if n == 0:
+            return self.xp.zeros((0,), dtype=self.dtype, device=self.device)
+        return self.xp.linalg.diagonal(self.matrix)
+
+
+class _SparseOperator(LinearOperator):
+    """A sparse matrix: SciPy, torch (COO/CSR), JAX BCOO or cupyx."""
+
+    def __init__(self, matrix: Any, tags: Iterable[str] = ()) -> None:
+        xp = backend.array_namespace(matrix)
+        device = backend.device_of(matrix)
+        dtype = backend.promote_to_float(xp, matrix.dtype, device)
+        matrix = backend.prepare_sparse(backend.sparse_astype(matrix, dtype))
+        super().__init__(tuple(matrix.shape), dtype, xp, device, tags)
+        self.matrix = matrix
+        self._adjoint: Any = None
+
+    def _matmat(self, X: Any) -> Any:
+        matrix = backend.sparse_astype(self.matrix, X.dtype)
+        return backend.sparse_matmat(matrix, X)
+
+    def _rmatmat(self, X: Any) -> Any:
+        if self._adjoint is None:
+            self._adjoint = backend.sparse_adjoint(self.matrix)
+        return backend.sparse_matmat(backend.sparse_astype(self._adjoint, X.dtype), X)
+
+    def to_dense(self, block_size: int | None = None) -> Any:
+        return backend.sparse_to_dense(self.matrix)
+
+    def _exact_diagonal(self) -> Any:
+        return backend.sparse_diagonal(self.matrix)
+
+
+class _ScipyLinearOperator(LinearOperator):
+    """A :class:`scipy.sparse.linalg.LinearOperator` (NumPy arrays in and out)."""
+
+    _validate_output = True
+
+    def __init__(self, operator: Any, tags: Iterable[str] = ()) -> None:
+        import array_api_compat.numpy as np_compat
+
+        dtype = operator.dtype
+        if dtype is None:  # SciPy leaves it unset when it cannot infer it
+            dtype = np.asarray(operator.matvec(np.zeros(operator.shape[1]))).dtype
+        dtype = backend.promote_to_float(np_compat, np.dtype(dtype))
+        super().__init__(tuple(operator.shape), dtype, np_compat, "cpu", tags)
+        self.operator = operator
+
+    def _matmat(self, X: Any) -> Any:
+        return np.asarray(self.operator.matmat(X), dtype=X.dtype)
+
+    def _rmatmat(self, X: Any) -> Any:
+        return np.asarray(self.operator.rmatmat(X), dtype=X.dtype)
+
+
+# ------------------------------------------------------------------------ callable
+
+
+class _BatchedCallable:
+    """A column-wise function applied to a block: vmapped if possible, else a loop."""
+
+    def __init__(self, function: Callable[[Any], Any], xp: Any, name: str) -> None:
+        self.function = function
+        self.xp = xp
+        self.name = name
+        self._vmapped = backend.vmap_columns(function, xp)
+
+    def __call__(self, X: Any) -> Any:
+        if self._vmapped is not None:
+            try:
+                return self._vmapped(X)
+            except Exception:
+                # The function is not vmappable (in-place ops, host callbacks, ...):
+                # remember it and loop from now on.
+                self._vmapped = None
+                warnings.warn(
+                    f"`{self.name}` could not be vectorized with the library's vmap; "
+                    "falling back to one call per column",
+                    RuntimeWarning,
+                    stacklevel=4,
+                )
+        columns = [self.function(X[:, j]) for j in range(X.shape[1])]
+        if not columns:
+            raise ValueError(f"`{self.name}` was given an empty block")
+        for column in columns:
+            if getattr(column, "ndim", None) != 1:
+                raise ValueError(
+                    f"`{self.name}` returned shape {tuple(getattr(column, 'shape', ()))}, "
+                    "expected a vector"
+                )
+        return self.xp.stack(columns, axis=1)
+
+
+class _CallableOperator(LinearOperator):
+    _validate_output = True
+
+    def __init__(
+        self,
+        matvec: Callable[[Any], Any] | None,
+        matmat: Callable[[Any], Any] | None,
+        rmatvec: Callable[[Any], Any] | None,
+        rmatmat: Callable[[Any], Any] | None,
+        shape: tuple[int, int],
+        dtype: Any,
+        like: Any,
+        tags: Iterable[str],
+    ) -> None:
+        if matvec is None and matmat is None:
+            raise ValueError("from_callable needs `matvec` or `matmat`")
+        if like is None:
+            import array_api_compat.numpy as np_compat
+
+            xp, device = np_compat, "cpu"
+            dtype = np.dtype(np.float64 if dtype is None else dtype)
+        else:
+            xp = backend.array_namespace(like)
+            device = backend.device_of(like)
+            dtype = like.dtype if dtype is None else dtype
+        dtype = backend.promote_to_float(xp, dtype, device)
+        super().__init__(tuple(shape), dtype, xp, device, tags)
+        self._forward = self._block_function(matvec, matmat, "matvec", "matmat")
+        self._backward = (
+            None
+            if rmatvec is None and rmatmat is None
+            else self._block_function(rmatvec, rmatmat, "rmatvec", "rmatmat")
+        )
+
+    def _block_function(
+        self,
+        vector_fn: Callable[[Any], Any] | None,
+        block_fn: Callable[[Any], Any] | None,
+        vector_name: str,
+        block_name: str,
+    ) -> Callable[[Any], Any]:
+        if block_fn is not None:
+            return block_fn
+        assert vector_fn is not None
+        return _BatchedCallable(vector_fn, self.xp, vector_name)
+
+    def _matmat(self, X: Any) -> Any:
+        return self._forward(X)
+
+    def _rmatmat(self, X: Any) -> Any:
+        if self._backward is None:
+            return super()._rmatmat(X)
+        return self._backward(X)
+
+
+# ------------------------------------------------------------------------ algebra
+
+
+def _check_compatible(a: LinearOperator, b: LinearOperator, what: str) -> None:
+    if a.xp is not b.xp:
+        raise TypeError(
+            f"cannot {what} operators of two libraries: {a._describe()} and {b._describe()}"
+        )
+    if not backend.same_device(a.device, b.device):
+        raise ValueError(
+            f"cannot {what} operators on two devices: {a._describe()} and {b._describe()}"
+        )
+
+
+class _SumOperator(LinearOperator):
+    def __init__(self, left: LinearOperator, right: LinearOperator) -> None:
+        _check_compatible(left, right, "add")
+        if left.shape != right.shape:
+            raise ValueError(f"cannot add operators of shapes {left.shape} and {right.shape}")
+        dtype = left.xp.result_type(left.dtype, right.dtype)
+        super().__init__(left.shape, dtype, left.xp, left.device, left.tags & right.tags)
+        self.left, self.right = left, right
+
+    def _matmat(self, X: Any) -> Any:
+        return self.left.matmat(X) + self.right.matmat(X)
+
+    def _rmatmat(self, X: Any) -> Any:
+        return self.left.rmatmat(X) + self.right.rmatmat(X)
+
+    def _exact_diagonal(self) -> Any | None:
+        left, right = self.left._exact_diagonal(), self.right._exact_diagonal()
+        if left is None or right is None:
+            return None
+        return left + right
+
+
+class _ScaledOperator(LinearOperator):
+    def __init__(self, operator: LinearOperator, scalar: Any) -> None:
+        xp = operator.xp
+        if isinstance(scalar, numbers.Number):
+            is_complex = isinstance(scalar, complex) and scalar.imag != 0
+            dtype = backend.complex_dtype_for(xp, operator.dtype) if is_complex else operator.dtype
+            positive = not is_complex and float(scalar.real) >= 0
+        else:
+            if backend.array_namespace(scalar) is not xp:
+                raise TypeError(
+                    f"cannot scale {operator._describe()} by {backend.describe(scalar)}"
+                )
+            dtype = xp.result_type(operator.dtype, scalar.dtype)
+            positive = False
+        tags = operator.tags if positive else operator.tags - {"positive_semidefinite"}
+        if isinstance(scalar, complex) and scalar.imag != 0:
+            tags = tags - {"hermitian"}
+        super().__init__(operator.shape, dtype, xp, operator.device, tags)
+        self.operator, self.scalar = operator, scalar
+
+    def _conj_scalar(self) -> Any:
+        if isinstance(self.scalar, numbers.Number):
+            return complex(self.scalar).conjugate() if isinstance(self.scalar, complex) else self.scalar
+        return self.xp.conj(self.scalar) if backend.is_complex_dtype(self.xp, self.scalar.dtype) else self.scalar
+
+    def _matmat(self, X: Any) -> Any:
+        return self.scalar * self.operator.matmat(X)
+
+    def _rmatmat(self, X: Any) -> Any:
+        return self._conj_scalar() * self.operator.rmatmat(X)
+
+    def _exact_diagonal(self) -> Any | None:
+        diagonal = self.operator._exact_diagonal()
+        return None if diagonal is None else self.scalar * diagonal
+
+
+class _ProductOperator(LinearOperator):
+    def __init__(self, left: LinearOperator, right: LinearOperator) -> None:
+        _check_compatible(left, right, "compose")
+        if left.shape[1] != right.shape[0]:
+            raise ValueError(f"cannot compose operators of shapes {left.shape} and {right.shape}")
+        dtype = left.xp.result_type(left.dtype, right.dtype)
+        super().__init__((left.shape[0], right.shape[1]), dtype, left.xp, left.device)
+        self.left, self.right = left, right
+
+    def _matmat(self, X: Any) -> Any:
+        return self.left.matmat(self.right.matmat(X))
+
+    def _rmatmat(self, X: Any) -> Any:
+        return self.right.rmatmat(self.left.rmatmat(X))
+
+
+class _AdjointOperator(LinearOperator):
+    def __init__(self, operator: LinearOperator) -> None:
+        super().__init__(
+            (operator.shape[1], operator.shape[0]),
+            operator.dtype,
+            operator.xp,
+            operator.device,
+            operator.tags,
+        )
+        self.operator = operator
+
+    def _matmat(self, X: Any) -> Any:
+        return self.operator.rmatmat(X)
+
+    def _rmatmat(self, X: Any) -> Any:
+        return self.operator.matmat(X)
+
+    @property
+    def H(self) -> LinearOperator:
+        return self.operator
+
+    def _exact_diagonal(self) -> Any | None:
+        diagonal = self.operator._exact_diagonal()
+        if diagonal is None or not backend.is_complex_dtype(self.xp, diagonal.dtype):
+            return diagonal
+        return self.xp.conj(diagonal)
+
+
+class _TransposeOperator(LinearOperator):
+    """``A^T X = conj(A^H conj(X))``: the adjoint product with conjugations around it."""
+
+    def __init__(self, operator: LinearOperator) -> None:
+        super().__init__(
+            (operator.shape[1], operator.shape[0]),
+            operator.dtype,
+            operator.xp,
+            operator.device,
+            operator.tags,
+        )
+        self.operator = operator
+
+    def _conj(self, X: Any) -> Any:
+        return self.xp.conj(X) if backend.is_complex_dtype(self.xp, X.dtype) else X
+
+    def _matmat(self, X: Any) -> Any:
+        return self._conj(self.operator.rmatmat(self._conj(X)))
+
+    def _rmatmat(self, X: Any) -> Any:
+        return self._conj(self.operator.matmat(self._conj(X)))
+
+    @property
+    def T(self) -> LinearOperator:
+        return self.operator
+
+    def _exact_diagonal(self) -> Any | None:
+        return self.operator._exact_diagonal()
+
+
+# ---------------------------------------------------------------------- conversion
+
+
+def aslinearoperator(matrix: Any, *, tags: Iterable[str] = ()) -> LinearOperator:
+    """View ``matrix`` as a :class:`LinearOperator` in its own library and on its device.
+
+    Parameters
+    ----------
+    matrix : array, sparse matrix, LinearOperator
+        A 2-d dense array of NumPy, torch, JAX, CuPy or any array-API library; a
+        sparse matrix of SciPy (arrays and matrices), torch (COO, CSR), JAX
+        (``BCOO``) or cupyx; a :class:`scipy.sparse.linalg.LinearOperator`; or a
+        :class:`LinearOperator`, returned as it is.
+    tags : iterable of str, optional
+        Structural labels: ``"symmetric"``, ``"hermitian"``, ``"positive_semidefinite"``.
+        They are not checked; estimators that need them still look for evidence.
+
+    Returns
+    -------
+    LinearOperator
+        Integer and bool matrices are promoted to the library's default float.
+
+    Raises
+    ------
+    TypeError
+        For objects that are not matrices of a supported library.
+    ValueError
+        For arrays that are not 2-d.
+
+    Examples
+    --------
+    >>> import scipy.sparse as sp
+    >>> from linop_trace import aslinearoperator
+    >>> A = aslinearoperator(sp.diags([1.0, 2.0, 3.0]))
+    >>> A.shape, A.library
+    ((3, 3), 'numpy')
+    """
+    if isinstance(matrix, LinearOperator):
+        return matrix
+    if backend.is_sparse(matrix):
+        if len(matrix.shape) != 2:
+            raise ValueError(f"expected a 2-d matrix, got shape {tuple(matrix.shape)}")
+        return _SparseOperator(matrix, tags)
+    if _is_scipy_linear_operator(matrix):
+        return _ScipyLinearOperator(matrix, tags)
+    try:
+        backend.array_namespace(matrix)
+    except TypeError:
+        raise TypeError(
+            "aslinearoperator expects a 2-d array, a sparse matrix, a "
+            "scipy.sparse.linalg.LinearOperator or a LinearOperator, got "
+            f"{type(matrix).__module__}.{type(matrix).__name__}"
+        ) from None
+    if matrix.ndim != 2:
+        raise ValueError(f"expected a 2-d matrix, got shape {tuple(matrix.shape)}")
+    return _DenseOperator(matrix, tags)
+
+
+def _is_scipy_linear_operator(obj: Any) -> bool:
+    import sys
+
+    if "scipy.sparse.linalg" not in sys.modules:
+        return False
+    import scipy.sparse.linalg as spla
+
+    return isinstance(obj, spla.LinearOperator)

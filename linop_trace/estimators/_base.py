@@ -1,0 +1,148 @@
+"""What every estimator receives (``EstimationRequest``) and implements (``Estimator``)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from .. import _backend as backend
+from .._estimate import Estimate
+from .._operators import LinearOperator
+from .._probes import ProbeSampler
+
+__all__ = ["CountingMatmat", "EstimationRequest", "Estimator", "default_block_size"]
+
+#: Bytes a block of probes (and its image) may take by default.
+DEFAULT_BLOCK_BYTES = 64 * 2**20
+
+
+def default_block_size(n: int, itemsize: int, limit: int | None = None) -> int:
+    """Columns per block so that an ``(n, block)`` array stays under 64 MiB."""
+    block = max(1, DEFAULT_BLOCK_BYTES // max(1, n * itemsize))
+    return block if limit is None else max(1, min(block, limit))
+
+
+class CountingMatmat:
+    """``X -> A @ X`` that counts calls and columns and refuses non-finite results.
+
+    Every estimator multiplies through one of these, so ``num_matvecs`` in the result is
+    the number of columns that really passed through the operator.
+    """
+
+    def __init__(self, operator: LinearOperator, check_finite: bool = True) -> None:
+        self.operator = operator
+        self.check_finite = check_finite
+        self.calls = 0
+        self.columns = 0
+
+    def __call__(self, block: Any) -> Any:
+        out = self.operator.matmat(block)
+        self.calls += 1
+        self.columns += int(block.shape[1])
+        if self.check_finite:
+            xp = self.operator.xp
+            if not bool(xp.all(xp.isfinite(out))):
+                raise FloatingPointError(
+                    f"the operator's matmat returned non-finite values (NaN or inf) for a "
+                    f"block of {block.shape[1]} columns; pass check_finite=False to skip "
+                    "this check"
+                )
+        return out
+
+
+@dataclass
+class EstimationRequest:
+    """Everything an estimator needs besides the operator.
+
+    Attributes
+    ----------
+    matmat : CountingMatmat
+        The operator's block product; use it for every operator application.
+    probes : ProbeSampler
+        ``probes(k)`` draws an ``(n, k)`` block in the operator's library/dtype/device.
+    num_matvecs : int
+        The budget of operator applications (columns).
+    block_size : int
+        Largest number of columns to send through ``matmat`` at once.
+    rtol, atol : float or None
+        Tolerance on the interval half-width, for adaptive methods.
+    confidence : float
+        Level of that interval.
+    max_matvecs : int
+        Budget cap when a tolerance is given.
+    """
+
+    matmat: CountingMatmat
+    probes: ProbeSampler
+    num_matvecs: int
+    block_size: int
+    rtol: float | None = None
+    atol: float | None = None
+    confidence: float = 0.95
+    max_matvecs: int | None = None
+
+    @property
+    def adaptive(self) -> bool:
+        return self.rtol is not None or self.atol is not None
+
+    def blocks(self, total: int) -> list[int]:
+        """Split ``total`` columns into block widths of at most ``block_size``."""
+        count = math.ceil(total / self.block_size) if total else 0
+        return [min(self.block_size, total - i * self.block_size) for i in range(count)]
+
+    def xp(self) -> Any:
+        return self.matmat.operator.xp
+
+
+class Estimator:
+    """Base class of trace and diagonal estimators.
+
+    Subclasses set ``name`` and override :meth:`trace` and/or :meth:`diagonal`; each
+    receives a :class:`LinearOperator` and an :class:`EstimationRequest` and returns an
+    :class:`~linop_trace.Estimate`. Pass an instance as ``method=`` or register it with
+    :func:`~linop_trace.register_estimator`.
+
+    Examples
+    --------
+    A trace estimator that uses one Rademacher probe block and no error bar:
+
+    >>> import numpy as np
+    >>> from linop_trace import Estimate, Estimator, trace
+    >>> class OneBlock(Estimator):
+    ...     name = "one-block"
+    ...     def trace(self, operator, request):
+    ...         xp = operator.xp
+    ...         Z = request.probes(request.num_matvecs)
+    ...         value = xp.sum(Z * request.matmat(Z)) / request.num_matvecs
+    ...         return Estimate(value, None, request.matmat.columns, self.name)
+    >>> est = trace(np.diag([1.0, 2.0, 3.0]), method=OneBlock(), num_matvecs=2, seed=0)
+    >>> float(est), est.num_matvecs
+    (6.0, 2)
+    """
+
+    name: str = "custom"
+    #: Smallest budget the method can work with (Hutch++ needs 3).
+    min_matvecs: int = 1
+    #: Whether ``rtol``/``atol`` are honoured.
+    supports_tolerance: bool = False
+
+    def trace(self, operator: LinearOperator, request: EstimationRequest) -> Estimate:
+        raise NotImplementedError(f"method {self.name!r} does not estimate traces")
+
+    def diagonal(self, operator: LinearOperator, request: EstimationRequest) -> Estimate:
+        raise NotImplementedError(f"method {self.name!r} does not estimate diagonals")
+
+    def supports(self, quantity: str) -> bool:
+        """Whether this estimator overrides ``trace`` or ``diagonal``."""
+        own = getattr(type(self), quantity, None)
+        return own is not None and own is not getattr(Estimator, quantity)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+def scalar_like(operator: LinearOperator, value: float) -> Any:
+    """A 0-d array of the operator's library, real dtype and device."""
+    xp = operator.xp
+    return xp.asarray(value, dtype=backend.real_dtype_for(xp, operator.dtype), device=operator.device)

@@ -1,0 +1,124 @@
+"""The backend fixture: every test runs on every installed array library.
+
+``LINOP_TRACE_BACKENDS`` (comma separated) restricts the set; nox sets it per session.
+A backend whose library is missing, or that needs a device the machine lacks (CuPy
+without CUDA), is reported as a skip with the reason.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import pytest
+
+ALL_BACKENDS = ("numpy", "scipy", "torch", "jax", "strict", "cupy")
+
+
+def _selected() -> tuple[str, ...]:
+    chosen = os.environ.get("LINOP_TRACE_BACKENDS")
+    if not chosen:
+        return ALL_BACKENDS
+    names = tuple(name.strip() for name in chosen.split(",") if name.strip())
+    unknown = set(names) - set(ALL_BACKENDS)
+    if unknown:
+        raise pytest.UsageError(f"LINOP_TRACE_BACKENDS names unknown backends {sorted(unknown)}")
+    return names
+
+
+@dataclass
+class Backend:
+    """How one array library enters the tests."""
+
+    name: str
+    xp: Any
+    device: Any
+    convert: Callable[[np.ndarray], Any]
+    sparse: Callable[[np.ndarray], Any] | None = None
+
+    def asarray(self, values: Any, dtype: Any = None) -> Any:
+        """A dense array of this library on this device, holding NumPy ``values``."""
+        values = np.asarray(values)
+        if dtype is not None:
+            values = values.astype(dtype)
+        return self.convert(values)
+
+    def matrix(self, values: np.ndarray, dtype: Any = None) -> Any:
+        """The matrix the way this backend's users hold it (sparse for ``scipy``)."""
+        values = np.asarray(values) if dtype is None else np.asarray(values).astype(dtype)
+        if self.sparse is not None:
+            return self.sparse(values)
+        return self.convert(values)
+
+    def dtype(self, numpy_dtype: Any) -> Any:
+        """This library's dtype of the same name as ``numpy_dtype``."""
+        return getattr(self.xp, np.dtype(numpy_dtype).name)
+
+    @property
+    def float64_supported(self) -> bool:
+        return True
+
+
+def numpy_of(x: Any) -> np.ndarray:
+    from linop_trace._backend import to_numpy
+
+    return to_numpy(x)
+
+
+def _make(name: str) -> Backend:
+    if name in ("numpy", "scipy"):
+        import array_api_compat.numpy as xp
+        import scipy.sparse as sp
+
+        sparse = (lambda a: sp.csr_array(a)) if name == "scipy" else None
+        return Backend(name, xp, "cpu", lambda a: a, sparse)
+    if name == "torch":
+        torch = pytest.importorskip("torch", reason="torch is not installed")
+        import array_api_compat.torch as xp
+
+        return Backend(name, xp, torch.device("cpu"), lambda a: torch.from_numpy(np.ascontiguousarray(a)))
+    if name == "jax":
+        jax = pytest.importorskip("jax", reason="jax is not installed")
+        jax.config.update("jax_enable_x64", True)
+        import jax.numpy as jnp
+
+        return Backend(name, jnp, jax.devices("cpu")[0], lambda a: jnp.asarray(a))
+    if name == "strict":
+        strict = pytest.importorskip("array_api_strict", reason="array_api_strict is not installed")
+        return Backend(name, strict, strict.Device("CPU_DEVICE"), lambda a: strict.asarray(a))
+    if name == "cupy":
+        try:
+            cupy = importlib.import_module("cupy")
+        except ImportError:
+            pytest.skip("cupy is not installed (it needs a CUDA device)")
+        try:
+            if cupy.cuda.runtime.getDeviceCount() < 1:
+                pytest.skip("cupy is installed but no CUDA device is present")
+        except Exception as error:  # pragma: no cover - depends on the machine
+            pytest.skip(f"cupy is installed but CUDA is unusable: {error}")
+        import array_api_compat.cupy as xp  # pragma: no cover - needs a GPU
+        import cupyx.scipy.sparse as csp  # pragma: no cover
+
+        return Backend(name, xp, cupy.cuda.Device(0), cupy.asarray)  # pragma: no cover
+    raise AssertionError(name)  # pragma: no cover
+
+
+@pytest.fixture(params=_selected())
+def backend(request: pytest.FixtureRequest) -> Backend:
+    """One installed array library (with its device); skipped with a reason otherwise."""
+    return _make(request.param)
+
+
+@pytest.fixture(params=[b for b in _selected() if b != "scipy"])
+def dense_backend(request: pytest.FixtureRequest) -> Backend:
+    """Like ``backend`` but only libraries with dense arrays of their own."""
+    return _make(request.param)
+
+
+def rtol_for(dtype: Any) -> float:
+    """Relative tolerance for comparisons with a float64 NumPy reference."""
+    name = np.dtype(dtype).name
+    return {"float32": 2e-5, "complex64": 2e-5}.get(name, 1e-12)
