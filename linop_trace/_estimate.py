@@ -91,9 +91,11 @@ class Estimate:
                 return "None"
             if getattr(x, "ndim", 1) == 0:
                 try:
-                    return f"{complex(x):.6g}" if backend.is_complex_dtype(
-                        backend.array_namespace(x), x.dtype
-                    ) else f"{float(x):.6g}"
+                    return (
+                        f"{complex(x):.6g}"
+                        if backend.is_complex_dtype(backend.array_namespace(x), x.dtype)
+                        else f"{float(x):.6g}"
+                    )
                 except Exception:  # tracers
                     return repr(x)
             return f"<{backend.library_name(x)} array of shape {tuple(x.shape)}>"

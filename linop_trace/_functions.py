@@ -13,7 +13,7 @@ from .estimators._base import CountingMatmat, EstimationRequest, default_block_s
 from .estimators._exact import _itemsize
 from .estimators._registry import get_estimator
 
-__all__ = ["col_sums", "diagonal", "row_sums", "trace"]
+__all__ = ["col_sums", "diagonal", "frobenius_norm_squared", "row_sums", "trace"]
 
 DEFAULT_NUM_MATVECS = 100
 DEFAULT_MAX_MATVECS = 1000
@@ -25,7 +25,7 @@ def _request(
     *,
     num_matvecs: int | None,
     seed: Any,
-    probe: str,
+    probe: str | None,
     rtol: float | None,
     atol: float | None,
     confidence: float,
@@ -55,6 +55,8 @@ def _request(
         block_size = default_block_size(n, _itemsize(operator), limit=max(max_matvecs, 1))
     else:
         block_size = check_positive_int(block_size, "block_size")
+    if probe is None:  # the method's own default (XTrace: "sphere"), else Rademacher
+        probe = getattr(estimator, "default_probe", "rademacher")
     sampler = ProbeSampler(probe, n, operator.xp, operator.dtype, operator.device, seed)
     return EstimationRequest(
         matmat=CountingMatmat(operator, check_finite),
@@ -76,7 +78,14 @@ def _estimate(quantity: str, A: Any, method: Any, **options: Any) -> Estimate:
         xp = operator.xp
         shape = () if quantity == "trace" else (0,)
         zero = xp.zeros(shape, dtype=operator.dtype, device=operator.device)
-        return Estimate(zero, xp.zeros(shape, dtype=backend.real_dtype_for(xp, operator.dtype), device=operator.device), 0, "exact")
+        return Estimate(
+            zero,
+            xp.zeros(
+                shape, dtype=backend.real_dtype_for(xp, operator.dtype), device=operator.device
+            ),
+            0,
+            "exact",
+        )
     request = _request(operator, estimator, **options)
     return getattr(estimator, quantity)(operator, request)
 
@@ -86,7 +95,7 @@ def trace(
     method: Any = "auto",
     num_matvecs: int | None = None,
     seed: Any = None,
-    probe: str = "rademacher",
+    probe: str | None = None,
     rtol: float | None = None,
     atol: float | None = None,
     confidence: float = 0.95,
@@ -107,8 +116,9 @@ def trace(
         Budget of operator applications (columns through the operator); 100 if not
         given. With ``rtol``/``atol`` it is the number to start with.
     seed : int, None, or the library's generator/key
-    probe : {"rademacher", "gaussian", "sphere", "steinhaus"}
-        Probe distribution for the randomized methods.
+    probe : {"rademacher", "gaussian", "sphere", "steinhaus"}, optional
+        Probe distribution for the randomized methods; by default the method's own
+        (``"sphere"`` for XTrace and XNysTrace, ``"rademacher"`` for the others).
     rtol, atol : float, optional
         Keep adding probe blocks until the half-width of the ``confidence`` interval is
         at most ``max(atol, rtol * |estimate|)``, or ``max_matvecs`` are spent.
@@ -165,7 +175,7 @@ def diagonal(
     method: Any = "auto",
     num_matvecs: int | None = None,
     seed: Any = None,
-    probe: str = "rademacher",
+    probe: str | None = None,
     rtol: float | None = None,
     atol: float | None = None,
     confidence: float = 0.95,
@@ -238,3 +248,73 @@ def col_sums(A: Any, check_finite: bool = True) -> Estimate:
     array([4., 6.])
     """
     return _sums(A, adjoint=True, check_finite=check_finite)
+
+
+def frobenius_norm_squared(
+    A: Any,
+    num_matvecs: int = 100,
+    seed: Any = None,
+    probe: str = "rademacher",
+    block_size: int | None = None,
+    check_finite: bool = True,
+) -> Estimate:
+    """Estimate ``||A||_F^2 = tr(A^H A)`` by Hutchinson's estimator on ``A^H A``.
+
+    Each probe z gives the sample ``||A z||^2`` (one operator column, no adjoint needed),
+    unbiased for any probe with ``E[z z^H] = I``; ``stderr`` is the sample std over
+    sqrt(num_matvecs). Works for rectangular operators. The variance bounds of the trace
+    estimators are written in terms of this quantity (Gaussian: ``2 ||A||_F^2`` per probe).
+
+    Parameters
+    ----------
+    A : LinearOperator or matrix
+    num_matvecs : int
+        Number of probes (operator columns), in ``ceil(num_matvecs / block_size)`` calls.
+    seed : int, None, or the library's generator/key
+    probe : {"rademacher", "gaussian", "sphere", "steinhaus"}
+    block_size : int, optional
+        Most columns per operator call.
+    check_finite : bool
+        Raise ``FloatingPointError`` when a product is NaN or infinite.
+
+    Returns
+    -------
+    Estimate
+        Real 0-d ``value`` and ``stderr``; ``method`` is ``"hutchinson"``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from linop_trace import frobenius_norm_squared
+    >>> A = np.diag([1.0, 2.0, 3.0]) @ np.ones((3, 4))  # rows of equal entries
+    >>> est = frobenius_norm_squared(A, num_matvecs=50, seed=0)
+    >>> float(est.value) > 0, round(float(np.sum(A**2)), 1)
+    (True, 56.0)
+    """
+    from .estimators._hutchinson import mean_and_stderr
+
+    operator = aslinearoperator(A)
+    xp = operator.xp
+    num_matvecs = check_num_matvecs(num_matvecs, "frobenius_norm_squared", 1)
+    cols = operator.shape[1]
+    if block_size is None:
+        block_size = default_block_size(max(operator.shape), _itemsize(operator), limit=num_matvecs)
+    else:
+        block_size = check_positive_int(block_size, "block_size")
+    sampler = ProbeSampler(probe, cols, xp, operator.dtype, operator.device, seed)
+    counter = CountingMatmat(operator, check_finite)
+    samples = []
+    for start in range(0, num_matvecs, block_size):
+        image = counter(sampler(min(block_size, num_matvecs - start)))
+        square = xp.abs(image) ** 2 if backend.is_complex_dtype(xp, image.dtype) else image * image
+        samples.append(xp.sum(square, axis=0))
+    drawn = samples[0] if len(samples) == 1 else xp.concat(samples)
+    value, stderr = mean_and_stderr(drawn, xp)
+    return Estimate(
+        value,
+        stderr,
+        counter.columns,
+        "hutchinson",
+        dof=num_matvecs - 1 if num_matvecs > 1 else None,
+        info={"probe": probe, "samples": drawn},
+    )

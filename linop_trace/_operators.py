@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import numbers
 import warnings
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import numpy as np
 
@@ -183,7 +184,9 @@ class LinearOperator:
         ndim = getattr(x, "ndim", None)
         if ndim == 1:
             if x.shape[0] != rows:
-                raise ValueError(f"`{name}` expects a vector of length {rows}, got shape {tuple(x.shape)}")
+                raise ValueError(
+                    f"`{name}` expects a vector of length {rows}, got shape {tuple(x.shape)}"
+                )
             return block_call(x[:, None])[:, 0]
         if ndim == 2 and x.shape[1] == 1:
             return block_call(x)
@@ -210,7 +213,9 @@ class LinearOperator:
             what = backend.describe(out) if xp is not None else type(out).__name__
             raise TypeError(f"`{name}` returned {what}, operator is {self._describe()}")
         if tuple(out.shape) != shape:
-            raise ValueError(f"`{name}` returned an array of shape {tuple(out.shape)}, expected {shape}")
+            raise ValueError(
+                f"`{name}` returned an array of shape {tuple(out.shape)}, expected {shape}"
+            )
         if out.dtype != dtype:
             raise TypeError(
                 f"`{name}` returned dtype {backend.dtype_name(out.dtype)}, "
@@ -393,7 +398,7 @@ class _DenseOperator(LinearOperator):
         dtype = backend.promote_to_float(xp, matrix.dtype, device)
         if matrix.dtype != dtype:
             matrix = xp.astype(matrix, dtype)
-        super().__init__(tuple(matrix.shape), dtype, xp, device, tags)
+        super().__init__((matrix.shape[0], matrix.shape[1]), dtype, xp, device, tags)
         self.matrix = matrix
         self._adjoint: Any = None
         self._cast: dict[Any, Any] = {}
@@ -433,7 +438,7 @@ class _SparseOperator(LinearOperator):
         device = backend.device_of(matrix)
         dtype = backend.promote_to_float(xp, matrix.dtype, device)
         matrix = backend.prepare_sparse(backend.sparse_astype(matrix, dtype))
-        super().__init__(tuple(matrix.shape), dtype, xp, device, tags)
+        super().__init__((matrix.shape[0], matrix.shape[1]), dtype, xp, device, tags)
         self.matrix = matrix
         self._adjoint: Any = None
 
@@ -539,7 +544,7 @@ class _CallableOperator(LinearOperator):
             device = backend.device_of(like)
             dtype = like.dtype if dtype is None else dtype
         dtype = backend.promote_to_float(xp, dtype, device)
-        super().__init__(tuple(shape), dtype, xp, device, tags)
+        super().__init__((int(shape[0]), int(shape[1])), dtype, xp, device, tags)
         self._forward = self._block_function(matvec, matmat, "matvec", "matmat")
         self._backward = (
             None
@@ -610,7 +615,7 @@ class _ScaledOperator(LinearOperator):
         if isinstance(scalar, numbers.Number):
             is_complex = isinstance(scalar, complex) and scalar.imag != 0
             dtype = backend.complex_dtype_for(xp, operator.dtype) if is_complex else operator.dtype
-            positive = not is_complex and float(scalar.real) >= 0
+            positive = not is_complex and complex(scalar).real >= 0  # type: ignore[call-overload]
         else:
             if backend.array_namespace(scalar) is not xp:
                 raise TypeError(
@@ -626,8 +631,16 @@ class _ScaledOperator(LinearOperator):
 
     def _conj_scalar(self) -> Any:
         if isinstance(self.scalar, numbers.Number):
-            return complex(self.scalar).conjugate() if isinstance(self.scalar, complex) else self.scalar
-        return self.xp.conj(self.scalar) if backend.is_complex_dtype(self.xp, self.scalar.dtype) else self.scalar
+            return (
+                complex(self.scalar).conjugate()
+                if isinstance(self.scalar, complex)
+                else self.scalar
+            )
+        return (
+            self.xp.conj(self.scalar)
+            if backend.is_complex_dtype(self.xp, self.scalar.dtype)
+            else self.scalar
+        )
 
     def _matmat(self, X: Any) -> Any:
         return self.scalar * self.operator.matmat(X)

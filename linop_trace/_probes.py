@@ -32,7 +32,9 @@ class ProbeSampler:
         Turned into the library's own generator by the backend.
     """
 
-    def __init__(self, kind: str, n: int, xp: Any, dtype: Any, device: Any, seed: Any = None) -> None:
+    def __init__(
+        self, kind: str, n: int, xp: Any, dtype: Any, device: Any, seed: Any = None
+    ) -> None:
         if kind not in PROBES:
             raise ValueError(f"unknown probe {kind!r}; known probes are {', '.join(PROBES)}")
         self.kind = kind

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import importlib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pytest
@@ -79,7 +80,9 @@ def _make(name: str) -> Backend:
         torch = pytest.importorskip("torch", reason="torch is not installed")
         import array_api_compat.torch as xp
 
-        return Backend(name, xp, torch.device("cpu"), lambda a: torch.from_numpy(np.ascontiguousarray(a)))
+        return Backend(
+            name, xp, torch.device("cpu"), lambda a: torch.from_numpy(np.ascontiguousarray(a))
+        )
     if name == "jax":
         jax = pytest.importorskip("jax", reason="jax is not installed")
         jax.config.update("jax_enable_x64", True)
@@ -100,7 +103,6 @@ def _make(name: str) -> Backend:
         except Exception as error:  # pragma: no cover - depends on the machine
             pytest.skip(f"cupy is installed but CUDA is unusable: {error}")
         import array_api_compat.cupy as xp  # pragma: no cover - needs a GPU
-        import cupyx.scipy.sparse as csp  # pragma: no cover
 
         return Backend(name, xp, cupy.cuda.Device(0), cupy.asarray)  # pragma: no cover
     raise AssertionError(name)  # pragma: no cover

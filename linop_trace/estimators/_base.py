@@ -11,7 +11,14 @@ from .._estimate import Estimate
 from .._operators import LinearOperator
 from .._probes import ProbeSampler
 
-__all__ = ["CountingMatmat", "EstimationRequest", "Estimator", "default_block_size"]
+__all__ = [
+    "CountingMatmat",
+    "apply_blocked",
+    "EstimationRequest",
+    "Estimator",
+    "default_block_size",
+    "is_self_adjoint",
+]
 
 #: Bytes a block of probes (and its image) may take by default.
 DEFAULT_BLOCK_BYTES = 64 * 2**20
@@ -21,6 +28,14 @@ def default_block_size(n: int, itemsize: int, limit: int | None = None) -> int:
     """Columns per block so that an ``(n, block)`` array stays under 64 MiB."""
     block = max(1, DEFAULT_BLOCK_BYTES // max(1, n * itemsize))
     return block if limit is None else max(1, min(block, limit))
+
+
+def is_self_adjoint(operator: LinearOperator) -> bool:
+    """Whether the operator's tags say ``A^H = A``."""
+    tags = operator.tags
+    if "hermitian" in tags:
+        return True
+    return "symmetric" in tags and not backend.is_complex_dtype(operator.xp, operator.dtype)
 
 
 class CountingMatmat:
@@ -37,7 +52,19 @@ class CountingMatmat:
         self.columns = 0
 
     def __call__(self, block: Any) -> Any:
-        out = self.operator.matmat(block)
+        return self._counted(self.operator.matmat(block), block)
+
+    def adjoint(self, block: Any) -> Any:
+        """``A^H @ X``, counted like ``A @ X`` (same ``calls`` and ``columns``).
+
+        Self-adjoint operators (tagged ``"hermitian"``, or ``"symmetric"`` and real) use
+        the forward product, so methods that need ``A^H`` work on them without an adjoint.
+        """
+        if is_self_adjoint(self.operator):
+            return self(block)
+        return self._counted(self.operator.rmatmat(block), block)
+
+    def _counted(self, out: Any, block: Any) -> Any:
         self.calls += 1
         self.columns += int(block.shape[1])
         if self.check_finite:
@@ -145,4 +172,17 @@ class Estimator:
 def scalar_like(operator: LinearOperator, value: float) -> Any:
     """A 0-d array of the operator's library, real dtype and device."""
     xp = operator.xp
-    return xp.asarray(value, dtype=backend.real_dtype_for(xp, operator.dtype), device=operator.device)
+    return xp.asarray(
+        value, dtype=backend.real_dtype_for(xp, operator.dtype), device=operator.device
+    )
+
+
+def apply_blocked(product: Any, block: Any, block_size: int, xp: Any) -> Any:
+    """``product(block)`` in column chunks of at most ``block_size`` (one call if it fits)."""
+    width = int(block.shape[1])
+    if width <= block_size:
+        return product(block)
+    pieces = [
+        product(block[:, start : start + block_size]) for start in range(0, width, block_size)
+    ]
+    return xp.concat(pieces, axis=1)

@@ -19,7 +19,9 @@ def exact_diagonal(operator: LinearOperator, matmat: CountingMatmat, block_size:
         if matmat.check_finite:
             xp = operator.xp
             if not bool(xp.all(xp.isfinite(stored))):
-                raise FloatingPointError("the operator's diagonal holds non-finite values (NaN or inf)")
+                raise FloatingPointError(
+                    "the operator's diagonal holds non-finite values (NaN or inf)"
+                )
         return stored
     xp, n = operator.xp, operator.shape[0]
     itemsize = _itemsize(operator)
@@ -30,14 +32,17 @@ def exact_diagonal(operator: LinearOperator, matmat: CountingMatmat, block_size:
         # columns start..start+width of the identity: ones where row - col == start
         identity = xp.eye(n, width, k=-start, dtype=operator.dtype, device=operator.device)
         image = matmat(identity)
-        pieces.append(xp.linalg.diagonal(image[start : start + width, :]))
+        # copy: the diagonal is a view that would keep the whole (n, width) image alive
+        pieces.append(xp.asarray(xp.linalg.diagonal(image[start : start + width, :]), copy=True))
     return pieces[0] if len(pieces) == 1 else xp.concat(pieces)
 
 
 def _itemsize(operator: LinearOperator) -> int:
     xp = operator.xp
     try:
-        return int(xp.finfo(operator.dtype).bits // 8) * (2 if xp.isdtype(operator.dtype, "complex floating") else 1)
+        return int(xp.finfo(operator.dtype).bits // 8) * (
+            2 if xp.isdtype(operator.dtype, "complex floating") else 1
+        )
     except Exception:  # pragma: no cover
         return 8
 
@@ -61,11 +66,15 @@ class Exact(Estimator):
 
     name = "exact"
 
-    def _estimate(self, operator: LinearOperator, request: EstimationRequest, quantity: str) -> Estimate:
+    def _estimate(
+        self, operator: LinearOperator, request: EstimationRequest, quantity: str
+    ) -> Estimate:
         xp = operator.xp
         diagonal = exact_diagonal(operator, request.matmat, request.block_size)
         value = xp.sum(diagonal) if quantity == "trace" else diagonal
-        stderr = xp.zeros_like(xp.real(value) if xp.isdtype(value.dtype, "complex floating") else value)
+        stderr = xp.zeros_like(
+            xp.real(value) if xp.isdtype(value.dtype, "complex floating") else value
+        )
         return Estimate(value, stderr, request.matmat.columns, self.name, converged=None)
 
     def trace(self, operator: LinearOperator, request: EstimationRequest) -> Estimate:

@@ -33,10 +33,11 @@ def register_estimator(name: str, estimator: Estimator, *, overwrite: bool = Fal
     """
     if not isinstance(name, str) or not name:
         raise TypeError(f"estimator name must be a non-empty str, got {name!r}")
-    if not (callable(getattr(estimator, "trace", None)) or callable(getattr(estimator, "diagonal", None))):
-        raise TypeError(
-            f"estimator {estimator!r} has neither a `trace` nor a `diagonal` method"
-        )
+    if not (
+        callable(getattr(estimator, "trace", None))
+        or callable(getattr(estimator, "diagonal", None))
+    ):
+        raise TypeError(f"estimator {estimator!r} has neither a `trace` nor a `diagonal` method")
     key = name.lower()
     if key in _REGISTRY and not overwrite and _REGISTRY[key] is not estimator:
         raise ValueError(f"an estimator named {name!r} exists; pass overwrite=True to replace it")

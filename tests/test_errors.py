@@ -1,0 +1,176 @@
+"""The error table: each bad input raises the right exception, naming the problem."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import linop_trace as lt
+from linop_trace import LinearOperator, aslinearoperator
+
+
+@pytest.mark.parametrize("quantity", [lt.trace, lt.diagonal])
+def test_non_square_operator(backend, quantity):
+    A = backend.matrix(np.ones((3, 4)))
+    with pytest.raises(ValueError, match=r"square operator, got shape \(3, 4\)"):
+        quantity(A, method="exact")
+
+
+def test_matvec_returning_wrong_shape(dense_backend):
+    like = dense_backend.asarray(np.ones(3))
+    A = LinearOperator.from_callable(matmat=lambda X: X[:2, :], shape=(3, 3), like=like)
+    with pytest.raises(
+        ValueError, match=r"`matmat` returned an array of shape \(2, 1\), expected \(3, 1\)"
+    ):
+        A @ like
+
+
+def test_matvec_returning_wrong_dtype(dense_backend):
+    xp = dense_backend.xp
+    like = dense_backend.asarray(np.ones(3))
+    A = LinearOperator.from_callable(
+        matmat=lambda X: xp.astype(X, xp.float32), shape=(3, 3), like=like
+    )
+    with pytest.raises(TypeError, match="returned dtype float32, expected float64"):
+        A @ like
+
+
+def test_matvec_returning_wrong_library():
+    torch = pytest.importorskip("torch")
+    A = LinearOperator.from_callable(matmat=lambda X: torch.from_numpy(X), shape=(3, 3))
+    with pytest.raises(TypeError, match="returned a torch array.*operator is numpy"):
+        A @ np.ones(3)
+
+
+def test_input_of_another_library_is_refused_naming_both():
+    torch = pytest.importorskip("torch")
+    A = aslinearoperator(np.eye(3))
+    with pytest.raises(TypeError, match="got a torch array on cpu.*operator is numpy on cpu"):
+        A @ torch.ones(3, dtype=torch.float64)
+
+
+def test_operators_of_two_libraries_cannot_be_combined():
+    torch = pytest.importorskip("torch")
+    A = aslinearoperator(np.eye(3))
+    B = aslinearoperator(torch.eye(3, dtype=torch.float64))
+    for combine in (lambda: A + B, lambda: A @ B, lambda: B - A):
+        with pytest.raises(
+            TypeError, match="two libraries: (numpy|torch) on cpu and (torch|numpy) on cpu"
+        ):
+            combine()
+
+
+def test_mixed_devices_are_named():
+    # array_api_strict offers extra virtual devices: a stand-in for cpu vs cuda:0
+    strict = pytest.importorskip("array_api_strict")
+    A = aslinearoperator(strict.eye(3, dtype=strict.float64))
+    other = strict.Device("device1")
+    x = strict.ones(3, dtype=strict.float64, device=other)
+    with pytest.raises(
+        ValueError, match="array on .*device1.*operator is array_api_strict on .*CPU_DEVICE"
+    ):
+        A @ x
+    B = aslinearoperator(strict.eye(3, dtype=strict.float64, device=other))
+    with pytest.raises(ValueError, match="two devices"):
+        A + B
+
+
+def test_input_of_wrong_shape(backend):
+    A = aslinearoperator(backend.matrix(np.eye(3)))
+    with pytest.raises(ValueError, match=r"expects a vector of length 3, got shape \(4,\)"):
+        A @ backend.asarray(np.ones(4))
+    with pytest.raises(ValueError, match=r"expects an array of shape \(3, k\), got shape \(2, 2\)"):
+        A.matmat(backend.asarray(np.ones((2, 2))))
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_non_finite_matvec_raises_floating_point_error(dense_backend, bad):
+    values = np.eye(4)
+    values[1, 2] = bad
+    like = dense_backend.asarray(values)
+    A = LinearOperator.from_callable(matmat=lambda X: like @ X, shape=(4, 4), like=like)
+    for call in (
+        lambda: lt.trace(A, method="exact"),
+        lambda: lt.trace(A, method="hutchinson", seed=0),
+        lambda: lt.row_sums(A),
+    ):
+        with pytest.raises(FloatingPointError, match="non-finite.*check_finite=False"):
+            call()
+    # opting out returns the non-finite value instead
+    value = lt.row_sums(A, check_finite=False).value
+    assert not np.isfinite(np.asarray(lt._backend.to_numpy(value))[1])
+
+
+def test_non_finite_stored_diagonal_raises(backend):
+    values = np.eye(3)
+    values[0, 0] = np.nan
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        lt.trace(backend.matrix(values), method="exact")
+
+
+def test_unknown_method_lists_known_ones():
+    with pytest.raises(
+        ValueError, match="unknown method 'hutchinsn'; known methods are: .*exact.*hutchinson"
+    ):
+        lt.trace(np.eye(2), method="hutchinsn")
+
+
+def test_unknown_probe_lists_known_ones():
+    with pytest.raises(ValueError, match="unknown probe 'bernoulli'; known probes are rademacher"):
+        lt.trace(np.eye(200), method="hutchinson", probe="bernoulli")
+
+
+def test_budget_too_small_is_named():
+    with pytest.raises(
+        ValueError, match="method 'hutchinson' needs num_matvecs >= 2, got num_matvecs=1"
+    ):
+        lt.trace(np.eye(200), method="hutchinson", num_matvecs=1)
+    with pytest.raises(TypeError, match="`num_matvecs` must be an int"):
+        lt.trace(np.eye(200), method="hutchinson", num_matvecs=2.5)
+
+
+def test_bad_tolerance_and_confidence():
+    with pytest.raises(ValueError, match="`rtol` must be a non-negative number"):
+        lt.trace(np.eye(200), method="hutchinson", rtol=-1)
+    with pytest.raises(ValueError, match=r"`confidence` must lie in \(0, 1\)"):
+        lt.trace(np.eye(200), method="hutchinson", rtol=0.1, confidence=1.5)
+    with pytest.raises(ValueError, match="does not support rtol/atol"):
+        lt.trace(np.eye(200), method="exact", rtol=0.1)
+
+
+def test_empty_operator_has_zero_trace(backend):
+    A = backend.matrix(np.zeros((0, 0)))
+    est = lt.trace(A)
+    assert float(est) == 0.0 and est.num_matvecs == 0
+    assert tuple(lt.diagonal(A).value.shape) == (0,)
+
+
+def test_not_a_matrix():
+    with pytest.raises(TypeError, match="aslinearoperator expects a 2-d array.*got builtins.list"):
+        aslinearoperator([[1.0, 0.0], [0.0, 1.0]])
+    with pytest.raises(ValueError, match=r"expected a 2-d matrix, got shape \(3,\)"):
+        aslinearoperator(np.ones(3))
+
+
+def test_bad_seed_type_is_named():
+    with pytest.raises(TypeError, match="seed must be an int, None or a numpy generator"):
+        lt.trace(np.eye(200), method="hutchinson", seed="zero")
+
+
+def test_no_adjoint_is_named():
+    A = LinearOperator.from_callable(matvec=lambda x: x, shape=(2, 2))
+    with pytest.raises(NotImplementedError, match="no adjoint product"):
+        A.rmatvec(np.ones(2))
+    with pytest.raises(NotImplementedError, match="no adjoint product"):
+        lt.col_sums(A)
+
+
+def test_from_callable_needs_a_function():
+    with pytest.raises(ValueError, match="needs `matvec` or `matmat`"):
+        LinearOperator.from_callable(shape=(2, 2))
+
+
+def test_ci_without_stderr_is_refused():
+    est = lt.Estimate(np.asarray(1.0), None, 3, "custom")
+    with pytest.raises(ValueError, match="reports no error estimate"):
+        est.ci()

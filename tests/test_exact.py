@@ -1,0 +1,135 @@
+"""Exact trace, diagonal, row sums and column sums against a dense NumPy reference."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+from conftest import numpy_of, rtol_for
+from test_operators import DTYPES, _constructors, random_matrix
+
+import linop_trace as lt
+
+
+def close(actual, expected, dtype):
+    expected = np.asarray(expected)
+    np.testing.assert_allclose(
+        numpy_of(actual),
+        expected,
+        rtol=rtol_for(dtype),
+        atol=rtol_for(dtype) * max(1.0, np.abs(expected).max(initial=0)),
+    )
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_exact_quantities_every_constructor(backend, dtype):
+    M = random_matrix((9, 9), dtype, seed=7)
+    for name, build in _constructors(backend):
+        A = build(M)
+        est = lt.trace(A, method="exact")
+        close(est.value, np.trace(M), dtype)
+        assert est.method == "exact" and float(numpy_of(est.stderr)) == 0.0, name
+        assert est.value.ndim == 0
+        close(lt.diagonal(A, method="exact").value, np.diag(M), dtype)
+        close(lt.diagonal(A, method="exact", block_size=4).value, np.diag(M), dtype)
+        rows = lt.row_sums(A)
+        close(rows.value, M.sum(axis=1), dtype)
+        assert rows.num_matvecs == 1
+        cols = lt.col_sums(A)
+        close(cols.value, M.sum(axis=0), dtype)
+        assert cols.num_matvecs == 1
+
+
+def test_row_and_col_sums_of_rectangular(backend):
+    M = random_matrix((4, 7), "float64")
+    A = backend.matrix(M)
+    close(lt.row_sums(A).value, M.sum(axis=1), "float64")
+    close(lt.col_sums(A).value, M.sum(axis=0), "float64")
+
+
+@pytest.mark.parametrize("block_size", [1, 3, 9, 50])
+def test_identity_walk_counts_columns_and_calls(block_size):
+    M = random_matrix((9, 9), "float64")
+    calls = []
+
+    def matmat(X):
+        calls.append(X.shape[1])
+        return M @ X
+
+    A = lt.LinearOperator.from_callable(matmat=matmat, shape=(9, 9))
+    est = lt.trace(A, method="exact", block_size=block_size)
+    np.testing.assert_allclose(float(est), np.trace(M), rtol=1e-12)
+    assert est.num_matvecs == 9 == sum(calls)
+    assert len(calls) == -(-9 // block_size)
+    assert max(calls) == min(block_size, 9)
+
+
+def test_stored_diagonal_needs_no_products():
+    import scipy.sparse as sp
+
+    M = sp.random(50, 50, density=0.1, random_state=0, format="csr")
+    est = lt.diagonal(M, method="exact")
+    np.testing.assert_array_equal(est.value, M.diagonal())
+    assert est.num_matvecs == 0
+    # sums and scalings of stored matrices keep the fast path
+    A = lt.aslinearoperator(M)
+    est = lt.trace(2 * A - A.T + A.H, method="exact")
+    np.testing.assert_allclose(float(est), 2 * M.diagonal().sum(), rtol=1e-12)
+    assert est.num_matvecs == 0
+
+
+def test_auto_is_exact_when_budget_covers_n(backend):
+    M = random_matrix((30, 30), "float64")
+    A = (
+        lt.LinearOperator.from_callable(matmat=lambda X: M @ X, shape=(30, 30))
+        if backend.name == "numpy"
+        else backend.matrix(M)
+    )
+    est = lt.trace(A, num_matvecs=30)
+    assert est.method == "exact"
+    close(est.value, np.trace(M), "float64")
+
+
+def test_exact_diagonal_of_large_sparse_operator_never_goes_dense():
+    """The 200,000 x 200,000 case runs in a subprocess under a 300 MB address-space cap:
+    a dense n x n float64 array would need 320 GB, a dense block of 64 MiB is allowed."""
+    code = textwrap.dedent(
+        """
+        import resource, numpy as np, scipy.sparse as sp
+        import linop_trace as lt
+        n = 200_000
+        main = np.arange(1.0, n + 1.0)
+        A = sp.diags([-np.ones(n - 1), main, -np.ones(n - 1)], [-1, 0, 1], format="csr")
+        d = lt.diagonal(A, method="exact").value
+        assert np.array_equal(d, main)
+        # the generic identity-block walk on a callable operator, n = 20,000
+        m = 20_000
+        B = sp.diags([-np.ones(m - 1), np.arange(1.0, m + 1.0), -np.ones(m - 1)], [-1, 0, 1], format="csr")
+        op = lt.LinearOperator.from_callable(matmat=lambda X: B @ X, shape=(m, m))
+        est = lt.trace(op, method="exact", block_size=256)
+        assert float(est) == m * (m + 1) / 2 and est.num_matvecs == m
+        print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    peak_kib = int(out.stdout.strip().splitlines()[-1])
+    # a dense 20,000^2 float64 array alone is 3.2 GB; stay far below 1 GB
+    assert peak_kib < 1_000_000, peak_kib
+
+
+def test_import_does_not_import_torch_or_jax():
+    code = "import sys, linop_trace; print(sorted(m for m in ('torch', 'jax', 'cupy') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
+def test_estimate_interface():
+    est = lt.trace(np.diag([1.0, 2.0]), method="exact")
+    assert float(est) == 3.0
+    assert est.ci(0.99) == (3.0, 3.0)
+    assert "method='exact'" in repr(est)

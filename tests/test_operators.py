@@ -1,0 +1,277 @@
+"""LinearOperator: every constructor x backend x dtype against a dense NumPy reference."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import numpy_of, rtol_for
+
+import linop_trace as lt
+from linop_trace import LinearOperator, aslinearoperator
+
+DTYPES = ("float32", "float64", "complex128")
+
+
+def random_matrix(shape, dtype, seed=0):
+    rng = np.random.default_rng(seed)
+    values = rng.standard_normal(shape)
+    if np.dtype(dtype).kind == "c":
+        values = values + 1j * rng.standard_normal(shape)
+    return values.astype(dtype)
+
+
+def assert_close(actual, expected, dtype):
+    np.testing.assert_allclose(
+        numpy_of(actual),
+        expected,
+        rtol=rtol_for(dtype),
+        atol=rtol_for(dtype) * np.abs(expected).max(initial=1.0),
+    )
+
+
+def _constructors(backend):
+    """(name, build(M) -> operator) for every way this backend's users hold a matrix."""
+    out = [("aslinearoperator", lambda M: aslinearoperator(backend.matrix(M)))]
+    if backend.name == "numpy":
+        import scipy.sparse as sp
+        import scipy.sparse.linalg as spla
+
+        out.append(("scipy csr_matrix", lambda M: aslinearoperator(sp.csr_matrix(M))))
+        out.append(("scipy LinearOperator", lambda M: aslinearoperator(spla.aslinearoperator(M))))
+    if backend.name == "torch":
+        out.append(("torch sparse coo", lambda M: aslinearoperator(backend.asarray(M).to_sparse())))
+        out.append(
+            ("torch sparse csr", lambda M: aslinearoperator(backend.asarray(M).to_sparse_csr()))
+        )
+    if backend.name == "jax":
+        from jax.experimental import sparse as jsparse
+
+        out.append(
+            ("jax BCOO", lambda M: aslinearoperator(jsparse.BCOO.fromdense(backend.asarray(M))))
+        )
+    if backend.name != "scipy":
+
+        def from_matvec(M):
+            dense = backend.asarray(M)
+            adjoint = backend.asarray(M.conj().T)
+            return LinearOperator.from_callable(
+                matvec=lambda x: dense @ x,
+                rmatvec=lambda x: adjoint @ x,
+                shape=M.shape,
+                like=dense,
+            )
+
+        def from_matmat(M):
+            dense = backend.asarray(M)
+            adjoint = backend.asarray(M.conj().T)
+            return LinearOperator.from_callable(
+                matmat=lambda X: dense @ X, rmatmat=lambda X: adjoint @ X, shape=M.shape, like=dense
+            )
+
+        out.append(("from_callable matvec", from_matvec))
+        out.append(("from_callable matmat", from_matmat))
+    return out
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(6, 6), (7, 4)])
+def test_constructors_match_dense_reference(backend, dtype, shape):
+    M = random_matrix(shape, dtype)
+    X = random_matrix((shape[1], 3), dtype, seed=1)
+    Y = random_matrix((shape[0], 3), dtype, seed=2)
+    for name, build in _constructors(backend):
+        A = build(M)
+        assert A.shape == shape, name
+        assert A.dtype == backend.dtype(dtype), name
+        assert backend.xp is A.xp or A.library == "numpy", name
+        Xb, Yb = backend.asarray(X), backend.asarray(Y)
+        assert_close(A.matmat(Xb), M @ X, dtype)
+        assert_close(A @ Xb[:, 0], M @ X[:, 0], dtype)
+        assert_close(A.matvec(Xb[:, 0]), M @ X[:, 0], dtype)
+        assert_close(A.rmatmat(Yb), M.conj().T @ Y, dtype)
+        assert_close(A.rmatvec(Yb[:, 0]), M.conj().T @ Y[:, 0], dtype)
+        assert_close(A.H @ Yb, M.conj().T @ Y, dtype)
+        assert_close(A.T @ Yb, M.T @ Y, dtype)
+        assert_close(A.to_dense(), M, dtype)
+        # the generic identity-block walk, whatever the subclass overrides
+        assert_close(LinearOperator.to_dense(A, block_size=2), M, dtype)
+
+
+def test_operator_keeps_library_device_dtype(backend):
+    M = random_matrix((5, 5), "float32")
+    A = aslinearoperator(backend.matrix(M))
+    out = A @ backend.asarray(np.ones((5, 2), dtype=np.float32))
+    assert A.xp is backend.xp
+    assert out.dtype == backend.dtype("float32")
+    from linop_trace._backend import array_namespace, device_of, same_device
+
+    assert array_namespace(out) is backend.xp
+    assert same_device(device_of(out), backend.device)
+
+
+@pytest.mark.parametrize("dtype", ["int64", "bool"])
+def test_integer_and_bool_promote_to_default_float(dense_backend, dtype):
+    M = (np.arange(9).reshape(3, 3) % 2).astype(dtype)
+    A = aslinearoperator(dense_backend.asarray(M))
+    xp = dense_backend.xp
+    expected = xp.__array_namespace_info__().default_dtypes()["real floating"]
+    assert A.dtype == expected
+    np.testing.assert_array_equal(numpy_of(A.to_dense()), M.astype(float))
+
+
+def test_float32_input_on_float64_operator_promotes(backend):
+    M = random_matrix((4, 4), "float64")
+    A = aslinearoperator(backend.matrix(M))
+    X = backend.asarray(np.ones((4, 2), dtype=np.float32))
+    out = A @ X
+    assert out.dtype == backend.dtype("float64")
+    assert_close(out, M @ np.ones((4, 2)), "float64")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_algebra(backend, dtype):
+    M = random_matrix((5, 5), dtype, 3)
+    N = random_matrix((5, 5), dtype, 4)
+    A, B = aslinearoperator(backend.matrix(M)), aslinearoperator(backend.matrix(N))
+    X = random_matrix((5, 2), dtype, 5)
+    Xb = backend.asarray(X)
+    assert_close((A + B) @ Xb, (M + N) @ X, dtype)
+    assert_close((A - B) @ Xb, (M - N) @ X, dtype)
+    assert_close((2.5 * A) @ Xb, 2.5 * M @ X, dtype)
+    assert_close((A * 2.5) @ Xb, 2.5 * M @ X, dtype)
+    assert_close((A / 2.0) @ Xb, M / 2.0 @ X, dtype)
+    assert_close((-A) @ Xb, -M @ X, dtype)
+    assert_close((A @ B) @ Xb, M @ N @ X, dtype)
+    assert_close((A @ B).H @ Xb, (M @ N).conj().T @ X, dtype)
+    assert_close((A @ B).T @ Xb, (M @ N).T @ X, dtype)
+    assert_close((A + B).T.to_dense(), (M + N).T, dtype)
+    assert A.T.T is A and A.H.H is A
+
+
+def test_complex_scalar_makes_complex_operator(backend):
+    A = aslinearoperator(backend.matrix(np.eye(3)))
+    C = 1j * A
+    assert C.dtype == backend.dtype("complex128")
+    assert_close(C.to_dense(), 1j * np.eye(3), "complex128")
+    assert_close(C.H.to_dense(), -1j * np.eye(3), "complex128")
+
+
+def test_from_callable_derives_matmat_by_vmap_or_loop(dense_backend):
+    d = np.arange(1.0, 6.0)
+    dd = dense_backend.asarray(d)
+    A = LinearOperator.from_callable(matvec=lambda x: dd * x, shape=(5, 5), like=dd)
+    X = np.ones((5, 3))
+    assert_close(A @ dense_backend.asarray(X), d[:, None] * X, "float64")
+
+
+def test_from_callable_falls_back_to_loop_when_not_vmappable():
+    torch = pytest.importorskip("torch")
+    calls = []
+
+    def matvec(x):
+        calls.append(1)
+        out = torch.empty_like(x)
+        out.copy_(2 * x)
+        return x.new_tensor([float(v) for v in out])  # .item()-like: not vmappable
+
+    A = LinearOperator.from_callable(
+        matvec=matvec, shape=(3, 3), like=torch.ones(3, dtype=torch.float64)
+    )
+    with pytest.warns(RuntimeWarning, match="could not be vectorized"):
+        out = A @ torch.ones(3, 4, dtype=torch.float64)
+    assert torch.equal(out, 2 * torch.ones(3, 4, dtype=torch.float64))
+    # later calls go straight to the loop, without a second warning
+    A @ torch.ones(3, 2, dtype=torch.float64)
+
+
+def test_scipy_round_trip():
+    import scipy.sparse.linalg as spla
+
+    M = random_matrix((6, 4), "float64")
+    A = aslinearoperator(M)
+    S = A.to_scipy()
+    assert isinstance(S, spla.LinearOperator)
+    X = np.ones((4, 2))
+    np.testing.assert_allclose(S.matmat(X), M @ X, rtol=1e-12)
+    np.testing.assert_allclose(S.rmatvec(np.ones(6)), M.T @ np.ones(6), rtol=1e-12)
+    back = aslinearoperator(S)
+    np.testing.assert_allclose(back.to_dense(), M, rtol=1e-12)
+    np.testing.assert_allclose(back.H.to_dense(), M.T, rtol=1e-12)
+    np.testing.assert_allclose(spla.aslinearoperator(M).matvec(np.ones(4)), back @ np.ones(4))
+
+
+def test_to_scipy_refuses_other_libraries(dense_backend):
+    if dense_backend.name == "numpy":
+        pytest.skip("NumPy operators convert")
+    A = aslinearoperator(dense_backend.asarray(np.eye(2)))
+    with pytest.raises(TypeError, match="NumPy-backed"):
+        A.to_scipy()
+
+
+def test_aslinearoperator_returns_operator_unchanged():
+    A = aslinearoperator(np.eye(2))
+    assert aslinearoperator(A) is A
+
+
+def test_tags_survive_transposition_and_are_validated():
+    A = aslinearoperator(np.eye(2), tags={"symmetric", "positive_semidefinite"})
+    assert A.T.tags == A.tags == A.H.tags
+    assert "positive_semidefinite" not in (-A).tags
+    assert "positive_semidefinite" in (A + 2 * A).tags
+    with pytest.raises(ValueError, match="unknown tags"):
+        aslinearoperator(np.eye(2), tags={"psd"})
+
+
+def test_repr_names_library_and_dtype():
+    assert "numpy, float64" in repr(aslinearoperator(np.eye(2)))
+
+
+def test_empty_operator_to_dense(backend):
+    A = aslinearoperator(backend.matrix(np.zeros((0, 0))))
+    assert tuple(A.to_dense().shape) == (0, 0)
+    assert float(lt.trace(A).value) == 0.0
+
+
+# ---------------------------------------------------------------- algebra, hypothesis
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+from hypothesis.extra.numpy import arrays  # noqa: E402
+
+finite = st.floats(-10, 10, allow_nan=False, allow_infinity=False)
+
+
+@st.composite
+def operator_expressions(draw, n=4):
+    """A random expression tree over + - * @ .T .H with its dense value."""
+    leaves = [draw(arrays(np.float64, (n, n), elements=finite)) for _ in range(3)]
+    ops = [aslinearoperator(M) for M in leaves]
+    expression_op, expression_dense = ops[0], leaves[0]
+    for _ in range(draw(st.integers(1, 4))):
+        kind = draw(st.sampled_from(["add", "sub", "scale", "compose", "T", "H"]))
+        k = draw(st.integers(0, 2))
+        if kind == "add":
+            expression_op, expression_dense = expression_op + ops[k], expression_dense + leaves[k]
+        elif kind == "sub":
+            expression_op, expression_dense = expression_op - ops[k], expression_dense - leaves[k]
+        elif kind == "scale":
+            c = draw(finite)
+            expression_op, expression_dense = c * expression_op, c * expression_dense
+        elif kind == "compose":
+            expression_op, expression_dense = expression_op @ ops[k], expression_dense @ leaves[k]
+        elif kind == "T":
+            expression_op, expression_dense = expression_op.T, expression_dense.T
+        else:
+            expression_op, expression_dense = expression_op.H, expression_dense.conj().T
+    return expression_op, expression_dense
+
+
+@settings(max_examples=60, deadline=None)
+@given(operator_expressions(), arrays(np.float64, (4, 3), elements=finite))
+def test_algebra_matches_dense_hypothesis(expression, X):
+    op, dense = expression
+    scale = max(1.0, np.abs(dense).max()) * max(1.0, np.abs(X).max())
+    np.testing.assert_allclose(op @ X, dense @ X, rtol=1e-10, atol=1e-10 * scale * 4)
+    np.testing.assert_allclose(op.rmatmat(X), dense.T @ X, rtol=1e-10, atol=1e-10 * scale * 4)
+    np.testing.assert_allclose(
+        lt.trace(op, method="exact").value, np.trace(dense), rtol=1e-10, atol=1e-10 * scale * 4
+    )

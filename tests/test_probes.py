@@ -1,0 +1,57 @@
+"""Probe blocks: shape, library, dtype, device, and the moment E[z z^H] = I."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import numpy_of
+
+import linop_trace as lt
+from linop_trace._backend import array_namespace
+
+
+@pytest.mark.parametrize("probe", [lt.rademacher, lt.gaussian, lt.sphere])
+@pytest.mark.parametrize("dtype", ["float32", "float64", "complex128"])
+def test_probe_blocks_follow_the_operator(backend, probe, dtype):
+    A = lt.aslinearoperator(backend.matrix(np.eye(6, dtype=dtype)))
+    Z = probe(A, 4, seed=0)
+    assert tuple(Z.shape) == (6, 4)
+    assert Z.dtype == A.dtype
+    assert array_namespace(Z) is A.xp
+
+
+def test_rademacher_entries_and_steinhaus_modulus(backend):
+    Z = numpy_of(lt.rademacher(backend.matrix(np.eye(8)), 50, seed=1))
+    assert set(np.unique(Z)) == {-1.0, 1.0}
+    W = numpy_of(lt.rademacher(backend.matrix(np.eye(8, dtype=complex)), 50, seed=1))
+    np.testing.assert_allclose(np.abs(W), 1.0, rtol=1e-12)
+    np.testing.assert_allclose(
+        np.abs(numpy_of(lt.steinhaus(backend.matrix(np.eye(8, dtype=complex)), 5, seed=0))),
+        1.0,
+        rtol=1e-12,
+    )
+
+
+def test_sphere_probes_have_norm_sqrt_n(backend):
+    Z = numpy_of(lt.sphere(backend.matrix(np.eye(16)), 7, seed=2))
+    np.testing.assert_allclose(np.linalg.norm(Z, axis=0), 4.0, rtol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["rademacher", "gaussian", "sphere", "steinhaus"])
+def test_second_moment_is_identity(kind):
+    """Mean of z z^H over k probes: each entry has standard error <= sqrt(E|z_i z_j|^2 / k).
+    E|z_i|^2|z_j|^2 <= 3 for all four distributions (Gaussian diagonal: E g^4 = 3), so
+    with k = 40,000 every entry lies within 6 * sqrt(3 / k) = 0.052 of the identity."""
+    n, k = 5, 40_000
+    dtype = complex if kind == "steinhaus" else float
+    sampler = lt._probes.ProbeSampler(
+        kind, n, array_namespace(np.ones(1)), np.dtype(dtype), "cpu", 11
+    )
+    Z = sampler(k)
+    moment = Z @ Z.conj().T / k
+    assert np.abs(moment - np.eye(n)).max() < 6 * np.sqrt(3 / k)
+
+
+def test_steinhaus_needs_complex_operator():
+    with pytest.raises(ValueError, match="need a complex operator"):
+        lt.steinhaus(np.eye(3), 2)
