@@ -1,0 +1,1198 @@
+"""``linop-trace``: trace, diagonal and row sums of a matrix file, from the terminal.
+
+Subcommands::
+
+    linop-trace trace FILE      the trace, with its standard error and interval
+    linop-trace diagonal FILE   the main diagonal (--output FILE.npy / FILE.csv)
+    linop-trace rowsums FILE    the row sums A @ 1 (one matvec, exact)
+    linop-trace demo            every estimator on a real problem shipped with a dependency
+    linop-trace methods         the registered method names
+
+Files: ``.npy``, ``.npz`` (``scipy.sparse.save_npz`` or one dense array from
+``numpy.savez``) and Matrix Market ``.mtx`` / ``.mtx.gz``. Bad input (a missing,
+unreadable or corrupt file, a non-square matrix, NaN entries, an unknown method, backend
+or device) ends with exit status 2 and one line on stderr; ``--debug`` adds the traceback.
+Output files are written to a temporary file in the same directory and renamed, so a
+failed run never leaves a partial file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+import traceback
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+
+from . import _backend as backend
+from ._estimate import Estimate
+from ._functions import diagonal, row_sums, trace
+from ._operators import LinearOperator, aslinearoperator
+from ._probes import PROBES
+from .estimators import available_methods, get_estimator
+
+__all__ = ["CliError", "load_matrix", "main"]
+
+PROG = "linop-trace"
+EXIT_OK = 0
+EXIT_INTERNAL = 1
+EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130
+EXIT_BROKEN_PIPE = 141
+
+FORMATS = (".npy", ".npz", ".mtx", ".mtx.gz")
+DTYPES = ("float32", "float64", "complex64", "complex128")
+OUTPUT_SUFFIXES = (".npy", ".csv")
+PLOT_SUFFIXES = (".png", ".pdf", ".svg")
+#: The progress bar appears only for estimates that run longer than this (seconds).
+PROGRESS_DELAY = 1.0
+#: Blocks the exact path is split into when a progress bar is shown.
+PROGRESS_STEPS = 25
+#: Below this size the plot computes the exact value even without a stored diagonal.
+PLOT_EXACT_LIMIT = 4096
+#: Vector entries shown on the terminal (the rest goes to --output).
+SHOWN_ENTRIES = 10
+DEMO_MATRIX = "digits_knn_laplacian.mtx"
+
+
+class CliError(Exception):
+    """A problem with the user's input: reported as one line on stderr, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line (raised, not printed with the usage)."""
+
+    def error(self, message: str) -> Any:  # type: ignore[override]
+        raise CliError(message)
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def _file_format(path: Path) -> str:
+    name = path.name.lower()
+    for suffix in sorted(FORMATS, key=len, reverse=True):
+        if name.endswith(suffix):
+            return suffix
+    found = "".join(path.suffixes[-2:]) or "no suffix"
+    raise CliError(f"{path}: unknown format ({found}); expected one of {', '.join(FORMATS)}")
+
+
+def load_matrix(path: str | os.PathLike[str]) -> Any:
+    """Read a matrix file into a NumPy array or a SciPy sparse CSR array.
+
+    Parameters
+    ----------
+    path : str or path-like
+        A ``.npy`` file, a ``.npz`` file written by ``scipy.sparse.save_npz`` or holding
+        one dense array (``numpy.savez``), or a Matrix Market ``.mtx`` / ``.mtx.gz`` file.
+
+    Returns
+    -------
+    numpy.ndarray or scipy.sparse.csr_array
+        A 2-d numeric matrix; integer and bool entries are left as they are.
+
+    Raises
+    ------
+    CliError
+        For a missing file, an unknown format, a file that cannot be parsed, or contents
+        that are not a 2-d numeric matrix. The message starts with the path.
+
+    Examples
+    --------
+    >>> import numpy as np, pathlib, tempfile
+    >>> from linop_trace.cli import load_matrix
+    >>> path = pathlib.Path(tempfile.mkdtemp()) / "a.npy"
+    >>> np.save(path, np.eye(3))
+    >>> load_matrix(path).shape
+    (3, 3)
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CliError(f"{path}: no such file")
+    if path.is_dir():
+        raise CliError(f"{path}: is a directory, not a matrix file")
+    kind = _file_format(path)
+    try:
+        if kind == ".npy":
+            matrix = np.load(path, allow_pickle=False)
+        elif kind == ".npz":
+            matrix = _load_npz(path)
+        else:
+            import scipy.io
+
+            matrix = scipy.io.mmread(path)
+    except CliError:
+        raise
+    except PermissionError:
+        raise CliError(f"{path}: permission denied") from None
+    except Exception as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CliError(f"{path}: not a readable {kind} file ({reason})") from error
+    return _check_matrix(path, matrix)
+
+
+def _load_npz(path: Path) -> Any:
+    import scipy.sparse as sp
+
+    with np.load(path, allow_pickle=False) as archive:
+        names = list(archive.files)
+        if "format" in names and "shape" in names:
+            return sp.load_npz(path)
+        if len(names) != 1:
+            listed = ", ".join(names) if names else "none"
+            raise CliError(
+                f"{path}: expected one array (numpy.savez) or a sparse matrix "
+                f"(scipy.sparse.save_npz), found {len(names)} arrays ({listed})"
+            )
+        return archive[names[0]]
+
+
+def _check_matrix(path: Path, matrix: Any) -> Any:
+    import scipy.sparse as sp
+
+    if sp.issparse(matrix):
+        matrix = sp.csr_array(matrix)
+        values = matrix.data
+    else:
+        matrix = np.asarray(matrix)
+        values = matrix
+    if matrix.ndim != 2:
+        raise CliError(f"{path}: expected a 2-d matrix, got an array of shape {matrix.shape}")
+    if not (np.issubdtype(values.dtype, np.number) or values.dtype == np.bool_):
+        raise CliError(f"{path}: expected numeric entries, got dtype {values.dtype}")
+    if np.issubdtype(values.dtype, np.inexact):
+        finite = np.isfinite(values)
+        if not finite.all():
+            bad = int(finite.size - np.count_nonzero(finite))
+            raise CliError(
+                f"{path}: the matrix holds {bad} non-finite entr{'y' if bad == 1 else 'ies'} "
+                "(NaN or inf)"
+            )
+    return matrix
+
+
+def _default_dtype(matrix: Any) -> str:
+    dtype = np.dtype(matrix.dtype)
+    if dtype.kind in "fc" and dtype.name in DTYPES:
+        return dtype.name
+    if dtype.kind == "c":
+        return "complex128"
+    return "float64"  # integer, bool, float16: the estimates need a float
+
+
+def _to_library(matrix: Any, library: str, device: str | None, dtype: str) -> Any:
+    """The matrix in ``library`` on ``device`` as ``dtype`` (the backend does the moving)."""
+    import scipy.sparse as sp
+
+    try:
+        resolved = backend.resolve_device(library, device)
+    except ImportError as error:
+        raise CliError(str(error)) from None
+    if dtype in ("float64", "complex128"):
+        backend.enable_float64(library)
+    if sp.issparse(matrix):
+        return backend.sparse_from_scipy(matrix, library, resolved, dtype)
+    return backend.from_numpy(matrix, library, resolved, dtype)
+
+
+# ---------------------------------------------------------------------------- output
+
+
+@contextlib.contextmanager
+def _atomic_file(path: Path) -> Iterator[IO[bytes]]:
+    """A binary file that appears at ``path`` only when the block finishes without error."""
+    directory = path.parent if str(path.parent) else Path(".")
+    fd, temporary = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            yield handle
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temporary, 0o666 & ~umask)
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
+
+
+def _check_target(path: str | None, suffixes: tuple[str, ...], option: str) -> Path | None:
+    if path is None:
+        return None
+    target = Path(path)
+    if target.suffix.lower() not in suffixes:
+        raise CliError(
+            f"{option} {path}: unknown format ({target.suffix or 'no suffix'}); "
+            f"expected {' or '.join(suffixes)}"
+        )
+    parent = target.parent if str(target.parent) else Path(".")
+    if not parent.is_dir():
+        raise CliError(f"{option} {path}: directory {parent} does not exist")
+    if target.is_dir():
+        raise CliError(f"{option} {path}: is a directory")
+    return target
+
+
+def _write_vector(
+    path: Path, result: dict[str, Any], value: np.ndarray, stderr: Any, interval: Any
+) -> None:
+    with _atomic_file(path) as handle:
+        if path.suffix.lower() == ".npy":
+            np.save(handle, value)
+            return
+        columns = {"index": np.arange(value.shape[0])}
+        if np.iscomplexobj(value):
+            columns["value_real"], columns["value_imag"] = value.real, value.imag
+        else:
+            columns["value"] = value
+        if stderr is not None:
+            columns["stderr"] = stderr
+        if interval is not None:
+            columns["low"], columns["high"] = interval
+        header = ",".join(columns)
+        lines = [header]
+        stacked = zip(*columns.values())
+        lines.extend(
+            ",".join(repr(float(x)) if i else str(int(x)) for i, x in enumerate(row))
+            for row in stacked
+        )
+        handle.write(("\n".join(lines) + "\n").encode())
+
+
+def _plain(x: Any) -> Any:
+    """A NumPy scalar/array as JSON-ready Python (complex as {"real", "imag"})."""
+    if x is None:
+        return None
+    a = np.asarray(x)
+    if np.iscomplexobj(a):
+        return {"real": _plain(a.real), "imag": _plain(a.imag)}
+    if a.ndim == 0:
+        value = float(a)
+        return value if math.isfinite(value) else None
+    return [v if math.isfinite(v) else None for v in a.astype(float).tolist()]
+
+
+def _format_number(x: Any, digits: int = 10) -> str:
+    value = complex(x) if np.iscomplexobj(np.asarray(x)) else float(x)
+    if isinstance(value, complex):
+        return f"{value.real:.{digits}g}{value.imag:+.{digits}g}j"
+    return f"{value:.{digits}g}"
+
+
+# ------------------------------------------------------------------------- progress
+
+
+class _ProgressOperator(LinearOperator):
+    """The user's operator, reporting each block of columns to a progress bar."""
+
+    def __init__(self, inner: LinearOperator, update: Callable[[int], Any]) -> None:
+        super().__init__(inner.shape, inner.dtype, inner.xp, inner.device, inner.tags)
+        self.inner = inner
+        self.update = update
+        self.columns = 0
+
+    def _count(self, out: Any, columns: int) -> Any:
+        self.columns += columns
+        self.update(columns)
+        return out
+
+    def _matmat(self, X: Any) -> Any:
+        return self._count(self.inner.matmat(X), int(X.shape[1]))
+
+    def _rmatmat(self, X: Any) -> Any:
+        return self._count(self.inner.rmatmat(X), int(X.shape[1]))
+
+    def to_dense(self, block_size: int | None = None) -> Any:
+        return self.inner.to_dense(block_size)
+
+    def _exact_diagonal(self) -> Any:
+        return self.inner._exact_diagonal()
+
+
+def _progress_wanted(quiet: bool, stream: Any = None) -> bool:
+    stream = sys.stderr if stream is None else stream
+    if quiet:
+        return False
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):
+        return False
+
+
+@contextlib.contextmanager
+def _progress(
+    operator: LinearOperator, total: int, enabled: bool, label: str, stream: Any = None
+) -> Iterator[LinearOperator]:
+    """``operator`` wrapped so that a tqdm bar (after PROGRESS_DELAY seconds) counts matvecs."""
+    if not enabled:
+        yield operator
+        return
+    try:
+        from tqdm import tqdm
+    except ImportError:  # the bar is a nicety: without tqdm, run without one
+        yield operator
+        return
+    bar = tqdm(
+        total=total,
+        desc=label,
+        unit="matvec",
+        file=sys.stderr if stream is None else stream,
+        delay=PROGRESS_DELAY,
+        leave=False,
+        dynamic_ncols=True,
+    )
+    try:
+        yield _ProgressOperator(operator, bar.update)
+    finally:
+        bar.close()
+
+
+# ----------------------------------------------------------------------- estimation
+
+
+def _exact_block_for_progress(n: int) -> int:
+    """Identity columns per block on the exact path when a progress bar is shown.
+
+    The default block may hold all n columns, so the bar would jump from 0 to n at the
+    end; about PROGRESS_STEPS blocks let it move. Only the exact path is split this way:
+    there the blocks do not change the result, while for randomized methods the block
+    widths set the order of the random draws, and a terminal must not change a seeded
+    estimate.
+    """
+    return max(1, math.ceil(n / PROGRESS_STEPS))
+
+
+def _estimate_options(args: argparse.Namespace, seed: int) -> dict[str, Any]:
+    return {
+        "method": args.method,
+        "num_matvecs": args.matvecs,
+        "seed": seed,
+        "probe": args.probe,
+        "rtol": args.rtol,
+        "atol": args.atol,
+        "confidence": args.confidence,
+        "max_matvecs": args.max_matvecs,
+        "block_size": args.block_size,
+    }
+
+
+def _budget(options: dict[str, Any]) -> int:
+    if options["rtol"] is not None or options["atol"] is not None:
+        return options["max_matvecs"] or max(options["num_matvecs"] or 0, 1000)
+    return options["num_matvecs"] or 100
+
+
+def _walks_identity(operator: LinearOperator, options: dict[str, Any]) -> bool:
+    """Whether the estimate is exact by products with identity columns (no stored diagonal)."""
+    exact = options["method"] == "exact" or (
+        options["method"] == "auto" and operator.shape[1] <= _budget(options)
+    )
+    return exact and operator._exact_diagonal() is None
+
+
+def _expected_matvecs(operator: LinearOperator, options: dict[str, Any]) -> int:
+    """The columns an estimate will send through the operator (the progress bar's total)."""
+    if options["method"] in ("exact", "auto") and operator._exact_diagonal() is not None:
+        return 0  # read from the stored diagonal
+    if _walks_identity(operator, options):
+        return operator.shape[1]
+    return _budget(options)
+
+
+def _interval(estimate: Estimate, confidence: float) -> Any:
+    if estimate.stderr is None or np.iscomplexobj(backend.to_numpy(estimate.value)):
+        return None
+    low, high = estimate.ci(confidence)
+    return backend.to_numpy(low), backend.to_numpy(high)
+
+
+def _result(
+    quantity: str,
+    estimate: Estimate,
+    seconds: float,
+    confidence: float,
+    extra: dict[str, Any],
+) -> tuple[dict[str, Any], np.ndarray, Any, Any]:
+    value = backend.to_numpy(estimate.value)
+    stderr = None if estimate.stderr is None else backend.to_numpy(estimate.stderr)
+    interval = _interval(estimate, confidence)
+    result = {
+        "quantity": quantity,
+        **extra,
+        "method": estimate.method,
+        "value": _plain(value),
+        "stderr": _plain(stderr),
+        "interval": None if interval is None else [_plain(interval[0]), _plain(interval[1])],
+        "confidence": confidence,
+        "matvecs": int(estimate.num_matvecs),
+        "converged": estimate.converged,
+        "seconds": seconds,
+    }
+    return result, value, stderr, interval
+
+
+def _print_result(result: dict[str, Any], value: np.ndarray, stderr: Any, interval: Any) -> None:
+    rows = [("file", f"{result['file']} ({result['description']})")]
+    level = f"{100 * result['confidence']:g}%"
+    if value.ndim == 0:
+        rows.append((result["quantity"], _format_number(value)))
+        rows.append(("stderr", "n/a" if stderr is None else _format_number(stderr, 4)))
+        if interval is not None:
+            rows.append(
+                (f"{level} CI", f"[{_format_number(interval[0])}, {_format_number(interval[1])}]")
+            )
+    seed = (
+        ""
+        if result.get("seed") is None or result["method"] == "exact"
+        else f", seed {result['seed']}"
+    )
+    matvecs = f"{result['matvecs']} matvec{'' if result['matvecs'] == 1 else 's'}"
+    rows.append(("method", f"{result['method']} ({matvecs}{seed})"))
+    if result["converged"] is not None:
+        rows.append(("converged", "yes" if result["converged"] else "no (budget spent first)"))
+    rows.append(("time", f"{result['seconds']:.3g} s"))
+    if result.get("output"):
+        rows.append(("output", f"{result['output']} ({value.shape[0]} entries)"))
+    if result.get("plot"):
+        rows.append(("plot", result["plot"]))
+    width = max(len(key) for key, _ in rows)
+    lines = [f"{key:<{width}}  {text}" for key, text in rows]
+    if value.ndim == 1 and not result.get("output"):
+        shown = min(SHOWN_ENTRIES, value.shape[0])
+        lines.append(f"{result['quantity']} (entry, value, {level} interval):")
+        for i in range(shown):
+            span = ""
+            if interval is not None:
+                span = (
+                    f"  [{_format_number(interval[0][i], 6)}, {_format_number(interval[1][i], 6)}]"
+                )
+            lines.append(f"  {i:>6}  {_format_number(value[i])}{span}")
+        if value.shape[0] > shown:
+            lines.append(
+                f"  ... {value.shape[0] - shown} more; --output FILE.npy or FILE.csv writes all"
+            )
+    print("\n".join(lines))
+
+
+def _describe_operator(matrix: Any, operator: LinearOperator, library: str) -> str:
+    import scipy.sparse as sp
+
+    kind = f"sparse, {matrix.nnz} nonzeros" if sp.issparse(matrix) else "dense"
+    rows, cols = operator.shape
+    return f"{rows} x {cols} {kind}; {library} {backend.dtype_name(operator.dtype)} on {operator.device}"
+
+
+def _elapsed(start: float, estimate: Estimate, operator: LinearOperator) -> float:
+    """Seconds since ``start`` once the estimate is computed (JAX and CUDA run async)."""
+    backend.block_until_ready(estimate.value)
+    backend.synchronize(operator.device)
+    return time.perf_counter() - start
+
+
+def _run_quantity(args: argparse.Namespace, quantity: str) -> int:
+    estimating = quantity in ("trace", "diagonal")
+    if estimating:
+        get_estimator(args.method, quantity)  # unknown names fail before the file is read
+    output = _check_target(getattr(args, "output", None), OUTPUT_SUFFIXES, "--output")
+    plot = _check_target(getattr(args, "plot", None), PLOT_SUFFIXES, "--plot")
+    if plot is not None:
+        _require_matplotlib()
+        if args.method == "exact":
+            raise CliError(
+                "--plot shows a randomized estimate converging; method 'exact' has nothing to show"
+            )
+    library = args.backend
+    try:
+        backend.import_library(library)
+    except ImportError as error:
+        raise CliError(str(error)) from None
+
+    path = Path(args.file)
+    matrix = load_matrix(path)
+    rows, cols = matrix.shape
+    if quantity != "rowsums" and rows != cols:
+        raise CliError(f"{path}: {quantity} needs a square matrix, got shape ({rows}, {cols})")
+    dtype = args.dtype or _default_dtype(matrix)
+    if np.dtype(dtype).kind == "f" and np.iscomplexobj(matrix):
+        raise CliError(
+            f"{path}: the matrix is complex; --dtype {dtype} would drop its imaginary part"
+        )
+    operator = aslinearoperator(_to_library(matrix, library, args.device, dtype))
+    extra: dict[str, Any] = {
+        "file": str(path),
+        "description": _describe_operator(matrix, operator, library),
+        "n": int(cols),
+        "shape": [int(rows), int(cols)],
+        "backend": library,
+        "device": str(operator.device),
+        "dtype": backend.dtype_name(operator.dtype),
+    }
+
+    show_bar = _progress_wanted(args.quiet)
+    options: dict[str, Any] = {}
+    import scipy.stats  # noqa: F401 - intervals need it; a slow first import is not the estimate's time
+
+    start = time.perf_counter()
+    if estimating:
+        seed = (
+            args.seed
+            if args.seed is not None
+            else int(np.random.SeedSequence().generate_state(1)[0] >> 1)
+        )
+        extra["seed"] = seed
+        options = _estimate_options(args, seed)
+        function = trace if quantity == "trace" else diagonal
+        total = _expected_matvecs(operator, options)
+        if show_bar and options["block_size"] is None and _walks_identity(operator, options):
+            options["block_size"] = _exact_block_for_progress(total)
+        with _progress(operator, total, show_bar, quantity) as watched:
+            estimate = function(watched, **options)
+    else:
+        with _progress(operator, 1, show_bar, quantity) as watched:
+            estimate = row_sums(watched)
+    seconds = _elapsed(start, estimate, operator)
+
+    confidence = getattr(args, "confidence", 0.95)
+    result, value, stderr, interval = _result(quantity, estimate, seconds, confidence, extra)
+    if output is not None:
+        _write_vector(output, result, value, stderr, interval)
+        result["output"] = str(output)
+    if plot is not None:
+        _plot(plot, quantity, operator, options, estimate, str(path))
+        result["plot"] = str(plot)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        _print_result(result, value, stderr, interval)
+    return EXIT_OK
+
+
+# ----------------------------------------------------------------------------- plot
+
+
+def _require_matplotlib() -> None:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise CliError(
+            "--plot needs matplotlib, which is not installed (pip install 'linop-trace[cli]')"
+        ) from None
+
+
+def _sample_curve(estimate: Estimate, confidence: float) -> Any:
+    """Running mean and Student-t interval of per-probe samples whose mean is the estimate.
+
+    Returns ``(m, mean, low, high)`` for the first m = 2, 3, ... samples, or ``None`` when
+    the estimate carries no such samples (``info["samples"]``).
+    """
+    samples = estimate.info.get("samples") if isinstance(estimate.info, dict) else None
+    if samples is None:
+        return None
+    s = backend.to_numpy(samples).ravel()
+    value = backend.to_numpy(estimate.value)
+    if s.size < 2 or s.size != estimate.num_matvecs or np.iscomplexobj(s) or value.ndim != 0:
+        return None
+    if abs(s.mean() - float(value)) > 1e-8 * max(1.0, abs(float(value))):
+        return None  # the samples are not what the estimate averages (e.g. a residual)
+    from scipy import stats
+
+    count = np.arange(1, s.size + 1)
+    centre = s.mean()
+    running = np.cumsum(s) / count
+    # squared deviations from the running mean via a fixed centre (stable enough here)
+    squares = np.cumsum((s - centre) ** 2) - count * (running - centre) ** 2
+    count, running, squares = count[1:], running[1:], np.maximum(squares[1:], 0.0)
+    stderr = np.sqrt(squares / (count - 1) / count)
+    half = stats.t.ppf(0.5 + confidence / 2, count - 1) * stderr
+    return count, running, running - half, running + half
+
+
+def _budget_curve(
+    quantity: str, operator: LinearOperator, options: dict[str, Any], estimate: Estimate
+) -> tuple[list[int], list[Any], list[Any]]:
+    """Estimates at geometrically growing budgets with the same seed, ending at the run's own."""
+    estimator = get_estimator(options["method"], quantity)
+    lowest = max(int(getattr(estimator, "min_matvecs", 1)), 2)
+    final = int(estimate.num_matvecs)
+    budgets = (
+        sorted({int(b) for b in np.geomspace(lowest, final, 12)} - {final})
+        if final > lowest
+        else []
+    )
+    function = trace if quantity == "trace" else diagonal
+    points, values, intervals = [], [], []
+    fixed = {**options, "rtol": None, "atol": None, "max_matvecs": None}
+    for budget in budgets:
+        try:
+            at_budget = function(operator, **{**fixed, "num_matvecs": budget})
+        except ValueError:
+            continue  # a budget the method cannot work with
+        points.append(at_budget.num_matvecs)
+        values.append(backend.to_numpy(at_budget.value))
+        intervals.append(_interval(at_budget, options["confidence"]))
+    points.append(final)
+    values.append(backend.to_numpy(estimate.value))
+    intervals.append(_interval(estimate, options["confidence"]))
+    return points, values, intervals
+
+
+def _exact_for_plot(quantity: str, operator: LinearOperator) -> Any:
+    if operator._exact_diagonal() is None and operator.shape[1] > PLOT_EXACT_LIMIT:
+        return None
+    function = trace if quantity == "trace" else diagonal
+    return backend.to_numpy(function(operator, method="exact").value)
+
+
+def _plain_log_ticks(axis: Any) -> None:
+    """Budgets as 3, 10, 30 rather than 3x10^0 on a log axis."""
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
+
+    formatter = ScalarFormatter()
+    formatter.set_scientific(False)
+    axis.set_major_formatter(formatter)
+    axis.set_minor_formatter(NullFormatter())
+
+
+def _plot(
+    path: Path,
+    quantity: str,
+    operator: LinearOperator,
+    options: dict[str, Any],
+    estimate: Estimate,
+    label: str,
+) -> None:
+    # a bare Figure (no pyplot): no GUI backend, no global state in the caller's process
+    from matplotlib.figure import Figure
+
+    exact = _exact_for_plot(quantity, operator)
+    level = f"{100 * options['confidence']:g}%"
+    figure = Figure(figsize=(7, 4.5))
+    axes = figure.subplots()
+    if quantity == "trace":
+        curve = _sample_curve(estimate, options["confidence"])
+        if curve is None and estimate.method != "exact":
+            points, values, intervals = _budget_curve(quantity, operator, options, estimate)
+            x = np.array(points)
+            y = np.array([float(np.real(v)) for v in values])
+            ok = [i for i, iv in enumerate(intervals) if iv is not None]
+            axes.plot(x, y, "o-", label=f"{estimate.method} estimate")
+            if ok:
+                low = np.array([float(intervals[i][0]) for i in ok])
+                high = np.array([float(intervals[i][1]) for i in ok])
+                axes.fill_between(x[ok], low, high, alpha=0.25, label=f"{level} interval")
+            axes.set_xscale("log")
+            _plain_log_ticks(axes.xaxis)
+        elif curve is not None:
+            x, y, low, high = curve
+            axes.plot(x, y, label=f"{estimate.method}: mean of the first m samples")
+            axes.fill_between(x, low, high, alpha=0.25, label=f"{level} t-interval of those")
+            axes.set_xscale("log")
+            _plain_log_ticks(axes.xaxis)
+            # the first few samples give huge intervals: frame the rest (and the truth)
+            first = max(1, len(x) // 10)
+            bottom, top = float(np.min(low[first:])), float(np.max(high[first:]))
+            if exact is not None:
+                bottom, top = (
+                    min(bottom, float(np.real(exact))),
+                    max(top, float(np.real(exact))),
+                )
+            pad = 0.1 * (top - bottom) or 1.0
+            axes.set_ylim(bottom - pad, top + pad)
+            interval = _interval(estimate, options["confidence"])
+            if interval is not None:  # the method's own interval may use another quantile
+                centre = float(estimate.value)
+                axes.errorbar(
+                    [x[-1]],
+                    [centre],
+                    yerr=[[centre - float(interval[0])], [float(interval[1]) - centre]],
+                    fmt="o",
+                    color="C3",
+                    capsize=4,
+                    label=f"reported estimate and {level} interval",
+                )
+        else:
+            axes.plot([estimate.num_matvecs], [float(np.real(estimate.value))], "o", label="exact")
+        if exact is not None:
+            axes.axhline(
+                float(np.real(exact)),
+                color="k",
+                linestyle="--",
+                label=f"exact = {_format_number(np.real(exact), 8)}",
+            )
+        axes.set_ylabel("trace")
+    elif estimate.method == "exact":  # nothing converges: show the diagonal itself
+        axes.plot(backend.to_numpy(estimate.value).real, ".", markersize=3, label="exact")
+        axes.set_ylabel(quantity)
+        axes.set_xlabel("index")
+    else:
+        points, values, intervals = _budget_curve(quantity, operator, options, estimate)
+        reference = exact if exact is not None else values[-1]
+        scale = float(np.linalg.norm(reference)) or 1.0
+        curves: list[tuple[list[int], list[float], str, str]] = []
+        if exact is not None:
+            errors = [float(np.linalg.norm(v - exact)) / scale for v in values]
+            curves.append((points, errors, "o-", "relative error ||d_est - d|| / ||d||"))
+        widths = [
+            (points[i], float(np.linalg.norm((iv[1] - iv[0]) / 2)) / scale)
+            for i, iv in enumerate(intervals)
+            if iv is not None
+        ]
+        if widths:
+            curves.append(
+                (
+                    [budget for budget, _ in widths],
+                    [width for _, width in widths],
+                    "s--",
+                    f"{level} half-width (norm, relative)",
+                )
+            )
+        logarithmic = all(v > 0 for _, ys, _, _ in curves for v in ys)
+        for xs, ys, style, text in curves:
+            axes.plot(xs, ys, style, label=text)
+        axes.set_xscale("log")
+        _plain_log_ticks(axes.xaxis)
+        if logarithmic:  # an exact estimate (zero error) has no place on a log axis
+            axes.set_yscale("log")
+        axes.set_ylabel("relative size")
+    if not (quantity == "diagonal" and estimate.method == "exact"):
+        axes.set_xlabel("matvecs (operator applications)")
+    axes.set_title(f"{quantity} of {Path(label).name}: {estimate.method}")
+    axes.legend(loc="best")
+    axes.grid(True, alpha=0.3)
+    figure.tight_layout()
+    with _atomic_file(path) as handle:
+        figure.savefig(handle, format=path.suffix.lower().lstrip("."))
+
+
+# ----------------------------------------------------------------------------- demo
+
+
+def _demo_sparse(args: argparse.Namespace) -> tuple[str, LinearOperator]:
+    from importlib import resources
+
+    source = resources.files("linop_trace") / "data" / DEMO_MATRIX
+    with resources.as_file(source) as file:
+        matrix = load_matrix(file)
+    operator = aslinearoperator(_to_library(matrix, args.backend, args.device, "float64"))
+    text = (
+        f"graph Laplacian of the 10-nearest-neighbour graph of scikit-learn's 1,797 digits "
+        f"(bundled {DEMO_MATRIX}: {matrix.shape[0]} x {matrix.shape[1]}, {matrix.nnz} nonzeros; "
+        f"{args.backend} float64)"
+    )
+    return text, operator
+
+
+def _demo_hessian(args: argparse.Namespace) -> tuple[str, LinearOperator]:
+    from .autodiff import hessian  # needs torch
+    from .autodiff._examples import digits_mlp_problem  # needs torch and scikit-learn
+
+    model, loss_fn, data = digits_mlp_problem(batch_size=256, seed=0)
+    operator = hessian(model, loss_fn, data)
+    n = operator.shape[1]
+    text = (
+        f"Hessian of the cross-entropy loss of a 64-20-10 MLP on 256 scikit-learn digits "
+        f"({n:,} parameters; {operator.library} {backend.dtype_name(operator.dtype)})"
+    )
+    return text, operator
+
+
+def _demo_problem(args: argparse.Namespace) -> tuple[str, LinearOperator]:
+    if args.problem == "sparse":
+        return _demo_sparse(args)
+    try:
+        return _demo_hessian(args)
+    except ImportError as error:
+        if args.problem == "hessian":
+            raise CliError(f"the Hessian demo needs torch and scikit-learn ({error})") from None
+        if not args.quiet:
+            print(f"({error}; using the bundled sparse matrix instead)", file=sys.stderr)
+        return _demo_sparse(args)
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    if args.backend != "numpy" and args.problem != "sparse":
+        args.problem = "sparse"  # the Hessian is a torch problem; a backend choice means the matrix
+    description, operator = _demo_problem(args)
+    show_bar = _progress_wanted(args.quiet)
+
+    start = time.perf_counter()
+    block_size = args.block_size
+    if show_bar and block_size is None:
+        block_size = _exact_block_for_progress(operator.shape[1])
+    with _progress(operator, operator.shape[1], show_bar, "exact") as watched:
+        exact = trace(watched, method="exact", block_size=block_size)
+    rows: list[tuple[str, Estimate | None, float, str | None]] = [
+        ("exact", exact, _elapsed(start, exact, operator), None)
+    ]
+    exact_value = float(np.real(backend.to_numpy(exact.value)))
+    skip = {"exact", "auto"}
+    for name in available_methods("trace"):
+        if name in skip:
+            continue
+        start = time.perf_counter()
+        try:
+            with _progress(operator, args.matvecs, show_bar, name) as watched:
+                estimate = trace(
+                    watched,
+                    method=name,
+                    num_matvecs=args.matvecs,
+                    seed=args.seed,
+                    block_size=args.block_size,
+                )
+        except (ValueError, TypeError, NotImplementedError, FloatingPointError) as error:
+            rows.append((name, None, time.perf_counter() - start, str(error).splitlines()[0]))
+            continue
+        rows.append((name, estimate, _elapsed(start, estimate, operator), None))
+
+    records = []
+    for name, result, seconds, problem in rows:
+        record: dict[str, Any] = {"method": name, "seconds": seconds}
+        if result is None:
+            record["error"] = problem
+        else:
+            estimate = result
+            value = float(np.real(backend.to_numpy(estimate.value)))
+            interval = _interval(estimate, args.confidence)
+            record.update(
+                value=value,
+                stderr=_plain(
+                    None if estimate.stderr is None else backend.to_numpy(estimate.stderr)
+                ),
+                interval=None if interval is None else [float(interval[0]), float(interval[1])],
+                relative_error=abs(value - exact_value) / abs(exact_value) if exact_value else None,
+                matvecs=int(estimate.num_matvecs),
+                resolved=estimate.method,
+            )
+        records.append(record)
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "problem": description,
+                    "n": operator.shape[1],
+                    "exact": exact_value,
+                    "confidence": args.confidence,
+                    "seed": args.seed,
+                    "results": records,
+                }
+            )
+        )
+        return EXIT_OK
+    _print_demo(description, operator, args, records)
+    return EXIT_OK
+
+
+def _print_demo(
+    description: str,
+    operator: LinearOperator,
+    args: argparse.Namespace,
+    records: list[dict[str, Any]],
+) -> None:
+    level = f"{100 * args.confidence:g}%"
+    header = ("method", "estimate", f"{level} interval", "covers", "rel. error", "matvecs", "time")
+    table: list[tuple[str, ...]] = []
+    notes: list[str] = []
+    exact = records[0]["value"]
+    for record in records:
+        seconds = f"{record['seconds']:.3f} s"
+        if "error" in record:
+            notes.append(f"[{len(notes) + 1}] {record['method']}: {record['error']}")
+            table.append((record["method"], f"refused [{len(notes)}]", "", "", "", "", seconds))
+            continue
+        interval = record["interval"]
+        if interval is None:
+            span, covers = "n/a", ""
+        else:
+            span = f"[{interval[0]:.6g}, {interval[1]:.6g}]"
+            inside = interval[0] <= exact <= interval[1]
+            covers = "" if record["method"] == "exact" else "yes" if inside else "no"
+        error = "0" if record["method"] == "exact" else f"{record['relative_error']:.2e}"
+        table.append(
+            (
+                record["method"],
+                f"{record['value']:.8g}",
+                span,
+                covers,
+                error,
+                str(record["matvecs"]),
+                seconds,
+            )
+        )
+    widths = [max(len(str(row[i])) for row in [header, *table]) for i in range(len(header))]
+    lines = [
+        f"linop-trace demo: trace of the {description}",
+        f"n = {operator.shape[1]}, budget {args.matvecs} matvecs per estimator, seed {args.seed}",
+        "",
+        "  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip(),
+        "  ".join("-" * w for w in widths),
+    ]
+    lines.extend("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in table)
+    if notes:
+        lines.extend(["", *notes])
+    print("\n".join(lines))
+
+
+# -------------------------------------------------------------------------- methods
+
+
+def _run_methods(args: argparse.Namespace) -> int:
+    names = available_methods()
+    trace_names, diagonal_names = (
+        set(available_methods("trace")),
+        set(available_methods("diagonal")),
+    )
+    if args.json:
+        print(
+            json.dumps(
+                [
+                    {"name": n, "trace": n in trace_names, "diagonal": n in diagonal_names}
+                    for n in names
+                ]
+            )
+        )
+        return EXIT_OK
+    width = max(len(n) for n in names)
+    for n in names:
+        kinds = [
+            q for q, known in (("trace", trace_names), ("diagonal", diagonal_names)) if n in known
+        ]
+        print(f"{n:<{width}}  {', '.join(kinds)}")
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------- parser
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value >= 0 or not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a non-negative number, got {text}")
+    return value
+
+
+def _level(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text!r}") from None
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text}")
+    return value
+
+
+def _add_common(parser: argparse.ArgumentParser, *, backend_default: str = "numpy") -> None:
+    parser.add_argument(
+        "--backend",
+        choices=backend.LIBRARIES,
+        default=backend_default,
+        help="array library to compute in (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--device",
+        help="device of that library: cpu, cuda, cuda:1, gpu, ... (default: its default)",
+    )
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar or notes on stderr")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
+
+
+def _add_estimation(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--method",
+        default="auto",
+        help="a registered method (see `linop-trace methods`; default auto)",
+    )
+    parser.add_argument(
+        "--matvecs", type=_positive_int, help="budget of operator applications (default 100)"
+    )
+    parser.add_argument(
+        "--max-matvecs",
+        type=_positive_int,
+        help="cap on the budget with --rtol/--atol (default 1000)",
+    )
+    parser.add_argument(
+        "--rtol",
+        type=_non_negative_float,
+        help="stop when the interval half-width <= rtol * |estimate|",
+    )
+    parser.add_argument(
+        "--atol", type=_non_negative_float, help="stop when the interval half-width <= atol"
+    )
+    parser.add_argument(
+        "--confidence", type=_level, default=0.95, help="level of the interval (default 0.95)"
+    )
+    parser.add_argument(
+        "--seed", type=int, help="random seed (default: fresh, reported in the output)"
+    )
+    parser.add_argument(
+        "--probe", choices=PROBES, help="probe distribution (default: the method's own)"
+    )
+    parser.add_argument("--block-size", type=_positive_int, help="most columns per operator call")
+    parser.add_argument(
+        "--dtype", choices=DTYPES, help="compute dtype (default: the file's, integers as float64)"
+    )
+    parser.add_argument(
+        "--plot",
+        metavar="FILE.png",
+        help="plot the running estimate and its interval against matvecs",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``linop-trace`` (subcommands trace, diagonal, rowsums, demo, methods)."""
+    from . import __version__
+
+    parser = _Parser(
+        prog=PROG,
+        description="Trace, diagonal and row sums of a matrix file, with error bars.",
+        epilog="Run `linop-trace demo` to see every estimator on a real problem.",
+    )
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    for name, text in (
+        ("trace", "the trace"),
+        ("diagonal", "the main diagonal"),
+        ("rowsums", "the row sums A @ 1 (exact, one matvec)"),
+    ):
+        sub = commands.add_parser(
+            name, help=text, description=f"{text[0].upper()}{text[1:]} of a matrix file."
+        )
+        sub.add_argument("file", metavar="FILE", help="a .npy, .npz, .mtx or .mtx.gz file")
+        _add_common(sub)
+        if name == "rowsums":
+            sub.add_argument(
+                "--dtype",
+                choices=DTYPES,
+                help="compute dtype (default: the file's, integers as float64)",
+            )
+        else:
+            _add_estimation(sub)
+        if name != "trace":
+            sub.add_argument(
+                "--output", metavar="FILE", help="write the vector to FILE.npy or FILE.csv"
+            )
+        sub.set_defaults(run=lambda args, quantity=name: _run_quantity(args, quantity))
+
+    demo = commands.add_parser(
+        "demo",
+        help="every estimator on a real problem",
+        description=(
+            "The trace of a real matrix by every registered method: the Hessian of a small MLP on "
+            "scikit-learn's digits when torch is installed, else a bundled sparse graph Laplacian."
+        ),
+    )
+    demo.add_argument(
+        "--problem",
+        choices=("auto", "hessian", "sparse"),
+        default="auto",
+        help="auto: the Hessian when torch is installed, else the sparse matrix",
+    )
+    demo.add_argument(
+        "--matvecs", type=_positive_int, default=100, help="budget per estimator (default 100)"
+    )
+    demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    demo.add_argument(
+        "--confidence", type=_level, default=0.95, help="level of the intervals (default 0.95)"
+    )
+    demo.add_argument("--block-size", type=_positive_int, help="most columns per operator call")
+    _add_common(demo)
+    demo.set_defaults(run=_run_demo)
+
+    methods = commands.add_parser(
+        "methods",
+        help="list the registered methods",
+        description="The registered method names and what each estimates.",
+    )
+    methods.add_argument("--json", action="store_true", help="print JSON")
+    methods.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    methods.set_defaults(run=_run_methods, quiet=False)
+    return parser
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    return text or type(error).__name__
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``linop-trace`` with ``argv`` (default ``sys.argv[1:]``); return the exit status.
+
+    0 on success, 2 for bad input (one line on stderr), 1 for an internal error,
+    130 when interrupted.
+
+    Examples
+    --------
+    >>> from linop_trace.cli import main
+    >>> main(["methods"]) == 0  # doctest: +ELLIPSIS
+    auto...
+    True
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help(sys.stderr)
+            return EXIT_BAD_INPUT
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+            return int(args.run(args))
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # the reader of stdout went away (`| head`): stop quietly, as other commands do
+        with contextlib.suppress(OSError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
+    except (
+        CliError,
+        ValueError,
+        TypeError,
+        FloatingPointError,
+        OSError,
+        ImportError,
+        NotImplementedError,
+    ) as error:
+        if debug:
+            traceback.print_exc()
+        print(f"{PROG}: error: {_one_line(error)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except Exception as error:
+        if debug:
+            traceback.print_exc()
+        print(
+            f"{PROG}: internal error: {type(error).__name__}: {_one_line(error)} (rerun with --debug for the traceback)",
+            file=sys.stderr,
+        )
+        return EXIT_INTERNAL
