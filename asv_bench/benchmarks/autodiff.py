@@ -1,0 +1,379 @@
+"""Autodiff operators on BackPACK's digits MLP: Hessian products, traces, divergences.
+
+The problem is ``linop_trace.autodiff._examples.digits_mlp_problem``: Flatten ->
+Linear(64, 20, bias=False) -> Sigmoid -> Linear(20, 10, bias=False), cross-entropy, a
+256-digit batch, 1,480 parameters, float32, one thread. The unit of work is H @ V for a
+block V of 100 Rademacher columns, as in a 100-matvec trace estimate.
+
+* ``TorchHessianProduct``: the ways to get H @ V in torch - the dense product with H
+  already materialized (the floor), a Python loop of double-backward HVPs (what
+  BackPACK's example and AdaHessian do), ``autograd.grad(..., is_grads_batched=True)``,
+  this package's operator (forward-over-reverse, reverse-over-reverse, compiled), and
+  curvlinops' ``HessianLinearOperator`` where it is installed.
+* ``JaxHessianProduct``: a hand-written ``jit(vmap(jvp(grad)))`` against this package's
+  operator (same compiled program, cached across calls).
+* ``HessianTrace``: trace estimates at 100 matvecs on both libraries.
+* ``Divergence``: per-sample Jacobian traces of a batched flow field (CNF case).
+* ``TrackHessianSpeedRatios``: the issue's speed claims as ratios, all products timed
+  side by side, interleaved, in one process (medians of 20 rounds).
+
+Skipped (``NotImplementedError``) where torch or JAX is missing. Run
+``python -m benchmarks.autodiff`` from ``asv_bench/`` to print the ratios directly.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+NUM_COLUMNS = 100
+BATCH_SIZE = 256
+
+TORCH_IMPLEMENTATIONS = [
+    "dense",
+    "loop_double_backward",
+    "is_grads_batched",
+    "ours_forward_over_reverse",
+    "ours_reverse_over_reverse",
+    "ours_compiled",
+    "curvlinops",
+]
+JAX_IMPLEMENTATIONS = ["hand_jit_vmap_jvp_grad", "ours"]
+
+
+def _require(library: str) -> None:
+    if importlib.util.find_spec(library) is None:
+        raise NotImplementedError(f"{library} is not installed")
+
+
+def _pin_threads() -> None:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault(
+        "XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+    )
+    try:
+        from ._common import pin_threads
+    except ImportError:  # run as a script outside the benchmark package
+        pin_threads = None
+    if pin_threads is not None:
+        pin_threads()
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.set_num_threads(1)
+
+
+def _rademacher_block(n: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return (2.0 * rng.integers(0, 2, size=(n, NUM_COLUMNS)) - 1.0).astype(np.float32)
+
+
+# ----------------------------------------------------------------------- builders
+
+
+def torch_products() -> dict[str, Callable[[], Any]]:
+    """H @ V on the digits MLP by every torch implementation, each a no-argument call."""
+    import torch
+
+    import linop_trace
+    from linop_trace.autodiff._examples import digits_mlp_problem
+
+    torch.set_num_threads(1)
+    model, loss_fn, (X, y) = digits_mlp_problem(BATCH_SIZE, seed=0, dtype=torch.float32)
+    params = list(model.parameters())
+    sizes = [p.numel() for p in params]
+    forward = linop_trace.hessian(model, loss_fn, (X, y), mode="forward")
+    V = torch.from_numpy(_rademacher_block(forward.shape[0]))
+    VT = V.T.contiguous()
+
+    def loop_double_backward() -> Any:
+        loss = loss_fn(model(X), y)
+        gradients = torch.autograd.grad(loss, params, create_graph=True)
+        columns = []
+        for j in range(V.shape[1]):
+            pieces = torch.split(V[:, j], sizes)
+            tangent = [piece.view_as(p) for piece, p in zip(pieces, params)]
+            hv = torch.autograd.grad(gradients, params, tangent, retain_graph=True)
+            columns.append(torch.cat([h.reshape(-1) for h in hv]))
+        return torch.stack(columns, dim=1)
+
+    def is_grads_batched() -> Any:
+        loss = loss_fn(model(X), y)
+        gradients = torch.autograd.grad(loss, params, create_graph=True)
+        flat = torch.cat([g.reshape(-1) for g in gradients])
+        return torch.autograd.grad(flat, params, VT, is_grads_batched=True)
+
+    implementations: dict[str, Callable[[], Any]] = {
+        "loop_double_backward": loop_double_backward,
+        "is_grads_batched": is_grads_batched,
+        "ours_forward_over_reverse": lambda: forward @ V,
+    }
+    reverse = linop_trace.hessian(model, loss_fn, (X, y), mode="reverse")
+    implementations["ours_reverse_over_reverse"] = lambda: reverse @ V
+    dense = forward.to_dense()
+    implementations["dense"] = lambda: dense @ V
+    return implementations
+
+
+def torch_compiled_product() -> Callable[[], Any]:
+    """H @ V through torch.compile (compiled on the first call, here)."""
+    import torch
+
+    import linop_trace
+    from linop_trace.autodiff._examples import digits_mlp_problem
+
+    model, loss_fn, data = digits_mlp_problem(BATCH_SIZE, seed=0, dtype=torch.float32)
+    H = linop_trace.hessian(model, loss_fn, data, compile=True)
+    V = torch.from_numpy(_rademacher_block(H.shape[0]))
+    H @ V  # compile
+    return lambda: H @ V
+
+
+def curvlinops_product() -> Callable[[], Any]:
+    """H @ V with curvlinops' HessianLinearOperator (where curvlinops is installed)."""
+    _require("curvlinops")
+    import torch
+    from curvlinops import HessianLinearOperator
+
+    from linop_trace.autodiff._examples import digits_mlp_problem
+
+    model, loss_fn, (X, y) = digits_mlp_problem(BATCH_SIZE, seed=0, dtype=torch.float32)
+    params = [p for p in model.parameters() if p.requires_grad]
+    H = HessianLinearOperator(model, loss_fn, params, [(X, y)], check_deterministic=False)
+    V = torch.from_numpy(_rademacher_block(sum(p.numel() for p in params)))
+    return lambda: H @ V
+
+
+def jax_products() -> dict[str, Callable[[], Any]]:
+    """H @ V on the same MLP in JAX: hand-written jit(vmap(jvp(grad))) and ours, compiled."""
+    import jax
+    import jax.numpy as jnp
+    from jax.flatten_util import ravel_pytree
+
+    import linop_trace
+    from linop_trace.autodiff._examples import digits_mlp_jax_problem
+
+    apply_fn, params, loss_fn, (X, y) = digits_mlp_jax_problem(BATCH_SIZE, 0, jnp.float32)
+    theta, unravel = ravel_pytree(params)
+
+    @jax.jit
+    def hand(theta: Any, inputs: Any, targets: Any, V: Any) -> Any:
+        def loss(t: Any) -> Any:
+            return loss_fn(apply_fn(unravel(t), inputs), targets)
+
+        def column(v: Any) -> Any:
+            return jax.jvp(jax.grad(loss), (theta,), (v,))[1]
+
+        return jax.vmap(column, in_axes=1, out_axes=1)(V)
+
+    H = linop_trace.hessian(apply_fn, params, loss_fn, (X, y))
+    V = jnp.asarray(_rademacher_block(H.shape[0]))
+    implementations = {
+        "hand_jit_vmap_jvp_grad": lambda: hand(theta, X, y, V).block_until_ready(),
+        "ours": lambda: (H @ V).block_until_ready(),
+    }
+    for run in implementations.values():  # compile outside the timings
+        run()
+    return implementations
+
+
+def _interleaved_medians(
+    implementations: dict[str, Callable[[], Any]], rounds: int = 20
+) -> dict[str, float]:
+    """Median seconds of each call, measured round-robin so load drifts hit all alike."""
+    for run in implementations.values():
+        run()
+    times: dict[str, list[float]] = {name: [] for name in implementations}
+    for _ in range(rounds):
+        for name, run in implementations.items():
+            start = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - start)
+    return {name: float(np.median(values)) for name, values in times.items()}
+
+
+def measure_ratios(rounds: int = 20, compiled: bool = True) -> dict[str, float]:
+    """All H @ V timings (ms) and the issue's ratios, side by side in one process."""
+    _pin_threads()
+    implementations = {}
+    _require("torch")
+    implementations.update({f"torch {k}": v for k, v in torch_products().items()})
+    if compiled:
+        implementations["torch ours_compiled"] = torch_compiled_product()
+    if importlib.util.find_spec("curvlinops") is not None:
+        implementations["torch curvlinops"] = curvlinops_product()
+    if importlib.util.find_spec("jax") is not None:
+        implementations.update({f"jax {k}": v for k, v in jax_products().items()})
+    medians = _interleaved_medians(implementations, rounds)
+    results = {f"{name} [ms]": 1e3 * value for name, value in medians.items()}
+    ours = medians["torch ours_forward_over_reverse"]
+    results["loop / ours (torch, >= 2.5 wanted)"] = medians["torch loop_double_backward"] / ours
+    if "jax ours" in medians:
+        hand = medians["jax hand_jit_vmap_jvp_grad"]
+        results["ours torch / hand jax (<= 1.5 wanted)"] = ours / hand
+        results["ours jax / hand jax (<= 1.2 wanted)"] = medians["jax ours"] / hand
+        if "torch ours_compiled" in medians:
+            results["ours torch compiled / hand jax"] = medians["torch ours_compiled"] / hand
+    if "torch ours_compiled" in medians:
+        results["loop / ours compiled (torch)"] = (
+            medians["torch loop_double_backward"] / medians["torch ours_compiled"]
+        )
+    if "torch curvlinops" in medians:
+        results["curvlinops / ours (torch, >= 1 wanted)"] = medians["torch curvlinops"] / ours
+    results["ours reverse / ours forward (torch)"] = (
+        medians["torch ours_reverse_over_reverse"] / ours
+    )
+    return results
+
+
+# --------------------------------------------------------------------- benchmarks
+
+
+class TorchHessianProduct:
+    """H @ V, 100 columns, digits MLP, float32, one thread."""
+
+    params = [TORCH_IMPLEMENTATIONS]
+    param_names = ["implementation"]
+    timeout = 900
+
+    def setup(self, implementation: str) -> None:
+        _require("torch")
+        _pin_threads()
+        if implementation == "ours_compiled":
+            self.run = torch_compiled_product()
+        elif implementation == "curvlinops":
+            self.run = curvlinops_product()
+        else:
+            self.run = torch_products()[implementation]
+        self.run()
+
+    def time_matmat(self, implementation: str) -> None:
+        self.run()
+
+    def peakmem_matmat(self, implementation: str) -> None:
+        self.run()
+
+
+class JaxHessianProduct:
+    """H @ V, 100 columns, digits MLP, float32, one thread, compiled before timing."""
+
+    params = [JAX_IMPLEMENTATIONS]
+    param_names = ["implementation"]
+    timeout = 600
+
+    def setup(self, implementation: str) -> None:
+        _require("jax")
+        _pin_threads()
+        self.run = jax_products()[implementation]
+
+    def time_matmat(self, implementation: str) -> None:
+        self.run()
+
+
+class HessianTrace:
+    """trace(H) of the digits MLP at 100 matvecs (JAX programs compiled in setup)."""
+
+    params = [["torch", "jax"], ["hutchinson", "hutch++", "xtrace"]]
+    param_names = ["library", "method"]
+    timeout = 900
+
+    def setup(self, library: str, method: str) -> None:
+        _require(library)
+        _pin_threads()
+        import linop_trace
+
+        if method not in linop_trace.available_methods("trace"):
+            raise NotImplementedError(f"method {method!r} is not registered")
+        if library == "torch":
+            from linop_trace.autodiff._examples import digits_mlp_problem
+
+            model, loss_fn, data = digits_mlp_problem(BATCH_SIZE)
+            self.H = linop_trace.hessian(model, loss_fn, data)
+        else:
+            from linop_trace.autodiff._examples import digits_mlp_jax_problem
+
+            apply_fn, params, loss_fn, data = digits_mlp_jax_problem(BATCH_SIZE)
+            self.H = linop_trace.hessian(apply_fn, params, loss_fn, data)
+        self.method = method
+        self.time_trace(library, method)  # compiles the block widths the method uses
+
+    def time_trace(self, library: str, method: str) -> None:
+        import linop_trace
+
+        float(linop_trace.trace(self.H, method=self.method, num_matvecs=NUM_COLUMNS, seed=0))
+
+
+class Divergence:
+    """Per-sample divergence of a flow field on a (512, 16) batch: exact (16 JVPs) and
+    Hutchinson with 8 probes, each one vectorized pass."""
+
+    params = [["torch", "jax"], ["exact", "hutchinson"]]
+    param_names = ["library", "method"]
+    timeout = 600
+
+    def setup(self, library: str, method: str) -> None:
+        _require(library)
+        _pin_threads()
+        rng = np.random.default_rng(0)
+        W = rng.standard_normal((16, 16)).astype(np.float32) / 4
+        x = rng.standard_normal((512, 16)).astype(np.float32)
+        if library == "torch":
+            import torch
+
+            W_, self.x = torch.from_numpy(W), torch.from_numpy(x)
+            self.f = lambda z: torch.tanh(z @ W_) + 0.1 * z
+        else:
+            import jax.numpy as jnp
+
+            W_, self.x = jnp.asarray(W), jnp.asarray(x)
+            self.f = lambda z: jnp.tanh(z @ W_) + 0.1 * z
+        self.time_divergence(library, method)
+
+    def time_divergence(self, library: str, method: str) -> None:
+        import linop_trace
+
+        est = linop_trace.divergence(self.f, self.x, method=method, num_matvecs=8, seed=0)
+        float(est.value[0])
+
+
+class TrackHessianSpeedRatios:
+    """The speed claims of the autodiff issue as ratios of medians, one process."""
+
+    unit = "ratio"
+    timeout = 1800
+
+    def setup_cache(self) -> dict[str, float]:
+        if importlib.util.find_spec("torch") is None or importlib.util.find_spec("jax") is None:
+            return {}
+        return measure_ratios(rounds=20, compiled=False)
+
+    def _get(self, ratios: dict[str, float], key: str) -> float:
+        if key not in ratios:
+            raise NotImplementedError("torch and JAX are both needed for these ratios")
+        return ratios[key]
+
+    def track_loop_over_ours_torch(self, ratios: dict[str, float]) -> float:
+        return self._get(ratios, "loop / ours (torch, >= 2.5 wanted)")
+
+    def track_ours_torch_over_hand_jax(self, ratios: dict[str, float]) -> float:
+        return self._get(ratios, "ours torch / hand jax (<= 1.5 wanted)")
+
+    def track_ours_jax_over_hand_jax(self, ratios: dict[str, float]) -> float:
+        return self._get(ratios, "ours jax / hand jax (<= 1.2 wanted)")
+
+    def track_reverse_over_forward_torch(self, ratios: dict[str, float]) -> float:
+        return self._get(ratios, "ours reverse / ours forward (torch)")
+
+
+if __name__ == "__main__":  # pragma: no cover - manual measurement
+    import sys
+
+    compiled = "--no-compile" not in sys.argv
+    for key, value in measure_ratios(rounds=20, compiled=compiled).items():
+        print(f"{key:45s} {value:8.3f}")

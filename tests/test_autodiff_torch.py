@@ -1,0 +1,534 @@
+"""Autodiff operators on torch: every product against the dense torch.func reference.
+
+Comparisons are in float64 with a relative tolerance of 1e-10 on the largest entry
+(``assert_close``): the operators and the references run the same arithmetic in a
+different order, so they agree to a few ulps times the size of the problem.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import linop_trace as lt  # noqa: E402
+from linop_trace.autodiff._examples import digits_mlp_problem  # noqa: E402
+
+F64 = torch.float64
+RTOL = 1e-10
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float = RTOL) -> None:
+    """max |actual - expected| <= rtol * max |expected| (and identical shapes)."""
+    assert tuple(actual.shape) == tuple(expected.shape)
+    scale = float(expected.abs().max()) if expected.numel() else 0.0
+    error = float((actual - expected).abs().max()) if expected.numel() else 0.0
+    assert error <= rtol * max(scale, 1e-300), f"max error {error:.3e} vs scale {scale:.3e}"
+
+
+def flat_hessian(f, leaves):
+    """Dense Hessian of f(leaves) over the concatenated leaves, by torch.func.hessian."""
+    shapes = [leaf.shape for leaf in leaves]
+    sizes = [leaf.numel() for leaf in leaves]
+
+    def flat_f(theta):
+        pieces = torch.split(theta, sizes)
+        return f([p.reshape(s) for p, s in zip(pieces, shapes)])
+
+    theta = torch.cat([leaf.reshape(-1) for leaf in leaves])
+    return torch.func.hessian(flat_f)(theta)
+
+
+def module_loss_hessian(model, loss_fn, X, y):
+    """Dense Hessian of the loss over the trainable parameters of ``model``."""
+    trainable = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    fixed = {n: p.detach() for n, p in model.named_parameters() if not p.requires_grad}
+    names = list(trainable)
+
+    def f(leaves):
+        params = dict(zip(names, leaves))
+        return loss_fn(torch.func.functional_call(model, {**fixed, **params}, (X,)), y)
+
+    return flat_hessian(f, [trainable[n] for n in names])
+
+
+@pytest.fixture(scope="module")
+def digits64():
+    model, loss_fn, (X, y) = digits_mlp_problem(batch_size=256, seed=0, dtype=F64)
+    H = lt.hessian(model, loss_fn, (X, y))
+    dense = module_loss_hessian(model, loss_fn, X, y)
+    return model, loss_fn, X, y, H, dense
+
+
+# ------------------------------------------------------------------------- hessian
+
+
+def quartic(x):
+    return (x**4).sum() + (torch.sin(x) * x.sum()).sum()
+
+
+def test_hessian_of_a_tensor_matches_torch_func():
+    x = torch.randn(2, 3, dtype=F64, generator=torch.Generator().manual_seed(0))
+    H = lt.hessian(quartic, x)
+    assert H.shape == (6, 6) and H.dtype == F64 and H.library == "torch"
+    assert "symmetric" in H.tags
+    assert_close(H.to_dense(), torch.func.hessian(quartic)(x).reshape(6, 6))
+
+
+@pytest.mark.parametrize("kind", ["list", "tuple", "dict"])
+def test_hessian_of_structured_variables_matches_torch_func(kind):
+    g = torch.Generator().manual_seed(1)
+    a = torch.randn(3, dtype=F64, generator=g)
+    b = torch.randn(2, 2, dtype=F64, generator=g)
+
+    def f_leaves(leaves):
+        u, w = leaves
+        return (u**3).sum() * w.sum() + (w @ w).trace() * u[0] + torch.exp(u).sum()
+
+    if kind == "dict":
+        x = {"u": a, "w": b}
+        H = lt.hessian(lambda v: f_leaves([v["u"], v["w"]]), x)
+    else:
+        x = [a, b] if kind == "list" else (a, b)
+        H = lt.hessian(f_leaves, x)
+    assert H.shape == (7, 7)
+    assert_close(H.to_dense(), flat_hessian(f_leaves, [a, b]))
+    # flatten / unflatten move between the structure and vectors
+    vector = H.flatten(x)
+    assert_close(vector, torch.cat([a, b.reshape(-1)]))
+    back = H.unflatten(vector)
+    leaves = [back["u"], back["w"]] if kind == "dict" else list(back)
+    assert type(back) is type(x)
+    assert_close(leaves[1], b)
+
+
+def test_matvec_rmatvec_and_float32_keep_library_and_dtype():
+    x = torch.randn(5, generator=torch.Generator().manual_seed(2))  # float32
+    H = lt.hessian(quartic, x)
+    assert H.dtype == torch.float32 and H.device == x.device
+    v = torch.ones(5)
+    out = H @ v
+    assert isinstance(out, torch.Tensor) and out.dtype == torch.float32 and out.shape == (5,)
+    reference = torch.func.hessian(quartic)(x) @ v
+    assert torch.allclose(out, reference, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(H.rmatvec(v), out)
+
+
+def test_row_sums_of_the_note_example_with_one_hvp():
+    # f(x1, x2) = x1^2 + 2 x1^2 x2 - 3 x2^3 at (1, 2): H = [[2 + 4 x2, 4 x1], [4 x1, -18 x2]]
+    x = [torch.tensor([1.0], dtype=F64), torch.tensor([2.0], dtype=F64)]
+    H = lt.hessian(lambda v: (v[0] ** 2 + 2 * v[0] ** 2 * v[1] - 3 * v[1] ** 3).sum(), x)
+    est = lt.row_sums(H)
+    assert est.num_matvecs == 1
+    assert est.value.tolist() == [14.0, -32.0]
+
+
+def test_reverse_over_reverse_mode_equals_forward_over_reverse():
+    x = torch.randn(4, dtype=F64, generator=torch.Generator().manual_seed(3))
+    V = torch.randn(4, 3, dtype=F64, generator=torch.Generator().manual_seed(4))
+    forward = lt.hessian(quartic, x, mode="forward")
+    reverse = lt.hessian(quartic, x, mode="reverse")
+    assert_close(reverse @ V, forward @ V)
+    assert "reverse" in reverse.mode and "forward" in forward.mode
+
+
+class _CubeWithoutJvp(torch.autograd.Function):
+    """x^3 with a backward formula but no forward-mode (jvp) rule."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x):
+        return x**3
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (x,) = ctx.saved_tensors
+        return 3 * x**2 * grad_output
+
+
+def test_fallback_to_reverse_over_reverse_warns_once():
+    x = torch.tensor([1.0, -2.0, 0.5], dtype=F64)
+    H = lt.hessian(lambda v: _CubeWithoutJvp.apply(v).sum(), x)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        first = H.to_dense()
+        second = H @ torch.ones(3, dtype=F64)
+    messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert len(messages) == 1 and "falling back" in messages[0]
+    assert "reverse-over-reverse" in H.mode
+    assert_close(first, torch.diag(6 * x))
+    assert_close(second, 6 * x)
+
+
+def test_hessian_rejects_bad_input():
+    with pytest.raises(ValueError, match="scalar"):
+        lt.hessian(lambda v: v**2, torch.ones(3, dtype=F64))
+    with pytest.raises(TypeError, match="mixes dtypes"):
+        lt.hessian(lambda v: v[0].sum() + v[1].sum(), [torch.ones(2), torch.ones(2, dtype=F64)])
+    with pytest.raises(TypeError, match="real floating"):
+        lt.hessian(lambda v: v.sum(), torch.ones(3, dtype=torch.int64))
+    with pytest.raises(ValueError, match="mode"):
+        lt.hessian(quartic, torch.ones(3), mode="sideways")
+    with pytest.raises(TypeError, match="torch tensors"):
+        lt.hessian(quartic, [1.0, 2.0])
+    H = lt.hessian(quartic, torch.ones(3, dtype=F64))
+    with pytest.raises(ValueError, match="length 3"):
+        H.unflatten(torch.ones(4, dtype=F64))
+
+
+# --------------------------------------------------------------- neural networks
+
+
+def small_network(frozen: bool):
+    g = torch.Generator().manual_seed(5)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2)).to(
+        F64
+    )
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, dtype=F64, generator=g))
+    if frozen:
+        model[0].weight.requires_grad_(False)
+    X = torch.randn(12, 3, dtype=F64, generator=g)
+    return model, X, g
+
+
+@pytest.mark.parametrize("frozen", [False, True])
+def test_module_hessian_matches_torch_func_and_excludes_frozen_parameters(frozen):
+    model, X, g = small_network(frozen)
+    y = torch.randint(0, 2, (12,), generator=g)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    H = lt.hessian(model, loss_fn, (X, y))
+    expected_size = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert H.shape == (expected_size, expected_size)
+    assert expected_size == (26 if not frozen else 14)
+    assert_close(H.to_dense(), module_loss_hessian(model, loss_fn, X, y))
+    structure = H.unflatten(
+        H.flatten({n: p for n, p in model.named_parameters() if p.requires_grad})
+    )
+    assert ("0.weight" in structure) == (not frozen)
+
+
+def test_apply_function_form_with_a_dict_of_tensors():
+    model, X, g = small_network(False)
+    y = torch.randn(12, 2, dtype=F64, generator=g)
+    params = {n: p.detach() for n, p in model.named_parameters()}
+
+    def apply_fn(p, inputs):
+        return torch.func.functional_call(model, p, (inputs,))
+
+    H = lt.hessian(apply_fn, params, torch.nn.MSELoss(), (X, y))
+    assert_close(H.to_dense(), module_loss_hessian(model, torch.nn.MSELoss(), X, y))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_multi_batch_hessian_equals_hessian_on_concatenated_data(reduction):
+    model, X, g = small_network(True)
+    y = torch.randn(12, 2, dtype=F64, generator=g)
+    loss_fn = torch.nn.MSELoss(reduction=reduction)
+    whole = lt.hessian(model, loss_fn, (X, y)).to_dense()
+    batches = [(X[:5], y[:5]), (X[5:7], y[5:7]), (X[7:], y[7:])]  # unequal sizes
+    assert_close(lt.hessian(model, loss_fn, batches).to_dense(), whole)
+    # a one-shot generator is materialized, so every product sees all batches
+    split = lt.hessian(model, loss_fn, (b for b in batches))
+    assert_close(split.to_dense(), whole)
+    assert_close(split.to_dense(), whole)
+    # a shuffling data loader is walked again for every product; any order sums the same
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(X, y),
+        batch_size=5,
+        shuffle=True,
+        generator=torch.Generator().manual_seed(0),
+    )
+    from_loader = lt.hessian(model, loss_fn, loader)
+    assert_close(from_loader.to_dense(), whole)
+    assert_close(from_loader.to_dense(), whole)
+
+
+def ggn_reference(model, loss_fn, X, y):
+    params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    names = list(params)
+    theta = torch.cat([params[n].reshape(-1) for n in names])
+    sizes = [params[n].numel() for n in names]
+
+    def outputs(t):
+        pieces = dict(
+            zip(names, [p.reshape(params[n].shape) for p, n in zip(torch.split(t, sizes), names)])
+        )
+        return torch.func.functional_call(model, pieces, (X,))
+
+    J = torch.func.jacfwd(outputs)(theta).reshape(-1, theta.numel())
+    out = outputs(theta)
+    H_out = torch.func.hessian(lambda o: loss_fn(o.reshape(out.shape), y))(out.reshape(-1))
+    return J.T @ H_out @ J
+
+
+@pytest.mark.parametrize("loss", ["mse", "cross_entropy"])
+def test_ggn_matches_jacobian_sandwich(loss):
+    model, X, g = small_network(False)
+    if loss == "mse":
+        loss_fn, y = torch.nn.MSELoss(), torch.randn(12, 2, dtype=F64, generator=g)
+    else:
+        loss_fn, y = torch.nn.CrossEntropyLoss(), torch.randint(0, 2, (12,), generator=g)
+    G = lt.ggn(model, loss_fn, (X, y))
+    assert {"symmetric", "positive_semidefinite"} <= G.tags
+    reference = ggn_reference(model, loss_fn, X, y)
+    assert_close(G.to_dense(), reference)
+    batches = [(X[:7], y[:7]), (X[7:], y[7:])]
+    assert_close(lt.ggn(model, loss_fn, batches).to_dense(), reference)
+
+
+def test_ggn_of_a_linear_model_with_squared_error_is_the_hessian():
+    model = torch.nn.Linear(3, 2).to(F64)
+    g = torch.Generator().manual_seed(6)
+    data = (torch.randn(9, 3, dtype=F64, generator=g), torch.randn(9, 2, dtype=F64, generator=g))
+    G = lt.ggn(model, torch.nn.MSELoss(), data).to_dense()
+    H = lt.hessian(model, torch.nn.MSELoss(), data).to_dense()
+    assert_close(G, H)
+
+
+def test_network_forms_reject_bad_data():
+    model, X, g = small_network(False)
+    with pytest.raises(TypeError, match="iterable"):
+        lt.hessian(model, torch.nn.MSELoss(), 3)
+    with pytest.raises(TypeError, match="pair"):
+        lt.hessian(model, torch.nn.MSELoss(), [(X, X, X)])
+    with pytest.raises(ValueError, match="no batches"):
+        lt.hessian(model, torch.nn.MSELoss(), [])
+    with pytest.raises(TypeError, match="positional"):
+        lt.hessian(model, torch.nn.MSELoss(), (X, X), 1, 2)
+    frozen = torch.nn.Linear(2, 2).requires_grad_(False)
+    with pytest.raises(ValueError, match="requires_grad=True"):
+        lt.hessian(frozen, torch.nn.MSELoss(), (X[:, :2], X[:, :2]))
+
+
+# --------------------------------------------------------- BackPACK's digits example
+
+
+def test_digits_exact_trace_equals_sum_of_hessian_diagonal(digits64):
+    _, _, _, _, H, dense = digits64
+    assert H.shape == (1480, 1480)
+    est = lt.trace(H, method="exact")
+    assert est.num_matvecs == 1480
+    expected = torch.diagonal(dense).sum()
+    assert abs(float(est.value) - float(expected)) <= RTOL * float(
+        torch.diagonal(dense).abs().sum()
+    )
+
+
+def test_digits_exact_diagonal_equals_hessian_diagonal(digits64):
+    _, _, _, _, H, dense = digits64
+    est = lt.diagonal(H, method="exact")
+    assert_close(est.value, torch.diagonal(dense))
+
+
+def test_digits_hessian_products_match_dense(digits64):
+    _, _, _, _, H, dense = digits64
+    V = torch.randn(1480, 7, dtype=F64, generator=torch.Generator().manual_seed(7))
+    assert_close(H @ V, dense @ V)
+
+
+@pytest.mark.parametrize("method", ["hutchinson", "hutch++", "xtrace"])
+@pytest.mark.parametrize("seed", [0, 1, 2, 3, 4])
+def test_digits_trace_estimates_fall_in_their_99_percent_intervals(digits64, method, seed):
+    # Each interval is the method's own: mean +- t_{0.995} stderr. For a fixed seed set
+    # the outcome is deterministic; at 99% a miss is a 1-in-100 event per (method, seed).
+    _, _, _, _, H, dense = digits64
+    exact = float(torch.diagonal(dense).sum())
+    est = lt.trace(H, method=method, num_matvecs=100, seed=seed)
+    assert est.num_matvecs <= 100
+    low, high = est.ci(0.99)
+    assert low <= exact <= high, f"{method} seed {seed}: {exact} not in ({low}, {high})"
+
+
+def test_digits_multi_batch_hessian_equals_concatenated_batch(digits64):
+    model, loss_fn, X, y, H, _ = digits64
+    batches = [(X[:100], y[:100]), (X[100:200], y[100:200]), (X[200:], y[200:])]
+    split = lt.hessian(model, loss_fn, batches)
+    V = torch.randn(1480, 5, dtype=F64, generator=torch.Generator().manual_seed(8))
+    assert_close(split @ V, H @ V)
+
+
+# -------------------------------------------------------------------- jacobian
+
+
+def test_jacobian_products_match_jacfwd_with_structured_input_and_output():
+    g = torch.Generator().manual_seed(9)
+    x = {"a": torch.randn(3, dtype=F64, generator=g), "b": torch.randn(2, dtype=F64, generator=g)}
+
+    def f(v):
+        return (torch.sin(v["a"]) * v["b"].sum(), torch.outer(v["b"], v["a"]))
+
+    J = lt.jacobian(f, x)
+    assert J.shape == (3 + 6, 5)
+    theta = torch.cat([x["a"], x["b"]])
+
+    def flat(t):
+        out = f({"a": t[:3], "b": t[3:]})
+        return torch.cat([o.reshape(-1) for o in out])
+
+    dense = torch.func.jacfwd(flat)(theta)
+    assert_close(J.to_dense(), dense)
+    W = torch.randn(9, 4, dtype=F64, generator=g)
+    assert_close(J.rmatmat(W), dense.T @ W)
+    assert_close(J.H.to_dense(), dense.T)
+    sine, outer = J.unflatten_output(J @ torch.ones(5, dtype=F64))
+    assert sine.shape == (3,) and outer.shape == (2, 3)
+
+
+def test_jacobian_trace_and_reverse_mode():
+    x = torch.tensor([1.0, 2.0, 3.0], dtype=F64)
+    J = lt.jacobian(lambda v: v**2 * v.sum(), x, mode="reverse")
+    dense = torch.func.jacfwd(lambda v: v**2 * v.sum())(x)
+    assert_close(J.to_dense(), dense)
+    assert float(lt.trace(J, method="exact").value) == pytest.approx(
+        float(torch.trace(dense)), rel=1e-12
+    )
+
+
+# ------------------------------------------------------------------- divergence
+
+
+def flow_field(W):
+    return lambda z: torch.tanh(z @ W) + 0.1 * z**3
+
+
+def exact_divergence_reference(f, x):
+    jac = torch.func.vmap(torch.func.jacfwd(lambda z: f(z[None])[0]))(x)
+    return torch.diagonal(jac, dim1=-2, dim2=-1).sum(-1)
+
+
+def test_exact_divergence_matches_dense_jacobian_traces():
+    g = torch.Generator().manual_seed(10)
+    W = torch.randn(4, 4, dtype=F64, generator=g)
+    x = torch.randn(6, 4, dtype=F64, generator=g)
+    est = lt.divergence(flow_field(W), x, method="exact", block_size=3)
+    assert est.value.shape == (6,) and est.num_matvecs == 4 and est.method == "exact"
+    assert_close(est.value, exact_divergence_reference(flow_field(W), x))
+
+
+def test_hutchinson_divergence_is_within_its_interval_per_sample():
+    # Rademacher per-sample variance is 2 sum_{i != j} S_ij^2 (S = sym. part of J_b); the
+    # reported stderr estimates its square root over sqrt(m). With 400 probes the 99.9%
+    # t-interval holds each of the 6 exact values for this fixed seed.
+    g = torch.Generator().manual_seed(11)
+    W = torch.randn(5, 5, dtype=F64, generator=g)
+    x = torch.randn(6, 5, dtype=F64, generator=g)
+    f = flow_field(W)
+    est = lt.divergence(f, x, method="hutchinson", num_matvecs=400, seed=0, block_size=64)
+    assert est.value.shape == est.stderr.shape == (6,) and est.num_matvecs == 400
+    assert est.info["samples"].shape == (400, 6)
+    low, high = est.ci(0.999)
+    exact = exact_divergence_reference(f, x)
+    assert bool(torch.all((low <= exact) & (exact <= high)))
+    again = lt.divergence(f, x, method="hutchinson", num_matvecs=400, seed=0, block_size=64)
+    assert_close(again.value, est.value, rtol=1e-12)
+
+
+def test_divergence_is_differentiable_for_training_losses():
+    # f(z) = z^3 * w elementwise: divergence_b = 3 sum_i w_i z_bi^2, so the gradient of
+    # sum_b divergence_b with respect to w is 3 sum_b z_b^2.
+    g = torch.Generator().manual_seed(12)
+    w = torch.randn(3, dtype=F64, generator=g, requires_grad=True)
+    x = torch.randn(5, 3, dtype=F64, generator=g)
+    est = lt.divergence(lambda z: z**3 * w, x, method="exact", differentiable=True)
+    est.value.sum().backward()
+    assert_close(w.grad, 3 * (x**2).sum(0))
+    plain = lt.divergence(lambda z: z**3 * w, x, method="exact")
+    assert not plain.value.requires_grad
+
+
+def test_divergence_rejects_bad_input():
+    x = torch.ones(4, 3, dtype=F64)
+    with pytest.raises(ValueError, match=r"\(B, d\)"):
+        lt.divergence(lambda z: z, torch.ones(3, dtype=F64))
+    with pytest.raises(ValueError, match="sample-wise"):
+        lt.divergence(lambda z: z[:, :2], x, method="exact")
+    with pytest.raises(ValueError, match="unknown divergence method"):
+        lt.divergence(lambda z: z, x, method="hutch++")
+    with pytest.raises(ValueError, match="num_matvecs >= 2"):
+        lt.divergence(lambda z: z, x, method="hutchinson", num_matvecs=1)
+
+
+# -------------------------------------------------------- differentiable estimates
+
+
+def test_gradient_of_exact_hessian_trace_matches_closed_form():
+    # f(x) = sum x^4: H = diag(12 x^2), tr H = 12 sum x^2, d tr H / dx = 24 x.
+    x = torch.randn(6, dtype=F64, generator=torch.Generator().manual_seed(13), requires_grad=True)
+    H = lt.hessian(lambda v: (v**4).sum(), x, differentiable=True)
+    est = lt.trace(H, method="exact")
+    assert_close(est.value.detach(), 12 * (x.detach() ** 2).sum())
+    est.value.backward()
+    assert_close(x.grad, 24 * x.detach())
+
+
+def test_hutchinson_hessian_trace_is_differentiable_and_unbiased_per_probe():
+    # With Rademacher z, z^T diag(12 x^2) z = 12 sum x^2 exactly, so the estimate and its
+    # gradient are exact whatever the seed.
+    x = torch.randn(6, dtype=F64, generator=torch.Generator().manual_seed(14), requires_grad=True)
+    H = lt.hessian(lambda v: (v**4).sum(), x, differentiable=True)
+    est = lt.trace(H, method="hutchinson", num_matvecs=4, seed=0)
+    est.value.backward()
+    assert_close(x.grad, 24 * x.detach())
+
+
+def test_without_differentiable_no_graph_is_kept():
+    x = torch.randn(4, dtype=F64, requires_grad=True)
+    H = lt.hessian(lambda v: (v**4).sum(), x)
+    assert not (H @ torch.ones(4, dtype=F64)).requires_grad
+
+
+def test_import_linop_trace_imports_neither_torch_nor_jax():
+    code = "import sys, linop_trace; print('torch' in sys.modules, 'jax' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "False"]
+
+
+def test_examples_problem_has_the_backpack_architecture():
+    model, loss_fn, (X, y) = digits_mlp_problem(batch_size=32)
+    assert sum(p.numel() for p in model.parameters()) == 1480
+    assert X.dtype == torch.float32 and X.shape == (32, 8, 8) and float(X.max()) <= 1.0
+    assert np.array_equal(
+        digits_mlp_problem(batch_size=32)[0][1].weight.detach().numpy(),
+        model[1].weight.detach().numpy(),
+    )
+
+
+# ----------------------------------------------------------------- torch.compile
+
+
+def test_compile_failure_falls_back_to_the_eager_product(monkeypatch):
+    def broken_compile(function, *args, **kwargs):
+        def compiled(*a, **k):
+            raise RuntimeError("backend unavailable")
+
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    x = torch.tensor([1.0, -2.0, 0.5], dtype=F64)
+    H = lt.hessian(lambda v: (v**4).sum(), x, compile=True)
+    with pytest.warns(RuntimeWarning, match="torch.compile'd"):
+        dense = H.to_dense()
+    assert_close(dense, torch.diag(12 * x**2))
+    assert H.mode.startswith("forward-over-reverse")
+
+
+@pytest.mark.slow
+def test_compiled_hessian_matches_the_eager_one():
+    x = torch.randn(2, 3, dtype=F64, generator=torch.Generator().manual_seed(15))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no fallback may happen
+        H = lt.hessian(quartic, x, compile=True)
+        assert_close(H.to_dense(), torch.func.hessian(quartic)(x).reshape(6, 6))
+    assert H.mode.startswith("torch.compile'd")
