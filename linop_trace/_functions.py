@@ -22,6 +22,7 @@ DEFAULT_MAX_MATVECS = 1000
 def _request(
     operator: LinearOperator,
     estimator: Any,
+    quantity: str = "trace",
     *,
     num_matvecs: int | None,
     seed: Any,
@@ -57,6 +58,8 @@ def _request(
         block_size = check_positive_int(block_size, "block_size")
     if probe is None:  # the method's own default (XTrace: "sphere"), else Rademacher
         probe = getattr(estimator, "default_probe", "rademacher")
+        if isinstance(probe, dict):  # per quantity (auto: sphere for traces)
+            probe = probe.get(quantity, "rademacher")
     sampler = ProbeSampler(probe, n, operator.xp, operator.dtype, operator.device, seed)
     return EstimationRequest(
         matmat=CountingMatmat(operator, check_finite),
@@ -86,7 +89,7 @@ def _estimate(quantity: str, A: Any, method: Any, **options: Any) -> Estimate:
             0,
             "exact",
         )
-    request = _request(operator, estimator, **options)
+    request = _request(operator, estimator, quantity, **options)
     return getattr(estimator, quantity)(operator, request)
 
 
