@@ -5,9 +5,10 @@ library) and keeps their library, dtype and device.
 """
 
 from ._estimate import Estimate
-from ._functions import col_sums, diagonal, row_sums, trace
+from ._functions import col_sums, diagonal, frobenius_norm_squared, row_sums, trace
 from ._operators import LinearOperator, aslinearoperator
 from ._probes import gaussian, rademacher, sphere, steinhaus
+from .autodiff import divergence, ggn, hessian, jacobian  # imports neither torch nor jax
 from .estimators import EstimationRequest, Estimator, available_methods, register_estimator
 
 __version__ = "0.1.0"
@@ -21,7 +22,12 @@ __all__ = [
     "available_methods",
     "col_sums",
     "diagonal",
+    "divergence",
+    "frobenius_norm_squared",
     "gaussian",
+    "ggn",
+    "hessian",
+    "jacobian",
     "rademacher",
     "register_estimator",
     "row_sums",

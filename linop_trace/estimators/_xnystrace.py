@@ -1,0 +1,267 @@
+"""XNysTrace (Epperly, Tropp and Webber 2024): exchangeable Nystrom trace estimation for
+symmetric (Hermitian) positive semidefinite operators, one block product in all.
+
+With probes Omega = [w_1 .. w_m] and Y = A Omega, the Nystrom approximation from all probes
+but i is A_(i) = Y_-i (Omega_-i^H Y_-i)^{-1} Y_-i^H. It interpolates A on range(Omega_-i),
+so the residual A - A_(i) is Hutchinson-estimated with probe i alone:
+
+    t_i = tr(A_(i)) + c_i w_i^H (A - A_(i)) w_i.
+
+With N = (Omega^H Y)^{-1} and K = Y^H Y, a rank-one downdate of N gives, for every i at
+once (O(m^3) after the products),
+
+    tr(A_(i)) = tr(N K) - (N K N)_ii / N_ii,    w_i^H (A - A_(i)) w_i = 1 / N_ii.
+
+For stability the core works with a shift nu = eps ||Y||_F (the Nystrom approximation of
+A + nu I, nu n subtracted at the end) and the factor N = G^H G, G = Lambda^{-1/2} V^H from
+the eigendecomposition of the m x m core Omega^H (Y + nu Omega) (ETW 2024, Section 3).
+The improved normalization (rotation-invariant probes) rescales the part of w_i outside
+range(Omega_-i) to length sqrt(n - m + 1): c_i = (n - m + 1) ((Omega^H Omega)^{-1})_ii.
+
+That core is the Gram matrix of the probes under A: a negative w_i^H A w_i or a negative
+eigenvalue beyond round-off proves A is not PSD, and the Nystrom approximation is then
+meaningless (errors of 100% and more). XNysTrace raises ``ValueError`` then, naming
+``method="xtrace"`` (or ``"hutch++"``) to use instead.
+
+The error estimate is XTrace's honest one (see :mod:`._xtrace`): the covariance of the
+t_i with their jackknife pseudo-values p_i = t_i + sum_{j != i} (t_j - t_j^(i)), t_j^(i)
+the estimate of probe j from a sketch without probes i and j (a rank-two downdate of N).
+Measured coverage of the 95% interval (sphere probes, n = 300, num_matvecs = 60, 400
+seeded runs): flat 93.5%, poly 94.3% (``test_matrix(seed=0)``); with ``seed=1`` flat
+94.5%, poly 95.8%, slowexp 95.5%, smallstep 95.0%. The literature's std(t_i)/sqrt(m)
+(``info["stderr_plain"]``) covers 87.5%, 79.0%; 89.8%, 80.8%, 63.3%, 68.8%.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from .. import _backend as backend
+from .._estimate import Estimate
+from .._operators import LinearOperator
+from ._base import EstimationRequest, Estimator
+from ._xtrace import (
+    ROTATION_INVARIANT,
+    _abs2,
+    _as,
+    _blocked,
+    _diag,
+    _h,
+    _real,
+    honest_error,
+)
+
+__all__ = ["XNysTrace", "xnystrace_core", "xnystrace_estimates"]
+
+NOT_PSD = (
+    "XNysTrace needs a symmetric positive semidefinite operator, but {evidence}; "
+    "use method='xtrace' (or 'hutch++') for indefinite or non-symmetric operators"
+)
+
+
+def _check_psd(core: Any, xp: Any) -> None:
+    """Raise when the probes' Gram matrix under A shows that A is not symmetric PSD."""
+    eps = float(xp.finfo(_real(core, xp).dtype).eps)
+    size = float(xp.max(xp.abs(core))) if core.shape[0] else 0.0
+    if size == 0.0:
+        return
+    asymmetry = float(xp.max(xp.abs(core - _h(core, xp))))
+    if asymmetry > eps**0.5 * size:
+        raise ValueError(
+            NOT_PSD.format(
+                evidence=f"Omega^H A Omega is not Hermitian (relative asymmetry "
+                f"{asymmetry / size:.2e})"
+            )
+        )
+    quadratic = _real(_diag(core, xp), xp)
+    lowest = float(xp.min(quadratic))
+    if lowest < -1e2 * eps**0.5 * size:
+        raise ValueError(
+            NOT_PSD.format(
+                evidence=f"a probe z gave z^H A z = {lowest:.3g} < 0 (largest |entry| {size:.3g})"
+            )
+        )
+
+
+def xnystrace_estimates(probes: Any, images: Any, xp: Any, improved: bool = True) -> dict[str, Any]:
+    """The XNysTrace leave-one-out estimates t_i and pseudo-values p_i from Y = A Omega.
+
+    Pure linear algebra (no operator, no randomness); raises ``ValueError`` when the
+    products show that A is not symmetric positive semidefinite.
+
+    Parameters
+    ----------
+    probes : array (n, m)
+    images : array (n, m)
+        ``A @ probes``.
+    xp : namespace
+    improved : bool
+        The improved normalization (rotation-invariant probes only).
+
+    Returns
+    -------
+    dict
+        ``estimates``, ``pseudo``, ``value``, ``stderr`` (honest), ``stderr_plain``,
+        ``min_eigenvalue`` (of the shifted core, relative to its largest).
+    """
+    n, m = probes.shape
+    ctype = probes.dtype
+    ph = _h(probes, xp)
+    core = ph @ images
+    _check_psd(core, xp)
+    eps = float(xp.finfo(_real(core, xp).dtype).eps)
+    nu = eps * float(xp.linalg.vector_norm(images))
+    shifted = images + nu * probes
+    gram = ph @ probes  # Omega^H Omega
+    core_nu = core + nu * gram
+    core_nu = (core_nu + _h(core_nu, xp)) / 2
+    lam, vec = xp.linalg.eigh(core_nu)
+    top = float(xp.max(xp.abs(lam)))
+    low = float(xp.min(lam))
+    if top > 0 and low < -1e2 * eps**0.5 * top:
+        raise ValueError(
+            NOT_PSD.format(
+                evidence=f"the Nystrom core Omega^H A Omega has an eigenvalue {low:.3g} "
+                f"(largest {top:.3g})"
+            )
+        )
+    floor = eps * top if top > 0 else 1.0
+    lam = xp.clip(lam, min=floor)
+    inv_sqrt = 1 / xp.sqrt(lam)
+    factor = vec * _as(inv_sqrt, ctype, xp)[None, :]  # V Lambda^{-1/2}
+    f = shifted @ factor  # F, with A_nu-Nystrom = F F^H
+    g = _h(factor, xp)  # G = Lambda^{-1/2} V^H, N = G^H G
+    lmat = _h(f, xp) @ f  # L = F^H F
+    nmat = _h(g, xp) @ g  # N
+    bmat = _h(g, xp) @ (lmat @ g)  # B = N K N
+    n_d = _real(_diag(nmat, xp), xp)
+    b_d = _real(_diag(bmat, xp), xp)
+    trace_full = _real(xp.sum(_diag(lmat, xp)), xp)
+    if improved:
+        eye_c = xp.eye(m, dtype=ctype, device=backend.device_of(gram))
+        gram_inv = xp.linalg.solve(gram, eye_c)
+        gi_d = _real(_diag(gram_inv, xp), xp)
+        scale = (n - m + 1) * gi_d
+    else:
+        scale = 1.0
+    estimates = trace_full - b_d / n_d + scale / n_d - nu * n
+
+    # two left out [i, j]: N^(i) = N - n_i n_i^H / N_ii (zero row/column i)
+    ratio = nmat / _as(n_d[:, None], ctype, xp)  # N_ij / N_ii
+    n2 = n_d[None, :] - _abs2(nmat, xp) / n_d[:, None]
+    b2 = b_d[None, :] - 2 * _real(ratio * bmat.mT, xp) + _abs2(ratio, xp) * b_d[:, None]
+    eye = xp.eye(m, dtype=n2.dtype, device=backend.device_of(n2))
+    n2 = n2 + eye  # the diagonal is unused; keep it finite
+    if improved:
+        g2 = gi_d[None, :] - _abs2(gram_inv, xp) / gi_d[:, None]
+        scale2 = (n - m + 2) * g2
+    else:
+        scale2 = 1.0
+    pair = trace_full - (b_d / n_d)[:, None] - b2 / n2 + scale2 / n2 - nu * n
+    influence = xp.sum((1 - eye) * (estimates[None, :] - pair), axis=1)
+    pseudo = estimates + influence
+    value = xp.mean(estimates)
+    out = {
+        "estimates": estimates,
+        "pseudo": pseudo,
+        "value": value,
+        "stderr": None,
+        "stderr_plain": None,
+        "dof": None,
+        "min_eigenvalue": low / top if top > 0 else 0.0,
+    }
+    if m >= 2:
+        dev_t = estimates - value
+        dev_p = pseudo - xp.mean(pseudo)
+        out.update(honest_error(dev_t * dev_p, dev_t * dev_t, xp))
+        out["stderr_jackknife"] = xp.sqrt(xp.sum(dev_p * dev_p) / (m * (m - 1)))
+    return out
+
+
+def xnystrace_core(
+    matmat: Callable[[Any], Any], probes: Any, xp: Any, improved: bool = True
+) -> dict[str, Any]:
+    """XNysTrace with the probe block ``probes`` (n, m): one product ``A Omega``."""
+    return xnystrace_estimates(probes, matmat(probes), xp, improved)
+
+
+class XNysTrace(Estimator):
+    """XNysTrace: exchangeable Nystrom trace estimation for symmetric PSD operators.
+
+    All ``num_matvecs`` columns are probes, multiplied in one block product (more if
+    ``block_size`` is smaller); no second pass, so it also suits operators that can
+    only be applied once. Raises ``ValueError`` naming ``method="xtrace"`` when the
+    products reveal that the operator is not symmetric positive semidefinite (a negative
+    ``z^H A z``, a non-Hermitian or indefinite Nystrom core).
+
+    Parameters
+    ----------
+    probe : str, optional
+        Overrides the ``probe=`` argument of :func:`~linop_trace.trace`; the default is
+        ``"sphere"`` (needed by the improved normalization).
+
+    Notes
+    -----
+    The trace estimate is real (A Hermitian). ``stderr`` is the honest error estimate of
+    :class:`XTrace` (covariance of leave-one-out estimates with jackknife pseudo-values),
+    ``info["stderr_plain"]`` the literature's std(t_i)/sqrt(m).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from linop_trace import trace
+    >>> rng = np.random.default_rng(0)
+    >>> U = np.linalg.qr(rng.standard_normal((200, 200)))[0]
+    >>> A = (U * 0.5 ** np.arange(200)) @ U.T
+    >>> est = trace(A, method="xnystrace", num_matvecs=60, seed=0)
+    >>> bool(abs(float(est) - np.trace(A)) < 1e-10)
+    True
+    >>> trace(A - np.eye(200), method="xnystrace", seed=0)
+    Traceback (most recent call last):
+    ...
+    ValueError: XNysTrace needs a symmetric positive semidefinite operator, ...
+    """
+
+    name = "xnystrace"
+    min_matvecs = 2
+    default_probe = "sphere"
+
+    def __init__(self, probe: str | None = None) -> None:
+        self.probe = probe
+
+    def __repr__(self) -> str:
+        return f"XNysTrace(probe={self.probe!r})"
+
+    def trace(self, operator: LinearOperator, request: EstimationRequest) -> Estimate:
+        from ._xtrace import XTrace
+
+        xp = operator.xp
+        sampler = XTrace(self.probe)._sampler(request)
+        improved = sampler.kind in ROTATION_INVARIANT
+        m = min(request.num_matvecs, operator.shape[0])
+        probes = sampler(m)
+        images = _blocked(request, xp)(probes)
+        result = xnystrace_estimates(probes, images, xp, improved)
+        return self._estimate(result, request, sampler, m)
+
+    @staticmethod
+    def _estimate(result: dict, request: EstimationRequest, sampler: Any, m: int) -> Estimate:
+        improved = sampler.kind in ROTATION_INVARIANT
+        return Estimate(
+            result["value"],
+            result["stderr"],
+            request.matmat.columns,
+            XNysTrace.name,
+            converged=None,
+            dof=result["dof"],
+            info={
+                "probe": sampler.kind,
+                "num_probes": m,
+                "normalization": "improved" if improved else "plain",
+                "estimates": result["estimates"],
+                "pseudo_values": result["pseudo"],
+                "stderr_plain": result["stderr_plain"],
+                "stderr_jackknife": result.get("stderr_jackknife"),
+            },
+        )

@@ -1,0 +1,506 @@
+"""XTrace (Epperly, Tropp and Webber 2024): the exchangeable trace estimator.
+
+With probes Omega = [w_1 .. w_s] and Y = A Omega, probe i is used once as a Hutchinson
+probe of what the other s - 1 probes leave, and s - 1 times to build the others' sketches:
+
+    t_i = tr(P_i A) + c_i * x_i^H A x_i,    x_i = (I - P_i) w_i,
+
+P_i the orthogonal projector onto range(Y without column i). The estimate is the mean of
+the t_i. With Y = QR, P_i = Q (I - s_i s_i^H) Q^H where s_i is the normalized i-th column
+of R^{-H} (a rank-one downdate), so every t_i comes from the s x s matrices
+
+    H = Q^H A Q,  W = Q^H Omega,  T = (A Q)^H Omega,  R = Q^H Y
+
+in O(n s^2) flops after two block products (Y = A Omega, then A Q). The "improved"
+normalization of ETW 2024 (Section 2.2) rescales x_i to length sqrt(n - s + 1): it is
+unbiased for rotation-invariant probes (``"sphere"``, ``"gaussian"``), where x_i / |x_i|
+is uniform on the unit sphere of range(I - P_i), and it is only used for them
+(c_i = (n - s + 1) / |x_i|^2; c_i = 1 for Rademacher/Steinhaus probes).
+
+The honest error estimate
+-------------------------
+The literature reports std(t_i) / sqrt(s). The t_i are exchangeable but positively
+correlated, so that underestimates the variance (measured: 86-91% coverage of the 95%
+interval). Write e_i = t_i - tr(A) and t_j^(i) for the estimate of probe j when probe i
+is left out of the sketch too (projector onto range(Y without columns i, j), same
+normalization with n - s + 2). Since t_j^(i) does not depend on w_i while
+E[e_i | w_k, k != i] = 0, E[e_i (t_j^(i) - tr(A))] = 0, hence
+
+    Var(mean t) = (1/s) E[e_i (p_i - tr(A))],   p_i = t_i + sum_{j != i} (t_j - t_j^(i)),
+
+exactly, by exchangeability. p_i is the jackknife pseudo-value of probe i
+(p_i = s t_bar - (s - 1) t_bar_(i) with t_bar_(i) the XTrace estimate without probe i).
+So the variance is the covariance of the leave-one-out estimates t_i with the pseudo-values
+p_i over s; we estimate it by their sample covariance over s (a "cross" jackknife):
+
+    stderr^2 = max(sum_i (t_i - t_bar)(p_i - p_bar), sum_i (t_i - t_bar)^2) / (s (s - 1)),
+
+i.e. floored at the plain value. The plain estimate is var(t)/s and the usual jackknife
+var(p)/s; they bracket it (the first too small, the second too large by the higher-order
+terms: 1.4x on the flat spectrum, 5x-25x on decaying ones). All pairs (i, j) come from the
+same s x s matrices (a rank-two downdate): O(s^3) flops, no extra product. The interval
+uses a Student-t quantile with Satterthwaite's degrees of freedom for that variance
+estimate, 2 s mean(c)^2 / var(c) with c_i = (t_i - t_bar)(p_i - p_bar), clipped to
+[2, s - 1]: about s - 1 on flat spectra, 10-13 at s = 30 on decaying ones, where a few
+probes dominate the variance estimate.
+
+Measured coverage of the 95% interval (sphere probes, n = 300, num_matvecs = 60, so
+s = 30; the mean of the variance estimate is 0.99, 0.95, 0.95, 0.90 of the true mean
+squared error on flat, poly, slowexp, smallstep):
+
+=========  ================  ==================  =====================
+spectrum   1000 runs         400 runs            plain, 400 runs
+=========  ================  ==================  =====================
+flat       95.8%             95.0% (380)         93.3%
+poly       95.4%             96.8% (387)         91.0%
+slowexp    96.0%             96.3% (385) [*]     85.8% [*]
+smallstep  94.4%             95.8% (383) [*]     83.0% [*]
+=========  ================  ==================  =====================
+
+(1000 runs: Haar matrix seed 1, probe seeds 5000-5999; 400 runs: ``test_matrix(seed=0)``,
+seeds 0-399, [*] ``seed=1``; "plain" is std(t_i)/sqrt(s) with the same quantile.) The
+literature's estimate std(t_i)/sqrt(s) stays available as ``info["stderr_plain"]``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from .. import _backend as backend
+from .._estimate import Estimate
+from .._operators import LinearOperator
+from ._base import EstimationRequest, Estimator, apply_blocked
+
+__all__ = ["XTrace", "xtrace_core", "xtrace_estimates"]
+
+#: Probes for which the improved normalization is unbiased (rotation invariant).
+ROTATION_INVARIANT = ("sphere", "gaussian")
+
+
+def _h(x: Any, xp: Any) -> Any:
+    """Conjugate transpose of a 2-d array."""
+    t = x.mT
+    return xp.conj(t) if backend.is_complex_dtype(xp, x.dtype) else t
+
+
+def _cdot_columns(a: Any, b: Any, xp: Any) -> Any:
+    """Column-wise a_j^H b_j (length-k vector) for two (r, k) arrays."""
+    if backend.is_complex_dtype(xp, a.dtype):
+        a = xp.conj(a)
+    return xp.sum(a * b, axis=0)
+
+
+def _abs2(x: Any, xp: Any) -> Any:
+    return xp.real(xp.conj(x) * x) if backend.is_complex_dtype(xp, x.dtype) else x * x
+
+
+def _real(x: Any, xp: Any) -> Any:
+    return xp.real(x) if backend.is_complex_dtype(xp, x.dtype) else x
+
+
+def _diag(x: Any, xp: Any) -> Any:
+    return xp.linalg.diagonal(x)
+
+
+def orthonormal_basis(block: Any, xp: Any) -> Any:
+    """An orthonormal basis Q of range(block).
+
+    Cholesky QR twice (four BLAS-3 products, several times faster than Householder QR
+    on tall blocks) when the block is well conditioned, which the first pass reveals;
+    Householder QR otherwise (the sketches of decaying spectra are ill conditioned)."""
+    basis = _cholesky_qr(block, xp)
+    if basis is not None:
+        gram = _h(basis, xp) @ basis
+        k = gram.shape[0]
+        eye = xp.eye(k, dtype=gram.dtype, device=backend.device_of(gram))
+        error = float(xp.max(xp.abs(gram - eye))) if k else 0.0
+        if error < 0.1:  # second pass restores orthogonality to working precision
+            second = _cholesky_qr(basis, xp)
+            if second is not None:
+                return second
+    return xp.linalg.qr(block)[0]
+
+
+def _cholesky_qr(block: Any, xp: Any) -> Any | None:
+    """``block @ L^{-H}`` with ``L L^H = block^H block``; ``None`` if Cholesky fails."""
+    gram = _h(block, xp) @ block
+    try:
+        lower = xp.linalg.cholesky(gram)
+        inverse = xp.linalg.inv(lower)
+    except Exception:  # not numerically positive definite: rank-deficient block
+        return None
+    if not bool(xp.all(xp.isfinite(inverse))):
+        return None
+    return block @ _h(inverse, xp)
+
+
+def extend_basis(basis: Any, block: Any, xp: Any) -> Any:
+    """Orthonormal columns spanning range(block) outside range(basis) (block Gram-Schmidt
+    with re-orthogonalization, so ``[basis, new]`` is orthonormal to working precision)."""
+    for _ in range(2):
+        block = block - basis @ (_h(basis, xp) @ block)
+    new = orthonormal_basis(block, xp)
+    new = new - basis @ (_h(basis, xp) @ new)
+    return orthonormal_basis(new, xp)
+
+
+def _downdate_directions(triangular: Any, xp: Any) -> Any:
+    """Columns of R^{-H}, normalized: s_i spans range(Q) minus range(Y without column i).
+
+    A numerically singular R (A of low rank) gets a shift at round-off level so the
+    directions stay finite; they only matter where Y has rank to spare."""
+    s = triangular.shape[0]
+    eye = xp.eye(s, dtype=triangular.dtype, device=backend.device_of(triangular))
+    scale = float(xp.max(xp.abs(triangular))) if s else 0.0
+    eps = float(xp.finfo(_real(triangular, xp).dtype).eps)
+    shift = eps * (scale if scale > 0 else 1.0)
+    small = xp.abs(_diag(triangular, xp)) < shift
+    if bool(xp.any(small)):
+        triangular = triangular + shift * eye
+    inverse_h = xp.linalg.solve(_h(triangular, xp), eye)
+    norms = xp.sqrt(xp.sum(_abs2(inverse_h, xp), axis=0))
+    return inverse_h / xp.astype(norms, inverse_h.dtype)
+
+
+def xtrace_estimates(
+    probes: Any, images: Any, basis: Any, basis_images: Any, xp: Any, improved: bool = True
+) -> dict[str, Any]:
+    """The XTrace leave-one-out estimates and the pseudo-values, from given products.
+
+    Pure linear algebra, no operator and no randomness.
+
+    Parameters
+    ----------
+    probes : array (n, s)
+        Omega.
+    images : array (n, s)
+        Y = A Omega.
+    basis : array (n, s)
+        Orthonormal Q with range(Q) = range(Y) (any such basis).
+    basis_images : array (n, s)
+        Z = A Q.
+    xp : namespace
+    improved : bool
+        Rescale x_i to length sqrt(n - s + 1) (rotation-invariant probes only).
+
+    Returns
+    -------
+    dict
+        ``estimates`` t_i (s,), ``pseudo`` p_i (s,), ``value`` mean of t_i,
+        ``stderr`` (honest), ``stderr_plain`` (std(t)/sqrt(s)).
+    """
+    n, s = probes.shape
+    ctype = probes.dtype
+    qh = _h(basis, xp)
+    r = qh @ images  # Q^H Y
+    h = qh @ basis_images  # Q^H A Q
+    w = qh @ probes  # Q^H Omega
+    t = _h(basis_images, xp) @ probes  # (A Q)^H Omega: column j is Q^H A^H w_j
+    omega_y = _cdot_columns(probes, images, xp)  # w_j^H A w_j
+    omega_norm2 = _real(_cdot_columns(probes, probes, xp), xp)
+    w_norm2 = xp.sum(_abs2(w, xp), axis=0)
+    hw = h @ w
+    # wbar_j = (I - QQ^H) w_j;  a_j = wbar_j^H A wbar_j
+    a = omega_y - _cdot_columns(t, w, xp) - _cdot_columns(w, r, xp) + _cdot_columns(w, hw, xp)
+    u = r - hw  # Q^H A wbar_j
+    v = t - _h(h, xp) @ w  # (wbar_j^H A Q)^H
+    sdir = _downdate_directions(r, xp)
+    sh = _h(sdir, xp)
+    sw = sh @ w  # s_i^H w_j
+    vs = _h(v, xp) @ sdir  # [j, k] = v_j^H s_k
+    su = sh @ u  # [k, j] = s_k^H u_j
+    shs = sh @ (h @ sdir)  # s_k^H H s_l
+    gram = sh @ sdir  # s_k^H s_l
+    trace_h = xp.sum(_diag(h, xp))
+    residual_norm2 = omega_norm2 - w_norm2  # |wbar_j|^2
+
+    # one left out: P_i w_i = Q s_i alpha_i
+    alpha = _diag(sw, xp)
+    shs_d = _diag(shs, xp)
+    quad = a + _diag(vs, xp) * alpha + _conj(alpha, xp) * _diag(su, xp) + _abs2(alpha, xp) * shs_d
+    xnorm2 = residual_norm2 + _abs2(alpha, xp)
+    scale = (n - s + 1) / xnorm2 if improved else 1.0
+    estimates = trace_h - shs_d + _as(scale, ctype, xp) * quad
+
+    # two left out [i, j]: probe i removed, j the Hutchinson probe; projector onto
+    # span(s_i, s_j) in the s-space with Gram [[1, c], [conj c, 1]], c = s_i^H s_j.
+    c = gram
+    det = 1 - _abs2(c, xp)
+    eye = xp.eye(s, dtype=det.dtype, device=backend.device_of(det))
+    det = det + eye  # the diagonal is unused; keep it finite
+    sw_jj = alpha[None, :]
+    coef_i = (sw - c * sw_jj) / _as(det, ctype, xp)
+    coef_j = (sw_jj - _conj(c, xp) * sw) / _as(det, ctype, xp)
+    quad2 = (
+        a[None, :]
+        + vs.mT * coef_i
+        + _diag(vs, xp)[None, :] * coef_j
+        + _conj(coef_i, xp) * su
+        + _conj(coef_j, xp) * _diag(su, xp)[None, :]
+        + _abs2(coef_i, xp) * shs_d[:, None]
+        + _conj(coef_i, xp) * coef_j * shs
+        + _conj(coef_j, xp) * coef_i * shs.mT
+        + _abs2(coef_j, xp) * shs_d[None, :]
+    )
+    proj_norm2 = (
+        _abs2(coef_i, xp) + _abs2(coef_j, xp) + 2 * _real(_conj(coef_i, xp) * c * coef_j, xp)
+    )
+    xnorm2_pair = residual_norm2[None, :] + proj_norm2
+    trace_pair = (shs_d[:, None] + shs_d[None, :] - c * shs.mT - _conj(c, xp) * shs) / _as(
+        det, ctype, xp
+    )
+    scale2 = (n - s + 2) / (xnorm2_pair + eye) if improved else 1.0
+    pair = trace_h - trace_pair + _as(scale2, ctype, xp) * quad2
+    offdiag = 1 - eye
+    # p_i = t_i + sum_{j != i} (t_j - t_j^(i))
+    influence = xp.sum(_as(offdiag, ctype, xp) * (estimates[None, :] - pair), axis=1)
+    pseudo = estimates + influence
+
+    value = xp.mean(estimates)
+    if s < 2:
+        return {
+            "estimates": estimates,
+            "pseudo": pseudo,
+            "value": value,
+            "stderr": None,
+            "stderr_plain": None,
+            "dof": None,
+        }
+    dev_t = estimates - value
+    dev_p = pseudo - xp.mean(pseudo)
+    out = honest_error(_real(_conj(dev_t, xp) * dev_p, xp), _abs2(dev_t, xp), xp)
+    out.update(
+        estimates=estimates,
+        pseudo=pseudo,
+        value=value,
+        stderr_jackknife=xp.sqrt(xp.sum(_abs2(dev_p, xp)) / (s * (s - 1))),
+    )
+    return out
+
+
+def honest_error(cross: Any, square: Any, xp: Any) -> dict[str, Any]:
+    """Standard errors and Student-t degrees of freedom from the per-probe products.
+
+    ``cross`` holds (t_i - t_bar)(p_i - p_bar), ``square`` (t_i - t_bar)^2. The variance
+    estimate is ``max(sum cross, sum square) / (s (s - 1))``; its degrees of freedom are
+    Satterthwaite's ``2 s mean(cross)^2 / var(cross)`` (s - 1 for normal t_i, fewer when a
+    few probes dominate), clipped to [2, s - 1] and rounded down.
+    """
+    s = int(cross.shape[0])
+    plain_var = xp.sum(square) / (s * (s - 1))
+    cross_var = xp.sum(cross) / (s * (s - 1))
+    mean = float(xp.mean(cross))
+    spread = float(xp.sum((cross - mean) ** 2)) / (s - 1)
+    dof = s - 1 if spread == 0 or s < 3 else 2 * s * mean**2 / spread
+    dof = int(min(max(dof if mean > 0 else 2, 2), s - 1))
+    return {
+        "stderr": xp.sqrt(xp.maximum(cross_var, plain_var)),
+        "stderr_plain": xp.sqrt(plain_var),
+        "dof": dof,
+    }
+
+
+def _conj(x: Any, xp: Any) -> Any:
+    return xp.conj(x) if backend.is_complex_dtype(xp, x.dtype) else x
+
+
+def _as(x: Any, dtype: Any, xp: Any) -> Any:
+    """Cast a real array (or float) to the working dtype for mixed products."""
+    if isinstance(x, float):
+        return x
+    return x if x.dtype == dtype else xp.astype(x, dtype)
+
+
+def xtrace_core(
+    matmat: Callable[[Any], Any], probes: Any, xp: Any, improved: bool = True
+) -> dict[str, Any]:
+    """XTrace with the probe block ``probes`` (n, s): products ``A Omega`` then ``A Q``.
+
+    Parameters
+    ----------
+    matmat : callable
+        ``X -> A X`` (two calls with s columns each).
+    probes : array (n, s)
+    xp : namespace
+    improved : bool
+        The improved normalization (rotation-invariant probes only).
+
+    Returns
+    -------
+    dict
+        What :func:`xtrace_estimates` returns, plus the products ``probes``,
+        ``images``, ``basis``, ``basis_images`` (to extend the estimate later).
+    """
+    images = matmat(probes)
+    basis = orthonormal_basis(images, xp)
+    basis_images = matmat(basis)
+    out = xtrace_estimates(probes, images, basis, basis_images, xp, improved)
+    out.update(probes=probes, images=images, basis=basis, basis_images=basis_images)
+    return out
+
+
+class XTrace(Estimator):
+    """XTrace: exchangeable trace estimation with an honest error bar.
+
+    Uses ``num_matvecs // 2`` probes (at most n) and as many products with their
+    orthonormalized images, in two block products (more if ``block_size`` is smaller).
+
+    Parameters
+    ----------
+    probe : str, optional
+        Overrides the ``probe=`` argument of :func:`~linop_trace.trace`. XTrace's own
+        default is ``"sphere"`` (uniform on the sphere of radius sqrt(n)), which the
+        improved normalization needs; with ``"rademacher"`` (or ``"steinhaus"``) the
+        plain normalization is used.
+
+    Notes
+    -----
+    See the module docstring for the formulas. ``stderr`` is the honest error estimate:
+    the covariance of the leave-one-out estimates with their jackknife pseudo-values
+    (an exact variance identity for exchangeable estimates), floored at the plain
+    estimate; ``dof`` (Satterthwaite) sets the Student-t quantile of :meth:`ci`.
+    Measured coverage of the 95% interval (n = 300, num_matvecs = 60, 400 seeded runs):
+    95.0% on the flat spectrum and 96.8% on the polynomial one, where the literature's
+    std(t_i) / sqrt(s) covers 93.3% and 91.0% (1000 runs: 95.8% and 95.4%). That
+    plain estimate is kept as ``info["stderr_plain"]`` for comparison with the
+    literature, the usual jackknife (too large) as ``info["stderr_jackknife"]``.
+
+    With ``rtol``/``atol`` the number of probes is doubled (all earlier products are
+    reused: the basis is extended, never recomputed) until the half-width of the
+    interval meets the tolerance or ``max_matvecs`` would be exceeded.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from linop_trace import trace
+    >>> rng = np.random.default_rng(0)
+    >>> U = np.linalg.qr(rng.standard_normal((200, 200)))[0]
+    >>> A = (U * 0.5 ** np.arange(200)) @ U.T  # fast-decaying spectrum
+    >>> est = trace(A, method="xtrace", num_matvecs=80, seed=0)
+    >>> est.num_matvecs, bool(abs(float(est) - np.trace(A)) < 1e-10)
+    (80, True)
+    """
+
+    name = "xtrace"
+    min_matvecs = 4
+    supports_tolerance = True
+    default_probe = "sphere"
+
+    def __init__(self, probe: str | None = None) -> None:
+        self.probe = probe
+
+    def __repr__(self) -> str:
+        return f"XTrace(probe={self.probe!r})"
+
+    def _sampler(self, request: EstimationRequest) -> Any:
+        if self.probe is None or self.probe == request.probes.kind:
+            return request.probes
+        from .._probes import ProbeSampler
+
+        base = request.probes
+        return ProbeSampler(self.probe, base.n, base.xp, base.dtype, base.device, base.random)
+
+    def trace(self, operator: LinearOperator, request: EstimationRequest) -> Estimate:
+        sampler = self._sampler(request)
+        improved = sampler.kind in ROTATION_INVARIANT
+        n = operator.shape[0]
+        num_probes = min(request.num_matvecs // 2, n)
+        state = xtrace_start(operator, request, sampler, num_probes)
+        return xtrace_finish(operator, request, sampler, state, improved, self.name)
+
+
+def _blocked(request: EstimationRequest, xp: Any) -> Callable[[Any], Any]:
+    """``X -> A X`` through the request's counter, in chunks of at most ``block_size``."""
+
+    def product(block: Any) -> Any:
+        return apply_blocked(request.matmat, block, request.block_size, xp)
+
+    return product
+
+
+def xtrace_start(
+    operator: LinearOperator,
+    request: EstimationRequest,
+    sampler: Any,
+    num_probes: int,
+    probes: Any = None,
+    images: Any = None,
+) -> dict[str, Any]:
+    """Probes, their images and the basis (the first half of XTrace's products).
+
+    ``probes``/``images`` already multiplied (by ``method="auto"``) are completed to
+    ``num_probes`` columns rather than drawn again."""
+    xp = operator.xp
+    product = _blocked(request, xp)
+    have = 0 if probes is None else int(probes.shape[1])
+    if have < num_probes:
+        fresh = sampler(num_probes - have)
+        fresh_images = product(fresh)
+        probes = fresh if probes is None else xp.concat([probes, fresh], axis=1)
+        images = fresh_images if images is None else xp.concat([images, fresh_images], axis=1)
+    return {"probes": probes, "images": images}
+
+
+def xtrace_finish(
+    operator: LinearOperator,
+    request: EstimationRequest,
+    sampler: Any,
+    state: dict[str, Any],
+    improved: bool,
+    name: str,
+) -> Estimate:
+    """The second half of XTrace (A Q), then the estimate; doubling with a tolerance."""
+    xp = operator.xp
+    n = operator.shape[0]
+    product = _blocked(request, xp)
+    probes, images = state["probes"], state["images"]
+    basis = orthonormal_basis(images, xp)
+    basis_images = product(basis)
+    result = xtrace_estimates(probes, images, basis, basis_images, xp, improved)
+    converged = None
+    if request.adaptive:
+        from scipy import stats
+
+        converged = False
+        cap = request.max_matvecs or request.num_matvecs
+        while True:
+            s = int(probes.shape[1])
+            if result["stderr"] is not None:
+                quantile = stats.t.ppf(0.5 + request.confidence / 2, result["dof"])
+                target = max(
+                    request.atol or 0.0, (request.rtol or 0.0) * abs(complex(result["value"]))
+                )
+                if float(quantile * result["stderr"]) <= target:
+                    converged = True
+                    break
+            more = min(s, (cap - request.matmat.columns) // 2, n - s)
+            if more < 1:
+                break
+            fresh = sampler(more)
+            fresh_images = product(fresh)
+            new_basis = extend_basis(basis, fresh_images, xp)
+            new_images = product(new_basis)
+            probes = xp.concat([probes, fresh], axis=1)
+            images = xp.concat([images, fresh_images], axis=1)
+            basis = xp.concat([basis, new_basis], axis=1)
+            basis_images = xp.concat([basis_images, new_images], axis=1)
+            result = xtrace_estimates(probes, images, basis, basis_images, xp, improved)
+    s = int(probes.shape[1])
+    return Estimate(
+        result["value"],
+        result["stderr"],
+        request.matmat.columns,
+        name,
+        converged=converged,
+        dof=result["dof"],
+        info={
+            "probe": sampler.kind,
+            "num_probes": s,
+            "normalization": "improved" if improved else "plain",
+            "estimates": result["estimates"],
+            "pseudo_values": result["pseudo"],
+            "stderr_plain": result["stderr_plain"],
+            "stderr_jackknife": result.get("stderr_jackknife"),
+        },
+    )

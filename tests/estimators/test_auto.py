@@ -1,0 +1,147 @@
+"""method="auto": exact when cheap, else Hutchinson or XTrace from shared first products."""
+
+from __future__ import annotations
+
+import array_api_compat.numpy as npx
+import numpy as np
+import pytest
+
+import linop_trace as lt
+from linop_trace._testing import test_matrix
+from linop_trace.estimators import Auto, Hutchinson
+from linop_trace.estimators._auto import predicted_variances
+
+
+def implicit(M, log=None):
+    """M as an operator known only through products (no stored diagonal)."""
+
+    def matmat(X):
+        if log is not None:
+            log.append(X.shape[1])
+        return M @ X
+
+    return lt.LinearOperator.from_callable(matvec=lambda x: M @ x, matmat=matmat, shape=M.shape)
+
+
+def test_exact_when_budget_covers_n_or_diagonal_is_stored(backend):
+    A = np.arange(16.0).reshape(4, 4)
+    est = lt.trace(backend.matrix(A), num_matvecs=10)
+    assert est.method == "exact" and float(est) == 30.0
+    big = np.diag(np.arange(1.0, 301.0))
+    assert lt.trace(backend.matrix(big), num_matvecs=10).method == "exact"  # stored diagonal
+    assert lt.diagonal(backend.matrix(A), num_matvecs=10).method == "exact"
+
+
+@pytest.mark.parametrize(
+    ("spectrum", "method"),
+    [("flat", "hutchinson"), ("poly", "xtrace"), ("fastexp", "xtrace"), ("bigstep", "xtrace")],
+)
+def test_chooses_by_spectrum_without_wasting_columns(spectrum, method):
+    M = test_matrix(spectrum, 400)
+    log = []
+    est = lt.trace(implicit(M, log), num_matvecs=100, seed=0)
+    assert est.method == method
+    assert sum(log) == est.num_matvecs == 100  # the first half is reused by either method
+    assert len(log) == 2
+    predictions = est.info["auto"]
+    better = (
+        "xtrace"
+        if predictions["xtrace_variance"] < predictions["hutchinson_variance"]
+        else "hutchinson"
+    )
+    assert better == method
+
+
+def naive_predictions(A, Om, m):
+    """Hutchinson: var(w_i^T A w_i) / m. XTrace: 2 mean_i |(I - P_i)(A - mu I) w_i|^2 / s."""
+    n, s = Om.shape
+    samples = np.einsum("ij,ij->j", Om, A @ Om)
+    mu = samples.mean() / n
+    rho = []
+    for i in range(s):
+        Qi = np.linalg.qr(np.delete(A @ Om, i, axis=1))[0]
+        v = (A - mu * np.eye(n)) @ Om[:, i]
+        rho.append(np.sum((v - Qi @ (Qi.T @ v)) ** 2))
+    return samples.var(ddof=1) / m, 2 * np.mean(rho) / s
+
+
+def test_predictions_match_naive_reference():
+    rng = np.random.default_rng(0)
+    A = test_matrix("slowexp", 60, seed=2) + 0.01 * rng.standard_normal((60, 60))
+    Om = rng.choice([-1.0, 1.0], size=(60, 8))
+    got = predicted_variances(Om, A @ Om, 16, npx)
+    np.testing.assert_allclose(got, naive_predictions(A, Om, 16), rtol=1e-10)
+
+
+def test_accuracy_close_to_the_better_method():
+    """On an implicit decaying and a flat matrix, auto's mean error over 30 seeds is within
+    1.5x of the better of Hutchinson and XTrace (the benchmark checks n = 1000, 200 seeds)."""
+    for spectrum in ("flat", "slowexp"):
+        M = test_matrix(spectrum, 300)
+        op, truth = implicit(M), np.trace(M)
+        errors = {}
+        for method in ("auto", "hutchinson", "xtrace"):
+            errors[method] = np.mean(
+                [
+                    abs(float(lt.trace(op, method=method, num_matvecs=60, seed=s)) - truth)
+                    for s in range(30)
+                ]
+            )
+        assert errors["auto"] <= 1.5 * min(errors["hutchinson"], errors["xtrace"]), errors
+
+
+@pytest.mark.parametrize("spectrum", ["flat", "poly"])
+def test_adaptive(spectrum):
+    M = test_matrix(spectrum, 300)
+    est = lt.trace(implicit(M), rtol=5e-3, num_matvecs=20, max_matvecs=299, seed=0)
+    assert est.converged is True and est.num_matvecs <= 299
+    low, high = est.ci(0.95)
+    assert (high - low) / 2 <= 5e-3 * abs(float(est)) * (1 + 1e-12)
+
+
+def test_adaptive_default_start_can_choose_xtrace():
+    est = lt.trace(implicit(test_matrix("fastexp", 300)), rtol=1e-8, max_matvecs=200, seed=0)
+    assert est.method == "xtrace" and est.converged is True
+
+
+def test_small_budget_falls_back_to_hutchinson():
+    est = lt.trace(implicit(test_matrix("poly", 50)), num_matvecs=3, seed=0)
+    assert est.method == "hutchinson" and est.num_matvecs == 3
+
+
+def test_fixed_methods_and_diagonal():
+    M = test_matrix("poly", 120)
+    est = lt.trace(implicit(M), method=Auto(trace_method=Hutchinson()), num_matvecs=40, seed=0)
+    assert est.method == "hutchinson"
+    # no adjoint: Hutchinson's diagonal; with one (here a symmetric tag): XDiag
+    diag = lt.diagonal(implicit(M), num_matvecs=60, seed=0)
+    assert diag.method == "hutchinson"
+    symmetric = lt.LinearOperator.from_callable(
+        matvec=lambda x: M @ x, shape=M.shape, tags=("symmetric",)
+    )
+    diag = lt.diagonal(symmetric, num_matvecs=60, seed=0)
+    expected = "xdiag" if "xdiag" in lt.available_methods("diagonal") else "hutchinson"
+    assert diag.method == expected
+    assert np.max(np.abs(np.asarray(diag.value) - np.diag(M))) < 0.1 * np.max(np.diag(M))
+
+
+def test_psd_tag_uses_xnystrace_and_falls_back_on_contradiction():
+    M = test_matrix("smallstep", 300)
+    calls = []
+
+    def matmat(X):
+        calls.append(X.shape[1])
+        return M @ X
+
+    op = lt.LinearOperator.from_callable(
+        matvec=lambda x: M @ x, matmat=matmat, shape=M.shape, tags=("positive_semidefinite",)
+    )
+    est = lt.trace(op, num_matvecs=100, seed=0)
+    assert est.method == "xnystrace" and calls == [100] and est.num_matvecs == 100
+    assert abs(float(est) - np.trace(M)) < 5 * float(est.stderr) + 1e-12
+    wrong = lt.LinearOperator.from_callable(
+        matvec=lambda x: (M - np.eye(300)) @ x, shape=M.shape, tags=("positive_semidefinite",)
+    )
+    with pytest.warns(RuntimeWarning, match="positive semidefinite.*Hutchinson"):
+        est = lt.trace(wrong, num_matvecs=100, seed=0)
+    assert est.method == "hutchinson" and est.num_matvecs == 100

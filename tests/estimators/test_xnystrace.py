@@ -1,0 +1,141 @@
+"""XNysTrace: naive reference, one product, PSD checks, unbiasedness, coverage."""
+
+from __future__ import annotations
+
+import math
+
+import array_api_compat.numpy as npx
+import numpy as np
+import pytest
+from conftest import numpy_of
+
+import linop_trace as lt
+from linop_trace._testing import test_matrix
+from linop_trace.estimators import XNysTrace
+from linop_trace.estimators._xnystrace import xnystrace_core
+
+
+def naive_xnystrace(A, Om, improved=True):
+    """t_i = tr(A_i) + c_i w_i^H (A - A_i) w_i, A_i the Nystrom approximation without i."""
+    n, m = Om.shape
+    Y, t = A @ Om, []
+    for i in range(m):
+        Oi, Yi = np.delete(Om, i, axis=1), np.delete(Y, i, axis=1)
+        Ai = Yi @ np.linalg.solve(Oi.conj().T @ Yi, Yi.conj().T)
+        w = Om[:, i]
+        Qo = np.linalg.qr(Oi)[0]
+        x = w - Qo @ (Qo.conj().T @ w)
+        c = (n - m + 1) / np.vdot(x, x).real if improved else 1.0
+        t.append((np.trace(Ai) + c * np.vdot(w, (A - Ai) @ w)).real)
+    return np.array(t)
+
+
+def psd_case(seed, complex_, n=30, m=6):
+    rng = np.random.default_rng(seed)
+    B = rng.standard_normal((n, n))
+    Om = rng.standard_normal((n, m))
+    if complex_:
+        B = B + 1j * rng.standard_normal((n, n))
+        Om = Om + 1j * rng.standard_normal((n, m))
+    return B @ B.conj().T, Om
+
+
+@pytest.mark.parametrize("improved", [True, False])
+@pytest.mark.parametrize("complex_", [False, True])
+@pytest.mark.parametrize("seed", range(3))
+def test_core_matches_naive_reference(seed, complex_, improved):
+    A, Om = psd_case(seed, complex_)
+    out = xnystrace_core(lambda X: A @ X, Om, npx, improved)
+    ref = naive_xnystrace(A, Om, improved)
+    # the core works with the Nystrom approximation of A + nu I, nu = eps |Y|_F: agreement
+    # to a few eps relative to tr(A)
+    np.testing.assert_allclose(out["estimates"], ref, rtol=0, atol=1e-12 * np.trace(A).real)
+    m = Om.shape[1]
+    without = [naive_xnystrace(A, np.delete(Om, i, axis=1), improved).mean() for i in range(m)]
+    pseudo = m * ref.mean() - (m - 1) * np.array(without)
+    np.testing.assert_allclose(out["pseudo"], pseudo, rtol=0, atol=1e-11 * np.trace(A).real)
+
+
+def test_one_product_and_exact_for_low_rank(backend):
+    rng = np.random.default_rng(2)
+    U = rng.standard_normal((60, 4))
+    A = U @ U.T
+    est = lt.trace(backend.matrix(A), method="xnystrace", num_matvecs=10, seed=0)
+    assert est.num_matvecs == 10 and est.method == "xnystrace"
+    assert abs(float(est) - np.trace(A)) < 1e-9 * np.trace(A)
+
+
+def test_single_matmat_call():
+    M = test_matrix("poly", 100)
+    calls = []
+    op = lt.LinearOperator.from_callable(
+        matvec=lambda x: M @ x, matmat=lambda X: calls.append(X.shape[1]) or M @ X, shape=M.shape
+    )
+    lt.trace(op, method="xnystrace", num_matvecs=30, seed=0)
+    assert calls == [30]
+    calls.clear()
+    lt.trace(op, method="xnystrace", num_matvecs=30, block_size=12, seed=0)
+    assert calls == [12, 12, 6]
+
+
+def small_mlp_hessian(seed=0):
+    """A Hessian-like matrix: Gauss-Newton part J^T J plus an indefinite residual term."""
+    rng = np.random.default_rng(seed)
+    J = rng.standard_normal((20, 80)) / 5
+    residual = rng.standard_normal((80, 80)) / 10
+    return J.T @ J + (residual + residual.T) / 2
+
+
+@pytest.mark.parametrize(
+    "matrix",
+    [
+        lambda: small_mlp_hessian(),
+        lambda: (lambda S: S + S.T)(np.random.default_rng(1).standard_normal((50, 50))),
+        lambda: test_matrix("flat", 60) - 2.0 * np.eye(60),
+    ],
+    ids=["mlp-like-hessian", "symmetric-gaussian", "shifted-flat"],
+)
+def test_indefinite_operator_raises_naming_xtrace(matrix):
+    with pytest.raises(ValueError, match="positive semidefinite.*method='xtrace'"):
+        lt.trace(matrix(), method="xnystrace", num_matvecs=20, seed=0)
+
+
+def test_non_symmetric_operator_raises():
+    A = np.random.default_rng(0).standard_normal((40, 40)) + 20 * np.eye(40)
+    with pytest.raises(ValueError, match="not Hermitian.*xtrace"):
+        lt.trace(A, method="xnystrace", num_matvecs=10, seed=0)
+
+
+def test_psd_low_rank_does_not_raise():
+    """Round-off on a rank-deficient PSD matrix is not mistaken for indefiniteness."""
+    A = test_matrix("fastexp", 300)  # eigenvalues down to 1e-47: numerically rank ~100
+    est = lt.trace(A, method="xnystrace", num_matvecs=200, seed=0)
+    assert abs(float(est) - np.trace(A)) < 1e-13 * np.trace(A)
+
+
+def test_unbiased():
+    """Mean of 300 estimates within 4 standard errors of tr(A)."""
+    A = test_matrix("slowexp", 100, seed=3)
+    values = np.array(
+        [float(lt.trace(A, method="xnystrace", num_matvecs=8, seed=s)) for s in range(300)]
+    )
+    assert abs(values.mean() - np.trace(A)) < 4 * values.std(ddof=1) / math.sqrt(values.size)
+
+
+@pytest.mark.parametrize("spectrum", ["flat", "poly"])
+def test_interval_coverage(spectrum):
+    """95% intervals cover in 93%-97% of 400 runs (n = 300, m = 60; binomial error 1.1%)."""
+    A = test_matrix(spectrum, 300, seed=0)
+    truth = np.trace(A)
+    hits = 0
+    for seed in range(400):
+        low, high = lt.trace(A, method="xnystrace", num_matvecs=60, seed=seed).ci(0.95)
+        hits += low <= truth <= high
+    assert 0.93 <= hits / 400 <= 0.97, hits
+
+
+def test_repr():
+    assert repr(XNysTrace()) == "XNysTrace(probe=None)"
+    est = lt.trace(test_matrix("poly", 80), method=XNysTrace("rademacher"), num_matvecs=10, seed=0)
+    assert est.info["normalization"] == "plain"
+    assert numpy_of(est.info["estimates"]).shape == (10,)
