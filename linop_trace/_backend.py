@@ -443,6 +443,8 @@ def make_random_source(seed: Any, xp: Any, device: Any) -> RandomSource:
             )
     if isinstance(seed, bool):
         raise TypeError("seed must be an int, None or a generator, got a bool")
+    if isinstance(seed, (int, np.integer)) and seed < 0:
+        raise ValueError(f"seed must be a non-negative int, got {seed}")
     if array_api_compat.is_torch_namespace(xp):
         import torch
 
@@ -760,3 +762,37 @@ def thin_qr(xp: Any, matrix: Any) -> tuple[Any, Any]:
         work = np.array(matrix, order="F", copy=True)
         return scipy.linalg.qr(work, mode="economic", overwrite_a=True, check_finite=False)
     return xp.linalg.qr(matrix)
+
+
+def stop_gradient(x: Any) -> Any:
+    """``x`` cut from automatic differentiation (torch ``detach``, JAX ``stop_gradient``).
+
+    For statistics that only steer the computation (interval shape, stopping tests):
+    they may then be turned into Python numbers without touching the gradient of the
+    estimate. Other libraries: ``x`` itself.
+    """
+    if array_api_compat.is_torch_array(x):
+        return x.detach()
+    if array_api_compat.is_jax_array(x):
+        import jax
+
+        return jax.lax.stop_gradient(x)
+    return x
+
+
+def is_concrete(x: Any) -> bool:
+    """Whether ``x`` has a value now (False for an abstract JAX tracer, e.g. under ``jit``)."""
+    if not _module_loaded("jax"):
+        return True
+    import jax
+
+    return not isinstance(x, jax.core.Tracer)
+
+
+def concrete_float(x: Any) -> float | None:
+    """``float(x)`` of a real scalar without its gradient; ``None`` when it has no value yet
+    (an abstract JAX tracer), so callers can take a path that needs no concrete number."""
+    x = stop_gradient(x)
+    if not is_concrete(x):
+        return None
+    return float(x)

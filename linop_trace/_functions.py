@@ -41,17 +41,20 @@ def _request(
     name = getattr(estimator, "name", repr(estimator))
     if adaptive and not getattr(estimator, "supports_tolerance", False):
         raise ValueError(f"method {name!r} does not support rtol/atol (adaptive stopping)")
+    if max_matvecs is not None:
+        max_matvecs = check_num_matvecs(max_matvecs, name, minimum)
     if num_matvecs is None:
-        num_matvecs = DEFAULT_NUM_MATVECS if not adaptive else max(minimum, 2 * minimum)
+        if adaptive:
+            num_matvecs = max(minimum, 2 * minimum)
+        else:  # without a tolerance, a cap alone is the budget
+            num_matvecs = DEFAULT_NUM_MATVECS if max_matvecs is None else max_matvecs
     num_matvecs = check_num_matvecs(num_matvecs, name, minimum)
     if max_matvecs is None:
         max_matvecs = max(num_matvecs, DEFAULT_MAX_MATVECS) if adaptive else num_matvecs
-    else:
-        max_matvecs = check_num_matvecs(max_matvecs, name, minimum)
-        if max_matvecs < num_matvecs and adaptive:
-            raise ValueError(
-                f"`max_matvecs`={max_matvecs} is smaller than `num_matvecs`={num_matvecs}"
-            )
+    elif max_matvecs < num_matvecs:
+        raise ValueError(
+            f"`max_matvecs`={max_matvecs} is smaller than `num_matvecs`={num_matvecs}"
+        )
     if block_size is None:
         block_size = default_block_size(n, _itemsize(operator), limit=max(max_matvecs, 1))
     else:

@@ -510,6 +510,15 @@ class _BatchedCallable:
         if not columns:
             raise ValueError(f"`{self.name}` was given an empty block")
         for column in columns:
+            try:
+                column_xp = backend.array_namespace(column)
+            except TypeError:
+                column_xp = None
+            if column_xp is not self.xp:
+                what = backend.describe(column) if column_xp is not None else type(column).__name__
+                raise TypeError(
+                    f"`{self.name}` returned {what}, operator is {backend.namespace_name(self.xp)}"
+                )
             if getattr(column, "ndim", None) != 1:
                 raise ValueError(
                     f"`{self.name}` returned shape {tuple(getattr(column, 'shape', ()))}, "
@@ -534,6 +543,8 @@ class _CallableOperator(LinearOperator):
     ) -> None:
         if matvec is None and matmat is None:
             raise ValueError("from_callable needs `matvec` or `matmat`")
+        if not isinstance(shape, (tuple, list)) or len(shape) != 2:
+            raise ValueError(f"`shape` must be a pair (rows, columns), got {shape!r}")
         if like is None:
             import array_api_compat.numpy as np_compat
 
@@ -622,9 +633,12 @@ class _ScaledOperator(LinearOperator):
                     f"cannot scale {operator._describe()} by {backend.describe(scalar)}"
                 )
             dtype = xp.result_type(operator.dtype, scalar.dtype)
+            # the value of a 0-d array is not inspected (it may be traced): assume the worst
             positive = False
+            is_complex = backend.is_complex_dtype(xp, scalar.dtype)
         tags = operator.tags if positive else operator.tags - {"positive_semidefinite"}
-        if isinstance(scalar, complex) and scalar.imag != 0:
+        if is_complex:
+            # a complex multiple of a Hermitian operator is not Hermitian (c A)^H = conj(c) A
             tags = tags - {"hermitian"}
         super().__init__(operator.shape, dtype, xp, operator.device, tags)
         self.operator, self.scalar = operator, scalar

@@ -81,7 +81,7 @@ def _make(name: str) -> Backend:
         import array_api_compat.torch as xp
 
         return Backend(
-            name, xp, torch.device("cpu"), lambda a: torch.from_numpy(np.ascontiguousarray(a))
+            name, xp, torch.device("cpu"), lambda a: torch.from_numpy(np.array(a, order="C"))
         )
     if name == "jax":
         jax = pytest.importorskip("jax", reason="jax is not installed")
@@ -106,6 +106,17 @@ def _make(name: str) -> Backend:
 
         return Backend(name, xp, cupy.cuda.Device(0), cupy.asarray)  # pragma: no cover
     raise AssertionError(name)  # pragma: no cover
+
+
+@pytest.fixture(autouse=True)
+def _restore_estimator_registry():
+    """Estimators a test registers are gone after it: no test sees another's names."""
+    from linop_trace.estimators import _registry
+
+    saved = dict(_registry._REGISTRY)
+    yield
+    _registry._REGISTRY.clear()
+    _registry._REGISTRY.update(saved)
 
 
 @pytest.fixture(params=_selected())

@@ -42,6 +42,33 @@ def test_matvec_returning_wrong_library():
         A @ np.ones(3)
 
 
+def test_matvec_returning_another_library_is_named():
+    torch = pytest.importorskip("torch")
+    A = LinearOperator.from_callable(matvec=lambda x: torch.from_numpy(x), shape=(3, 3))
+    with pytest.raises(TypeError, match="`matvec` returned a torch array.*operator is numpy"):
+        A @ np.ones((3, 2))
+    B = LinearOperator.from_callable(
+        matvec=lambda x: x.numpy(), shape=(3, 3), like=torch.ones(3, dtype=torch.float64)
+    )
+    with pytest.warns(RuntimeWarning, match="could not be vectorized"):
+        with pytest.raises(TypeError, match="`matvec` returned a numpy array.*operator is torch"):
+            B @ torch.ones(3, 2, dtype=torch.float64)
+
+
+def test_budget_cap_without_tolerance_is_honoured_or_refused():
+    est = lt.trace(np.eye(200), method="hutchinson", max_matvecs=10, seed=0)
+    assert est.num_matvecs == 10
+    with pytest.raises(ValueError, match="`max_matvecs`=10 is smaller than `num_matvecs`=50"):
+        lt.trace(np.eye(200), method="hutchinson", num_matvecs=50, max_matvecs=10)
+
+
+def test_negative_seed_and_bad_shape_are_named():
+    with pytest.raises(ValueError, match="seed must be a non-negative int, got -1"):
+        lt.trace(np.eye(200), method="hutchinson", seed=-1)
+    with pytest.raises(ValueError, match=r"`shape` must be a pair \(rows, columns\), got \(5,\)"):
+        LinearOperator.from_callable(matvec=lambda x: x, shape=(5,))
+
+
 def test_input_of_another_library_is_refused_naming_both():
     torch = pytest.importorskip("torch")
     A = aslinearoperator(np.eye(3))

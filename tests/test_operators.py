@@ -222,6 +222,13 @@ def test_tags_survive_transposition_and_are_validated():
         aslinearoperator(np.eye(2), tags={"psd"})
 
 
+def test_complex_array_scalar_drops_hermitian_tag(backend):
+    A = aslinearoperator(backend.matrix(np.eye(2, dtype=complex)), tags={"hermitian"})
+    scaled = A * backend.asarray(np.asarray(1j))
+    assert "hermitian" not in scaled.tags
+    assert "hermitian" not in (1j * A).tags and "hermitian" in (2.0 * A).tags
+
+
 def test_repr_names_library_and_dtype():
     assert "numpy, float64" in repr(aslinearoperator(np.eye(2)))
 

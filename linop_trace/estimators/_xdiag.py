@@ -11,10 +11,67 @@ Z = A^H Q and T = Z^H Omega = Q^H A Omega:
 
     d^(i) = diag(Q Z^H) - (Q s_i) * conj(Z s_i) + conj(w_i) * (y_i - Q t_i + Q s_i (s_i^H t_i)).
 
-The estimate is the mean of the s estimates d^(i); the error estimate (the XTrace one,
-elementwise) is their sample std over sqrt(s). The d^(i) are exchangeable but positively
-correlated, so that error estimate tends to be small (see the coverage measured in
-``tests/estimators/test_diagonal.py``).
+The estimate is the mean of the s estimates d^(i).
+
+The honest error estimate
+-------------------------
+The paper's error estimate (the XTrace one, elementwise) is std(d^(i)) / sqrt(s). The d^(i)
+are exchangeable but positively correlated, so it is too small: its 95% interval covers
+85% (flat spectrum) and 90% (poly) of the entries. The cross jackknife of XTrace (see
+``_xtrace.py``) carries over entry by entry. Write e_i = d^(i) - diag(A) and d_j^(i) for the
+estimate of probe j when probe i is also left out of the sketch (Q_(ij) a basis of Y without
+columns i and j). For Rademacher or unit-modulus probes E[conj(w) w^T] = I, so
+E[e_i | w_k, k != i] = 0, while d_j^(i) does not depend on w_i; hence, entry by entry,
+
+    E|mean_i d^(i) - diag(A)|^2 = (1/s) Re E[conj(e_i) (p_i - diag(A))],
+    p_i = d^(i) + sum_{j != i} (d^(j) - d_j^(i))    (the jackknife pseudo-values),
+
+and for each entry k
+
+    stderr_k^2 = max(sum_i Re conj(d_ki - dbar_k)(p_ki - pbar_k), sum_i |d_ki - dbar_k|^2)
+                 / (s (s - 1)),
+
+floored at the plain value as for XTrace. All pairs come from the same s x s matrices: with
+c_ij = s_i^H s_j, Q_(ij) Q_(ij)^H = Q (I - Pi_ij) Q^H where Pi_ij, the projector onto
+span(s_i, s_j), is (s_i s_i^H - c_ij s_i s_j^H - conj(c_ij) s_j s_i^H + s_j s_j^H)
+/ (1 - |c_ij|^2) (a rank-two downdate). With B = Q S, C = Z S, u_ij = s_i^H t_j:
+
+    d_j^(i) = diag(Q Z^H) - [B_i conj(C_i) - c_ij B_i conj(C_j) - conj(c_ij) B_j conj(C_i)
+              + B_j conj(C_j)] / (1 - |c_ij|^2)
+              + conj(w_j) * (y_j - Q t_j + a_ij B_i + b_ij B_j),
+    a_ij = (u_ij - c_ij u_jj) / (1 - |c_ij|^2),  b_ij = (u_jj - conj(c_ij) u_ij) / (1 - |c_ij|^2),
+
+and every sum over j is an (n, s) by (s, s) product: O(n s^2) flops on top of XDiag's own,
+never an (n, s, s) array, no extra operator product.
+
+Degrees of freedom. Each entry k has a Satterthwaite dof 2 s mean(c_k)^2 / var(c_k) for the
+variance estimate it uses (c_ki the cross products, or the squares |d_ki - dbar_k|^2 where
+the floor applies), clipped to [2, s - 1]. ``Estimate.dof`` is one number, so we report the
+median over the entries, rounded down: the dof of a typical entry, independent of n (the
+minimum would grow more conservative with every entry added: 99.9% coverage on poly).
+Measured coverage of the 95% interval, fraction of (entry, seed) pairs (Rademacher probes,
+n = 300, num_matvecs = 60 so s = 30, ``test_matrix(spectrum, 300, seed=0)``, seeds 0-399):
+
+=========  ======================  ===========================  ===============
+spectrum   honest (mean dof)       honest, t with s - 1 = 29    plain (normal)
+=========  ======================  ===========================  ===============
+flat       94.1% (29)              94.1%                        85.3%
+poly       95.4% (18.7)            94.9%                        90.2%
+slowexp    96.8% (17.4)            96.4%                        91.9%
+smallstep  96.2% (23.9)            96.0%                        92.3%
+fastexp    98.5% (11.0)            97.7%                        92.8%
+=========  ======================  ===========================  ===============
+
+(Standard error of each figure over the seeds: 0.06-0.08 points.) The cross estimate alone
+is unbiased (mean over the entries of E[stderr^2] / MSE: 0.98 flat, 1.00 poly, 1.01
+fastexp); the floor at the plain value raises it to 1.11 on poly and 1.34 on fastexp, where
+the cross estimate is noisy and the plain one is nearly right, so decaying spectra get
+somewhat conservative intervals. Each entry's own dof would cover 94.2% (flat) and 97.8%
+(poly): Satterthwaite's dof from s noisy products is biased low, and the median pools it.
+
+Where 1 - |c_ij|^2 falls below sqrt(eps) (s_i parallel to s_j: Y of numerically deficient
+rank), span(s_i, s_j) = span(s_j) and the pair takes d_j^(i) = d^(j), the exact limit,
+instead of the formula (round-off over round-off).
 """
 
 from __future__ import annotations
@@ -28,30 +85,11 @@ from .._operators import LinearOperator
 from ._base import EstimationRequest, Estimator
 from ._hutchpp import Matmat, adjoint_product, blocked_matmat, conj, hermitian_transpose
 
-__all__ = ["XDiag", "xdiag_core"]
+__all__ = ["XDiag", "xdiag_core", "xdiag_estimates"]
 
 
-def xdiag_core(matmat: Matmat, adjoint: Matmat | None, probes: Any, xp: Any) -> tuple[Any, Any]:
-    """The s exchangeable estimates d^(i) as columns of an ``(n, s)`` array.
-
-    Parameters
-    ----------
-    matmat : callable
-        ``X -> A X``.
-    adjoint : callable or None
-        ``X -> A^H X``; ``None`` when A is self-adjoint (``A Q`` is used).
-    probes : array (n, s)
-        Rademacher (real) or unit-modulus (complex) probes: the estimator needs
-        ``conj(w) * w = 1``.
-    xp : namespace
-
-    Returns
-    -------
-    estimates : array (n, s)
-        d^(i) in column i; their row means are the XDiag estimate.
-    low_rank_diagonal : array (n,)
-        ``diag(QQ^H A)``.
-    """
+def _leave_one_out(matmat: Matmat, adjoint: Matmat | None, probes: Any, xp: Any) -> dict:
+    """The two products, the d^(i) and the (n, s) / (s, s) pieces the pairs reuse."""
     image = matmat(probes)
     basis, triangular = backend.thin_qr(xp, image)
     adjoint_basis = matmat(basis) if adjoint is None else adjoint(basis)  # Z = A^H Q
@@ -74,7 +112,216 @@ def xdiag_core(matmat: Matmat, adjoint: Matmat | None, probes: Any, xp: Any) -> 
         - basis_down * conj(adjoint_down, xp)
         + conj(probes, xp) * left_out
     )
-    return estimates, low_rank_diagonal
+    return {
+        "estimates": estimates,
+        "low_rank_diagonal": low_rank_diagonal,
+        "probes": probes,
+        "projected": projected,
+        "downdate": downdate,
+        "weights": weights,
+        "left_out": left_out,
+        "basis_down": basis_down,
+        "adjoint_down": adjoint_down,
+    }
+
+
+def xdiag_core(matmat: Matmat, adjoint: Matmat | None, probes: Any, xp: Any) -> tuple[Any, Any]:
+    """The s exchangeable estimates d^(i) as columns of an ``(n, s)`` array.
+
+    Parameters
+    ----------
+    matmat : callable
+        ``X -> A X``.
+    adjoint : callable or None
+        ``X -> A^H X``; ``None`` when A is self-adjoint (``A Q`` is used).
+    probes : array (n, s)
+        Rademacher (real) or unit-modulus (complex) probes: the estimator needs
+        ``conj(w) * w = 1``.
+    xp : namespace
+
+    Returns
+    -------
+    estimates : array (n, s)
+        d^(i) in column i; their row means are the XDiag estimate.
+    low_rank_diagonal : array (n,)
+        ``diag(QQ^H A)``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import array_api_compat.numpy as xp
+    >>> from linop_trace.estimators._xdiag import xdiag_core
+    >>> rng = np.random.default_rng(0)
+    >>> U = rng.standard_normal((50, 3))
+    >>> A = U @ U.T  # rank 3 < s - 1
+    >>> W = rng.choice([-1.0, 1.0], size=(50, 6))
+    >>> estimates, _ = xdiag_core(lambda X: A @ X, None, W, xp)
+    >>> estimates.shape, bool(np.allclose(estimates.mean(axis=1), np.diag(A)))
+    ((50, 6), True)
+    """
+    parts = _leave_one_out(matmat, adjoint, probes, xp)
+    return parts["estimates"], parts["low_rank_diagonal"]
+
+
+def _pair_sums(parts: dict, xp: Any) -> Any:
+    """``sum_{j != i} d_j^(i)`` in column i: the estimates with two probes left out.
+
+    The formula is in the module docstring; each sum over j is one (n, s) @ (s, s) product.
+    """
+    downdate = parts["downdate"]
+    count = downdate.shape[1]
+    dtype = downdate.dtype
+    device = backend.device_of(downdate)
+    probes_c = conj(parts["probes"], xp)
+    basis_down = parts["basis_down"]  # B = Q S
+    adjoint_down_c = conj(parts["adjoint_down"], xp)  # conj(C), C = Z S
+    gram = hermitian_transpose(downdate, xp) @ downdate  # c_ij = s_i^H s_j
+    gram_c = conj(gram, xp)
+    inner = hermitian_transpose(downdate, xp) @ parts["projected"]  # u_ij = s_i^H t_j
+    eye = xp.eye(count, dtype=dtype, device=device)
+    off = 1 - eye
+    # 1 - |c_ij|^2 = |s_i - conj(c_ij) s_j|^2. Where it vanishes (s_i parallel to s_j, Y of
+    # numerically deficient rank) span(s_i, s_j) = span(s_j), so d_j^(i) = d^(j): such pairs
+    # take d^(j) instead of the formula, which would divide round-off by round-off.
+    determinant = (
+        1 - xp.real(gram * gram_c) if backend.is_complex_dtype(xp, dtype) else (1 - gram * gram)
+    )
+    tolerance = math.sqrt(float(xp.finfo(determinant.dtype).eps))
+    valid = xp.astype((determinant > tolerance) & (off != 0), dtype)
+    parallel = off - valid
+    determinant = xp.where(determinant > tolerance, determinant, xp.ones_like(determinant))
+    inverse = valid / xp.astype(determinant, dtype)  # 1 / (1 - |c_ij|^2); 0 if j = i
+    diagonal_inner = xp.sum(inner * eye, axis=0)[None, :]  # u_jj, by column j
+    coef_i = (inner - gram * diagonal_inner) * inverse  # a_ij
+    coef_j = (diagonal_inner - gram_c * inner) * inverse  # b_ij
+    cross = basis_down * adjoint_down_c  # B_ki conj(C_ki)
+    # conj(w_j) * (y_j - Q t_j): the one-left-out residual term without its downdate
+    residual = probes_c * parts["left_out"] - probes_c * basis_down * parts["weights"][None, :]
+    transpose = xp.matrix_transpose
+    pairs = (
+        parts["low_rank_diagonal"][:, None] * xp.sum(valid, axis=1)[None, :]
+        - cross * xp.sum(inverse, axis=1)[None, :]
+        + basis_down * (adjoint_down_c @ transpose(gram * inverse))
+        + adjoint_down_c * (basis_down @ transpose(gram_c * inverse))
+        - cross @ transpose(inverse)
+        + basis_down * (probes_c @ transpose(coef_i))
+        + (probes_c * basis_down) @ transpose(coef_j)
+        # the residual terms of the valid pairs and d^(j) for the parallel ones, one product
+        + xp.concat([residual, parts["estimates"]], axis=1)
+        @ xp.concat([transpose(valid), transpose(parallel)], axis=0)
+    )
+    return pairs
+
+
+def _satterthwaite(products: Any, xp: Any) -> Any:
+    """Per-row Satterthwaite dof ``2 s mean^2 / var`` of the variance estimate
+    ``sum(products) / (s (s - 1))``, clipped to [2, s - 1]; 2 where mean <= 0 and s - 1
+    where the products are constant (var 0)."""
+    s = products.shape[1]
+    mean = xp.mean(products, axis=1)
+    spread = xp.sum((products - mean[:, None]) ** 2, axis=1) / (s - 1)
+    positive = spread > 0
+    dof = 2 * s * mean**2 / xp.where(positive, spread, xp.ones_like(spread))
+    dof = xp.where(mean > 0, dof, xp.full_like(dof, 2))
+    dof = xp.where(positive, dof, xp.full_like(dof, s - 1))  # constant: exact entries
+    return xp.minimum(xp.maximum(dof, xp.full_like(dof, 2)), xp.full_like(dof, s - 1))
+
+
+def elementwise_honest_error(estimates: Any, pseudo: Any, xp: Any) -> dict[str, Any]:
+    """Entrywise cross-jackknife standard errors and one Student-t dof.
+
+    Parameters
+    ----------
+    estimates : array (n, s)
+        The exchangeable estimates d^(i) in columns.
+    pseudo : array (n, s)
+        Their jackknife pseudo-values p_i.
+    xp : namespace
+
+    Returns
+    -------
+    dict
+        ``stderr`` (n,): sqrt(max(sum cross, sum square) / (s (s - 1))) entry by entry;
+        ``stderr_plain`` (n,): std(d^(i)) / sqrt(s); ``dof``: the median over the entries
+        (the lower median for even n) of the Satterthwaite dof of the variance estimate
+        each entry uses, rounded down.
+
+    Examples
+    --------
+    >>> import array_api_compat.numpy as xp
+    >>> import numpy as np
+    >>> from linop_trace.estimators._xdiag import elementwise_honest_error
+    >>> d = np.array([[1.0, 2.0, 3.0], [0.0, 0.0, 0.0]])
+    >>> out = elementwise_honest_error(d, 2 * d, xp)
+    >>> out["stderr"].tolist(), out["stderr_plain"].tolist(), out["dof"]
+    ([0.816496580927726, 0.0], [0.5773502691896257, 0.0], 2)
+    """
+    s = estimates.shape[1]
+    deviation = estimates - xp.mean(estimates, axis=1)[:, None]
+    pseudo_deviation = pseudo - xp.mean(pseudo, axis=1)[:, None]
+    cross = conj(deviation, xp) * pseudo_deviation
+    if backend.is_complex_dtype(xp, cross.dtype):
+        cross = xp.real(cross)
+        square = xp.real(conj(deviation, xp) * deviation)
+    else:
+        square = deviation**2
+    cross_sum = xp.sum(cross, axis=1)
+    square_sum = xp.sum(square, axis=1)
+    floored = cross_sum < square_sum
+    variance = xp.where(floored, square_sum, cross_sum) / (s * (s - 1))
+    dofs = xp.where(floored, _satterthwaite(square, xp), _satterthwaite(cross, xp))
+    median = xp.sort(dofs)[(dofs.shape[0] - 1) // 2]
+    return {
+        "stderr": xp.sqrt(variance),
+        "stderr_plain": xp.sqrt(square_sum / (s * (s - 1))),
+        "dof": int(math.floor(float(median))),
+    }
+
+
+def xdiag_estimates(matmat: Matmat, adjoint: Matmat | None, probes: Any, xp: Any) -> dict[str, Any]:
+    """XDiag with its honest elementwise error estimate (pure: products, no randomness).
+
+    Parameters
+    ----------
+    matmat, adjoint, probes, xp
+        As for :func:`xdiag_core`.
+
+    Returns
+    -------
+    dict
+        ``estimates`` d^(i) (n, s); ``pseudo`` the pseudo-values p_i (n, s);
+        ``low_rank_diagonal`` (n,); ``value`` (n,); and for s >= 2 ``stderr``,
+        ``stderr_plain``, ``dof`` (see :func:`elementwise_honest_error`), else ``None``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import array_api_compat.numpy as xp
+    >>> from linop_trace.estimators._xdiag import xdiag_estimates
+    >>> rng = np.random.default_rng(0)
+    >>> A = rng.standard_normal((40, 40))
+    >>> W = rng.choice([-1.0, 1.0], size=(40, 10))
+    >>> out = xdiag_estimates(lambda X: A @ X, lambda X: A.T @ X, W, xp)
+    >>> out["pseudo"].shape, bool(np.all(out["stderr"] >= out["stderr_plain"]))
+    ((40, 10), True)
+    """
+    parts = _leave_one_out(matmat, adjoint, probes, xp)
+    estimates = parts["estimates"]
+    value = xp.mean(estimates, axis=1)
+    # p_i = d^(i) + sum_{j != i} (d^(j) - d_j^(i)) = sum_j d^(j) - sum_{j != i} d_j^(i)
+    pseudo = xp.sum(estimates, axis=1)[:, None] - _pair_sums(parts, xp)
+    out: dict[str, Any] = {
+        "estimates": estimates,
+        "pseudo": pseudo,
+        "low_rank_diagonal": parts["low_rank_diagonal"],
+        "value": value,
+        "stderr": None,
+        "stderr_plain": None,
+        "dof": None,
+    }
+    if estimates.shape[1] > 1:
+        out.update(elementwise_honest_error(estimates, pseudo, xp))
+    return out
 
 
 class XDiag(Estimator):
@@ -86,9 +333,13 @@ class XDiag(Estimator):
     operators, unit-modulus for complex ones (other probe kinds raise ``ValueError``).
     Exact when rank(A) < s.
 
-    ``stderr`` is the elementwise XTrace-style error estimate std(d^(i)) / sqrt(s), the
-    one of the paper; it is not a calibrated interval (the d^(i) are positively
-    correlated), so ``ci`` is optimistic.
+    ``stderr`` is the honest elementwise error estimate: the covariance of the leave-one-out
+    estimates d^(i) with their jackknife pseudo-values, entry by entry, floored at the plain
+    value; ``dof`` is the median over the entries of their Satterthwaite dof (see the module
+    docstring). Measured coverage of the 95% interval (n = 300, num_matvecs = 60, 400 seeded
+    runs, fraction of entries covered): 94.1% on the flat spectrum and 95.4% on the
+    polynomial one, where the paper's std(d^(i)) / sqrt(s) covers 85.3% and 90.2%. That plain
+    estimate is kept as ``info["stderr_plain"]``.
 
     Examples
     --------
@@ -113,28 +364,22 @@ class XDiag(Estimator):
                 f"probe={request.probes.kind!r}; use method='diag++' for other probes"
             )
         count = request.num_matvecs // 2
-        estimates, low_rank = xdiag_core(
+        result = xdiag_estimates(
             blocked_matmat(operator, request),
             adjoint_product(operator, request, self.name),
             request.probes(count),
             xp,
         )
-        value = xp.mean(estimates, axis=1)
-        stderr = None
-        if count > 1:
-            deviation = estimates - value[:, None]
-            square = (
-                xp.abs(deviation) ** 2
-                if xp.isdtype(deviation.dtype, "complex floating")
-                else deviation**2
-            )
-            stderr = xp.sqrt(xp.sum(square, axis=1) / (count - 1)) / math.sqrt(count)
         return Estimate(
-            value,
-            stderr,
+            result["value"],
+            result["stderr"],
             request.matmat.columns,
             self.name,
             converged=None,
-            dof=None,
-            info={"num_probes": count, "low_rank_diagonal": low_rank},
+            dof=result["dof"],
+            info={
+                "num_probes": count,
+                "low_rank_diagonal": result["low_rank_diagonal"],
+                "stderr_plain": result["stderr_plain"],
+            },
         )
