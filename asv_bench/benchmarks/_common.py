@@ -1,0 +1,184 @@
+"""What the benchmark modules share: backends and devices, thread pinning, test operators.
+
+A benchmark whose backend, device or method is not available here raises
+``NotImplementedError`` in ``setup``; asv reports that combination as skipped (``n/a``),
+so the suite never errors on a machine without torch, JAX or a GPU, nor before a method
+is registered.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+
+BACKENDS = ["numpy", "torch", "jax"]
+DEVICES = ["cpu", "cuda"]
+
+#: Budget of operator applications of every timed estimator (the issue's m).
+NUM_MATVECS = 100
+
+TRACE_METHODS = ["hutchinson", "hutch++", "na-hutch++", "xtrace", "xnystrace"]
+DIAGONAL_METHODS = ["hutchinson", "diag++", "xdiag"]
+
+_pinned = None
+
+
+def pin_threads() -> None:
+    """One BLAS/OpenMP thread, one torch thread: timings comparable on a shared machine.
+
+    Environment variables such as OMP_NUM_THREADS only act before NumPy is imported, which
+    asv does before ``setup``; threadpoolctl changes the loaded BLAS in place. asv.conf.json
+    also sets them (and XLA_FLAGS, which JAX reads at start-up) for every benchmark process.
+    """
+    global _pinned
+    if _pinned is None:
+        from threadpoolctl import threadpool_limits
+
+        _pinned = threadpool_limits(limits=1)
+    torch = _loaded("torch")
+    if torch is not None and torch.get_num_threads() != 1:
+        torch.set_num_threads(1)
+
+
+def _loaded(name: str) -> Any:
+    import sys
+
+    return sys.modules.get(name)
+
+
+def require_method(name: str, quantity: str) -> None:
+    """Skip (NotImplementedError) when ``name`` is not a registered ``quantity`` method."""
+    import linop_trace
+
+    if name not in linop_trace.available_methods(quantity):
+        raise NotImplementedError(f"method {name!r} is not registered for {quantity}")
+
+
+@dataclass
+class Backend:
+    """One array library on one device, as the benchmarks use it."""
+
+    name: str
+    device: str
+    dense: Callable[[np.ndarray], Any]
+    sparse: Callable[[sp.csr_array], Any]
+    like: Callable[[], Any]
+    sync: Callable[[Any], Any]
+
+
+@functools.cache
+def get_backend(name: str, device: str) -> Backend:
+    """The backend, or NotImplementedError naming what is missing (asv skips it)."""
+    if device not in DEVICES:
+        raise ValueError(f"unknown device {device!r}")
+    if name == "numpy":
+        if device != "cpu":
+            raise NotImplementedError("NumPy and SciPy arrays live on the CPU only")
+        return Backend(name, device, lambda a: a, lambda s: s, lambda: np.zeros(1), _no_sync)
+    if name == "torch":
+        try:
+            import torch
+        except ImportError as error:
+            raise NotImplementedError(f"torch is not installed: {error}") from None
+        if device == "cuda" and not torch.cuda.is_available():
+            raise NotImplementedError("torch sees no CUDA device")
+        where = torch.device(device)
+
+        def torch_sparse(s: sp.csr_array) -> Any:
+            s = sp.csr_array(s)
+            return torch.sparse_csr_tensor(
+                torch.from_numpy(s.indptr.astype(np.int64)),
+                torch.from_numpy(s.indices.astype(np.int64)),
+                torch.from_numpy(s.data),
+                size=s.shape,
+                device=where,
+            )
+
+        def torch_sync(value: Any) -> Any:
+            if device == "cuda":
+                torch.cuda.synchronize()
+            return value
+
+        return Backend(
+            name,
+            device,
+            lambda a: torch.as_tensor(a, device=where),
+            torch_sparse,
+            lambda: torch.zeros(1, dtype=torch.float64, device=where),
+            torch_sync,
+        )
+    if name == "jax":
+        try:
+            import jax
+        except ImportError as error:
+            raise NotImplementedError(f"jax is not installed: {error}") from None
+        jax.config.update("jax_enable_x64", True)  # float64, like the other libraries
+        import jax.numpy as jnp
+        from jax.experimental import sparse as jsparse
+
+        platform = "cpu" if device == "cpu" else "gpu"
+        try:
+            where = jax.devices(platform)[0]
+        except RuntimeError:
+            raise NotImplementedError(f"jax sees no {platform} device") from None
+
+        def jax_sync(value: Any) -> Any:
+            leaf = getattr(value, "value", value)
+            if hasattr(leaf, "block_until_ready"):
+                leaf.block_until_ready()
+            return value
+
+        return Backend(
+            name,
+            device,
+            lambda a: jax.device_put(jnp.asarray(a), where),
+            lambda s: jax.device_put(jsparse.BCOO.from_scipy_sparse(sp.coo_matrix(s)), where),
+            lambda: jax.device_put(jnp.zeros(1, dtype=jnp.float64), where),
+            jax_sync,
+        )
+    raise ValueError(f"unknown backend {name!r}")
+
+
+def _no_sync(value: Any) -> Any:
+    return value
+
+
+def sync_estimate(backend: Backend, estimate: Any) -> Any:
+    """Wait until an Estimate's (or an array's) value is computed (GPU/JAX are async)."""
+    return backend.sync(getattr(estimate, "value", estimate))
+
+
+@functools.lru_cache(maxsize=4)
+def dense_psd(n: int) -> np.ndarray:
+    """A dense symmetric positive definite n x n matrix (eigenvalues linspace(3, 1, n))."""
+    from linop_trace._testing import test_matrix
+
+    return test_matrix("flat", n, seed=0)
+
+
+@functools.lru_cache(maxsize=4)
+def sparse_psd(n: int, per_row: int = 10, seed: int = 0) -> sp.csr_array:
+    """A sparse symmetric diagonally dominant (so positive definite) n x n CSR matrix.
+
+    About ``2 * per_row + 1`` nonzeros per row: the size of problem (a mesh or graph
+    operator) for which people use estimators instead of forming the matrix.
+    """
+    rng = np.random.default_rng(seed)
+    count = n * per_row
+    rows = rng.integers(0, n, count)
+    cols = rng.integers(0, n, count)
+    values = rng.standard_normal(count)
+    B = sp.csr_array(sp.coo_array((values, (rows, cols)), shape=(n, n)))
+    S = B + B.T
+    margin = np.asarray(abs(S).sum(axis=1)).ravel() + 1.0
+    return sp.csr_array(S + sp.diags_array(margin - S.diagonal()))
+
+
+def laplacian_1d(n: int) -> sp.csr_array:
+    """The 1-d Dirichlet Laplacian tridiag(-1, 2, -1): trace 2n, diagonal all 2."""
+    return sp.csr_array(sp.diags([-1.0, 2.0, -1.0], [-1, 0, 1], shape=(n, n)))

@@ -1,0 +1,264 @@
+"""The evidence matrix of linop_trace: tests per backend and Python, oldest deps, lint, docs, bench.
+
+``nox`` runs the default sessions (every ``tests`` variant, ``oldest`` and ``lint``);
+``nox -l`` lists them all; ``nox -s docs`` and ``nox -s bench`` build the docs and run
+the benchmarks. Arguments after ``--`` go to pytest, e.g. ``nox -s "tests(numpy-3.11)" -- -x -k trace``.
+
+Every install passes ``-c constraints.txt`` (the exact torch release; any other pulls a
+multi-GB CUDA build), and each test session installs only its backend's extra, so a
+missing optional dependency is caught by the session of the backend that does not have it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import nox
+
+ROOT = Path(__file__).resolve().parent
+CONSTRAINTS = str(ROOT / "constraints.txt")
+
+nox.needs_version = ">=2024.3.2"
+nox.options.default_venv_backend = "virtualenv"
+nox.options.error_on_missing_interpreters = True
+# Never fetch an interpreter: the matrix runs on the Pythons the machine has.
+if hasattr(nox.options, "download_python"):
+    nox.options.download_python = "never"
+# What plain `nox` (the README's test command and .ci/run) runs: the whole test matrix,
+# the oldest supported dependencies and lint. docs and bench are asked for by name.
+nox.options.sessions = ["tests", "oldest", "lint"]
+
+#: (backend, Pythons with wheels for it here, extra that brings its library)
+MATRIX = {
+    "numpy": (("3.10", "3.11", "3.12", "3.13"), None),
+    "scipy": (("3.11",), None),
+    "torch": (("3.11",), "torch"),  # the pinned torch==2.13.0 CPU wheel exists for 3.11 only
+    "jax": (("3.10", "3.11", "3.12", "3.13"), "jax"),
+    "strict": (("3.11",), "strict"),
+    "cupy": (("3.11",), "cupy"),
+}
+
+#: Threads for BLAS/OpenMP in test sessions: small matrices gain nothing from more, and
+#: two sessions' worth of threads on a 2-core CI machine only contend.
+TEST_THREADS = {
+    "OMP_NUM_THREADS": "1",
+    "OPENBLAS_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+}
+
+
+def _use_pyenv_interpreters() -> None:
+    """Let ``python3.10`` ... ``python3.13`` resolve through pyenv shims.
+
+    With pyenv, only the selected versions' ``python3.X`` answer on PATH; the others say
+    "command not found" until they are listed in PYENV_VERSION (which ``pyenv exec``, and
+    so a shimmed ``nox``, sets to the current version). For each of 3.10-3.13 that does
+    not run but is installed under pyenv, append it to PYENV_VERSION; what was selected
+    stays first, so ``python`` keeps meaning what it meant.
+    """
+    if shutil.which("pyenv") is None:
+        return
+
+    def runs(command: str) -> bool:
+        try:
+            return subprocess.run([command, "-V"], capture_output=True).returncode == 0
+        except OSError:
+            return False
+
+    missing = [f"3.{minor}" for minor in range(10, 14) if not runs(f"python3.{minor}")]
+    if not missing:
+        return
+    try:
+        installed = subprocess.run(
+            ["pyenv", "versions", "--bare", "--skip-aliases"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.split()
+        selected = (
+            os.environ.get("PYENV_VERSION")
+            or subprocess.run(
+                ["pyenv", "version-name"], capture_output=True, text=True, check=True
+            ).stdout.strip()
+        )
+    except (OSError, subprocess.CalledProcessError):
+        return
+    chosen = [v for v in selected.split(":") if v]
+    for version in missing:
+        matches = [v for v in installed if re.fullmatch(re.escape(version) + r"\.\d+", v)]
+        if matches:
+            chosen.append(max(matches, key=lambda v: int(v.rsplit(".", 1)[1])))
+    os.environ["PYENV_VERSION"] = ":".join(chosen)
+
+
+_use_pyenv_interpreters()
+
+
+def _test_params() -> list:
+    params = []
+    for backend, (pythons, _) in MATRIX.items():
+        for python in pythons:
+            params.append(nox.param(python, backend, id=f"{backend}-{python}", tags=[backend]))
+    return params
+
+
+def _cuda_device_present() -> tuple[bool, str]:
+    """Whether a CUDA device is visible, and what was seen (for the skip message)."""
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return False, "nvidia-smi is not on PATH"
+    try:
+        out = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as error:
+        return False, f"nvidia-smi failed: {error}"
+    gpus = [line for line in out.stdout.splitlines() if line.startswith("GPU ")]
+    if out.returncode != 0 or not gpus:
+        return False, f"nvidia-smi lists no GPU (exit code {out.returncode})"
+    return True, "; ".join(gpus)
+
+
+def _pytest(session: nox.Session, *default_args: str) -> None:
+    """Run pytest with the session's arguments added after the defaults.
+
+    With ``LINOP_TRACE_JUNIT_DIR`` set (``.ci/run`` does), each run also writes a JUnit
+    report there, so CI can print one pass/fail line for the whole matrix.
+    """
+    report = []
+    junit_dir = os.environ.get("LINOP_TRACE_JUNIT_DIR")
+    if junit_dir:
+        safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", session.name).strip("_")
+        report = [f"--junitxml={Path(junit_dir) / safe}.xml"]
+    session.run("python", "-m", "pytest", *default_args, *report, *session.posargs)
+
+
+@nox.session
+@nox.parametrize(["python", "backend"], _test_params())
+def tests(session: nox.Session, backend: str) -> None:
+    """Run the test suite on one array backend (numpy, scipy, torch, jax, strict, cupy).
+
+    Installs ``.[test]`` plus only that backend's extra and sets
+    ``LINOP_TRACE_BACKENDS=<backend>`` so tests/conftest.py's ``backend`` fixture runs
+    that library alone. ``cupy`` skips with the reason when no CUDA device is present.
+    """
+    extra = MATRIX[backend][1]
+    if backend == "cupy":
+        present, seen = _cuda_device_present()
+        if not present:
+            session.skip(f"cupy needs a CUDA device and none is present ({seen})")
+    extras = "test" if extra is None else f"test,{extra}"
+    session.install("-c", CONSTRAINTS, "-e", f".[{extras}]")
+    session.env.update(TEST_THREADS)
+    session.env["LINOP_TRACE_BACKENDS"] = backend
+    _pytest(session, "-q")
+
+
+def _lower_bounds(requirements: list[str]) -> list[str]:
+    """``name>=X`` -> ``name==X`` for every requirement that states a lower bound."""
+    pins = []
+    for requirement in requirements:
+        match = re.match(r"^\s*([A-Za-z0-9_.\-]+)\s*>=\s*([^,;\s]+)", requirement)
+        if match:
+            pins.append(f"{match.group(1)}=={match.group(2)}")
+    return pins
+
+
+def _tomllib():
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # nox itself may run on 3.10
+        import tomli as tomllib
+    return tomllib
+
+
+@nox.session(python="3.10")
+def oldest(session: nox.Session) -> None:
+    """Run the tests on the oldest Python with the lowest numpy, scipy, array-api-compat.
+
+    Builds a constraints file from the lower bounds of pyproject.toml's core
+    dependencies (``numpy>=X`` becomes ``numpy==X``) and installs exactly those, so the
+    stated minimums are tested, not assumed. Backends: numpy, scipy, strict.
+    """
+    project = _tomllib().loads((ROOT / "pyproject.toml").read_text())["project"]
+    pins = _lower_bounds(project["dependencies"])
+    oldest_constraints = Path(session.create_tmp()) / "oldest-constraints.txt"
+    oldest_constraints.write_text("\n".join(pins) + "\n")
+    session.log("pinned to the lower bounds: " + ", ".join(pins))
+    session.install("-c", CONSTRAINTS, "-c", str(oldest_constraints), "-e", ".[test]")
+    session.run("python", "-m", "pip", "list", "--format=freeze", silent=False)
+    session.env.update(TEST_THREADS)
+    session.env["LINOP_TRACE_BACKENDS"] = "numpy,scipy,strict"
+    _pytest(session, "-q")
+
+
+@nox.session(python="3.11")
+def lint(session: nox.Session) -> None:
+    """ruff check, ruff format --check, and mypy on the linop_trace package."""
+    session.install("-c", CONSTRAINTS, "-e", ".[lint]")
+    session.run("ruff", "check", *(session.posargs or ["."]))
+    session.run("ruff", "format", "--check", *(session.posargs or ["."]))
+    session.run("mypy", "linop_trace")
+
+
+@nox.session(python="3.11", default=False)
+def docs(session: nox.Session) -> None:
+    """Build the Sphinx site with warnings as errors and run every public docstring's doctest.
+
+    The gallery (docs/examples/plot_*.py) executes during the build, so torch and jax are
+    installed. ``nox -s docs -- -b linkcheck`` etc. pass extra options to sphinx-build.
+    """
+    session.install("-c", CONSTRAINTS, "-e", ".[docs,test,torch,jax]")
+    session.env.update(TEST_THREADS)
+    session.env["MPLBACKEND"] = "Agg"
+    session.run(
+        "python",
+        "-m",
+        "pytest",
+        "-q",
+        "--doctest-modules",
+        "-p",
+        "no:cacheprovider",
+        "linop_trace",
+    )
+    build = ROOT / "docs" / "_build" / "html"
+    session.run(
+        "sphinx-build",
+        "-W",
+        "--keep-going",
+        "-b",
+        "html",
+        *session.posargs,
+        "docs",
+        str(build),
+    )
+    session.log(f"docs built in {build}")
+
+
+@nox.session(python="3.11", default=False)
+def bench(session: nox.Session) -> None:
+    """``asv check`` and ``asv run --quick --python=same`` over the whole benchmark suite.
+
+    Runs in this session's environment (asv's "existing" environment), so no per-commit
+    builds; fails if any benchmark errors. Extra arguments go to ``asv run``
+    (e.g. ``nox -s bench -- --bench track_``).
+    """
+    session.install("-c", CONSTRAINTS, "-e", ".[bench,torch,jax]")
+    # Single-threaded kernels make timings comparable run to run (also set in asv.conf.json).
+    session.env.update(TEST_THREADS)
+    session.env["XLA_FLAGS"] = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+    session.env["MPLBACKEND"] = "Agg"
+    session.chdir(ROOT / "asv_bench")
+    session.run("asv", "machine", "--yes")
+    session.run("asv", "check", "--python=same")
+    session.run(
+        "asv",
+        "run",
+        "--quick",
+        "--python=same",
+        "--show-stderr",
+        *session.posargs,
+    )
