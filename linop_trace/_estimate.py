@@ -73,14 +73,16 @@ class Estimate:
         xp = backend.array_namespace(self.value)
         if backend.is_complex_dtype(xp, self.value.dtype):
             raise ValueError("a confidence interval needs a real value; this estimate is complex")
-        half_width = self.quantile(level) * self.stderr
-        low, high = self.value - half_width, self.value + half_width
-        if self.value.ndim == 0:
+        # intervals are reported, not differentiated: detach before leaving the library
+        value = backend.stop_gradient(self.value)
+        half_width = self.quantile(level) * backend.stop_gradient(self.stderr)
+        low, high = value - half_width, value + half_width
+        if value.ndim == 0:
             return float(low), float(high)
         return low, high
 
     def __float__(self) -> float:
-        return float(self.value)
+        return float(backend.stop_gradient(self.value))
 
     def __complex__(self) -> complex:
         return complex(self.value)

@@ -123,6 +123,8 @@ class LinearOperator:
             device = backend.device_of(block)
         except Exception:  # tracers under jit/vmap may not carry a device
             device = self.device
+        if device is None:  # JAX tracers report no device
+            device = self.device
         if not backend.same_device(device, self.device):
             raise ValueError(
                 f"`{name}` got an array on {device}, operator is {self._describe()}; "

@@ -22,29 +22,36 @@ documentation: within 1.5x of the better of Hutchinson and XTrace on each.
 Operators tagged ``"positive_semidefinite"`` get XNysTrace with the whole budget (if
 its products contradict the tag, Hutchinson's estimate from the same products).
 
-Diagonal: exact when cheap, else ``"xdiag"`` when registered (looked up at call time)
-and the operator has an adjoint (XDiag needs A^H), else Hutchinson's diagonal estimator.
+Diagonal: exact when cheap, else ``"xdiag"`` when registered (looked up at call time),
+the probes are Rademacher or Steinhaus (the default) and the operator has an adjoint
+(XDiag needs A^H); else Diag++ when the operator has an adjoint, else Hutchinson's
+diagonal estimator.
 """
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Any
 
 from .. import _backend as backend
 from .._estimate import Estimate
 from .._operators import LinearOperator
-from ._base import EstimationRequest, Estimator
+from ._base import (
+    EstimationRequest,
+    Estimator,
+    blocked_matmat,
+    column_inner,
+    hermitian_transpose,
+)
+from ._diagpp import DiagPlusPlus
 from ._exact import Exact
-from ._hutchinson import Hutchinson, hutchinson_trace_samples, mean_and_stderr
+from ._hutchinson import Hutchinson, hutchinson_draw, hutchinson_estimate, hutchinson_until
 from ._xtrace import (
     ROTATION_INVARIANT,
     _abs2,
-    _blocked,
-    _cdot_columns,
     _diag,
     _downdate_directions,
-    _h,
     _real,
     orthonormal_basis,
     xtrace_finish,
@@ -52,6 +59,9 @@ from ._xtrace import (
 )
 
 __all__ = ["Auto", "predicted_variances"]
+
+#: Probes XDiag accepts (unit modulus); with others the diagonal goes to Diag++.
+XDIAG_PROBES = ("rademacher", "steinhaus")
 
 
 def _has_adjoint(operator: LinearOperator) -> bool:
@@ -76,27 +86,50 @@ def predicted_variances(probes: Any, images: Any, num_matvecs: int, xp: Any) -> 
     """Predicted variances of Hutchinson (all ``num_matvecs`` columns as probes) and of
     XTrace (``probes.shape[1]`` probes) from the first products ``images = A @ probes``.
 
-    Pure linear algebra, no operator. Returns ``(hutchinson, xtrace)`` as floats.
+    Pure linear algebra, no operator. Returns ``(hutchinson, xtrace)`` as floats (NaN
+    when the products have no concrete value, e.g. JAX tracers under ``jit``).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from linop_trace.estimators._auto import predicted_variances
+    >>> rng = np.random.default_rng(0)
+    >>> U = rng.standard_normal((50, 3))
+    >>> probes = rng.standard_normal((50, 6))
+    >>> hutch, xtrace = predicted_variances(probes, U @ (U.T @ probes), 12, np)
+    >>> bool(xtrace < hutch)  # rank 3 < 6 probes: the sketch captures A
+    True
     """
+    hutch, xtrace, _, _ = _predict(probes, images, num_matvecs, xp)
+    return hutch, xtrace
+
+
+def _predict(probes: Any, images: Any, num_matvecs: int, xp: Any) -> tuple[float, float, Any, Any]:
+    """:func:`predicted_variances` plus XTrace's basis Q of range(images) and its downdate
+    directions, so that XTrace, if chosen, does not compute them again."""
     n, s = probes.shape
-    samples = _cdot_columns(probes, images, xp)
+    samples = column_inner(probes, images, xp)
     mean = xp.mean(samples)
     deviation = samples - mean
-    hutch = float(xp.sum(_abs2(deviation, xp))) / max(s - 1, 1) / num_matvecs
+    spread = backend.concrete_float(xp.sum(_abs2(deviation, xp)))
     mu = mean / n
     basis = orthonormal_basis(images, xp)
-    qh = _h(basis, xp)
+    qh = hermitian_transpose(basis, xp)
     r = qh @ images
     w = qh @ probes
     sdir = _downdate_directions(r, xp)
-    sh = _h(sdir, xp)
+    sh = hermitian_transpose(sdir, xp)
     alpha = _diag(sh @ w, xp)  # s_i^H w_i
     beta = _diag(sh @ r, xp)  # s_i^H Q^H y_i
-    outside = _real(_cdot_columns(probes, probes, xp), xp) - xp.sum(_abs2(w, xp), axis=0)
+    outside = _real(column_inner(probes, probes, xp), xp) - xp.sum(_abs2(w, xp), axis=0)
     rho = _abs2(mu, xp) * outside + _abs2(beta - mu * alpha, xp)
     factor = 1.0 if backend.is_complex_dtype(xp, probes.dtype) else 2.0
-    xtrace = factor * float(xp.mean(rho)) / s
-    return hutch, xtrace
+    rho_mean = backend.concrete_float(xp.mean(rho))
+    if spread is None or rho_mean is None:
+        return math.nan, math.nan, basis, sdir
+    hutch = spread / max(s - 1, 1) / num_matvecs
+    xtrace = factor * rho_mean / s
+    return hutch, xtrace, basis, sdir
 
 
 class Auto(Estimator):
@@ -107,8 +140,9 @@ class Auto(Estimator):
     and XTrace; from them the variance of each is predicted (see the module docstring)
     and the better one is completed with the other half, reusing every product. The
     result's ``method`` is the method used (``"hutchinson"`` or ``"xtrace"``) and
-    ``info["auto"]`` holds the two predictions. For a diagonal: XDiag when registered,
-    else Hutchinson's diagonal estimator.
+    ``info["auto"]`` holds the two predictions. For a diagonal: XDiag when registered
+    and the probes are Rademacher/Steinhaus, else Diag++ (operators with an adjoint),
+    else Hutchinson's diagonal estimator. Estimates need ``num_matvecs >= 2``.
 
     Parameters
     ----------
@@ -153,9 +187,18 @@ class Auto(Estimator):
         budget = request.max_matvecs if request.adaptive else request.num_matvecs
         return operator.shape[1] <= (budget or 0) or operator._exact_diagonal() is not None
 
+    def _check_budget(self, request: EstimationRequest) -> None:
+        """Estimates need two columns for an error bar (as ``method="hutchinson"``)."""
+        if max(request.num_matvecs, request.max_matvecs or 0) < 2:
+            raise ValueError(
+                "method 'auto' needs num_matvecs >= 2 unless the operator is small enough to "
+                f"compute exactly (n <= num_matvecs), got num_matvecs={request.num_matvecs}"
+            )
+
     def trace(self, operator: LinearOperator, request: EstimationRequest) -> Estimate:
         if self._use_exact(operator, request):
             return self.exact.trace(operator, request)
+        self._check_budget(request)
         if self.trace_method is not None:
             return self.trace_method.trace(operator, request)
         xp = operator.xp
@@ -170,32 +213,21 @@ class Auto(Estimator):
         sampler = request.probes
         s = max(2, min(budget // 2, n))
         probes = sampler(s)
-        images = _blocked(request, xp)(probes)
-        hutch_var, xtrace_var = predicted_variances(probes, images, budget, xp)
+        images = blocked_matmat(operator, request)(probes)
+        hutch_var, xtrace_var, basis, directions = _predict(probes, images, budget, xp)
         choice = {"hutchinson_variance": hutch_var, "xtrace_variance": xtrace_var}
-        if xtrace_var < hutch_var:
+        if xtrace_var < hutch_var:  # False for NaN (no concrete products): Hutchinson
             state = xtrace_start(operator, request, sampler, s, probes, images)
+            state.update(basis=basis, directions=directions)  # of these very products
             improved = sampler.kind in ROTATION_INVARIANT
             result = xtrace_finish(operator, request, sampler, state, improved, "xtrace")
             result.info["auto"] = choice
             return result
-        samples = [_cdot_columns(probes, images, xp)]
-        for width in request.blocks(max(budget - s, 0)):
-            samples.append(hutchinson_trace_samples(request.matmat, sampler(width), xp))
-        converged = None
-        if request.adaptive:
-            converged = self._hutchinson_until(request, samples, xp)
-        drawn = xp.concat(samples) if len(samples) > 1 else samples[0]
-        mean, stderr = mean_and_stderr(drawn, xp)
-        m = int(drawn.shape[0])
-        return Estimate(
-            mean,
-            stderr,
-            request.matmat.columns,
-            "hutchinson",
-            converged=converged,
-            dof=m - 1,
-            info={"probe": sampler.kind, "samples": drawn, "auto": choice},
+        samples = [column_inner(probes, images, xp)]
+        samples += hutchinson_draw(request, sampler, max(budget - s, 0), xp)
+        converged = hutchinson_until(request, sampler, samples, xp) if request.adaptive else None
+        return hutchinson_estimate(
+            request, sampler, samples, xp, "hutchinson", converged, {"auto": choice}
         )
 
     def _psd_trace(self, operator: LinearOperator, request: EstimationRequest) -> Estimate:
@@ -208,7 +240,7 @@ class Auto(Estimator):
         sampler = request.probes
         m = min(request.num_matvecs, operator.shape[0])
         probes = sampler(m)
-        images = _blocked(request, xp)(probes)
+        images = blocked_matmat(operator, request)(probes)
         try:
             result = xnystrace_estimates(probes, images, xp, sampler.kind in ROTATION_INVARIANT)
         except ValueError as error:
@@ -218,49 +250,31 @@ class Auto(Estimator):
                 RuntimeWarning,
                 stacklevel=4,
             )
-            samples = _cdot_columns(probes, images, xp)
-            mean, stderr = mean_and_stderr(samples, xp)
-            return Estimate(
-                mean,
-                stderr,
-                request.matmat.columns,
-                "hutchinson",
-                dof=m - 1,
-                info={"probe": sampler.kind, "samples": samples, "auto": str(error)},
+            samples = [column_inner(probes, images, xp)]
+            return hutchinson_estimate(
+                request, sampler, samples, xp, "hutchinson", info={"auto": str(error)}
             )
         return XNysTrace._estimate(result, request, sampler, m)
-
-    @staticmethod
-    def _hutchinson_until(request: EstimationRequest, samples: list, xp: Any) -> bool:
-        """Hutchinson's sequential interval: add probe blocks until it is narrow enough."""
-        from scipy import stats
-
-        cap = request.max_matvecs or request.num_matvecs
-        while True:
-            drawn = xp.concat(samples) if len(samples) > 1 else samples[0]
-            mean, stderr = mean_and_stderr(drawn, xp)
-            m = int(drawn.shape[0])
-            quantile = stats.t.ppf(0.5 + request.confidence / 2, m - 1)
-            target = max(request.atol or 0.0, (request.rtol or 0.0) * abs(complex(mean)))
-            if float(quantile * stderr) <= target:
-                return True
-            remaining = cap - request.matmat.columns
-            if remaining <= 0:
-                return False
-            width = min(m, remaining, request.block_size)
-            samples.append(hutchinson_trace_samples(request.matmat, request.probes(width), xp))
 
     def diagonal(self, operator: LinearOperator, request: EstimationRequest) -> Estimate:
         if self._use_exact(operator, request):
             return self.exact.diagonal(operator, request)
+        self._check_budget(request)
         method = self.diagonal_method
         if method is None:
             from ._registry import available_methods, get_estimator
 
-            if "xdiag" in available_methods("diagonal") and _has_adjoint(operator):
+            adjoint = _has_adjoint(operator)
+            if (
+                request.probes.kind in XDIAG_PROBES
+                and "xdiag" in available_methods("diagonal")
+                and adjoint
+            ):
                 candidate = get_estimator("xdiag", "diagonal")
                 if request.num_matvecs >= getattr(candidate, "min_matvecs", 1):
                     method = candidate
+            if method is None and adjoint and request.num_matvecs >= DiagPlusPlus.min_matvecs:
+                method = DiagPlusPlus()  # any probe; deflation helps decaying spectra
             if method is None:
                 method = Hutchinson()
         return method.diagonal(operator, request)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -69,7 +70,8 @@ class CountingMatmat:
         self.columns += int(block.shape[1])
         if self.check_finite:
             xp = self.operator.xp
-            if not bool(xp.all(xp.isfinite(out))):
+            finite = backend.stop_gradient(xp.all(xp.isfinite(out)))
+            if backend.is_concrete(finite) and not bool(finite):  # (JAX jit: unchecked)
                 raise FloatingPointError(
                     f"the operator's matmat returned non-finite values (NaN or inf) for a "
                     f"block of {block.shape[1]} columns; pass check_finite=False to skip "
@@ -186,3 +188,25 @@ def apply_blocked(product: Any, block: Any, block_size: int, xp: Any) -> Any:
         product(block[:, start : start + block_size]) for start in range(0, width, block_size)
     ]
     return xp.concat(pieces, axis=1)
+
+
+# ----------------------------------------------------------------------- array helpers
+def conj(x: Any, xp: Any) -> Any:
+    """``conj(x)`` for complex arrays, ``x`` itself for real ones (no copy)."""
+    return xp.conj(x) if backend.is_complex_dtype(xp, x.dtype) else x
+
+
+def hermitian_transpose(x: Any, xp: Any) -> Any:
+    """``x^H`` of a matrix."""
+    return conj(xp.matrix_transpose(x), xp)
+
+
+def column_inner(x: Any, y: Any, xp: Any) -> Any:
+    """``[x_j^H y_j]_j`` for the columns of two ``(n, k)`` blocks."""
+    return xp.sum(conj(x, xp) * y, axis=0)
+
+
+def blocked_matmat(operator: LinearOperator, request: EstimationRequest) -> Callable[[Any], Any]:
+    """``X -> A X`` through the request's counter in chunks of ``block_size`` columns."""
+    xp = operator.xp
+    return lambda block: apply_blocked(request.matmat, block, request.block_size, xp)

@@ -84,9 +84,13 @@ def diagonal_interval_met(value: Any, stderr: Any, dof: int, request: Estimation
 
     xp = backend.array_namespace(value)
     quantile = float(stats.t.ppf(0.5 + request.confidence / 2, dof))
-    scale = float(xp.max(xp.abs(value))) if value.shape[0] else 0.0
+    # from stop-gradient copies; undecidable without concrete values (JAX jit)
+    scale = backend.concrete_float(xp.max(xp.abs(value))) if value.shape[0] else 0.0
+    spread = backend.concrete_float(xp.max(stderr))
+    if scale is None or spread is None:
+        return False
     target = max(request.atol or 0.0, (request.rtol or 0.0) * scale)
-    return quantile * float(xp.max(stderr)) <= target
+    return quantile * spread <= target
 
 
 def diagonal_hutchinson(

@@ -65,7 +65,8 @@ def diagpp_core(
     xp: Any,
     unit_modulus: bool = False,
 ) -> tuple[Any, Any, Any, Any, Any]:
-    """Diag++ in two operator calls when A is self-adjoint (``adjoint is None``), else three.
+    """Diag++ in two operator calls: ``A [S, G]`` then ``A Q`` (self-adjoint A,
+    ``adjoint is None``) or ``A^H Q``.
 
     Returns
     -------
@@ -76,14 +77,17 @@ def diagpp_core(
     basis, adjoint_basis : arrays (n, s)
         Q and ``A^H Q``, for further residual samples.
     """
-    basis, _ = backend.thin_qr(xp, matmat(sketch))
-    width = basis.shape[1]
-    if adjoint is None:
+    if adjoint is None:  # A Q (= A^H Q) and A G in the second call
+        basis, _ = backend.thin_qr(xp, matmat(sketch))
+        width = basis.shape[1]
         image = matmat(xp.concat([basis, residual_probes], axis=1))
         adjoint_basis, probe_image = image[:, :width], image[:, width:]
-    else:
+    else:  # A S and A G in the first call, A^H Q in the second
+        width = sketch.shape[1]
+        image = matmat(xp.concat([sketch, residual_probes], axis=1))
+        basis, _ = backend.thin_qr(xp, image[:, :width])
+        probe_image = image[:, width:]
         adjoint_basis = adjoint(basis)
-        probe_image = matmat(residual_probes)
     low_rank_diagonal = xp.sum(basis * conj(adjoint_basis, xp), axis=1)
     numerators, denominators = _residual_ratio_terms(
         probe_image, basis, adjoint_basis, residual_probes, xp, unit_modulus

@@ -14,8 +14,9 @@ spectrum at m = 60; 93.3 % with the correction).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from .. import _backend as backend
 from .._estimate import Estimate
@@ -26,7 +27,9 @@ __all__ = [
     "Hutchinson",
     "SampleMeanEstimate",
     "edgeworth_quantile",
+    "hutchinson_estimate",
     "hutchinson_trace_samples",
+    "hutchinson_until",
     "sample_shape",
 ]
 
@@ -34,7 +37,11 @@ __all__ = [
 def hutchinson_trace_samples(matmat: Callable[[Any], Any], probes: Any, xp: Any) -> Any:
     """Per-probe samples z_j^H A z_j for the columns z_j of ``probes`` (one matmat)."""
     image = matmat(probes)
-    return xp.sum(xp.conj(probes) * image, axis=0) if backend.is_complex_dtype(xp, probes.dtype) else xp.sum(probes * image, axis=0)
+    return (
+        xp.sum(xp.conj(probes) * image, axis=0)
+        if backend.is_complex_dtype(xp, probes.dtype)
+        else xp.sum(probes * image, axis=0)
+    )
 
 
 def mean_and_stderr(samples: Any, xp: Any) -> tuple[Any, Any]:
@@ -44,7 +51,11 @@ def mean_and_stderr(samples: Any, xp: Any) -> tuple[Any, Any]:
     if m < 2:
         return mean, None
     deviation = samples - mean
-    square = xp.real(xp.conj(deviation) * deviation) if backend.is_complex_dtype(xp, samples.dtype) else deviation * deviation
+    square = (
+        xp.real(xp.conj(deviation) * deviation)
+        if backend.is_complex_dtype(xp, samples.dtype)
+        else deviation * deviation
+    )
     variance = xp.sum(square) / (m - 1)
     return mean, xp.sqrt(variance / m)
 
@@ -52,10 +63,15 @@ def mean_and_stderr(samples: Any, xp: Any) -> tuple[Any, Any]:
 def sample_shape(samples: Any, xp: Any) -> tuple[float | None, float | None]:
     """Unbiased sample skewness G1 and excess kurtosis G2 of real samples.
 
-    ``(None, None)`` for complex samples, fewer than 4 samples, or zero spread.
+    ``(None, None)`` for complex samples, fewer than 4 samples, zero spread, or samples
+    without a concrete value (JAX tracers under ``jit``). Computed from a stop-gradient
+    copy: the shape only steers the interval, never the differentiable estimate.
     """
     m = int(samples.shape[0])
     if m < 4 or backend.is_complex_dtype(xp, samples.dtype):
+        return None, None
+    samples = backend.stop_gradient(samples)
+    if not backend.is_concrete(samples):
         return None, None
     deviation = samples - xp.mean(samples)
     second = float(xp.mean(deviation**2))
@@ -66,6 +82,15 @@ def sample_shape(samples: Any, xp: Any) -> tuple[float | None, float | None]:
     skewness = g1 * math.sqrt(m * (m - 1)) / (m - 2)
     kurtosis = (m - 1) / ((m - 2) * (m - 3)) * ((m + 1) * g2 + 6)
     return skewness, kurtosis
+
+
+def concrete_magnitude(x: Any) -> float | None:
+    """``|x|`` of a (complex) scalar as a float without its gradient; ``None`` for an
+    abstract JAX tracer."""
+    x = backend.stop_gradient(x)
+    if not backend.is_concrete(x):
+        return None
+    return abs(complex(x))
 
 
 def edgeworth_quantile(
@@ -112,7 +137,72 @@ def interval_quantile(samples: Any, level: float, xp: Any) -> float:
 
     m = int(samples.shape[0])
     skewness, kurtosis = sample_shape(samples, xp)
-    return edgeworth_quantile(float(stats.t.ppf(0.5 + level / 2, m - 1)), level, m, skewness, kurtosis)
+    return edgeworth_quantile(
+        float(stats.t.ppf(0.5 + level / 2, m - 1)), level, m, skewness, kurtosis
+    )
+
+
+def hutchinson_draw(request: EstimationRequest, sampler: Any, count: int, xp: Any) -> list[Any]:
+    """Sample blocks z_j^H A z_j of ``count`` fresh probes (block by block)."""
+    return [
+        hutchinson_trace_samples(request.matmat, sampler(width), xp)
+        for width in request.blocks(count)
+    ]
+
+
+def hutchinson_until(request: EstimationRequest, sampler: Any, samples: list[Any], xp: Any) -> bool:
+    """Hutchinson's sequential interval: append probe blocks to ``samples`` until the
+    half-width of the shape-corrected t-interval meets ``max(atol, rtol |mean|)`` (True),
+    or ``max_matvecs`` is spent (False). The test uses stop-gradient copies; without a
+    concrete value (JAX ``jit``) it cannot be decided and no block is added (False)."""
+    cap = request.max_matvecs or request.num_matvecs
+    while True:
+        drawn = xp.concat(samples) if len(samples) > 1 else samples[0]
+        mean, stderr = mean_and_stderr(drawn, xp)
+        m = int(drawn.shape[0])
+        if stderr is not None:
+            magnitude = concrete_magnitude(mean)
+            spread = backend.concrete_float(stderr)
+            if magnitude is None or spread is None:
+                return False
+            quantile = interval_quantile(drawn, request.confidence, xp)
+            target = max(request.atol or 0.0, (request.rtol or 0.0) * magnitude)
+            if quantile * spread <= target:
+                return True
+        remaining = cap - request.matmat.columns
+        if remaining <= 0:
+            return False
+        # grow geometrically (double the probes so far), within block and budget
+        width = min(max(m, 1), remaining, request.block_size)
+        samples.append(hutchinson_trace_samples(request.matmat, sampler(width), xp))
+
+
+def hutchinson_estimate(
+    request: EstimationRequest,
+    sampler: Any,
+    samples: list[Any],
+    xp: Any,
+    name: str = "hutchinson",
+    converged: bool | None = None,
+    info: dict[str, Any] | None = None,
+) -> SampleMeanEstimate:
+    """Hutchinson's estimate (mean, standard error, shape-corrected interval) from the
+    sample blocks ``samples``; ``info`` entries are added to the result's ``info``."""
+    drawn = xp.concat(samples) if len(samples) > 1 else samples[0]
+    mean, stderr = mean_and_stderr(drawn, xp)
+    m = int(drawn.shape[0])
+    skewness, kurtosis = sample_shape(drawn, xp)
+    return SampleMeanEstimate(
+        mean,
+        stderr,
+        request.matmat.columns,
+        name,
+        converged=converged,
+        dof=m - 1 if m >= 2 else None,
+        info={"probe": sampler.kind, "samples": drawn, **(info or {})},
+        skewness=skewness,
+        kurtosis=kurtosis,
+    )
 
 
 class Hutchinson(Estimator):
@@ -165,44 +255,9 @@ class Hutchinson(Estimator):
     def trace(self, operator: LinearOperator, request: EstimationRequest) -> Estimate:
         xp = operator.xp
         sampler = self._sampler(request)
-        samples = [
-            hutchinson_trace_samples(request.matmat, sampler(width), xp)
-            for width in request.blocks(request.num_matvecs)
-        ]
-        converged = None
-        if request.adaptive:
-            converged = False
-            cap = request.max_matvecs or request.num_matvecs
-            while True:
-                drawn = xp.concat(samples) if len(samples) > 1 else samples[0]
-                mean, stderr = mean_and_stderr(drawn, xp)
-                m = drawn.shape[0]
-                quantile = interval_quantile(drawn, request.confidence, xp)
-                target = max(request.atol or 0.0, (request.rtol or 0.0) * abs(complex(mean)))
-                if float(quantile * stderr) <= target:
-                    converged = True
-                    break
-                remaining = cap - m
-                if remaining <= 0:
-                    break
-                # grow geometrically (double the probes so far), within block and budget
-                width = min(max(m, 1), remaining, request.block_size)
-                samples.append(hutchinson_trace_samples(request.matmat, sampler(width), xp))
-        drawn = xp.concat(samples) if len(samples) > 1 else samples[0]
-        mean, stderr = mean_and_stderr(drawn, xp)
-        m = int(drawn.shape[0])
-        skewness, kurtosis = sample_shape(drawn, xp)
-        return SampleMeanEstimate(
-            mean,
-            stderr,
-            request.matmat.columns,
-            self.name,
-            converged=converged,
-            dof=m - 1,
-            info={"probe": sampler.kind, "samples": drawn},
-            skewness=skewness,
-            kurtosis=kurtosis,
-        )
+        samples = hutchinson_draw(request, sampler, request.num_matvecs, xp)
+        converged = hutchinson_until(request, sampler, samples, xp) if request.adaptive else None
+        return hutchinson_estimate(request, sampler, samples, xp, self.name, converged)
 
     def diagonal(self, operator: LinearOperator, request: EstimationRequest) -> Estimate:
         """Bekas et al. diagonal estimate ``sum z * Az / sum z * z`` with elementwise stderr.
@@ -222,5 +277,3 @@ class Hutchinson(Estimator):
         from ._diagonal_hutchinson import diagonal_hutchinson
 
         return diagonal_hutchinson(operator, request, self._sampler(request), self.name)
-
-

@@ -22,9 +22,19 @@ from typing import Any
 from .. import _backend as backend
 from .._estimate import Estimate
 from .._operators import LinearOperator
-from ._base import EstimationRequest, Estimator, apply_blocked, is_self_adjoint
+from ._base import (
+    EstimationRequest,
+    Estimator,
+    apply_blocked,
+    blocked_matmat,
+    column_inner,
+    conj,
+    hermitian_transpose,
+    is_self_adjoint,
+)
 from ._hutchinson import (
     SampleMeanEstimate,
+    concrete_magnitude,
     interval_quantile,
     mean_and_stderr,
     sample_shape,
@@ -44,21 +54,6 @@ Matmat = Callable[[Any], Any]
 
 
 # ----------------------------------------------------------------------- array helpers
-def conj(x: Any, xp: Any) -> Any:
-    """``conj(x)`` for complex arrays, ``x`` itself for real ones (no copy)."""
-    return xp.conj(x) if backend.is_complex_dtype(xp, x.dtype) else x
-
-
-def hermitian_transpose(x: Any, xp: Any) -> Any:
-    """``x^H`` of a matrix."""
-    return conj(xp.matrix_transpose(x), xp)
-
-
-def column_inner(x: Any, y: Any, xp: Any) -> Any:
-    """``[x_j^H y_j]_j`` for the columns of two ``(n, k)`` blocks."""
-    return xp.sum(conj(x, xp) * y, axis=0)
-
-
 def project_out(basis: Any, block: Any, xp: Any) -> Any:
     """``(I - Q Q^H) block`` for an orthonormal ``basis`` Q."""
     return block - basis @ (hermitian_transpose(basis, xp) @ block)
@@ -71,9 +66,13 @@ def interval_met(
     ``samples``, see :func:`edgeworth_quantile`) meets ``max(atol, rtol |value|)``."""
     if stderr is None:
         return False
+    magnitude = concrete_magnitude(value)  # stop-gradient copies (None: JAX jit)
+    spread = backend.concrete_float(stderr)
+    if magnitude is None or spread is None:
+        return False
     quantile = interval_quantile(samples, request.confidence, xp)
-    target = max(request.atol or 0.0, (request.rtol or 0.0) * abs(complex(value)))
-    return quantile * float(stderr) <= target
+    target = max(request.atol or 0.0, (request.rtol or 0.0) * magnitude)
+    return quantile * spread <= target
 
 
 def adjoint_product(
@@ -98,12 +97,6 @@ def adjoint_product(
             ) from error
 
     return product
-
-
-def blocked_matmat(operator: LinearOperator, request: EstimationRequest) -> Matmat:
-    """``X -> A X`` through the counted operator in chunks of ``block_size`` columns."""
-    xp = operator.xp
-    return lambda block: apply_blocked(request.matmat, block, request.block_size, xp)
 
 
 # ------------------------------------------------------------------------ Hutch++ core

@@ -40,14 +40,12 @@ from typing import Any
 from .. import _backend as backend
 from .._estimate import Estimate
 from .._operators import LinearOperator
-from ._base import EstimationRequest, Estimator
+from ._base import EstimationRequest, Estimator, blocked_matmat, hermitian_transpose
 from ._xtrace import (
     ROTATION_INVARIANT,
     _abs2,
     _as,
-    _blocked,
     _diag,
-    _h,
     _real,
     honest_error,
 )
@@ -63,10 +61,11 @@ NOT_PSD = (
 def _check_psd(core: Any, xp: Any) -> None:
     """Raise when the probes' Gram matrix under A shows that A is not symmetric PSD."""
     eps = float(xp.finfo(_real(core, xp).dtype).eps)
-    size = float(xp.max(xp.abs(core))) if core.shape[0] else 0.0
-    if size == 0.0:
+    core = backend.stop_gradient(core)  # checks only: no gradient, no tracer to float()
+    size = backend.concrete_float(xp.max(xp.abs(core))) if core.shape[0] else 0.0
+    if size is None or size == 0.0:  # (None: no concrete value under JAX jit)
         return
-    asymmetry = float(xp.max(xp.abs(core - _h(core, xp))))
+    asymmetry = float(xp.max(xp.abs(core - hermitian_transpose(core, xp))))
     if asymmetry > eps**0.5 * size:
         raise ValueError(
             NOT_PSD.format(
@@ -107,34 +106,57 @@ def xnystrace_estimates(probes: Any, images: Any, xp: Any, improved: bool = True
     """
     n, m = probes.shape
     ctype = probes.dtype
-    ph = _h(probes, xp)
+    ph = hermitian_transpose(probes, xp)
     core = ph @ images
     _check_psd(core, xp)
     eps = float(xp.finfo(_real(core, xp).dtype).eps)
-    nu = eps * float(xp.linalg.vector_norm(images))
+    # the shift is a round-off-level constant of the algorithm: no gradient through it
+    norm = backend.concrete_float(xp.linalg.vector_norm(images))
+    nu = eps * (norm if norm is not None else backend.stop_gradient(xp.linalg.vector_norm(images)))
     shifted = images + nu * probes
     gram = ph @ probes  # Omega^H Omega
     core_nu = core + nu * gram
-    core_nu = (core_nu + _h(core_nu, xp)) / 2
+    core_nu = (core_nu + hermitian_transpose(core_nu, xp)) / 2
     lam, vec = xp.linalg.eigh(core_nu)
-    top = float(xp.max(xp.abs(lam)))
-    low = float(xp.min(lam))
-    if top > 0 and low < -1e2 * eps**0.5 * top:
+    top_value = backend.concrete_float(xp.max(xp.abs(lam)))
+    low_value = backend.concrete_float(xp.min(lam))
+    # (None under JAX jit: no concrete values, no checks)
+    if (
+        top_value is not None
+        and low_value is not None
+        and top_value > 0
+        and low_value < -1e2 * eps**0.5 * top_value
+    ):
         raise ValueError(
             NOT_PSD.format(
-                evidence=f"the Nystrom core Omega^H A Omega has an eigenvalue {low:.3g} "
-                f"(largest {top:.3g})"
+                evidence=f"the Nystrom core Omega^H A Omega has an eigenvalue {low_value:.3g} "
+                f"(largest {top_value:.3g})"
             )
         )
-    floor = eps * top if top > 0 else 1.0
-    lam = xp.clip(lam, min=floor)
+    if top_value == 0:  # A Omega = 0 (the zero operator on the probes' span): exact zeros
+        zeros = xp.zeros((m,), dtype=_real(core, xp).dtype, device=backend.device_of(core))
+        zero = xp.sum(zeros)
+        exact: dict[str, Any] = {
+            "estimates": zeros,
+            "pseudo": zeros,
+            "value": zero,
+            "stderr": zero if m >= 2 else None,
+            "stderr_plain": zero if m >= 2 else None,
+            "dof": m - 1 if m >= 2 else None,
+            "min_eigenvalue": 0.0,
+        }
+        if m >= 2:
+            exact["stderr_jackknife"] = zero
+        return exact
+    top = top_value if top_value is not None else backend.stop_gradient(xp.max(xp.abs(lam)))
+    lam = xp.clip(lam, min=eps * top)
     inv_sqrt = 1 / xp.sqrt(lam)
     factor = vec * _as(inv_sqrt, ctype, xp)[None, :]  # V Lambda^{-1/2}
     f = shifted @ factor  # F, with A_nu-Nystrom = F F^H
-    g = _h(factor, xp)  # G = Lambda^{-1/2} V^H, N = G^H G
-    lmat = _h(f, xp) @ f  # L = F^H F
-    nmat = _h(g, xp) @ g  # N
-    bmat = _h(g, xp) @ (lmat @ g)  # B = N K N
+    g = hermitian_transpose(factor, xp)  # G = Lambda^{-1/2} V^H, N = G^H G
+    lmat = hermitian_transpose(f, xp) @ f  # L = F^H F
+    nmat = hermitian_transpose(g, xp) @ g  # N
+    bmat = hermitian_transpose(g, xp) @ (lmat @ g)  # B = N K N
     n_d = _real(_diag(nmat, xp), xp)
     b_d = _real(_diag(bmat, xp), xp)
     trace_full = _real(xp.sum(_diag(lmat, xp)), xp)
@@ -169,7 +191,7 @@ def xnystrace_estimates(probes: Any, images: Any, xp: Any, improved: bool = True
         "stderr": None,
         "stderr_plain": None,
         "dof": None,
-        "min_eigenvalue": low / top if top > 0 else 0.0,
+        "min_eigenvalue": low_value / top_value if low_value is not None and top_value else 0.0,
     }
     if m >= 2:
         dev_t = estimates - value
@@ -241,7 +263,7 @@ class XNysTrace(Estimator):
         improved = sampler.kind in ROTATION_INVARIANT
         m = min(request.num_matvecs, operator.shape[0])
         probes = sampler(m)
-        images = _blocked(request, xp)(probes)
+        images = blocked_matmat(operator, request)(probes)
         result = xnystrace_estimates(probes, images, xp, improved)
         return self._estimate(result, request, sampler, m)
 

@@ -70,25 +70,20 @@ from typing import Any
 from .. import _backend as backend
 from .._estimate import Estimate
 from .._operators import LinearOperator
-from ._base import EstimationRequest, Estimator, apply_blocked
+from ._base import (
+    EstimationRequest,
+    Estimator,
+    blocked_matmat,
+    column_inner,
+    conj,
+    hermitian_transpose,
+)
+from ._hutchinson import concrete_magnitude
 
 __all__ = ["XTrace", "xtrace_core", "xtrace_estimates"]
 
 #: Probes for which the improved normalization is unbiased (rotation invariant).
 ROTATION_INVARIANT = ("sphere", "gaussian")
-
-
-def _h(x: Any, xp: Any) -> Any:
-    """Conjugate transpose of a 2-d array."""
-    t = x.mT
-    return xp.conj(t) if backend.is_complex_dtype(xp, x.dtype) else t
-
-
-def _cdot_columns(a: Any, b: Any, xp: Any) -> Any:
-    """Column-wise a_j^H b_j (length-k vector) for two (r, k) arrays."""
-    if backend.is_complex_dtype(xp, a.dtype):
-        a = xp.conj(a)
-    return xp.sum(a * b, axis=0)
 
 
 def _abs2(x: Any, xp: Any) -> Any:
@@ -111,11 +106,13 @@ def orthonormal_basis(block: Any, xp: Any) -> Any:
     Householder QR otherwise (the sketches of decaying spectra are ill conditioned)."""
     basis = _cholesky_qr(block, xp)
     if basis is not None:
-        gram = _h(basis, xp) @ basis
+        gram = hermitian_transpose(basis, xp) @ basis
         k = gram.shape[0]
         eye = xp.eye(k, dtype=gram.dtype, device=backend.device_of(gram))
-        error = float(xp.max(xp.abs(gram - eye))) if k else 0.0
-        if error < 0.1:  # second pass restores orthogonality to working precision
+        error = backend.concrete_float(xp.max(xp.abs(gram - eye))) if k else 0.0
+        if (
+            error is not None and error < 0.1
+        ):  # second pass restores orthogonality to working precision
             second = _cholesky_qr(basis, xp)
             if second is not None:
                 return second
@@ -124,24 +121,25 @@ def orthonormal_basis(block: Any, xp: Any) -> Any:
 
 def _cholesky_qr(block: Any, xp: Any) -> Any | None:
     """``block @ L^{-H}`` with ``L L^H = block^H block``; ``None`` if Cholesky fails."""
-    gram = _h(block, xp) @ block
+    gram = hermitian_transpose(block, xp) @ block
     try:
         lower = xp.linalg.cholesky(gram)
         inverse = xp.linalg.inv(lower)
     except Exception:  # not numerically positive definite: rank-deficient block
         return None
-    if not bool(xp.all(xp.isfinite(inverse))):
+    finite = backend.stop_gradient(xp.all(xp.isfinite(inverse)))
+    if not backend.is_concrete(finite) or not bool(finite):
         return None
-    return block @ _h(inverse, xp)
+    return block @ hermitian_transpose(inverse, xp)
 
 
 def extend_basis(basis: Any, block: Any, xp: Any) -> Any:
     """Orthonormal columns spanning range(block) outside range(basis) (block Gram-Schmidt
     with re-orthogonalization, so ``[basis, new]`` is orthonormal to working precision)."""
     for _ in range(2):
-        block = block - basis @ (_h(basis, xp) @ block)
+        block = block - basis @ (hermitian_transpose(basis, xp) @ block)
     new = orthonormal_basis(block, xp)
-    new = new - basis @ (_h(basis, xp) @ new)
+    new = new - basis @ (hermitian_transpose(basis, xp) @ new)
     return orthonormal_basis(new, xp)
 
 
@@ -152,19 +150,26 @@ def _downdate_directions(triangular: Any, xp: Any) -> Any:
     directions stay finite; they only matter where Y has rank to spare."""
     s = triangular.shape[0]
     eye = xp.eye(s, dtype=triangular.dtype, device=backend.device_of(triangular))
-    scale = float(xp.max(xp.abs(triangular))) if s else 0.0
-    eps = float(xp.finfo(_real(triangular, xp).dtype).eps)
-    shift = eps * (scale if scale > 0 else 1.0)
-    small = xp.abs(_diag(triangular, xp)) < shift
-    if bool(xp.any(small)):
-        triangular = triangular + shift * eye
-    inverse_h = xp.linalg.solve(_h(triangular, xp), eye)
+    scale = backend.concrete_float(xp.max(xp.abs(triangular))) if s else 0.0
+    if scale is not None:  # (no concrete value, under JAX jit: no shift)
+        eps = float(xp.finfo(_real(triangular, xp).dtype).eps)
+        shift = eps * (scale if scale > 0 else 1.0)
+        small = backend.stop_gradient(xp.abs(_diag(triangular, xp)) < shift)
+        if bool(xp.any(small)):
+            triangular = triangular + shift * eye
+    inverse_h = xp.linalg.solve(hermitian_transpose(triangular, xp), eye)
     norms = xp.sqrt(xp.sum(_abs2(inverse_h, xp), axis=0))
     return inverse_h / xp.astype(norms, inverse_h.dtype)
 
 
 def xtrace_estimates(
-    probes: Any, images: Any, basis: Any, basis_images: Any, xp: Any, improved: bool = True
+    probes: Any,
+    images: Any,
+    basis: Any,
+    basis_images: Any,
+    xp: Any,
+    improved: bool = True,
+    directions: Any = None,
 ) -> dict[str, Any]:
     """The XTrace leave-one-out estimates and the pseudo-values, from given products.
 
@@ -183,6 +188,8 @@ def xtrace_estimates(
     xp : namespace
     improved : bool
         Rescale x_i to length sqrt(n - s + 1) (rotation-invariant probes only).
+    directions : array (s, s), optional
+        The downdate directions of ``Q^H Y`` for this very ``basis`` (computed if absent).
 
     Returns
     -------
@@ -192,23 +199,23 @@ def xtrace_estimates(
     """
     n, s = probes.shape
     ctype = probes.dtype
-    qh = _h(basis, xp)
+    qh = hermitian_transpose(basis, xp)
     r = qh @ images  # Q^H Y
     h = qh @ basis_images  # Q^H A Q
     w = qh @ probes  # Q^H Omega
-    t = _h(basis_images, xp) @ probes  # (A Q)^H Omega: column j is Q^H A^H w_j
-    omega_y = _cdot_columns(probes, images, xp)  # w_j^H A w_j
-    omega_norm2 = _real(_cdot_columns(probes, probes, xp), xp)
+    t = hermitian_transpose(basis_images, xp) @ probes  # (A Q)^H Omega: column j is Q^H A^H w_j
+    omega_y = column_inner(probes, images, xp)  # w_j^H A w_j
+    omega_norm2 = _real(column_inner(probes, probes, xp), xp)
     w_norm2 = xp.sum(_abs2(w, xp), axis=0)
     hw = h @ w
     # wbar_j = (I - QQ^H) w_j;  a_j = wbar_j^H A wbar_j
-    a = omega_y - _cdot_columns(t, w, xp) - _cdot_columns(w, r, xp) + _cdot_columns(w, hw, xp)
+    a = omega_y - column_inner(t, w, xp) - column_inner(w, r, xp) + column_inner(w, hw, xp)
     u = r - hw  # Q^H A wbar_j
-    v = t - _h(h, xp) @ w  # (wbar_j^H A Q)^H
-    sdir = _downdate_directions(r, xp)
-    sh = _h(sdir, xp)
+    v = t - hermitian_transpose(h, xp) @ w  # (wbar_j^H A Q)^H
+    sdir = _downdate_directions(r, xp) if directions is None else directions
+    sh = hermitian_transpose(sdir, xp)
     sw = sh @ w  # s_i^H w_j
-    vs = _h(v, xp) @ sdir  # [j, k] = v_j^H s_k
+    vs = hermitian_transpose(v, xp) @ sdir  # [j, k] = v_j^H s_k
     su = sh @ u  # [k, j] = s_k^H u_j
     shs = sh @ (h @ sdir)  # s_k^H H s_l
     gram = sh @ sdir  # s_k^H s_l
@@ -218,7 +225,7 @@ def xtrace_estimates(
     # one left out: P_i w_i = Q s_i alpha_i
     alpha = _diag(sw, xp)
     shs_d = _diag(shs, xp)
-    quad = a + _diag(vs, xp) * alpha + _conj(alpha, xp) * _diag(su, xp) + _abs2(alpha, xp) * shs_d
+    quad = a + _diag(vs, xp) * alpha + conj(alpha, xp) * _diag(su, xp) + _abs2(alpha, xp) * shs_d
     xnorm2 = residual_norm2 + _abs2(alpha, xp)
     scale = (n - s + 1) / xnorm2 if improved else 1.0
     estimates = trace_h - shs_d + _as(scale, ctype, xp) * quad
@@ -231,23 +238,23 @@ def xtrace_estimates(
     det = det + eye  # the diagonal is unused; keep it finite
     sw_jj = alpha[None, :]
     coef_i = (sw - c * sw_jj) / _as(det, ctype, xp)
-    coef_j = (sw_jj - _conj(c, xp) * sw) / _as(det, ctype, xp)
+    coef_j = (sw_jj - conj(c, xp) * sw) / _as(det, ctype, xp)
     quad2 = (
         a[None, :]
         + vs.mT * coef_i
         + _diag(vs, xp)[None, :] * coef_j
-        + _conj(coef_i, xp) * su
-        + _conj(coef_j, xp) * _diag(su, xp)[None, :]
+        + conj(coef_i, xp) * su
+        + conj(coef_j, xp) * _diag(su, xp)[None, :]
         + _abs2(coef_i, xp) * shs_d[:, None]
-        + _conj(coef_i, xp) * coef_j * shs
-        + _conj(coef_j, xp) * coef_i * shs.mT
+        + conj(coef_i, xp) * coef_j * shs
+        + conj(coef_j, xp) * coef_i * shs.mT
         + _abs2(coef_j, xp) * shs_d[None, :]
     )
     proj_norm2 = (
-        _abs2(coef_i, xp) + _abs2(coef_j, xp) + 2 * _real(_conj(coef_i, xp) * c * coef_j, xp)
+        _abs2(coef_i, xp) + _abs2(coef_j, xp) + 2 * _real(conj(coef_i, xp) * c * coef_j, xp)
     )
     xnorm2_pair = residual_norm2[None, :] + proj_norm2
-    trace_pair = (shs_d[:, None] + shs_d[None, :] - c * shs.mT - _conj(c, xp) * shs) / _as(
+    trace_pair = (shs_d[:, None] + shs_d[None, :] - c * shs.mT - conj(c, xp) * shs) / _as(
         det, ctype, xp
     )
     scale2 = (n - s + 2) / (xnorm2_pair + eye) if improved else 1.0
@@ -269,7 +276,7 @@ def xtrace_estimates(
         }
     dev_t = estimates - value
     dev_p = pseudo - xp.mean(pseudo)
-    out = honest_error(_real(_conj(dev_t, xp) * dev_p, xp), _abs2(dev_t, xp), xp)
+    out = honest_error(_real(conj(dev_t, xp) * dev_p, xp), _abs2(dev_t, xp), xp)
     out.update(
         estimates=estimates,
         pseudo=pseudo,
@@ -290,19 +297,21 @@ def honest_error(cross: Any, square: Any, xp: Any) -> dict[str, Any]:
     s = int(cross.shape[0])
     plain_var = xp.sum(square) / (s * (s - 1))
     cross_var = xp.sum(cross) / (s * (s - 1))
-    mean = float(xp.mean(cross))
-    spread = float(xp.sum((cross - mean) ** 2)) / (s - 1)
-    dof = s - 1 if spread == 0 or s < 3 else 2 * s * mean**2 / spread
-    dof = int(min(max(dof if mean > 0 else 2, 2), s - 1))
+    # the degrees of freedom only shape the interval: from a stop-gradient copy
+    mean = backend.concrete_float(xp.mean(cross))
+    spread = None
+    if mean is not None:
+        spread = backend.concrete_float(xp.sum((cross - mean) ** 2) / (s - 1))
+    if mean is None or spread is None:  # no concrete value (JAX jit): the normal-theory dof
+        dof = s - 1
+    else:
+        raw = s - 1 if spread == 0 or s < 3 else 2 * s * mean**2 / spread
+        dof = int(min(max(raw if mean > 0 else 2, 2), s - 1))
     return {
         "stderr": xp.sqrt(xp.maximum(cross_var, plain_var)),
         "stderr_plain": xp.sqrt(plain_var),
         "dof": dof,
     }
-
-
-def _conj(x: Any, xp: Any) -> Any:
-    return xp.conj(x) if backend.is_complex_dtype(xp, x.dtype) else x
 
 
 def _as(x: Any, dtype: Any, xp: Any) -> Any:
@@ -410,15 +419,6 @@ class XTrace(Estimator):
         return xtrace_finish(operator, request, sampler, state, improved, self.name)
 
 
-def _blocked(request: EstimationRequest, xp: Any) -> Callable[[Any], Any]:
-    """``X -> A X`` through the request's counter, in chunks of at most ``block_size``."""
-
-    def product(block: Any) -> Any:
-        return apply_blocked(request.matmat, block, request.block_size, xp)
-
-    return product
-
-
 def xtrace_start(
     operator: LinearOperator,
     request: EstimationRequest,
@@ -427,12 +427,14 @@ def xtrace_start(
     probes: Any = None,
     images: Any = None,
 ) -> dict[str, Any]:
-    """Probes, their images and the basis (the first half of XTrace's products).
+    """Probes and their images (the first half of XTrace's products).
 
     ``probes``/``images`` already multiplied (by ``method="auto"``) are completed to
-    ``num_probes`` columns rather than drawn again."""
+    ``num_probes`` columns rather than drawn again. A caller that has the basis of
+    ``images`` (and its downdate directions) may add them to the state as ``"basis"``
+    (and ``"directions"``) when no columns were added."""
     xp = operator.xp
-    product = _blocked(request, xp)
+    product = blocked_matmat(operator, request)
     have = 0 if probes is None else int(probes.shape[1])
     if have < num_probes:
         fresh = sampler(num_probes - have)
@@ -453,11 +455,15 @@ def xtrace_finish(
     """The second half of XTrace (A Q), then the estimate; doubling with a tolerance."""
     xp = operator.xp
     n = operator.shape[0]
-    product = _blocked(request, xp)
+    product = blocked_matmat(operator, request)
     probes, images = state["probes"], state["images"]
-    basis = orthonormal_basis(images, xp)
+    basis = state.get("basis")
+    if basis is None:
+        basis = orthonormal_basis(images, xp)
     basis_images = product(basis)
-    result = xtrace_estimates(probes, images, basis, basis_images, xp, improved)
+    result = xtrace_estimates(
+        probes, images, basis, basis_images, xp, improved, state.get("directions")
+    )
     converged = None
     if request.adaptive:
         from scipy import stats
@@ -467,11 +473,13 @@ def xtrace_finish(
         while True:
             s = int(probes.shape[1])
             if result["stderr"] is not None:
-                quantile = stats.t.ppf(0.5 + request.confidence / 2, result["dof"])
-                target = max(
-                    request.atol or 0.0, (request.rtol or 0.0) * abs(complex(result["value"]))
-                )
-                if float(quantile * result["stderr"]) <= target:
+                magnitude = concrete_magnitude(result["value"])
+                spread = backend.concrete_float(result["stderr"])
+                if magnitude is None or spread is None:  # undecidable (JAX jit)
+                    break
+                quantile = float(stats.t.ppf(0.5 + request.confidence / 2, result["dof"]))
+                target = max(request.atol or 0.0, (request.rtol or 0.0) * magnitude)
+                if quantile * spread <= target:
                     converged = True
                     break
             more = min(s, (cap - request.matmat.columns) // 2, n - s)

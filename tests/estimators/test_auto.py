@@ -145,3 +145,86 @@ def test_psd_tag_uses_xnystrace_and_falls_back_on_contradiction():
     with pytest.warns(RuntimeWarning, match="positive semidefinite.*Hutchinson"):
         est = lt.trace(wrong, num_matvecs=100, seed=0)
     assert est.method == "hutchinson" and est.num_matvecs == 100
+
+
+def test_diagonal_with_non_unit_modulus_probes_avoids_xdiag():
+    # XDiag accepts only Rademacher/Steinhaus probes: Gaussian ones go to Diag++
+    M = test_matrix("poly", 120)
+    symmetric = lt.LinearOperator.from_callable(
+        matvec=lambda x: M @ x, shape=M.shape, tags=("symmetric",)
+    )
+    for probe in ("gaussian", "sphere"):
+        diag = lt.diagonal(symmetric, num_matvecs=60, seed=0, probe=probe)
+        assert diag.method == "diag++" and diag.num_matvecs == 60
+        assert np.max(np.abs(np.asarray(diag.value) - np.diag(M))) < 0.1 * np.max(np.diag(M))
+    # no adjoint: Hutchinson's diagonal, with the Gaussian probes asked for
+    assert lt.diagonal(implicit(M), num_matvecs=60, seed=0, probe="gaussian").method == "hutchinson"
+
+
+def _hutchinson_interval(samples):
+    """The interval method="hutchinson" gives for these samples (shape-corrected t)."""
+    from linop_trace.estimators._hutchinson import SampleMeanEstimate, mean_and_stderr, sample_shape
+
+    mean, stderr = mean_and_stderr(samples, npx)
+    skewness, kurtosis = sample_shape(samples, npx)
+    m = samples.shape[0]
+    reference = SampleMeanEstimate(
+        mean, stderr, m, "hutchinson", dof=m - 1, skewness=skewness, kurtosis=kurtosis
+    )
+    return reference.ci(0.95)
+
+
+def test_hutchinson_choice_has_the_hutchinson_interval():
+    M = test_matrix("flat", 400)
+    for kwargs in ({"num_matvecs": 100}, {"rtol": 0.02, "max_matvecs": 200}):
+        est = lt.trace(implicit(M), seed=0, **kwargs)
+        assert est.method == "hutchinson"
+        samples = np.asarray(est.info["samples"])
+        assert samples.shape[0] == est.num_matvecs
+        low, high = _hutchinson_interval(samples)
+        # same samples, same formula: equal to round-off (skewed samples make the
+        # shape-corrected quantile differ from the plain t one by far more than 1e-12)
+        np.testing.assert_allclose(est.ci(0.95), (low, high), rtol=1e-12)
+        assert est.skewness is not None
+
+
+def test_psd_fallback_has_the_hutchinson_interval():
+    M = test_matrix("smallstep", 300) - 0.5 * np.eye(300)
+    wrong = lt.LinearOperator.from_callable(
+        matvec=lambda x: M @ x, shape=M.shape, tags=("positive_semidefinite",)
+    )
+    with pytest.warns(RuntimeWarning, match="positive semidefinite"):
+        est = lt.trace(wrong, num_matvecs=100, seed=0)
+    assert est.method == "hutchinson"
+    np.testing.assert_allclose(
+        est.ci(0.95), _hutchinson_interval(np.asarray(est.info["samples"])), rtol=1e-12
+    )
+
+
+def test_xtrace_choice_orthonormalizes_the_sketch_once(monkeypatch):
+    from linop_trace.estimators import _auto, _xtrace
+
+    calls = []
+    original = _xtrace.orthonormal_basis
+
+    def counted(block, xp):
+        calls.append(block.shape[1])
+        return original(block, xp)
+
+    monkeypatch.setattr(_xtrace, "orthonormal_basis", counted)
+    monkeypatch.setattr(_auto, "orthonormal_basis", counted)
+    M = test_matrix("fastexp", 300)
+    est = lt.trace(implicit(M), num_matvecs=60, seed=0)
+    assert est.method == "xtrace" and calls == [30]
+    reference = lt.trace(implicit(M), method="xtrace", num_matvecs=60, seed=0)
+    assert abs(float(est) - float(reference)) <= 1e-8 * abs(np.trace(M))
+
+
+def test_budget_below_two_is_refused_unless_exact():
+    with pytest.raises(ValueError, match="needs num_matvecs >= 2"):
+        lt.trace(implicit(test_matrix("poly", 50)), num_matvecs=1, seed=0)
+    with pytest.raises(ValueError, match="needs num_matvecs >= 2"):
+        lt.diagonal(implicit(test_matrix("poly", 50)), num_matvecs=1, seed=0)
+    one = implicit(np.array([[3.0]]))
+    est = lt.trace(one, num_matvecs=1)
+    assert est.method == "exact" and float(est) == 3.0

@@ -294,7 +294,7 @@ class Counting:
     ("method", "tags", "calls"),
     [
         ("diag++", ("symmetric",), (2, 0)),  # sketch, then [Q, G] stacked
-        ("diag++", (), (2, 1)),  # sketch, A^H Q through rmatmat, residual probes
+        ("diag++", (), (1, 1)),  # [sketch, residual probes] stacked, then A^H Q (rmatmat)
         ("xdiag", ("symmetric",), (2, 0)),  # A Omega, then A Q
         ("xdiag", (), (1, 1)),
     ],

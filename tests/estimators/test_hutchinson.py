@@ -245,3 +245,64 @@ def test_frobenius_norm_squared_unbiased_and_counted():
         [float(lt.frobenius_norm_squared(A, 5, seed=s, probe="gaussian")) for s in range(400)]
     )
     assert abs(values.mean() - np.sum(A**2)) < 4 * values.std(ddof=1) / math.sqrt(400)
+
+
+# ------------------------------------------------------------- differentiable estimates
+# f(x) = sum x^4 has H = diag(12 x^2); with Rademacher probes z_i^2 = 1, so every sample
+# z^T H z equals tr(H) = 12 sum x^2 and so does the estimate, whose gradient is 24 x
+# exactly (up to round-off: 1e-12 relative).
+X0 = np.linspace(0.5, 1.5, 12)
+
+
+def _hessian_trace_torch(method: str, num_matvecs: int):
+    torch = pytest.importorskip("torch")
+    import warnings
+
+    x = torch.tensor(X0, requires_grad=True)
+    H = lt.hessian(lambda v: torch.sum(v**4), x, differentiable=True)
+    always = torch.is_warn_always_enabled()
+    torch.set_warn_always(True)  # torch warns once per process otherwise
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message=".*requires_grad.*")
+            # (the interval statistics are computed here, from detached copies)
+            est = lt.trace(H, method=method, seed=0, num_matvecs=num_matvecs, probe="rademacher")
+    finally:
+        torch.set_warn_always(always)
+    est.value.backward()
+    return float(est.value.detach()), x.grad.numpy()
+
+
+def _hessian_trace_jax(method: str, num_matvecs: int, jit: bool = False):
+    jax = pytest.importorskip("jax")
+    jax.config.update("jax_enable_x64", True)
+    jnp = jax.numpy
+
+    def value(x):
+        H = lt.hessian(lambda v: jnp.sum(v**4), x)
+        return lt.trace(H, method=method, seed=0, num_matvecs=num_matvecs, probe="rademacher").value
+
+    grad = jax.jit(jax.grad(value)) if jit else jax.grad(value)
+    return float(value(jnp.asarray(X0))), np.asarray(grad(jnp.asarray(X0)))
+
+
+@pytest.mark.parametrize("library", ["torch", "jax", "jax-jit"])
+def test_hutchinson_estimate_is_differentiable(library):
+    if library == "torch":
+        value, grad = _hessian_trace_torch("hutchinson", 8)
+    else:
+        value, grad = _hessian_trace_jax("hutchinson", 8, jit=library == "jax-jit")
+    assert abs(value - 12 * np.sum(X0**2)) <= 1e-12 * 12 * np.sum(X0**2)
+    np.testing.assert_allclose(grad, 24 * X0, rtol=1e-12, atol=0)
+
+
+def test_adaptive_hutchinson_is_differentiable_on_torch():
+    torch = pytest.importorskip("torch")
+    x = torch.tensor(X0, requires_grad=True)
+    # a non-diagonal Hessian, so the samples spread and the stopping test runs
+    H = lt.hessian(
+        lambda v: torch.sum(v**4) + torch.sum(v[:-1] * v[1:]) ** 2, x, differentiable=True
+    )
+    est = lt.trace(H, method="hutchinson", seed=0, rtol=0.05, max_matvecs=64)
+    est.value.backward()
+    assert est.num_matvecs > 2 and bool(torch.all(torch.isfinite(x.grad)))

@@ -299,3 +299,33 @@ def test_quantile_is_t_with_shape_correction():
     assert est.dof == 19 and est.skewness is not None
     expected = edgeworth_quantile(stats.t.ppf(0.975, 19), 0.95, 20, est.skewness, est.kurtosis)
     assert est.quantile(0.95) == pytest.approx(expected)
+
+
+def test_diagpp_with_an_adjoint_needs_two_calls():
+    # A [S, G] in one forward call, then A^H Q: 2 calls (was 3), same 60 columns
+    A = test_matrix("poly", 100, seed=0)
+    calls = {"forward": 0, "adjoint": 0, "columns": 0}
+
+    def counted(kind, M):
+        def product(X):
+            calls[kind] += 1
+            calls["columns"] += X.shape[1]
+            return M @ X
+
+        return product
+
+    op = lt.LinearOperator.from_callable(
+        matvec=lambda x: A @ x,
+        matmat=counted("forward", A),
+        rmatmat=counted("adjoint", A.T),
+        shape=A.shape,
+    )
+    est = lt.diagonal(op, method="diag++", num_matvecs=60, seed=0)
+    assert (calls["forward"], calls["adjoint"]) == (1, 1)
+    assert est.num_matvecs == calls["columns"] == 60
+    # the same draws as the self-adjoint path (sketch first, then residual probes)
+    symmetric = lt.LinearOperator.from_callable(
+        matvec=lambda x: A @ x, shape=A.shape, tags=("symmetric",)
+    )
+    reference = lt.diagonal(symmetric, method="diag++", num_matvecs=60, seed=0)
+    np.testing.assert_allclose(est.value, reference.value, rtol=1e-10, atol=1e-12)

@@ -139,3 +139,12 @@ def test_repr():
     est = lt.trace(test_matrix("poly", 80), method=XNysTrace("rademacher"), num_matvecs=10, seed=0)
     assert est.info["normalization"] == "plain"
     assert numpy_of(est.info["estimates"]).shape == (10,)
+
+
+def test_zero_operator_gives_exact_zero(backend):
+    # A Omega = 0: the estimate is exactly 0 with zero error (no eigenvalue floor of 1)
+    A = backend.matrix(np.zeros((30, 30)))
+    est = lt.trace(A, method="xnystrace", num_matvecs=10, seed=0)
+    assert float(numpy_of(est.value)) == 0.0
+    assert float(numpy_of(est.stderr)) == 0.0
+    assert np.all(numpy_of(est.info["estimates"]) == 0.0)

@@ -235,3 +235,41 @@ def test_repr_and_probe_override():
     assert repr(XTrace("gaussian")) == "XTrace(probe='gaussian')"
     est = lt.trace(test_matrix("poly", 100), method=XTrace("rademacher"), num_matvecs=20, seed=0)
     assert est.info["normalization"] == "plain" and est.info["probe"] == "rademacher"
+
+
+# ------------------------------------------------------------- differentiable estimates
+# f(x) = sum x^4 has H = diag(12 x^2). With num_matvecs = 2n XTrace's sketch spans R^n,
+# so the estimate is tr(H) = 12 sum x^2 up to round-off and its gradient 24 x (1e-10).
+X0 = np.linspace(0.5, 1.5, 12)
+
+
+def test_xtrace_estimate_is_differentiable_on_torch():
+    torch = pytest.importorskip("torch")
+    import warnings
+
+    x = torch.tensor(X0, requires_grad=True)
+    H = lt.hessian(lambda v: torch.sum(v**4), x, differentiable=True)
+    always = torch.is_warn_always_enabled()
+    torch.set_warn_always(True)  # torch warns once per process otherwise
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message=".*requires_grad.*")
+            est = lt.trace(H, method="xtrace", seed=0, num_matvecs=2 * X0.size)
+    finally:
+        torch.set_warn_always(always)
+    est.value.backward()
+    assert abs(float(est.value.detach()) - 12 * np.sum(X0**2)) <= 1e-10 * 12 * np.sum(X0**2)
+    np.testing.assert_allclose(x.grad.numpy(), 24 * X0, rtol=1e-10, atol=0)
+
+
+def test_xtrace_estimate_is_differentiable_on_jax():
+    jax = pytest.importorskip("jax")
+    jax.config.update("jax_enable_x64", True)
+    jnp = jax.numpy
+
+    def value(x):
+        H = lt.hessian(lambda v: jnp.sum(v**4), x)
+        return lt.trace(H, method="xtrace", seed=0, num_matvecs=2 * X0.size).value
+
+    grad = np.asarray(jax.grad(value)(jnp.asarray(X0)))
+    np.testing.assert_allclose(grad, 24 * X0, rtol=1e-10, atol=0)
