@@ -52,9 +52,7 @@ def _request(
     if max_matvecs is None:
         max_matvecs = max(num_matvecs, DEFAULT_MAX_MATVECS) if adaptive else num_matvecs
     elif max_matvecs < num_matvecs:
-        raise ValueError(
-            f"`max_matvecs`={max_matvecs} is smaller than `num_matvecs`={num_matvecs}"
-        )
+        raise ValueError(f"`max_matvecs`={max_matvecs} is smaller than `num_matvecs`={num_matvecs}")
     if block_size is None:
         block_size = default_block_size(n, _itemsize(operator), limit=max(max_matvecs, 1))
     else:
