@@ -225,6 +225,10 @@ def docs(session: nox.Session) -> None:
         "linop_trace",
     )
     build = ROOT / "docs" / "_build" / "html"
+    # Start clean: sphinx-gallery reuses an example's output while the example's file is
+    # unchanged, which would hide a failure caused by a change in the library.
+    for stale in ("_build", "auto_examples", "generated"):
+        shutil.rmtree(ROOT / "docs" / stale, ignore_errors=True)
     session.run(
         "sphinx-build",
         "-W",

@@ -40,7 +40,7 @@ def build() -> sp.csr_array:
     directed = sp.csr_array((distances <= kth[:, None]).astype(np.int64))  # ties included
     adjacency = ((directed + directed.T) > 0).astype(np.int64)
     degrees = np.asarray(adjacency.sum(axis=1)).ravel()
-    return sp.csr_array(sp.diags_array(degrees, dtype=np.int64) - adjacency)
+    return sp.csr_array(sp.csr_array(sp.diags(degrees, dtype=np.int64)) - adjacency)
 
 
 def main() -> None:

@@ -176,7 +176,7 @@ def sparse_psd(n: int, per_row: int = 10, seed: int = 0) -> sp.csr_array:
     B = sp.csr_array(sp.coo_array((values, (rows, cols)), shape=(n, n)))
     S = B + B.T
     margin = np.asarray(abs(S).sum(axis=1)).ravel() + 1.0
-    return sp.csr_array(S + sp.diags_array(margin - S.diagonal()))
+    return sp.csr_array(S + sp.diags(margin - S.diagonal()))
 
 
 def laplacian_1d(n: int) -> sp.csr_array:

@@ -28,8 +28,11 @@ class TimeBatching:
         self.backend, self.operator = _operator(backend_name, device, n)
         self.block = linop_trace.rademacher(self.operator, NUM_MATVECS, seed=0)
         self.columns = [self.block[:, j] for j in range(NUM_MATVECS)]
+        # warm up every path once (JAX compiles per shape; caches fill)
         self.time_matmat(backend_name, device, n)
         self.time_matvec_loop(backend_name, device, n)
+        self.time_hutchinson_block_100(backend_name, device, n)
+        self.time_hutchinson_block_1(backend_name, device, n)
 
     def time_matmat(self, backend_name: str, device: str, n: int) -> None:
         self.backend.sync(self.operator.matmat(self.block))

@@ -172,7 +172,11 @@ def xnystrace_estimates(probes: Any, images: Any, xp: Any, improved: bool = True
     # two left out [i, j]: N^(i) = N - n_i n_i^H / N_ii (zero row/column i)
     ratio = nmat / _as(n_d[:, None], ctype, xp)  # N_ij / N_ii
     n2 = n_d[None, :] - _abs2(nmat, xp) / n_d[:, None]
-    b2 = b_d[None, :] - 2 * _real(ratio * bmat.mT, xp) + _abs2(ratio, xp) * b_d[:, None]
+    b2 = (
+        b_d[None, :]
+        - 2 * _real(ratio * xp.matrix_transpose(bmat), xp)
+        + _abs2(ratio, xp) * b_d[:, None]
+    )
     eye = xp.eye(m, dtype=n2.dtype, device=backend.device_of(n2))
     n2 = n2 + eye  # the diagonal is unused; keep it finite
     if improved:

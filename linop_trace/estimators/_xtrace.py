@@ -241,22 +241,22 @@ def xtrace_estimates(
     coef_j = (sw_jj - conj(c, xp) * sw) / _as(det, ctype, xp)
     quad2 = (
         a[None, :]
-        + vs.mT * coef_i
+        + xp.matrix_transpose(vs) * coef_i
         + _diag(vs, xp)[None, :] * coef_j
         + conj(coef_i, xp) * su
         + conj(coef_j, xp) * _diag(su, xp)[None, :]
         + _abs2(coef_i, xp) * shs_d[:, None]
         + conj(coef_i, xp) * coef_j * shs
-        + conj(coef_j, xp) * coef_i * shs.mT
+        + conj(coef_j, xp) * coef_i * xp.matrix_transpose(shs)
         + _abs2(coef_j, xp) * shs_d[None, :]
     )
     proj_norm2 = (
         _abs2(coef_i, xp) + _abs2(coef_j, xp) + 2 * _real(conj(coef_i, xp) * c * coef_j, xp)
     )
     xnorm2_pair = residual_norm2[None, :] + proj_norm2
-    trace_pair = (shs_d[:, None] + shs_d[None, :] - c * shs.mT - conj(c, xp) * shs) / _as(
-        det, ctype, xp
-    )
+    trace_pair = (
+        shs_d[:, None] + shs_d[None, :] - c * xp.matrix_transpose(shs) - conj(c, xp) * shs
+    ) / _as(det, ctype, xp)
     scale2 = (n - s + 2) / (xnorm2_pair + eye) if improved else 1.0
     pair = trace_h - trace_pair + _as(scale2, ctype, xp) * quad2
     offdiag = 1 - eye
