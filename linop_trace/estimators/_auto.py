@@ -53,6 +53,7 @@ from ._xtrace import (
     _diag,
     _downdate_directions,
     _real,
+    exchangeable_estimate,
     orthonormal_basis,
     xtrace_finish,
     xtrace_start,
@@ -254,7 +255,8 @@ class Auto(Estimator):
             return hutchinson_estimate(
                 request, sampler, samples, xp, "hutchinson", info={"auto": str(error)}
             )
-        return XNysTrace._estimate(result, request, sampler, m)
+        improved = sampler.kind in ROTATION_INVARIANT
+        return exchangeable_estimate(result, request, sampler, m, improved, XNysTrace.name)
 
     def diagonal(self, operator: LinearOperator, request: EstimationRequest) -> Estimate:
         if self._use_exact(operator, request):

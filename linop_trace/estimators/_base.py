@@ -171,6 +171,27 @@ class Estimator:
         return f"{type(self).__name__}()"
 
 
+class ProbeChoice(Estimator):
+    """An estimator whose constructor may fix the probe distribution.
+
+    ``probe=None`` uses the request's probes (the ``probe=`` argument of
+    :func:`~linop_trace.trace`, or the estimator's ``default_probe``); a name overrides it
+    and draws from the request's random source, so the seed still decides everything.
+    """
+
+    def __init__(self, probe: str | None = None) -> None:
+        self.probe = probe
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(probe={self.probe!r})"
+
+    def _sampler(self, request: EstimationRequest) -> ProbeSampler:
+        if self.probe is None or self.probe == request.probes.kind:
+            return request.probes
+        base = request.probes
+        return ProbeSampler(self.probe, base.n, base.xp, base.dtype, base.device, base.random)
+
+
 def scalar_like(operator: LinearOperator, value: float) -> Any:
     """A 0-d array of the operator's library, real dtype and device."""
     xp = operator.xp

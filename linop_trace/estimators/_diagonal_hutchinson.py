@@ -25,9 +25,11 @@ from ._base import EstimationRequest
 
 __all__ = [
     "UNIT_MODULUS_PROBES",
+    "RatioSamples",
     "diagonal_hutchinson",
     "diagonal_hutchinson_samples",
     "diagonal_interval_met",
+    "grow_until_met",
     "ratio_mean_and_stderr",
 ]
 
@@ -93,48 +95,72 @@ def diagonal_interval_met(value: Any, stderr: Any, dof: int, request: Estimation
     return quantile * spread <= target
 
 
+class RatioSamples:
+    """The numerator and denominator blocks drawn so far (denominators ``None`` for
+    unit-modulus probes), and their ratio estimate."""
+
+    def __init__(self, xp: Any, unit_modulus: bool) -> None:
+        self.xp = xp
+        self.unit_modulus = unit_modulus
+        self.numerators: list[Any] = []
+        self.denominators: list[Any] = []
+
+    def add(self, numerators: Any, denominators: Any) -> None:
+        self.numerators.append(numerators)
+        self.denominators.append(denominators)
+
+    def stacked(self) -> tuple[Any, Any]:
+        xp = self.xp
+        if len(self.numerators) == 1:
+            return self.numerators[0], self.denominators[0]
+        if self.unit_modulus:
+            return xp.concat(self.numerators, axis=1), None
+        return xp.concat(self.numerators, axis=1), xp.concat(self.denominators, axis=1)
+
+    def estimate(self) -> tuple[Any, Any, int]:
+        """``(value, stderr, number of probes)`` of the ratio estimator."""
+        y, x = self.stacked()
+        value, stderr = ratio_mean_and_stderr(y, x, self.xp)
+        return value, stderr, int(y.shape[1])
+
+
+def grow_until_met(
+    samples: RatioSamples,
+    request: EstimationRequest,
+    draw: Callable[[int], tuple[Any, Any]],
+    offset: Any = 0,
+) -> bool | None:
+    """Adaptive stopping of the diagonal estimators: double the probes (within the block
+    size and ``max_matvecs``) until the interval of ``offset + estimate`` meets the
+    tolerance. ``None`` without a tolerance, else whether it was met."""
+    if not request.adaptive:
+        return None
+    cap = request.max_matvecs or request.num_matvecs
+    while True:
+        value, stderr, count = samples.estimate()
+        if diagonal_interval_met(offset + value, stderr, count - 1, request):
+            return True
+        remaining = cap - request.matmat.columns
+        if remaining <= 0:
+            return False
+        samples.add(*draw(min(count, remaining, request.block_size)))
+
+
 def diagonal_hutchinson(
     operator: LinearOperator, request: EstimationRequest, sampler: Any, name: str
 ) -> Estimate:
     """The diagonal estimator behind ``Hutchinson().diagonal`` (blocks, adaptive stopping)."""
     xp = operator.xp
-    numerators, denominators = [], []
-
     unit_modulus = sampler.kind in UNIT_MODULUS_PROBES
+    samples = RatioSamples(xp, unit_modulus)
 
-    def draw(width: int) -> None:
-        y, x = diagonal_hutchinson_samples(request.matmat, sampler(width), xp, unit_modulus)
-        numerators.append(y)
-        denominators.append(x)
-
-    def stacked() -> tuple[Any, Any]:
-        if len(numerators) == 1:
-            return numerators[0], denominators[0]
-        if unit_modulus:
-            return xp.concat(numerators, axis=1), None
-        return xp.concat(numerators, axis=1), xp.concat(denominators, axis=1)
+    def draw(width: int) -> tuple[Any, Any]:
+        return diagonal_hutchinson_samples(request.matmat, sampler(width), xp, unit_modulus)
 
     for width in request.blocks(request.num_matvecs):
-        draw(width)
-    converged = None
-    if request.adaptive:
-        converged = False
-        cap = request.max_matvecs or request.num_matvecs
-        while True:
-            y, x = stacked()
-            value, stderr = ratio_mean_and_stderr(y, x, xp)
-            count = int(y.shape[1])
-            if diagonal_interval_met(value, stderr, count - 1, request):
-                converged = True
-                break
-            remaining = cap - request.matmat.columns
-            if remaining <= 0:
-                break
-            # double the probes so far, within the block size and the budget
-            draw(min(count, remaining, request.block_size))
-    y, x = stacked()
-    value, stderr = ratio_mean_and_stderr(y, x, xp)
-    count = int(y.shape[1])
+        samples.add(*draw(width))
+    converged = grow_until_met(samples, request, draw)
+    value, stderr, count = samples.estimate()
     return Estimate(
         value,
         stderr,

@@ -15,11 +15,7 @@ from .. import _backend as backend
 from .._estimate import Estimate
 from .._operators import LinearOperator
 from ._base import EstimationRequest, Estimator
-from ._diagonal_hutchinson import (
-    UNIT_MODULUS_PROBES,
-    diagonal_interval_met,
-    ratio_mean_and_stderr,
-)
+from ._diagonal_hutchinson import UNIT_MODULUS_PROBES, RatioSamples, grow_until_met
 from ._hutchpp import (
     Matmat,
     adjoint_product,
@@ -135,42 +131,15 @@ class DiagPlusPlus(Estimator):
             xp,
             unit_modulus,
         )
-        numerator_blocks, denominator_blocks = [numerators], [denominators]
+        samples = RatioSamples(xp, unit_modulus)
+        samples.add(numerators, denominators)
 
-        def stacked() -> tuple[Any, Any]:
-            if len(numerator_blocks) == 1:
-                return numerator_blocks[0], denominator_blocks[0]
-            if unit_modulus:
-                return xp.concat(numerator_blocks, axis=1), None
-            return xp.concat(numerator_blocks, axis=1), xp.concat(denominator_blocks, axis=1)
+        def draw(width: int) -> tuple[Any, Any]:
+            probes = request.probes(width)
+            return diagpp_residual_samples(matmat, basis, adjoint_basis, probes, xp, unit_modulus)
 
-        converged = None
-        if request.adaptive:
-            converged = False
-            cap = request.max_matvecs or request.num_matvecs
-            while True:
-                y, x = stacked()
-                residual_value, stderr = ratio_mean_and_stderr(y, x, xp)
-                count = int(y.shape[1])
-                if diagonal_interval_met(low_rank + residual_value, stderr, count - 1, request):
-                    converged = True
-                    break
-                remaining = cap - request.matmat.columns
-                if remaining <= 0:
-                    break
-                y, x = diagpp_residual_samples(
-                    matmat,
-                    basis,
-                    adjoint_basis,
-                    request.probes(min(count, remaining)),
-                    xp,
-                    unit_modulus,
-                )
-                numerator_blocks.append(y)
-                denominator_blocks.append(x)
-        y, x = stacked()
-        residual_value, stderr = ratio_mean_and_stderr(y, x, xp)
-        count = int(y.shape[1])
+        converged = grow_until_met(samples, request, draw, low_rank)
+        residual_value, stderr, count = samples.estimate()
         return Estimate(
             low_rank + residual_value,
             stderr,

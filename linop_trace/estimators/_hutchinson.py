@@ -21,7 +21,7 @@ from typing import Any
 from .. import _backend as backend
 from .._estimate import Estimate
 from .._operators import LinearOperator
-from ._base import EstimationRequest, Estimator
+from ._base import EstimationRequest, ProbeChoice
 
 __all__ = [
     "Hutchinson",
@@ -205,7 +205,7 @@ def hutchinson_estimate(
     )
 
 
-class Hutchinson(Estimator):
+class Hutchinson(ProbeChoice):
     """Hutchinson's trace estimator with batched probes and adaptive stopping.
 
     Parameters
@@ -237,20 +237,6 @@ class Hutchinson(Estimator):
     name = "hutchinson"
     supports_tolerance = True
     min_matvecs = 2
-
-    def __init__(self, probe: str | None = None) -> None:
-        self.probe = probe
-
-    def __repr__(self) -> str:
-        return f"Hutchinson(probe={self.probe!r})"
-
-    def _sampler(self, request: EstimationRequest) -> Any:
-        if self.probe is None or self.probe == request.probes.kind:
-            return request.probes
-        from .._probes import ProbeSampler
-
-        base = request.probes
-        return ProbeSampler(self.probe, base.n, base.xp, base.dtype, base.device, base.random)
 
     def trace(self, operator: LinearOperator, request: EstimationRequest) -> Estimate:
         xp = operator.xp

@@ -84,44 +84,58 @@ from .._estimate import Estimate
 from .._operators import LinearOperator
 from ._base import EstimationRequest, Estimator
 from ._hutchpp import Matmat, adjoint_product, blocked_matmat, conj, hermitian_transpose
+from ._xtrace import orthonormal_basis
 
 __all__ = ["XDiag", "xdiag_core", "xdiag_estimates"]
 
+#: The reported dof is the median over at most this many evenly spaced entries.
+DOF_ENTRIES = 1024
 
-def _leave_one_out(matmat: Matmat, adjoint: Matmat | None, probes: Any, xp: Any) -> dict:
-    """The two products, the d^(i) and the (n, s) / (s, s) pieces the pairs reuse."""
+
+def _products(matmat: Matmat, adjoint: Matmat | None, probes: Any, xp: Any) -> tuple[Any, ...]:
+    """XDiag's two operator products and the factorization between them:
+    ``(Omega, Q, R, Z)`` with Y = A Omega = QR and Z = A^H Q."""
     image = matmat(probes)
-    basis, triangular = backend.thin_qr(xp, image)
+    basis = orthonormal_basis(image, xp)  # Cholesky QR when Y is well conditioned
+    triangular = hermitian_transpose(basis, xp) @ image  # R = Q^H Y, so Y = QR
     adjoint_basis = matmat(basis) if adjoint is None else adjoint(basis)  # Z = A^H Q
-    projected = hermitian_transpose(adjoint_basis, xp) @ probes  # T = Q^H A Omega
+    return probes, basis, triangular, adjoint_basis
+
+
+def _leave_one_out(xp: Any, probes: Any, basis: Any, triangular: Any, adjoint_basis: Any) -> dict:
+    """The d^(i) and the (n, s) / (s, s) pieces the pairs reuse.
+
+    With Y = QR, Q^H y_i = r_i, so s_i^H Q^H y_i = 1 / nu_i (nu_i the norm of column i of
+    R^{-H}) and the left-out residual (I - Q_(i) Q_(i)^H) y_i is (Q s_i) / nu_i: the
+    distance of y_i from the other columns' span is 1 / nu_i. Hence, with B = Q S, C = Z S
+    and E = conj(Omega) / nu - conj(C) (columnwise),
+
+        d^(i) = diag(Q Z^H) + B_i * E_i,
+
+    two (n, s) @ (s, s) products beyond the QR factorization.
+    """
     downdate = hermitian_transpose(xp.linalg.inv(triangular), xp)  # R^{-H}
-    norms = xp.sqrt(xp.sum(xp.abs(downdate) ** 2, axis=0))
-    downdate = downdate / (
-        xp.astype(norms, downdate.dtype) if norms.dtype != downdate.dtype else norms
-    )
-    count = probes.shape[1]
-    weights = xp.sum(conj(downdate, xp) * projected, axis=0)  # s_i^H t_i
-    # one product for Q (T - S diag(s_i^H t_i)) and Q S
-    both = basis @ xp.concat([projected - downdate * weights[None, :], downdate], axis=1)
-    left_out = image - both[:, :count]  # (I - Q_(i) Q_(i)^H) A w_i, column by column
-    basis_down = both[:, count:]  # columns q_i = Q s_i
-    adjoint_down = adjoint_basis @ downdate  # Z s_i
-    low_rank_diagonal = xp.sum(basis * conj(adjoint_basis, xp), axis=1)  # diag(Q Z^H)
-    estimates = (
-        low_rank_diagonal[:, None]
-        - basis_down * conj(adjoint_down, xp)
-        + conj(probes, xp) * left_out
-    )
+    norms = xp.sqrt(xp.sum(xp.abs(downdate) ** 2, axis=0))  # nu_i
+    ctype = downdate.dtype
+    downdate = downdate / (xp.astype(norms, ctype) if norms.dtype != ctype else norms)
+    basis_down = basis @ downdate  # B: columns Q s_i
+    adjoint_down_c = conj(adjoint_basis @ downdate, xp)  # conj(C): columns conj(Z s_i)
+    inverse_norms = 1 / norms
+    if norms.dtype != ctype:
+        inverse_norms = xp.astype(inverse_norms, ctype)
+    weight = conj(probes, xp) * inverse_norms[None, :] - adjoint_down_c  # E
+    update = basis_down * weight  # B * E
+    # diag(Q Z^H) (row_inner conjugates its first argument)
+    low_rank_diagonal = backend.row_inner(xp, adjoint_basis, basis)
+    estimates = low_rank_diagonal[:, None] + update
     return {
         "estimates": estimates,
+        "update": update,
         "low_rank_diagonal": low_rank_diagonal,
-        "probes": probes,
-        "projected": projected,
         "downdate": downdate,
-        "weights": weights,
-        "left_out": left_out,
         "basis_down": basis_down,
-        "adjoint_down": adjoint_down,
+        "adjoint_down_c": adjoint_down_c,
+        "weight": weight,
     }
 
 
@@ -159,25 +173,32 @@ def xdiag_core(matmat: Matmat, adjoint: Matmat | None, probes: Any, xp: Any) -> 
     >>> estimates.shape, bool(np.allclose(estimates.mean(axis=1), np.diag(A)))
     ((50, 6), True)
     """
-    parts = _leave_one_out(matmat, adjoint, probes, xp)
+    parts = _leave_one_out(xp, *_products(matmat, adjoint, probes, xp))
     return parts["estimates"], parts["low_rank_diagonal"]
 
 
 def _pair_sums(parts: dict, xp: Any) -> Any:
     """``sum_{j != i} d_j^(i)`` in column i: the estimates with two probes left out.
 
-    The formula is in the module docstring; each sum over j is one (n, s) @ (s, s) product.
+    The formula is in the module docstring. With u_ij = s_i^H r_j = delta_ij / nu_i (see
+    :func:`_leave_one_out`), a_ij = -c_ij / (nu_j (1 - |c_ij|^2)) and
+    b_ij = 1 / (nu_j (1 - |c_ij|^2)); with K_ij = c_ij / (1 - |c_ij|^2), r_i = sum_j
+    1 / (1 - |c_ij|^2) (both over the pairs j != i) and E = conj(Omega) / nu - conj(C),
+
+        sum_j d_j^(i) = (s - 1) diag(Q Z^H) - B_i conj(C_i) r_i + conj(C_i) (B K^T_conj)_i
+                        - B_i (E K^T)_i + ((B * E) Inv^T)_i,
+
+    three (n, s) @ (s, s) products. Returned without the first term, the same in every
+    column, which the caller adds to an (n,) vector instead of an (n, s) array.
     """
     downdate = parts["downdate"]
     count = downdate.shape[1]
     dtype = downdate.dtype
     device = backend.device_of(downdate)
-    probes_c = conj(parts["probes"], xp)
     basis_down = parts["basis_down"]  # B = Q S
-    adjoint_down_c = conj(parts["adjoint_down"], xp)  # conj(C), C = Z S
+    adjoint_down_c = parts["adjoint_down_c"]  # conj(C), C = Z S
     gram = hermitian_transpose(downdate, xp) @ downdate  # c_ij = s_i^H s_j
     gram_c = conj(gram, xp)
-    inner = hermitian_transpose(downdate, xp) @ parts["projected"]  # u_ij = s_i^H t_j
     eye = xp.eye(count, dtype=dtype, device=device)
     off = 1 - eye
     # 1 - |c_ij|^2 = |s_i - conj(c_ij) s_j|^2. Where it vanishes (s_i parallel to s_j, Y of
@@ -191,25 +212,21 @@ def _pair_sums(parts: dict, xp: Any) -> Any:
     parallel = off - valid
     determinant = xp.where(determinant > tolerance, determinant, xp.ones_like(determinant))
     inverse = valid / xp.astype(determinant, dtype)  # 1 / (1 - |c_ij|^2); 0 if j = i
-    diagonal_inner = xp.sum(inner * eye, axis=0)[None, :]  # u_jj, by column j
-    coef_i = (inner - gram * diagonal_inner) * inverse  # a_ij
-    coef_j = (diagonal_inner - gram_c * inner) * inverse  # b_ij
-    cross = basis_down * adjoint_down_c  # B_ki conj(C_ki)
-    # conj(w_j) * (y_j - Q t_j): the one-left-out residual term without its downdate
-    residual = probes_c * parts["left_out"] - probes_c * basis_down * parts["weights"][None, :]
+    coupling = gram * inverse  # K
     transpose = xp.matrix_transpose
     pairs = (
-        parts["low_rank_diagonal"][:, None] * xp.sum(valid, axis=1)[None, :]
-        - cross * xp.sum(inverse, axis=1)[None, :]
-        + basis_down * (adjoint_down_c @ transpose(gram * inverse))
-        + adjoint_down_c * (basis_down @ transpose(gram_c * inverse))
-        - cross @ transpose(inverse)
-        + basis_down * (probes_c @ transpose(coef_i))
-        + (probes_c * basis_down) @ transpose(coef_j)
-        # the residual terms of the valid pairs and d^(j) for the parallel ones, one product
-        + xp.concat([residual, parts["estimates"]], axis=1)
-        @ xp.concat([transpose(valid), transpose(parallel)], axis=0)
+        adjoint_down_c * (basis_down @ transpose(conj(coupling, xp)))
+        - basis_down * (parts["weight"] @ transpose(coupling))
+        + parts["update"] @ transpose(inverse)
+        - (basis_down * adjoint_down_c) * xp.sum(inverse, axis=1)[None, :]
     )
+    # Pairs of parallel s_i, s_j (rare) take d^(j), and the term (number of valid pairs)
+    # x diag(Q Z^H) is then not the same in every column.
+    has_parallel = backend.concrete_float(xp.sum(xp.abs(parallel)))
+    if has_parallel is None or has_parallel > 0:
+        counts = xp.sum(valid, axis=1) - (count - 1)
+        pairs = pairs + parts["estimates"] @ transpose(parallel)
+        pairs = pairs + parts["low_rank_diagonal"][:, None] * counts[None, :]
     return pairs
 
 
@@ -243,8 +260,9 @@ def elementwise_honest_error(estimates: Any, pseudo: Any, xp: Any) -> dict[str, 
     dict
         ``stderr`` (n,): sqrt(max(sum cross, sum square) / (s (s - 1))) entry by entry;
         ``stderr_plain`` (n,): std(d^(i)) / sqrt(s); ``dof``: the median over the entries
-        (the lower median for even n) of the Satterthwaite dof of the variance estimate
-        each entry uses, rounded down.
+        (the lower median for even n; over ``DOF_ENTRIES`` evenly spaced entries when n is
+        larger) of the Satterthwaite dof of the variance estimate each entry uses, rounded
+        down.
 
     Examples
     --------
@@ -256,25 +274,36 @@ def elementwise_honest_error(estimates: Any, pseudo: Any, xp: Any) -> dict[str, 
     >>> out["stderr"].tolist(), out["stderr_plain"].tolist(), out["dof"]
     ([0.816496580927726, 0.0], [0.5773502691896257, 0.0], 2)
     """
-    s = estimates.shape[1]
+    out = _honest_error_and_dofs(estimates, pseudo, xp)
+    dofs = out.pop("dofs")
+    out["dof"] = int(math.floor(float(xp.sort(dofs)[(dofs.shape[0] - 1) // 2])))
+    return out
+
+
+def _honest_error_and_dofs(estimates: Any, pseudo: Any, xp: Any) -> dict[str, Any]:
+    """:func:`elementwise_honest_error` with the entries' dofs (no median: no host sync)."""
+    n, s = estimates.shape
     deviation = estimates - xp.mean(estimates, axis=1)[:, None]
     pseudo_deviation = pseudo - xp.mean(pseudo, axis=1)[:, None]
-    cross = conj(deviation, xp) * pseudo_deviation
-    if backend.is_complex_dtype(xp, cross.dtype):
-        cross = xp.real(cross)
-        square = xp.real(conj(deviation, xp) * deviation)
-    else:
-        square = deviation**2
-    cross_sum = xp.sum(cross, axis=1)
-    square_sum = xp.sum(square, axis=1)
+    complex_ = backend.is_complex_dtype(xp, deviation.dtype)
+    cross_sum = backend.row_inner(xp, deviation, pseudo_deviation)  # sum conj(dev) * pdev
+    square_sum = backend.row_inner(xp, deviation, deviation)
+    if complex_:
+        cross_sum, square_sum = xp.real(cross_sum), xp.real(square_sum)
     floored = cross_sum < square_sum
     variance = xp.where(floored, square_sum, cross_sum) / (s * (s - 1))
-    dofs = xp.where(floored, _satterthwaite(square, xp), _satterthwaite(cross, xp))
-    median = xp.sort(dofs)[(dofs.shape[0] - 1) // 2]
+    # The dof is a median over the entries: at most DOF_ENTRIES evenly spaced ones suffice
+    step = -(-n // DOF_ENTRIES)
+    deviation, pseudo_deviation = deviation[::step, :], pseudo_deviation[::step, :]
+    cross = conj(deviation, xp) * pseudo_deviation
+    square = conj(deviation, xp) * deviation
+    if complex_:
+        cross, square = xp.real(cross), xp.real(square)
+    dofs = xp.where(floored[::step], _satterthwaite(square, xp), _satterthwaite(cross, xp))
     return {
         "stderr": xp.sqrt(variance),
         "stderr_plain": xp.sqrt(square_sum / (s * (s - 1))),
-        "dof": int(math.floor(float(median))),
+        "dofs": dofs,
     }
 
 
@@ -305,11 +334,25 @@ def xdiag_estimates(matmat: Matmat, adjoint: Matmat | None, probes: Any, xp: Any
     >>> out["pseudo"].shape, bool(np.all(out["stderr"] >= out["stderr_plain"]))
     ((40, 10), True)
     """
-    parts = _leave_one_out(matmat, adjoint, probes, xp)
+    out = backend.jit(xp, _algebra)(xp, *_products(matmat, adjoint, probes, xp))
+    dofs = out.pop("dofs")
+    out["dof"] = None
+    if dofs is not None:
+        # the median over the entries (the lower one for an even count), rounded down
+        median = backend.concrete_float(xp.sort(dofs)[(dofs.shape[0] - 1) // 2])
+        out["dof"] = int(math.floor(median)) if median is not None else probes.shape[1] - 1
+    return out
+
+
+def _algebra(xp: Any, probes: Any, basis: Any, triangular: Any, adjoint_basis: Any) -> dict:
+    """Everything after the products: pure array algebra (JAX compiles it as one program)."""
+    parts = _leave_one_out(xp, probes, basis, triangular, adjoint_basis)
     estimates = parts["estimates"]
     value = xp.mean(estimates, axis=1)
     # p_i = d^(i) + sum_{j != i} (d^(j) - d_j^(i)) = sum_j d^(j) - sum_{j != i} d_j^(i)
-    pseudo = xp.sum(estimates, axis=1)[:, None] - _pair_sums(parts, xp)
+    count = estimates.shape[1]
+    common = xp.sum(estimates, axis=1) - (count - 1) * parts["low_rank_diagonal"]
+    pseudo = common[:, None] - _pair_sums(parts, xp)
     out: dict[str, Any] = {
         "estimates": estimates,
         "pseudo": pseudo,
@@ -317,10 +360,10 @@ def xdiag_estimates(matmat: Matmat, adjoint: Matmat | None, probes: Any, xp: Any
         "value": value,
         "stderr": None,
         "stderr_plain": None,
-        "dof": None,
+        "dofs": None,
     }
-    if estimates.shape[1] > 1:
-        out.update(elementwise_honest_error(estimates, pseudo, xp))
+    if count > 1:
+        out.update(_honest_error_and_dofs(estimates, pseudo, xp))
     return out
 
 

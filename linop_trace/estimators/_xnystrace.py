@@ -40,13 +40,14 @@ from typing import Any
 from .. import _backend as backend
 from .._estimate import Estimate
 from .._operators import LinearOperator
-from ._base import EstimationRequest, Estimator, blocked_matmat, hermitian_transpose
+from ._base import EstimationRequest, ProbeChoice, blocked_matmat, hermitian_transpose
 from ._xtrace import (
     ROTATION_INVARIANT,
     _abs2,
     _as,
     _diag,
     _real,
+    exchangeable_estimate,
     honest_error,
 )
 
@@ -212,7 +213,7 @@ def xnystrace_core(
     return xnystrace_estimates(probes, matmat(probes), xp, improved)
 
 
-class XNysTrace(Estimator):
+class XNysTrace(ProbeChoice):
     """XNysTrace: exchangeable Nystrom trace estimation for symmetric PSD operators.
 
     All ``num_matvecs`` columns are probes, multiplied in one block product (more if
@@ -253,41 +254,12 @@ class XNysTrace(Estimator):
     min_matvecs = 2
     default_probe = "sphere"
 
-    def __init__(self, probe: str | None = None) -> None:
-        self.probe = probe
-
-    def __repr__(self) -> str:
-        return f"XNysTrace(probe={self.probe!r})"
-
     def trace(self, operator: LinearOperator, request: EstimationRequest) -> Estimate:
-        from ._xtrace import XTrace
-
         xp = operator.xp
-        sampler = XTrace(self.probe)._sampler(request)
+        sampler = self._sampler(request)
         improved = sampler.kind in ROTATION_INVARIANT
         m = min(request.num_matvecs, operator.shape[0])
         probes = sampler(m)
         images = blocked_matmat(operator, request)(probes)
         result = xnystrace_estimates(probes, images, xp, improved)
-        return self._estimate(result, request, sampler, m)
-
-    @staticmethod
-    def _estimate(result: dict, request: EstimationRequest, sampler: Any, m: int) -> Estimate:
-        improved = sampler.kind in ROTATION_INVARIANT
-        return Estimate(
-            result["value"],
-            result["stderr"],
-            request.matmat.columns,
-            XNysTrace.name,
-            converged=None,
-            dof=result["dof"],
-            info={
-                "probe": sampler.kind,
-                "num_probes": m,
-                "normalization": "improved" if improved else "plain",
-                "estimates": result["estimates"],
-                "pseudo_values": result["pseudo"],
-                "stderr_plain": result["stderr_plain"],
-                "stderr_jackknife": result.get("stderr_jackknife"),
-            },
-        )
+        return exchangeable_estimate(result, request, sampler, m, improved, self.name)

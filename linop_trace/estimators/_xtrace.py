@@ -72,7 +72,7 @@ from .._estimate import Estimate
 from .._operators import LinearOperator
 from ._base import (
     EstimationRequest,
-    Estimator,
+    ProbeChoice,
     blocked_matmat,
     column_inner,
     conj,
@@ -101,36 +101,37 @@ def _diag(x: Any, xp: Any) -> Any:
 def orthonormal_basis(block: Any, xp: Any) -> Any:
     """An orthonormal basis Q of range(block).
 
-    Cholesky QR twice (four BLAS-3 products, several times faster than Householder QR
-    on tall blocks) when the block is well conditioned, which the first pass reveals;
-    Householder QR otherwise (the sketches of decaying spectra are ill conditioned)."""
-    basis = _cholesky_qr(block, xp)
-    if basis is not None:
-        gram = hermitian_transpose(basis, xp) @ basis
-        k = gram.shape[0]
-        eye = xp.eye(k, dtype=gram.dtype, device=backend.device_of(gram))
-        error = backend.concrete_float(xp.max(xp.abs(gram - eye))) if k else 0.0
-        if (
-            error is not None and error < 0.1
-        ):  # second pass restores orthogonality to working precision
-            second = _cholesky_qr(basis, xp)
-            if second is not None:
-                return second
-    return xp.linalg.qr(block)[0]
-
-
-def _cholesky_qr(block: Any, xp: Any) -> Any | None:
-    """``block @ L^{-H}`` with ``L L^H = block^H block``; ``None`` if Cholesky fails."""
-    gram = hermitian_transpose(block, xp) @ block
+    Cholesky QR twice (BLAS-3 products, several times faster than Householder QR on tall
+    blocks) when the block is well conditioned, which the first pass reveals; Householder
+    QR otherwise (the sketches of decaying spectra are ill conditioned)."""
     try:
-        lower = xp.linalg.cholesky(gram)
-        inverse = xp.linalg.inv(lower)
-    except Exception:  # not numerically positive definite: rank-deficient block
-        return None
-    finite = backend.stop_gradient(xp.all(xp.isfinite(inverse)))
-    if not backend.is_concrete(finite) or not bool(finite):
-        return None
-    return block @ hermitian_transpose(inverse, xp)
+        basis, good = backend.jit(xp, _cholesky_qr2)(xp, block)
+    except Exception:  # Cholesky failed (NumPy, torch raise): numerically rank deficient
+        good = False
+    else:
+        good = backend.is_concrete(good) and bool(backend.stop_gradient(good))
+    if good:
+        return basis
+    return backend.thin_qr(xp, block)[0]
+
+
+def _cholesky_qr2(xp: Any, block: Any) -> tuple[Any, Any]:
+    """Cholesky QR twice, and whether it worked: the first pass's Q^H Q within 0.1 of I
+    (then the second pass restores orthogonality to working precision) and no non-finite
+    entries (JAX's Cholesky returns NaN where others raise)."""
+    first = _cholesky_pass(xp, block, hermitian_transpose(block, xp) @ block)
+    gram = hermitian_transpose(first, xp) @ first
+    k = gram.shape[0]
+    eye = xp.eye(k, dtype=gram.dtype, device=backend.device_of(gram))
+    close = xp.max(xp.abs(gram - eye)) < 0.1 if k else xp.asarray(True)
+    second = _cholesky_pass(xp, first, gram)
+    return second, close & xp.all(xp.isfinite(second))
+
+
+def _cholesky_pass(xp: Any, block: Any, gram: Any) -> Any:
+    """``block @ L^{-H}`` with ``L L^H = gram = block^H block``."""
+    lower = xp.linalg.cholesky(gram)
+    return block @ hermitian_transpose(xp.linalg.inv(lower), xp)
 
 
 def extend_basis(basis: Any, block: Any, xp: Any) -> Any:
@@ -197,10 +198,48 @@ def xtrace_estimates(
         ``estimates`` t_i (s,), ``pseudo`` p_i (s,), ``value`` mean of t_i,
         ``stderr`` (honest), ``stderr_plain`` (std(t)/sqrt(s)).
     """
+    r = hermitian_transpose(basis, xp) @ images  # Q^H Y
+    sdir = _downdate_directions(r, xp) if directions is None else directions
+    algebra = backend.jit(xp, _xtrace_algebra, num_static=2)
+    estimates, pseudo = algebra(xp, improved, probes, images, basis, basis_images, r, sdir)
+    s = probes.shape[1]
+    value = xp.mean(estimates)
+    if s < 2:
+        return {
+            "estimates": estimates,
+            "pseudo": pseudo,
+            "value": value,
+            "stderr": None,
+            "stderr_plain": None,
+            "dof": None,
+        }
+    dev_t = estimates - value
+    dev_p = pseudo - xp.mean(pseudo)
+    out = honest_error(_real(conj(dev_t, xp) * dev_p, xp), _abs2(dev_t, xp), xp)
+    out.update(
+        estimates=estimates,
+        pseudo=pseudo,
+        value=value,
+        stderr_jackknife=xp.sqrt(xp.sum(_abs2(dev_p, xp)) / (s * (s - 1))),
+    )
+    return out
+
+
+def _xtrace_algebra(
+    xp: Any,
+    improved: bool,
+    probes: Any,
+    images: Any,
+    basis: Any,
+    basis_images: Any,
+    r: Any,
+    sdir: Any,
+) -> tuple[Any, Any]:
+    """The estimates t_i and pseudo-values p_i: pure array algebra after the products and
+    the downdate directions (JAX compiles it as one program)."""
     n, s = probes.shape
     ctype = probes.dtype
     qh = hermitian_transpose(basis, xp)
-    r = qh @ images  # Q^H Y
     h = qh @ basis_images  # Q^H A Q
     w = qh @ probes  # Q^H Omega
     t = hermitian_transpose(basis_images, xp) @ probes  # (A Q)^H Omega: column j is Q^H A^H w_j
@@ -212,7 +251,6 @@ def xtrace_estimates(
     a = omega_y - column_inner(t, w, xp) - column_inner(w, r, xp) + column_inner(w, hw, xp)
     u = r - hw  # Q^H A wbar_j
     v = t - hermitian_transpose(h, xp) @ w  # (wbar_j^H A Q)^H
-    sdir = _downdate_directions(r, xp) if directions is None else directions
     sh = hermitian_transpose(sdir, xp)
     sw = sh @ w  # s_i^H w_j
     vs = hermitian_transpose(v, xp) @ sdir  # [j, k] = v_j^H s_k
@@ -264,26 +302,7 @@ def xtrace_estimates(
     influence = xp.sum(_as(offdiag, ctype, xp) * (estimates[None, :] - pair), axis=1)
     pseudo = estimates + influence
 
-    value = xp.mean(estimates)
-    if s < 2:
-        return {
-            "estimates": estimates,
-            "pseudo": pseudo,
-            "value": value,
-            "stderr": None,
-            "stderr_plain": None,
-            "dof": None,
-        }
-    dev_t = estimates - value
-    dev_p = pseudo - xp.mean(pseudo)
-    out = honest_error(_real(conj(dev_t, xp) * dev_p, xp), _abs2(dev_t, xp), xp)
-    out.update(
-        estimates=estimates,
-        pseudo=pseudo,
-        value=value,
-        stderr_jackknife=xp.sqrt(xp.sum(_abs2(dev_p, xp)) / (s * (s - 1))),
-    )
-    return out
+    return estimates, pseudo
 
 
 def honest_error(cross: Any, square: Any, xp: Any) -> dict[str, Any]:
@@ -349,7 +368,7 @@ def xtrace_core(
     return out
 
 
-class XTrace(Estimator):
+class XTrace(ProbeChoice):
     """XTrace: exchangeable trace estimation with an honest error bar.
 
     Uses ``num_matvecs // 2`` probes (at most n) and as many products with their
@@ -395,20 +414,6 @@ class XTrace(Estimator):
     min_matvecs = 4
     supports_tolerance = True
     default_probe = "sphere"
-
-    def __init__(self, probe: str | None = None) -> None:
-        self.probe = probe
-
-    def __repr__(self) -> str:
-        return f"XTrace(probe={self.probe!r})"
-
-    def _sampler(self, request: EstimationRequest) -> Any:
-        if self.probe is None or self.probe == request.probes.kind:
-            return request.probes
-        from .._probes import ProbeSampler
-
-        base = request.probes
-        return ProbeSampler(self.probe, base.n, base.xp, base.dtype, base.device, base.random)
 
     def trace(self, operator: LinearOperator, request: EstimationRequest) -> Estimate:
         sampler = self._sampler(request)
@@ -494,7 +499,21 @@ def xtrace_finish(
             basis = xp.concat([basis, new_basis], axis=1)
             basis_images = xp.concat([basis_images, new_images], axis=1)
             result = xtrace_estimates(probes, images, basis, basis_images, xp, improved)
-    s = int(probes.shape[1])
+    return exchangeable_estimate(
+        result, request, sampler, int(probes.shape[1]), improved, name, converged
+    )
+
+
+def exchangeable_estimate(
+    result: dict[str, Any],
+    request: EstimationRequest,
+    sampler: Any,
+    num_probes: int,
+    improved: bool,
+    name: str,
+    converged: bool | None = None,
+) -> Estimate:
+    """The :class:`Estimate` of XTrace or XNysTrace from their estimates' dict."""
     return Estimate(
         result["value"],
         result["stderr"],
@@ -504,7 +523,7 @@ def xtrace_finish(
         dof=result["dof"],
         info={
             "probe": sampler.kind,
-            "num_probes": s,
+            "num_probes": num_probes,
             "normalization": "improved" if improved else "plain",
             "estimates": result["estimates"],
             "pseudo_values": result["pseudo"],
