@@ -241,6 +241,50 @@ def _residual_estimate(
     )
 
 
+def _extend_basis(basis: Any, block: Any, xp: Any) -> Any:
+    """Orthonormal columns spanning ``(I - QQ^H) block``, orthogonal to ``basis`` Q.
+
+    Projected twice (classical Gram-Schmidt with one reorthogonalization), then QR; then
+    once more project-and-QR: when the block is rank deficient (A of low rank, repeated
+    probes) the QR fills the missing columns with normalized rounding errors, which carry
+    O(1) components along Q until projected out again. ``[Q, new]`` stays orthonormal to
+    working precision either way."""
+    for _ in range(2):
+        block = project_out(basis, project_out(basis, block, xp), xp)
+        block, _ = backend.thin_qr(xp, block)
+    return block
+
+
+def predicted_residual_probes(
+    variance: float, target: float, confidence: float, minimum: int = 2
+) -> float:
+    """Residual probes ``l`` whose t-interval half-width would meet ``target``.
+
+    ``l = (t_{l-1} sigma / target)^2`` with ``sigma^2 = variance`` the per-sample variance
+    of the residual samples: the normal quantile gives a first ``l``, one fixed-point step
+    puts the Student-t quantile of ``l - 1`` degrees of freedom in. ``inf`` for a zero
+    ``target``; never below ``minimum``.
+
+    Examples
+    --------
+    >>> from linop_trace.estimators._hutchpp import predicted_residual_probes
+    >>> round(predicted_residual_probes(200.0, 2.0, 0.95), 1)  # (t sigma / eps)^2
+    194.5
+    """
+    if variance <= 0:
+        return float(minimum)
+    if not target > 0:
+        return math.inf
+    from scipy import stats
+
+    tail = 0.5 + confidence / 2
+    first = (float(stats.norm.ppf(tail)) ** 2) * variance / target**2
+    if not math.isfinite(first):
+        return math.inf
+    quantile = float(stats.t.ppf(tail, max(first, float(minimum)) - 1))
+    return max(float(minimum), quantile**2 * variance / target**2)
+
+
 class HutchPlusPlus(Estimator):
     """Hutch++: a range sketch takes the top of the spectrum, Hutchinson the rest.
 
@@ -250,15 +294,54 @@ class HutchPlusPlus(Estimator):
 
     The error bar comes from the g residual samples (std / sqrt(g), Student-t quantile
     with g - 1 degrees of freedom, corrected to second order for the samples' skewness
-    and kurtosis as in :class:`Hutchinson`); given the sketch they are i.i.d. Measured coverage of the 95 % interval at m = 60,
-    n = 300: see ``tests/estimators/test_hutchpp.py``.
+    and kurtosis as in :class:`Hutchinson`); given the sketch they are i.i.d. Measured
+    coverage of the 95 % interval at m = 60, n = 300: see ``tests/estimators/test_hutchpp.py``.
 
-    Adaptive stopping (``rtol``/``atol``): the sketch is built once from ``num_matvecs``
-    (choose it as the sketch budget you want: A-Hutch++, Persson et al. 2022, shows the
-    sketch should stop growing once ``2 s`` is comparable to the residual probes still
-    needed); then residual probes are added in blocks, doubling, until the half-width of
-    the ``confidence`` t-interval meets ``max(atol, rtol |estimate|)`` or ``max_matvecs``
-    columns are spent. ``converged`` says which happened.
+    Adaptive stopping (``rtol``/``atol``) is A-Hutch++ (Persson, Cortinovis and Kressner
+    2022): the sketch grows while that lowers the total cost, then residual probes are
+    added until the interval meets the tolerance.
+
+    1. Start with Hutch++ on ``num_matvecs`` columns (the split above); if its interval
+       already meets the tolerance, stop.
+    2. For a sketch Q of r columns, the residual probes that the tolerance
+       ``eps = max(atol, rtol |estimate|)`` needs at level ``confidence`` are, by the
+       central limit theorem behind our t-interval,
+
+           l(r) = (t_{l-1} sigma_r / eps)^2,     cost(r) = 2 r + l(r)
+
+       (2 columns per sketch vector, ``A s`` and ``A q``, plus l residual probes), with
+       ``sigma_r^2`` the variance of one residual sample ``g'^H A g'``,
+       ``g' = (I - QQ^H) g``, estimated by the sample variance of a block of at least
+       ``b = max(g, 8)`` of them. For Gaussian probes and real symmetric A,
+       ``sigma_r^2 = 2 ||R_r||_F^2`` with R_r = (I - QQ^H) A (I - QQ^H), the bound the paper
+       uses; we take the CLT form rather than its Hanson-Wright constant
+       ``4 log(2/delta) / eps^2``. For Rademacher probes ``sigma_r^2 = 2 sum_{i != j}
+       (R_r)_ij^2``, which the Frobenius bound overstates 13x on the flat test spectrum.
+       ``cost(0)`` uses the first sketch block's own Hutchinson samples ``s^H A s``.
+    3. Grow the sketch by a block while ``cost(r)`` decreases. The images ``A g_j'`` of the
+       current residual probes, orthogonalized against Q, are the next sketch block (a
+       range finder on R_r: no product is wasted); ``A`` on it is stacked with the next
+       residual block in one product. ``cost(0)`` against ``cost(r_0)`` compares sample
+       variances (with Rademacher probes deflation can raise the variance: the projector
+       spoils the exact cancellation of A's diagonal, ~2 I on a flat spectrum); later
+       steps estimate ``l(r_prev) = l(r) F(r_prev) / F(r)`` from the residual Frobenius
+       estimates ``F(r) = mean_j ||(I - QQ^H) A g_j'||^2`` (unbiased for ``||R_r||_F^2``,
+       far less scattered than the sample variance of heavy-tailed samples). Growth stops
+       when the cost no longer decreases, when it cannot pay (``l(r) - g <= g + b`` for
+       g samples in hand), or when the next block would not fit in ``max_matvecs`` or n.
+       Unless it stopped on the cost, the last residual block is absorbed into the sketch
+       as well, so the interval is built from samples drawn after the sketch is fixed.
+    4. Then residual probes are drawn in blocks sized by the predicted need
+       ``l(r) - count`` (at least count/4, at most doubling, first block ``l(r)``) until
+       the half-width of the shape-corrected t-interval (:func:`interval_met`) meets
+       ``eps`` (``converged=True``) or ``max_matvecs``, a hard cap, is spent
+       (``converged=False`` with the best estimate).
+
+    All columns are accounted for: ``num_matvecs = 2 sketch_size + residual_probes``.
+    ``info`` holds ``sketch_size``, ``residual_probes``, ``predicted_residual_probes``
+    (l at the last sketch step), ``sketch_path`` ((r, l(r)) per step, r = 0 first) and
+    ``residual_frobenius_squared`` (F at the last step). Measured matvec counts
+    and coverage: ``tests/estimators/test_adaptive_hutchpp.py``.
 
     Examples
     --------
@@ -270,13 +353,28 @@ class HutchPlusPlus(Estimator):
     >>> est = trace(A, method="hutch++", num_matvecs=100, seed=1)
     >>> bool(np.isclose(float(est), np.trace(A))), est.num_matvecs
     (True, 100)
+
+    Adaptive: the sketch grows to the decaying part of the spectrum, then stops.
+
+    >>> from linop_trace._testing import test_matrix
+    >>> B = test_matrix("slowexp", 300, seed=0)
+    >>> est = trace(B, method="hutch++", rtol=1e-3, num_matvecs=30, seed=0)
+    >>> est.converged, est.num_matvecs == 2 * est.info["sketch_size"] + est.info[
+    ...     "residual_probes"]
+    (True, True)
     """
 
     name = "hutch++"
     min_matvecs = 3
     supports_tolerance = True
 
+    #: Smallest sketch-growth block in the adaptive path (fewer samples estimate l(r)
+    #: too roughly to compare costs).
+    min_growth_block = 8
+
     def trace(self, operator: LinearOperator, request: EstimationRequest) -> Estimate:
+        if request.adaptive:
+            return self._adaptive_trace(operator, request)
         xp = operator.xp
         matmat = blocked_matmat(operator, request)
         sketch_size, residual_size = hutchpp_split(request.num_matvecs)
@@ -284,33 +382,244 @@ class HutchPlusPlus(Estimator):
         low_rank_trace, first, basis = hutchpp_core(
             matmat, sketch, request.probes(residual_size), xp
         )
-        samples = [first]
-        converged = None
-        if request.adaptive:
-            converged = False
-            cap = request.max_matvecs or request.num_matvecs
-            count = residual_size
-            while True:
-                drawn = xp.concat(samples) if len(samples) > 1 else samples[0]
-                mean, stderr = mean_and_stderr(drawn, xp)
-                if interval_met(low_rank_trace + mean, stderr, drawn, request, xp):
-                    converged = True
-                    break
-                remaining = cap - request.matmat.columns
-                if remaining <= 0:
-                    break
-                width = min(count, remaining)
-                samples.append(deflated_samples(matmat, basis, request.probes(width), xp))
-                count += width
         return _residual_estimate(
             self.name,
             low_rank_trace,
+            [first],
+            request,
+            None,
+            xp,
+            {"sketch_size": int(basis.shape[1]), "probe": request.probes.kind},
+        )
+
+    def _adaptive_trace(self, operator: LinearOperator, request: EstimationRequest) -> Estimate:
+        """A-Hutch++ (see the class docstring): grow the sketch, then the residual probes."""
+        xp = operator.xp
+        n = operator.shape[1]
+        matmat = blocked_matmat(operator, request)
+        cap = request.max_matvecs or request.num_matvecs
+        sketch_size, residual_size = hutchpp_split(request.num_matvecs)
+        # 1. Hutch++ on num_matvecs columns (the draws of the non-adaptive path)
+        sketch = request.probes(sketch_size)
+        first_image = matmat(sketch)
+        basis, _ = backend.thin_qr(xp, first_image)
+        deflated = project_out(basis, request.probes(residual_size), xp)
+        width = int(basis.shape[1])
+        image = matmat(xp.concat([basis, deflated], axis=1))
+        low_rank_trace = xp.sum(conj(basis, xp) * image[:, :width])
+        state = _SketchState(basis, low_rank_trace, image[:, width:], deflated, xp)
+        state.frobenius = [_mean_square_norm(first_image, xp), state.residual_frobenius()]
+        state.ranks = [0, width]
+        state.first_block = sketch_size
+        samples = [state.samples]
+        # r = 0: the sketch block's own Hutchinson samples s^H A s give l(0)
+        hutchinson = column_inner(sketch, first_image, xp)
+        initial = _needed_probes(0 * low_rank_trace, [hutchinson], request, xp)
+        state.path.append((0, math.inf if initial is None else initial))
+        converged = _interval_met(low_rank_trace, samples, request, xp)
+        decidable = _needed_probes(low_rank_trace, samples, request, xp) is not None
+        needed = math.inf
+        if decidable and not converged:
+            needed = self._grow_sketch(state, matmat, request, n, cap, residual_size)
+            samples = [state.samples]
+            # the samples that steered the growth go into the sketch (no product
+            # wasted, no selection bias); fresh residual probes follow
+            if needed is not None and state.stopped != "cost":
+                if state.absorb(matmat, request, n, cap):
+                    samples = []
+        # 4. residual probes, each block sized by the predicted need (at most doubling)
+        minimum = max(residual_size, self.min_growth_block)
+        while decidable and not converged:
+            remaining = cap - request.matmat.columns
+            if remaining <= 0:
+                break
+            count = sum(int(block.shape[0]) for block in samples)
+            if count:
+                needed = _needed_probes(state.low_rank_trace, samples, request, xp)
+                if needed is None:
+                    break
+                width = min(count, max(math.ceil(needed) - count, math.ceil(count / 4)))
+            else:  # first block after the sketch: l(r) from the steering samples
+                width = math.ceil(needed) if math.isfinite(needed) else minimum
+            width = max(1, min(max(width, minimum if not count else 1), remaining))
+            probes = request.probes(width)
+            samples.append(deflated_samples(matmat, state.basis, probes, xp))
+            converged = _interval_met(state.low_rank_trace, samples, request, xp)
+        rank = int(state.basis.shape[1])
+        count = sum(int(block.shape[0]) for block in samples)
+        return _residual_estimate(
+            self.name,
+            state.low_rank_trace,
             samples,
             request,
             converged,
             xp,
-            {"sketch_size": int(basis.shape[1]), "probe": request.probes.kind},
+            {
+                "sketch_size": rank,
+                "residual_probes": count,
+                "predicted_residual_probes": state.path[-1][1] if state.path else None,
+                "sketch_path": state.path,
+                "residual_frobenius_squared": state.frobenius[-1],
+                "probe": request.probes.kind,
+            },
         )
+
+    def _grow_sketch(
+        self,
+        state: _SketchState,
+        matmat: Matmat,
+        request: EstimationRequest,
+        n: int,
+        cap: int,
+        residual_size: int,
+    ) -> float | None:
+        """Step 3 of the rule: grow ``state`` while ``2 r + l(r)`` decreases; returns the
+        last predicted ``l(r)`` (``None`` without concrete values)."""
+        xp = state.xp
+        growth = max(residual_size, self.min_growth_block)
+        while True:
+            count = int(state.samples.shape[0])
+            rank = int(state.basis.shape[1])
+            if count < growth:  # too few samples to judge l(r): top up to a full block
+                more = min(growth - count, cap - request.matmat.columns - 1)
+                if more > 0 and rank < n:
+                    state.top_up(matmat, request.probes(more))
+                    count = int(state.samples.shape[0])
+            needed = _needed_probes(state.low_rank_trace, [state.samples], request, xp)
+            if needed is None or state.frobenius[-1] is None:
+                return None
+            state.path.append((rank, needed))
+            if _cost_stopped_falling(state, growth):
+                state.stopped = "cost"
+                return needed  # the total cost 2 r + l(r) stopped decreasing
+            absorbed = min(count, n - rank)  # the sketch never exceeds n columns
+            step = absorbed + growth  # A on the absorbed block, then a fresh residual block
+            if needed - count <= step:
+                state.stopped = "need"
+                return needed  # growing cannot pay: l(r) - g <= g + b
+            if request.matmat.columns + step + count > cap or absorbed <= 0:
+                state.stopped = "size"
+                return needed
+            state.grow(matmat, request.probes(growth))
+
+
+def _cost_stopped_falling(state: _SketchState, growth: int) -> bool:
+    """Whether ``2 r + l(r)`` at the last sketch size is no lower than at the one before.
+
+    ``l(r_prev) = l(r) F_prev / F_r`` with ``F`` the residual Frobenius estimates (the
+    variance taken proportional to ``||R||_F^2``; ``F`` scatters far less than a sample
+    variance of heavy-tailed samples). From r = 0 to the initial sketch, the sample
+    variances must agree (``l(0)`` from the first sketch block's Hutchinson samples
+    ``s^H A s``, when it has at least ``growth`` of them): with Rademacher probes
+    deflation can raise the variance (the projector spoils the exact cancellation of A's
+    diagonal), which no Frobenius norm shows.
+    """
+    (previous_rank, previous_need), (rank, needed) = state.path[-2], state.path[-1]
+    before, now = state.frobenius[-2], state.frobenius[-1]
+    if before is None or now is None or not now > 0:
+        return False
+    stopped = 2 * (rank - previous_rank) >= needed * (before / now - 1)
+    if previous_rank == 0:
+        by_variance = 2 * rank + needed >= previous_need
+        return state.first_block >= growth and by_variance and stopped
+    return stopped
+
+
+class _SketchState:
+    """The growing sketch of adaptive Hutch++: basis Q, ``tr(Q^H A Q)``, and the current
+    residual probes ``G' = (I - QQ^H) G`` with their images ``A G'`` and samples."""
+
+    def __init__(self, basis: Any, low_rank_trace: Any, image: Any, deflated: Any, xp: Any):
+        self.xp = xp
+        self.basis = basis
+        self.low_rank_trace = low_rank_trace
+        self.image = image
+        self.samples = column_inner(deflated, image, xp)
+        self.frobenius: list[float | None] = []
+        self.ranks: list[int] = []
+        self.path: list[tuple[int, float]] = []
+        self.stopped = ""
+        self.first_block = 0
+
+    def residual_frobenius(self) -> float | None:
+        """``mean_j ||(I - QQ^H) A g_j'||^2``, unbiased for ``||R||_F^2`` (E[g g^H] = I)."""
+        return _mean_square_norm(project_out(self.basis, self.image, self.xp), self.xp)
+
+    def _extend(self, matmat: Matmat, more: Any | None) -> tuple[Any, Any]:
+        """Orthogonalize the residual images into the basis; one product ``A [new, more]``."""
+        xp = self.xp
+        room = int(self.basis.shape[0]) - int(self.basis.shape[1])  # Q fills C^n at most
+        images = self.image if int(self.image.shape[1]) <= room else self.image[:, :room]
+        new = _extend_basis(self.basis, images, xp)
+        self.basis = xp.concat([self.basis, new], axis=1)
+        width = int(new.shape[1])
+        block = new if more is None else xp.concat([new, project_out(self.basis, more, xp)], axis=1)
+        image = matmat(block)
+        self.low_rank_trace = self.low_rank_trace + xp.sum(conj(new, xp) * image[:, :width])
+        self.ranks.append(int(self.basis.shape[1]))
+        return block[:, width:], image[:, width:]
+
+    def top_up(self, matmat: Matmat, probes: Any) -> None:
+        """More residual probes for the same sketch (their images kept for absorbing)."""
+        xp = self.xp
+        deflated = project_out(self.basis, probes, xp)
+        image = matmat(deflated)
+        self.image = xp.concat([self.image, image], axis=1)
+        self.samples = xp.concat([self.samples, column_inner(deflated, image, xp)])
+        self.frobenius[-1] = self.residual_frobenius()
+
+    def grow(self, matmat: Matmat, probes: Any) -> None:
+        """Absorb the residual block into the sketch, draw the next one (one product)."""
+        deflated, self.image = self._extend(matmat, probes)
+        self.samples = column_inner(deflated, self.image, self.xp)
+        self.frobenius.append(self.residual_frobenius())
+
+    def absorb(self, matmat: Matmat, request: EstimationRequest, n: int, cap: int) -> bool:
+        """Absorb the residual block without drawing another, if it fits (returns whether)."""
+        rank = int(self.basis.shape[1])
+        count = min(int(self.samples.shape[0]), n - rank)
+        if count <= 0 or request.matmat.columns + count + 1 > cap:
+            return False
+        self._extend(matmat, None)
+        return True
+
+
+def _interval_met(
+    low_rank_trace: Any, samples: list[Any], request: EstimationRequest, xp: Any
+) -> bool:
+    """:func:`interval_met` for the estimate ``low_rank_trace + mean(samples)``."""
+    drawn = xp.concat(samples) if len(samples) > 1 else samples[0]
+    mean, stderr = mean_and_stderr(drawn, xp)
+    return interval_met(low_rank_trace + mean, stderr, drawn, request, xp)
+
+
+def _mean_square_norm(block: Any, xp: Any) -> float | None:
+    """``mean_j ||block_j||^2`` as a float (``None`` without a concrete value)."""
+    if int(block.shape[1]) == 0:
+        return None
+    square = (
+        xp.real(conj(block, xp) * block)
+        if backend.is_complex_dtype(xp, block.dtype)
+        else block * block
+    )
+    return backend.concrete_float(xp.sum(square) / block.shape[1])
+
+
+def _needed_probes(
+    low_rank_trace: Any, samples: list[Any], request: EstimationRequest, xp: Any
+) -> float | None:
+    """:func:`predicted_residual_probes` from the samples in hand (``None``: not concrete)."""
+    drawn = xp.concat(samples) if len(samples) > 1 else samples[0]
+    mean, stderr = mean_and_stderr(drawn, xp)
+    if stderr is None:
+        return math.inf
+    magnitude = concrete_magnitude(low_rank_trace + mean)
+    spread = backend.concrete_float(stderr)
+    if magnitude is None or spread is None:
+        return None
+    target = max(request.atol or 0.0, (request.rtol or 0.0) * magnitude)
+    count = int(drawn.shape[0])
+    return predicted_residual_probes(spread**2 * count, target, request.confidence)
 
 
 class NAHutchPlusPlus(Estimator):
