@@ -106,7 +106,6 @@ def xnystrace_estimates(probes: Any, images: Any, xp: Any, improved: bool = True
         ``min_eigenvalue`` (of the shifted core, relative to its largest).
     """
     n, m = probes.shape
-    ctype = probes.dtype
     ph = hermitian_transpose(probes, xp)
     core = ph @ images
     _check_psd(core, xp)
@@ -114,7 +113,6 @@ def xnystrace_estimates(probes: Any, images: Any, xp: Any, improved: bool = True
     # the shift is a round-off-level constant of the algorithm: no gradient through it
     norm = backend.concrete_float(xp.linalg.vector_norm(images))
     nu = eps * (norm if norm is not None else backend.stop_gradient(xp.linalg.vector_norm(images)))
-    shifted = images + nu * probes
     gram = ph @ probes  # Omega^H Omega
     core_nu = core + nu * gram
     core_nu = (core_nu + hermitian_transpose(core_nu, xp)) / 2
@@ -150,7 +148,43 @@ def xnystrace_estimates(probes: Any, images: Any, xp: Any, improved: bool = True
             exact["stderr_jackknife"] = zero
         return exact
     top = top_value if top_value is not None else backend.stop_gradient(xp.max(xp.abs(lam)))
-    lam = xp.clip(lam, min=eps * top)
+    algebra = backend.jit(xp, _nystrom_algebra, num_static=2)
+    estimates, pseudo = algebra(xp, improved, probes, images, gram, lam, vec, nu, eps * top)
+    value = xp.mean(estimates)
+    out = {
+        "estimates": estimates,
+        "pseudo": pseudo,
+        "value": value,
+        "stderr": None,
+        "stderr_plain": None,
+        "dof": None,
+        "min_eigenvalue": low_value / top_value if low_value is not None and top_value else 0.0,
+    }
+    if m >= 2:
+        dev_t = estimates - value
+        dev_p = pseudo - xp.mean(pseudo)
+        out.update(honest_error(dev_t * dev_p, dev_t * dev_t, xp))
+        out["stderr_jackknife"] = xp.sqrt(xp.sum(dev_p * dev_p) / (m * (m - 1)))
+    return out
+
+
+def _nystrom_algebra(
+    xp: Any,
+    improved: bool,
+    probes: Any,
+    images: Any,
+    gram: Any,
+    lam: Any,
+    vec: Any,
+    nu: Any,
+    floor: Any,
+) -> tuple[Any, Any]:
+    """The estimates t_i and pseudo-values p_i from the eigendecomposition of the shifted
+    core: pure array algebra (JAX compiles it as one program)."""
+    n, m = probes.shape
+    ctype = probes.dtype
+    shifted = images + nu * probes
+    lam = xp.clip(lam, min=floor)
     inv_sqrt = 1 / xp.sqrt(lam)
     factor = vec * _as(inv_sqrt, ctype, xp)[None, :]  # V Lambda^{-1/2}
     f = shifted @ factor  # F, with A_nu-Nystrom = F F^H
@@ -187,23 +221,7 @@ def xnystrace_estimates(probes: Any, images: Any, xp: Any, improved: bool = True
         scale2 = 1.0
     pair = trace_full - (b_d / n_d)[:, None] - b2 / n2 + scale2 / n2 - nu * n
     influence = xp.sum((1 - eye) * (estimates[None, :] - pair), axis=1)
-    pseudo = estimates + influence
-    value = xp.mean(estimates)
-    out = {
-        "estimates": estimates,
-        "pseudo": pseudo,
-        "value": value,
-        "stderr": None,
-        "stderr_plain": None,
-        "dof": None,
-        "min_eigenvalue": low_value / top_value if low_value is not None and top_value else 0.0,
-    }
-    if m >= 2:
-        dev_t = estimates - value
-        dev_p = pseudo - xp.mean(pseudo)
-        out.update(honest_error(dev_t * dev_p, dev_t * dev_t, xp))
-        out["stderr_jackknife"] = xp.sqrt(xp.sum(dev_p * dev_p) / (m * (m - 1)))
-    return out
+    return estimates, estimates + influence
 
 
 def xnystrace_core(
