@@ -231,6 +231,13 @@ def row_inner(xp: Any, x: Any, y: Any) -> Any:
     return xp.sum(x * y, axis=1)
 
 
+def frobenius_norm(xp: Any, x: Any) -> Any:
+    """``sqrt(sum |x|^2)`` over all entries, in one pass where the library allows."""
+    flat = xp.reshape(x, (1, -1))
+    square = row_inner(xp, flat, flat)[0]
+    return xp.sqrt(xp.real(square) if xp.isdtype(square.dtype, "complex floating") else square)
+
+
 def is_float_dtype(xp: Any, dtype: Any) -> bool:
     return xp.isdtype(dtype, ("real floating", "complex floating"))
 

@@ -61,7 +61,8 @@ class ProbeSampler:
         if kind == "gaussian":
             return block
         # sphere: each column rescaled to norm sqrt(n), so z^H z = n exactly.
-        norms = xp.sqrt(xp.sum(xp.abs(block) ** 2, axis=0))
+        square = xp.real(xp.conj(block) * block) if self.complex else block * block
+        norms = xp.sqrt(xp.sum(square, axis=0))
         return block * (math.sqrt(self.n) / norms)
 
     def _gaussian(self, shape: tuple[int, int]) -> Any:

@@ -90,6 +90,10 @@ __all__ = ["XDiag", "xdiag_core", "xdiag_estimates"]
 
 #: The reported dof is the median over at most this many evenly spaced entries.
 DOF_ENTRIES = 1024
+#: Rows of a block of the (n, s) algebra: about this many entries per (rows, s) array ...
+CHUNK_ENTRIES = 2**15
+#: ... and at least this many rows (fewer blocks, less Python overhead, for large s).
+CHUNK_ROWS_MIN = 256
 
 
 def _products(matmat: Matmat, adjoint: Matmat | None, probes: Any, xp: Any) -> tuple[Any, ...]:
@@ -114,16 +118,58 @@ def _leave_one_out(xp: Any, probes: Any, basis: Any, triangular: Any, adjoint_ba
 
     two (n, s) @ (s, s) products beyond the QR factorization.
     """
+    return _rows(xp, _small(xp, triangular), probes, basis, adjoint_basis)
+
+
+def _small(xp: Any, triangular: Any) -> dict:
+    """The (s, s) and (s,) pieces: S (columns s_i), 1 / nu_i, and for the pairs the
+    couplings c_ij / (1 - |c_ij|^2), the weights 1 / (1 - |c_ij|^2) and the parallel pairs."""
     downdate = hermitian_transpose(xp.linalg.inv(triangular), xp)  # R^{-H}
     norms = xp.sqrt(xp.sum(xp.abs(downdate) ** 2, axis=0))  # nu_i
-    ctype = downdate.dtype
-    downdate = downdate / (xp.astype(norms, ctype) if norms.dtype != ctype else norms)
+    dtype = downdate.dtype
+    downdate = downdate / (xp.astype(norms, dtype) if norms.dtype != dtype else norms)
+    inverse_norms = 1 / norms
+    if norms.dtype != dtype:
+        inverse_norms = xp.astype(inverse_norms, dtype)
+    count = downdate.shape[1]
+    gram = hermitian_transpose(downdate, xp) @ downdate  # c_ij = s_i^H s_j
+    eye = xp.eye(count, dtype=dtype, device=backend.device_of(downdate))
+    off = 1 - eye
+    # 1 - |c_ij|^2 = |s_i - conj(c_ij) s_j|^2. Where it vanishes (s_i parallel to s_j, Y of
+    # numerically deficient rank) span(s_i, s_j) = span(s_j), so d_j^(i) = d^(j): such pairs
+    # take d^(j) instead of the formula, which would divide round-off by round-off.
+    determinant = (
+        1 - xp.real(gram * conj(gram, xp))
+        if backend.is_complex_dtype(xp, dtype)
+        else (1 - gram * gram)
+    )
+    tolerance = math.sqrt(float(xp.finfo(determinant.dtype).eps))
+    valid = xp.astype((determinant > tolerance) & (off != 0), dtype)
+    parallel = off - valid
+    determinant = xp.where(determinant > tolerance, determinant, xp.ones_like(determinant))
+    inverse = valid / xp.astype(determinant, dtype)  # 1 / (1 - |c_ij|^2); 0 if j = i
+    coupling = gram * inverse  # K
+    transpose = xp.matrix_transpose
+    has_parallel = backend.concrete_float(xp.sum(xp.abs(parallel)))
+    return {
+        "downdate": downdate,
+        "inverse_norms": inverse_norms,
+        "coupling_h": transpose(conj(coupling, xp)),
+        "coupling_t": transpose(coupling),
+        "inverse_t": transpose(inverse),
+        "inverse_sums": xp.sum(inverse, axis=1),
+        # None (no concrete value, under JAX jit) keeps the general path
+        "parallel_t": None if has_parallel == 0 else transpose(parallel),
+        "count_offsets": xp.sum(valid, axis=1) - (count - 1),
+    }
+
+
+def _rows(xp: Any, small: dict, probes: Any, basis: Any, adjoint_basis: Any) -> dict:
+    """The d^(i) of a block of rows (entries), and the row pieces the pairs reuse."""
+    downdate = small["downdate"]
     basis_down = basis @ downdate  # B: columns Q s_i
     adjoint_down_c = conj(adjoint_basis @ downdate, xp)  # conj(C): columns conj(Z s_i)
-    inverse_norms = 1 / norms
-    if norms.dtype != ctype:
-        inverse_norms = xp.astype(inverse_norms, ctype)
-    weight = conj(probes, xp) * inverse_norms[None, :] - adjoint_down_c  # E
+    weight = conj(probes, xp) * small["inverse_norms"][None, :] - adjoint_down_c  # E
     update = basis_down * weight  # B * E
     # diag(Q Z^H) (row_inner conjugates its first argument)
     low_rank_diagonal = backend.row_inner(xp, adjoint_basis, basis)
@@ -132,7 +178,6 @@ def _leave_one_out(xp: Any, probes: Any, basis: Any, triangular: Any, adjoint_ba
         "estimates": estimates,
         "update": update,
         "low_rank_diagonal": low_rank_diagonal,
-        "downdate": downdate,
         "basis_down": basis_down,
         "adjoint_down_c": adjoint_down_c,
         "weight": weight,
@@ -177,7 +222,7 @@ def xdiag_core(matmat: Matmat, adjoint: Matmat | None, probes: Any, xp: Any) -> 
     return parts["estimates"], parts["low_rank_diagonal"]
 
 
-def _pair_sums(parts: dict, xp: Any) -> Any:
+def _pair_sums(parts: dict, small: dict, xp: Any) -> Any:
     """``sum_{j != i} d_j^(i)`` in column i: the estimates with two probes left out.
 
     The formula is in the module docstring. With u_ij = s_i^H r_j = delta_ij / nu_i (see
@@ -191,42 +236,20 @@ def _pair_sums(parts: dict, xp: Any) -> Any:
     three (n, s) @ (s, s) products. Returned without the first term, the same in every
     column, which the caller adds to an (n,) vector instead of an (n, s) array.
     """
-    downdate = parts["downdate"]
-    count = downdate.shape[1]
-    dtype = downdate.dtype
-    device = backend.device_of(downdate)
     basis_down = parts["basis_down"]  # B = Q S
     adjoint_down_c = parts["adjoint_down_c"]  # conj(C), C = Z S
-    gram = hermitian_transpose(downdate, xp) @ downdate  # c_ij = s_i^H s_j
-    gram_c = conj(gram, xp)
-    eye = xp.eye(count, dtype=dtype, device=device)
-    off = 1 - eye
-    # 1 - |c_ij|^2 = |s_i - conj(c_ij) s_j|^2. Where it vanishes (s_i parallel to s_j, Y of
-    # numerically deficient rank) span(s_i, s_j) = span(s_j), so d_j^(i) = d^(j): such pairs
-    # take d^(j) instead of the formula, which would divide round-off by round-off.
-    determinant = (
-        1 - xp.real(gram * gram_c) if backend.is_complex_dtype(xp, dtype) else (1 - gram * gram)
-    )
-    tolerance = math.sqrt(float(xp.finfo(determinant.dtype).eps))
-    valid = xp.astype((determinant > tolerance) & (off != 0), dtype)
-    parallel = off - valid
-    determinant = xp.where(determinant > tolerance, determinant, xp.ones_like(determinant))
-    inverse = valid / xp.astype(determinant, dtype)  # 1 / (1 - |c_ij|^2); 0 if j = i
-    coupling = gram * inverse  # K
-    transpose = xp.matrix_transpose
     pairs = (
-        adjoint_down_c * (basis_down @ transpose(conj(coupling, xp)))
-        - basis_down * (parts["weight"] @ transpose(coupling))
-        + parts["update"] @ transpose(inverse)
-        - (basis_down * adjoint_down_c) * xp.sum(inverse, axis=1)[None, :]
+        adjoint_down_c * (basis_down @ small["coupling_h"])
+        - basis_down * (parts["weight"] @ small["coupling_t"])
+        + parts["update"] @ small["inverse_t"]
+        - (basis_down * adjoint_down_c) * small["inverse_sums"][None, :]
     )
     # Pairs of parallel s_i, s_j (rare) take d^(j), and the term (number of valid pairs)
     # x diag(Q Z^H) is then not the same in every column.
-    has_parallel = backend.concrete_float(xp.sum(xp.abs(parallel)))
-    if has_parallel is None or has_parallel > 0:
-        counts = xp.sum(valid, axis=1) - (count - 1)
-        pairs = pairs + parts["estimates"] @ transpose(parallel)
-        pairs = pairs + parts["low_rank_diagonal"][:, None] * counts[None, :]
+    if small["parallel_t"] is not None:
+        pairs = pairs + parts["estimates"] @ small["parallel_t"]
+        offsets = small["count_offsets"][None, :]
+        pairs = pairs + parts["low_rank_diagonal"][:, None] * offsets
     return pairs
 
 
@@ -280,8 +303,11 @@ def elementwise_honest_error(estimates: Any, pseudo: Any, xp: Any) -> dict[str, 
     return out
 
 
-def _honest_error_and_dofs(estimates: Any, pseudo: Any, xp: Any) -> dict[str, Any]:
-    """:func:`elementwise_honest_error` with the entries' dofs (no median: no host sync)."""
+def _honest_error_and_dofs(
+    estimates: Any, pseudo: Any, xp: Any, step: int | None = None, first: int = 0
+) -> dict[str, Any]:
+    """:func:`elementwise_honest_error` with the dofs of the entries ``first, first + step,
+    ...`` (by default every ``ceil(n / DOF_ENTRIES)``-th); no median, so no host sync."""
     n, s = estimates.shape
     deviation = estimates - xp.mean(estimates, axis=1)[:, None]
     pseudo_deviation = pseudo - xp.mean(pseudo, axis=1)[:, None]
@@ -293,18 +319,22 @@ def _honest_error_and_dofs(estimates: Any, pseudo: Any, xp: Any) -> dict[str, An
     floored = cross_sum < square_sum
     variance = xp.where(floored, square_sum, cross_sum) / (s * (s - 1))
     # The dof is a median over the entries: at most DOF_ENTRIES evenly spaced ones suffice
-    step = -(-n // DOF_ENTRIES)
-    deviation, pseudo_deviation = deviation[::step, :], pseudo_deviation[::step, :]
+    step = -(-n // DOF_ENTRIES) if step is None else step
+    stderr = {
+        "stderr": xp.sqrt(variance),
+        "stderr_plain": xp.sqrt(square_sum / (s * (s - 1))),
+    }
+    if first >= n:  # no dof entry in this block
+        return {**stderr, "dofs": None}
+    deviation = deviation[first::step, :]
+    pseudo_deviation = pseudo_deviation[first::step, :]
     cross = conj(deviation, xp) * pseudo_deviation
     square = conj(deviation, xp) * deviation
     if complex_:
         cross, square = xp.real(cross), xp.real(square)
-    dofs = xp.where(floored[::step], _satterthwaite(square, xp), _satterthwaite(cross, xp))
-    return {
-        "stderr": xp.sqrt(variance),
-        "stderr_plain": xp.sqrt(square_sum / (s * (s - 1))),
-        "dofs": dofs,
-    }
+    floored = floored[first::step]
+    dofs = xp.where(floored, _satterthwaite(square, xp), _satterthwaite(cross, xp))
+    return {**stderr, "dofs": dofs}
 
 
 def xdiag_estimates(matmat: Matmat, adjoint: Matmat | None, probes: Any, xp: Any) -> dict[str, Any]:
@@ -345,14 +375,65 @@ def xdiag_estimates(matmat: Matmat, adjoint: Matmat | None, probes: Any, xp: Any
 
 
 def _algebra(xp: Any, probes: Any, basis: Any, triangular: Any, adjoint_basis: Any) -> dict:
-    """Everything after the products: pure array algebra (JAX compiles it as one program)."""
-    parts = _leave_one_out(xp, probes, basis, triangular, adjoint_basis)
+    """Everything after the products: pure array algebra.
+
+    Every (n, s) quantity is computed row by row from (s, s) matrices, so the rows are
+    processed in blocks of about ``CHUNK_ENTRIES`` entries that stay in cache (a dozen
+    passes over each block instead of a dozen passes over memory); JAX compiles the whole
+    as one program instead (its arrays are immutable, and XLA fuses the passes).
+    """
+    small = _small(xp, triangular)
+    n, count = probes.shape
+    step = -(-n // DOF_ENTRIES)  # the dofs of every step-th entry
+    rows = max(CHUNK_ROWS_MIN, CHUNK_ENTRIES // max(count, 1))
+    if n <= rows or backend.namespace_name(xp) == "jax":
+        return _block(xp, small, probes, basis, adjoint_basis, step, 0)
+    dtype, device = probes.dtype, backend.device_of(probes)
+    out: dict[str, Any] = {
+        "estimates": xp.empty((n, count), dtype=dtype, device=device),
+        "pseudo": xp.empty((n, count), dtype=dtype, device=device),
+        "low_rank_diagonal": xp.empty((n,), dtype=dtype, device=device),
+        "value": xp.empty((n,), dtype=dtype, device=device),
+    }
+    errors = count > 1
+    if errors:
+        real = xp.real(out["value"]).dtype if backend.is_complex_dtype(xp, dtype) else dtype
+        out["stderr"] = xp.empty((n,), dtype=real, device=device)
+        out["stderr_plain"] = xp.empty((n,), dtype=real, device=device)
+    dofs = []
+    for start in range(0, n, rows):
+        stop = min(start + rows, n)
+        block = _block(
+            xp,
+            small,
+            probes[start:stop, :],
+            basis[start:stop, :],
+            adjoint_basis[start:stop, :],
+            step,
+            (-start) % step,
+        )
+        for key in out:
+            out[key][start:stop, ...] = block[key]
+        if errors and block["dofs"] is not None:
+            dofs.append(block["dofs"])
+    out["dofs"] = xp.concat(dofs) if errors else None
+    if not errors:
+        out["stderr"] = out["stderr_plain"] = None
+    return out
+
+
+def _block(
+    xp: Any, small: dict, probes: Any, basis: Any, adjoint_basis: Any, step: int, first: int
+) -> dict:
+    """Estimates, pseudo-values and error estimates of a block of rows (entries); the dofs
+    of the rows ``first, first + step, ...`` of the block."""
+    parts = _rows(xp, small, probes, basis, adjoint_basis)
     estimates = parts["estimates"]
     value = xp.mean(estimates, axis=1)
     # p_i = d^(i) + sum_{j != i} (d^(j) - d_j^(i)) = sum_j d^(j) - sum_{j != i} d_j^(i)
     count = estimates.shape[1]
     common = xp.sum(estimates, axis=1) - (count - 1) * parts["low_rank_diagonal"]
-    pseudo = common[:, None] - _pair_sums(parts, xp)
+    pseudo = common[:, None] - _pair_sums(parts, small, xp)
     out: dict[str, Any] = {
         "estimates": estimates,
         "pseudo": pseudo,
@@ -363,7 +444,7 @@ def _algebra(xp: Any, probes: Any, basis: Any, triangular: Any, adjoint_basis: A
         "dofs": None,
     }
     if count > 1:
-        out.update(_honest_error_and_dofs(estimates, pseudo, xp))
+        out.update(_honest_error_and_dofs(estimates, pseudo, xp, step, first))
     return out
 
 

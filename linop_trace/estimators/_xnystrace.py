@@ -111,8 +111,9 @@ def xnystrace_estimates(probes: Any, images: Any, xp: Any, improved: bool = True
     _check_psd(core, xp)
     eps = float(xp.finfo(_real(core, xp).dtype).eps)
     # the shift is a round-off-level constant of the algorithm: no gradient through it
-    norm = backend.concrete_float(xp.linalg.vector_norm(images))
-    nu = eps * (norm if norm is not None else backend.stop_gradient(xp.linalg.vector_norm(images)))
+    frobenius = backend.frobenius_norm(xp, images)
+    norm = backend.concrete_float(frobenius)
+    nu = eps * (norm if norm is not None else backend.stop_gradient(frobenius))
     gram = ph @ probes  # Omega^H Omega
     core_nu = core + nu * gram
     core_nu = (core_nu + hermitian_transpose(core_nu, xp)) / 2
