@@ -225,7 +225,7 @@ def row_inner(xp: Any, x: Any, y: Any) -> Any:
     NumPy 2's ``vecdot`` is a single-pass ufunc; elsewhere (JAX's ``vecdot`` traces a
     ``vmap`` on every eager call, NumPy 1.x's is a batched matmul) multiply and sum."""
     if array_api_compat.is_numpy_namespace(xp) and hasattr(np, "vecdot"):
-        return np.vecdot(x, y, axis=1)
+        return np.vecdot(x, y, axis=1)  # type: ignore[call-overload]
     if xp.isdtype(x.dtype, "complex floating"):
         x = xp.conj(x)
     return xp.sum(x * y, axis=1)
@@ -445,11 +445,11 @@ class RandomSource:
         # One random bit per entry, from the generator's raw bytes: about 8x faster than
         # integers(0, 2), which spends a 64-bit draw on every entry.
         count = math.prod(shape)
-        bits = np.unpackbits(np.frombuffer(state.bytes(-(-count // 8)), dtype=np.uint8))
-        values = bits[:count].reshape(shape).astype(np.float64)
-        values *= 2.0
-        values -= 1.0
-        return self._from_numpy(values, dtype)
+        raw = np.frombuffer(state.bytes(-(-count // 8)), dtype=np.uint8)
+        signs = np.unpackbits(raw)[:count].reshape(shape).astype(np.float64)
+        signs *= 2.0
+        signs -= 1.0
+        return self._from_numpy(signs, dtype)
 
     def uniform(self, shape: tuple[int, ...], dtype: Any) -> Any:
         """Independent U[0, 1) entries of real floating ``dtype``."""

@@ -418,7 +418,7 @@ class HutchPlusPlus(Estimator):
         state.path.append((0, math.inf if initial is None else initial))
         converged = _interval_met(low_rank_trace, samples, request, xp)
         decidable = _needed_probes(low_rank_trace, samples, request, xp) is not None
-        needed = math.inf
+        needed: float | None = math.inf
         if decidable and not converged:
             needed = self._grow_sketch(state, matmat, request, n, cap, residual_size)
             samples = [state.samples]
@@ -440,7 +440,8 @@ class HutchPlusPlus(Estimator):
                     break
                 width = min(count, max(math.ceil(needed) - count, math.ceil(count / 4)))
             else:  # first block after the sketch: l(r) from the steering samples
-                width = math.ceil(needed) if math.isfinite(needed) else minimum
+                finite = needed is not None and math.isfinite(needed)
+                width = math.ceil(needed) if finite and needed is not None else minimum
             width = max(1, min(max(width, minimum if not count else 1), remaining))
             probes = request.probes(width)
             samples.append(deflated_samples(matmat, state.basis, probes, xp))
