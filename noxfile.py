@@ -253,7 +253,7 @@ def bench(session: nox.Session) -> None:
     session.install("-c", CONSTRAINTS, "-e", ".[bench,torch,jax]")
     # Single-threaded kernels make timings comparable run to run (also set in asv.conf.json).
     session.env.update(TEST_THREADS)
-    session.env["XLA_FLAGS"] = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+    session.env["XLA_FLAGS"] = "--xla_cpu_multi_thread_eigen=false"
     session.env["MPLBACKEND"] = "Agg"
     session.chdir(ROOT / "asv_bench")
     session.run("asv", "machine", "--yes")

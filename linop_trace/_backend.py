@@ -843,3 +843,25 @@ def concrete_float(x: Any) -> float | None:
     if not is_concrete(x):
         return None
     return float(x)
+
+
+def concrete_floats(x: Any) -> list[float] | None:
+    """The entries of a real vector as Python floats in one transfer (no gradient);
+    ``None`` when it has no value yet (an abstract JAX tracer)."""
+    x = stop_gradient(x)
+    if not is_concrete(x):
+        return None
+    return [float(value) for value in to_numpy(x).tolist()]
+
+
+def column_norms(xp: Any, x: Any) -> Any:
+    """``sqrt(sum_i |x[i, j]|^2)`` for each column j of an ``(n, k)`` array, in one pass
+    with no ``(n, k)`` temporary where the library allows."""
+    if array_api_compat.is_numpy_namespace(xp):
+        if np.iscomplexobj(x):
+            return np.sqrt(np.einsum("ij,ij->j", x.conj(), x).real)
+        return np.sqrt(np.einsum("ij,ij->j", x, x))
+    if array_api_compat.is_torch_namespace(xp) or array_api_compat.is_jax_namespace(xp):
+        return xp.linalg.vector_norm(x, axis=0)
+    square = xp.real(xp.conj(x) * x) if xp.isdtype(x.dtype, "complex floating") else x * x
+    return xp.sqrt(xp.sum(square, axis=0))

@@ -60,10 +60,11 @@ class ProbeSampler:
         block = self._gaussian(shape)
         if kind == "gaussian":
             return block
-        # sphere: each column rescaled to norm sqrt(n), so z^H z = n exactly.
-        square = xp.real(xp.conj(block) * block) if self.complex else block * block
-        norms = xp.sqrt(xp.sum(square, axis=0))
-        return block * (math.sqrt(self.n) / norms)
+        # sphere: each column rescaled to norm sqrt(n), so z^H z = n exactly; in place where
+        # the library allows (the block is ours): no second (n, k) array
+        scale = math.sqrt(self.n) / backend.column_norms(xp, block)
+        block *= xp.astype(scale, self.dtype) if self.complex else scale
+        return block
 
     def _gaussian(self, shape: tuple[int, int]) -> Any:
         xp = self.xp

@@ -54,7 +54,7 @@ def _require(library: str) -> None:
 def _pin_threads() -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ.setdefault(
-        "XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+        "XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false"
     )
     try:
         from ._common import pin_threads

@@ -59,14 +59,53 @@ NOT_PSD = (
 )
 
 
-def _check_psd(core: Any, xp: Any) -> None:
-    """Raise when the probes' Gram matrix under A shows that A is not symmetric PSD."""
+#: Rows of a block of the (n, m) pass that forms F^H F (non-JAX): about this many entries
+#: per (rows, m) block, so the block and its product stay in cache ...
+CHUNK_ENTRIES = 2**15
+#: ... and at least this many rows (fewer Python steps for large m).
+CHUNK_ROWS_MIN = 256
+
+
+def _sketch(xp: Any, probes: Any, images: Any) -> tuple[Any, ...]:
+    """The m x m pieces of the sketch and the PSD evidence, before any (n, m) temporary.
+
+    Returns ``core`` = Omega^H Y, ``gram`` = Omega^H Omega, the shift ``nu`` = eps |Y|_F
+    (a round-off-level constant of the algorithm: no gradient through it), the
+    eigendecomposition ``lam, vec`` of the shifted core Omega^H (Y + nu Omega), and
+    ``evidence``: max|core|, max|core - core^H|, min Re(w_i^H A w_i), max|lam|, min lam
+    (cut from the gradient; checked on the host by :func:`_check_psd`).
+    """
+    ph = hermitian_transpose(probes, xp)
+    core = ph @ images
+    gram = ph @ probes
     eps = float(xp.finfo(_real(core, xp).dtype).eps)
-    core = backend.stop_gradient(core)  # checks only: no gradient, no tracer to float()
-    size = backend.concrete_float(xp.max(xp.abs(core))) if core.shape[0] else 0.0
-    if size is None or size == 0.0:  # (None: no concrete value under JAX jit)
+    nu = eps * backend.stop_gradient(backend.frobenius_norm(xp, images))
+    core_nu = core + _as(nu, core.dtype, xp) * gram
+    core_nu = (core_nu + hermitian_transpose(core_nu, xp)) / 2
+    lam, vec = xp.linalg.eigh(core_nu)
+    fixed = backend.stop_gradient(core)
+    evidence = xp.stack(
+        [
+            xp.max(xp.abs(fixed)),
+            xp.max(xp.abs(fixed - hermitian_transpose(fixed, xp))),
+            xp.min(_real(_diag(fixed, xp), xp)),
+            xp.max(xp.abs(backend.stop_gradient(lam))),
+            xp.min(backend.stop_gradient(lam)),
+        ]
+    )
+    return core, gram, nu, lam, vec, evidence
+
+
+def _check_psd(evidence: list[float] | None, eps: float) -> None:
+    """Raise when the probes' Gram matrix under A shows that A is not symmetric PSD.
+
+    ``evidence`` is what :func:`_sketch` returns as such (``None`` under JAX jit: no
+    concrete values, no checks)."""
+    if evidence is None:
         return
-    asymmetry = float(xp.max(xp.abs(core - hermitian_transpose(core, xp))))
+    size, asymmetry, lowest, top, low = evidence
+    if size == 0.0:
+        return
     if asymmetry > eps**0.5 * size:
         raise ValueError(
             NOT_PSD.format(
@@ -74,12 +113,17 @@ def _check_psd(core: Any, xp: Any) -> None:
                 f"{asymmetry / size:.2e})"
             )
         )
-    quadratic = _real(_diag(core, xp), xp)
-    lowest = float(xp.min(quadratic))
     if lowest < -1e2 * eps**0.5 * size:
         raise ValueError(
             NOT_PSD.format(
                 evidence=f"a probe z gave z^H A z = {lowest:.3g} < 0 (largest |entry| {size:.3g})"
+            )
+        )
+    if top > 0 and low < -1e2 * eps**0.5 * top:
+        raise ValueError(
+            NOT_PSD.format(
+                evidence=f"the Nystrom core Omega^H A Omega has an eigenvalue {low:.3g} "
+                f"(largest {top:.3g})"
             )
         )
 
@@ -106,35 +150,25 @@ def xnystrace_estimates(probes: Any, images: Any, xp: Any, improved: bool = True
         ``min_eigenvalue`` (of the shifted core, relative to its largest).
     """
     n, m = probes.shape
-    ph = hermitian_transpose(probes, xp)
-    core = ph @ images
-    _check_psd(core, xp)
-    eps = float(xp.finfo(_real(core, xp).dtype).eps)
-    # the shift is a round-off-level constant of the algorithm: no gradient through it
-    frobenius = backend.frobenius_norm(xp, images)
-    norm = backend.concrete_float(frobenius)
-    nu = eps * (norm if norm is not None else backend.stop_gradient(frobenius))
-    gram = ph @ probes  # Omega^H Omega
-    core_nu = core + nu * gram
-    core_nu = (core_nu + hermitian_transpose(core_nu, xp)) / 2
-    lam, vec = xp.linalg.eigh(core_nu)
-    top_value = backend.concrete_float(xp.max(xp.abs(lam)))
-    low_value = backend.concrete_float(xp.min(lam))
-    # (None under JAX jit: no concrete values, no checks)
-    if (
-        top_value is not None
-        and low_value is not None
-        and top_value > 0
-        and low_value < -1e2 * eps**0.5 * top_value
-    ):
-        raise ValueError(
-            NOT_PSD.format(
-                evidence=f"the Nystrom core Omega^H A Omega has an eigenvalue {low_value:.3g} "
-                f"(largest {top_value:.3g})"
+    eps = float(xp.finfo(_real(probes, xp).dtype).eps)
+    if backend.namespace_name(xp) == "jax":
+        # one compiled program (eager JAX pays per operation); the checks come after it
+        compiled = backend.jit(xp, _compiled, num_static=2)
+        estimates, pseudo, evidence = compiled(xp, improved, probes, images)
+        numbers = backend.concrete_floats(evidence)
+        _check_psd(numbers, eps)
+    else:
+        core, gram, nu, lam, vec, evidence = _sketch(xp, probes, images)
+        numbers = backend.concrete_floats(evidence)
+        _check_psd(numbers, eps)
+        if numbers is None or numbers[3] > 0:
+            floor = eps * (numbers[3] if numbers is not None else xp.max(xp.abs(lam)))
+            estimates, pseudo = _nystrom_algebra(
+                xp, improved, probes, images, gram, lam, vec, nu, floor
             )
-        )
-    if top_value == 0:  # A Omega = 0 (the zero operator on the probes' span): exact zeros
-        zeros = xp.zeros((m,), dtype=_real(core, xp).dtype, device=backend.device_of(core))
+    top, low = (numbers[3], numbers[4]) if numbers is not None else (None, None)
+    if top == 0:  # A Omega = 0 (the zero operator on the probes' span): exact zeros
+        zeros = xp.zeros((m,), dtype=_real(probes, xp).dtype, device=backend.device_of(probes))
         zero = xp.sum(zeros)
         exact: dict[str, Any] = {
             "estimates": zeros,
@@ -148,9 +182,6 @@ def xnystrace_estimates(probes: Any, images: Any, xp: Any, improved: bool = True
         if m >= 2:
             exact["stderr_jackknife"] = zero
         return exact
-    top = top_value if top_value is not None else backend.stop_gradient(xp.max(xp.abs(lam)))
-    algebra = backend.jit(xp, _nystrom_algebra, num_static=2)
-    estimates, pseudo = algebra(xp, improved, probes, images, gram, lam, vec, nu, eps * top)
     value = xp.mean(estimates)
     out = {
         "estimates": estimates,
@@ -159,7 +190,7 @@ def xnystrace_estimates(probes: Any, images: Any, xp: Any, improved: bool = True
         "stderr": None,
         "stderr_plain": None,
         "dof": None,
-        "min_eigenvalue": low_value / top_value if low_value is not None and top_value else 0.0,
+        "min_eigenvalue": low / top if low is not None and top else 0.0,
     }
     if m >= 2:
         dev_t = estimates - value
@@ -167,6 +198,37 @@ def xnystrace_estimates(probes: Any, images: Any, xp: Any, improved: bool = True
         out.update(honest_error(dev_t * dev_p, dev_t * dev_t, xp))
         out["stderr_jackknife"] = xp.sqrt(xp.sum(dev_p * dev_p) / (m * (m - 1)))
     return out
+
+
+def _compiled(xp: Any, improved: bool, probes: Any, images: Any) -> tuple[Any, Any, Any]:
+    """Sketch and algebra in one program (JAX); the zero operator gets a finite floor
+    (its result is replaced by exact zeros afterwards)."""
+    core, gram, nu, lam, vec, evidence = _sketch(xp, probes, images)
+    eps = float(xp.finfo(_real(probes, xp).dtype).eps)
+    top = evidence[3]
+    floor = xp.where(top > 0, eps * top, xp.ones_like(top))
+    estimates, pseudo = _nystrom_algebra(xp, improved, probes, images, gram, lam, vec, nu, floor)
+    return estimates, pseudo, evidence
+
+
+def _shifted_gram(xp: Any, probes: Any, images: Any, nu: Any, factor: Any) -> Any:
+    """``F^H F`` with ``F = (Y + nu Omega) factor``.
+
+    Outside JAX, row block by row block: the shifted block and its product stay in cache,
+    and no (n, m) temporary is allocated (two of them, and their pages, cost about as much
+    as the product itself). JAX fuses the whole expression."""
+    n, m = probes.shape
+    shift = _as(nu, probes.dtype, xp)
+    rows = max(CHUNK_ROWS_MIN, CHUNK_ENTRIES // max(m, 1))
+    if n <= rows or backend.namespace_name(xp) == "jax":
+        f = (images + shift * probes) @ factor
+        return hermitian_transpose(f, xp) @ f
+    total = None
+    for start in range(0, n, rows):
+        f = (images[start : start + rows, :] + shift * probes[start : start + rows, :]) @ factor
+        part = hermitian_transpose(f, xp) @ f
+        total = part if total is None else total + part
+    return total
 
 
 def _nystrom_algebra(
@@ -181,16 +243,15 @@ def _nystrom_algebra(
     floor: Any,
 ) -> tuple[Any, Any]:
     """The estimates t_i and pseudo-values p_i from the eigendecomposition of the shifted
-    core: pure array algebra (JAX compiles it as one program)."""
+    core: pure array algebra."""
     n, m = probes.shape
     ctype = probes.dtype
-    shifted = images + nu * probes
     lam = xp.clip(lam, min=floor)
     inv_sqrt = 1 / xp.sqrt(lam)
     factor = vec * _as(inv_sqrt, ctype, xp)[None, :]  # V Lambda^{-1/2}
-    f = shifted @ factor  # F, with A_nu-Nystrom = F F^H
     g = hermitian_transpose(factor, xp)  # G = Lambda^{-1/2} V^H, N = G^H G
-    lmat = hermitian_transpose(f, xp) @ f  # L = F^H F
+    # L = F^H F with F = (Y + nu Omega) G^H: the A_nu-Nystrom approximation is F F^H
+    lmat = _shifted_gram(xp, probes, images, nu, factor)
     nmat = hermitian_transpose(g, xp) @ g  # N
     bmat = hermitian_transpose(g, xp) @ (lmat @ g)  # B = N K N
     n_d = _real(_diag(nmat, xp), xp)
