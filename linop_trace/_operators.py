@@ -416,11 +416,13 @@ class _DenseOperator(LinearOperator):
         return self._matrix_as(X.dtype) @ X
 
     def _rmatmat(self, X: Any) -> Any:
+        # A^H X as (X^H A)^H: the same product, but torch copies the whole matrix for
+        # A^T @ X when X is column-major (as QR factors are): 2x slower on 4000 x 4000.
         xp = self.xp
         matrix = self._matrix_as(X.dtype)
         if backend.is_complex_dtype(xp, matrix.dtype):
-            return xp.conj(xp.matrix_transpose(matrix)) @ X
-        return xp.matrix_transpose(matrix) @ X
+            return xp.conj(xp.matrix_transpose(xp.conj(xp.matrix_transpose(X)) @ matrix))
+        return xp.matrix_transpose(xp.matrix_transpose(X) @ matrix)
 
     def to_dense(self, block_size: int | None = None) -> Any:
         return self.matrix
