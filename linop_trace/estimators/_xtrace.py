@@ -148,16 +148,19 @@ def _downdate_directions(triangular: Any, xp: Any) -> Any:
     """Columns of R^{-H}, normalized: s_i spans range(Q) minus range(Y without column i).
 
     A numerically singular R (A of low rank) gets a shift at round-off level so the
-    directions stay finite; they only matter where Y has rank to spare."""
+    directions stay finite; they only matter where Y has rank to spare. Branch-free, so
+    JAX compiles it with the rest of the algebra."""
     s = triangular.shape[0]
     eye = xp.eye(s, dtype=triangular.dtype, device=backend.device_of(triangular))
-    scale = backend.concrete_float(xp.max(xp.abs(triangular))) if s else 0.0
-    if scale is not None:  # (no concrete value, under JAX jit: no shift)
+    if s:
         eps = float(xp.finfo(_real(triangular, xp).dtype).eps)
-        shift = eps * (scale if scale > 0 else 1.0)
-        small = backend.stop_gradient(xp.abs(_diag(triangular, xp)) < shift)
-        if bool(xp.any(small)):
-            triangular = triangular + shift * eye
+        fixed = xp.abs(backend.stop_gradient(triangular))
+        scale = xp.max(fixed)
+        shift = eps * xp.where(scale > 0, scale, xp.ones_like(scale))
+        small = xp.any(_diag(fixed, xp) < shift)
+        triangular = xp.where(
+            small, triangular + _as(shift, triangular.dtype, xp) * eye, triangular
+        )
     inverse_h = xp.linalg.solve(hermitian_transpose(triangular, xp), eye)
     norms = xp.sqrt(xp.sum(_abs2(inverse_h, xp), axis=0))
     return inverse_h / xp.astype(norms, inverse_h.dtype)
@@ -198,30 +201,39 @@ def xtrace_estimates(
         ``estimates`` t_i (s,), ``pseudo`` p_i (s,), ``value`` mean of t_i,
         ``stderr`` (honest), ``stderr_plain`` (std(t)/sqrt(s)).
     """
+    program = backend.jit(xp, _xtrace_program, num_static=2)
+    out = program(xp, improved, probes, images, basis, basis_images, directions)
+    s = probes.shape[1]
+    if s < 2:
+        out.update(stderr=None, stderr_plain=None, dof=None)
+        return out
+    out["dof"] = satterthwaite_dof(s, out.pop("cross_mean"), out.pop("cross_spread"))
+    return out
+
+
+def _xtrace_program(
+    xp: Any,
+    improved: bool,
+    probes: Any,
+    images: Any,
+    basis: Any,
+    basis_images: Any,
+    directions: Any,
+) -> dict[str, Any]:
+    """Everything after the products: estimates, pseudo-values and error terms (JAX
+    compiles it as one program; eager JAX pays for every small operation)."""
     r = hermitian_transpose(basis, xp) @ images  # Q^H Y
     sdir = _downdate_directions(r, xp) if directions is None else directions
-    algebra = backend.jit(xp, _xtrace_algebra, num_static=2)
-    estimates, pseudo = algebra(xp, improved, probes, images, basis, basis_images, r, sdir)
+    estimates, pseudo = _xtrace_algebra(xp, improved, probes, images, basis, basis_images, r, sdir)
     s = probes.shape[1]
     value = xp.mean(estimates)
+    out = {"estimates": estimates, "pseudo": pseudo, "value": value}
     if s < 2:
-        return {
-            "estimates": estimates,
-            "pseudo": pseudo,
-            "value": value,
-            "stderr": None,
-            "stderr_plain": None,
-            "dof": None,
-        }
+        return out
     dev_t = estimates - value
     dev_p = pseudo - xp.mean(pseudo)
-    out = honest_error(_real(conj(dev_t, xp) * dev_p, xp), _abs2(dev_t, xp), xp)
-    out.update(
-        estimates=estimates,
-        pseudo=pseudo,
-        value=value,
-        stderr_jackknife=xp.sqrt(xp.sum(_abs2(dev_p, xp)) / (s * (s - 1))),
-    )
+    out.update(error_terms(_real(conj(dev_t, xp) * dev_p, xp), _abs2(dev_t, xp), xp))
+    out["stderr_jackknife"] = xp.sqrt(xp.sum(_abs2(dev_p, xp)) / (s * (s - 1)))
     return out
 
 
@@ -313,24 +325,39 @@ def honest_error(cross: Any, square: Any, xp: Any) -> dict[str, Any]:
     Satterthwaite's ``2 s mean(cross)^2 / var(cross)`` (s - 1 for normal t_i, fewer when a
     few probes dominate), clipped to [2, s - 1] and rounded down.
     """
+    out = error_terms(cross, square, xp)
+    out["dof"] = satterthwaite_dof(
+        int(cross.shape[0]), out.pop("cross_mean"), out.pop("cross_spread")
+    )
+    return out
+
+
+def error_terms(cross: Any, square: Any, xp: Any) -> dict[str, Any]:
+    """The arrays behind :func:`honest_error` (pure, compilable): ``stderr``,
+    ``stderr_plain``, and the mean and sample variance of ``cross`` (gradient cut: they
+    only shape the interval) for the degrees of freedom."""
     s = int(cross.shape[0])
     plain_var = xp.sum(square) / (s * (s - 1))
     cross_var = xp.sum(cross) / (s * (s - 1))
-    # the degrees of freedom only shape the interval: from a stop-gradient copy
-    mean = backend.concrete_float(xp.mean(cross))
-    spread = None
-    if mean is not None:
-        spread = backend.concrete_float(xp.sum((cross - mean) ** 2) / (s - 1))
-    if mean is None or spread is None:  # no concrete value (JAX jit): the normal-theory dof
-        dof = s - 1
-    else:
-        raw = s - 1 if spread == 0 or s < 3 else 2 * s * mean**2 / spread
-        dof = int(min(max(raw if mean > 0 else 2, 2), s - 1))
+    fixed = backend.stop_gradient(cross)
+    mean = xp.mean(fixed)
     return {
         "stderr": xp.sqrt(xp.maximum(cross_var, plain_var)),
         "stderr_plain": xp.sqrt(plain_var),
-        "dof": dof,
+        "cross_mean": mean,
+        "cross_spread": xp.sum((fixed - mean) ** 2) / (s - 1),
     }
+
+
+def satterthwaite_dof(s: int, mean: Any, spread: Any) -> int:
+    """Satterthwaite's ``2 s mean^2 / spread`` clipped to [2, s - 1], rounded down; s - 1
+    (normal theory) when the values are not concrete (JAX jit)."""
+    mean = backend.concrete_float(mean)
+    spread = backend.concrete_float(spread) if mean is not None else None
+    if mean is None or spread is None:
+        return s - 1
+    raw = s - 1 if spread == 0 or s < 3 else 2 * s * mean**2 / spread
+    return int(min(max(raw if mean > 0 else 2, 2), s - 1))
 
 
 def _as(x: Any, dtype: Any, xp: Any) -> Any:
