@@ -53,9 +53,7 @@ def _require(library: str) -> None:
 
 def _pin_threads() -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    os.environ.setdefault(
-        "XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false"
-    )
+    os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false")
     try:
         from ._common import pin_threads
     except ImportError:  # run as a script outside the benchmark package

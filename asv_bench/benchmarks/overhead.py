@@ -32,18 +32,24 @@ from ._common import BACKENDS, NUM_MATVECS, get_backend, pin_threads, sync_estim
 SIZE = 4000
 REPEATS = 7
 
-#: (label, quantity, method, tags)
-CASES = {
-    "hutchinson": ("trace", "hutchinson", ()),
-    "hutch++": ("trace", "hutch++", ()),
-    "na-hutch++": ("trace", "na-hutch++", ()),
-    "na-hutch++ (symmetric)": ("trace", "na-hutch++", ("symmetric",)),
-    "xtrace": ("trace", "xtrace", ()),
-    "xnystrace": ("trace", "xnystrace", ("symmetric", "positive_semidefinite")),
-    "diagonal hutchinson": ("diagonal", "hutchinson", ()),
-    "diag++": ("diagonal", "diag++", ()),
-    "xdiag": ("diagonal", "xdiag", ()),
-    "xdiag (symmetric)": ("diagonal", "xdiag", ("symmetric",)),
+PSD = ("symmetric", "positive_semidefinite")
+
+#: label: (quantity, method, tags, probe); probe None is the method's default. The
+#: Rademacher rows of XTrace and XNysTrace show what their default sphere probes (Gaussian
+#: draws, needed by the improved normalization) cost on top of the algebra.
+CASES: dict[str, tuple[str, str, tuple[str, ...], str | None]] = {
+    "hutchinson": ("trace", "hutchinson", (), None),
+    "hutch++": ("trace", "hutch++", (), None),
+    "na-hutch++": ("trace", "na-hutch++", (), None),
+    "na-hutch++ (symmetric)": ("trace", "na-hutch++", ("symmetric",), None),
+    "xtrace": ("trace", "xtrace", (), None),
+    "xtrace (rademacher)": ("trace", "xtrace", (), "rademacher"),
+    "xnystrace": ("trace", "xnystrace", PSD, None),
+    "xnystrace (rademacher)": ("trace", "xnystrace", PSD, "rademacher"),
+    "diagonal hutchinson": ("diagonal", "hutchinson", (), None),
+    "diag++": ("diagonal", "diag++", (), None),
+    "xdiag": ("diagonal", "xdiag", (), None),
+    "xdiag (symmetric)": ("diagonal", "xdiag", ("symmetric",), None),
 }
 
 
@@ -57,7 +63,7 @@ def _matrix(n: int) -> np.ndarray:
     return A
 
 
-def _call_pattern(operator: Any, quantity: str, method: str) -> list[tuple[str, int]]:
+def _call_pattern(operator: Any, quantity: str, method: Any) -> list[tuple[str, int]]:
     """The (kind, columns) of every operator call the method makes at m = NUM_MATVECS."""
     calls: list[tuple[str, int]] = []
 
@@ -81,6 +87,13 @@ def _call_pattern(operator: Any, quantity: str, method: str) -> list[tuple[str, 
     return calls
 
 
+def _with_probe(method: str, probe: str) -> Any:
+    """The estimator object of a registered method with its probe fixed."""
+    from linop_trace.estimators import XNysTrace, XTrace
+
+    return {"xtrace": XTrace, "xnystrace": XNysTrace}[method](probe=probe)
+
+
 class TrackOverhead:
     """Estimator time / floor time (the method's own operator calls), best of 7 each."""
 
@@ -91,11 +104,11 @@ class TrackOverhead:
     def setup(self, backend_name: str, case: str) -> None:
         pin_threads()
         self.backend = get_backend(backend_name, "cpu")
-        quantity, method, tags = CASES[case]
+        quantity, method, tags, probe = CASES[case]
         self.operator = linop_trace.aslinearoperator(self.backend.dense(_matrix(SIZE)), tags=tags)
         self.function = getattr(linop_trace, quantity)
-        self.method = method
-        pattern = _call_pattern(self.operator, quantity, method)
+        self.method = method if probe is None else _with_probe(method, probe)
+        pattern = _call_pattern(self.operator, quantity, self.method)
         self.blocks = [
             (kind, linop_trace.rademacher(self.operator, width, seed=1)) for kind, width in pattern
         ]

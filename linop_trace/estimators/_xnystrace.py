@@ -47,8 +47,9 @@ from ._xtrace import (
     _as,
     _diag,
     _real,
+    exchangeable_error_terms,
     exchangeable_estimate,
-    honest_error,
+    satterthwaite_dof,
 )
 
 __all__ = ["XNysTrace", "xnystrace_core", "xnystrace_estimates"]
@@ -154,11 +155,12 @@ def xnystrace_estimates(probes: Any, images: Any, xp: Any, improved: bool = True
     if backend.namespace_name(xp) == "jax":
         # one compiled program (eager JAX pays per operation); the checks come after it
         compiled = backend.jit(xp, _compiled, num_static=2)
-        estimates, pseudo, evidence = compiled(xp, improved, probes, images)
+        estimates, pseudo, evidence, terms = compiled(xp, improved, probes, images)
         numbers = backend.concrete_floats(evidence)
         _check_psd(numbers, eps)
     else:
         core, gram, nu, lam, vec, evidence = _sketch(xp, probes, images)
+        terms = None
         numbers = backend.concrete_floats(evidence)
         _check_psd(numbers, eps)
         if numbers is None or numbers[3] > 0:
@@ -193,22 +195,22 @@ def xnystrace_estimates(probes: Any, images: Any, xp: Any, improved: bool = True
         "min_eigenvalue": low / top if low is not None and top else 0.0,
     }
     if m >= 2:
-        dev_t = estimates - value
-        dev_p = pseudo - xp.mean(pseudo)
-        out.update(honest_error(dev_t * dev_p, dev_t * dev_t, xp))
-        out["stderr_jackknife"] = xp.sqrt(xp.sum(dev_p * dev_p) / (m * (m - 1)))
+        out.update(terms or exchangeable_error_terms(estimates, pseudo, value, xp))
+        out["dof"] = satterthwaite_dof(m, out.pop("cross_mean"), out.pop("cross_spread"))
     return out
 
 
-def _compiled(xp: Any, improved: bool, probes: Any, images: Any) -> tuple[Any, Any, Any]:
-    """Sketch and algebra in one program (JAX); the zero operator gets a finite floor
-    (its result is replaced by exact zeros afterwards)."""
+def _compiled(xp: Any, improved: bool, probes: Any, images: Any) -> tuple[Any, Any, Any, Any]:
+    """Sketch, algebra and error terms in one program (JAX); the zero operator gets a
+    finite floor (its result is replaced by exact zeros afterwards)."""
     core, gram, nu, lam, vec, evidence = _sketch(xp, probes, images)
     eps = float(xp.finfo(_real(probes, xp).dtype).eps)
     top = evidence[3]
     floor = xp.where(top > 0, eps * top, xp.ones_like(top))
     estimates, pseudo = _nystrom_algebra(xp, improved, probes, images, gram, lam, vec, nu, floor)
-    return estimates, pseudo, evidence
+    m = probes.shape[1]
+    terms = exchangeable_error_terms(estimates, pseudo, xp.mean(estimates), xp) if m >= 2 else {}
+    return estimates, pseudo, evidence, terms
 
 
 def _shifted_gram(xp: Any, probes: Any, images: Any, nu: Any, factor: Any) -> Any:

@@ -228,11 +228,18 @@ def _xtrace_program(
     s = probes.shape[1]
     value = xp.mean(estimates)
     out = {"estimates": estimates, "pseudo": pseudo, "value": value}
-    if s < 2:
-        return out
+    if s >= 2:
+        out.update(exchangeable_error_terms(estimates, pseudo, value, xp))
+    return out
+
+
+def exchangeable_error_terms(estimates: Any, pseudo: Any, value: Any, xp: Any) -> dict[str, Any]:
+    """:func:`error_terms` of exchangeable estimates t_i (mean ``value``) and their
+    pseudo-values p_i, and the usual jackknife's ``stderr_jackknife`` sqrt(var(p) / s)."""
+    s = int(estimates.shape[0])
     dev_t = estimates - value
     dev_p = pseudo - xp.mean(pseudo)
-    out.update(error_terms(_real(conj(dev_t, xp) * dev_p, xp), _abs2(dev_t, xp), xp))
+    out = error_terms(_real(conj(dev_t, xp) * dev_p, xp), _abs2(dev_t, xp), xp)
     out["stderr_jackknife"] = xp.sqrt(xp.sum(_abs2(dev_p, xp)) / (s * (s - 1)))
     return out
 
