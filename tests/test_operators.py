@@ -97,6 +97,17 @@ def test_constructors_match_dense_reference(backend, dtype, shape):
         assert_close(LinearOperator.to_dense(A, block_size=2), M, dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dense_adjoint_of_column_major_block(backend, dtype):
+    """A^H X for X laid out column by column (as QR factors are): the dense operator
+    multiplies it as (X^H A)^H."""
+    M = random_matrix((6, 5), dtype)
+    Y = random_matrix((6, 3), dtype, seed=2)
+    A = aslinearoperator(backend.asarray(M))
+    column_major = A.xp.matrix_transpose(backend.asarray(np.ascontiguousarray(Y.T)))
+    assert_close(A.rmatmat(column_major), M.conj().T @ Y, dtype)
+
+
 def test_operator_keeps_library_device_dtype(backend):
     M = random_matrix((5, 5), "float32")
     A = aslinearoperator(backend.matrix(M))

@@ -227,7 +227,8 @@ def _shifted_gram(xp: Any, probes: Any, images: Any, nu: Any, factor: Any) -> An
         return hermitian_transpose(f, xp) @ f
     total = None
     for start in range(0, n, rows):
-        f = (images[start : start + rows, :] + shift * probes[start : start + rows, :]) @ factor
+        stop = min(start + rows, n)  # (the array API has no out-of-bounds slices)
+        f = (images[start:stop, :] + shift * probes[start:stop, :]) @ factor
         part = hermitian_transpose(f, xp) @ f
         total = part if total is None else total + part
     return total
