@@ -219,6 +219,14 @@ def jit(xp: Any, function: Callable[..., Any], num_static: int = 1) -> Callable[
     return compiled
 
 
+def compiles_whole(xp: Any) -> bool:
+    """Whether estimators should hand this library their post-product algebra as one
+    compiled program (:func:`jit`) rather than work through it in cache-sized row blocks:
+    JAX, whose eager operations each cost tens of microseconds and whose compiler fuses
+    the passes (its arrays are immutable, so blocks would be copies anyway)."""
+    return array_api_compat.is_jax_namespace(xp)
+
+
 def row_inner(xp: Any, x: Any, y: Any) -> Any:
     """``sum_k conj(x[i, k]) y[i, k]`` for each row i of two ``(n, k)`` arrays.
 

@@ -386,7 +386,7 @@ def _algebra(xp: Any, probes: Any, basis: Any, triangular: Any, adjoint_basis: A
     n, count = probes.shape
     step = -(-n // DOF_ENTRIES)  # the dofs of every step-th entry
     rows = max(CHUNK_ROWS_MIN, CHUNK_ENTRIES // max(count, 1))
-    if n <= rows or backend.namespace_name(xp) == "jax":
+    if n <= rows or backend.compiles_whole(xp):
         return _block(xp, small, probes, basis, adjoint_basis, step, 0)
     dtype, device = probes.dtype, backend.device_of(probes)
     out: dict[str, Any] = {

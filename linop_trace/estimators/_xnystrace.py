@@ -152,7 +152,7 @@ def xnystrace_estimates(probes: Any, images: Any, xp: Any, improved: bool = True
     """
     n, m = probes.shape
     eps = float(xp.finfo(_real(probes, xp).dtype).eps)
-    if backend.namespace_name(xp) == "jax":
+    if backend.compiles_whole(xp):
         # one compiled program (eager JAX pays per operation); the checks come after it
         compiled = backend.jit(xp, _compiled, num_static=2)
         estimates, pseudo, evidence, terms = compiled(xp, improved, probes, images)
@@ -222,7 +222,7 @@ def _shifted_gram(xp: Any, probes: Any, images: Any, nu: Any, factor: Any) -> An
     n, m = probes.shape
     shift = _as(nu, probes.dtype, xp)
     rows = max(CHUNK_ROWS_MIN, CHUNK_ENTRIES // max(m, 1))
-    if n <= rows or backend.namespace_name(xp) == "jax":
+    if n <= rows or backend.compiles_whole(xp):
         f = (images + shift * probes) @ factor
         return hermitian_transpose(f, xp) @ f
     total = None
