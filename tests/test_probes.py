@@ -52,6 +52,35 @@ def test_second_moment_is_identity(kind):
     assert np.abs(moment - np.eye(n)).max() < 6 * np.sqrt(3 / k)
 
 
+@pytest.mark.parametrize("probe", [lt.rademacher, lt.gaussian])
+def test_probe_entries_are_uncorrelated_on_every_backend(backend, probe):
+    """torch and JAX unpack Rademacher signs from random bits and draw float64 Gaussians
+    in float32: a slip in either shows as a bias or a correlation between entries a few
+    places apart in the flattened block (bits of one word). Each entry and each product
+    z_a z_b (a != b) has variance 1, so means over N values have standard error
+    1/sqrt(N); 6 of those bound every one of them. n * k = 20,993 is not a multiple of the
+    32- or 8-bit words, so the last partial word is in the test too."""
+    n, k = 7, 2999
+    Z = numpy_of(probe(backend.matrix(np.eye(n)), k, seed=5)).reshape(-1)
+    N = Z.size
+    assert abs(Z.mean()) < 6 / np.sqrt(N)
+    assert abs((Z**2).mean() - 1) < 6 * np.sqrt(2 / N)  # Var z^2 <= 2 (Gaussian)
+    for lag in range(1, 65):
+        products = Z[:-lag] * Z[lag:]
+        assert abs(products.mean()) < 6 / np.sqrt(products.size), lag
+
+
+@pytest.mark.parametrize("probe", [lt.rademacher, lt.gaussian])
+def test_same_seed_same_probes_in_float32_and_float64(backend, probe):
+    """One seed gives one probe block, whatever the operator's precision (to float32
+    rounding): float64 Gaussians are float32 draws widened in torch and JAX, float64
+    draws narrowed for float32 in NumPy."""
+    Z64 = numpy_of(probe(backend.matrix(np.eye(9)), 4, seed=3))
+    Z32 = numpy_of(probe(backend.matrix(np.eye(9, dtype=np.float32)), 4, seed=3))
+    assert Z64.dtype == np.float64 and Z32.dtype == np.float32
+    np.testing.assert_array_equal(Z64.astype(np.float32), Z32)
+
+
 def test_steinhaus_needs_complex_operator():
     with pytest.raises(ValueError, match="need a complex operator"):
         lt.steinhaus(np.eye(3), 2)
