@@ -84,7 +84,7 @@ from .._estimate import Estimate
 from .._operators import LinearOperator
 from ._base import EstimationRequest, Estimator
 from ._hutchpp import Matmat, adjoint_product, blocked_matmat, conj, hermitian_transpose
-from ._xtrace import orthonormal_basis
+from ._xtrace import orthonormal_factors
 
 __all__ = ["XDiag", "xdiag_core", "xdiag_estimates"]
 
@@ -100,8 +100,7 @@ def _products(matmat: Matmat, adjoint: Matmat | None, probes: Any, xp: Any) -> t
     """XDiag's two operator products and the factorization between them:
     ``(Omega, Q, R, Z)`` with Y = A Omega = QR and Z = A^H Q."""
     image = matmat(probes)
-    basis = orthonormal_basis(image, xp)  # Cholesky QR when Y is well conditioned
-    triangular = hermitian_transpose(basis, xp) @ image  # R = Q^H Y, so Y = QR
+    basis, triangular = orthonormal_factors(image, xp)  # Y = QR
     adjoint_basis = matmat(basis) if adjoint is None else adjoint(basis)  # Z = A^H Q
     return probes, basis, triangular, adjoint_basis
 

@@ -99,39 +99,48 @@ def _diag(x: Any, xp: Any) -> Any:
 
 
 def orthonormal_basis(block: Any, xp: Any) -> Any:
-    """An orthonormal basis Q of range(block).
+    """An orthonormal basis Q of range(block) (the Q of :func:`orthonormal_factors`)."""
+    return orthonormal_factors(block, xp)[0]
+
+
+def orthonormal_factors(block: Any, xp: Any) -> tuple[Any, Any]:
+    """A thin QR factorization ``block = Q R``: Q orthonormal, R upper triangular.
 
     Cholesky QR twice (BLAS-3 products, several times faster than Householder QR on tall
-    blocks) when the block is well conditioned, which the first pass reveals; Householder
-    QR otherwise (the sketches of decaying spectra are ill conditioned)."""
+    blocks) when the block is well conditioned, which the first pass reveals; R is then
+    the product of the two Cholesky factors, so Q^H block costs no further product.
+    Householder QR otherwise (the sketches of decaying spectra are ill conditioned)."""
     try:
-        basis, good = backend.jit(xp, _cholesky_qr2)(xp, block)
+        basis, triangular, good = backend.jit(xp, _cholesky_qr2)(xp, block)
     except Exception:  # Cholesky failed (NumPy, torch raise): numerically rank deficient
         good = False
     else:
         good = backend.is_concrete(good) and bool(backend.stop_gradient(good))
     if good:
-        return basis
-    return backend.thin_qr(xp, block)[0]
+        return basis, triangular
+    return backend.thin_qr(xp, block)
 
 
-def _cholesky_qr2(xp: Any, block: Any) -> tuple[Any, Any]:
-    """Cholesky QR twice, and whether it worked: the first pass's Q^H Q within 0.1 of I
-    (then the second pass restores orthogonality to working precision) and no non-finite
-    entries (JAX's Cholesky returns NaN where others raise)."""
-    first = _cholesky_pass(xp, block, hermitian_transpose(block, xp) @ block)
+def _cholesky_qr2(xp: Any, block: Any) -> tuple[Any, Any, Any]:
+    """Cholesky QR twice, ``(Q, R, worked)``: worked when the first pass's Q^H Q is
+    within 0.1 of I (then the second pass restores orthogonality to working precision) and
+    no entry is non-finite (JAX's Cholesky returns NaN where others raise).
+
+    block = F L1^H and F = Q L2^H, so R = L2^H L1^H = (L1 L2)^H."""
+    first, lower_1 = _cholesky_pass(xp, block, hermitian_transpose(block, xp) @ block)
     gram = hermitian_transpose(first, xp) @ first
     k = gram.shape[0]
     eye = xp.eye(k, dtype=gram.dtype, device=backend.device_of(gram))
     close = xp.max(xp.abs(gram - eye)) < 0.1 if k else xp.asarray(True)
-    second = _cholesky_pass(xp, first, gram)
-    return second, close & xp.all(xp.isfinite(second))
+    second, lower_2 = _cholesky_pass(xp, first, gram)
+    triangular = hermitian_transpose(lower_1 @ lower_2, xp)
+    return second, triangular, close & xp.all(xp.isfinite(second))
 
 
-def _cholesky_pass(xp: Any, block: Any, gram: Any) -> Any:
-    """``block @ L^{-H}`` with ``L L^H = gram = block^H block``."""
+def _cholesky_pass(xp: Any, block: Any, gram: Any) -> tuple[Any, Any]:
+    """``(block @ L^{-H}, L)`` with ``L L^H = gram = block^H block``."""
     lower = xp.linalg.cholesky(gram)
-    return block @ hermitian_transpose(xp.linalg.inv(lower), xp)
+    return block @ hermitian_transpose(xp.linalg.inv(lower), xp), lower
 
 
 def extend_basis(basis: Any, block: Any, xp: Any) -> Any:
@@ -174,6 +183,7 @@ def xtrace_estimates(
     xp: Any,
     improved: bool = True,
     directions: Any = None,
+    triangular: Any = None,
 ) -> dict[str, Any]:
     """The XTrace leave-one-out estimates and the pseudo-values, from given products.
 
@@ -194,6 +204,9 @@ def xtrace_estimates(
         Rescale x_i to length sqrt(n - s + 1) (rotation-invariant probes only).
     directions : array (s, s), optional
         The downdate directions of ``Q^H Y`` for this very ``basis`` (computed if absent).
+    triangular : array (s, s), optional
+        ``R = Q^H Y`` for this very ``basis`` (computed if absent), e.g. from
+        :func:`orthonormal_factors`.
 
     Returns
     -------
@@ -202,7 +215,7 @@ def xtrace_estimates(
         ``stderr`` (honest), ``stderr_plain`` (std(t)/sqrt(s)).
     """
     program = backend.jit(xp, _xtrace_program, num_static=2)
-    out = program(xp, improved, probes, images, basis, basis_images, directions)
+    out = program(xp, improved, probes, images, basis, basis_images, directions, triangular)
     s = probes.shape[1]
     if s < 2:
         out.update(stderr=None, stderr_plain=None, dof=None)
@@ -219,10 +232,11 @@ def _xtrace_program(
     basis: Any,
     basis_images: Any,
     directions: Any,
+    triangular: Any,
 ) -> dict[str, Any]:
     """Everything after the products: estimates, pseudo-values and error terms (JAX
     compiles it as one program; eager JAX pays for every small operation)."""
-    r = hermitian_transpose(basis, xp) @ images  # Q^H Y
+    r = hermitian_transpose(basis, xp) @ images if triangular is None else triangular  # Q^H Y
     sdir = _downdate_directions(r, xp) if directions is None else directions
     estimates, pseudo = _xtrace_algebra(xp, improved, probes, images, basis, basis_images, r, sdir)
     s = probes.shape[1]
@@ -496,12 +510,12 @@ def xtrace_finish(
     n = operator.shape[0]
     product = blocked_matmat(operator, request)
     probes, images = state["probes"], state["images"]
-    basis = state.get("basis")
+    basis, triangular = state.get("basis"), None
     if basis is None:
-        basis = orthonormal_basis(images, xp)
+        basis, triangular = orthonormal_factors(images, xp)
     basis_images = product(basis)
     result = xtrace_estimates(
-        probes, images, basis, basis_images, xp, improved, state.get("directions")
+        probes, images, basis, basis_images, xp, improved, state.get("directions"), triangular
     )
     converged = None
     if request.adaptive:
