@@ -442,7 +442,9 @@ class RandomSource:
             import torch
 
             if dtype == torch.float64:  # float32 draws, widened (see the class notes)
-                narrow = torch.randn(shape, generator=state, dtype=torch.float32, device=self.device)
+                narrow = torch.randn(
+                    shape, generator=state, dtype=torch.float32, device=self.device
+                )
                 return narrow.to(dtype)
             return torch.randn(shape, generator=state, dtype=dtype, device=self.device)
         if kind == "jax":
