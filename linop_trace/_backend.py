@@ -448,13 +448,8 @@ class RandomSource:
                 return narrow.to(dtype)
             return torch.randn(shape, generator=state, dtype=dtype, device=self.device)
         if kind == "jax":
-            import jax
-            import jax.numpy as jnp
-
-            if dtype == jnp.float64:  # float32 draws, widened (see the class notes)
-                narrow = jax.random.normal(self._next_jax_key(), shape, dtype=jnp.float32)
-                return narrow.astype(dtype)
-            return jax.random.normal(self._next_jax_key(), shape, dtype=dtype)
+            self._state, values = _jax_normal(self._state, tuple(shape), dtype)
+            return values
         if kind == "cupy":
             return state.standard_normal(shape, dtype=dtype)
         values = state.standard_normal(shape)
@@ -475,7 +470,8 @@ class RandomSource:
             signs = bits.to(dtype)
             return signs.mul_(2).sub_(1)
         if kind == "jax":
-            return _jax_rademacher(self._next_jax_key(), tuple(shape), dtype)
+            self._state, values = _jax_rademacher(self._state, tuple(shape), dtype)
+            return values
         if kind == "cupy":
             return (2 * state.integers(0, 2, size=shape) - 1).astype(dtype)
         # One random bit per entry, from the generator's raw bytes: about 8x faster than
@@ -522,9 +518,40 @@ def _jax_rademacher_program() -> Callable[..., Any]:
     return jax.jit(signs, static_argnums=(1, 2))
 
 
-def _jax_rademacher(key: Any, shape: tuple[int, ...], dtype: Any) -> Any:
-    """+-1 entries from 32 random bits per word (one compiled program per shape)."""
-    return _jax_rademacher_program()(key, shape, dtype)
+@functools.lru_cache(maxsize=1)
+def _jax_programs() -> dict[str, Callable[..., Any]]:
+    """The compiled draws: ``(key, shape, dtype) -> (next key, values)``, the key split
+    inside (each eager JAX operation costs a dispatch and a fresh buffer)."""
+    import jax
+    import jax.numpy as jnp
+
+    def normal(state: Any, shape: tuple[int, ...], dtype: Any) -> tuple[Any, Any]:
+        state, key = jax.random.split(state)
+        if dtype == jnp.float64:  # float32 draws, widened (see RandomSource)
+            return state, jax.random.normal(key, shape, dtype=jnp.float32).astype(dtype)
+        return state, jax.random.normal(key, shape, dtype=dtype)
+
+    def rademacher(state: Any, shape: tuple[int, ...], dtype: Any) -> tuple[Any, Any]:
+        state, key = jax.random.split(state)
+        count = math.prod(shape)
+        words = jax.random.bits(key, (-(-count // 32),), dtype=jnp.uint32)
+        bits = (words[:, None] >> jnp.arange(32, dtype=jnp.uint32)) & 1
+        return state, 2 * bits.reshape(-1)[:count].reshape(shape).astype(dtype) - 1
+
+    return {
+        "normal": jax.jit(normal, static_argnums=(1, 2)),
+        "rademacher": jax.jit(rademacher, static_argnums=(1, 2)),
+    }
+
+
+def _jax_normal(state: Any, shape: tuple[int, ...], dtype: Any) -> tuple[Any, Any]:
+    """N(0, 1) entries drawn (and widened) in one compiled program: (next key, values)."""
+    return _jax_programs()["normal"](state, shape, dtype)
+
+
+def _jax_rademacher(state: Any, shape: tuple[int, ...], dtype: Any) -> tuple[Any, Any]:
+    """+-1 entries from 32 random bits per word, one compiled program: (next key, values)."""
+    return _jax_programs()["rademacher"](state, shape, dtype)
 
 
 def make_random_source(seed: Any, xp: Any, device: Any) -> RandomSource:
@@ -889,6 +916,23 @@ def is_concrete(x: Any) -> bool:
     import jax
 
     return not isinstance(x, jax.core.Tracer)
+
+
+def all_finite(xp: Any, x: Any) -> bool | None:
+    """Whether every entry of ``x`` is finite; ``None`` when ``x`` has no value yet (JAX
+    jit).
+
+    The sum first: one pass with no boolean ``(n, k)`` temporary (torch's entrywise test
+    takes 1.4 ms for 4000 x 100 entries, its sum 0.3 ms). A finite sum proves every entry
+    finite (a NaN or an infinity makes the sum NaN or infinite); only a sum that is not
+    finite, which finite entries can also give by overflowing, runs the entrywise test."""
+    with np.errstate(over="ignore", invalid="ignore"):  # NumPy's warnings: not the user's
+        total = stop_gradient(xp.sum(x))
+    if not is_concrete(total):
+        return None
+    if bool(xp.isfinite(total)):
+        return True
+    return bool(xp.all(xp.isfinite(stop_gradient(x))))
 
 
 def concrete_float(x: Any) -> float | None:

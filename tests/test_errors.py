@@ -128,6 +128,15 @@ def test_non_finite_matvec_raises_floating_point_error(dense_backend, bad):
     assert not np.isfinite(np.asarray(lt._backend.to_numpy(value))[1])
 
 
+def test_finite_products_whose_sum_overflows_pass_the_finite_check(dense_backend):
+    """The check sums the block first (one pass) and tests entries only when the sum is
+    not finite: four entries of 1.5e308 sum to inf, yet every one of them is finite."""
+    like = dense_backend.asarray(np.diag(np.full(4, 1.5e308)))
+    A = LinearOperator.from_callable(matmat=lambda X: like @ X, shape=(4, 4), like=like)
+    value = np.asarray(lt._backend.to_numpy(lt.row_sums(A).value))
+    np.testing.assert_array_equal(value, np.full(4, 1.5e308))
+
+
 def test_non_finite_stored_diagonal_raises(backend):
     values = np.eye(3)
     values[0, 0] = np.nan

@@ -69,9 +69,7 @@ class CountingMatmat:
         self.calls += 1
         self.columns += int(block.shape[1])
         if self.check_finite:
-            xp = self.operator.xp
-            finite = backend.stop_gradient(xp.all(xp.isfinite(out)))
-            if backend.is_concrete(finite) and not bool(finite):  # (JAX jit: unchecked)
+            if backend.all_finite(self.operator.xp, out) is False:  # (JAX jit: unchecked)
                 raise FloatingPointError(
                     f"the operator's matmat returned non-finite values (NaN or inf) for a "
                     f"block of {block.shape[1]} columns; pass check_finite=False to skip "
