@@ -505,20 +505,6 @@ class RandomSource:
 
 
 @functools.lru_cache(maxsize=1)
-def _jax_rademacher_program() -> Callable[..., Any]:
-    import jax
-    import jax.numpy as jnp
-
-    def signs(key: Any, shape: tuple[int, ...], dtype: Any) -> Any:
-        count = math.prod(shape)
-        words = jax.random.bits(key, (-(-count // 32),), dtype=jnp.uint32)
-        bits = (words[:, None] >> jnp.arange(32, dtype=jnp.uint32)) & 1
-        return 2 * bits.reshape(-1)[:count].reshape(shape).astype(dtype) - 1
-
-    return jax.jit(signs, static_argnums=(1, 2))
-
-
-@functools.lru_cache(maxsize=1)
 def _jax_programs() -> dict[str, Callable[..., Any]]:
     """The compiled draws: ``(key, shape, dtype) -> (next key, values)``, the key split
     inside (each eager JAX operation costs a dispatch and a fresh buffer)."""
