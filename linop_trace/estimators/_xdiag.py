@@ -402,10 +402,10 @@ def _algebra(xp: Any, probes: Any, basis: Any, triangular: Any, adjoint_basis: A
     step = -(-n // DOF_ENTRIES)  # the dofs of every step-th entry
     rows = max(CHUNK_ROWS_MIN, CHUNK_ENTRIES // max(count, 1))
     if n <= rows or backend.compiles_whole(xp):
-        out = _block(xp, small, probes, basis, adjoint_basis, step, 0)
-        dof_rows = out.pop("dof_rows")
-        out["dofs"] = None if dof_rows is None else _dofs(dof_rows, xp)
-        return out
+        whole = _block(xp, small, probes, basis, adjoint_basis, step, 0)
+        rows_of_dofs = whole.pop("dof_rows")
+        whole["dofs"] = None if rows_of_dofs is None else _dofs(rows_of_dofs, xp)
+        return whole
     dtype, device = probes.dtype, backend.device_of(probes)
     out: dict[str, Any] = {
         "estimates": xp.empty((n, count), dtype=dtype, device=device),
