@@ -34,22 +34,26 @@ REPEATS = 7
 
 PSD = ("symmetric", "positive_semidefinite")
 
-#: label: (quantity, method, tags, probe); probe None is the method's default. The
-#: Rademacher rows of XTrace and XNysTrace show what their default sphere probes (Gaussian
-#: draws, needed by the improved normalization) cost on top of the algebra.
-CASES: dict[str, tuple[str, str, tuple[str, ...], str | None]] = {
-    "hutchinson": ("trace", "hutchinson", (), None),
-    "hutch++": ("trace", "hutch++", (), None),
-    "na-hutch++": ("trace", "na-hutch++", (), None),
-    "na-hutch++ (symmetric)": ("trace", "na-hutch++", ("symmetric",), None),
-    "xtrace": ("trace", "xtrace", (), None),
-    "xtrace (rademacher)": ("trace", "xtrace", (), "rademacher"),
-    "xnystrace": ("trace", "xnystrace", PSD, None),
-    "xnystrace (rademacher)": ("trace", "xnystrace", PSD, "rademacher"),
-    "diagonal hutchinson": ("diagonal", "hutchinson", (), None),
-    "diag++": ("diagonal", "diag++", (), None),
-    "xdiag": ("diagonal", "xdiag", (), None),
-    "xdiag (symmetric)": ("diagonal", "xdiag", ("symmetric",), None),
+#: label: (quantity, method, tags, options); options {} is the registered method, else the
+#: estimator built with these arguments. The Rademacher rows of XTrace and XNysTrace show
+#: what their default sphere probes (Gaussian draws, needed by the improved normalization)
+#: cost on top of the algebra. On symmetric operators Diag++ and XDiag deflate both sides
+#: by default; the one-sided XDiag row is the paper's estimator on the same operator.
+CASES: dict[str, tuple[str, str, tuple[str, ...], dict[str, Any]]] = {
+    "hutchinson": ("trace", "hutchinson", (), {}),
+    "hutch++": ("trace", "hutch++", (), {}),
+    "na-hutch++": ("trace", "na-hutch++", (), {}),
+    "na-hutch++ (symmetric)": ("trace", "na-hutch++", ("symmetric",), {}),
+    "xtrace": ("trace", "xtrace", (), {}),
+    "xtrace (rademacher)": ("trace", "xtrace", (), {"probe": "rademacher"}),
+    "xnystrace": ("trace", "xnystrace", PSD, {}),
+    "xnystrace (rademacher)": ("trace", "xnystrace", PSD, {"probe": "rademacher"}),
+    "diagonal hutchinson": ("diagonal", "hutchinson", (), {}),
+    "diag++": ("diagonal", "diag++", (), {}),
+    "diag++ (symmetric)": ("diagonal", "diag++", ("symmetric",), {}),
+    "xdiag": ("diagonal", "xdiag", (), {}),
+    "xdiag (symmetric)": ("diagonal", "xdiag", ("symmetric",), {}),
+    "xdiag (symmetric, one-sided)": ("diagonal", "xdiag", ("symmetric",), {"two_sided": False}),
 }
 
 
@@ -87,11 +91,14 @@ def _call_pattern(operator: Any, quantity: str, method: Any) -> list[tuple[str, 
     return calls
 
 
-def _with_probe(method: str, probe: str) -> Any:
-    """The estimator object of a registered method with its probe fixed."""
-    from linop_trace.estimators import XNysTrace, XTrace
+def _estimator(method: str, options: dict[str, Any]) -> Any:
+    """The registered name, or its estimator class built with ``options``."""
+    if not options:
+        return method
+    from linop_trace.estimators import DiagPlusPlus, XDiag, XNysTrace, XTrace
 
-    return {"xtrace": XTrace, "xnystrace": XNysTrace}[method](probe=probe)
+    classes = {"xtrace": XTrace, "xnystrace": XNysTrace, "xdiag": XDiag, "diag++": DiagPlusPlus}
+    return classes[method](**options)
 
 
 class TrackOverhead:
@@ -104,10 +111,10 @@ class TrackOverhead:
     def setup(self, backend_name: str, case: str) -> None:
         pin_threads()
         self.backend = get_backend(backend_name, "cpu")
-        quantity, method, tags, probe = CASES[case]
+        quantity, method, tags, options = CASES[case]
         self.operator = linop_trace.aslinearoperator(self.backend.dense(_matrix(SIZE)), tags=tags)
         self.function = getattr(linop_trace, quantity)
-        self.method = method if probe is None else _with_probe(method, probe)
+        self.method = _estimator(method, options)
         pattern = _call_pattern(self.operator, quantity, self.method)
         self.blocks = [
             (kind, linop_trace.rademacher(self.operator, width, seed=1)) for kind, width in pattern

@@ -26,9 +26,10 @@ Hutchinson term sees (I - P) A (I - P) instead of (I - P) A. Where the sketch ha
 the dominant eigenvectors only approximately, the part of A they carry that P misses
 enters (I - P) A to first order but (I - P) A (I - P) to second order, so on decaying
 spectra the error is smaller at the same budget: on the XTrace paper's test matrices
-(n = 1000, Haar eigenvectors, 200 trials, max error / max|d|) by 1.5x (poly, m = 30 and
-99), 1.7x (poly, m = 300) and 1.7x / 3.2x (fastexp, m = 30 / 99); on the flat spectrum
-the two agree within 3% (docs/estimators/accuracy_table.rst has all cells). With
+(n = 1000, Haar eigenvectors, 200 trials, max error / max|d|) by 1.55x / 1.62x / 1.74x
+on poly (m = 30 / 99 / 300), 1.7x / 3.1x on fastexp (m = 30 / 99; both at round-off at
+300), 1.2x / 1.8x / 3.0x on slowexp and 2.3x on both step spectra at m = 300; on the flat
+spectrum the two agree within 4% (docs/estimators/accuracy_table.rst has all cells). With
 Z = A Q, M = Q^H Z, Zp = Z - Q M = (I - P) A Q, U = Q^H Omega and, per left-out set,
 the s x s projector Pi (s_i s_i^H for one probe, the rank-two one below for a pair),
 P = Q (I - Pi) Q^H, and row k of each estimate is
