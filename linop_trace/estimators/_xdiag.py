@@ -683,11 +683,11 @@ def _small_two_sided(xp: Any, triangular: Any, cross: Any, core: Any) -> dict:
     k12 = x11 * g12 + x12 * g11
     k22 = x21 * g12 + x22 * g11
     v_j, t_j = v_diag[None, :], t_diag[None, :]
-    nu_j = small["inverse_norms"][None, :]
+    shift_j = small["inverse_norms"][None, :]  # s_j^H r_j = 1 / nu_j
     phi1 = g11 * probes_down + g12 * v_j
     phi2 = g21 * probes_down + g11 * v_j
-    psi1 = g12 * nu_j - (g11 * core_probes + g12 * t_j) + k11 * probes_down + k12 * v_j
-    psi2 = g11 * nu_j - (g21 * core_probes + g11 * t_j) + conj(k12, xp) * probes_down + k22 * v_j
+    psi1 = g12 * shift_j - (g11 * core_probes + g12 * t_j) + k11 * probes_down + k12 * v_j
+    psi2 = g11 * shift_j - (g21 * core_probes + g11 * t_j) + conj(k12, xp) * probes_down + k22 * v_j
     small.update(
         core_downdate=xp.concat([core, downdate], axis=1),
         downdate_cross=xp.concat([downdate, cross], axis=1),
