@@ -382,6 +382,42 @@ def test_two_sided_needs_a_self_adjoint_operator(cls, name):
     assert repr(cls(two_sided=False)) == f"{cls.__name__}(two_sided=False)"
 
 
+@pytest.mark.parametrize(
+    ("cls", "spectrum", "bound"),
+    [
+        (XDiag, "poly", 0.5),
+        (DiagPlusPlus, "poly", 0.4),
+        (XDiag, "flat", 0.0),
+        (DiagPlusPlus, "flat", 0.0),
+    ],
+)
+def test_two_sided_deflation_is_more_accurate_on_decaying_spectra(cls, spectrum, bound):
+    """log(MSE one-sided / MSE two-sided) per seed, same probes, n = 300, m = 60, mean over
+    40 seeds above ``bound``. Measured over 100 seeds (mean, per-seed sd): XDiag poly 0.94,
+    0.12; Diag++ poly 0.76, 0.18; XDiag flat 0.072, 0.019; Diag++ flat 0.029, 0.020. The
+    standard error of a 40-seed mean is sd / sqrt(40) <= 0.029, so every bound is at least
+    9 of them below the measurement (flat: two-sided never worse)."""
+    A = test_matrix(spectrum, 300, seed=0)
+    d = np.diag(A)
+    operator = lt.aslinearoperator(A, tags=("symmetric",))
+    logs = []
+    for seed in range(40):
+        errors = [
+            np.mean(
+                (
+                    lt.diagonal(
+                        operator, method=cls(two_sided=flag), num_matvecs=60, seed=seed
+                    ).value
+                    - d
+                )
+                ** 2
+            )
+            for flag in (False, True)
+        ]
+        logs.append(math.log(errors[0] / errors[1]))
+    assert np.mean(logs) > bound, np.mean(logs)
+
+
 def test_missing_adjoint_is_a_clear_error():
     A = test_matrix("poly", 30)
     op = lt.LinearOperator.from_callable(matvec=lambda x: A @ x, shape=A.shape, dtype=A.dtype)
