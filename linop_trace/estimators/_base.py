@@ -229,3 +229,33 @@ def blocked_matmat(operator: LinearOperator, request: EstimationRequest) -> Call
     """``X -> A X`` through the request's counter in chunks of ``block_size`` columns."""
     xp = operator.xp
     return lambda block: apply_blocked(request.matmat, block, request.block_size, xp)
+
+
+# ------------------------------------------------------------- two-sided deflation
+def resolve_two_sided(adjoint: Any, two_sided: bool | None, method: str) -> bool:
+    """A core's ``two_sided`` choice: by default when A is self-adjoint (``adjoint is
+    None``); ``True`` with an adjoint raises ``ValueError`` naming ``method``."""
+    if two_sided is None:
+        return adjoint is None
+    if two_sided and adjoint is not None:
+        raise ValueError(f"two-sided {method} needs a self-adjoint operator (adjoint=None)")
+    return bool(two_sided)
+
+
+def check_two_sided_option(estimator: Estimator, adjoint: Any) -> None:
+    """The estimator-level error for ``two_sided=True`` on an operator not tagged
+    self-adjoint (``adjoint`` is its A^H product, ``None`` for self-adjoint ones)."""
+    if getattr(estimator, "two_sided", None) and adjoint is not None:
+        raise ValueError(
+            f"{type(estimator).__name__}(two_sided=True) needs an operator tagged "
+            "'symmetric' or 'hermitian'; use two_sided=None (the default) for others"
+        )
+
+
+def two_sided_low_rank_diagonal(basis: Any, image: Any, residual: Any, xp: Any) -> Any:
+    """diag(P A + A P - P A P), P = QQ^H, for self-adjoint A: with Z = A Q (``image``) and
+    Zp = (I - P) Z (``residual``) it is Re sum_l conj(Q_kl) (Z + Zp)_kl, in Q's dtype."""
+    diagonal = backend.row_inner(xp, basis, image + residual)
+    if backend.is_complex_dtype(xp, diagonal.dtype):
+        diagonal = xp.astype(xp.real(diagonal), diagonal.dtype)
+    return diagonal

@@ -24,7 +24,13 @@ from typing import Any
 from .. import _backend as backend
 from .._estimate import Estimate
 from .._operators import LinearOperator
-from ._base import EstimationRequest, Estimator
+from ._base import (
+    EstimationRequest,
+    Estimator,
+    check_two_sided_option,
+    resolve_two_sided,
+    two_sided_low_rank_diagonal,
+)
 from ._diagonal_hutchinson import UNIT_MODULUS_PROBES, RatioSamples, grow_until_met
 from ._hutchpp import (
     Matmat,
@@ -106,10 +112,7 @@ def diagpp_core(
     residual_basis : array (n, s) or None
         Two-sided: Zp = (I - P) A Q, for further residual samples; else ``None``.
     """
-    if two_sided is None:
-        two_sided = adjoint is None
-    elif two_sided and adjoint is not None:
-        raise ValueError("two-sided Diag++ needs a self-adjoint operator (adjoint=None)")
+    two_sided = resolve_two_sided(adjoint, two_sided, "Diag++")
     if adjoint is None:  # A Q (= A^H Q) and A G in the second call
         basis, _ = backend.thin_qr(xp, matmat(sketch))
         width = basis.shape[1]
@@ -126,10 +129,7 @@ def diagpp_core(
         core = hermitian_transpose(basis, xp) @ adjoint_basis  # M = Q^H A Q
         core = (core + hermitian_transpose(core, xp)) / 2
         residual_basis = adjoint_basis - basis @ core  # Zp = (I - P) A Q
-        # diag(P A + A P - P A P) = Re sum_l conj(Q_kl) (Z + Zp)_kl
-        low_rank_diagonal = backend.row_inner(xp, basis, adjoint_basis + residual_basis)
-        if backend.is_complex_dtype(xp, low_rank_diagonal.dtype):
-            low_rank_diagonal = xp.astype(xp.real(low_rank_diagonal), low_rank_diagonal.dtype)
+        low_rank_diagonal = two_sided_low_rank_diagonal(basis, adjoint_basis, residual_basis, xp)
     else:
         low_rank_diagonal = xp.sum(basis * conj(adjoint_basis, xp), axis=1)
     numerators, denominators = _residual_ratio_terms(
@@ -186,11 +186,7 @@ class DiagPlusPlus(Estimator):
         sketch_size, residual_size = hutchpp_split(request.num_matvecs)
         unit_modulus = request.probes.kind in UNIT_MODULUS_PROBES
         adjoint = adjoint_product(operator, request, self.name)
-        if self.two_sided and adjoint is not None:
-            raise ValueError(
-                "DiagPlusPlus(two_sided=True) needs an operator tagged 'symmetric' or "
-                "'hermitian'; use two_sided=None (the default) for others"
-            )
+        check_two_sided_option(self, adjoint)
         low_rank, numerators, denominators, basis, adjoint_basis, residual_basis = diagpp_core(
             matmat,
             adjoint,

@@ -131,7 +131,13 @@ from typing import Any
 from .. import _backend as backend
 from .._estimate import Estimate
 from .._operators import LinearOperator
-from ._base import EstimationRequest, Estimator
+from ._base import (
+    EstimationRequest,
+    Estimator,
+    check_two_sided_option,
+    resolve_two_sided,
+    two_sided_low_rank_diagonal,
+)
 from ._hutchpp import Matmat, adjoint_product, blocked_matmat, conj, hermitian_transpose
 from ._xtrace import orthonormal_factors
 
@@ -272,20 +278,11 @@ def xdiag_core(
     >>> estimates.shape, bool(np.allclose(estimates.mean(axis=1), np.diag(A)))
     ((50, 6), True)
     """
-    two_sided = _resolve_two_sided(adjoint, two_sided)
+    two_sided = resolve_two_sided(adjoint, two_sided, "XDiag")
     probes, basis, triangular, image = _products(matmat, adjoint, probes, xp)
     small = _small_for(xp, two_sided, probes, basis, triangular, image)
     parts = (_rows_two_sided if two_sided else _rows)(xp, small, probes, basis, image)
     return parts["estimates"], parts["low_rank_diagonal"]
-
-
-def _resolve_two_sided(adjoint: Matmat | None, two_sided: bool | None) -> bool:
-    """Two-sided for self-adjoint operators unless asked otherwise; never for others."""
-    if two_sided is None:
-        return adjoint is None
-    if two_sided and adjoint is not None:
-        raise ValueError("two-sided XDiag needs a self-adjoint operator (adjoint=None)")
-    return bool(two_sided)
 
 
 def _small_for(
@@ -463,7 +460,7 @@ def xdiag_estimates(
     >>> out["pseudo"].shape, bool(np.all(out["stderr"] >= out["stderr_plain"]))
     ((40, 10), True)
     """
-    two_sided = _resolve_two_sided(adjoint, two_sided)
+    two_sided = resolve_two_sided(adjoint, two_sided, "XDiag")
     out = backend.jit(xp, _algebra, num_static=2)(
         xp, two_sided, *_products(matmat, adjoint, probes, xp)
     )
@@ -622,11 +619,7 @@ class XDiag(Estimator):
     def diagonal(self, operator: LinearOperator, request: EstimationRequest) -> Estimate:
         xp = operator.xp
         adjoint = adjoint_product(operator, request, self.name)
-        if self.two_sided and adjoint is not None:
-            raise ValueError(
-                "XDiag(two_sided=True) needs an operator tagged 'symmetric' or 'hermitian'; "
-                "use two_sided=None (the default) for others"
-            )
+        check_two_sided_option(self, adjoint)
         if request.probes.kind not in ("rademacher", "steinhaus"):
             raise ValueError(
                 f"method 'xdiag' needs Rademacher (or unit-modulus) probes, got "
@@ -714,10 +707,7 @@ def _rows_two_sided(xp: Any, small: dict, probes: Any, basis: Any, image: Any) -
     both = residual @ small["downdate_cross"]  # [Zp S, Zp U]
     residual_down, residual_probes = both[:, :count], both[:, count:]  # Cp, Zp U
     probes_c = conj(probes, xp)
-    # diag(P A + A P - P A P) = Re sum_l conj(Q_kl) (Z + Zp)_kl
-    low_rank_diagonal = backend.row_inner(xp, basis, image + residual)
-    if backend.is_complex_dtype(xp, low_rank_diagonal.dtype):
-        low_rank_diagonal = xp.astype(xp.real(low_rank_diagonal), low_rank_diagonal.dtype)
+    low_rank_diagonal = two_sided_low_rank_diagonal(basis, image, residual, xp)
     coupled = basis_down * conj(residual_down, xp)  # B conj(Cp)
     coupled = coupled + conj(coupled, xp)  # 2 Re(B conj(Cp))
     square = basis_down * conj(basis_down, xp)  # |B|^2
