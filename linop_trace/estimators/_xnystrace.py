@@ -213,25 +213,40 @@ def _compiled(xp: Any, improved: bool, probes: Any, images: Any) -> tuple[Any, A
     return estimates, pseudo, evidence, terms
 
 
-def _shifted_gram(xp: Any, probes: Any, images: Any, nu: Any, factor: Any) -> Any:
-    """``F^H F`` with ``F = (Y + nu Omega) factor``.
+def _shifted_gram(
+    xp: Any, images: Any, factor: Any, gram: Any, nu: Any, lam: Any, clipped: Any
+) -> Any:
+    """``F^H F`` with ``F = (Y + nu Omega) G^H``, ``G^H`` = ``factor`` = V Lambda_c^{-1/2}.
 
-    Outside JAX, row block by row block: the shifted block and its product stay in cache,
-    and no (n, m) temporary is allocated (two of them, and their pages, cost about as much
-    as the product itself). JAX fuses the whole expression."""
-    n, m = probes.shape
-    shift = _as(nu, probes.dtype, xp)
+    Expanding Y_nu^H Y_nu = Y^H Y + nu (C + C^H) + nu^2 Omega^H Omega (C = Omega^H Y) and
+    using V^H (C_h + nu Omega^H Omega) V = Lambda (C_h the Hermitian part of C; Lambda_c
+    is Lambda clipped at the floor),
+
+        F^H F = F0^H F0 + 2 nu diag(Lambda / Lambda_c) - nu^2 G (Omega^H Omega) G^H,
+
+    F0 = Y G^H. Only F0 is formed from (n, m) arrays, as before (in the directions of tiny
+    eigenvalues its columns keep their relative accuracy, which Y^H Y would not); the
+    shift enters through (m, m) terms of size nu instead of an (n, m) sum. Outside JAX,
+    row block by row block, so F0 stays in cache and no (n, m) temporary is allocated;
+    JAX fuses the whole expression."""
+    n, m = images.shape
     rows = max(CHUNK_ROWS_MIN, CHUNK_ENTRIES // max(m, 1))
     if n <= rows or backend.compiles_whole(xp):
-        f = (images + shift * probes) @ factor
-        return hermitian_transpose(f, xp) @ f
-    total = None
-    for start in range(0, n, rows):
-        stop = min(start + rows, n)  # (the array API has no out-of-bounds slices)
-        f = (images[start:stop, :] + shift * probes[start:stop, :]) @ factor
-        part = hermitian_transpose(f, xp) @ f
-        total = part if total is None else total + part
-    return total
+        f = images @ factor
+        total = hermitian_transpose(f, xp) @ f
+    else:
+        total = None
+        for start in range(0, n, rows):
+            stop = min(start + rows, n)  # (the array API has no out-of-bounds slices)
+            f = images[start:stop, :] @ factor
+            part = hermitian_transpose(f, xp) @ f
+            total = part if total is None else total + part
+    ctype = images.dtype
+    shift = _as(nu, ctype, xp)
+    ratio = _as(lam / clipped, ctype, xp)
+    projected = hermitian_transpose(factor, xp) @ (gram @ factor)
+    eye = xp.eye(m, dtype=ctype, device=backend.device_of(total))
+    return total + (2 * shift) * (eye * ratio[None, :]) - (shift * shift) * projected
 
 
 def _nystrom_algebra(
@@ -249,12 +264,12 @@ def _nystrom_algebra(
     core: pure array algebra."""
     n, m = probes.shape
     ctype = probes.dtype
-    lam = xp.clip(lam, min=floor)
-    inv_sqrt = 1 / xp.sqrt(lam)
+    clipped = xp.clip(lam, min=floor)
+    inv_sqrt = 1 / xp.sqrt(clipped)
     factor = vec * _as(inv_sqrt, ctype, xp)[None, :]  # V Lambda^{-1/2}
     g = hermitian_transpose(factor, xp)  # G = Lambda^{-1/2} V^H, N = G^H G
     # L = F^H F with F = (Y + nu Omega) G^H: the A_nu-Nystrom approximation is F F^H
-    lmat = _shifted_gram(xp, probes, images, nu, factor)
+    lmat = _shifted_gram(xp, images, factor, gram, nu, lam, clipped)
     nmat = hermitian_transpose(g, xp) @ g  # N
     bmat = hermitian_transpose(g, xp) @ (lmat @ g)  # B = N K N
     n_d = _real(_diag(nmat, xp), xp)
