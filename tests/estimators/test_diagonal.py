@@ -480,3 +480,11 @@ def test_xdiag_row_blocks_match_one_block(backend, monkeypatch, two_sided):
             numpy_of(blocks[key]), numpy_of(whole[key]), rtol=1e-12, atol=1e-13
         )
     assert blocks["dof"] == whole["dof"]
+    # without the (n, s) samples (what XDiag asks for): the same numbers, in blocks too
+    lean = xdiag_estimates(lambda X: Ab @ X, adjoint, backend.asarray(W), backend.xp, samples=False)
+    assert "pseudo" not in lean or backend.name == "jax"  # JAX keeps them (see _algebra)
+    for key in ("low_rank_diagonal", "value", "stderr", "stderr_plain"):
+        np.testing.assert_allclose(
+            numpy_of(lean[key]), numpy_of(whole[key]), rtol=1e-12, atol=1e-13
+        )
+    assert lean["dof"] == whole["dof"]
