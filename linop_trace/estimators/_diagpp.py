@@ -155,8 +155,8 @@ class DiagPlusPlus(Estimator):
         For self-adjoint operators (the default, ``None``, decides by the tag): the exact
         part diag(PA + AP - PAP) and residual probes of (I - P) A (I - P), instead of
         diag(PA) and (I - P) A (module docstring). Same products, a few O(n s g) more
-        flops, smaller errors on decaying spectra, larger ones on diagonally dominant
-        matrices (see :class:`XDiag`). ``True`` on an operator not tagged self-adjoint
+        flops, smaller errors on decaying spectra, larger max errors where a varying
+        diagonal dominates its rows (see :class:`XDiag`). ``True`` on an operator not tagged self-adjoint
         raises ``ValueError``.
 
     Examples

@@ -599,9 +599,10 @@ class XDiag(Estimator):
         both sides, diag(PA + AP - PAP) plus Hutchinson on (I - P) A (I - P), instead of
         the paper's diag(PA) plus Hutchinson on (I - P) A. Same products, unbiased, and on
         decaying spectra 1.5-3x smaller errors at the same budget; its algebra costs about
-        twice as much (see the module docstring). On diagonally dominant matrices (graph
-        Laplacians) the one-sided form is more accurate: Rademacher probes see no
-        diagonal, and the right projection spreads the residual's diagonal over its rows. ``False`` gives the paper's estimator;
+        twice as much (see the module docstring). Where a varying diagonal dominates
+        its rows (graph Laplacians D - W) the one-sided form has the smaller max error:
+        Rademacher probes see no diagonal, and the right projection spreads the
+        residual's diagonal over its rows (docs/estimators/xdiag.rst). ``False`` gives the paper's estimator;
         ``True`` on an operator not tagged self-adjoint raises ``ValueError``.
 
     ``stderr`` is the honest elementwise error estimate: the covariance of the leave-one-out
