@@ -156,8 +156,8 @@ class DiagPlusPlus(Estimator):
         part diag(PA + AP - PAP) and residual probes of (I - P) A (I - P), instead of
         diag(PA) and (I - P) A (module docstring). Same products, a few O(n s g) more
         flops, smaller errors on decaying spectra, larger max errors where a varying
-        diagonal dominates its rows (see :class:`XDiag`). ``True`` on an operator not tagged self-adjoint
-        raises ``ValueError``.
+        diagonal dominates its rows (see :class:`XDiag`). ``True`` on an operator not
+        tagged self-adjoint raises ``ValueError``.
 
     Examples
     --------

@@ -448,9 +448,9 @@ def xdiag_estimates(
     -------
     dict
         ``estimates`` d^(i) (n, s) and ``pseudo`` the pseudo-values p_i (n, s) when
-        ``samples``; ``low_rank_diagonal`` (n,); ``value`` (n,); ``two_sided`` (bool); and for s >= 2
-        ``stderr``, ``stderr_plain``, ``dof`` (see :func:`elementwise_honest_error`),
-        else ``None``.
+        ``samples``; ``low_rank_diagonal`` (n,); ``value`` (n,); ``two_sided`` (bool);
+        and for s >= 2 ``stderr``, ``stderr_plain``, ``dof`` (see
+        :func:`elementwise_honest_error`), else ``None``.
 
     Examples
     --------
@@ -602,8 +602,9 @@ class XDiag(Estimator):
         twice as much (see the module docstring). Where a varying diagonal dominates
         its rows (graph Laplacians D - W) the one-sided form has the smaller max error:
         Rademacher probes see no diagonal, and the right projection spreads the
-        residual's diagonal over its rows (docs/estimators/xdiag.rst). ``False`` gives the paper's estimator;
-        ``True`` on an operator not tagged self-adjoint raises ``ValueError``.
+        residual's diagonal over its rows (docs/estimators/xdiag.rst). ``False`` gives
+        the paper's estimator; ``True`` on an operator not tagged self-adjoint raises
+        ``ValueError``.
 
     ``stderr`` is the honest elementwise error estimate: the covariance of the leave-one-out
     estimates d^(i) with their jackknife pseudo-values, entry by entry, floored at the plain
