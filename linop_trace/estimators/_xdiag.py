@@ -224,9 +224,7 @@ def _rows(xp: Any, small: dict, probes: Any, basis: Any, adjoint_basis: Any) -> 
     update = basis_down * weight  # B * E
     # diag(Q Z^H) (row_inner conjugates its first argument)
     low_rank_diagonal = backend.row_inner(xp, adjoint_basis, basis)
-    estimates = low_rank_diagonal[:, None] + update
     return {
-        "estimates": estimates,
         "update": update,
         "low_rank_diagonal": low_rank_diagonal,
         "basis_down": basis_down,
@@ -282,7 +280,7 @@ def xdiag_core(
     probes, basis, triangular, image = _products(matmat, adjoint, probes, xp)
     small = _small_for(xp, two_sided, probes, basis, triangular, image)
     parts = (_rows_two_sided if two_sided else _rows)(xp, small, probes, basis, image)
-    return parts["estimates"], parts["low_rank_diagonal"]
+    return parts["low_rank_diagonal"][:, None] + parts["update"], parts["low_rank_diagonal"]
 
 
 def _small_for(
@@ -307,7 +305,9 @@ def _pair_sums(parts: dict, small: dict, xp: Any) -> Any:
                         - B_i (E K^T)_i + ((B * E) Inv^T)_i,
 
     three (n, s) @ (s, s) products. Returned without the first term, the same in every
-    column, which the caller adds to an (n,) vector instead of an (n, s) array.
+    column, which the caller adds to an (n,) vector instead of an (n, s) array, and with
+    ``None`` for the (n,) rest that is the same in every column (see
+    :func:`_pair_sums_two_sided`).
     """
     basis_down = parts["basis_down"]  # B = Q S
     adjoint_down_c = parts["adjoint_down_c"]  # conj(C), C = Z S
@@ -320,10 +320,11 @@ def _pair_sums(parts: dict, small: dict, xp: Any) -> Any:
     # Pairs of parallel s_i, s_j (rare) take d^(j), and the term (number of valid pairs)
     # x diag(Q Z^H) is then not the same in every column.
     if small["parallel_t"] is not None:
-        pairs = pairs + parts["estimates"] @ small["parallel_t"]
+        estimates = parts["low_rank_diagonal"][:, None] + parts["update"]
+        pairs = pairs + estimates @ small["parallel_t"]
         offsets = small["count_offsets"][None, :]
         pairs = pairs + parts["low_rank_diagonal"][:, None] * offsets
-    return pairs
+    return pairs, None
 
 
 def _satterthwaite(products: Any, xp: Any) -> Any:
@@ -399,11 +400,26 @@ def _honest_error_and_dof_rows(
     """The stderrs, and as ``dof_rows`` the per-probe products (square, cross, floored) of
     the dof entries, for :func:`_dofs` (once over all row blocks: a dozen small array
     operations instead of a dozen per block)."""
-    n, s = estimates.shape
     deviation = estimates - xp.mean(estimates, axis=1)[:, None]
-    pseudo_deviation = pseudo - xp.mean(pseudo, axis=1)[:, None]
+    return _error_terms(deviation, -pseudo, xp, step, first)
+
+
+def _error_terms(
+    deviation: Any, pairs: Any, xp: Any, step: int | None = None, first: int = 0
+) -> dict[str, Any]:
+    """:func:`_honest_error_and_dof_rows` from the deviations d^(i) - mean_j d^(j) and any
+    ``pairs`` that differ from minus the pseudo-values by the same (n,) vector in every
+    column (the pseudo-values' deviations are then mean_j pairs_j - pairs_i).
+
+    With sum_i conj(dev_i) = 0 up to round-off, which the first term keeps, the cross sum
+    sum_i conj(dev_i) (p_i - pbar) is pbar' conj(sum_i dev_i) - sum_i conj(dev_i) pairs_i,
+    pbar' the row means of ``pairs``: no (n, s) temporary."""
+    n, s = deviation.shape
+    pair_mean = xp.mean(pairs, axis=1)
     complex_ = backend.is_complex_dtype(xp, deviation.dtype)
-    cross_sum = backend.row_inner(xp, deviation, pseudo_deviation)  # sum conj(dev) * pdev
+    cross_sum = pair_mean * conj(xp.sum(deviation, axis=1), xp) - backend.row_inner(
+        xp, deviation, pairs
+    )
     square_sum = backend.row_inner(xp, deviation, deviation)
     if complex_:
         cross_sum, square_sum = xp.real(cross_sum), xp.real(square_sum)
@@ -418,7 +434,7 @@ def _honest_error_and_dof_rows(
     if first >= n:  # no dof entry in this block
         return {**stderr, "dof_rows": None}
     deviation = deviation[first::step, :]
-    pseudo_deviation = pseudo_deviation[first::step, :]
+    pseudo_deviation = pair_mean[first::step][:, None] - pairs[first::step, :]
     cross = conj(deviation, xp) * pseudo_deviation
     square = conj(deviation, xp) * deviation
     if complex_:
@@ -498,14 +514,13 @@ def _algebra(
     small = _small_for(xp, two_sided, probes, basis, triangular, adjoint_basis)
     n, count = probes.shape
     step = -(-n // DOF_ENTRIES)  # the dofs of every step-th entry
-    rows = max(CHUNK_ROWS_MIN, CHUNK_ENTRIES // max(count, 1))
+    # the two-sided blocks hold about twice as many (rows, s) temporaries: half the rows
+    # keeps them in cache and below the allocator's trim threshold (whose page faults
+    # measurably cost more than the extra Python steps)
+    entries = CHUNK_ENTRIES // 2 if two_sided else CHUNK_ENTRIES
+    rows = max(CHUNK_ROWS_MIN, entries // max(count, 1))
     if n <= rows or backend.compiles_whole(xp):
-        whole = _block(xp, two_sided, small, probes, basis, adjoint_basis, step, 0)
-        # Under XLA the (n, s) outputs stay: as outputs they are computed once, while
-        # without them XLA fuses their producers into every consumer (measured: the
-        # two-sided XDiag at n = 4000, m = 100 goes from 1.28x to 1.54x its floor).
-        if not samples and not backend.compiles_whole(xp):
-            del whole["estimates"], whole["pseudo"]
+        whole = _block(xp, two_sided, small, probes, basis, adjoint_basis, step, 0, samples)
         rows_of_dofs = whole.pop("dof_rows")
         whole["dofs"] = None if rows_of_dofs is None else _dofs(rows_of_dofs, xp)
         return whole
@@ -534,6 +549,7 @@ def _algebra(
             adjoint_basis[start:stop, :],
             step,
             (-start) % step,
+            samples,
         )
         for key in out:
             out[key][start:stop, ...] = block[key]
@@ -558,28 +574,37 @@ def _block(
     adjoint_basis: Any,
     step: int,
     first: int,
+    samples: bool,
 ) -> dict:
-    """Estimates, pseudo-values and error estimates of a block of rows (entries); the
-    products for the dofs of the rows ``first, first + step, ...`` of the block."""
+    """Estimates, error estimates (and with ``samples`` the (n, s) estimates and
+    pseudo-values) of a block of rows (entries); the products for the dofs of the rows
+    ``first, first + step, ...`` of the block.
+
+    With d^(i) = low + u_i (``low`` the common low-rank diagonal) and the pair sums
+    sum_{j != i} d_j^(i) = (s - 1) low + c + pairs_i (c the part the same in every column),
+    p_i = sum_j d^(j) - sum_{j != i} d_j^(i) = low + sum_j u_j - c - pairs_i."""
     rows, pair_sums = (_rows_two_sided, _pair_sums_two_sided) if two_sided else (_rows, _pair_sums)
     parts = rows(xp, small, probes, basis, adjoint_basis)
-    estimates = parts["estimates"]
-    value = xp.mean(estimates, axis=1)
-    # p_i = d^(i) + sum_{j != i} (d^(j) - d_j^(i)) = sum_j d^(j) - sum_{j != i} d_j^(i)
-    count = estimates.shape[1]
-    common = xp.sum(estimates, axis=1) - (count - 1) * parts["low_rank_diagonal"]
-    pseudo = common[:, None] - pair_sums(parts, small, xp)
+    update, low = parts["update"], parts["low_rank_diagonal"]
+    pairs, constant = pair_sums(parts, small, xp)
+    count = update.shape[1]
+    update_mean = xp.mean(update, axis=1)
     out: dict[str, Any] = {
-        "estimates": estimates,
-        "pseudo": pseudo,
-        "low_rank_diagonal": parts["low_rank_diagonal"],
-        "value": value,
+        "low_rank_diagonal": low,
+        "value": low + update_mean,
         "stderr": None,
         "stderr_plain": None,
         "dof_rows": None,
     }
+    if samples:
+        common = low + xp.sum(update, axis=1)
+        if constant is not None:
+            common = common - constant
+        out["estimates"] = low[:, None] + update
+        out["value"] = xp.mean(out["estimates"], axis=1)  # exactly their mean
+        out["pseudo"] = common[:, None] - pairs
     if count > 1:
-        out.update(_honest_error_and_dof_rows(estimates, pseudo, xp, step, first))
+        out.update(_error_terms(update - update_mean[:, None], pairs, xp, step, first))
     return out
 
 
@@ -703,25 +728,44 @@ def _small_two_sided(xp: Any, triangular: Any, cross: Any, core: Any) -> dict:
     phi2 = g21 * probes_down + g11 * v_j
     psi1 = g12 * shift_j - (g11 * core_probes + g12 * t_j) + k11 * probes_down + k12 * v_j
     psi2 = g11 * shift_j - (g21 * core_probes + g11 * t_j) + conj(k12, xp) * probes_down + k22 * v_j
+    eye = xp.eye(downdate.shape[1], dtype=downdate.dtype, device=backend.device_of(core))
+    # The pair sums' own-column terms (weights r_i and sum_j K11_ij) as the diagonal of the
+    # coefficients of their row factors. In the terms -2 Re(.) a real operator's factor 2
+    # joins the coefficients; a complex one keeps -(x + conj(x)) (:func:`_pair_sums_two_sided`).
+    real = not backend.is_complex_dtype(xp, downdate.dtype)
+    twice = 2 if real else 1
+    left = xp.concat([-transpose(small["gram"] * g11), transpose(k12)], axis=0)
     small.update(
         core_downdate=xp.concat([core, downdate], axis=1),
         downdate_cross=xp.concat([downdate, cross], axis=1),
         own_square=n_diag,  # N_ii
         own_probe=v_diag,  # V_ii
         own_shift=small["inverse_norms"] - t_diag + n_diag * v_diag,
-        k11_sums=xp.sum(k11, axis=1),
-        pair_left=xp.concat([-transpose(small["gram"] * g11), transpose(k12)], axis=0),
-        pair_probes=xp.concat([transpose(phi1), transpose(psi1)], axis=1),
+        pair_left=left,
+        pair_basis=xp.concat([-twice * left, transpose(psi1)], axis=0),
+        pair_residual=xp.concat(
+            [
+                twice * small["coupling_h"] if real else conj(small["coupling_h"], xp),
+                transpose(phi1),
+            ],
+            axis=0,
+        ),
         pair_stacked=xp.concat(
-            [-transpose(g11), -transpose(k22), transpose(phi2), transpose(psi2)], axis=0
+            [
+                -transpose(g11) - eye * small["inverse_sums"][None, :],
+                -transpose(k22) - eye * xp.sum(k11, axis=1)[None, :],
+                transpose(phi2),
+                transpose(psi2),
+            ],
+            axis=0,
         ),
     )
     return small
 
 
 def _rows_two_sided(xp: Any, small: dict, probes: Any, basis: Any, image: Any) -> dict:
-    """The two-sided d^(i) of a block of rows, and the row pieces its pairs reuse
-    (``image`` = A Q)."""
+    """The updates d^(i) - diag(P A + A P - P A P) of a block of rows, that common low-rank
+    diagonal, and the row pieces the pairs reuse (``image`` = A Q)."""
     count = probes.shape[1]
     both = basis @ small["core_downdate"]  # [Q M, Q S]
     basis_down = both[:, count:]  # B = Q S
@@ -733,53 +777,56 @@ def _rows_two_sided(xp: Any, small: dict, probes: Any, basis: Any, image: Any) -
     coupled = basis_down * conj(residual_down, xp)  # B conj(Cp)
     coupled = coupled + conj(coupled, xp)  # 2 Re(B conj(Cp))
     square = basis_down * conj(basis_down, xp)  # |B|^2
-    hutchinson = probes_c * residual_probes  # conj(Omega) (Zp U), entrywise
+    probe_residual = probes_c * residual_down  # conj(Omega) Cp, entrywise
+    probe_basis = probes_c * basis_down  # conj(Omega) B
+    hutchinson = probes_c * residual_probes  # conj(Omega) (Zp U)
     update = (
-        probes_c
-        * (residual_down * small["own_probe"][None, :] + basis_down * small["own_shift"][None, :])
+        probe_residual * small["own_probe"][None, :]
+        + probe_basis * small["own_shift"][None, :]
         - hutchinson
         - coupled
         - square * small["own_square"][None, :]
     )
     return {
-        "estimates": low_rank_diagonal[:, None] + update,
+        "update": update,
         "low_rank_diagonal": low_rank_diagonal,
         "basis_down": basis_down,
         "residual_down": residual_down,
-        "coupled": coupled,
-        "square": square,
+        "stacked": xp.concat([coupled, square, probe_residual, probe_basis], axis=1),
         "hutchinson": hutchinson,
         "probes_c": probes_c,
     }
 
 
-def _pair_sums_two_sided(parts: dict, small: dict, xp: Any) -> Any:
+def _pair_sums_two_sided(parts: dict, small: dict, xp: Any) -> tuple[Any, Any]:
     """``sum_{j != i} d_j^(i)`` of the two-sided estimates, without (s - 1) times the
-    common low-rank diagonal: nine (n, s) @ (s, s) products, in four calls."""
+    common low-rank diagonal, as ``(pairs, constant)``: column i of ``pairs`` plus the
+    (n,) ``constant`` (the part the same in every column, -sum_j conj(w_j) (Zp U)_j).
+
+    Nine (n, s) @ (s, s) products in three calls (five more for complex operators). The
+    row factors of column i, B_i and Cp_i, multiply one product each: with T = [conj(Cp),
+    conj(B), conj(Omega)], B_i (T X_B)_i + Cp_i (T_{B, Omega} X_C)_i, where for a real
+    operator the terms -2 Re(.) have joined X_B and X_C (a complex one adds their
+    conjugate parts separately); the rest is [2 Re(B conj(Cp)), |B|^2, conj(Omega) Cp,
+    conj(Omega) B] times the stacked coefficients, whose diagonals carry the own-column
+    terms."""
     count = parts["basis_down"].shape[1]
     basis_down, residual_down = parts["basis_down"], parts["residual_down"]
-    residual_down_c, probes_c = conj(residual_down, xp), parts["probes_c"]
+    factors = xp.concat([conj(residual_down, xp), conj(basis_down, xp), parts["probes_c"]], axis=1)
     hutchinson = parts["hutchinson"]
-    # the terms that enter as -2 Re(.): sum_j of Q_k Pi_ij Zp_k^H and the cross term of
-    # Q_k Pi_ij M Pi_ij Q_k^H
-    left = xp.concat([residual_down_c, conj(basis_down, xp)], axis=1) @ small["pair_left"]
-    inner = basis_down * left - residual_down_c * (basis_down @ small["coupling_h"])
-    probe_terms = probes_c @ small["pair_probes"]  # [conj(Omega) Phi1^T, conj(Omega) Psi1^T]
-    stacked = xp.concat(
-        [parts["coupled"], parts["square"], probes_c * residual_down, probes_c * basis_down],
-        axis=1,
-    )
     pairs = (
-        stacked @ small["pair_stacked"]
-        - (inner + conj(inner, xp))
-        - parts["coupled"] * small["inverse_sums"][None, :]
-        - parts["square"] * small["k11_sums"][None, :]
-        - (xp.sum(hutchinson, axis=1)[:, None] - hutchinson)
-        + residual_down * probe_terms[:, :count]
-        + basis_down * probe_terms[:, count:]
+        parts["stacked"] @ small["pair_stacked"]
+        + hutchinson
+        + basis_down * (factors @ small["pair_basis"])
+        + residual_down * (factors[:, count:] @ small["pair_residual"])
     )
+    if backend.is_complex_dtype(xp, pairs.dtype):
+        left = factors[:, : 2 * count] @ small["pair_left"]
+        coupled = basis_down @ small["coupling_h"]
+        pairs = pairs + conj(residual_down * conj(coupled, xp) - basis_down * left, xp)
     if small["parallel_t"] is not None:
-        pairs = pairs + (parts["estimates"] + hutchinson) @ small["parallel_t"]
+        estimates = parts["low_rank_diagonal"][:, None] + parts["update"]
+        pairs = pairs + (estimates + hutchinson) @ small["parallel_t"]
         offsets = small["count_offsets"][None, :]
         pairs = pairs + parts["low_rank_diagonal"][:, None] * offsets
-    return pairs
+    return pairs, -xp.sum(hutchinson, axis=1)

@@ -52,15 +52,16 @@ def naive_xdiag(A, W, two_sided=False):
     return np.mean([naive_exchangeable(A, W, i, [i], two_sided) for i in range(s)], axis=0)
 
 
-def naive_xdiag_pseudo_values(A, W, two_sided=False):
+def naive_xdiag_pseudo_values(A, W, two_sided=False, parallel=()):
     """p_i = d^(i) + sum_{j != i} (d^(j) - d_j^(i)), d_j^(i) with probes i and j left out of
-    the sketch: s (s - 1) literal QR factorizations."""
+    the sketch: s (s - 1) literal QR factorizations; the pairs (i, j) in ``parallel`` take
+    d_j^(i) = d^(j) (the documented substitute where s_i is parallel to s_j)."""
     s = W.shape[1]
     single = np.stack([naive_exchangeable(A, W, j, [j], two_sided) for j in range(s)], axis=1)
     pseudo = single.copy()
     for i in range(s):
         for j in range(s):
-            if j != i:
+            if j != i and (i, j) not in parallel:
                 pseudo[:, i] += single[:, j] - naive_exchangeable(A, W, j, [i, j], two_sided)
     return single, pseudo
 
@@ -164,6 +165,26 @@ def test_xdiag_pseudo_values_and_stderr_match_literal_pairs(complex_, self_adjoi
     np.testing.assert_allclose(out["stderr"] ** 2, np.maximum(cross, square) / 42, rtol=1e-10)
     np.testing.assert_allclose(out["stderr_plain"] ** 2, square / 42, rtol=1e-12)
     assert isinstance(out["dof"], int) and 2 <= out["dof"] <= 6
+
+
+@pytest.mark.parametrize("complex_", [False, True])
+@pytest.mark.parametrize("two_sided", [False, True])
+def test_xdiag_equal_probes_take_the_single_estimate_in_their_pair(complex_, two_sided):
+    # Two equal probes make s_0 parallel to s_3 (Y has two equal columns): that pair takes
+    # d_3^(0) = d^(3) and d_0^(3) = d^(0), every other pair the rank-two downdate.
+    A, rng = random_problem(7, n=24, complex_=complex_)
+    A = A + A.conj().T
+    W = np.exp(2j * np.pi * rng.random((24, 7))) if complex_ else rng.choice([-1.0, 1.0], (24, 7))
+    W[:, 3] = W[:, 0]
+    adjoint = None if two_sided else (lambda X: A.conj().T @ X)
+    out = xdiag_estimates(lambda X: A @ X, adjoint, W, npx, two_sided=two_sided)
+    single, pseudo = naive_xdiag_pseudo_values(A, W, two_sided, parallel={(0, 3), (3, 0)})
+    scale = np.abs(pseudo).max()
+    np.testing.assert_allclose(out["estimates"], single, rtol=0, atol=1e-10 * scale)
+    np.testing.assert_allclose(out["pseudo"], pseudo, rtol=0, atol=1e-10 * scale)
+    # without the substitute the pair would differ (the substitute is not the limit)
+    _, literal = naive_xdiag_pseudo_values(A, W, two_sided)
+    assert np.abs(literal - pseudo).max() > 1e-6 * scale
 
 
 @pytest.mark.parametrize("two_sided", [False, True])
