@@ -2,8 +2,9 @@
 
 The two-sided deflation wins on the XTrace paper's test matrices (Haar eigenvectors, so
 no dominant diagonal). These are other kinds: kernel matrices and a resolvent (decaying
-spectra), graph Laplacians with constant diagonal, and combinatorial Laplacians D - W
-whose diagonal (the degrees) varies and dominates each row. Rademacher probes see no
+spectra), graph Laplacians with constant diagonal, combinatorial Laplacians D - W
+whose diagonal (the degrees) varies and dominates each row, and the loss Hessian of a
+small MLP on the digits (the gallery's; needs torch). Rademacher probes see no
 diagonal, so the one-sided residual (I - P) A keeps its diagonal for free, while the
 right projection of (I - P) A (I - P) spreads A_kk over row k (about A_kk^2 ||P e_k||^2
 of extra variance): high-degree vertices get larger errors.
@@ -54,6 +55,20 @@ def matrices() -> Iterator[tuple[str, Any]]:
     yield "Barabasi-Albert Laplacian", sp.csr_array(nx.laplacian_matrix(hubs).astype(float))
     grid = nx.grid_2d_graph(40, 50)
     yield "40 x 50 grid Laplacian", sp.csr_array(nx.laplacian_matrix(grid).astype(float))
+    yield "digits MLP loss Hessian", _mlp_hessian()
+
+
+def _mlp_hessian() -> np.ndarray:
+    """The loss Hessian of the gallery's digits MLP (1,480 weights, batch 256), dense,
+    from 1,480 Hessian-vector products: indefinite, without a dominant diagonal."""
+    import torch
+
+    from linop_trace.autodiff._examples import digits_mlp_problem
+
+    torch.set_num_threads(1)
+    model, loss_fn, data = digits_mlp_problem(batch_size=256, dtype=torch.float64)
+    hessian = linop_trace.hessian(model, loss_fn, data)
+    return hessian.matmat(torch.eye(hessian.shape[0], dtype=torch.float64)).numpy()
 
 
 def main() -> None:
