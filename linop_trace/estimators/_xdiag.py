@@ -372,9 +372,21 @@ def elementwise_honest_error(estimates: Any, pseudo: Any, xp: Any) -> dict[str, 
     ([0.816496580927726, 0.0], [0.5773502691896257, 0.0], 2)
     """
     out = _honest_error_and_dofs(estimates, pseudo, xp)
-    dofs = out.pop("dofs")
-    out["dof"] = int(math.floor(float(xp.sort(dofs)[(dofs.shape[0] - 1) // 2])))
+    out["dof"] = median_dof(out.pop("dofs"), xp, estimates.shape[1] - 1)
     return out
+
+
+def median_dof(dofs: Any, xp: Any, default: int) -> int:
+    """The reported dof: the median of the entries' dofs (the lower one for an even
+    count), rounded down; ``default`` when it has no concrete value (JAX jit).
+
+    >>> import array_api_compat.numpy as xp
+    >>> import numpy as np
+    >>> median_dof(np.array([5.5, 2.5, 4.5, 3.5]), xp, 9)
+    3
+    """
+    median = backend.concrete_float(xp.sort(dofs)[(dofs.shape[0] - 1) // 2])
+    return int(math.floor(median)) if median is not None else default
 
 
 def _honest_error_and_dofs(
@@ -486,11 +498,7 @@ def xdiag_estimates(
     )
     out["two_sided"] = two_sided
     dofs = out.pop("dofs")
-    out["dof"] = None
-    if dofs is not None:
-        # the median over the entries (the lower one for an even count), rounded down
-        median = backend.concrete_float(xp.sort(dofs)[(dofs.shape[0] - 1) // 2])
-        out["dof"] = int(math.floor(median)) if median is not None else probes.shape[1] - 1
+    out["dof"] = None if dofs is None else median_dof(dofs, xp, probes.shape[1] - 1)
     return out
 
 

@@ -14,7 +14,11 @@ from scipy import stats
 
 import linop_trace as lt
 from linop_trace._testing import test_matrix
-from linop_trace.estimators._hutchpp import _SketchState, predicted_residual_probes
+from linop_trace.estimators._hutchpp import (
+    _cost_stopped_falling,
+    _SketchState,
+    predicted_residual_probes,
+)
 
 
 class CountingOperator:
@@ -47,6 +51,37 @@ def test_predicted_probes_meet_the_target_with_the_t_quantile(variance, target):
     assert half_width == pytest.approx(target, rel=1e-2)
     assert predicted_residual_probes(0.0, target, 0.95) == 2.0
     assert predicted_residual_probes(variance, 0.0, 0.95) == math.inf
+
+
+def test_predicted_probes_take_one_t_step_from_the_normal_guess():
+    # few probes, where t_{l-1} and the normal quantile differ: variance 1, target 0.8
+    # gives l0 = (1.96 / 0.8)^2 = 6.0 and then l = (t_{l0 - 1} / 0.8)^2
+    first = stats.norm.ppf(0.975) ** 2 / 0.8**2
+    expected = stats.t.ppf(0.975, first - 1) ** 2 / 0.8**2
+    assert predicted_residual_probes(1.0, 0.8, 0.95) == pytest.approx(expected, rel=1e-12)
+    assert predicted_residual_probes(1.0, 0.8, 0.95) != pytest.approx(
+        stats.t.ppf(0.975, first) ** 2 / 0.8**2, rel=1e-3
+    )
+
+
+class _Path:
+    """The fields of the sketch state that the stopping rule reads."""
+
+    def __init__(self, path, frobenius, first_block=0):
+        self.path, self.frobenius, self.first_block = path, frobenius, first_block
+
+
+def test_sketch_growth_stops_when_the_total_cost_stops_falling():
+    # cost 2 r + l(r), l(r_prev) = l(r) F_prev / F_r: growing 10 -> 20 costs 2 * 10 = 20
+    # columns and saved l(r) (F_prev / F_r - 1) residual probes
+    assert _cost_stopped_falling(_Path([(10, 40.0), (20, 30.0)], [1.5, 1.0]), 4)  # 20 >= 15
+    assert not _cost_stopped_falling(_Path([(10, 40.0), (20, 30.0)], [2.0, 1.0]), 4)  # < 30
+    assert not _cost_stopped_falling(_Path([(10, 40.0), (20, 30.0)], [None, 1.0]), 4)
+    # from r = 0 the sample variances must agree too, and the first block be large enough
+    start = [(0, 60.0), (10, 40.0)]
+    assert _cost_stopped_falling(_Path(start, [1.5, 1.0], first_block=5), 4)  # 20 >= 20, 60 >= 60
+    assert not _cost_stopped_falling(_Path(start, [1.5, 1.0], first_block=3), 4)
+    assert not _cost_stopped_falling(_Path([(0, 61.0), (10, 40.0)], [1.5, 1.0], 5), 4)
 
 
 @pytest.mark.parametrize("complex_", [False, True])

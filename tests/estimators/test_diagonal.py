@@ -3,21 +3,25 @@
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import array_api_compat.numpy as npx
 import numpy as np
 import pytest
 from conftest import numpy_of
+from scipy import stats
 
 import linop_trace as lt
 from linop_trace._testing import test_matrix
 from linop_trace.estimators import DiagPlusPlus, XDiag
 from linop_trace.estimators._diagonal_hutchinson import (
     diagonal_hutchinson_samples,
+    diagonal_interval_met,
+    grow_until_met,
     ratio_mean_and_stderr,
 )
 from linop_trace.estimators._diagpp import diagpp_core, diagpp_residual_samples
-from linop_trace.estimators._xdiag import xdiag_core, xdiag_estimates
+from linop_trace.estimators._xdiag import median_dof, xdiag_core, xdiag_estimates
 
 
 # ------------------------------------------------------------------ naive references
@@ -102,16 +106,20 @@ def test_bekas_core_matches_naive_reference(probe):
 @pytest.mark.parametrize(
     ("self_adjoint", "two_sided"), [(False, False), (True, False), (True, True)]
 )
-@pytest.mark.parametrize("probe", ["rademacher", "gaussian"])
+@pytest.mark.parametrize("probe", ["rademacher", "gaussian", "steinhaus"])
 def test_diagpp_core_matches_naive_reference(complex_, self_adjoint, two_sided, probe):
+    if probe == "steinhaus" and not complex_:
+        pytest.skip("unit-modulus probes are complex")
     A, rng = random_problem(2, complex_=complex_)
     if self_adjoint:
         A = A + A.conj().T
     S = rng.choice([-1.0, 1.0], size=(30, 6))
     if probe == "rademacher":
         G = rng.choice([-1.0, 1.0], size=(30, 8))
-    else:
-        G = rng.standard_normal((30, 8))
+    elif probe == "steinhaus":
+        G = np.exp(2j * np.pi * rng.random((30, 8)))
+    else:  # complex Gaussian probes on complex operators (conj(g) * (R g) / |g|^2)
+        G = rng.standard_normal((30, 8)) + (1j * rng.standard_normal((30, 8)) if complex_ else 0)
     adjoint = None if self_adjoint else (lambda X: A.conj().T @ X)
     low, y, x, Q, Z, Zp = diagpp_core(lambda X: A @ X, adjoint, S, G, npx, two_sided=two_sided)
     assert (Zp is not None) is two_sided
@@ -164,7 +172,20 @@ def test_xdiag_pseudo_values_and_stderr_match_literal_pairs(complex_, self_adjoi
     square = (np.abs(dev) ** 2).sum(1)
     np.testing.assert_allclose(out["stderr"] ** 2, np.maximum(cross, square) / 42, rtol=1e-10)
     np.testing.assert_allclose(out["stderr_plain"] ** 2, square / 42, rtol=1e-12)
-    assert isinstance(out["dof"], int) and 2 <= out["dof"] <= 6
+    # dof: per entry Satterthwaite's 2 s mean(c)^2 / var(c) of the products c it uses
+    # (cross, or squares where floored), clipped to [2, s - 1]; the lower median, rounded down
+    products = np.real(dev.conj() * (pseudo - pseudo.mean(1, keepdims=True)))
+    products = np.where((cross < square)[:, None], np.abs(dev) ** 2, products)
+    mean, spread = products.mean(1), products.var(1, ddof=1)
+    dofs = np.clip(2 * 7 * mean**2 / spread, 2, 6)
+    assert isinstance(out["dof"], int)
+    assert out["dof"] == math.floor(np.sort(dofs)[(dofs.size - 1) // 2])
+
+
+def test_xdiag_reports_the_lower_median_dof_rounded_down():
+    assert median_dof(np.array([5.5, 2.5, 4.5, 3.5]), npx, 9) == 3  # lower median 3.5
+    assert median_dof(np.array([6.9, 2.0, 4.2]), npx, 9) == 4
+    assert median_dof(np.array([7.0]), npx, 9) == 7
 
 
 @pytest.mark.parametrize("complex_", [False, True])
@@ -459,8 +480,58 @@ def test_adaptive_meets_the_tolerance(method):
     assert est.converged is True and est.num_matvecs <= 4000
     half = est.quantile(0.95) * np.max(est.stderr)
     assert half <= 0.05 * np.max(np.abs(est.value))
+    probes = est.info["num_probes" if method == "hutchinson" else "num_residual_probes"]
+    assert est.dof == probes - 1  # the per-entry samples' t dof
     est = lt.diagonal(A, method=method, num_matvecs=30, rtol=1e-8, max_matvecs=90, seed=0)
     assert est.converged is False and est.num_matvecs == 90
+    fixed = lt.diagonal(A, method=method, num_matvecs=30, seed=0)
+    probes = fixed.info["num_probes" if method == "hutchinson" else "num_residual_probes"]
+    assert fixed.dof == probes - 1
+
+
+def _request(rtol=None, atol=None, confidence=0.95, **more):
+    """The fields of an EstimationRequest that the diagonal stopping rule reads."""
+    return SimpleNamespace(rtol=rtol, atol=atol, confidence=confidence, **more)
+
+
+def test_diagonal_tolerance_is_relative_to_the_largest_entry():
+    # met when t_{dof} max(stderr) <= max(atol, rtol max|d|): here 2.009 * 0.04 = 0.080
+    value, stderr = np.array([10.0, 0.1]), np.array([0.04, 0.02])
+    assert diagonal_interval_met(value, stderr, 50, _request(rtol=1e-2))  # target 0.1
+    assert not diagonal_interval_met(value, stderr, 50, _request(rtol=7e-3))  # 0.07
+    assert diagonal_interval_met(value, stderr, 50, _request(rtol=1e-3, atol=0.081))
+    assert not diagonal_interval_met(value, stderr, 50, _request())  # no tolerance: target 0
+    # the dof enters through the t quantile: target between t_3 * 0.04 and t_4 * 0.04
+    target = 0.04 * (stats.t.ppf(0.975, 3) + stats.t.ppf(0.975, 4)) / 2
+    assert not diagonal_interval_met(value, stderr, 3, _request(atol=target))
+    assert diagonal_interval_met(value, stderr, 4, _request(atol=target))
+
+
+def test_diagonal_growth_tests_the_interval_with_probes_minus_one_dof():
+    # four probes whose interval meets the target with 4 dof but not with the right 3:
+    # one more block (doubling: 4 probes) is drawn, and then it is met
+    target = 0.04 * (stats.t.ppf(0.975, 3) + stats.t.ppf(0.975, 4)) / 2
+    blocks = []
+
+    class Samples:
+        def estimate(self):
+            count = 4 + sum(blocks)
+            return np.array([10.0]), np.array([0.04 * math.sqrt(4 / count)]), count
+
+        def add(self, numerators, denominators):
+            pass
+
+    def draw(width):
+        blocks.append(width)
+        columns.columns += width
+        return None, None
+
+    columns = SimpleNamespace(columns=4)
+    request = _request(
+        atol=target, adaptive=True, max_matvecs=100, num_matvecs=4, block_size=64, matmat=columns
+    )
+    assert grow_until_met(Samples(), request, draw) is True
+    assert blocks == [4]
 
 
 def test_complex_low_rank_is_exact_every_backend(backend):

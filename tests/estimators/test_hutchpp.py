@@ -87,6 +87,8 @@ def test_budget_splits_never_exceed_the_budget(m):
     right, left, residual = na_hutchpp_split(m)
     assert min(right, left, residual) >= 1 and right + left + residual == m
     assert hutchpp_split(100) == (34, 32) and hutchpp_split(20) == (7, 6)
+    # NA-Hutch++: 1/6, 1/3, 1/2 (the left sketch twice the right one)
+    assert na_hutchpp_split(60) == (10, 20, 30) and na_hutchpp_split(12) == (2, 4, 6)
 
 
 # ------------------------------------------------------------ every backend: exactness

@@ -13,7 +13,12 @@ from scipy import stats
 import linop_trace as lt
 from linop_trace._testing import test_matrix
 from linop_trace.estimators import XTrace
-from linop_trace.estimators._xtrace import extend_basis, xtrace_core, xtrace_estimates
+from linop_trace.estimators._xtrace import (
+    extend_basis,
+    satterthwaite_dof,
+    xtrace_core,
+    xtrace_estimates,
+)
 
 
 # ------------------------------------------------------------------ naive references
@@ -65,6 +70,21 @@ def test_core_matches_naive_reference(seed, complex_, improved):
     cross = np.sum(np.real(np.conj(t - t.mean()) * (p - p.mean()))) / (s * (s - 1))
     assert math.isclose(float(out["stderr_plain"]), plain, rel_tol=1e-12)
     assert math.isclose(float(out["stderr"]), math.sqrt(max(cross, plain**2)), rel_tol=1e-12)
+    # the usual jackknife, kept for comparison: sqrt(var(p) / s), var with s - 1
+    jackknife = np.sqrt(np.sum(np.abs(p - p.mean()) ** 2) / (s * (s - 1)))
+    assert math.isclose(float(out["stderr_jackknife"]), jackknife, rel_tol=1e-12)
+
+
+def test_satterthwaite_dof_is_clipped_to_two_and_s_minus_one():
+    # 2 s mean^2 / spread, rounded down, inside [2, s - 1]
+    assert satterthwaite_dof(10, 1.0, 2.0) == 9  # 10, clipped at s - 1
+    assert satterthwaite_dof(10, 1.0, 0.01) == 9  # 2000, clipped at s - 1
+    assert satterthwaite_dof(10, 1.0, 4.0) == 5  # exactly 2 * 10 / 4
+    assert satterthwaite_dof(10, 1.0, 3.0) == 6  # 6.67, rounded down
+    assert satterthwaite_dof(10, 0.1, 10.0) == 2  # 0.02, clipped at 2
+    assert satterthwaite_dof(10, -1.0, 1.0) == 2  # a negative mean: the floor
+    assert satterthwaite_dof(10, 1.0, 0.0) == 9  # constant products
+    assert satterthwaite_dof(2, 1.0, 1.0) == 1  # s < 3: s - 1
 
 
 def test_estimates_do_not_depend_on_the_basis():
