@@ -52,6 +52,21 @@ def test_chooses_by_spectrum_without_wasting_columns(spectrum, method):
     assert better == method
 
 
+@pytest.mark.parametrize(("num_matvecs", "max_matvecs", "first"), [(10, 150, 16), (10, 20, 10)])
+def test_adaptive_auto_starts_with_a_useful_sketch(num_matvecs, max_matvecs, first):
+    # with a tolerance the first block is half of max(num_matvecs, min(32, max_matvecs))
+    # (max_matvecs < n = 200, else the exact trace is cheaper)
+    log = []
+    lt.trace(
+        implicit(test_matrix("flat", 200), log),
+        num_matvecs=num_matvecs,
+        rtol=1e-3,
+        max_matvecs=max_matvecs,
+        seed=0,
+    )
+    assert log[0] == first
+
+
 def naive_predictions(A, Om, m):
     """Hutchinson: var(w_i^T A w_i) / m. XTrace: 2 mean_i |(I - P_i)(A - mu I) w_i|^2 / s."""
     n, s = Om.shape

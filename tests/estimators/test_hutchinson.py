@@ -16,6 +16,7 @@ from linop_trace.estimators import Estimator
 from linop_trace.estimators._hutchinson import (
     edgeworth_quantile,
     hutchinson_trace_samples,
+    interval_quantile,
     sample_shape,
 )
 
@@ -138,6 +139,57 @@ def test_edgeworth_quantile():
     rng = np.random.default_rng(0)
     skew, kurt = sample_shape(rng.chisquare(1, 200000), npx)
     assert skew == pytest.approx(math.sqrt(8), rel=0.05) and kurt == pytest.approx(12, rel=0.15)
+    # the small-sample corrections: scipy's unbiased G1 and G2, same sample, m = 10
+    x = rng.chisquare(2, 10)
+    skew, kurt = sample_shape(x, npx)
+    assert skew == pytest.approx(stats.skew(x, bias=False), rel=1e-12)
+    assert kurt == pytest.approx(stats.kurtosis(x, bias=False), rel=1e-12)
+    # the correction written out (Hall 1992): t - z [K (z^2 - 3) / 12
+    #                                               - S^2 (z^4 + 2 z^2 - 3) / 18] / m
+    z = stats.norm.ppf(0.975)
+    for skewness, kurtosis in ((2.0, 6.0), (0.0, 6.0), (1.0, -1.0)):
+        shape = kurtosis * (z**2 - 3) / 12 - skewness**2 * (z**4 + 2 * z**2 - 3) / 18
+        expected = max(t - z * shape / 60, z)
+        assert edgeworth_quantile(t, 0.95, 60, skewness, kurtosis) == pytest.approx(
+            expected, rel=1e-12
+        )
+
+
+@pytest.mark.parametrize("m", [5, 8])
+def test_reported_quantile_is_the_shape_corrected_t_of_its_samples(m):
+    est = lt.trace(test_matrix("poly", 60, seed=2), method="hutchinson", num_matvecs=m, seed=1)
+    x = numpy_of(est.info["samples"])
+    base = stats.t.ppf(0.975, m - 1)
+    skew, kurt = stats.skew(x, bias=False), stats.kurtosis(x, bias=False)
+    assert est.dof == m - 1
+    assert est.quantile(0.95) == pytest.approx(
+        edgeworth_quantile(base, 0.95, m, skew, kurt), rel=1e-10
+    )
+    assert interval_quantile(est.info["samples"], 0.95, npx) == pytest.approx(
+        est.quantile(0.95), rel=1e-12
+    )
+
+
+def test_adaptive_hutchinson_doubles_its_probes_within_the_cap():
+    op, log = counting_operator(test_matrix("flat", 80, seed=0))
+    widths = []
+    matmat = op.matmat
+    est = lt.trace(
+        lt.LinearOperator.from_callable(
+            matvec=op.matvec,
+            matmat=lambda X: (widths.append(X.shape[1]), matmat(X))[1],
+            shape=op.shape,
+            dtype=op.dtype,
+        ),
+        method="hutchinson",
+        num_matvecs=10,
+        rtol=1e-9,
+        max_matvecs=150,
+        block_size=1000,
+        seed=0,
+    )
+    assert widths == [10, 10, 20, 40, 70]  # doubling the probes so far, then the cap
+    assert est.converged is False and est.num_matvecs == 150
 
 
 # ---------------------------------------------------------------------- batching
