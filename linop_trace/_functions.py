@@ -284,7 +284,8 @@ def frobenius_norm_squared(
     Returns
     -------
     Estimate
-        Real 0-d ``value`` and ``stderr``; ``method`` is ``"hutchinson"``.
+        Real 0-d ``value`` and ``stderr``; ``method`` is ``"hutchinson"``; its interval is
+        Hutchinson's shape-corrected t-interval (the samples ``||A z||^2`` are skewed).
 
     Examples
     --------
@@ -295,7 +296,7 @@ def frobenius_norm_squared(
     >>> float(est.value) > 0, round(float(np.sum(A**2)), 1)
     (True, 56.0)
     """
-    from .estimators._hutchinson import mean_and_stderr
+    from .estimators._hutchinson import SampleMeanEstimate, mean_and_stderr, sample_shape
 
     operator = aslinearoperator(A)
     xp = operator.xp
@@ -314,11 +315,15 @@ def frobenius_norm_squared(
         samples.append(xp.sum(square, axis=0))
     drawn = samples[0] if len(samples) == 1 else xp.concat(samples)
     value, stderr = mean_and_stderr(drawn, xp)
-    return Estimate(
+    # the samples |A z|^2 are skewed: the interval is Hutchinson's shape-corrected t one
+    skewness, kurtosis = sample_shape(drawn, xp)
+    return SampleMeanEstimate(
         value,
         stderr,
         counter.columns,
         "hutchinson",
         dof=num_matvecs - 1 if num_matvecs > 1 else None,
         info={"probe": probe, "samples": drawn},
+        skewness=skewness,
+        kurtosis=kurtosis,
     )

@@ -168,6 +168,9 @@ def test_budget_too_small_is_named():
 def test_bad_tolerance_and_confidence():
     with pytest.raises(ValueError, match="`rtol` must be a non-negative number"):
         lt.trace(np.eye(200), method="hutchinson", rtol=-1)
+    for level in (0.0, 1.0):
+        with pytest.raises(ValueError, match=r"`confidence` must lie in \(0, 1\)"):
+            lt.trace(np.eye(200), method="hutchinson", rtol=0.1, confidence=level)
     with pytest.raises(ValueError, match=r"`confidence` must lie in \(0, 1\)"):
         lt.trace(np.eye(200), method="hutchinson", rtol=0.1, confidence=1.5)
     with pytest.raises(ValueError, match="does not support rtol/atol"):
@@ -210,3 +213,15 @@ def test_ci_without_stderr_is_refused():
     est = lt.Estimate(np.asarray(1.0), None, 3, "custom")
     with pytest.raises(ValueError, match="reports no error estimate"):
         est.ci()
+
+
+def test_counts_must_be_positive_ints():
+    with pytest.raises(ValueError, match="`block_size` must be >= 1, got 0"):
+        lt.trace(np.eye(200), method="hutchinson", block_size=0)
+    with pytest.raises(TypeError, match="`num_matvecs` must be an int, got bool"):
+        lt.trace(np.eye(200), method="hutchinson", num_matvecs=True)
+
+
+def test_interval_of_a_complex_estimate_is_refused():
+    with pytest.raises(ValueError, match="complex"):
+        lt.Estimate(np.complex128(1 + 1j), np.float64(1.0), 1, "x").ci()

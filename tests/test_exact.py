@@ -8,6 +8,7 @@ import sys
 import numpy as np
 import pytest
 from conftest import numpy_of, rtol_for
+from scipy import stats
 from test_operators import DTYPES, _constructors, random_matrix
 
 import linop_trace as lt
@@ -134,4 +135,13 @@ def test_estimate_interface():
     est = lt.trace(np.diag([1.0, 2.0]), method="exact")
     assert float(est) == 3.0
     assert est.ci(0.99) == (3.0, 3.0)
+    # Student-t with the estimate's dof, normal without one (two-sided level)
+    with_dof = lt.Estimate(np.float64(1.0), np.float64(2.0), 10, "x", dof=9)
+    assert with_dof.quantile(0.9) == pytest.approx(stats.t.ppf(0.95, 9), rel=1e-12)
+    assert with_dof.ci(0.9) == pytest.approx(
+        (1 - 2 * stats.t.ppf(0.95, 9), 1 + 2 * stats.t.ppf(0.95, 9)), rel=1e-12
+    )
+    normal = lt.Estimate(np.float64(1.0), np.float64(2.0), 10, "x")
+    z = stats.norm.ppf(0.995)
+    assert normal.ci(0.99) == pytest.approx((1 - 2 * z, 1 + 2 * z), rel=1e-12)
     assert "method='exact'" in repr(est)

@@ -37,19 +37,38 @@ def test_sphere_probes_have_norm_sqrt_n(backend):
     np.testing.assert_allclose(np.linalg.norm(Z, axis=0), 4.0, rtol=1e-12)
 
 
-@pytest.mark.parametrize("kind", ["rademacher", "gaussian", "sphere", "steinhaus"])
-def test_second_moment_is_identity(kind):
+@pytest.mark.parametrize(
+    ("kind", "dtype"),
+    [
+        ("rademacher", float),
+        ("gaussian", float),
+        ("sphere", float),
+        ("steinhaus", complex),
+        ("rademacher", complex),  # unit-modulus on complex operators
+        ("gaussian", complex),
+        ("sphere", complex),
+    ],
+)
+def test_second_moment_is_identity(kind, dtype):
     """Mean of z z^H over k probes: each entry has standard error <= sqrt(E|z_i z_j|^2 / k).
-    E|z_i|^2|z_j|^2 <= 3 for all four distributions (Gaussian diagonal: E g^4 = 3), so
-    with k = 40,000 every entry lies within 6 * sqrt(3 / k) = 0.052 of the identity."""
+    E|z_i|^2|z_j|^2 <= 3 for all these distributions (real Gaussian diagonal: E g^4 = 3;
+    complex Gaussian: E|g|^4 = 2), so with k = 40,000 every entry lies within
+    6 * sqrt(3 / k) = 0.052 of the identity. For complex probes the pseudo-moment
+    mean of z z^T has the same standard errors and expectation 0 (circular symmetry)."""
     n, k = 5, 40_000
-    dtype = complex if kind == "steinhaus" else float
     sampler = lt._probes.ProbeSampler(
         kind, n, array_namespace(np.ones(1)), np.dtype(dtype), "cpu", 11
     )
     Z = sampler(k)
+    assert Z.dtype == np.dtype(dtype)
     moment = Z @ Z.conj().T / k
     assert np.abs(moment - np.eye(n)).max() < 6 * np.sqrt(3 / k)
+    if dtype is complex:
+        assert np.abs(Z @ Z.T / k).max() < 6 * np.sqrt(3 / k)
+        if kind == "rademacher":
+            np.testing.assert_allclose(np.abs(Z), 1.0, rtol=1e-12)
+        if kind == "sphere":
+            np.testing.assert_allclose(np.linalg.norm(Z, axis=0), np.sqrt(n), rtol=1e-12)
 
 
 @pytest.mark.parametrize("probe", [lt.rademacher, lt.gaussian])

@@ -285,6 +285,28 @@ def test_frobenius_norm_squared_every_backend(backend):
     B = A.T @ A
     sd = math.sqrt(2 * (np.sum(B**2) - np.sum(np.diag(B) ** 2)) / 40)
     assert abs(float(est) - np.sum(A**2)) < 5 * sd
+    # a sample mean: dof m - 1, stderr std / sqrt(m), the t interval of its samples
+    assert est.dof == 39
+    stderr = samples.std(ddof=1) / math.sqrt(40)
+    np.testing.assert_allclose(float(est.stderr), stderr, rtol=1e-10)
+    half = edgeworth_quantile(
+        stats.t.ppf(0.975, 39),
+        0.95,
+        40,
+        stats.skew(samples, bias=False),
+        stats.kurtosis(samples, bias=False),
+    )
+    np.testing.assert_allclose(
+        est.ci(0.95), (float(est) - half * stderr, float(est) + half * stderr), rtol=1e-10
+    )
+
+
+def test_frobenius_norm_squared_of_a_complex_operator():
+    # ||A||_F^2 = tr(A^H A) is real: unit-modulus probes z^H A^H A z = |A z|^2
+    rng = np.random.default_rng(8)
+    A = rng.standard_normal((30, 30)) + 1j * rng.standard_normal((30, 30))
+    values = np.array([float(lt.frobenius_norm_squared(A, 10, seed=s)) for s in range(200)])
+    assert abs(values.mean() - np.sum(np.abs(A) ** 2)) < 5 * values.std(ddof=1) / math.sqrt(200)
 
 
 def test_frobenius_norm_squared_unbiased_and_counted():
