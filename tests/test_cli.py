@@ -363,6 +363,25 @@ def test_block_size_is_passed_through(capsys, dense_file):
     assert result["value"] == float(direct.value) and result["matvecs"] == 30
 
 
+def test_confidence_steers_adaptive_stopping(capsys, dense_file):
+    # a wider interval (99%) needs more probes to meet the same atol (1280 against 640)
+    common = ("--method", "hutchinson", "--matvecs", "10", "--atol", "4", "--seed", "0")
+    caps = ("--max-matvecs", "2000")
+    wide = run_json(capsys, "trace", dense_file, *common, *caps, "--confidence", "0.99")
+    usual = run_json(capsys, "trace", dense_file, *common, *caps)
+    direct = linop_trace.trace(
+        dense_matrix(),
+        method="hutchinson",
+        num_matvecs=10,
+        atol=4.0,
+        confidence=0.99,
+        max_matvecs=2000,
+        seed=0,
+    )
+    assert wide["matvecs"] == direct.num_matvecs > usual["matvecs"]
+    assert wide["confidence"] == 0.99 and wide["value"] == float(direct.value)
+
+
 def test_gaussian_probe_option(capsys, dense_file):
     result = run_json(
         capsys,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 
@@ -225,3 +227,24 @@ def test_counts_must_be_positive_ints():
 def test_interval_of_a_complex_estimate_is_refused():
     with pytest.raises(ValueError, match="complex"):
         lt.Estimate(np.complex128(1 + 1j), np.float64(1.0), 1, "x").ci()
+
+
+def test_autodiff_fallback_reports_the_first_failure():
+    from linop_trace.autodiff._common import FallbackChain
+
+    def forward(x):
+        raise ValueError("forward mode: the first, most telling error")
+
+    def reverse(x):
+        raise TypeError("reverse mode failed too")
+
+    chain = FallbackChain([("forward", forward), ("reverse", reverse)], "HVP")
+    with pytest.warns(RuntimeWarning, match="HVP: forward failed.*falling back to reverse"):
+        with pytest.raises(ValueError, match="the first, most telling error"):
+            chain(1.0)
+    working = FallbackChain([("forward", forward), ("reverse", lambda x: 2 * x)], "HVP")
+    with pytest.warns(RuntimeWarning):
+        assert working(3.0) == 6.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # remembered: no second attempt, no second warning
+        assert working.mode == "reverse" and working(4.0) == 8.0

@@ -293,3 +293,25 @@ def test_algebra_matches_dense_hypothesis(expression, X):
     np.testing.assert_allclose(
         lt.trace(op, method="exact").value, np.trace(dense), rtol=1e-10, atol=1e-10 * scale * 4
     )
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_adjoint_exact_quantities_are_conjugated(sparse):
+    import scipy.sparse as sp
+
+    rng = np.random.default_rng(12)
+    M = rng.standard_normal((6, 6)) + 1j * rng.standard_normal((6, 6))
+    A = aslinearoperator(sp.csr_array(M) if sparse else M)
+    np.testing.assert_allclose(lt.diagonal(A.H, method="exact").value, np.diag(M).conj())
+    assert complex(lt.trace(A.H, method="exact")) == pytest.approx(np.trace(M).conj())
+
+
+def test_single_precision_stays_single():
+    rng = np.random.default_rng(13)
+    real = aslinearoperator(rng.standard_normal((6, 6)).astype(np.float32))
+    assert np.dtype((2j * real).dtype) == np.complex64
+    M = (rng.standard_normal((6, 6)) + 1j * rng.standard_normal((6, 6))).astype(np.complex64)
+    est = lt.trace(aslinearoperator(M), method="hutchinson", num_matvecs=10, seed=0)
+    assert est.value.dtype == np.complex64 and est.stderr.dtype == np.float32
+    empty = lt.trace(aslinearoperator(np.zeros((0, 0), dtype=np.complex128)))
+    assert np.asarray(empty.stderr).dtype == np.float64

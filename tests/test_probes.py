@@ -35,6 +35,9 @@ def test_rademacher_entries_and_steinhaus_modulus(backend):
 def test_sphere_probes_have_norm_sqrt_n(backend):
     Z = numpy_of(lt.sphere(backend.matrix(np.eye(16)), 7, seed=2))
     np.testing.assert_allclose(np.linalg.norm(Z, axis=0), 4.0, rtol=1e-12)
+    Z = numpy_of(lt.sphere(backend.matrix(np.eye(16, dtype=complex)), 7, seed=2))
+    assert np.iscomplexobj(Z)
+    np.testing.assert_allclose(np.linalg.norm(Z, axis=0), 4.0, rtol=1e-12)
 
 
 @pytest.mark.parametrize(
