@@ -117,6 +117,13 @@ def test_matvec_rmatvec_and_float32_keep_library_and_dtype():
     reference = torch.func.hessian(quartic)(x) @ v
     assert torch.allclose(out, reference, rtol=1e-5, atol=1e-5)
     assert torch.allclose(H.rmatvec(v), out)
+    # a float64 block gets a float64 result (products in the Hessian's float32, as a dense
+    # float32 operator does), with float32 accuracy
+    block = torch.eye(5, dtype=F64)[:, :3]
+    wide = H.matmat(block)
+    assert wide.dtype == F64 == lt.aslinearoperator(torch.eye(5)).matmat(block).dtype
+    dense = torch.func.hessian(quartic)(x.double())
+    assert torch.allclose(wide, dense[:, :3], rtol=1e-5, atol=1e-5)
 
 
 def test_row_sums_of_the_note_example_with_one_hvp():
