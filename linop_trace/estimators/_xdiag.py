@@ -119,8 +119,13 @@ the substitute is not the limit of d_j^(i) in general: the complement of the oth
 columns' span is then not span(s_i, s_j), and the pair would need a factorization of its
 own. The pseudo-values of such pairs are approximations; the stderr keeps its floor at
 the plain value. When rank(A) < s - 1 every d^(i) is exact, the deviations vanish and
-the stderr is 0 whatever the pairs; two equal Rademacher columns have probability about
-s^2 2^-(n+1).
+the stderr is 0 whatever the pairs. Two equal probes are worse: R is then singular, every
+s_i comes from its round-off, and the estimates d^(i) of the other probes (whose
+left-out sketch keeps the duplicate and loses a rank) depend on that round-off too
+(measured at n = 24, s = 7: they match the literal leave-one-out to 1e-10 with one
+LAPACK build and differ by up to 20% with another). Two equal Rademacher columns have
+probability about s^2 2^-(n+1): 1.5e-6 at n = 24, s = 7, and below 1e-9 from n = 40
+for s <= 50.
 """
 
 from __future__ import annotations
