@@ -57,7 +57,10 @@ def mean_and_stderr(samples: Any, xp: Any) -> tuple[Any, Any]:
         else deviation * deviation
     )
     variance = xp.sum(square) / (m - 1)
-    return mean, xp.sqrt(variance / m)
+    stderr = xp.sqrt(variance / m)
+    if stderr.dtype != square.dtype:  # NumPy 1.x: a float32 scalar over an int is float64
+        stderr = xp.astype(xp.asarray(stderr), square.dtype)
+    return mean, stderr
 
 
 def sample_shape(samples: Any, xp: Any) -> tuple[float | None, float | None]:
