@@ -16,6 +16,10 @@ from ._operators import LinearOperator, aslinearoperator
 __all__ = ["PROBES", "ProbeSampler", "gaussian", "rademacher", "sphere", "steinhaus"]
 
 PROBES = ("rademacher", "gaussian", "sphere", "steinhaus")
+#: :meth:`ProbeSampler.independent` checks real Rademacher blocks up to this length ...
+SHORT_PROBES = 64
+#: ... and draws a dependent one again at most this many times.
+REDRAWS = 100
 
 
 class ProbeSampler:
@@ -62,6 +66,39 @@ class ProbeSampler:
             return block
         return backend.jit(xp, _onto_sphere)(xp, block)
 
+    def independent(self, num_probes: int, existing: Any = None) -> Any:
+        """A block like ``self(num_probes)`` whose columns, with those of ``existing``, are
+        linearly independent: what the exchangeable estimators (XTrace, XNysTrace, XDiag)
+        need, since each probe must add a direction to the others' sketch.
+
+        Only real Rademacher blocks can fail that with a probability that matters (two
+        equal or opposite columns: about s^2 2^-n for s columns of length n; continuous
+        distributions never do). For them, up to ``SHORT_PROBES`` entries long, a block
+        whose columns are dependent (Gram matrix singular: eigenvalue ratio below 1e-10)
+        is drawn again (from the same random source, so the
+        seed still decides everything). That conditions the probes on independence:
+        given the others, a probe is uniform over the +-1 vectors outside their span
+        instead of all 2^n, a change of total variation at most 2^(s - 1 - n) (a
+        d-dimensional subspace holds at most 2^d +-1 vectors), below 1e-9 from
+        n = s + 30 on. Longer blocks are dependent with probability below s^2 2^-64 and
+        are not checked; nor are blocks that cannot be independent (s > n) or that have
+        no concrete values (JAX jit).
+        """
+        block = self(num_probes)
+        total = int(num_probes) + (0 if existing is None else int(existing.shape[1]))
+        if self.kind != "rademacher" or self.complex or self.n > SHORT_PROBES or total > self.n:
+            return block
+        xp = self.xp
+        for _ in range(REDRAWS):
+            full = block if existing is None else xp.concat([existing, block], axis=1)
+            # integer entries: the Gram matrix is exact, and singular iff the columns are
+            # dependent (its smallest eigenvalue is then 0 up to round-off)
+            lowest, highest = _extreme_eigenvalues(xp, full)
+            if lowest is None or lowest > 1e-10 * highest:
+                return block
+            block = self(num_probes)
+        return block
+
     def _gaussian(self, shape: tuple[int, int]) -> Any:
         xp = self.xp
         if not self.complex:
@@ -71,6 +108,14 @@ class ProbeSampler:
         imag = self.random.standard_normal(shape, self.real_dtype)
         scale = 1 / math.sqrt(2)
         return xp.astype(real * scale, self.dtype) + 1j * xp.astype(imag * scale, self.dtype)
+
+
+def _extreme_eigenvalues(xp: Any, block: Any) -> tuple[float | None, float | None]:
+    """The smallest and largest eigenvalue of ``block^T block`` as floats (``None`` when
+    they have no value yet, under JAX jit)."""
+    values = xp.linalg.eigvalsh(xp.matrix_transpose(block) @ block)
+    numbers = backend.concrete_floats(xp.stack([xp.min(values), xp.max(values)]))
+    return (None, None) if numbers is None else (numbers[0], numbers[1])
 
 
 def _onto_sphere(xp: Any, block: Any) -> Any:

@@ -213,7 +213,7 @@ class Auto(Estimator):
             return self._psd_trace(operator, request)
         sampler = request.probes
         s = max(2, min(budget // 2, n))
-        probes = sampler(s)
+        probes = sampler.independent(s)
         images = blocked_matmat(operator, request)(probes)
         hutch_var, xtrace_var, basis, directions = _predict(probes, images, budget, xp)
         choice = {"hutchinson_variance": hutch_var, "xtrace_variance": xtrace_var}
@@ -240,7 +240,7 @@ class Auto(Estimator):
         xp = operator.xp
         sampler = request.probes
         m = min(request.num_matvecs, operator.shape[0])
-        probes = sampler(m)
+        probes = sampler.independent(m)
         images = blocked_matmat(operator, request)(probes)
         try:
             result = xnystrace_estimates(probes, images, xp, sampler.kind in ROTATION_INVARIANT)

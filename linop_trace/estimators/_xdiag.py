@@ -119,13 +119,16 @@ the substitute is not the limit of d_j^(i) in general: the complement of the oth
 columns' span is then not span(s_i, s_j), and the pair would need a factorization of its
 own. The pseudo-values of such pairs are approximations; the stderr keeps its floor at
 the plain value. When rank(A) < s - 1 every d^(i) is exact, the deviations vanish and
-the stderr is 0 whatever the pairs. Two equal probes are worse: R is then singular, every
-s_i comes from its round-off, and the estimates d^(i) of the other probes (whose
-left-out sketch keeps the duplicate and loses a rank) depend on that round-off too
-(measured at n = 24, s = 7: they match the literal leave-one-out to 1e-10 with one
-LAPACK build and differ by up to 20% with another). Two equal Rademacher columns have
-probability about s^2 2^-(n+1): 1.5e-6 at n = 24, s = 7, and below 1e-9 from n = 40
-for s <= 50.
+the stderr is 0 whatever the pairs. A singular R (A zero on some of the probes' span:
+exact zeros on its diagonal) is inverted with a round-off shift
+(:func:`~._xtrace.regularized_inverse_h`), and 1 / nu_i is taken as s_i^H r_i, so the
+zero operator gives exact zeros. Dependent probes would be worse: with two equal columns
+every s_i comes from R's round-off, and so do the estimates d^(i) of the other probes
+(measured at n = 24, s = 7: they matched the literal leave-one-out to 1e-10 with one
+LAPACK build and differed by up to 20% with another). The probes are therefore drawn
+with :meth:`~linop_trace._probes.ProbeSampler.independent`: short Rademacher blocks
+(n <= 64, where two equal columns have probability about s^2 2^-n) with dependent
+columns are drawn again. At most n probes are used (s = min(m // 2, n)).
 """
 
 from __future__ import annotations
@@ -144,7 +147,7 @@ from ._base import (
     two_sided_low_rank_diagonal,
 )
 from ._hutchpp import Matmat, adjoint_product, blocked_matmat, conj, hermitian_transpose
-from ._xtrace import orthonormal_factors
+from ._xtrace import orthonormal_factors, regularized_inverse_h
 
 __all__ = ["XDiag", "xdiag_core", "xdiag_estimates"]
 
@@ -166,15 +169,15 @@ def _products(matmat: Matmat, adjoint: Matmat | None, probes: Any, xp: Any) -> t
 
 
 def _small(xp: Any, triangular: Any) -> dict:
-    """The (s, s) and (s,) pieces: S (columns s_i), 1 / nu_i, and for the pairs the
+    """The (s, s) and (s,) pieces: S (columns s_i), 1 / nu_i = s_i^H r_i, and for the pairs the
     couplings c_ij / (1 - |c_ij|^2), the weights 1 / (1 - |c_ij|^2) and the parallel pairs."""
-    downdate = hermitian_transpose(xp.linalg.inv(triangular), xp)  # R^{-H}
+    downdate = regularized_inverse_h(triangular, xp)  # R^{-H}
     norms = xp.sqrt(xp.sum(xp.abs(downdate) ** 2, axis=0))  # nu_i
     dtype = downdate.dtype
     downdate = downdate / (xp.astype(norms, dtype) if norms.dtype != dtype else norms)
-    inverse_norms = 1 / norms
-    if norms.dtype != dtype:
-        inverse_norms = xp.astype(inverse_norms, dtype)
+    # 1 / nu_i = s_i^H r_i (R triangular); from R itself, so a singular R (regularized
+    # above) gives the residual of y_i it has, e.g. exact zeros when A Omega = 0
+    inverse_norms = xp.sum(conj(downdate, xp) * triangular, axis=0)
     count = downdate.shape[1]
     gram = hermitian_transpose(downdate, xp) @ downdate  # c_ij = s_i^H s_j
     eye = xp.eye(count, dtype=dtype, device=backend.device_of(downdate))
@@ -685,11 +688,11 @@ class XDiag(Estimator):
                 f"method 'xdiag' needs Rademacher (or unit-modulus) probes, got "
                 f"probe={request.probes.kind!r}; use method='diag++' for other probes"
             )
-        count = request.num_matvecs // 2
+        count = min(request.num_matvecs // 2, operator.shape[0])  # s <= n, like XTrace
         result = xdiag_estimates(
             blocked_matmat(operator, request),
             adjoint,
-            request.probes(count),
+            request.probes.independent(count),
             xp,
             self.two_sided,
             samples=False,

@@ -357,7 +357,7 @@ class XNysTrace(ProbeChoice):
         sampler = self._sampler(request)
         improved = sampler.kind in ROTATION_INVARIANT
         m = min(request.num_matvecs, operator.shape[0])
-        probes = sampler(m)
+        probes = sampler.independent(m)
         images = blocked_matmat(operator, request)(probes)
         result = xnystrace_estimates(probes, images, xp, improved)
         return exchangeable_estimate(result, request, sampler, m, improved, self.name)

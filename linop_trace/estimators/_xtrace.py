@@ -44,6 +44,16 @@ estimate, 2 s mean(c)^2 / var(c) with c_i = (t_i - t_bar)(p_i - p_bar), clipped 
 [2, s - 1]: about s - 1 on flat spectra, 10-13 at s = 30 on decaying ones, where a few
 probes dominate the variance estimate.
 
+Degenerate sketches. When Y is numerically rank deficient (rank(A) < s) R is singular:
+its inverse gets a round-off shift, and a pair whose directions are parallel
+(1 - |s_i^H s_j|^2 below sqrt(eps), e.g. every pair when rank(A) = s - 1) takes
+t_j^(i) = t_j instead of dividing round-off by round-off, as XDiag's pairs do. Below
+rank s - 1 every t_i is exact and the stderr is 0 whatever the pairs; at rank s - 1 the
+t_i are still exact (it was a NaN stderr before this guard). Short Rademacher blocks
+(n <= 64) are drawn with independent columns
+(:meth:`~linop_trace._probes.ProbeSampler.independent`), so two equal probes cannot
+make R singular.
+
 Measured coverage of the 95% interval (sphere probes, n = 300, num_matvecs = 60, so
 s = 30; the mean of the variance estimate is 0.99, 0.95, 0.95, 0.90 of the true mean
 squared error on flat, poly, slowexp, smallstep):
@@ -64,6 +74,7 @@ literature's estimate std(t_i)/sqrt(s) stays available as ``info["stderr_plain"]
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -153,12 +164,13 @@ def extend_basis(basis: Any, block: Any, xp: Any) -> Any:
     return orthonormal_basis(new, xp)
 
 
-def _downdate_directions(triangular: Any, xp: Any) -> Any:
-    """Columns of R^{-H}, normalized: s_i spans range(Q) minus range(Y without column i).
+def regularized_inverse_h(triangular: Any, xp: Any) -> Any:
+    """R^{-H} of the triangular factor of a sketch, finite even when R is singular.
 
-    A numerically singular R (A of low rank) gets a shift at round-off level so the
-    directions stay finite; they only matter where Y has rank to spare. Branch-free, so
-    JAX compiles it with the rest of the algebra."""
+    A numerically singular R (A of low rank, or zero on the probes: exact zeros on the
+    diagonal of R) gets a shift at round-off level, eps max|R_ij| (eps when R = 0), so
+    its columns stay finite; the directions they give only matter where Y has rank to
+    spare. Branch-free, so JAX compiles it with the rest of the algebra."""
     s = triangular.shape[0]
     eye = xp.eye(s, dtype=triangular.dtype, device=backend.device_of(triangular))
     if s:
@@ -170,7 +182,13 @@ def _downdate_directions(triangular: Any, xp: Any) -> Any:
         triangular = xp.where(
             small, triangular + _as(shift, triangular.dtype, xp) * eye, triangular
         )
-    inverse_h = xp.linalg.solve(hermitian_transpose(triangular, xp), eye)
+    return xp.linalg.solve(hermitian_transpose(triangular, xp), eye)
+
+
+def _downdate_directions(triangular: Any, xp: Any) -> Any:
+    """Columns of R^{-H}, normalized: s_i spans range(Q) minus range(Y without column i)
+    (:func:`regularized_inverse_h` when R is singular)."""
+    inverse_h = regularized_inverse_h(triangular, xp)
     norms = xp.sqrt(xp.sum(_abs2(inverse_h, xp), axis=0))
     return inverse_h / xp.astype(norms, inverse_h.dtype)
 
@@ -303,10 +321,14 @@ def _xtrace_algebra(
 
     # two left out [i, j]: probe i removed, j the Hutchinson probe; projector onto
     # span(s_i, s_j) in the s-space with Gram [[1, c], [conj c, 1]], c = s_i^H s_j.
+    # Where 1 - |c|^2 = |s_i - conj(c) s_j|^2 vanishes (s_i parallel to s_j: Y numerically
+    # rank deficient, e.g. rank(A) = s - 1) span(s_i, s_j) = span(s_j): the pair takes
+    # t_j^(i) = t_j instead of dividing round-off by round-off (as XDiag's pairs do)
     c = gram
     det = 1 - _abs2(c, xp)
     eye = xp.eye(s, dtype=det.dtype, device=backend.device_of(det))
-    det = det + eye  # the diagonal is unused; keep it finite
+    parallel = (det <= math.sqrt(float(xp.finfo(det.dtype).eps))) & (eye == 0)
+    det = xp.where(parallel, xp.ones_like(det), det) + eye  # the diagonal is unused
     sw_jj = alpha[None, :]
     coef_i = (sw - c * sw_jj) / _as(det, ctype, xp)
     coef_j = (sw_jj - conj(c, xp) * sw) / _as(det, ctype, xp)
@@ -330,6 +352,7 @@ def _xtrace_algebra(
     ) / _as(det, ctype, xp)
     scale2 = (n - s + 2) / (xnorm2_pair + eye) if improved else 1.0
     pair = trace_h - trace_pair + _as(scale2, ctype, xp) * quad2
+    pair = xp.where(parallel, xp.broadcast_to(estimates[None, :], pair.shape), pair)
     offdiag = 1 - eye
     # p_i = t_i + sum_{j != i} (t_j - t_j^(i))
     influence = xp.sum(_as(offdiag, ctype, xp) * (estimates[None, :] - pair), axis=1)
@@ -490,7 +513,7 @@ def xtrace_start(
     product = blocked_matmat(operator, request)
     have = 0 if probes is None else int(probes.shape[1])
     if have < num_probes:
-        fresh = sampler(num_probes - have)
+        fresh = sampler.independent(num_probes - have, probes)
         fresh_images = product(fresh)
         probes = fresh if probes is None else xp.concat([probes, fresh], axis=1)
         images = fresh_images if images is None else xp.concat([images, fresh_images], axis=1)
@@ -538,7 +561,7 @@ def xtrace_finish(
             more = min(s, (cap - request.matmat.columns) // 2, n - s)
             if more < 1:
                 break
-            fresh = sampler(more)
+            fresh = sampler.independent(more, probes)
             fresh_images = product(fresh)
             new_basis = extend_basis(basis, fresh_images, xp)
             new_images = product(new_basis)

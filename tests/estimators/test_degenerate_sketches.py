@@ -1,0 +1,231 @@
+"""Exchangeable estimators (XTrace, XNysTrace, XDiag) on degenerate sketches.
+
+Their leave-one-out algebra downdates the triangular factor R of Y = A Omega = QR. It
+must stay finite and right when R is singular: an operator that is zero on the probes
+or of rank below s (exact zeros in R), of rank exactly s - 1 (every downdate direction
+parallel: the pairs' 1 - |c_ij|^2 vanish), and probe blocks with dependent columns
+(two equal Rademacher columns, likely for short probes).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+from conftest import numpy_of
+
+import linop_trace as lt
+from linop_trace._probes import REDRAWS, SHORT_PROBES, ProbeSampler
+from linop_trace.estimators import XDiag
+
+
+def _low_rank(n: int, rank: int, seed: int) -> np.ndarray:
+    G = np.random.default_rng(seed).standard_normal((n, rank))
+    return G @ G.T
+
+
+def test_xtrace_rank_one_below_the_sketch_every_backend(backend):
+    # rank(A) = s - 1 = 9: every t_i is exact (the other 9 probes capture range(A)), so the
+    # deviations and the honest variance are 0 whatever the pairs, which leave 8 probes.
+    # The pairs divide by 1 - |s_i^H s_j|^2 = 0 here: before the guard, a NaN stderr.
+    A = _low_rank(60, 9, seed=4)
+    for probe in ("sphere", "rademacher"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no division by zero on the way either
+            est = lt.trace(backend.matrix(A), method="xtrace", num_matvecs=20, probe=probe, seed=2)
+        assert abs(float(est) - np.trace(A)) <= 1e-10 * np.trace(A)
+        stderr = float(est.stderr)
+        assert np.isfinite(stderr) and 0 <= stderr <= 1e-10 * np.trace(A)
+        assert np.all(np.isfinite(numpy_of(est.info["pseudo_values"])))
+
+
+@pytest.mark.parametrize("noise", [1e-14, 1e-12, 1e-10, 1e-8])
+def test_xtrace_numerically_rank_one_below_the_sketch(noise):
+    # A = rank-29 part + noise I at s = 30: R is singular up to the noise. Every stderr is
+    # finite (it was NaN through noise 1e-8, 5e-11 of the largest eigenvalue), and the
+    # interval still contains the error: |error| <= stderr + round-off.
+    A = _low_rank(200, 29, seed=0) + noise * np.eye(200)
+    exact = np.trace(A)
+    for seed in range(5):
+        est = lt.trace(A, method="xtrace", num_matvecs=60, probe="rademacher", seed=seed)
+        stderr = float(est.stderr)
+        assert np.isfinite(stderr)
+        assert abs(float(est) - exact) <= 4 * stderr + 1e-14 * exact
+
+
+def _zero_on_probes_cases() -> list[tuple[str, np.ndarray]]:
+    ones = np.ones((50, 50))
+    sparse_diagonal = np.diag(np.r_[1.0, 2.0, 3.0, np.zeros(47)])
+    return [("zero", np.zeros((50, 50))), ("all ones", ones), ("3 nonzeros", sparse_diagonal)]
+
+
+@pytest.mark.parametrize("two_sided", [None, False])
+def test_xdiag_with_exact_zeros_in_r_every_backend(backend, two_sided):
+    # rank(A) <= 3 < s = 10 with exact zero rows in Y: R has exact zeros on its diagonal
+    # (it raised LinAlgError). XDiag is exact below rank s - 1, with a zero stderr up to
+    # round-off, and exactly zero on the zero operator.
+    for name, A in _zero_on_probes_cases():
+        op = lt.aslinearoperator(backend.matrix(A), tags=("symmetric",))
+        est = lt.diagonal(op, method=XDiag(two_sided=two_sided), num_matvecs=20, seed=0)
+        value, stderr = numpy_of(est.value), numpy_of(est.stderr)
+        scale = max(np.abs(A).max(), 1.0)
+        np.testing.assert_allclose(value, np.diag(A), rtol=0, atol=1e-13 * scale, err_msg=name)
+        assert np.all(np.isfinite(stderr)) and stderr.max() <= 1e-13 * scale, name
+        if name == "zero":
+            assert np.all(value == 0) and np.all(stderr == 0)
+
+
+def test_xtrace_and_xnystrace_with_exact_zeros_in_r():
+    for name, A in _zero_on_probes_cases():
+        op = lt.aslinearoperator(A, tags=("symmetric", "positive_semidefinite"))
+        for method in ("xtrace", "xnystrace"):
+            est = lt.trace(op, method=method, num_matvecs=20, seed=0)
+            scale = max(np.trace(A), 1.0)
+            assert abs(float(est) - np.trace(A)) <= 1e-13 * scale, (name, method)
+            assert 0 <= float(est.stderr) <= 1e-13 * scale, (name, method)
+
+
+def test_xdiag_takes_at_most_n_probes():
+    # s = min(m // 2, n), like XTrace: 15 probes of length 8 cannot be independent (they
+    # gave a broadcasting error); it spends 2 n = 16 columns.
+    A = _low_rank(8, 8, seed=1)
+    est = lt.diagonal(A, method="xdiag", num_matvecs=30, seed=0)
+    assert est.num_matvecs == 16 and est.info["num_probes"] == 8
+    assert np.all(np.isfinite(est.value)) and np.all(np.isfinite(est.stderr))
+
+
+def _dependent(block: np.ndarray) -> bool:
+    return np.linalg.matrix_rank(block) < block.shape[1]
+
+
+def _sampler(backend, n: int, kind: str = "rademacher", seed: int = 0) -> ProbeSampler:
+    op = lt.aslinearoperator(backend.matrix(np.eye(n)))
+    return ProbeSampler(kind, n, op.xp, op.dtype, op.device, seed)
+
+
+def test_independent_redraws_dependent_rademacher_blocks(backend):
+    # 4 probes of length 8: two parallel columns with probability about 6 * 2^-7 = 4.7%
+    # (plus rarer dependencies), so some of 80 seeds give a dependent plain block.
+    redrawn = 0
+    for seed in range(80):
+        plain = numpy_of(_sampler(backend, 8, seed=seed)(4))
+        chosen = numpy_of(_sampler(backend, 8, seed=seed).independent(4))
+        again = numpy_of(_sampler(backend, 8, seed=seed).independent(4))
+        np.testing.assert_array_equal(chosen, again)  # the seed decides everything
+        assert set(np.unique(chosen)) <= {-1.0, 1.0}
+        assert not _dependent(chosen)
+        if _dependent(plain):
+            redrawn += 1
+        else:  # an independent first draw is kept as it is
+            np.testing.assert_array_equal(chosen, plain)
+    assert redrawn >= 1
+
+
+def test_independent_extends_an_existing_block():
+    # XTrace's adaptive growth appends blocks: the union must stay independent.
+    class FakeBackend:
+        matrix = staticmethod(np.asarray)
+
+    for seed in range(40):
+        sampler = _sampler(FakeBackend, 10, seed=seed)
+        first = sampler.independent(4)
+        second = sampler.independent(5, first)
+        assert not _dependent(np.concatenate([first, second], axis=1))
+
+
+def test_independent_leaves_other_blocks_alone():
+    class FakeBackend:
+        matrix = staticmethod(np.asarray)
+
+    # continuous probes; long Rademacher probes (dependent with probability < s^2 2^-64);
+    # more columns than entries (cannot be independent): the plain draw, unchanged
+    for kind, n, count in [("gaussian", 8, 4), ("sphere", 8, 4), ("rademacher", 65, 4)]:
+        plain = _sampler(FakeBackend, n, kind, seed=3)(count)
+        np.testing.assert_array_equal(
+            _sampler(FakeBackend, n, kind, seed=3).independent(count), plain
+        )
+    assert SHORT_PROBES == 64
+    plain = _sampler(FakeBackend, 3, seed=3)(5)
+    np.testing.assert_array_equal(_sampler(FakeBackend, 3, seed=3).independent(5), plain)
+
+
+def test_independent_gives_up_after_redraws():
+    # an existing block that is itself dependent makes every union dependent: the sampler
+    # draws REDRAWS more blocks, then keeps the last one rather than looping forever
+    class FakeBackend:
+        matrix = staticmethod(np.asarray)
+
+    sampler = _sampler(FakeBackend, 6, seed=0)
+    draws = []
+    plain_call = ProbeSampler.__call__
+
+    def counting(self, num_probes):
+        draws.append(num_probes)
+        return plain_call(self, num_probes)
+
+    sampler.__class__ = type("Counting", (ProbeSampler,), {"__call__": counting})
+    block = sampler.independent(1, np.ones((6, 2)))
+    assert block.shape == (6, 1) and len(draws) == REDRAWS + 1
+
+
+def _orth(Y: np.ndarray) -> np.ndarray:
+    U, sv, _ = np.linalg.svd(Y, full_matrices=False)
+    return U[:, sv > 1e-10 * sv.max()]
+
+
+def _literal_xtrace(A: np.ndarray, W: np.ndarray) -> np.ndarray:
+    """t_i = tr(Q_i^T A Q_i) + x_i^T A x_i, x_i = (I - Q_i Q_i^T) w_i (Rademacher)."""
+    out = []
+    for i in range(W.shape[1]):
+        Q = _orth(A @ np.delete(W, i, axis=1))
+        x = W[:, i] - Q @ (Q.T @ W[:, i])
+        out.append(np.trace(Q.T @ A @ Q) + x @ A @ x)
+    return np.array(out)
+
+
+def _literal_xdiag(A: np.ndarray, W: np.ndarray) -> np.ndarray:
+    """mean_i diag(Q_i Q_i^T A) + w_i * (I - Q_i Q_i^T) A w_i (one-sided)."""
+    out = []
+    for i in range(W.shape[1]):
+        Q = _orth(A @ np.delete(W, i, axis=1))
+        y = A @ W[:, i]
+        out.append(np.einsum("ij,ji->i", Q, Q.T @ A) + W[:, i] * (y - Q @ (Q.T @ y)))
+    return np.mean(out, axis=0)
+
+
+def test_estimators_use_independent_probes_on_short_operators():
+    # seeds whose plain first block of 4 probes of length 8 is dependent: the estimators
+    # draw again, and their estimates are the literal leave-one-out of that new block
+    # (with the dependent one the fast downdates would depend on round-off)
+    A = np.random.default_rng(6).standard_normal((8, 8))
+    S = A @ A.T
+    seeds = [
+        seed
+        for seed in range(200)
+        if _dependent(ProbeSampler("rademacher", 8, np, np.float64, "cpu", seed)(4))
+    ]
+    assert len(seeds) >= 3
+    for seed in seeds:
+        W = ProbeSampler("rademacher", 8, np, np.float64, "cpu", seed).independent(4)
+        est = lt.trace(S, method="xtrace", num_matvecs=8, probe="rademacher", seed=seed)
+        np.testing.assert_allclose(
+            numpy_of(est.info["estimates"]), _literal_xtrace(S, W), rtol=1e-9, atol=1e-9
+        )
+        est = lt.diagonal(A, method="xdiag", num_matvecs=8, seed=seed)
+        np.testing.assert_allclose(numpy_of(est.value), _literal_xdiag(A, W), rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize(
+    "quantity, method, num_matvecs",
+    [("trace", "xtrace", 8), ("trace", "xnystrace", 5), ("diagonal", "xdiag", 8)],
+)
+def test_tiny_operators_with_rademacher_probes_never_fail(quantity, method, num_matvecs):
+    # n = 8: before the redraw and the guards, 13 of 300 XTrace runs returned a NaN stderr
+    # and 2 of 300 XDiag runs raised LinAlgError (equal probe columns).
+    A = _low_rank(8, 8, seed=5)
+    op = lt.aslinearoperator(A, tags=("symmetric", "positive_semidefinite"))
+    function = getattr(lt, quantity)
+    for seed in range(300):
+        est = function(op, method=method, num_matvecs=num_matvecs, probe="rademacher", seed=seed)
+        assert np.all(np.isfinite(est.value)) and np.all(np.isfinite(est.stderr)), seed
