@@ -496,6 +496,23 @@ def test_without_differentiable_no_graph_is_kept():
     assert not (H @ torch.ones(4, dtype=F64)).requires_grad
 
 
+@pytest.mark.parametrize("differentiable", [False, True])
+def test_double_backward_loop_keeps_a_graph_only_when_differentiable(differentiable):
+    # the last-resort HVP loop, called directly (the vmapped modes come first in every
+    # chain): fn = sum(theta^4) / 12 has H = diag(theta^2), so H V = theta^2 * V and
+    # d/dtheta sum(H V) = 2 theta * (row sums of V)
+    from linop_trace.autodiff._torch import hvp_double_backward_loop
+
+    theta = torch.tensor([1.0, -2.0, 0.5], dtype=F64, requires_grad=True)
+    V = torch.arange(6, dtype=F64).reshape(3, 2)
+    HV = hvp_double_backward_loop(lambda t: (t**4).sum() / 12, theta, V, differentiable)
+    assert_close(HV.detach(), theta.detach()[:, None] ** 2 * V)
+    assert HV.requires_grad == differentiable
+    if differentiable:
+        (gradient,) = torch.autograd.grad(HV.sum(), theta)
+        assert_close(gradient, 2 * theta.detach() * V.sum(dim=1))
+
+
 def test_import_linop_trace_imports_neither_torch_nor_jax():
     code = "import sys, linop_trace; print('torch' in sys.modules, 'jax' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
