@@ -51,13 +51,18 @@ def mean_and_stderr(samples: Any, xp: Any) -> tuple[Any, Any]:
     if m < 2:
         return mean, None
     deviation = samples - mean
+    # over max |deviation| (a constant to the gradient), so the squares of samples of
+    # 1e160 (Frobenius norms of entries 1e80) neither overflow nor underflow
+    size = backend.stop_gradient(xp.max(xp.abs(deviation)))
+    size = xp.where(size > 0, size, xp.ones_like(size))
+    deviation = deviation / xp.astype(size, deviation.dtype)
     square = (
         xp.real(xp.conj(deviation) * deviation)
         if backend.is_complex_dtype(xp, samples.dtype)
         else deviation * deviation
     )
     variance = xp.sum(square) / (m - 1)
-    stderr = xp.sqrt(variance / m)
+    stderr = size * xp.sqrt(variance / m)
     if stderr.dtype != square.dtype:  # NumPy 1.x: a float32 scalar over an int is float64
         stderr = xp.astype(xp.asarray(stderr), square.dtype)
     return mean, stderr
@@ -77,6 +82,12 @@ def sample_shape(samples: Any, xp: Any) -> tuple[float | None, float | None]:
     if not backend.is_concrete(samples):
         return None, None
     deviation = samples - xp.mean(samples)
+    # scaled to max |deviation| = 1 first: G1 and G2 are scale-free, and the powers of
+    # deviations of 1e80 (or 1e-85, or 1e10 in float32) would overflow (underflow)
+    size = float(xp.max(xp.abs(deviation)))
+    if not 0 < size < math.inf:
+        return None, None
+    deviation = deviation / size
     second = float(xp.mean(deviation**2))
     if not second > 0:
         return None, None

@@ -278,11 +278,12 @@ def predicted_residual_probes(
     from scipy import stats
 
     tail = 0.5 + confidence / 2
-    first = (float(stats.norm.ppf(tail)) ** 2) * variance / target**2
-    if not math.isfinite(first):
+    ratio = math.sqrt(variance) / target  # sigma / target: no square of a tiny target
+    if not ratio < 1e150:  # more probes than any float count (or an infinite ratio)
         return math.inf
+    first = (float(stats.norm.ppf(tail)) * ratio) ** 2
     quantile = float(stats.t.ppf(tail, max(first, float(minimum)) - 1))
-    return max(float(minimum), quantile**2 * variance / target**2)
+    return max(float(minimum), (quantile * ratio) ** 2)
 
 
 class HutchPlusPlus(Estimator):
@@ -438,7 +439,8 @@ class HutchPlusPlus(Estimator):
                 needed = _needed_probes(state.low_rank_trace, samples, request, xp)
                 if needed is None:
                     break
-                width = min(count, max(math.ceil(needed) - count, math.ceil(count / 4)))
+                more = math.ceil(needed) - count if math.isfinite(needed) else count
+                width = min(count, max(more, math.ceil(count / 4)))
             else:  # first block after the sketch: l(r) from the steering samples
                 finite = needed is not None and math.isfinite(needed)
                 width = math.ceil(needed) if finite and needed is not None else minimum

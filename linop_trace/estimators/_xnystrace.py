@@ -34,6 +34,7 @@ seeded runs): flat 93.5%, poly 94.3% (``test_matrix(seed=0)``); with ``seed=1`` 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -104,6 +105,11 @@ def _check_psd(evidence: list[float] | None, eps: float) -> None:
     concrete values, no checks)."""
     if evidence is None:
         return
+    if not all(math.isfinite(value) for value in evidence):
+        raise FloatingPointError(
+            "XNysTrace: the probes' Gram matrix under A overflowed (non-finite entries or "
+            "eigenvalues of Omega^H A Omega); rescale the operator"
+        )
     size, asymmetry, lowest, top, low = evidence
     if size == 0.0:
         return

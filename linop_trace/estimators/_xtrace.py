@@ -378,12 +378,14 @@ def honest_error(cross: Any, square: Any, xp: Any) -> dict[str, Any]:
 
 def error_terms(cross: Any, square: Any, xp: Any) -> dict[str, Any]:
     """The arrays behind :func:`honest_error` (pure, compilable): ``stderr``,
-    ``stderr_plain``, and the mean and sample variance of ``cross`` (gradient cut: they
-    only shape the interval) for the degrees of freedom."""
+    ``stderr_plain``, and the mean and sample variance of ``cross`` over max |cross|
+    (gradient cut: they only shape the interval) for the degrees of freedom."""
     s = int(cross.shape[0])
     plain_var = xp.sum(square) / (s * (s - 1))
     cross_var = xp.sum(cross) / (s * (s - 1))
     fixed = backend.stop_gradient(cross)
+    size = xp.max(xp.abs(fixed))  # the dof is scale-free; squares of 1e160 are not finite
+    fixed = fixed / xp.where(size > 0, size, xp.ones_like(size))
     mean = xp.mean(fixed)
     return {
         "stderr": xp.sqrt(xp.maximum(cross_var, plain_var)),
@@ -400,7 +402,7 @@ def satterthwaite_dof(s: int, mean: Any, spread: Any) -> int:
     spread = backend.concrete_float(spread) if mean is not None else None
     if mean is None or spread is None:
         return s - 1
-    raw = s - 1 if spread == 0 or s < 3 else 2 * s * mean**2 / spread
+    raw = s - 1 if spread == 0 or s < 3 else 2 * s * (mean / math.sqrt(spread)) ** 2
     return int(min(max(raw if mean > 0 else 2, 2), s - 1))
 
 
