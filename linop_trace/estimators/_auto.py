@@ -30,6 +30,7 @@ diagonal estimator.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from typing import Any
@@ -143,7 +144,9 @@ class Auto(Estimator):
     result's ``method`` is the method used (``"hutchinson"`` or ``"xtrace"``) and
     ``info["auto"]`` holds the two predictions. For a diagonal: XDiag when registered
     and the probes are Rademacher/Steinhaus, else Diag++ (operators with an adjoint),
-    else Hutchinson's diagonal estimator. Estimates need ``num_matvecs >= 2``.
+    else Hutchinson's diagonal estimator; with a tolerance (XDiag has no adaptive
+    stopping) Diag++ or Hutchinson from a first budget of 32, as for traces. Estimates
+    need ``num_matvecs >= 2``.
 
     Parameters
     ----------
@@ -263,6 +266,15 @@ class Auto(Estimator):
             return self.exact.diagonal(operator, request)
         self._check_budget(request)
         method = self.diagonal_method
+        if method is None and request.adaptive:
+            # XDiag has no adaptive stopping: Diag++ (or Hutchinson) grows until the
+            # tolerance is met, from a useful first budget as for traces
+            budget = max(request.num_matvecs, min(32, request.max_matvecs or 0))
+            request = dataclasses.replace(request, num_matvecs=budget)
+            if _has_adjoint(operator) and budget >= DiagPlusPlus.min_matvecs:
+                method = DiagPlusPlus()
+            else:
+                method = Hutchinson()
         if method is None:
             from ._registry import available_methods, get_estimator
 

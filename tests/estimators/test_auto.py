@@ -243,3 +243,19 @@ def test_budget_below_two_is_refused_unless_exact():
     one = implicit(np.array([[3.0]]))
     est = lt.trace(one, num_matvecs=1)
     assert est.method == "exact" and float(est) == 3.0
+
+
+@pytest.mark.parametrize("adjoint, method", [(True, "diag++"), (False, "hutchinson")])
+def test_adaptive_diagonal_meets_the_tolerance(adjoint, method):
+    # XDiag has no adaptive stopping: with rtol/atol, auto takes Diag++ (Hutchinson without
+    # an adjoint) and grows it from a first budget of 32; before, XDiag ran the default
+    # 2 columns (s = 1, no stderr) and converged stayed None
+    A = test_matrix("flat", 400, seed=1)
+    op = lt.LinearOperator.from_callable(
+        matvec=lambda x: A @ x, rmatvec=(lambda x: A.T @ x) if adjoint else None, shape=A.shape
+    )
+    est = lt.diagonal(op, rtol=0.1, max_matvecs=390, seed=0)
+    assert est.method == method and est.converged is True and 32 <= est.num_matvecs <= 390
+    assert est.quantile(0.95) * np.max(est.stderr) <= 0.1 * np.max(np.abs(est.value))
+    est = lt.diagonal(op, rtol=1e-6, max_matvecs=100, seed=0)
+    assert est.method == method and est.converged is False and est.num_matvecs == 100
