@@ -127,7 +127,7 @@ every s_i comes from R's round-off, and so do the estimates d^(i) of the other p
 (measured at n = 24, s = 7: they matched the literal leave-one-out to 1e-10 with one
 LAPACK build and differed by up to 20% with another). The probes are therefore drawn
 with :meth:`~linop_trace._probes.ProbeSampler.independent`: short Rademacher blocks
-(n <= 64, where two equal columns have probability about s^2 2^-n) with dependent
+(n <= 64 and n - s >= 10; two equal columns have probability about s^2 2^-n) with dependent
 columns are drawn again. At most n probes are used (s = min(m // 2, n)).
 """
 
