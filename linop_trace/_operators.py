@@ -553,7 +553,13 @@ class _CallableOperator(LinearOperator):
             import array_api_compat.numpy as np_compat
 
             xp, device = np_compat, "cpu"
-            dtype = np.dtype(np.float64 if dtype is None else dtype)
+            try:
+                dtype = np.dtype(np.float64 if dtype is None else dtype)
+            except TypeError:
+                raise TypeError(
+                    f"`dtype`={dtype!r} is not a NumPy dtype; an operator of another library "
+                    "needs `like=`, an array of that library (its namespace and device)"
+                ) from None
         else:
             xp = backend.array_namespace(like)
             device = backend.device_of(like)

@@ -211,6 +211,12 @@ def test_from_callable_needs_a_function():
         LinearOperator.from_callable(shape=(2, 2))
 
 
+def test_from_callable_with_a_foreign_dtype_asks_for_like():
+    torch = pytest.importorskip("torch")
+    with pytest.raises(TypeError, match="needs `like=`"):
+        lt.LinearOperator.from_callable(matvec=lambda x: x, shape=(3, 3), dtype=torch.float64)
+
+
 def test_ci_without_stderr_is_refused():
     est = lt.Estimate(np.asarray(1.0), None, 3, "custom")
     with pytest.raises(ValueError, match="reports no error estimate"):
