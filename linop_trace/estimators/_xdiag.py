@@ -147,7 +147,7 @@ from ._base import (
     two_sided_low_rank_diagonal,
 )
 from ._hutchpp import Matmat, adjoint_product, blocked_matmat, conj, hermitian_transpose
-from ._xtrace import orthonormal_factors, regularized_inverse_h
+from ._xtrace import ERROR_PROBES, orthonormal_factors, regularized_inverse_h
 
 __all__ = ["XDiag", "xdiag_core", "xdiag_estimates"]
 
@@ -487,7 +487,7 @@ def xdiag_estimates(
     dict
         ``estimates`` d^(i) (n, s) and ``pseudo`` the pseudo-values p_i (n, s) when
         ``samples``; ``low_rank_diagonal`` (n,); ``value`` (n,); ``two_sided`` (bool);
-        and for s >= 2 ``stderr``, ``stderr_plain``, ``dof`` (see
+        and for s >= 3 (``ERROR_PROBES``) ``stderr``, ``stderr_plain``, ``dof`` (see
         :func:`elementwise_honest_error`), else ``None``.
 
     Examples
@@ -550,7 +550,7 @@ def _algebra(
     if samples:
         out["estimates"] = xp.empty((n, count), dtype=dtype, device=device)
         out["pseudo"] = xp.empty((n, count), dtype=dtype, device=device)
-    errors = count > 1
+    errors = count >= ERROR_PROBES
     if errors:
         real = xp.real(out["value"]).dtype if backend.is_complex_dtype(xp, dtype) else dtype
         out["stderr"] = xp.empty((n,), dtype=real, device=device)
@@ -621,7 +621,7 @@ def _block(
         out["estimates"] = low[:, None] + update
         out["value"] = xp.mean(out["estimates"], axis=1)  # exactly their mean
         out["pseudo"] = common[:, None] - pairs
-    if count > 1:
+    if count >= ERROR_PROBES:
         out.update(_error_terms(update - update_mean[:, None], pairs, xp, step, first))
     return out
 

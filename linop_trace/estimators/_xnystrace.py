@@ -43,6 +43,7 @@ from .._estimate import Estimate
 from .._operators import LinearOperator
 from ._base import EstimationRequest, ProbeChoice, blocked_matmat, hermitian_transpose
 from ._xtrace import (
+    ERROR_PROBES,
     ROTATION_INVARIANT,
     _abs2,
     _as,
@@ -200,7 +201,7 @@ def xnystrace_estimates(probes: Any, images: Any, xp: Any, improved: bool = True
         "dof": None,
         "min_eigenvalue": low / top if low is not None and top else 0.0,
     }
-    if m >= 2:
+    if m >= ERROR_PROBES:  # (see there: two probes give no error estimate)
         out.update(terms or exchangeable_error_terms(estimates, pseudo, value, xp))
         out["dof"] = satterthwaite_dof(m, out.pop("cross_mean"), out.pop("cross_spread"))
     return out

@@ -94,6 +94,12 @@ from ._hutchinson import concrete_magnitude
 
 __all__ = ["XTrace", "xtrace_core", "xtrace_estimates"]
 
+#: Probes an exchangeable estimate needs for an error estimate. With two, both
+#: leave-one-out estimates are one symmetric function of the pair on every diagonal
+#: operator under Rademacher probes (XDiag's d^(1) = d^(2), XTrace's t_1 = t_2 on c I), so
+#: their spread is 0 while the error is of order 1 / sqrt(n): no stderr (None) then.
+ERROR_PROBES = 3
+
 #: Probes for which the improved normalization is unbiased (rotation invariant).
 ROTATION_INVARIANT = ("sphere", "gaussian")
 
@@ -249,8 +255,10 @@ def xtrace_estimates(
     program = backend.jit(xp, _xtrace_program, num_static=2)
     out = program(xp, improved, probes, images, basis, basis_images, directions, triangular)
     s = probes.shape[1]
-    if s < 2:
+    if s < ERROR_PROBES:
         out.update(stderr=None, stderr_plain=None, dof=None)
+        out.pop("cross_mean", None)
+        out.pop("cross_spread", None)
         return out
     out["dof"] = satterthwaite_dof(s, out.pop("cross_mean"), out.pop("cross_spread"))
     return out

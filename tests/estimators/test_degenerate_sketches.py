@@ -272,3 +272,30 @@ def test_xdiag_when_the_solve_meets_an_exact_zero_pivot():
     A = np.random.default_rng(5).standard_normal((8, 8))
     est = lt.diagonal(A, method="xdiag", num_matvecs=8, seed=1620)
     assert np.all(np.isfinite(est.value)) and np.all(np.isfinite(est.stderr))
+
+
+def test_two_probes_give_no_error_estimate():
+    # s = 2: on a diagonal operator with Rademacher probes the two leave-one-out estimates
+    # are one symmetric function of the pair, so their spread (the stderr) was 0 while the
+    # error is about 1 / sqrt(n) (XDiag on I, n = 200: 0.055). From s = 3 on there is one.
+    eye = np.eye(200)
+    for num_matvecs, has_error in [(4, False), (6, True)]:
+        options = {"num_matvecs": num_matvecs, "seed": 0}
+        estimates = [
+            lt.diagonal(eye, method="xdiag", **options),
+            lt.trace(eye, method="xtrace", probe="rademacher", **options),
+            lt.trace(
+                lt.aslinearoperator(eye, tags=("positive_semidefinite",)),
+                method="xnystrace",
+                probe="rademacher",
+                num_matvecs=num_matvecs // 2,
+                seed=0,
+            ),
+        ]
+        for est in estimates:
+            assert (est.stderr is not None) == has_error, (est.method, num_matvecs)
+            assert (est.dof is not None) == has_error
+    # adaptive XTrace from two probes still grows until the interval meets the tolerance
+    A = _low_rank(300, 300, seed=2)
+    est = lt.trace(A, method="xtrace", num_matvecs=4, rtol=0.05, max_matvecs=290, seed=0)
+    assert est.converged is True and est.stderr is not None
