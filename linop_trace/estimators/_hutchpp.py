@@ -379,6 +379,7 @@ class HutchPlusPlus(Estimator):
         xp = operator.xp
         matmat = blocked_matmat(operator, request)
         sketch_size, residual_size = hutchpp_split(request.num_matvecs)
+        sketch_size = min(sketch_size, operator.shape[0])  # n columns already span it all
         sketch = request.probes(sketch_size)
         low_rank_trace, first, basis = hutchpp_core(
             matmat, sketch, request.probes(residual_size), xp
@@ -652,6 +653,8 @@ class NAHutchPlusPlus(Estimator):
     def trace(self, operator: LinearOperator, request: EstimationRequest) -> Estimate:
         xp = operator.xp
         right, left, residual = na_hutchpp_split(request.num_matvecs)
+        n = operator.shape[0]
+        right, left = min(right, n), min(left, n)  # (an n x n core at most)
         low_rank_trace, samples = na_hutchpp_core(
             blocked_matmat(operator, request),
             adjoint_product(operator, request, self.name),

@@ -299,3 +299,15 @@ def test_two_probes_give_no_error_estimate():
     A = _low_rank(300, 300, seed=2)
     est = lt.trace(A, method="xtrace", num_matvecs=4, rtol=0.05, max_matvecs=290, seed=0)
     assert est.converged is True and est.stderr is not None
+
+
+@pytest.mark.parametrize("method", ["hutch++", "na-hutch++"])
+def test_hutchpp_sketches_take_at_most_n_columns(method):
+    # num_matvecs = 20000 on n = 1: the sketch was 6667 columns (NA-Hutch++ then took the
+    # pseudo-inverse of a 6666 x 3333 core); at most n columns already span everything
+    op = lt.LinearOperator.from_callable(
+        matvec=lambda x: 2 * x, rmatvec=lambda x: 2 * x, shape=(1, 1)
+    )
+    est = lt.trace(op, method=method, num_matvecs=20000, seed=0)
+    assert est.info["sketch_size"] == 1 and est.info.get("left_sketch_size", 1) == 1
+    assert float(est) == pytest.approx(2.0, rel=1e-12) and float(est.stderr) <= 1e-12
