@@ -99,8 +99,8 @@ class ProbeSampler:
             full = block if existing is None else xp.concat([existing, block], axis=1)
             # integer entries: the Gram matrix is exact, and singular iff the columns are
             # dependent (its smallest eigenvalue is then 0 up to round-off)
-            lowest, highest = _extreme_eigenvalues(xp, full)
-            if lowest is None or lowest > 1e-10 * highest:
+            extremes = _extreme_eigenvalues(xp, full)
+            if extremes is None or extremes[0] > 1e-10 * extremes[1]:
                 return block
             block = self(num_probes)
         return block
@@ -116,12 +116,12 @@ class ProbeSampler:
         return xp.astype(real * scale, self.dtype) + 1j * xp.astype(imag * scale, self.dtype)
 
 
-def _extreme_eigenvalues(xp: Any, block: Any) -> tuple[float | None, float | None]:
+def _extreme_eigenvalues(xp: Any, block: Any) -> tuple[float, float] | None:
     """The smallest and largest eigenvalue of ``block^T block`` as floats (``None`` when
     they have no value yet, under JAX jit)."""
     values = xp.linalg.eigvalsh(xp.matrix_transpose(block) @ block)
     numbers = backend.concrete_floats(xp.stack([xp.min(values), xp.max(values)]))
-    return (None, None) if numbers is None else (numbers[0], numbers[1])
+    return None if numbers is None else (numbers[0], numbers[1])
 
 
 def _onto_sphere(xp: Any, block: Any) -> Any:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import warnings
 
+import array_api_compat.numpy as npx
 import numpy as np
 import pytest
 from conftest import numpy_of
@@ -226,7 +227,7 @@ def test_estimators_use_independent_probes_on_short_operators(monkeypatch):
     rng = np.random.default_rng(6)
     A = rng.standard_normal((16, 16))
     S = A @ A.T
-    plain = ProbeSampler("rademacher", 16, np, np.float64, "cpu", 3)
+    plain = ProbeSampler("rademacher", 16, npx, np.float64, "cpu", 3)
     plain(4)
     W = plain(4)
     plain_call = ProbeSampler.__call__
