@@ -53,9 +53,7 @@ def mean_and_stderr(samples: Any, xp: Any) -> tuple[Any, Any]:
     deviation = samples - mean
     # over max |deviation| (a constant to the gradient), so the squares of samples of
     # 1e160 (Frobenius norms of entries 1e80) neither overflow nor underflow
-    size = backend.stop_gradient(xp.max(xp.abs(deviation)))
-    size = xp.where(size > 0, size, xp.ones_like(size))
-    deviation = deviation / xp.astype(size, deviation.dtype)
+    deviation, size = backend.divide_by_largest(xp, deviation)
     square = (
         xp.real(xp.conj(deviation) * deviation)
         if backend.is_complex_dtype(xp, samples.dtype)

@@ -340,8 +340,7 @@ def _satterthwaite(products: Any, xp: Any) -> Any:
     ``sum(products) / (s (s - 1))``, clipped to [2, s - 1]; 2 where mean <= 0 and s - 1
     where the products are constant (var 0)."""
     s = products.shape[1]
-    size = xp.max(xp.abs(products), axis=1)  # scale-free: squares of 1e160 overflow
-    products = products / xp.where(size > 0, size, xp.ones_like(size))[:, None]
+    products, _ = backend.divide_by_largest(xp, products, axis=1)  # squares of 1e160 overflow
     mean = xp.mean(products, axis=1)
     spread = xp.sum((products - mean[:, None]) ** 2, axis=1) / (s - 1)
     positive = spread > 0

@@ -405,9 +405,8 @@ def error_terms(cross: Any, square: Any, xp: Any) -> dict[str, Any]:
     s = int(cross.shape[0])
     plain_var = xp.sum(square) / (s * (s - 1))
     cross_var = xp.sum(cross) / (s * (s - 1))
-    fixed = backend.stop_gradient(cross)
-    size = xp.max(xp.abs(fixed))  # the dof is scale-free; squares of 1e160 are not finite
-    fixed = fixed / xp.where(size > 0, size, xp.ones_like(size))
+    # the dof is scale-free; squares of 1e160 are not finite
+    fixed, _ = backend.divide_by_largest(xp, backend.stop_gradient(cross))
     mean = xp.mean(fixed)
     return {
         "stderr": xp.sqrt(xp.maximum(cross_var, plain_var)),
