@@ -1,16 +1,44 @@
-"""``Estimate``: the result of every trace, diagonal and row-sum computation."""
+"""``Estimate``: the result of every trace, diagonal and row-sum computation.
+
+Its arrays stay in the operator's library and on its device. Scalars that only shape the
+interval (degrees of freedom, the samples' skewness and kurtosis) and checks that raise
+(a non-finite product, an operator that is not what the method needs) are read on the
+host only when the user reads the estimate, so computing one never waits for a device.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from . import _backend as backend
 
-__all__ = ["Estimate"]
+__all__ = ["DeferredCheck", "Estimate"]
 
 
-@dataclass(frozen=True, repr=False)
+@dataclass(frozen=True)
+class DeferredCheck:
+    """A check of an estimate that needs a value from the device, run when it is read.
+
+    ``failed`` is a 0-d boolean array (True: raise); ``evidence`` holds arrays whose
+    values the message needs; ``error(*numbers)`` builds the exception from them.
+    """
+
+    failed: Any
+    evidence: tuple[Any, ...]
+    error: Callable[..., Exception]
+
+    def run(self) -> None:
+        """Read the flag (and the evidence) and raise; a no-op for abstract JAX values."""
+        if backend.is_tracer(self.failed):
+            return  # under jax.jit, grad, vmap: no value to check
+        if bool(self.failed):
+            numbers = [backend.read_float(x) for x in self.evidence]
+            raise self.error(*numbers)
+
+
 class Estimate:
     """A value with its standard error and what it cost.
 
@@ -32,8 +60,20 @@ class Estimate:
     dof : int or None
         Degrees of freedom of the Student-t quantile used by :meth:`ci`; ``None`` uses
         the normal quantile.
+    skewness, kurtosis : float or None
+        Of the samples whose mean ``value`` is, when the interval is shape-corrected
+        (Hutchinson-type estimates, see :meth:`quantile`).
     info : dict
         Method-specific extras (e.g. the plain XTrace error estimate).
+
+    Notes
+    -----
+    On libraries whose arrays live on a device (torch, CuPy, JAX) nothing is read on the
+    host while the estimate is computed: ``dof``, ``skewness`` and ``kurtosis`` are read
+    when first asked for, and a failed check (a non-finite product with
+    ``check_finite=True``, or XNysTrace's evidence that the operator is not positive
+    semidefinite) raises when ``value``, ``stderr``, an interval or ``float()`` is first
+    read. On NumPy such checks raise at once.
 
     Examples
     --------
@@ -44,43 +84,128 @@ class Estimate:
     (6.0, 0, (6.0, 6.0))
     """
 
-    value: Any
-    stderr: Any
-    num_matvecs: int
-    method: str
-    converged: bool | None = None
-    dof: int | None = None
-    info: dict = field(default_factory=dict)
+    def __init__(
+        self,
+        value: Any,
+        stderr: Any,
+        num_matvecs: int,
+        method: str,
+        converged: bool | None = None,
+        dof: Any = None,
+        info: dict | None = None,
+        *,
+        skewness: Any = None,
+        kurtosis: Any = None,
+        checks: tuple[DeferredCheck, ...] = (),
+    ) -> None:
+        self._value = value
+        self._stderr = stderr
+        self.num_matvecs = int(num_matvecs)
+        self.method = method
+        self.converged = converged
+        self._dof = dof
+        self.info = {} if info is None else dict(info)
+        self._skewness = skewness
+        self._kurtosis = kurtosis
+        self._checks = tuple(checks)
+        self._verified = False
+        if self._checks and _reads_are_free(value):
+            self._verify()
 
-    def quantile(self, level: float = 0.95) -> float:
-        """The two-sided quantile that :meth:`ci` multiplies the standard error by."""
+    # -------------------------------------------------------------- lazy reading
+    def _verify(self) -> None:
+        if not self._verified:
+            for check in self._checks:
+                check.run()
+            self._verified = True
+
+    @property
+    def value(self) -> Any:
+        self._verify()
+        return self._value
+
+    @property
+    def stderr(self) -> Any:
+        self._verify()
+        return self._stderr
+
+    @property
+    def dof(self) -> int | None:
+        return _whole_number(self._dof)
+
+    @property
+    def skewness(self) -> Any:
+        return _host_number(self._skewness)
+
+    @property
+    def kurtosis(self) -> Any:
+        return _host_number(self._kurtosis)
+
+    def with_checks(self, checks: tuple[DeferredCheck, ...], num_matvecs: int) -> Estimate:
+        """The same estimate with more checks and the counted ``num_matvecs`` (used by
+        :func:`~linop_trace.trace` and :func:`~linop_trace.diagonal` on every result)."""
+        return Estimate(
+            self._value,
+            self._stderr,
+            num_matvecs,
+            self.method,
+            self.converged,
+            self._dof,
+            self.info,
+            skewness=self._skewness,
+            kurtosis=self._kurtosis,
+            checks=self._checks + tuple(checks),
+        )
+
+    # ------------------------------------------------------------------ intervals
+    def quantile(self, level: float = 0.95) -> Any:
+        """The two-sided quantile that :meth:`ci` multiplies the standard error by.
+
+        Student-t with ``dof`` degrees of freedom (normal without), corrected to second
+        order for the samples' skewness and kurtosis where the estimate carries them
+        (:func:`~linop_trace.estimators._stats.edgeworth_quantile`). A float, or a NumPy
+        array for an estimate whose entries have shapes of their own.
+        """
         if not 0 < level < 1:
             raise ValueError(f"confidence level must lie in (0, 1), got {level}")
         from scipy import stats
 
         tail = 0.5 + level / 2
-        if self.dof is None:
+        dof = self.dof
+        if dof is None:
             return float(stats.norm.ppf(tail))
-        return float(stats.t.ppf(tail, self.dof))
+        base = float(stats.t.ppf(tail, dof))
+        skewness, kurtosis = self.skewness, self.kurtosis
+        if skewness is None or kurtosis is None:
+            return base
+        from .estimators._stats import edgeworth_quantile
+
+        return edgeworth_quantile(base, level, dof + 1, skewness, kurtosis)
 
     def ci(self, level: float = 0.95) -> tuple[Any, Any]:
         """The ``level`` confidence interval ``(low, high)`` from ``stderr``.
 
         Scalars come back as Python floats, vectors as arrays of the value's library.
         """
-        if self.stderr is None:
+        stderr = self.stderr
+        if stderr is None:
             raise ValueError(f"method {self.method!r} reports no error estimate, so no interval")
-        xp = backend.array_namespace(self.value)
-        if backend.is_complex_dtype(xp, self.value.dtype):
+        value = self.value
+        xp = backend.array_namespace(value)
+        if backend.is_complex_dtype(xp, value.dtype):
             raise ValueError("a confidence interval needs a real value; this estimate is complex")
         # intervals are reported, not differentiated: detach before leaving the library
-        value = backend.stop_gradient(self.value)
-        half_width = self.quantile(level) * backend.stop_gradient(self.stderr)
+        value = backend.stop_gradient(value)
+        quantile = self.quantile(level)
+        if not isinstance(quantile, float):
+            quantile = xp.asarray(quantile, dtype=stderr.dtype, device=backend.device_of(stderr))
+        half_width = quantile * backend.stop_gradient(stderr)
         low, high = value - half_width, value + half_width
         if value.ndim == 0:
             return float(low), float(high)
         return low, high
 
+    # ------------------------------------------------------------------- numbers
     def __float__(self) -> float:
         return float(backend.stop_gradient(self.value))
 
@@ -92,14 +217,13 @@ class Estimate:
             if x is None:
                 return "None"
             if getattr(x, "ndim", 1) == 0:
-                try:
-                    return (
-                        f"{complex(x):.6g}"
-                        if backend.is_complex_dtype(backend.array_namespace(x), x.dtype)
-                        else f"{float(x):.6g}"
-                    )
-                except Exception:  # tracers
+                if backend.is_tracer(x):
                     return repr(x)
+                return (
+                    f"{complex(x):.6g}"
+                    if backend.is_complex_dtype(backend.array_namespace(x), x.dtype)
+                    else f"{float(backend.stop_gradient(x)):.6g}"
+                )
             return f"<{backend.library_name(x)} array of shape {tuple(x.shape)}>"
 
         conv = "" if self.converged is None else f", converged={self.converged}"
@@ -107,3 +231,94 @@ class Estimate:
             f"Estimate(value={short(self.value)}, stderr={short(self.stderr)}, "
             f"num_matvecs={self.num_matvecs}, method={self.method!r}{conv})"
         )
+
+    # ---------------------------------------------------- JAX pytree (compiled runs)
+    def _tree_flatten(self) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+        arrays = {key: item for key, item in self.info.items() if backend.is_array_like(item)}
+        static = tuple((key, item) for key, item in self.info.items() if key not in arrays)
+        array_keys = tuple(arrays)
+        children = (
+            self._value,
+            self._stderr,
+            self._dof if backend.is_array_like(self._dof) else None,
+            self._skewness,
+            self._kurtosis,
+            tuple(arrays.values()),
+            tuple((check.failed, check.evidence) for check in self._checks),
+        )
+        aux = (
+            self.num_matvecs,
+            self.method,
+            self.converged,
+            None if backend.is_array_like(self._dof) else self._dof,
+            array_keys,
+            _Static(static),
+            tuple(check.error for check in self._checks),
+        )
+        return children, aux
+
+    @classmethod
+    def _tree_unflatten(cls, aux: tuple[Any, ...], children: tuple[Any, ...]) -> Estimate:
+        num_matvecs, method, converged, static_dof, array_keys, static, errors = aux
+        value, stderr, dof, skewness, kurtosis, arrays, checks = children
+        info = dict(static.items)
+        info.update(zip(array_keys, arrays))
+        estimate = cls.__new__(cls)
+        estimate._value, estimate._stderr = value, stderr
+        estimate.num_matvecs, estimate.method, estimate.converged = num_matvecs, method, converged
+        estimate._dof = static_dof if dof is None else dof
+        estimate.info = info
+        estimate._skewness, estimate._kurtosis = skewness, kurtosis
+        estimate._checks = tuple(
+            DeferredCheck(failed, evidence, error)
+            for (failed, evidence), error in zip(checks, errors)
+        )
+        estimate._verified = False
+        return estimate
+
+
+class _Static:
+    """Static (non-array) info entries: equal when their items are."""
+
+    def __init__(self, items: tuple[tuple[str, Any], ...]) -> None:
+        self.items = items
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Static) and repr(self.items) == repr(other.items)
+
+    def __hash__(self) -> int:
+        return hash(repr(self.items))
+
+
+backend.register_pytree(Estimate, Estimate._tree_flatten, Estimate._tree_unflatten)
+
+
+def _reads_are_free(value: Any) -> bool:
+    try:
+        return backend.reads_are_free(backend.array_namespace(value))
+    except TypeError:
+        return True
+
+
+def _host_number(x: Any) -> Any:
+    """A float (or NumPy array for vectors) of a device scalar, ``None`` for ``None``."""
+    if x is None:
+        return None
+    if isinstance(x, (int, float)):
+        return float(x)
+    if backend.is_tracer(x):
+        return None
+    if getattr(x, "ndim", 0) == 0:
+        return float(backend.stop_gradient(x))
+    return backend.to_numpy(backend.stop_gradient(x))
+
+
+def _whole_number(x: Any) -> int | None:
+    if x is None:
+        return None
+    if isinstance(x, int):
+        return x
+    if backend.is_tracer(x):
+        return None
+    value = float(backend.stop_gradient(x))
+    return int(math.floor(value)) if math.isfinite(value) else None

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from . import _backend as backend
+from ._blocks import probe_block_size
 from ._estimate import Estimate
 from ._operators import LinearOperator, aslinearoperator
 from ._probes import ProbeSampler
 from ._validation import check_num_matvecs, check_positive_int, check_square, check_tolerance
-from .estimators._base import CountingMatmat, EstimationRequest, default_block_size
-from .estimators._exact import _itemsize
+from .estimators._base import CountingMatmat, EstimationRequest, Estimator
 from .estimators._registry import get_estimator
+from .estimators._stats import sample_mean
 
 __all__ = ["col_sums", "diagonal", "frobenius_norm_squared", "row_sums", "trace"]
 
@@ -19,13 +21,45 @@ DEFAULT_NUM_MATVECS = 100
 DEFAULT_MAX_MATVECS = 1000
 
 
-def _request(
+@dataclass(frozen=True)
+class _Settings:
+    """The validated options of one estimate (hashable: a compiled program's key)."""
+
+    num_matvecs: int
+    block_size: int
+    probe: str
+    rtol: float | None
+    atol: float | None
+    confidence: float
+    max_matvecs: int
+    check_finite: bool
+
+    @property
+    def adaptive(self) -> bool:
+        return self.rtol is not None or self.atol is not None
+
+    def request(self, operator: LinearOperator, random: Any, method: str) -> EstimationRequest:
+        n = operator.shape[1]
+        sampler = ProbeSampler(self.probe, n, operator.xp, operator.dtype, operator.device, random)
+        return EstimationRequest(
+            matmat=CountingMatmat(operator, self.check_finite, self.block_size),
+            probes=sampler,
+            num_matvecs=self.num_matvecs,
+            block_size=self.block_size,
+            rtol=self.rtol,
+            atol=self.atol,
+            confidence=self.confidence,
+            max_matvecs=self.max_matvecs,
+            method=method,
+        )
+
+
+def _settings(
     operator: LinearOperator,
     estimator: Any,
-    quantity: str = "trace",
+    quantity: str,
     *,
     num_matvecs: int | None,
-    seed: Any,
     probe: str | None,
     rtol: float | None,
     atol: float | None,
@@ -33,9 +67,8 @@ def _request(
     max_matvecs: int | None,
     block_size: int | None,
     check_finite: bool,
-) -> EstimationRequest:
+) -> _Settings:
     check_tolerance(rtol, atol, confidence)
-    n = operator.shape[1]
     adaptive = rtol is not None or atol is not None
     minimum = getattr(estimator, "min_matvecs", 1)
     name = getattr(estimator, "name", repr(estimator))
@@ -54,27 +87,30 @@ def _request(
     elif max_matvecs < num_matvecs:
         raise ValueError(f"`max_matvecs`={max_matvecs} is smaller than `num_matvecs`={num_matvecs}")
     if block_size is None:
-        block_size = default_block_size(n, _itemsize(operator), limit=max(max_matvecs, 1))
+        block_size = probe_block_size(operator, limit=max(max_matvecs, 1))
     else:
         block_size = check_positive_int(block_size, "block_size")
-    if probe is None:  # the method's own default (XTrace: "sphere"), else Rademacher
-        probe = getattr(estimator, "default_probe", "rademacher")
-        if isinstance(probe, dict):  # per quantity (auto: sphere for traces)
-            probe = probe.get(quantity, "rademacher")
-    sampler = ProbeSampler(probe, n, operator.xp, operator.dtype, operator.device, seed)
-    return EstimationRequest(
-        matmat=CountingMatmat(operator, check_finite),
-        probes=sampler,
-        num_matvecs=num_matvecs,
-        block_size=block_size,
-        rtol=rtol,
-        atol=atol,
-        confidence=confidence,
-        max_matvecs=max_matvecs,
+    if isinstance(estimator, Estimator):
+        kind = estimator.probe_kind(quantity, probe)
+    else:  # a duck-typed plug-in
+        default = getattr(estimator, "default_probe", "rademacher")
+        if isinstance(default, dict):
+            default = default.get(quantity, "rademacher")
+        kind = probe if probe is not None else default
+    ProbeSampler.check_kind(kind)
+    return _Settings(
+        num_matvecs,
+        block_size,
+        kind,
+        None if rtol is None else float(rtol),
+        None if atol is None else float(atol),
+        float(confidence),
+        max_matvecs,
+        bool(check_finite),
     )
 
 
-def _estimate(quantity: str, A: Any, method: Any, **options: Any) -> Estimate:
+def _estimate(quantity: str, A: Any, method: Any, seed: Any, **options: Any) -> Estimate:
     operator = aslinearoperator(A)
     n = check_square(operator, quantity)
     estimator = get_estimator(method, quantity)
@@ -90,8 +126,44 @@ def _estimate(quantity: str, A: Any, method: Any, **options: Any) -> Estimate:
             0,
             "exact",
         )
-    request = _request(operator, estimator, quantity, **options)
-    return getattr(estimator, quantity)(operator, request)
+    settings = _settings(operator, estimator, quantity, **options)
+    if (
+        backend.compiles_whole(operator.xp)
+        and not settings.adaptive
+        and getattr(estimator, "jit_compatible", False)
+        and operator.compilable()
+    ):
+        # one compiled program; an integer seed becomes its key inside (no extra dispatch)
+        seed_argument, is_key = backend.jax_seed(seed)
+        program = backend.compiled(_compiled_run, num_static=4)
+        return program(estimator, quantity, settings, is_key, operator, seed_argument)
+    random = backend.make_random_source(seed, operator.xp, operator.device)
+    return _run(estimator, quantity, settings, operator, random)
+
+
+def _run(
+    estimator: Any, quantity: str, settings: _Settings, operator: LinearOperator, random: Any
+) -> Estimate:
+    """The estimator on its request; the result carries the counted columns and the
+    deferred finiteness check of every product."""
+    request = settings.request(operator, random, getattr(estimator, "name", "custom"))
+    estimate = getattr(estimator, quantity)(request)
+    return estimate.with_checks(request.matmat.deferred_checks(), request.columns)
+
+
+def _compiled_run(
+    estimator: Any,
+    quantity: str,
+    settings: _Settings,
+    is_key: bool,
+    operator: LinearOperator,
+    seed: Any,
+) -> Estimate:
+    """:func:`_run` inside one compiled JAX program (operator and seed are its arguments:
+    a key, or with ``is_key=False`` an integer that becomes one)."""
+    key = seed if is_key else backend.jax_key_of(seed)
+    random = backend.make_random_source(key, operator.xp, operator.device)
+    return _run(estimator, quantity, settings, operator, random)
 
 
 def trace(
@@ -131,7 +203,9 @@ def trace(
     max_matvecs : int, optional
         Budget cap with a tolerance (default 1000).
     block_size : int, optional
-        Most columns per operator call; by default as many as fit in 64 MiB.
+        Most columns per operator call; by default as many as fit in a quarter of the
+        memory the operator's device has free (at the operator's own bytes per column),
+        so that a budget that fits goes through in one call.
     check_finite : bool
         Raise ``FloatingPointError`` when a product is NaN or infinite.
 
@@ -162,8 +236,8 @@ def trace(
         "trace",
         A,
         method,
+        seed,
         num_matvecs=num_matvecs,
-        seed=seed,
         probe=probe,
         rtol=rtol,
         atol=atol,
@@ -202,8 +276,8 @@ def diagonal(
         "diagonal",
         A,
         method,
+        seed,
         num_matvecs=num_matvecs,
-        seed=seed,
         probe=probe,
         rtol=rtol,
         atol=atol,
@@ -225,7 +299,7 @@ def _sums(A: Any, adjoint: bool, check_finite: bool) -> Estimate:
     value = counter(ones)[:, 0]
     real = backend.real_dtype_for(xp, operator.dtype)
     stderr = xp.zeros(value.shape, dtype=real, device=operator.device)
-    return Estimate(value, stderr, counter.columns, "exact")
+    return Estimate(value, stderr, counter.columns, "exact", checks=counter.deferred_checks())
 
 
 def row_sums(A: Any, check_finite: bool = True) -> Estimate:
@@ -296,14 +370,12 @@ def frobenius_norm_squared(
     >>> float(est.value) > 0, round(float(np.sum(A**2)), 1)
     (True, 56.0)
     """
-    from .estimators._hutchinson import SampleMeanEstimate, mean_and_stderr, sample_shape
-
     operator = aslinearoperator(A)
     xp = operator.xp
     num_matvecs = check_num_matvecs(num_matvecs, "frobenius_norm_squared", 1)
     cols = operator.shape[1]
     if block_size is None:
-        block_size = default_block_size(max(operator.shape), _itemsize(operator), limit=num_matvecs)
+        block_size = probe_block_size(operator, limit=num_matvecs)
     else:
         block_size = check_positive_int(block_size, "block_size")
     sampler = ProbeSampler(probe, cols, xp, operator.dtype, operator.device, seed)
@@ -311,19 +383,10 @@ def frobenius_norm_squared(
     samples = []
     for start in range(0, num_matvecs, block_size):
         image = counter(sampler(min(block_size, num_matvecs - start)))
-        square = xp.abs(image) ** 2 if backend.is_complex_dtype(xp, image.dtype) else image * image
-        samples.append(xp.sum(square, axis=0))
+        samples.append(backend.column_inner(xp, image, image))
     drawn = samples[0] if len(samples) == 1 else xp.concat(samples)
-    value, stderr = mean_and_stderr(drawn, xp)
+    if backend.is_complex_dtype(xp, drawn.dtype):
+        drawn = xp.real(drawn)
     # the samples |A z|^2 are skewed: the interval is Hutchinson's shape-corrected t one
-    skewness, kurtosis = sample_shape(drawn, xp)
-    return SampleMeanEstimate(
-        value,
-        stderr,
-        counter.columns,
-        "hutchinson",
-        dof=num_matvecs - 1 if num_matvecs > 1 else None,
-        info={"probe": probe, "samples": drawn},
-        skewness=skewness,
-        kurtosis=kurtosis,
-    )
+    estimate = sample_mean(drawn, xp).estimate(counter.columns, "hutchinson", info={"probe": probe})
+    return estimate.with_checks(counter.deferred_checks(), counter.columns)

@@ -66,6 +66,19 @@ class LinearOperator:
 
     #: Output of user code is validated (shape, library, dtype) when this is true.
     _validate_output = False
+    #: The attributes that hold the operator's data (arrays, sparse matrices, operators,
+    #: pytrees of arrays). Under JAX they are the arguments of a compiled estimate, so
+    #: one program serves every operator of the same structure and shapes. ``None``: the
+    #: operator is more than its data (user functions, which may close over arrays that
+    #: a compiled program would embed as constants), and estimates on it run eagerly.
+    _data_fields: tuple[str, ...] | None = None
+    #: Attributes that only cache derived data; dropped when the operator is rebuilt.
+    _cache_fields: tuple[str, ...] = ()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.__dict__.get("_data_fields") is not None:
+            backend.register_pytree(cls, _flatten_operator, _unflatten_operator)
 
     def __init__(
         self,
@@ -92,6 +105,26 @@ class LinearOperator:
     def library(self) -> str:
         """The name of the operator's array library (``"numpy"``, ``"torch"``, ...)."""
         return backend.namespace_name(self.xp)
+
+    def compilable(self) -> bool:
+        """Whether the operator is its data alone (see ``_data_fields``), so that under JAX
+        an estimate on it compiles into one program with the data as arguments."""
+        fields = self._data_fields
+        if fields is None:
+            return False
+        return all(
+            getattr(self, name).compilable()
+            for name in fields
+            if isinstance(getattr(self, name), LinearOperator)
+        )
+
+    def bytes_per_column(self) -> int:
+        """Memory one column of a block product needs on the operator's device (the input
+        column and its image); block sizes divide the device's free memory by it.
+        Operators whose product needs more (autodiff) say so by overriding it."""
+        from ._blocks import itemsize
+
+        return (self.shape[0] + self.shape[1]) * itemsize(self.xp, self.dtype)
 
     def __repr__(self) -> str:
         return (
@@ -327,6 +360,11 @@ class LinearOperator:
         """The diagonal when the structure gives it cheaply (dense, sparse, sums), else None."""
         return None
 
+    def _reset_caches(self) -> None:
+        """Empty the attributes named in ``_cache_fields`` (after a rebuild from data)."""
+        for name in self._cache_fields:
+            setattr(self, name, {} if name == "_cast" else None)
+
     # --------------------------------------------------------------- constructors
     @classmethod
     def from_callable(
@@ -382,6 +420,58 @@ class LinearOperator:
         return _CallableOperator(matvec, matmat, rmatvec, rmatmat, shape, dtype, like, tags)
 
 
+def _flatten_operator(operator: LinearOperator) -> tuple[tuple[Any, ...], Any]:
+    fields = operator._data_fields or ()
+    skip = set(fields) | set(operator._cache_fields)
+    static = tuple(sorted((k, v) for k, v in vars(operator).items() if k not in skip))
+    return tuple(getattr(operator, name) for name in fields), (type(operator), _Static(static))
+
+
+def _unflatten_operator(aux: Any, children: tuple[Any, ...]) -> LinearOperator:
+    cls, static = aux
+    operator = object.__new__(cls)
+    vars(operator).update(static.items)
+    fields = operator._data_fields or ()
+    vars(operator).update(zip(fields, children))
+    operator._reset_caches()
+    return operator
+
+
+class _Static:
+    """An operator's static attributes, compared item by item (by identity where a value
+    does not compare), so that operators of one structure share a compiled program."""
+
+    def __init__(self, items: tuple[tuple[str, Any], ...]) -> None:
+        self.items = items
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, _Static) or len(self.items) != len(other.items):
+            return False
+        for (key, value), (other_key, other_value) in zip(self.items, other.items):
+            if key != other_key or not _same(value, other_value):
+                return False
+        return True
+
+    def __hash__(self) -> int:
+        return hash(tuple((key, _hash_of(value)) for key, value in self.items))
+
+
+def _same(a: Any, b: Any) -> bool:
+    if a is b:
+        return True
+    try:
+        return bool(a == b)
+    except Exception:
+        return False
+
+
+def _hash_of(value: Any) -> int:
+    try:
+        return hash(value)
+    except TypeError:
+        return id(value)
+
+
 def _is_scalar(value: Any) -> bool:
     if isinstance(value, numbers.Number) and not isinstance(value, bool):
         return True
@@ -393,6 +483,9 @@ def _is_scalar(value: Any) -> bool:
 
 class _DenseOperator(LinearOperator):
     """A dense 2-d array of any array-API library."""
+
+    _data_fields = ("matrix",)
+    _cache_fields = ("_adjoint", "_cast")
 
     def __init__(self, matrix: Any, tags: Iterable[str] = ()) -> None:
         xp = backend.array_namespace(matrix)
@@ -436,6 +529,9 @@ class _DenseOperator(LinearOperator):
 
 class _SparseOperator(LinearOperator):
     """A sparse matrix: SciPy, torch (COO/CSR), JAX BCOO or cupyx."""
+
+    _data_fields = ("matrix",)
+    _cache_fields = ("_adjoint",)
 
     def __init__(self, matrix: Any, tags: Iterable[str] = ()) -> None:
         xp = backend.array_namespace(matrix)
@@ -609,6 +705,8 @@ def _check_compatible(a: LinearOperator, b: LinearOperator, what: str) -> None:
 
 
 class _SumOperator(LinearOperator):
+    _data_fields = ("left", "right")
+
     def __init__(self, left: LinearOperator, right: LinearOperator) -> None:
         _check_compatible(left, right, "add")
         if left.shape != right.shape:
@@ -631,6 +729,8 @@ class _SumOperator(LinearOperator):
 
 
 class _ScaledOperator(LinearOperator):
+    _data_fields: tuple[str, ...] | None = ("operator", "scalar")
+
     def __init__(self, operator: LinearOperator, scalar: Any) -> None:
         xp = operator.xp
         if isinstance(scalar, numbers.Number):
@@ -652,6 +752,8 @@ class _ScaledOperator(LinearOperator):
             tags = tags - {"hermitian"}
         super().__init__(operator.shape, dtype, xp, operator.device, tags)
         self.operator, self.scalar = operator, scalar
+        if isinstance(scalar, numbers.Number):  # a Python number is part of the structure
+            self._data_fields = ("operator",)
 
     def _conj_scalar(self) -> Any:
         if isinstance(self.scalar, numbers.Number):
@@ -678,6 +780,8 @@ class _ScaledOperator(LinearOperator):
 
 
 class _ProductOperator(LinearOperator):
+    _data_fields = ("left", "right")
+
     def __init__(self, left: LinearOperator, right: LinearOperator) -> None:
         _check_compatible(left, right, "compose")
         if left.shape[1] != right.shape[0]:
@@ -694,6 +798,8 @@ class _ProductOperator(LinearOperator):
 
 
 class _AdjointOperator(LinearOperator):
+    _data_fields = ("operator",)
+
     def __init__(self, operator: LinearOperator) -> None:
         super().__init__(
             (operator.shape[1], operator.shape[0]),
@@ -723,6 +829,8 @@ class _AdjointOperator(LinearOperator):
 
 class _TransposeOperator(LinearOperator):
     """``A^T X = conj(A^H conj(X))``: the adjoint product with conjugations around it."""
+
+    _data_fields = ("operator",)
 
     def __init__(self, operator: LinearOperator) -> None:
         super().__init__(

@@ -16,6 +16,10 @@ from ._operators import LinearOperator, aslinearoperator
 __all__ = ["PROBES", "ProbeSampler", "gaussian", "rademacher", "sphere", "steinhaus"]
 
 PROBES = ("rademacher", "gaussian", "sphere", "steinhaus")
+#: Probe kinds whose entries all have modulus 1.
+UNIT_MODULUS = ("rademacher", "steinhaus")
+#: Probe kinds whose distribution is rotation invariant.
+ROTATION_INVARIANT = ("sphere", "gaussian")
 #: :meth:`ProbeSampler.independent` checks real Rademacher blocks up to this length ...
 SHORT_PROBES = 64
 #: ... when at least this many more entries than columns (n - s) ...
@@ -41,8 +45,7 @@ class ProbeSampler:
     def __init__(
         self, kind: str, n: int, xp: Any, dtype: Any, device: Any, seed: Any = None
     ) -> None:
-        if kind not in PROBES:
-            raise ValueError(f"unknown probe {kind!r}; known probes are {', '.join(PROBES)}")
+        self.check_kind(kind)
         self.kind = kind
         self.n = n
         self.xp = xp
@@ -51,6 +54,24 @@ class ProbeSampler:
         self.random = backend.make_random_source(seed, xp, device)
         self.complex = backend.is_complex_dtype(xp, dtype)
         self.real_dtype = backend.real_dtype_for(xp, dtype)
+
+    @staticmethod
+    def check_kind(kind: Any) -> None:
+        """``ValueError`` naming the known probes unless ``kind`` is one."""
+        if kind not in PROBES:
+            raise ValueError(f"unknown probe {kind!r}; known probes are {', '.join(PROBES)}")
+
+    @property
+    def unit_modulus(self) -> bool:
+        """Whether every entry has modulus 1 (Rademacher, Steinhaus): E[conj(z) z] = 1
+        exactly, which the diagonal estimators' denominators and XDiag rely on."""
+        return self.kind in UNIT_MODULUS
+
+    @property
+    def rotation_invariant(self) -> bool:
+        """Whether the distribution is invariant under rotations (Gaussian, sphere): what
+        the improved normalization of XTrace and XNysTrace needs to be unbiased."""
+        return self.kind in ROTATION_INVARIANT
 
     def __call__(self, num_probes: int) -> Any:
         shape = (self.n, int(num_probes))
@@ -86,8 +107,9 @@ class ProbeSampler:
         estimates (measured at n = s = 4: XTrace's by 70 standard errors of the mean),
         and the probes stay i.i.d. there, dependent blocks included (use
         ``method="exact"``: n matvecs). Longer blocks are dependent with probability
-        below s^2 2^-64 and are not checked; nor are blocks without concrete values (JAX
-        jit).
+        below s^2 2^-64 and are not checked. JAX decides on the device (a compiled loop);
+        torch and CuPy read the check on the host, a device wait for these short blocks
+        only.
         """
         block = self(num_probes)
         total = int(num_probes) + (0 if existing is None else int(existing.shape[1]))
@@ -95,15 +117,15 @@ class ProbeSampler:
         if self.kind != "rademacher" or self.complex or not short:
             return block
         xp = self.xp
-        for _ in range(REDRAWS):
-            full = block if existing is None else xp.concat([existing, block], axis=1)
+
+        def dependent(candidate: Any) -> Any:
+            full = candidate if existing is None else xp.concat([existing, candidate], axis=1)
             # integer entries: the Gram matrix is exact, and singular iff the columns are
             # dependent (its smallest eigenvalue is then 0 up to round-off)
-            extremes = _extreme_eigenvalues(xp, full)
-            if extremes is None or extremes[0] > 1e-10 * extremes[1]:
-                return block
-            block = self(num_probes)
-        return block
+            values = xp.linalg.eigvalsh(xp.matrix_transpose(full) @ full)
+            return xp.min(values) <= 1e-10 * xp.max(values)
+
+        return self.random.redraw_while(block, dependent, REDRAWS, lambda: self(num_probes))
 
     def _gaussian(self, shape: tuple[int, int]) -> Any:
         xp = self.xp
@@ -114,14 +136,6 @@ class ProbeSampler:
         imag = self.random.standard_normal(shape, self.real_dtype)
         scale = 1 / math.sqrt(2)
         return xp.astype(real * scale, self.dtype) + 1j * xp.astype(imag * scale, self.dtype)
-
-
-def _extreme_eigenvalues(xp: Any, block: Any) -> tuple[float, float] | None:
-    """The smallest and largest eigenvalue of ``block^T block`` as floats (``None`` when
-    they have no value yet, under JAX jit)."""
-    values = xp.linalg.eigvalsh(xp.matrix_transpose(block) @ block)
-    numbers = backend.concrete_floats(xp.stack([xp.min(values), xp.max(values)]))
-    return None if numbers is None else (numbers[0], numbers[1])
 
 
 def _onto_sphere(xp: Any, block: Any) -> Any:

@@ -17,10 +17,11 @@ from typing import Any
 import array_api_compat
 
 from .. import _backend as backend
+from .._blocks import block_size_for
 from .._estimate import Estimate
 from .._probes import ProbeSampler
 from .._validation import check_num_matvecs, check_positive_int
-from ..estimators._base import default_block_size
+from ..estimators._stats import sample_mean
 from ._common import AutodiffOperator, FallbackChain, check_mode
 
 __all__ = ["AutodiffOperator", "divergence", "divergence_samples", "ggn", "hessian", "jacobian"]
@@ -354,7 +355,8 @@ def divergence(
     seed : int, None, or the library's generator/key
     probe : {"rademacher", "gaussian", "sphere"}
     block_size : int, optional
-        Most probes per vectorized pass; by default as many as fit in 64 MiB.
+        Most probes per vectorized pass; by default as many as fit in a quarter of the
+        free memory of the device of ``x``.
     differentiable : bool
         torch: keep the estimate in the autograd graph of ``x`` and of the parameters
         ``f`` captures (for training losses). JAX estimates are always differentiable.
@@ -406,7 +408,8 @@ def divergence(
     total = dim if method == "exact" else num_matvecs
     itemsize = max(1, xp.finfo(dtype).bits // 8)
     if block_size is None:
-        block_size = default_block_size(batch * dim, itemsize, limit=total)
+        # a probe of the batch and its JVP, with room for the forward pass's activations
+        block_size = block_size_for(xp, device, 4 * batch * dim * itemsize, limit=total)
     else:
         block_size = check_positive_int(block_size, "block_size")
     widths = [min(block_size, total - start) for start in range(0, total, block_size)]
@@ -431,18 +434,9 @@ def divergence(
         probes = xp.reshape(xp.matrix_transpose(block), (width, batch, dim))
         pieces.append(divergence_samples(jvp_block, probes, xp))
     samples = xp.concat(pieces, axis=0) if len(pieces) > 1 else pieces[0]
-    mean = xp.mean(samples, axis=0)
-    deviation = samples - mean
-    variance = xp.sum(deviation * deviation, axis=0) / (num_matvecs - 1)
-    stderr = xp.sqrt(variance / num_matvecs)
-    return Estimate(
-        mean,
-        stderr,
-        num_matvecs,
-        "hutchinson",
-        dof=num_matvecs - 1,
-        info={"probe": probe, "samples": samples},
-    )
+    # Hutchinson's estimate per sample b: mean, stderr and the shape-corrected interval
+    # (over the largest deviation, so extreme scales neither overflow nor underflow)
+    return sample_mean(samples, xp).estimate(num_matvecs, "hutchinson", info={"probe": probe})
 
 
 def _divergence_jvp(library: str, f: Callable, x: Any, differentiable: bool) -> FallbackChain:

@@ -37,28 +37,23 @@ from typing import Any
 
 from .. import _backend as backend
 from .._estimate import Estimate
-from .._operators import LinearOperator
-from ._base import (
-    EstimationRequest,
-    Estimator,
-    blocked_matmat,
+from ._base import EstimationRequest, Estimator
+from ._linalg import (
+    abs2,
     column_inner,
+    downdate_directions,
     hermitian_transpose,
-)
-from ._diagpp import DiagPlusPlus
-from ._exact import Exact
-from ._hutchinson import Hutchinson, hutchinson_draw, hutchinson_estimate, hutchinson_until
-from ._xtrace import (
-    ROTATION_INVARIANT,
-    _abs2,
-    _diag,
-    _downdate_directions,
-    _real,
-    exchangeable_estimate,
     orthonormal_basis,
-    xtrace_finish,
-    xtrace_start,
+    real_part,
 )
+from ._registry import available_methods, builtin, get_estimator
+
+
+def _method(name: str) -> Any:
+    """The package's own estimator ``name``, with the entry points that continue from
+    products already made (``finish_trace``)."""
+    return builtin(name)
+
 
 __all__ = ["Auto", "predicted_variances"]
 
@@ -66,30 +61,13 @@ __all__ = ["Auto", "predicted_variances"]
 XDIAG_PROBES = ("rademacher", "steinhaus")
 
 
-def _has_adjoint(operator: LinearOperator) -> bool:
-    """Whether products with A^H are available (XDiag needs them): self-adjoint tags, or
-    an ``rmatmat`` that accepts an empty block (nothing is counted or computed)."""
-    from ._base import is_self_adjoint
-
-    if is_self_adjoint(operator):
-        return True
-    xp = operator.xp
-    empty = xp.zeros((operator.shape[0], 0), dtype=operator.dtype, device=operator.device)
-    try:
-        operator.rmatmat(empty)
-    except NotImplementedError:
-        return False
-    except Exception:  # an adjoint exists but dislikes empty blocks; XDiag gives it real ones
-        return True
-    return True
-
-
 def predicted_variances(probes: Any, images: Any, num_matvecs: int, xp: Any) -> tuple[float, float]:
     """Predicted variances of Hutchinson (all ``num_matvecs`` columns as probes) and of
     XTrace (``probes.shape[1]`` probes) from the first products ``images = A @ probes``.
 
-    Pure linear algebra, no operator. Returns ``(hutchinson, xtrace)`` as floats (NaN
-    when the products have no concrete value, e.g. JAX tracers under ``jit``).
+    Pure linear algebra, no operator. Returns ``(hutchinson, xtrace)`` as floats (read on
+    the host: the choice is made there; NaN when the products have no value, e.g. JAX
+    tracers under ``jit``).
 
     Examples
     --------
@@ -113,23 +91,24 @@ def _predict(probes: Any, images: Any, num_matvecs: int, xp: Any) -> tuple[float
     samples = column_inner(probes, images, xp)
     mean = xp.mean(samples)
     deviation = samples - mean
-    spread = backend.concrete_float(xp.sum(_abs2(deviation, xp)))
+    spread = xp.sum(abs2(deviation, xp))
     mu = mean / n
     basis = orthonormal_basis(images, xp)
     qh = hermitian_transpose(basis, xp)
     r = qh @ images
     w = qh @ probes
-    sdir = _downdate_directions(r, xp)
+    sdir = downdate_directions(r, xp)
     sh = hermitian_transpose(sdir, xp)
-    alpha = _diag(sh @ w, xp)  # s_i^H w_i
-    beta = _diag(sh @ r, xp)  # s_i^H Q^H y_i
-    outside = _real(column_inner(probes, probes, xp), xp) - xp.sum(_abs2(w, xp), axis=0)
-    rho = _abs2(mu, xp) * outside + _abs2(beta - mu * alpha, xp)
+    alpha = xp.linalg.diagonal(sh @ w)  # s_i^H w_i
+    beta = xp.linalg.diagonal(sh @ r)  # s_i^H Q^H y_i
+    outside = real_part(column_inner(probes, probes, xp), xp) - xp.sum(abs2(w, xp), axis=0)
+    rho = abs2(mu, xp) * outside + abs2(beta - mu * alpha, xp)
     factor = 1.0 if backend.is_complex_dtype(xp, probes.dtype) else 2.0
-    rho_mean = backend.concrete_float(xp.mean(rho))
-    if spread is None or rho_mean is None:
+    numbers = backend.read_floats(xp, [spread, xp.mean(rho)])
+    if numbers is None:
         return math.nan, math.nan, basis, sdir
-    hutch = spread / max(s - 1, 1) / num_matvecs
+    spread_value, rho_mean = numbers
+    hutch = spread_value / max(s - 1, 1) / num_matvecs
     xtrace = factor * rho_mean / s
     return hutch, xtrace, basis, sdir
 
@@ -180,16 +159,15 @@ class Auto(Estimator):
     def __init__(
         self, trace_method: Estimator | None = None, diagonal_method: Estimator | None = None
     ) -> None:
-        self.exact = Exact()
         self.trace_method = trace_method
         self.diagonal_method = diagonal_method
 
     def __repr__(self) -> str:
         return f"Auto(trace_method={self.trace_method!r}, diagonal_method={self.diagonal_method!r})"
 
-    def _use_exact(self, operator: LinearOperator, request: EstimationRequest) -> bool:
+    def _use_exact(self, request: EstimationRequest) -> bool:
         budget = request.max_matvecs if request.adaptive else request.num_matvecs
-        return operator.shape[1] <= (budget or 0) or operator._exact_diagonal() is not None
+        return request.n <= (budget or 0) or request.stored_diagonal() is not None
 
     def _check_budget(self, request: EstimationRequest) -> None:
         """Estimates need two columns for an error bar (as ``method="hutchinson"``)."""
@@ -199,54 +177,45 @@ class Auto(Estimator):
                 f"compute exactly (n <= num_matvecs), got num_matvecs={request.num_matvecs}"
             )
 
-    def trace(self, operator: LinearOperator, request: EstimationRequest) -> Estimate:
-        if self._use_exact(operator, request):
-            return self.exact.trace(operator, request)
+    def trace(self, request: EstimationRequest) -> Estimate:
+        if self._use_exact(request):
+            return builtin("exact").trace(request)
         self._check_budget(request)
         if self.trace_method is not None:
-            return self.trace_method.trace(operator, request)
-        xp = operator.xp
-        n = operator.shape[0]
+            return self.trace_method.trace(request)
+        xp = request.xp
         budget = request.num_matvecs
         if request.adaptive:  # the tolerance decides the size; start with a useful sketch
             budget = max(budget, min(32, request.max_matvecs or budget))
         if budget < 4:  # too few columns to split between two passes
-            return Hutchinson().trace(operator, request)
-        if not request.adaptive and "positive_semidefinite" in operator.tags:
-            return self._psd_trace(operator, request)
-        sampler = request.probes
-        s = max(2, min(budget // 2, n))
-        probes = sampler.independent(s)
-        images = blocked_matmat(operator, request)(probes)
+            return builtin("hutchinson").trace(request)
+        if not request.adaptive and "positive_semidefinite" in request.tags:
+            return self._psd_trace(request)
+        s = max(2, min(budget // 2, request.n))
+        probes = request.probes.independent(s)
+        images = request.matmat(probes)
         hutch_var, xtrace_var, basis, directions = _predict(probes, images, budget, xp)
         choice = {"hutchinson_variance": hutch_var, "xtrace_variance": xtrace_var}
-        if xtrace_var < hutch_var:  # False for NaN (no concrete products): Hutchinson
-            state = xtrace_start(operator, request, sampler, s, probes, images)
-            state.update(basis=basis, directions=directions)  # of these very products
-            improved = sampler.kind in ROTATION_INVARIANT
-            result = xtrace_finish(operator, request, sampler, state, improved, "xtrace")
-            result.info["auto"] = choice
-            return result
+        if xtrace_var < hutch_var:  # False for NaN (no values to compare): Hutchinson
+            return _method("xtrace").finish_trace(
+                request, probes, images, basis, directions, info={"auto": choice}
+            )
         samples = [column_inner(probes, images, xp)]
-        samples += hutchinson_draw(request, sampler, max(budget - s, 0), xp)
-        converged = hutchinson_until(request, sampler, samples, xp) if request.adaptive else None
-        return hutchinson_estimate(
-            request, sampler, samples, xp, "hutchinson", converged, {"auto": choice}
-        )
+        request = dataclasses.replace(request, num_matvecs=max(budget, s))
+        return _method("hutchinson").finish_trace(request, samples, info={"auto": choice})
 
-    def _psd_trace(self, operator: LinearOperator, request: EstimationRequest) -> Estimate:
+    def _psd_trace(self, request: EstimationRequest) -> Estimate:
         """XNysTrace for operators tagged positive semidefinite (one pass, and far more
         accurate than XTrace on decaying spectra). If the products contradict the tag,
-        the same products give Hutchinson's estimate instead (no column is wasted)."""
-        from ._xnystrace import XNysTrace, xnystrace_estimates
-
-        xp = operator.xp
-        sampler = request.probes
-        m = min(request.num_matvecs, operator.shape[0])
-        probes = sampler.independent(m)
-        images = blocked_matmat(operator, request)(probes)
+        the same products give Hutchinson's estimate instead (no column is wasted); to
+        know, the estimate is read once."""
+        xp = request.xp
+        m = min(request.num_matvecs, request.n)
+        probes = request.probes.independent(m)
+        images = request.matmat(probes)
         try:
-            result = xnystrace_estimates(probes, images, xp, sampler.kind in ROTATION_INVARIANT)
+            estimate = _method("xnystrace").finish_trace(request, probes, images)
+            estimate.value  # noqa: B018 - runs its positive-semidefiniteness check
         except ValueError as error:
             warnings.warn(
                 f"{error}; the operator is tagged positive_semidefinite, so method='auto' "
@@ -255,15 +224,13 @@ class Auto(Estimator):
                 stacklevel=4,
             )
             samples = [column_inner(probes, images, xp)]
-            return hutchinson_estimate(
-                request, sampler, samples, xp, "hutchinson", info={"auto": str(error)}
-            )
-        improved = sampler.kind in ROTATION_INVARIANT
-        return exchangeable_estimate(result, request, sampler, m, improved, XNysTrace.name)
+            request = dataclasses.replace(request, num_matvecs=m)
+            return _method("hutchinson").finish_trace(request, samples, info={"auto": str(error)})
+        return estimate
 
-    def diagonal(self, operator: LinearOperator, request: EstimationRequest) -> Estimate:
-        if self._use_exact(operator, request):
-            return self.exact.diagonal(operator, request)
+    def diagonal(self, request: EstimationRequest) -> Estimate:
+        if self._use_exact(request):
+            return builtin("exact").diagonal(request)
         self._check_budget(request)
         method = self.diagonal_method
         if method is None and request.adaptive:
@@ -271,14 +238,13 @@ class Auto(Estimator):
             # tolerance is met, from a useful first budget as for traces
             budget = max(request.num_matvecs, min(32, request.max_matvecs or 0))
             request = dataclasses.replace(request, num_matvecs=budget)
-            if _has_adjoint(operator) and budget >= DiagPlusPlus.min_matvecs:
-                method = DiagPlusPlus()
+            diagpp = builtin("diag++")
+            if request.has_adjoint and budget >= diagpp.min_matvecs:
+                method = diagpp
             else:
-                method = Hutchinson()
+                method = builtin("hutchinson")
         if method is None:
-            from ._registry import available_methods, get_estimator
-
-            adjoint = _has_adjoint(operator)
+            adjoint = request.has_adjoint
             if (
                 request.probes.kind in XDIAG_PROBES
                 and "xdiag" in available_methods("diagonal")
@@ -287,8 +253,9 @@ class Auto(Estimator):
                 candidate = get_estimator("xdiag", "diagonal")
                 if request.num_matvecs >= getattr(candidate, "min_matvecs", 1):
                     method = candidate
-            if method is None and adjoint and request.num_matvecs >= DiagPlusPlus.min_matvecs:
-                method = DiagPlusPlus()  # any probe; deflation helps decaying spectra
+            diagpp = builtin("diag++")
+            if method is None and adjoint and request.num_matvecs >= diagpp.min_matvecs:
+                method = diagpp  # any probe; deflation helps decaying spectra
             if method is None:
-                method = Hutchinson()
-        return method.diagonal(operator, request)
+                method = builtin("hutchinson")
+        return method.diagonal(request)

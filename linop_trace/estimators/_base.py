@@ -1,37 +1,44 @@
-"""What every estimator receives (``EstimationRequest``) and implements (``Estimator``)."""
+"""The estimator contract: what an estimator receives (:class:`EstimationRequest`), what it
+declares and implements (:class:`Estimator`), and the counted product every column of
+every estimate goes through (:class:`CountingMatmat`).
+
+An estimator never sees the operator itself: the request gives it the counted block
+products ``A X`` and ``A^H X``, the operator's size, library, dtype, device and tags, and
+its stored diagonal where it has one. So the budget (``num_matvecs``), the finiteness
+check and the block size hold for every method, built in or plugged in.
+"""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from .. import _backend as backend
-from .._estimate import Estimate
-from .._operators import LinearOperator
+from .._estimate import DeferredCheck, Estimate
 from .._probes import ProbeSampler
 
 __all__ = [
     "CountingMatmat",
-    "apply_blocked",
     "EstimationRequest",
     "Estimator",
-    "default_block_size",
+    "deflation_split",
     "is_self_adjoint",
 ]
 
-#: Bytes a block of probes (and its image) may take by default.
-DEFAULT_BLOCK_BYTES = 64 * 2**20
+
+def deflation_split(num_matvecs: int) -> tuple[int, int]:
+    """The budget split of the deflation methods (Hutch++, Diag++): sketch size s and
+    residual probes g with 2 s + g <= num_matvecs (s for the sketch, s for A Q).
+
+    s = ceil(m/3) unless that leaves no residual probe, g = m - 2 s; so m = 100 gives
+    34 sketch columns, 34 for A Q and 32 residual probes; m = 20 gives 7, 7, 6.
+    """
+    sketch = min(math.ceil(num_matvecs / 3), (num_matvecs - 1) // 2)
+    return sketch, num_matvecs - 2 * sketch
 
 
-def default_block_size(n: int, itemsize: int, limit: int | None = None) -> int:
-    """Columns per block so that an ``(n, block)`` array stays under 64 MiB."""
-    block = max(1, DEFAULT_BLOCK_BYTES // max(1, n * itemsize))
-    return block if limit is None else max(1, min(block, limit))
-
-
-def is_self_adjoint(operator: LinearOperator) -> bool:
+def is_self_adjoint(operator: Any) -> bool:
     """Whether the operator's tags say ``A^H = A``."""
     tags = operator.tags
     if "hermitian" in tags:
@@ -39,21 +46,74 @@ def is_self_adjoint(operator: LinearOperator) -> bool:
     return "symmetric" in tags and not backend.is_complex_dtype(operator.xp, operator.dtype)
 
 
-class CountingMatmat:
-    """``X -> A @ X`` that counts calls and columns and refuses non-finite results.
+class _Tally:
+    """Columns and calls through an operator (both directions), and the finiteness of
+    every product: read on the host at once where reads are free, else kept as device
+    flags that the estimate checks when it is first read."""
 
-    Every estimator multiplies through one of these, so ``num_matvecs`` in the result is
-    the number of columns that really passed through the operator.
-    """
-
-    def __init__(self, operator: LinearOperator, check_finite: bool = True) -> None:
-        self.operator = operator
+    def __init__(self, check_finite: bool) -> None:
         self.check_finite = check_finite
         self.calls = 0
         self.columns = 0
+        self.flags: list[Any] = []
+
+
+class CountingMatmat:
+    """``X -> A @ X`` in blocks of at most ``block_size`` columns, counted, checked finite.
+
+    Every estimator multiplies through one of these, so ``num_matvecs`` in the result is
+    the number of columns that really passed through the operator. A block wider than
+    ``block_size`` goes through in column chunks (one call when it fits). With
+    ``check_finite``, a non-finite product raises ``FloatingPointError``: at once for
+    NumPy, when the estimate is first read for libraries whose values live on a device
+    (so that the estimate runs without waiting for it).
+
+    Parameters
+    ----------
+    operator : LinearOperator
+    check_finite : bool
+    block_size : int, optional
+        Most columns per operator call (default: no limit).
+    """
+
+    def __init__(
+        self,
+        operator: Any,
+        check_finite: bool = True,
+        block_size: int | None = None,
+        *,
+        _adjoint: bool = False,
+        _tally: _Tally | None = None,
+    ) -> None:
+        self._operator = operator
+        self.block_size = block_size
+        self._is_adjoint = _adjoint
+        self._tally = _Tally(check_finite) if _tally is None else _tally
+
+    @property
+    def calls(self) -> int:
+        """Operator calls so far (both directions)."""
+        return self._tally.calls
+
+    @property
+    def columns(self) -> int:
+        """Columns through the operator so far (both directions): the matvecs spent."""
+        return self._tally.columns
+
+    @property
+    def check_finite(self) -> bool:
+        return self._tally.check_finite
 
     def __call__(self, block: Any) -> Any:
-        return self._counted(self.operator.matmat(block), block)
+        width = int(block.shape[1])
+        if self.block_size is None or width <= self.block_size:
+            return self._counted(block)
+        xp = self._operator.xp
+        pieces = [
+            self._counted(block[:, start : start + self.block_size])
+            for start in range(0, width, self.block_size)
+        ]
+        return xp.concat(pieces, axis=1)
 
     def adjoint(self, block: Any) -> Any:
         """``A^H @ X``, counted like ``A @ X`` (same ``calls`` and ``columns``).
@@ -61,43 +121,81 @@ class CountingMatmat:
         Self-adjoint operators (tagged ``"hermitian"``, or ``"symmetric"`` and real) use
         the forward product, so methods that need ``A^H`` work on them without an adjoint.
         """
-        if is_self_adjoint(self.operator):
+        if is_self_adjoint(self._operator):
             return self(block)
-        return self._counted(self.operator.rmatmat(block), block)
+        other = CountingMatmat(
+            self._operator, block_size=self.block_size, _adjoint=True, _tally=self._tally
+        )
+        return other(block)
 
-    def _counted(self, out: Any, block: Any) -> Any:
-        self.calls += 1
-        self.columns += int(block.shape[1])
-        if self.check_finite:
-            if backend.all_finite(self.operator.xp, out) is False:  # (JAX jit: unchecked)
-                raise FloatingPointError(
-                    f"the operator's matmat returned non-finite values (NaN or inf) for a "
-                    f"block of {block.shape[1]} columns; pass check_finite=False to skip "
-                    "this check"
-                )
+    def _counted(self, block: Any) -> Any:
+        operator = self._operator
+        out = operator.rmatmat(block) if self._is_adjoint else operator.matmat(block)
+        tally = self._tally
+        tally.calls += 1
+        tally.columns += int(block.shape[1])
+        if tally.check_finite:
+            xp = operator.xp
+            if backend.reads_are_free(xp):
+                if backend.all_finite(xp, out) is False:
+                    raise FloatingPointError(_non_finite_message(int(block.shape[1])))
+            else:
+                tally.flags.append(backend.finite_flag(xp, out))
         return out
+
+    def deferred_checks(self) -> tuple[DeferredCheck, ...]:
+        """The finiteness of the products so far, as one check for the :class:`Estimate`
+        (empty where it was checked already, or not asked for)."""
+        flags = self._tally.flags
+        if not flags:
+            return ()
+        xp = self._operator.xp
+        failed = ~(flags[0] if len(flags) == 1 else xp.all(xp.stack(flags)))
+        return (DeferredCheck(failed, (), _non_finite_error),)
+
+    def check_now(self) -> None:
+        """Read the finiteness flags now (adaptive runs, once per round) and raise."""
+        for check in self.deferred_checks():
+            check.run()
+        self._tally.flags = []
+
+
+def _non_finite_message(width: int | None = None) -> str:
+    where = f"for a block of {width} columns" if width is not None else "in one of its blocks"
+    return (
+        f"the operator's matmat returned non-finite values (NaN or inf) {where}; pass "
+        "check_finite=False to skip this check"
+    )
+
+
+def _non_finite_error() -> Exception:
+    return FloatingPointError(_non_finite_message())
 
 
 @dataclass
 class EstimationRequest:
-    """Everything an estimator needs besides the operator.
+    """Everything an estimator gets: the counted products, probes, budget and tolerance.
 
     Attributes
     ----------
     matmat : CountingMatmat
-        The operator's block product; use it for every operator application.
+        ``X -> A X`` in blocks of ``block_size`` columns, counted; use it for every
+        operator application (and :meth:`adjoint` for ``A^H X``).
     probes : ProbeSampler
-        ``probes(k)`` draws an ``(n, k)`` block in the operator's library/dtype/device.
+        ``probes(k)`` draws an ``(n, k)`` block in the operator's library, dtype and device
+        (the kind the method uses: ``probes.kind``).
     num_matvecs : int
         The budget of operator applications (columns).
     block_size : int
-        Largest number of columns to send through ``matmat`` at once.
+        Most columns per operator call.
     rtol, atol : float or None
         Tolerance on the interval half-width, for adaptive methods.
     confidence : float
         Level of that interval.
-    max_matvecs : int
+    max_matvecs : int or None
         Budget cap when a tolerance is given.
+    method : str
+        The name of the estimator the request is for (in error messages).
     """
 
     matmat: CountingMatmat
@@ -108,27 +206,110 @@ class EstimationRequest:
     atol: float | None = None
     confidence: float = 0.95
     max_matvecs: int | None = None
+    method: str = "custom"
+    _has_adjoint: bool | None = field(default=None, repr=False)
+
+    # ------------------------------------------------------------ the operator's facts
+    @property
+    def n(self) -> int:
+        """The operator's size (it is square)."""
+        return int(self.matmat._operator.shape[1])
+
+    @property
+    def xp(self) -> Any:
+        """The array namespace of the operator's library."""
+        return self.matmat._operator.xp
+
+    @property
+    def dtype(self) -> Any:
+        return self.matmat._operator.dtype
+
+    @property
+    def device(self) -> Any:
+        return self.matmat._operator.device
+
+    @property
+    def tags(self) -> frozenset[str]:
+        return self.matmat._operator.tags
+
+    @property
+    def self_adjoint(self) -> bool:
+        """Whether the tags say ``A^H = A`` (then :meth:`adjoint` is the forward product)."""
+        return is_self_adjoint(self.matmat._operator)
+
+    @property
+    def has_adjoint(self) -> bool:
+        """Whether ``A^H X`` is available: self-adjoint tags, or an ``rmatmat`` that accepts
+        an empty block (nothing is counted or computed)."""
+        if self._has_adjoint is None:
+            self._has_adjoint = self.self_adjoint or _accepts_adjoint(self.matmat._operator)
+        return self._has_adjoint
+
+    def adjoint(self, block: Any) -> Any:
+        """``A^H @ X`` through the counted product; an operator without an adjoint raises a
+        ``ValueError`` that names the method and the fix."""
+        try:
+            return self.matmat.adjoint(block)
+        except NotImplementedError as error:
+            raise ValueError(
+                f"method {self.method!r} needs products with A^H: give the operator an "
+                "rmatmat/rmatvec, or tag it tags=('symmetric',) / ('hermitian',) if A^H = A"
+            ) from error
+
+    def stored_diagonal(self) -> Any | None:
+        """The diagonal the operator stores (dense and sparse matrices, sums and scalings of
+        them), at no product; ``None`` when it has none."""
+        return self.matmat._operator._exact_diagonal()
+
+    # ------------------------------------------------------------------- the budget
+    @property
+    def columns(self) -> int:
+        """Columns spent so far."""
+        return self.matmat.columns
 
     @property
     def adaptive(self) -> bool:
         return self.rtol is not None or self.atol is not None
+
+    @property
+    def cap(self) -> int:
+        """The most columns the estimate may spend in all."""
+        return self.max_matvecs or self.num_matvecs
 
     def blocks(self, total: int) -> list[int]:
         """Split ``total`` columns into block widths of at most ``block_size``."""
         count = math.ceil(total / self.block_size) if total else 0
         return [min(self.block_size, total - i * self.block_size) for i in range(count)]
 
-    def xp(self) -> Any:
-        return self.matmat.operator.xp
+
+def _accepts_adjoint(operator: Any) -> bool:
+    xp = operator.xp
+    empty = xp.zeros((operator.shape[0], 0), dtype=operator.dtype, device=operator.device)
+    try:
+        operator.rmatmat(empty)
+    except NotImplementedError:
+        return False
+    except Exception:  # an adjoint exists but dislikes empty blocks; methods give it real ones
+        return True
+    return True
 
 
 class Estimator:
-    """Base class of trace and diagonal estimators.
+    """Base class of trace and diagonal estimators: the plug-in contract.
 
-    Subclasses set ``name`` and override :meth:`trace` and/or :meth:`diagonal`; each
-    receives a :class:`LinearOperator` and an :class:`EstimationRequest` and returns an
-    :class:`~linop_trace.Estimate`. Pass an instance as ``method=`` or register it with
-    :func:`~linop_trace.register_estimator`.
+    A subclass sets ``name`` and overrides :meth:`trace` and/or :meth:`diagonal`; each
+    receives an :class:`EstimationRequest` (never the operator: every product goes through
+    ``request.matmat``) and returns an :class:`~linop_trace.Estimate`. It declares:
+
+    - ``min_matvecs``: the smallest budget it works with (checked before it is called);
+    - ``supports_tolerance``: whether it honours ``rtol``/``atol`` (else they are refused);
+    - ``default_probe``: the probe kind it draws unless the caller names one (a name, or a
+      ``{"trace": ..., "diagonal": ...}`` dict); ``probe`` (set by constructors that take
+      ``probe=``) fixes the kind whatever the caller asks;
+    - ``jit_compatible``: whether its fixed-budget path reads no value on the host, so that
+      under JAX the whole estimate compiles into one program (the built-in methods do).
+
+    Estimators compare and hash by their type and constructor arguments.
 
     Examples
     --------
@@ -138,26 +319,27 @@ class Estimator:
     >>> from linop_trace import Estimate, Estimator, trace
     >>> class OneBlock(Estimator):
     ...     name = "one-block"
-    ...     def trace(self, operator, request):
-    ...         xp = operator.xp
+    ...     def trace(self, request):
+    ...         xp = request.xp
     ...         Z = request.probes(request.num_matvecs)
     ...         value = xp.sum(Z * request.matmat(Z)) / request.num_matvecs
-    ...         return Estimate(value, None, request.matmat.columns, self.name)
+    ...         return Estimate(value, None, request.columns, self.name)
     >>> est = trace(np.diag([1.0, 2.0, 3.0]), method=OneBlock(), num_matvecs=2, seed=0)
     >>> float(est), est.num_matvecs
     (6.0, 2)
     """
 
     name: str = "custom"
-    #: Smallest budget the method can work with (Hutch++ needs 3).
     min_matvecs: int = 1
-    #: Whether ``rtol``/``atol`` are honoured.
     supports_tolerance: bool = False
+    default_probe: str | dict[str, str] = "rademacher"
+    probe: str | None = None
+    jit_compatible: bool = False
 
-    def trace(self, operator: LinearOperator, request: EstimationRequest) -> Estimate:
+    def trace(self, request: EstimationRequest) -> Estimate:
         raise NotImplementedError(f"method {self.name!r} does not estimate traces")
 
-    def diagonal(self, operator: LinearOperator, request: EstimationRequest) -> Estimate:
+    def diagonal(self, request: EstimationRequest) -> Estimate:
         raise NotImplementedError(f"method {self.name!r} does not estimate diagonals")
 
     def supports(self, quantity: str) -> bool:
@@ -165,97 +347,33 @@ class Estimator:
         own = getattr(type(self), quantity, None)
         return own is not None and own is not getattr(Estimator, quantity)
 
+    def probe_kind(self, quantity: str, requested: str | None) -> str:
+        """The probe kind this estimator draws for ``quantity`` when the caller asked for
+        ``requested`` (``None``: nothing asked)."""
+        if self.probe is not None:
+            return self.probe
+        if requested is not None:
+            return requested
+        default = self.default_probe
+        return default.get(quantity, "rademacher") if isinstance(default, dict) else default
+
+    def _config(self) -> tuple[Any, ...]:
+        return (type(self), tuple(sorted(vars(self).items())))
+
+    def __eq__(self, other: object) -> bool:
+        if self is other:
+            return True
+        try:
+            return isinstance(other, Estimator) and self._config() == other._config()
+        except (TypeError, ValueError):  # settings that do not compare (arrays)
+            return False
+
+    def __hash__(self) -> int:
+        try:
+            return hash(self._config())
+        except TypeError:  # a plug-in holding unhashable settings: itself only
+            return id(self)
+
     def __repr__(self) -> str:
-        return f"{type(self).__name__}()"
-
-
-class ProbeChoice(Estimator):
-    """An estimator whose constructor may fix the probe distribution.
-
-    ``probe=None`` uses the request's probes (the ``probe=`` argument of
-    :func:`~linop_trace.trace`, or the estimator's ``default_probe``); a name overrides it
-    and draws from the request's random source, so the seed still decides everything.
-    """
-
-    def __init__(self, probe: str | None = None) -> None:
-        self.probe = probe
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(probe={self.probe!r})"
-
-    def _sampler(self, request: EstimationRequest) -> ProbeSampler:
-        if self.probe is None or self.probe == request.probes.kind:
-            return request.probes
-        base = request.probes
-        return ProbeSampler(self.probe, base.n, base.xp, base.dtype, base.device, base.random)
-
-
-def scalar_like(operator: LinearOperator, value: float) -> Any:
-    """A 0-d array of the operator's library, real dtype and device."""
-    xp = operator.xp
-    return xp.asarray(
-        value, dtype=backend.real_dtype_for(xp, operator.dtype), device=operator.device
-    )
-
-
-def apply_blocked(product: Any, block: Any, block_size: int, xp: Any) -> Any:
-    """``product(block)`` in column chunks of at most ``block_size`` (one call if it fits)."""
-    width = int(block.shape[1])
-    if width <= block_size:
-        return product(block)
-    pieces = [
-        product(block[:, start : start + block_size]) for start in range(0, width, block_size)
-    ]
-    return xp.concat(pieces, axis=1)
-
-
-# ----------------------------------------------------------------------- array helpers
-def conj(x: Any, xp: Any) -> Any:
-    """``conj(x)`` for complex arrays, ``x`` itself for real ones (no copy)."""
-    return xp.conj(x) if backend.is_complex_dtype(xp, x.dtype) else x
-
-
-def hermitian_transpose(x: Any, xp: Any) -> Any:
-    """``x^H`` of a matrix."""
-    return conj(xp.matrix_transpose(x), xp)
-
-
-def column_inner(x: Any, y: Any, xp: Any) -> Any:
-    """``[x_j^H y_j]_j`` for the columns of two ``(n, k)`` blocks."""
-    return xp.sum(conj(x, xp) * y, axis=0)
-
-
-def blocked_matmat(operator: LinearOperator, request: EstimationRequest) -> Callable[[Any], Any]:
-    """``X -> A X`` through the request's counter in chunks of ``block_size`` columns."""
-    xp = operator.xp
-    return lambda block: apply_blocked(request.matmat, block, request.block_size, xp)
-
-
-# ------------------------------------------------------------- two-sided deflation
-def resolve_two_sided(adjoint: Any, two_sided: bool | None, method: str) -> bool:
-    """A core's ``two_sided`` choice: by default when A is self-adjoint (``adjoint is
-    None``); ``True`` with an adjoint raises ``ValueError`` naming ``method``."""
-    if two_sided is None:
-        return adjoint is None
-    if two_sided and adjoint is not None:
-        raise ValueError(f"two-sided {method} needs a self-adjoint operator (adjoint=None)")
-    return bool(two_sided)
-
-
-def check_two_sided_option(estimator: Estimator, adjoint: Any) -> None:
-    """The estimator-level error for ``two_sided=True`` on an operator not tagged
-    self-adjoint (``adjoint`` is its A^H product, ``None`` for self-adjoint ones)."""
-    if getattr(estimator, "two_sided", None) and adjoint is not None:
-        raise ValueError(
-            f"{type(estimator).__name__}(two_sided=True) needs an operator tagged "
-            "'symmetric' or 'hermitian'; use two_sided=None (the default) for others"
-        )
-
-
-def two_sided_low_rank_diagonal(basis: Any, image: Any, residual: Any, xp: Any) -> Any:
-    """diag(P A + A P - P A P), P = QQ^H, for self-adjoint A: with Z = A Q (``image``) and
-    Zp = (I - P) Z (``residual``) it is Re sum_l conj(Q_kl) (Z + Zp)_kl, in Q's dtype."""
-    diagonal = backend.row_inner(xp, basis, image + residual)
-    if backend.is_complex_dtype(xp, diagonal.dtype):
-        diagonal = xp.astype(xp.real(diagonal), diagonal.dtype)
-    return diagonal
+        arguments = ", ".join(f"{key}={value!r}" for key, value in sorted(vars(self).items()))
+        return f"{type(self).__name__}({arguments})"

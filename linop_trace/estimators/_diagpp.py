@@ -19,29 +19,29 @@ argument for XDiag's two-sided estimates, ``_xdiag.py``).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from .. import _backend as backend
 from .._estimate import Estimate
-from .._operators import LinearOperator
-from ._base import (
-    EstimationRequest,
-    Estimator,
-    check_two_sided_option,
-    resolve_two_sided,
-    two_sided_low_rank_diagonal,
-)
-from ._diagonal_hutchinson import UNIT_MODULUS_PROBES, RatioSamples, grow_until_met
-from ._hutchpp import (
-    Matmat,
-    adjoint_product,
-    blocked_matmat,
-    conj,
-    hermitian_transpose,
-    hutchpp_split,
-)
+from ._adaptive import grow_diagonal
+from ._base import EstimationRequest, Estimator, deflation_split
+from ._linalg import abs2, conj, hermitian_transpose, two_sided_low_rank_diagonal
+from ._stats import RatioSums
 
 __all__ = ["DiagPlusPlus", "diagpp_core", "diagpp_residual_samples"]
+
+Matmat = Callable[[Any], Any]
+
+
+def _two_sided(adjoint: Any, two_sided: bool | None) -> bool:
+    """By default two-sided when A is self-adjoint (``adjoint is None``); ``True`` with an
+    adjoint raises ``ValueError``."""
+    if two_sided is None:
+        return adjoint is None
+    if two_sided and adjoint is not None:
+        raise ValueError("two-sided Diag++ needs a self-adjoint operator (adjoint=None)")
+    return bool(two_sided)
 
 
 def _residual_ratio_terms(
@@ -63,11 +63,7 @@ def _residual_ratio_terms(
         both = hermitian_transpose(basis, xp) @ xp.concat([probe_image, probes], axis=1)
         residual = probe_image - basis @ both[:, :width] - residual_basis @ both[:, width:]
     numerators = conj(probes, xp) * residual
-    if unit_modulus:
-        return numerators, None
-    if xp.isdtype(probes.dtype, "complex floating"):
-        return numerators, xp.real(xp.conj(probes) * probes)
-    return numerators, probes * probes
+    return numerators, None if unit_modulus else abs2(probes, xp)
 
 
 def diagpp_residual_samples(
@@ -112,7 +108,7 @@ def diagpp_core(
     residual_basis : array (n, s) or None
         Two-sided: Zp = (I - P) A Q, for further residual samples; else ``None``.
     """
-    two_sided = resolve_two_sided(adjoint, two_sided, "Diag++")
+    two_sided = _two_sided(adjoint, two_sided)
     if adjoint is None:  # A Q (= A^H Q) and A G in the second call
         basis, _ = backend.thin_qr(xp, matmat(sketch))
         width = basis.shape[1]
@@ -174,6 +170,7 @@ class DiagPlusPlus(Estimator):
     name = "diag++"
     min_matvecs = 3
     supports_tolerance = True
+    jit_compatible = True
 
     def __init__(self, two_sided: bool | None = None) -> None:
         self.two_sided = two_sided
@@ -181,13 +178,17 @@ class DiagPlusPlus(Estimator):
     def __repr__(self) -> str:
         return f"{type(self).__name__}(two_sided={self.two_sided!r})"
 
-    def diagonal(self, operator: LinearOperator, request: EstimationRequest) -> Estimate:
-        xp = operator.xp
-        matmat = blocked_matmat(operator, request)
-        sketch_size, residual_size = hutchpp_split(request.num_matvecs)
-        unit_modulus = request.probes.kind in UNIT_MODULUS_PROBES
-        adjoint = adjoint_product(operator, request, self.name)
-        check_two_sided_option(self, adjoint)
+    def diagonal(self, request: EstimationRequest) -> Estimate:
+        xp = request.xp
+        matmat = request.matmat
+        sketch_size, residual_size = deflation_split(request.num_matvecs)
+        unit_modulus = request.probes.unit_modulus
+        adjoint = None if request.self_adjoint else request.adjoint
+        if self.two_sided and adjoint is not None:
+            raise ValueError(
+                f"{type(self).__name__}(two_sided=True) needs an operator tagged "
+                "'symmetric' or 'hermitian'; use two_sided=None (the default) for others"
+            )
         low_rank, numerators, denominators, basis, adjoint_basis, residual_basis = diagpp_core(
             matmat,
             adjoint,
@@ -197,21 +198,23 @@ class DiagPlusPlus(Estimator):
             unit_modulus,
             self.two_sided,
         )
-        samples = RatioSamples(xp, unit_modulus)
-        samples.add(numerators, denominators)
+        sums = RatioSums(xp)
+        sums.add(numerators, denominators)
 
-        def draw(width: int) -> tuple[Any, Any]:
+        def draw(width: int) -> None:
             probes = request.probes(width)
-            return diagpp_residual_samples(
-                matmat, basis, adjoint_basis, probes, xp, unit_modulus, residual_basis
+            sums.add(
+                *diagpp_residual_samples(
+                    matmat, basis, adjoint_basis, probes, xp, unit_modulus, residual_basis
+                )
             )
 
-        converged = grow_until_met(samples, request, draw, low_rank)
-        residual_value, stderr, count = samples.estimate()
+        converged = grow_diagonal(request, sums, draw, low_rank) if request.adaptive else None
+        residual_value, stderr, count = sums.estimate()
         return Estimate(
             low_rank + residual_value,
             stderr,
-            request.matmat.columns,
+            request.columns,
             self.name,
             converged=converged,
             dof=count - 1 if count > 1 else None,

@@ -5,46 +5,51 @@ from __future__ import annotations
 
 from typing import Any
 
-from .._estimate import Estimate
-from .._operators import LinearOperator
-from ._base import CountingMatmat, EstimationRequest, Estimator, default_block_size
+from .. import _backend as backend
+from .._blocks import IDENTITY_BLOCK_BYTES, itemsize
+from .._estimate import DeferredCheck, Estimate
+from ._base import EstimationRequest, Estimator
 
 __all__ = ["Exact", "exact_diagonal"]
 
 
-def exact_diagonal(operator: LinearOperator, matmat: CountingMatmat, block_size: int | None) -> Any:
-    """The diagonal of a square operator, with no n x n array unless it was given one."""
-    stored = operator._exact_diagonal()
+def exact_diagonal(request: EstimationRequest) -> tuple[Any, tuple[DeferredCheck, ...]]:
+    """The diagonal of the request's operator, with no n x n array unless it was given one,
+    and the check that a stored diagonal is finite (empty where it was checked already).
+
+    The identity walk sends ``(n, block)`` slices of the identity through the counted
+    product: at most ``IDENTITY_BLOCK_BYTES`` each (and at most ``request.block_size``
+    columns), n columns in all.
+    """
+    xp, n = request.xp, request.n
+    stored = request.stored_diagonal()
     if stored is not None:
-        if matmat.check_finite:
-            xp = operator.xp
-            if not bool(xp.all(xp.isfinite(stored))):
-                raise FloatingPointError(
-                    "the operator's diagonal holds non-finite values (NaN or inf)"
-                )
-        return stored
-    xp, n = operator.xp, operator.shape[0]
-    itemsize = _itemsize(operator)
-    block = block_size or default_block_size(n, itemsize, limit=n)
+        return stored, _finite_checks(xp, stored, request.matmat.check_finite)
+    width_bytes = n * itemsize(xp, request.dtype)
+    block = max(1, min(request.block_size, IDENTITY_BLOCK_BYTES // max(1, width_bytes), n))
     pieces = []
     for start in range(0, n, block):
         width = min(block, n - start)
         # columns start..start+width of the identity: ones where row - col == start
-        identity = xp.eye(n, width, k=-start, dtype=operator.dtype, device=operator.device)
-        image = matmat(identity)
+        identity = xp.eye(n, width, k=-start, dtype=request.dtype, device=request.device)
+        image = request.matmat(identity)
         # copy: the diagonal is a view that would keep the whole (n, width) image alive
         pieces.append(xp.asarray(xp.linalg.diagonal(image[start : start + width, :]), copy=True))
-    return pieces[0] if len(pieces) == 1 else xp.concat(pieces)
+    return (pieces[0] if len(pieces) == 1 else xp.concat(pieces)), ()
 
 
-def _itemsize(operator: LinearOperator) -> int:
-    xp = operator.xp
-    try:
-        return int(xp.finfo(operator.dtype).bits // 8) * (
-            2 if xp.isdtype(operator.dtype, "complex floating") else 1
-        )
-    except Exception:  # pragma: no cover
-        return 8
+def _finite_checks(xp: Any, stored: Any, check_finite: bool) -> tuple[DeferredCheck, ...]:
+    if not check_finite:
+        return ()
+    if backend.reads_are_free(xp):
+        if not bool(xp.all(xp.isfinite(stored))):
+            raise _non_finite_diagonal()
+        return ()
+    return (DeferredCheck(~backend.finite_flag(xp, stored), (), _non_finite_diagonal),)
+
+
+def _non_finite_diagonal() -> Exception:
+    return FloatingPointError("the operator's diagonal holds non-finite values (NaN or inf)")
 
 
 class Exact(Estimator):
@@ -52,7 +57,7 @@ class Exact(Estimator):
 
     Uses the stored diagonal of dense and sparse matrices (and of sums, scalings and
     adjoints of them) without any product; otherwise applies the operator to identity
-    columns in blocks of ``block_size``, n columns in all, never holding an n x n array.
+    columns in blocks of at most 64 MiB, n columns in all, never holding an n x n array.
 
     Examples
     --------
@@ -65,20 +70,18 @@ class Exact(Estimator):
     """
 
     name = "exact"
+    jit_compatible = True
 
-    def _estimate(
-        self, operator: LinearOperator, request: EstimationRequest, quantity: str
-    ) -> Estimate:
-        xp = operator.xp
-        diagonal = exact_diagonal(operator, request.matmat, request.block_size)
+    def _estimate(self, request: EstimationRequest, quantity: str) -> Estimate:
+        xp = request.xp
+        diagonal, checks = exact_diagonal(request)
         value = xp.sum(diagonal) if quantity == "trace" else diagonal
-        stderr = xp.zeros_like(
-            xp.real(value) if xp.isdtype(value.dtype, "complex floating") else value
-        )
-        return Estimate(value, stderr, request.matmat.columns, self.name, converged=None)
+        real = backend.real_dtype_for(xp, value.dtype)
+        stderr = xp.zeros(value.shape, dtype=real, device=backend.device_of(value))
+        return Estimate(value, stderr, request.columns, self.name, checks=checks)
 
-    def trace(self, operator: LinearOperator, request: EstimationRequest) -> Estimate:
-        return self._estimate(operator, request, "trace")
+    def trace(self, request: EstimationRequest) -> Estimate:
+        return self._estimate(request, "trace")
 
-    def diagonal(self, operator: LinearOperator, request: EstimationRequest) -> Estimate:
-        return self._estimate(operator, request, "diagonal")
+    def diagonal(self, request: EstimationRequest) -> Estimate:
+        return self._estimate(request, "diagonal")

@@ -1,223 +1,76 @@
-"""Hutchinson's estimator (Hutchinson 1990; variance: Avron and Toledo 2011).
+"""Hutchinson's estimator (Hutchinson 1990; variance: Avron and Toledo 2011) and its
+diagonal counterpart (Bekas, Kokiopoulou and Saad 2007).
 
-tr(A) = E[z^H A z] for any probe with E[z z^H] = I. With m probes the estimate is the
-sample mean, its standard error the sample standard deviation over sqrt(m).
+Trace: tr(A) = E[z^H A z] for any probe with E[z z^H] = I. With m probes the estimate is
+the sample mean, its standard error the sample standard deviation over sqrt(m); the
+interval is Student-t, corrected to second order for the samples' skewness and kurtosis
+(:func:`~._stats.edgeworth_quantile`): quadratic forms of a matrix with a few dominant
+eigenvalues are chi-square-like and strongly skewed, and the plain t-interval then covers
+less than its level (docs/estimators/hutchinson.rst).
 
-The interval: Student-t with a second-order (Edgeworth) correction of the quantile for
-the samples' skewness and kurtosis (Hall 1988, symmetric intervals; see
-:func:`edgeworth_quantile`). Quadratic forms z^T A z of a matrix with a few dominant
-eigenvalues are chi-square-like and strongly skewed; the plain t-interval then covers
-less than its level (measured: 92.2 % instead of 95 % for Hutchinson on the i^-2
-spectrum at m = 60; 93.3 % with the correction).
+Diagonal: d_i ~ sum_j conj(z_ji) (A z_j)_i / sum_j |z_ji|^2, a ratio estimator (unbiased for
+Rademacher and unit-modulus probes, whose denominator is the number of probes), with the
+entrywise delta-method standard error of :class:`~._stats.RatioSums`. Per-probe variance
+of the numerator of entry i (real A): Gaussian probes ``sum_j A_ij^2 + A_ii^2``, Rademacher
+``sum_{j != i} A_ij^2``.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
-from .. import _backend as backend
 from .._estimate import Estimate
-from .._operators import LinearOperator
-from ._base import EstimationRequest, ProbeChoice
+from ._adaptive import Progress, grow_diagonal, remaining, sample_mean_progress, until_met
+from ._base import EstimationRequest, Estimator
+from ._linalg import abs2, column_inner, conj
+from ._stats import RatioSums, SampleMean, sample_mean
 
 __all__ = [
     "Hutchinson",
-    "SampleMeanEstimate",
-    "edgeworth_quantile",
-    "hutchinson_estimate",
-    "hutchinson_trace_samples",
-    "hutchinson_until",
-    "sample_shape",
+    "diagonal_hutchinson_core",
+    "diagonal_hutchinson_samples",
+    "hutchinson_core",
+    "hutchinson_samples",
 ]
 
-
-def hutchinson_trace_samples(matmat: Callable[[Any], Any], probes: Any, xp: Any) -> Any:
-    """Per-probe samples z_j^H A z_j for the columns z_j of ``probes`` (one matmat)."""
-    image = matmat(probes)
-    return (
-        xp.sum(xp.conj(probes) * image, axis=0)
-        if backend.is_complex_dtype(xp, probes.dtype)
-        else xp.sum(probes * image, axis=0)
-    )
+Matmat = Callable[[Any], Any]
 
 
-def mean_and_stderr(samples: Any, xp: Any) -> tuple[Any, Any]:
-    """Sample mean and its standard error std(ddof=1)/sqrt(m) (complex: of |s - mean|)."""
-    m = samples.shape[0]
-    mean = xp.mean(samples)
-    if m < 2:
-        return mean, None
-    deviation = samples - mean
-    # over max |deviation| (a constant to the gradient), so the squares of samples of
-    # 1e160 (Frobenius norms of entries 1e80) neither overflow nor underflow
-    deviation, size = backend.divide_by_largest(xp, deviation)
-    square = (
-        xp.real(xp.conj(deviation) * deviation)
-        if backend.is_complex_dtype(xp, samples.dtype)
-        else deviation * deviation
-    )
-    variance = xp.sum(square) / (m - 1)
-    stderr = size * xp.sqrt(variance / m)
-    if stderr.dtype != square.dtype:  # NumPy 1.x: a float32 scalar over an int is float64
-        stderr = xp.astype(xp.asarray(stderr), square.dtype)
-    return mean, stderr
+def hutchinson_samples(matmat: Matmat, probes: Any, xp: Any) -> Any:
+    """Per-probe samples z_j^H A z_j for the columns z_j of ``probes`` (one product)."""
+    return column_inner(probes, matmat(probes), xp)
 
 
-def sample_shape(samples: Any, xp: Any) -> tuple[float | None, float | None]:
-    """Unbiased sample skewness G1 and excess kurtosis G2 of real samples.
+def hutchinson_core(matmat: Matmat, probes: Any, xp: Any) -> SampleMean:
+    """Hutchinson's trace estimate from the probe block ``probes`` (n, m): the mean of the
+    samples, its standard error, and the samples' shape (one product)."""
+    return sample_mean(hutchinson_samples(matmat, probes, xp), xp)
 
-    ``(None, None)`` for complex samples, fewer than 4 samples, zero spread, or samples
-    without a concrete value (JAX tracers under ``jit``). Computed from a stop-gradient
-    copy: the shape only steers the interval, never the differentiable estimate.
+
+def diagonal_hutchinson_samples(
+    matmat: Matmat, probes: Any, xp: Any, unit_modulus: bool = False
+) -> tuple[Any, Any]:
+    """Numerators ``conj(Z) * (A Z)`` and denominators ``|Z|^2``, both ``(n, k)``, one product.
+
+    With ``unit_modulus=True`` (Rademacher, Steinhaus: ``|Z| = 1``) the denominators are
+    all ones and returned as ``None``, which saves a pass over the block.
     """
-    m = int(samples.shape[0])
-    if m < 4 or backend.is_complex_dtype(xp, samples.dtype):
-        return None, None
-    samples = backend.stop_gradient(samples)
-    if not backend.is_concrete(samples):
-        return None, None
-    deviation = samples - xp.mean(samples)
-    # scaled to max |deviation| = 1 first: G1 and G2 are scale-free, and the powers of
-    # deviations of 1e80 (or 1e-85, or 1e10 in float32) would overflow (underflow)
-    size = float(xp.max(xp.abs(deviation)))
-    if not 0 < size < math.inf:
-        return None, None
-    deviation = deviation / size
-    second = float(xp.mean(deviation**2))
-    if not second > 0:
-        return None, None
-    g1 = float(xp.mean(deviation**3)) / second**1.5
-    g2 = float(xp.mean(deviation**4)) / second**2 - 3
-    skewness = g1 * math.sqrt(m * (m - 1)) / (m - 2)
-    kurtosis = (m - 1) / ((m - 2) * (m - 3)) * ((m + 1) * g2 + 6)
-    return skewness, kurtosis
+    numerators = conj(probes, xp) * matmat(probes)
+    return numerators, None if unit_modulus else abs2(probes, xp)
 
 
-def concrete_magnitude(x: Any) -> float | None:
-    """``|x|`` of a (complex) scalar as a float without its gradient; ``None`` for an
-    abstract JAX tracer."""
-    x = backend.stop_gradient(x)
-    if not backend.is_concrete(x):
-        return None
-    return abs(complex(x))
+def diagonal_hutchinson_core(
+    matmat: Matmat, probes: Any, xp: Any, unit_modulus: bool = False
+) -> tuple[Any, Any]:
+    """Bekas et al.'s diagonal estimate and its entrywise standard error from ``probes``."""
+    sums = RatioSums(xp)
+    sums.add(*diagonal_hutchinson_samples(matmat, probes, xp, unit_modulus))
+    value, stderr, _ = sums.estimate()
+    return value, stderr
 
 
-def edgeworth_quantile(
-    t_quantile: float, level: float, m: int, skewness: float | None, kurtosis: float | None
-) -> float:
-    """Student-t quantile corrected to second order for the samples' shape.
-
-    For the studentized mean T, P(|T| <= x) = 2 Phi(x) - 1 + (2/m) q(x) phi(x) + O(m^-2)
-    with q(x) = x [kurtosis (x^2 - 3) / 12 - skewness^2 (x^4 + 2x^2 - 3) / 18 - (x^2 + 3)/4]
-    (Hall 1992, The Bootstrap and Edgeworth Expansion, Sec. 2.6). The last term is the
-    normal-theory part the t quantile already carries; the shape terms move the quantile
-    by ``-x [...] / m``. Never below the normal quantile.
-    """
-    if skewness is None or kurtosis is None:
-        return t_quantile
-    from scipy import stats
-
-    z = float(stats.norm.ppf(0.5 + level / 2))
-    shape = kurtosis * (z * z - 3) / 12 - skewness**2 * (z**4 + 2 * z * z - 3) / 18
-    return max(t_quantile - z * shape / m, z)
-
-
-@dataclass(frozen=True, repr=False)
-class SampleMeanEstimate(Estimate):
-    """An :class:`~linop_trace.Estimate` whose interval is a shape-corrected t-interval.
-
-    ``skewness`` and ``kurtosis`` (excess) are those of the samples whose mean the
-    estimate is; :meth:`quantile` applies :func:`edgeworth_quantile`.
-    """
-
-    skewness: float | None = None
-    kurtosis: float | None = None
-
-    def quantile(self, level: float = 0.95) -> float:
-        base = super().quantile(level)
-        if self.dof is None:
-            return base
-        return edgeworth_quantile(base, level, self.dof + 1, self.skewness, self.kurtosis)
-
-
-def interval_quantile(samples: Any, level: float, xp: Any) -> float:
-    """The shape-corrected t quantile for the mean of ``samples`` at ``level``."""
-    from scipy import stats
-
-    m = int(samples.shape[0])
-    skewness, kurtosis = sample_shape(samples, xp)
-    return edgeworth_quantile(
-        float(stats.t.ppf(0.5 + level / 2, m - 1)), level, m, skewness, kurtosis
-    )
-
-
-def hutchinson_draw(request: EstimationRequest, sampler: Any, count: int, xp: Any) -> list[Any]:
-    """Sample blocks z_j^H A z_j of ``count`` fresh probes (block by block)."""
-    return [
-        hutchinson_trace_samples(request.matmat, sampler(width), xp)
-        for width in request.blocks(count)
-    ]
-
-
-def hutchinson_until(request: EstimationRequest, sampler: Any, samples: list[Any], xp: Any) -> bool:
-    """Hutchinson's sequential interval: append probe blocks to ``samples`` until the
-    half-width of the shape-corrected t-interval meets ``max(atol, rtol |mean|)`` (True),
-    or ``max_matvecs`` is spent (False). The test uses stop-gradient copies; without a
-    concrete value (JAX ``jit``) it cannot be decided and no block is added (False)."""
-    cap = request.max_matvecs or request.num_matvecs
-    while True:
-        drawn = xp.concat(samples) if len(samples) > 1 else samples[0]
-        mean, stderr = mean_and_stderr(drawn, xp)
-        m = int(drawn.shape[0])
-        if stderr is not None:
-            magnitude = concrete_magnitude(mean)
-            spread = backend.concrete_float(stderr)
-            if magnitude is None or spread is None:
-                return False
-            quantile = interval_quantile(drawn, request.confidence, xp)
-            target = max(request.atol or 0.0, (request.rtol or 0.0) * magnitude)
-            if quantile * spread <= target:
-                return True
-        remaining = cap - request.matmat.columns
-        if remaining <= 0:
-            return False
-        # grow geometrically (double the probes so far), within block and budget
-        width = min(max(m, 1), remaining, request.block_size)
-        samples.append(hutchinson_trace_samples(request.matmat, sampler(width), xp))
-
-
-def hutchinson_estimate(
-    request: EstimationRequest,
-    sampler: Any,
-    samples: list[Any],
-    xp: Any,
-    name: str = "hutchinson",
-    converged: bool | None = None,
-    info: dict[str, Any] | None = None,
-) -> SampleMeanEstimate:
-    """Hutchinson's estimate (mean, standard error, shape-corrected interval) from the
-    sample blocks ``samples``; ``info`` entries are added to the result's ``info``."""
-    drawn = xp.concat(samples) if len(samples) > 1 else samples[0]
-    mean, stderr = mean_and_stderr(drawn, xp)
-    m = int(drawn.shape[0])
-    skewness, kurtosis = sample_shape(drawn, xp)
-    return SampleMeanEstimate(
-        mean,
-        stderr,
-        request.matmat.columns,
-        name,
-        converged=converged,
-        dof=m - 1 if m >= 2 else None,
-        info={"probe": sampler.kind, "samples": drawn, **(info or {})},
-        skewness=skewness,
-        kurtosis=kurtosis,
-    )
-
-
-class Hutchinson(ProbeChoice):
+class Hutchinson(Estimator):
     """Hutchinson's trace estimator with batched probes and adaptive stopping.
 
     Parameters
@@ -230,7 +83,8 @@ class Hutchinson(ProbeChoice):
     Per-probe variance with S = (A + A^T)/2: ``2 ||S||_F^2`` for Gaussian probes,
     ``2 sum_{i != j} S_ij^2`` for Rademacher probes. Cost: m operator applications in
     ``ceil(m / block_size)`` matmat calls. The interval uses a Student-t quantile with
-    m - 1 degrees of freedom. With ``rtol``/``atol`` probe blocks are added until the
+    m - 1 degrees of freedom, corrected for the samples' skewness and kurtosis. With
+    ``rtol``/``atol`` probe blocks are added (doubling the probes so far) until the
     half-width of the interval meets the tolerance.
 
     Examples
@@ -249,19 +103,55 @@ class Hutchinson(ProbeChoice):
     name = "hutchinson"
     supports_tolerance = True
     min_matvecs = 2
+    jit_compatible = True
 
-    def trace(self, operator: LinearOperator, request: EstimationRequest) -> Estimate:
-        xp = operator.xp
-        sampler = self._sampler(request)
-        samples = hutchinson_draw(request, sampler, request.num_matvecs, xp)
-        converged = hutchinson_until(request, sampler, samples, xp) if request.adaptive else None
-        return hutchinson_estimate(request, sampler, samples, xp, self.name, converged)
+    def __init__(self, probe: str | None = None) -> None:
+        self.probe = probe
 
-    def diagonal(self, operator: LinearOperator, request: EstimationRequest) -> Estimate:
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(probe={self.probe!r})"
+
+    def trace(self, request: EstimationRequest) -> Estimate:
+        return self.finish_trace(request, [])
+
+    def finish_trace(
+        self, request: EstimationRequest, samples: list[Any], info: dict | None = None
+    ) -> Estimate:
+        """Hutchinson's estimate from the sample blocks ``samples`` already drawn (by
+        ``method="auto"``) and probes for the rest of the budget; adaptive with a
+        tolerance."""
+        xp = request.xp
+        have = sum(int(block.shape[0]) for block in samples)
+        for width in request.blocks(max(request.num_matvecs - have, 0)):
+            samples.append(hutchinson_samples(request.matmat, request.probes(width), xp))
+        converged = None
+        if request.adaptive:
+
+            def measure() -> Progress:
+                result = sample_mean(_joined(samples, xp), xp)
+                return sample_mean_progress(result, request)
+
+            def grow() -> bool:
+                left = remaining(request)
+                if left <= 0:
+                    return False
+                count = sum(int(block.shape[0]) for block in samples)
+                width = min(max(count, 1), left, request.block_size)
+                samples.append(hutchinson_samples(request.matmat, request.probes(width), xp))
+                return True
+
+            converged = until_met(request, measure, grow)
+        result = sample_mean(_joined(samples, xp), xp)
+        return result.estimate(
+            request.columns, self.name, converged, {"probe": request.probes.kind, **(info or {})}
+        )
+
+    def diagonal(self, request: EstimationRequest) -> Estimate:
         """Bekas et al. diagonal estimate ``sum z * Az / sum z * z`` with elementwise stderr.
 
-        With ``rtol``/``atol``, probe blocks are added until the largest half-width meets
-        ``max(atol, rtol * max|d|)``. See :mod:`._diagonal_hutchinson` for the variance.
+        The probe blocks are summed as they come (O(n) memory besides one block). With
+        ``rtol``/``atol``, probe blocks are added (doubling) until the largest half-width
+        meets ``max(atol, rtol * max|d|)``.
 
         Examples
         --------
@@ -272,6 +162,28 @@ class Hutchinson(ProbeChoice):
         >>> bool(np.all(np.abs(est.value - np.diag(A)) < 5 * est.stderr))
         True
         """
-        from ._diagonal_hutchinson import diagonal_hutchinson
+        xp = request.xp
+        unit_modulus = request.probes.unit_modulus
+        sums = RatioSums(xp)
 
-        return diagonal_hutchinson(operator, request, self._sampler(request), self.name)
+        def draw(width: int) -> None:
+            probes = request.probes(width)
+            sums.add(*diagonal_hutchinson_samples(request.matmat, probes, xp, unit_modulus))
+
+        for width in request.blocks(request.num_matvecs):
+            draw(width)
+        converged = grow_diagonal(request, sums, draw) if request.adaptive else None
+        value, stderr, count = sums.estimate()
+        return Estimate(
+            value,
+            stderr,
+            request.columns,
+            self.name,
+            converged=converged,
+            dof=count - 1 if count > 1 else None,
+            info={"probe": request.probes.kind, "num_probes": count},
+        )
+
+
+def _joined(samples: list[Any], xp: Any) -> Any:
+    return samples[0] if len(samples) == 1 else xp.concat(samples)

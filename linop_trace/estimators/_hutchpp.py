@@ -17,102 +17,48 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from .. import _backend as backend
 from .._estimate import Estimate
-from .._operators import LinearOperator
-from ._base import (
-    EstimationRequest,
-    Estimator,
-    apply_blocked,
-    blocked_matmat,
-    column_inner,
-    conj,
-    hermitian_transpose,
-    is_self_adjoint,
-)
-from ._hutchinson import (
-    SampleMeanEstimate,
-    concrete_magnitude,
-    interval_quantile,
-    mean_and_stderr,
-    sample_shape,
-)
+from ._adaptive import Progress, remaining, sample_mean_progress, tolerance_target, until_met
+from ._base import EstimationRequest, Estimator, deflation_split
+from ._linalg import abs2, column_inner, conj, extend_basis, project_out
+from ._stats import SampleMean, sample_mean
 
 __all__ = [
     "HutchPlusPlus",
-    "NAHutchPlusPlus",
+    "HutchPlusPlusResult",
     "deflated_samples",
     "hutchpp_core",
     "hutchpp_split",
-    "na_hutchpp_core",
-    "na_hutchpp_split",
+    "predicted_residual_probes",
 ]
 
 Matmat = Callable[[Any], Any]
 
 
-# ----------------------------------------------------------------------- array helpers
-def project_out(basis: Any, block: Any, xp: Any) -> Any:
-    """``(I - Q Q^H) block`` for an orthonormal ``basis`` Q."""
-    return block - basis @ (hermitian_transpose(basis, xp) @ block)
-
-
-def interval_met(
-    value: Any, stderr: Any, samples: Any, request: EstimationRequest, xp: Any
-) -> bool:
-    """Whether the interval's half-width (shape-corrected t quantile of the mean of
-    ``samples``, see :func:`edgeworth_quantile`) meets ``max(atol, rtol |value|)``."""
-    if stderr is None:
-        return False
-    magnitude = concrete_magnitude(value)  # stop-gradient copies (None: JAX jit)
-    spread = backend.concrete_float(stderr)
-    if magnitude is None or spread is None:
-        return False
-    quantile = interval_quantile(samples, request.confidence, xp)
-    target = max(request.atol or 0.0, (request.rtol or 0.0) * magnitude)
-    return quantile * spread <= target
-
-
-def adjoint_product(
-    operator: LinearOperator, request: EstimationRequest, method: str
-) -> Matmat | None:
-    """``X -> A^H X`` through the counted operator, or ``None`` if A is tagged self-adjoint.
-
-    ``None`` tells a core it may stack the adjoint product with forward products. An
-    operator without an adjoint raises a ``ValueError`` naming ``method`` and the fix.
-    """
-    if is_self_adjoint(operator):
-        return None
-    xp = operator.xp
-
-    def product(block: Any) -> Any:
-        try:
-            return apply_blocked(request.matmat.adjoint, block, request.block_size, xp)
-        except NotImplementedError as error:
-            raise ValueError(
-                f"method {method!r} needs products with A^H: give the operator an rmatmat/"
-                f"rmatvec, or tag it tags=('symmetric',) / ('hermitian',) if A^H = A"
-            ) from error
-
-    return product
-
-
 # ------------------------------------------------------------------------ Hutch++ core
-def hutchpp_split(num_matvecs: int) -> tuple[int, int]:
-    """Sketch size s and residual probes g with 2 s + g <= num_matvecs.
-
-    s = ceil(m/3) unless that leaves no residual probe, g = m - 2 s; so m = 100 gives
-    34 sketch columns, 34 for A Q and 32 residual probes; m = 20 gives 7, 7, 6.
-    """
-    sketch = min(math.ceil(num_matvecs / 3), (num_matvecs - 1) // 2)
-    return sketch, num_matvecs - 2 * sketch
+#: The budget split (shared with Diag++): m = 100 gives 34 sketch columns, 34 for A Q and
+#: 32 residual probes.
+hutchpp_split = deflation_split
 
 
-def hutchpp_core(
-    matmat: Matmat, sketch: Any, residual_probes: Any, xp: Any
-) -> tuple[Any, Any, Any]:
+@backend.register_pytree_dataclass
+@dataclass(frozen=True)
+class HutchPlusPlusResult:
+    """What :func:`hutchpp_core` computes: ``low_rank_trace`` = tr(Q^H A Q), the
+    ``residual`` sample mean of g_j'^H A g_j' (g_j' = (I - QQ^H) g_j), and the ``basis`` Q
+    (for further residual samples with :func:`deflated_samples`). The estimate is
+    ``residual.value`` (the low-rank trace is its offset)."""
+
+    low_rank_trace: Any
+    residual: SampleMean
+    basis: Any
+
+
+def hutchpp_core(matmat: Matmat, sketch: Any, residual_probes: Any, xp: Any) -> HutchPlusPlusResult:
     """Hutch++ in two products: ``A S``, then ``A [Q, (I - QQ^H) G]`` stacked.
 
     Parameters
@@ -124,22 +70,16 @@ def hutchpp_core(
     residual_probes : array (n, g)
         Probes G for the deflated remainder.
     xp : namespace
-
-    Returns
-    -------
-    low_rank_trace : 0-d array
-        ``tr(Q^H A Q)``.
-    residual_samples : array (g,)
-        ``g_j'^H A g_j'`` with ``g_j' = (I - QQ^H) g_j``; their mean estimates the rest.
-    basis : array (n, s)
-        Q, for drawing further residual samples with :func:`deflated_samples`.
     """
     basis, _ = backend.thin_qr(xp, matmat(sketch))
     width = basis.shape[1]
     deflated = project_out(basis, residual_probes, xp)
     image = matmat(xp.concat([basis, deflated], axis=1))
     low_rank_trace = xp.sum(conj(basis, xp) * image[:, :width])
-    return low_rank_trace, column_inner(deflated, image[:, width:], xp), basis
+    samples = column_inner(deflated, image[:, width:], xp)
+    return HutchPlusPlusResult(
+        low_rank_trace, sample_mean(samples, xp, offset=low_rank_trace), basis
+    )
 
 
 def deflated_samples(matmat: Matmat, basis: Any, probes: Any, xp: Any) -> Any:
@@ -148,111 +88,18 @@ def deflated_samples(matmat: Matmat, basis: Any, probes: Any, xp: Any) -> Any:
     return column_inner(deflated, matmat(deflated), xp)
 
 
-# --------------------------------------------------------------------- NA-Hutch++ core
-def na_hutchpp_split(num_matvecs: int) -> tuple[int, int, int]:
-    """Right sketch r, left sketch l and residual probes g, r + l + g = num_matvecs.
-
-    Proportions 1/6, 1/3, 1/2 (Meyer et al. 2021, Section 5): the left sketch is twice
-    the right one so that the generalized Nystrom core is well conditioned.
-    """
-    right = max(1, num_matvecs // 6)
-    left = max(1, min(2 * right, num_matvecs - right - 1, num_matvecs // 3))
-    return right, left, num_matvecs - right - left
-
-
-def na_hutchpp_core(
-    matmat: Matmat,
-    adjoint: Matmat | None,
-    right_sketch: Any,
-    left_sketch: Any,
-    residual_probes: Any,
-    xp: Any,
-) -> tuple[Any, Any]:
-    """NA-Hutch++: all products in one pass (one call when ``adjoint`` is ``None``).
-
-    With Z = A R, W = S^H A and the approximation  Ahat = Z (S^H Z)^+ W:
-
-        tr(A) ~ tr((S^H Z)^+ W Z) + mean_j [g_j^H A g_j - g_j^H Ahat g_j].
-
-    Parameters
-    ----------
-    matmat : callable
-        ``X -> A X``.
-    adjoint : callable or None
-        ``X -> A^H X``; ``None`` for a self-adjoint A (then ``A S`` is stacked with the
-        forward products).
-    right_sketch, left_sketch, residual_probes : arrays (n, r), (n, l), (n, g)
-    xp : namespace
-
-    Returns
-    -------
-    low_rank_trace : 0-d array
-        ``tr(Ahat)``.
-    residual_samples : array (g,)
-        ``g_j^H (A - Ahat) g_j``.
-    """
-    r, l_ = right_sketch.shape[1], left_sketch.shape[1]
-    if adjoint is None:
-        image = matmat(xp.concat([right_sketch, left_sketch, residual_probes], axis=1))
-        right_image, adjoint_left, probe_image = (
-            image[:, :r],
-            image[:, r : r + l_],
-            image[:, r + l_ :],
-        )
-    else:
-        image = matmat(xp.concat([right_sketch, residual_probes], axis=1))
-        right_image, probe_image = image[:, :r], image[:, r:]
-        adjoint_left = adjoint(left_sketch)
-    left_image = hermitian_transpose(adjoint_left, xp)  # W = S^H A, (l, n)
-    core = xp.linalg.pinv(hermitian_transpose(left_sketch, xp) @ right_image)  # (r, l)
-    low_rank_trace = xp.sum(core * xp.matrix_transpose(left_image @ right_image))
-    # diag(G^H Z core W G) without the g x g matrix
-    left_factor = (hermitian_transpose(residual_probes, xp) @ right_image) @ core  # (g, l)
-    right_factor = left_image @ residual_probes  # (l, g)
-    approximated = xp.sum(left_factor * xp.matrix_transpose(right_factor), axis=1)
-    return low_rank_trace, column_inner(residual_probes, probe_image, xp) - approximated
-
-
 # ------------------------------------------------------------------------- estimators
 def _residual_estimate(
     name: str,
+    result: SampleMean,
     low_rank_trace: Any,
-    samples: list[Any],
     request: EstimationRequest,
     converged: bool | None,
-    xp: Any,
     info: dict,
 ) -> Estimate:
-    drawn = xp.concat(samples) if len(samples) > 1 else samples[0]
-    mean, stderr = mean_and_stderr(drawn, xp)
-    count = int(drawn.shape[0])
-    info = dict(info, low_rank_trace=low_rank_trace, samples=drawn, num_residual_probes=count)
-    skewness, kurtosis = sample_shape(drawn, xp)
-    return SampleMeanEstimate(
-        low_rank_trace + mean,
-        stderr,
-        request.matmat.columns,
-        name,
-        converged=converged,
-        dof=count - 1 if count > 1 else None,
-        info=info,
-        skewness=skewness,
-        kurtosis=kurtosis,
-    )
-
-
-def _extend_basis(basis: Any, block: Any, xp: Any) -> Any:
-    """Orthonormal columns spanning ``(I - QQ^H) block``, orthogonal to ``basis`` Q.
-
-    Projected twice (classical Gram-Schmidt with one reorthogonalization), then QR; then
-    once more project-and-QR: when the block is rank deficient (A of low rank, repeated
-    probes) the QR fills the missing columns with normalized rounding errors, which carry
-    O(1) components along Q until projected out again. ``[Q, new]`` stays orthonormal to
-    working precision either way."""
-    for _ in range(2):
-        block = project_out(basis, project_out(basis, block, xp), xp)
-        block, _ = backend.thin_qr(xp, block)
-    return block
+    count = result.count
+    info = dict(info, low_rank_trace=low_rank_trace, num_residual_probes=count)
+    return result.estimate(request.columns, name, converged, info)
 
 
 def predicted_residual_probes(
@@ -334,7 +181,8 @@ class HutchPlusPlus(Estimator):
        as well, so the interval is built from samples drawn after the sketch is fixed.
     4. Then residual probes are drawn in blocks sized by the predicted need
        ``l(r) - count`` (at least count/4, at most doubling, first block ``l(r)``) until
-       the half-width of the shape-corrected t-interval (:func:`interval_met`) meets
+       the half-width of the shape-corrected t-interval (the one stopping rule of
+       :mod:`._adaptive`) meets
        ``eps`` (``converged=True``) or ``max_matvecs``, a hard cap, is spent
        (``converged=False`` with the best estimate).
 
@@ -373,33 +221,31 @@ class HutchPlusPlus(Estimator):
     #: too roughly to compare costs).
     min_growth_block = 8
 
-    def trace(self, operator: LinearOperator, request: EstimationRequest) -> Estimate:
+    jit_compatible = True
+
+    def trace(self, request: EstimationRequest) -> Estimate:
         if request.adaptive:
-            return self._adaptive_trace(operator, request)
-        xp = operator.xp
-        matmat = blocked_matmat(operator, request)
+            return self._adaptive_trace(request)
+        xp = request.xp
         sketch_size, residual_size = hutchpp_split(request.num_matvecs)
-        sketch_size = min(sketch_size, operator.shape[0])  # n columns already span it all
+        sketch_size = min(sketch_size, request.n)  # n columns already span it all
         sketch = request.probes(sketch_size)
-        low_rank_trace, first, basis = hutchpp_core(
-            matmat, sketch, request.probes(residual_size), xp
-        )
+        result = hutchpp_core(request.matmat, sketch, request.probes(residual_size), xp)
         return _residual_estimate(
             self.name,
-            low_rank_trace,
-            [first],
+            result.residual,
+            result.low_rank_trace,
             request,
             None,
-            xp,
-            {"sketch_size": int(basis.shape[1]), "probe": request.probes.kind},
+            {"sketch_size": int(result.basis.shape[1]), "probe": request.probes.kind},
         )
 
-    def _adaptive_trace(self, operator: LinearOperator, request: EstimationRequest) -> Estimate:
+    def _adaptive_trace(self, request: EstimationRequest) -> Estimate:
         """A-Hutch++ (see the class docstring): grow the sketch, then the residual probes."""
-        xp = operator.xp
-        n = operator.shape[1]
-        matmat = blocked_matmat(operator, request)
-        cap = request.max_matvecs or request.num_matvecs
+        xp = request.xp
+        n = request.n
+        matmat = request.matmat
+        cap = request.cap
         sketch_size, residual_size = hutchpp_split(request.num_matvecs)
         # 1. Hutch++ on num_matvecs columns (the draws of the non-adaptive path)
         sketch = request.probes(sketch_size)
@@ -416,51 +262,58 @@ class HutchPlusPlus(Estimator):
         samples = [state.samples]
         # r = 0: the sketch block's own Hutchinson samples s^H A s give l(0)
         hutchinson = column_inner(sketch, first_image, xp)
-        initial = _needed_probes(0 * low_rank_trace, [hutchinson], request, xp)
+        initial = _needed_probes(0 * low_rank_trace, [hutchinson], request)
         state.path.append((0, math.inf if initial is None else initial))
-        converged = _interval_met(low_rank_trace, samples, request, xp)
-        decidable = _needed_probes(low_rank_trace, samples, request, xp) is not None
+
+        def measure() -> Progress:
+            return sample_mean_progress(_residual_mean(state.low_rank_trace, samples, xp), request)
+
+        request.matmat.check_now()
+        first = measure()
+        converged = first.met(request)
         needed: float | None = math.inf
-        if decidable and not converged:
-            needed = self._grow_sketch(state, matmat, request, n, cap, residual_size)
+        if first.decidable and not converged:
+            needed = self._grow_sketch(state, request, n, cap, residual_size)
             samples = [state.samples]
             # the samples that steered the growth go into the sketch (no product
             # wasted, no selection bias); fresh residual probes follow
             if needed is not None and state.stopped != "cost":
                 if state.absorb(matmat, request, n, cap):
                     samples = []
-        # 4. residual probes, each block sized by the predicted need (at most doubling)
-        minimum = max(residual_size, self.min_growth_block)
-        while decidable and not converged:
-            remaining = cap - request.matmat.columns
-            if remaining <= 0:
-                break
-            count = sum(int(block.shape[0]) for block in samples)
-            if count:
-                needed = _needed_probes(state.low_rank_trace, samples, request, xp)
-                if needed is None:
-                    break
-                more = math.ceil(needed) - count if math.isfinite(needed) else count
-                width = min(count, max(more, math.ceil(count / 4)))
-            else:  # first block after the sketch: l(r) from the steering samples
-                finite = needed is not None and math.isfinite(needed)
-                width = math.ceil(needed) if finite and needed is not None else minimum
-            width = max(1, min(max(width, minimum if not count else 1), remaining))
-            probes = request.probes(width)
-            samples.append(deflated_samples(matmat, state.basis, probes, xp))
-            converged = _interval_met(state.low_rank_trace, samples, request, xp)
+            # 4. residual probes, each block sized by the predicted need (at most doubling)
+            minimum = max(residual_size, self.min_growth_block)
+
+            def grow() -> bool:
+                nonlocal needed
+                left = remaining(request)
+                if left <= 0:
+                    return False
+                count = sum(int(block.shape[0]) for block in samples)
+                if count:
+                    needed = _needed_probes(state.low_rank_trace, samples, request)
+                    if needed is None:
+                        return False
+                    more = math.ceil(needed) - count if math.isfinite(needed) else count
+                    width = min(count, max(more, math.ceil(count / 4)))
+                else:  # first block after the sketch: l(r) from the steering samples
+                    finite = needed is not None and math.isfinite(needed)
+                    width = math.ceil(needed) if finite and needed is not None else minimum
+                width = max(1, min(max(width, minimum if not count else 1), left))
+                samples.append(deflated_samples(matmat, state.basis, request.probes(width), xp))
+                return True
+
+            converged = until_met(request, measure, grow, measure_first=False)
         rank = int(state.basis.shape[1])
-        count = sum(int(block.shape[0]) for block in samples)
+        result = _residual_mean(state.low_rank_trace, samples, xp)
         return _residual_estimate(
             self.name,
+            result,
             state.low_rank_trace,
-            samples,
             request,
             converged,
-            xp,
             {
                 "sketch_size": rank,
-                "residual_probes": count,
+                "residual_probes": result.count,
                 "predicted_residual_probes": state.path[-1][1] if state.path else None,
                 "sketch_path": state.path,
                 "residual_frobenius_squared": state.frobenius[-1],
@@ -471,7 +324,6 @@ class HutchPlusPlus(Estimator):
     def _grow_sketch(
         self,
         state: _SketchState,
-        matmat: Matmat,
         request: EstimationRequest,
         n: int,
         cap: int,
@@ -479,7 +331,7 @@ class HutchPlusPlus(Estimator):
     ) -> float | None:
         """Step 3 of the rule: grow ``state`` while ``2 r + l(r)`` decreases; returns the
         last predicted ``l(r)`` (``None`` without concrete values)."""
-        xp = state.xp
+        matmat = request.matmat
         growth = max(residual_size, self.min_growth_block)
         while True:
             count = int(state.samples.shape[0])
@@ -489,7 +341,7 @@ class HutchPlusPlus(Estimator):
                 if more > 0 and rank < n:
                     state.top_up(matmat, request.probes(more))
                     count = int(state.samples.shape[0])
-            needed = _needed_probes(state.low_rank_trace, [state.samples], request, xp)
+            needed = _needed_probes(state.low_rank_trace, [state.samples], request)
             if needed is None or state.frobenius[-1] is None:
                 return None
             state.path.append((rank, needed))
@@ -554,7 +406,7 @@ class _SketchState:
         xp = self.xp
         room = int(self.basis.shape[0]) - int(self.basis.shape[1])  # Q fills C^n at most
         images = self.image if int(self.image.shape[1]) <= room else self.image[:, :room]
-        new = _extend_basis(self.basis, images, xp)
+        new = extend_basis(self.basis, images, xp)
         self.basis = xp.concat([self.basis, new], axis=1)
         width = int(new.shape[1])
         block = new if more is None else xp.concat([new, project_out(self.basis, more, xp)], axis=1)
@@ -588,87 +440,31 @@ class _SketchState:
         return True
 
 
-def _interval_met(
-    low_rank_trace: Any, samples: list[Any], request: EstimationRequest, xp: Any
-) -> bool:
-    """:func:`interval_met` for the estimate ``low_rank_trace + mean(samples)``."""
-    drawn = xp.concat(samples) if len(samples) > 1 else samples[0]
-    mean, stderr = mean_and_stderr(drawn, xp)
-    return interval_met(low_rank_trace + mean, stderr, drawn, request, xp)
+def _residual_mean(low_rank_trace: Any, samples: list[Any], xp: Any) -> SampleMean:
+    """The estimate ``low_rank_trace + mean(samples)`` of the residual sample blocks."""
+    drawn = samples[0] if len(samples) == 1 else xp.concat(samples)
+    return sample_mean(drawn, xp, offset=low_rank_trace)
 
 
 def _mean_square_norm(block: Any, xp: Any) -> float | None:
-    """``mean_j ||block_j||^2`` as a float (``None`` without a concrete value)."""
+    """``mean_j ||block_j||^2`` read as a float (``None`` without a value: JAX jit)."""
     if int(block.shape[1]) == 0:
         return None
-    square = (
-        xp.real(conj(block, xp) * block)
-        if backend.is_complex_dtype(xp, block.dtype)
-        else block * block
-    )
-    return backend.concrete_float(xp.sum(square) / block.shape[1])
+    return backend.read_float(xp.sum(abs2(block, xp)) / block.shape[1])
 
 
 def _needed_probes(
-    low_rank_trace: Any, samples: list[Any], request: EstimationRequest, xp: Any
+    low_rank_trace: Any, samples: list[Any], request: EstimationRequest
 ) -> float | None:
-    """:func:`predicted_residual_probes` from the samples in hand (``None``: not concrete)."""
-    drawn = xp.concat(samples) if len(samples) > 1 else samples[0]
-    mean, stderr = mean_and_stderr(drawn, xp)
-    if stderr is None:
+    """:func:`predicted_residual_probes` from the samples in hand (one read; ``None``
+    without values)."""
+    xp = request.xp
+    result = _residual_mean(low_rank_trace, samples, xp)
+    if result.stderr is None:
         return math.inf
-    magnitude = concrete_magnitude(low_rank_trace + mean)
-    spread = backend.concrete_float(stderr)
-    if magnitude is None or spread is None:
+    numbers = backend.read_floats(xp, [xp.abs(result.value), result.stderr])
+    if numbers is None:
         return None
-    target = max(request.atol or 0.0, (request.rtol or 0.0) * magnitude)
-    count = int(drawn.shape[0])
-    return predicted_residual_probes(spread**2 * count, target, request.confidence)
-
-
-class NAHutchPlusPlus(Estimator):
-    """NA-Hutch++: Hutch++ with every product in one pass (no adaptivity in between).
-
-    With right sketch R (m/6 columns), left sketch S (m/3) and residual probes G (m/2),
-    ``tr(A) ~ tr(Ahat) + mean_j g_j^H (A - Ahat) g_j`` for the generalized Nystrom
-    approximation ``Ahat = A R (S^H A R)^+ S^H A``. ``S^H A`` comes from ``A^H S``: one
-    operator call in all when A is tagged ``"symmetric"``/``"hermitian"`` (or through
-    ``rmatmat`` otherwise, two calls). Error bar from the residual samples as in Hutch++.
-
-    Examples
-    --------
-    >>> import numpy as np
-    >>> from linop_trace import aslinearoperator, trace
-    >>> rng = np.random.default_rng(0)
-    >>> U = rng.standard_normal((200, 5))
-    >>> A = aslinearoperator(U @ U.T, tags=("symmetric",))
-    >>> est = trace(A, method="na-hutch++", num_matvecs=60, seed=1)
-    >>> bool(np.isclose(float(est), np.trace(U @ U.T))), est.num_matvecs
-    (True, 60)
-    """
-
-    name = "na-hutch++"
-    min_matvecs = 4
-
-    def trace(self, operator: LinearOperator, request: EstimationRequest) -> Estimate:
-        xp = operator.xp
-        right, left, residual = na_hutchpp_split(request.num_matvecs)
-        n = operator.shape[0]
-        right, left = min(right, n), min(left, n)  # (an n x n core at most)
-        low_rank_trace, samples = na_hutchpp_core(
-            blocked_matmat(operator, request),
-            adjoint_product(operator, request, self.name),
-            request.probes(right),
-            request.probes(left),
-            request.probes(residual),
-            xp,
-        )
-        return _residual_estimate(
-            self.name,
-            low_rank_trace,
-            [samples],
-            request,
-            None,
-            xp,
-            {"sketch_size": right, "left_sketch_size": left, "probe": request.probes.kind},
-        )
+    magnitude, spread = numbers
+    target = tolerance_target(request, magnitude)
+    return predicted_residual_probes(spread**2 * result.count, target, request.confidence)

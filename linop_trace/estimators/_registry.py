@@ -6,9 +6,23 @@ from typing import Any
 
 from ._base import Estimator
 
-__all__ = ["available_methods", "get_estimator", "register_estimator"]
+__all__ = ["available_methods", "builtin", "get_estimator", "register_estimator"]
 
 _REGISTRY: dict[str, Estimator] = {}
+#: The package's own estimators by name, whatever users register over them: what
+#: ``method="auto"`` composes.
+_BUILTIN: dict[str, Estimator] = {}
+
+
+def builtin(name: str) -> Estimator:
+    """The package's own estimator registered as ``name`` (not a user's replacement)."""
+    return _BUILTIN[name]
+
+
+def register_builtin(name: str, estimator: Estimator) -> None:
+    """Register one of the package's own estimators (also reachable by :func:`builtin`)."""
+    _BUILTIN[name] = estimator
+    register_estimator(name, estimator)
 
 
 def register_estimator(name: str, estimator: Estimator, *, overwrite: bool = False) -> None:
@@ -38,6 +52,7 @@ def register_estimator(name: str, estimator: Estimator, *, overwrite: bool = Fal
         or callable(getattr(estimator, "diagonal", None))
     ):
         raise TypeError(f"estimator {estimator!r} has neither a `trace` nor a `diagonal` method")
+    _check_signature(estimator)
     key = name.lower()
     if key in _REGISTRY and not overwrite and _REGISTRY[key] is not estimator:
         raise ValueError(f"an estimator named {name!r} exists; pass overwrite=True to replace it")
@@ -70,6 +85,8 @@ def get_estimator(method: Any, quantity: str) -> Any:
         estimator = _REGISTRY[key]
     else:
         estimator = method
+    if not isinstance(method, str):
+        _check_signature(estimator)
     if not _supports(estimator, quantity):
         name = getattr(estimator, "name", repr(estimator))
         raise ValueError(
@@ -77,3 +94,29 @@ def get_estimator(method: Any, quantity: str) -> Any:
             f"{', '.join(available_methods(quantity))}"
         )
     return estimator
+
+
+def _check_signature(estimator: Any) -> None:
+    """Refuse the former ``trace(operator, request)`` signature with a message that says
+    what changed (an estimator now gets the request only, never the operator)."""
+    import inspect
+
+    for quantity in ("trace", "diagonal"):
+        method = getattr(estimator, quantity, None)
+        if not callable(method):
+            continue
+        try:
+            parameters = [
+                p
+                for p in inspect.signature(method).parameters.values()
+                if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty
+            ]
+        except (TypeError, ValueError):  # builtins without a signature
+            continue
+        if len(parameters) >= 2:
+            raise TypeError(
+                f"estimator {estimator!r}: `{quantity}` takes {len(parameters)} arguments, but "
+                f"an estimator's `{quantity}(request)` gets the EstimationRequest alone (its "
+                "products request.matmat / request.adjoint, probes and budget; the operator "
+                "itself is not passed)"
+            )

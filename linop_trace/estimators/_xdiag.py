@@ -85,7 +85,7 @@ so every term of the row formula above is a sum over a few products (i-th column
 entry) x (j-th column entry) x (an s x s coefficient, a function of c_ij, N, V, T and
 nu_j), e.g. Q_k Pi_ij M Pi_ij Q_k^H = [B_ki, B_kj] K_ij [B_ki, B_kj]^H with
 K_ij = Gamma^{-1} [[N_ii, N_ij], [N_ji, N_jj]] Gamma^{-1}; the sum over j of each is an
-(n, s) @ (s, s) product (:func:`_pair_sums_two_sided`).
+(n, s) @ (s, s) product (:func:`_two_sided_pair_sums`).
 
 Degrees of freedom. Each entry k has a Satterthwaite dof 2 s mean(c_k)^2 / var(c_k) for the
 variance estimate it uses (c_ki the cross products, or the squares |d_ki - dbar_k|^2 where
@@ -121,7 +121,7 @@ own. The pseudo-values of such pairs are approximations; the stderr keeps its fl
 the plain value. When rank(A) < s - 1 every d^(i) is exact, the deviations vanish and
 the stderr is 0 whatever the pairs. A singular R (A zero on some of the probes' span:
 exact zeros on its diagonal) is inverted with a round-off shift
-(:func:`~._xtrace.regularized_inverse_h`), and 1 / nu_i is taken as s_i^H r_i, so the
+(:func:`~._linalg.regularized_inverse_h`), and 1 / nu_i is taken as s_i^H r_i, so the
 zero operator gives exact zeros. Dependent probes would be worse: with two equal columns
 every s_i comes from R's round-off, and so do the estimates d^(i) of the other probes
 (measured at n = 24, s = 7: they matched the literal leave-one-out to 1e-10 with one
@@ -134,43 +134,136 @@ columns are drawn again. At most n probes are used (s = min(m // 2, n)).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from .. import _backend as backend
 from .._estimate import Estimate
-from .._operators import LinearOperator
-from ._base import (
-    EstimationRequest,
-    Estimator,
-    check_two_sided_option,
-    resolve_two_sided,
+from ._base import EstimationRequest, Estimator
+from ._linalg import (
+    conj,
+    hermitian_transpose,
+    orthonormal_factors,
+    regularized_inverse_h,
     two_sided_low_rank_diagonal,
 )
-from ._hutchpp import Matmat, adjoint_product, blocked_matmat, conj, hermitian_transpose
-from ._xtrace import ERROR_PROBES, orthonormal_factors, regularized_inverse_h
+from ._stats import ERROR_PROBES, entrywise_dofs, entrywise_exchangeable_error, median_dof
 
-__all__ = ["XDiag", "xdiag_core", "xdiag_estimates"]
+__all__ = ["XDiag", "XDiagResult", "xdiag_core"]
+
+Matmat = Callable[[Any], Any]
 
 #: The reported dof is the median over at most this many evenly spaced entries.
 DOF_ENTRIES = 1024
-#: Rows of a block of the (n, s) algebra: about this many entries per (rows, s) array ...
+#: Rows of a block of the (n, s) algebra on a CPU: about this many entries per (rows, s)
+#: array ...
 CHUNK_ENTRIES = 2**15
 #: ... and at least this many rows (fewer blocks, less Python overhead, for large s).
 CHUNK_ROWS_MIN = 256
 
 
+@backend.register_pytree_dataclass
+@dataclass(frozen=True)
+class XDiagResult:
+    """XDiag's estimate and what it is made of.
+
+    ``value`` (n,) is the mean of the s exchangeable estimates d^(i); ``stderr`` and
+    ``stderr_plain`` (n,) the honest and the paper's entrywise errors and ``dof`` the median
+    Satterthwaite dof (a 0-d array), all ``None`` below ``ERROR_PROBES`` probes;
+    ``low_rank_diagonal`` (n,) the part common to every d^(i); ``two_sided`` which form
+    was used. With ``samples=True`` also the (n, s) ``estimates`` d^(i) and their jackknife
+    ``pseudo_values``.
+    """
+
+    value: Any
+    stderr: Any
+    stderr_plain: Any
+    dof: Any
+    low_rank_diagonal: Any
+    two_sided: bool = field(metadata={"static": True})
+    estimates: Any = None
+    pseudo_values: Any = None
+
+
+@backend.register_pytree_dataclass
+@dataclass(frozen=True)
+class Downdates:
+    """The (s, s) and (s,) pieces of the leave-one-out downdates (one-sided form): S
+    (``downdate``, columns s_i), 1 / nu_i = s_i^H r_i (``inverse_norms``), the Gram matrix
+    c_ij = s_i^H s_j, for the pairs the weights 1 / (1 - |c_ij|^2) (``inverse``, 0 for
+    j = i or parallel pairs) and couplings K = c_ij / (1 - |c_ij|^2) (transposed), and the
+    parallel pairs (``parallel_t``, ``None`` where none are known to exist)."""
+
+    downdate: Any
+    inverse_norms: Any
+    gram: Any
+    inverse: Any
+    coupling_h: Any
+    coupling_t: Any
+    inverse_t: Any
+    inverse_sums: Any
+    parallel_t: Any
+    count_offsets: Any
+
+
+@backend.register_pytree_dataclass
+@dataclass(frozen=True)
+class TwoSidedDowndates(Downdates):
+    """:class:`Downdates` and the coefficients of the two-sided estimates."""
+
+    core_downdate: Any = None
+    downdate_cross: Any = None
+    own_square: Any = None
+    own_probe: Any = None
+    own_shift: Any = None
+    pair_left: Any = None
+    pair_basis: Any = None
+    pair_residual: Any = None
+    pair_stacked: Any = None
+
+
+@backend.register_pytree_dataclass
+@dataclass(frozen=True)
+class RowPieces:
+    """A block of rows (entries): the updates d^(i) - low (``update``, (rows, s)), the
+    common ``low_rank_diagonal`` and the row factors the pair sums reuse."""
+
+    update: Any
+    low_rank_diagonal: Any
+    basis_down: Any
+    adjoint_down_c: Any = None
+    weight: Any = None
+    residual_down: Any = None
+    stacked: Any = None
+    hutchinson: Any = None
+    probes_c: Any = None
+
+
+@dataclass
+class _RowBlock:
+    """The results of one block of rows (see :func:`_row_block`)."""
+
+    low_rank_diagonal: Any
+    value: Any
+    stderr: Any = None
+    stderr_plain: Any = None
+    dof_rows: Any = None
+    estimates: Any = None
+    pseudo_values: Any = None
+
+
 def _products(matmat: Matmat, adjoint: Matmat | None, probes: Any, xp: Any) -> tuple[Any, ...]:
     """XDiag's two operator products and the factorization between them:
-    ``(Omega, Q, R, Z)`` with Y = A Omega = QR and Z = A^H Q."""
+    ``(Q, R, Z)`` with Y = A Omega = QR and Z = A^H Q."""
     image = matmat(probes)
     basis, triangular = orthonormal_factors(image, xp)  # Y = QR
     adjoint_basis = matmat(basis) if adjoint is None else adjoint(basis)  # Z = A^H Q
-    return probes, basis, triangular, adjoint_basis
+    return basis, triangular, adjoint_basis
 
 
-def _small(xp: Any, triangular: Any) -> dict:
-    """The (s, s) and (s,) pieces: S (columns s_i), 1 / nu_i = s_i^H r_i, and for the pairs the
-    couplings c_ij / (1 - |c_ij|^2), the weights 1 / (1 - |c_ij|^2) and the parallel pairs."""
+def _downdates(xp: Any, triangular: Any) -> Downdates:
+    """:class:`Downdates` from the triangular factor R of the sketch."""
     downdate = regularized_inverse_h(triangular, xp)  # R^{-H}
     norms = xp.sqrt(xp.sum(xp.abs(downdate) ** 2, axis=0))  # nu_i
     dtype = downdate.dtype
@@ -197,23 +290,26 @@ def _small(xp: Any, triangular: Any) -> dict:
     inverse = valid / xp.astype(determinant, dtype)  # 1 / (1 - |c_ij|^2); 0 if j = i
     coupling = gram * inverse  # K
     transpose = xp.matrix_transpose
-    has_parallel = backend.concrete_float(xp.sum(xp.abs(parallel)))
-    return {
-        "downdate": downdate,
-        "inverse_norms": inverse_norms,
-        "gram": gram,
-        "inverse": inverse,
-        "coupling_h": transpose(conj(coupling, xp)),
-        "coupling_t": transpose(coupling),
-        "inverse_t": transpose(inverse),
-        "inverse_sums": xp.sum(inverse, axis=1),
-        # None (no concrete value, under JAX jit) keeps the general path
-        "parallel_t": None if has_parallel == 0 else transpose(parallel),
-        "count_offsets": xp.sum(valid, axis=1) - (count - 1),
-    }
+    # where reads are free and no pair is parallel (the rule), their correction is
+    # skipped; devices always take the general path (a zero correction otherwise)
+    none_parallel = backend.known_value(xp, xp.sum(xp.abs(parallel))) == 0
+    return Downdates(
+        downdate=downdate,
+        inverse_norms=inverse_norms,
+        gram=gram,
+        inverse=inverse,
+        coupling_h=transpose(conj(coupling, xp)),
+        coupling_t=transpose(coupling),
+        inverse_t=transpose(inverse),
+        inverse_sums=xp.sum(inverse, axis=1),
+        parallel_t=None if none_parallel else transpose(parallel),
+        count_offsets=xp.sum(valid, axis=1) - (count - 1),
+    )
 
 
-def _rows(xp: Any, small: dict, probes: Any, basis: Any, adjoint_basis: Any) -> dict:
+def _row_pieces(
+    xp: Any, small: Downdates, probes: Any, basis: Any, adjoint_basis: Any
+) -> RowPieces:
     """The d^(i) of a block of rows (entries), and the row pieces the pairs reuse.
 
     With Y = QR, Q^H y_i = r_i, so s_i^H Q^H y_i = 1 / nu_i (nu_i the norm of column i of
@@ -225,20 +321,60 @@ def _rows(xp: Any, small: dict, probes: Any, basis: Any, adjoint_basis: Any) -> 
 
     two (n, s) @ (s, s) products beyond the QR factorization.
     """
-    downdate = small["downdate"]
+    downdate = small.downdate
     basis_down = basis @ downdate  # B: columns Q s_i
     adjoint_down_c = conj(adjoint_basis @ downdate, xp)  # conj(C): columns conj(Z s_i)
-    weight = conj(probes, xp) * small["inverse_norms"][None, :] - adjoint_down_c  # E
+    weight = conj(probes, xp) * small.inverse_norms[None, :] - adjoint_down_c  # E
     update = basis_down * weight  # B * E
     # diag(Q Z^H) (row_inner conjugates its first argument)
     low_rank_diagonal = backend.row_inner(xp, adjoint_basis, basis)
-    return {
-        "update": update,
-        "low_rank_diagonal": low_rank_diagonal,
-        "basis_down": basis_down,
-        "adjoint_down_c": adjoint_down_c,
-        "weight": weight,
-    }
+    return RowPieces(
+        update, low_rank_diagonal, basis_down, adjoint_down_c=adjoint_down_c, weight=weight
+    )
+
+
+def _downdates_for(
+    xp: Any, two_sided: bool, probes: Any, basis: Any, triangular: Any, image: Any
+) -> Downdates:
+    """The (s, s) pieces of either form (``image`` = A^H Q, or A Q when two-sided)."""
+    if not two_sided:
+        return _downdates(xp, triangular)
+    basis_h = hermitian_transpose(basis, xp)
+    return _two_sided_downdates(xp, triangular, basis_h @ probes, basis_h @ image)
+
+
+def _pair_sums(parts: RowPieces, small: Downdates, xp: Any) -> tuple[Any, Any]:
+    """``sum_{j != i} d_j^(i)`` in column i: the estimates with two probes left out.
+
+    The formula is in the module docstring. With u_ij = s_i^H r_j = delta_ij / nu_i (see
+    :func:`_row_pieces`), a_ij = -c_ij / (nu_j (1 - |c_ij|^2)) and
+    b_ij = 1 / (nu_j (1 - |c_ij|^2)); with K_ij = c_ij / (1 - |c_ij|^2), r_i = sum_j
+    1 / (1 - |c_ij|^2) (both over the pairs j != i) and E = conj(Omega) / nu - conj(C),
+
+        sum_j d_j^(i) = (s - 1) diag(Q Z^H) - B_i conj(C_i) r_i + conj(C_i) (B K^T_conj)_i
+                        - B_i (E K^T)_i + ((B * E) Inv^T)_i,
+
+    three (n, s) @ (s, s) products. Returned without the first term, the same in every
+    column, which the caller adds to an (n,) vector instead of an (n, s) array, and with
+    ``None`` for the (n,) rest that is the same in every column (see
+    :func:`_two_sided_pair_sums`).
+    """
+    basis_down = parts.basis_down  # B = Q S
+    adjoint_down_c = parts.adjoint_down_c  # conj(C), C = Z S
+    pairs = (
+        adjoint_down_c * (basis_down @ small.coupling_h)
+        - basis_down * (parts.weight @ small.coupling_t)
+        + parts.update @ small.inverse_t
+        - (basis_down * adjoint_down_c) * small.inverse_sums[None, :]
+    )
+    # Pairs of parallel s_i, s_j (rare) take d^(j), and the term (number of valid pairs)
+    # x diag(Q Z^H) is then not the same in every column.
+    if small.parallel_t is not None:
+        estimates = parts.low_rank_diagonal[:, None] + parts.update
+        pairs = pairs + estimates @ small.parallel_t
+        offsets = small.count_offsets[None, :]
+        pairs = pairs + parts.low_rank_diagonal[:, None] * offsets
+    return pairs, None
 
 
 def xdiag_core(
@@ -247,8 +383,10 @@ def xdiag_core(
     probes: Any,
     xp: Any,
     two_sided: bool | None = None,
-) -> tuple[Any, Any]:
-    """The s exchangeable estimates d^(i) as columns of an ``(n, s)`` array.
+    samples: bool = False,
+) -> XDiagResult:
+    """XDiag with its honest entrywise error estimate: two products (``A Omega``, then
+    ``A^H Q``), then pure array algebra.
 
     Parameters
     ----------
@@ -263,13 +401,9 @@ def xdiag_core(
     two_sided : bool, optional
         The two-sided estimates (module docstring); by default when ``adjoint`` is
         ``None``. ``True`` with an adjoint raises ``ValueError``.
-
-    Returns
-    -------
-    estimates : array (n, s)
-        d^(i) in column i; their row means are the XDiag estimate.
-    low_rank_diagonal : array (n,)
-        ``diag(QQ^H A)``, two-sided ``diag(QQ^H A + A QQ^H - QQ^H A QQ^H)``.
+    samples : bool
+        Also return the (n, s) estimates d^(i) and their pseudo-values (``False``, as
+        :class:`XDiag` runs it: only what they give, without keeping two (n, s) arrays).
 
     Examples
     --------
@@ -280,235 +414,18 @@ def xdiag_core(
     >>> U = rng.standard_normal((50, 3))
     >>> A = U @ U.T  # rank 3 < s - 1
     >>> W = rng.choice([-1.0, 1.0], size=(50, 6))
-    >>> estimates, _ = xdiag_core(lambda X: A @ X, None, W, xp)
-    >>> estimates.shape, bool(np.allclose(estimates.mean(axis=1), np.diag(A)))
+    >>> out = xdiag_core(lambda X: A @ X, None, W, xp, samples=True)
+    >>> out.estimates.shape, bool(np.allclose(out.value, np.diag(A)))
     ((50, 6), True)
     """
-    two_sided = resolve_two_sided(adjoint, two_sided, "XDiag")
-    probes, basis, triangular, image = _products(matmat, adjoint, probes, xp)
-    small = _small_for(xp, two_sided, probes, basis, triangular, image)
-    parts = (_rows_two_sided if two_sided else _rows)(xp, small, probes, basis, image)
-    return parts["low_rank_diagonal"][:, None] + parts["update"], parts["low_rank_diagonal"]
-
-
-def _small_for(
-    xp: Any, two_sided: bool, probes: Any, basis: Any, triangular: Any, image: Any
-) -> dict:
-    """The (s, s) pieces of either variant (``image`` = A^H Q, or A Q when two-sided)."""
-    if not two_sided:
-        return _small(xp, triangular)
-    basis_h = hermitian_transpose(basis, xp)
-    return _small_two_sided(xp, triangular, basis_h @ probes, basis_h @ image)
-
-
-def _pair_sums(parts: dict, small: dict, xp: Any) -> Any:
-    """``sum_{j != i} d_j^(i)`` in column i: the estimates with two probes left out.
-
-    The formula is in the module docstring. With u_ij = s_i^H r_j = delta_ij / nu_i (see
-    :func:`_rows`), a_ij = -c_ij / (nu_j (1 - |c_ij|^2)) and
-    b_ij = 1 / (nu_j (1 - |c_ij|^2)); with K_ij = c_ij / (1 - |c_ij|^2), r_i = sum_j
-    1 / (1 - |c_ij|^2) (both over the pairs j != i) and E = conj(Omega) / nu - conj(C),
-
-        sum_j d_j^(i) = (s - 1) diag(Q Z^H) - B_i conj(C_i) r_i + conj(C_i) (B K^T_conj)_i
-                        - B_i (E K^T)_i + ((B * E) Inv^T)_i,
-
-    three (n, s) @ (s, s) products. Returned without the first term, the same in every
-    column, which the caller adds to an (n,) vector instead of an (n, s) array, and with
-    ``None`` for the (n,) rest that is the same in every column (see
-    :func:`_pair_sums_two_sided`).
-    """
-    basis_down = parts["basis_down"]  # B = Q S
-    adjoint_down_c = parts["adjoint_down_c"]  # conj(C), C = Z S
-    pairs = (
-        adjoint_down_c * (basis_down @ small["coupling_h"])
-        - basis_down * (parts["weight"] @ small["coupling_t"])
-        + parts["update"] @ small["inverse_t"]
-        - (basis_down * adjoint_down_c) * small["inverse_sums"][None, :]
+    if two_sided is None:
+        two_sided = adjoint is None
+    elif two_sided and adjoint is not None:
+        raise ValueError("two-sided XDiag needs a self-adjoint operator (adjoint=None)")
+    basis, triangular, adjoint_basis = _products(matmat, adjoint, probes, xp)
+    return backend.jit(xp, _algebra, num_static=3)(
+        xp, bool(two_sided), samples, probes, basis, triangular, adjoint_basis
     )
-    # Pairs of parallel s_i, s_j (rare) take d^(j), and the term (number of valid pairs)
-    # x diag(Q Z^H) is then not the same in every column.
-    if small["parallel_t"] is not None:
-        estimates = parts["low_rank_diagonal"][:, None] + parts["update"]
-        pairs = pairs + estimates @ small["parallel_t"]
-        offsets = small["count_offsets"][None, :]
-        pairs = pairs + parts["low_rank_diagonal"][:, None] * offsets
-    return pairs, None
-
-
-def _satterthwaite(products: Any, xp: Any) -> Any:
-    """Per-row Satterthwaite dof ``2 s mean^2 / var`` of the variance estimate
-    ``sum(products) / (s (s - 1))``, clipped to [2, s - 1]; 2 where mean <= 0 and s - 1
-    where the products are constant (var 0)."""
-    s = products.shape[1]
-    products, _ = backend.divide_by_largest(xp, products, axis=1)  # squares of 1e160 overflow
-    mean = xp.mean(products, axis=1)
-    spread = xp.sum((products - mean[:, None]) ** 2, axis=1) / (s - 1)
-    positive = spread > 0
-    dof = 2 * s * mean**2 / xp.where(positive, spread, xp.ones_like(spread))
-    dof = xp.where(mean > 0, dof, xp.full_like(dof, 2))
-    dof = xp.where(positive, dof, xp.full_like(dof, s - 1))  # constant: exact entries
-    return xp.minimum(xp.maximum(dof, xp.full_like(dof, 2)), xp.full_like(dof, s - 1))
-
-
-def elementwise_honest_error(estimates: Any, pseudo: Any, xp: Any) -> dict[str, Any]:
-    """Entrywise cross-jackknife standard errors and one Student-t dof.
-
-    Parameters
-    ----------
-    estimates : array (n, s)
-        The exchangeable estimates d^(i) in columns.
-    pseudo : array (n, s)
-        Their jackknife pseudo-values p_i.
-    xp : namespace
-
-    Returns
-    -------
-    dict
-        ``stderr`` (n,): sqrt(max(sum cross, sum square) / (s (s - 1))) entry by entry;
-        ``stderr_plain`` (n,): std(d^(i)) / sqrt(s); ``dof``: the median over the entries
-        (the lower median for even n; over ``DOF_ENTRIES`` evenly spaced entries when n is
-        larger) of the Satterthwaite dof of the variance estimate each entry uses, rounded
-        down.
-
-    Examples
-    --------
-    >>> import array_api_compat.numpy as xp
-    >>> import numpy as np
-    >>> from linop_trace.estimators._xdiag import elementwise_honest_error
-    >>> d = np.array([[1.0, 2.0, 3.0], [0.0, 0.0, 0.0]])
-    >>> out = elementwise_honest_error(d, 2 * d, xp)
-    >>> out["stderr"].tolist(), out["stderr_plain"].tolist(), out["dof"]
-    ([0.816496580927726, 0.0], [0.5773502691896257, 0.0], 2)
-    """
-    out = _honest_error_and_dofs(estimates, pseudo, xp)
-    out["dof"] = median_dof(out.pop("dofs"), xp, estimates.shape[1] - 1)
-    return out
-
-
-def median_dof(dofs: Any, xp: Any, default: int) -> int:
-    """The reported dof: the median of the entries' dofs (the lower one for an even
-    count), rounded down; ``default`` when it has no concrete value (JAX jit).
-
-    >>> import array_api_compat.numpy as xp
-    >>> import numpy as np
-    >>> median_dof(np.array([5.5, 2.5, 4.5, 3.5]), xp, 9)
-    3
-    """
-    median = backend.concrete_float(xp.sort(dofs)[(dofs.shape[0] - 1) // 2])
-    return int(math.floor(median)) if median is not None else default
-
-
-def _honest_error_and_dofs(
-    estimates: Any, pseudo: Any, xp: Any, step: int | None = None, first: int = 0
-) -> dict[str, Any]:
-    """:func:`elementwise_honest_error` with the dofs of the entries ``first, first + step,
-    ...`` (by default every ``ceil(n / DOF_ENTRIES)``-th); no median, so no host sync."""
-    out = _honest_error_and_dof_rows(estimates, pseudo, xp, step, first)
-    rows = out.pop("dof_rows")
-    out["dofs"] = None if rows is None else _dofs(rows, xp)
-    return out
-
-
-def _dofs(rows: tuple[Any, Any, Any], xp: Any) -> Any:
-    """The Satterthwaite dof of each entry's variance estimate, from its products."""
-    square, cross, floored = rows
-    return xp.where(floored, _satterthwaite(square, xp), _satterthwaite(cross, xp))
-
-
-def _honest_error_and_dof_rows(
-    estimates: Any, pseudo: Any, xp: Any, step: int | None = None, first: int = 0
-) -> dict[str, Any]:
-    """The stderrs, and as ``dof_rows`` the per-probe products (square, cross, floored) of
-    the dof entries, for :func:`_dofs` (once over all row blocks: a dozen small array
-    operations instead of a dozen per block)."""
-    deviation = estimates - xp.mean(estimates, axis=1)[:, None]
-    return _error_terms(deviation, -pseudo, xp, step, first)
-
-
-def _error_terms(
-    deviation: Any, pairs: Any, xp: Any, step: int | None = None, first: int = 0
-) -> dict[str, Any]:
-    """:func:`_honest_error_and_dof_rows` from the deviations d^(i) - mean_j d^(j) and any
-    ``pairs`` that differ from minus the pseudo-values by the same (n,) vector in every
-    column (the pseudo-values' deviations are then mean_j pairs_j - pairs_i).
-
-    With sum_i conj(dev_i) = 0 up to round-off, which the first term keeps, the cross sum
-    sum_i conj(dev_i) (p_i - pbar) is pbar' conj(sum_i dev_i) - sum_i conj(dev_i) pairs_i,
-    pbar' the row means of ``pairs``: no (n, s) temporary."""
-    n, s = deviation.shape
-    pair_mean = xp.mean(pairs, axis=1)
-    complex_ = backend.is_complex_dtype(xp, deviation.dtype)
-    cross_sum = pair_mean * conj(xp.sum(deviation, axis=1), xp) - backend.row_inner(
-        xp, deviation, pairs
-    )
-    square_sum = backend.row_inner(xp, deviation, deviation)
-    if complex_:
-        cross_sum, square_sum = xp.real(cross_sum), xp.real(square_sum)
-    floored = cross_sum < square_sum
-    variance = xp.where(floored, square_sum, cross_sum) / (s * (s - 1))
-    # The dof is a median over the entries: at most DOF_ENTRIES evenly spaced ones suffice
-    step = -(-n // DOF_ENTRIES) if step is None else step
-    stderr = {
-        "stderr": xp.sqrt(variance),
-        "stderr_plain": xp.sqrt(square_sum / (s * (s - 1))),
-    }
-    if first >= n:  # no dof entry in this block
-        return {**stderr, "dof_rows": None}
-    deviation = deviation[first::step, :]
-    pseudo_deviation = pair_mean[first::step][:, None] - pairs[first::step, :]
-    cross = conj(deviation, xp) * pseudo_deviation
-    square = conj(deviation, xp) * deviation
-    if complex_:
-        cross, square = xp.real(cross), xp.real(square)
-    return {**stderr, "dof_rows": (square, cross, floored[first::step])}
-
-
-def xdiag_estimates(
-    matmat: Matmat,
-    adjoint: Matmat | None,
-    probes: Any,
-    xp: Any,
-    two_sided: bool | None = None,
-    samples: bool = True,
-) -> dict[str, Any]:
-    """XDiag with its honest elementwise error estimate (pure: products, no randomness).
-
-    Parameters
-    ----------
-    matmat, adjoint, probes, xp, two_sided
-        As for :func:`xdiag_core`.
-    samples : bool
-        Return the (n, s) ``estimates`` and ``pseudo`` too (``False``: only what they
-        give, without keeping two (n, s) arrays; :class:`XDiag` needs no more).
-
-    Returns
-    -------
-    dict
-        ``estimates`` d^(i) (n, s) and ``pseudo`` the pseudo-values p_i (n, s) when
-        ``samples``; ``low_rank_diagonal`` (n,); ``value`` (n,); ``two_sided`` (bool);
-        and for s >= 3 (``ERROR_PROBES``) ``stderr``, ``stderr_plain``, ``dof`` (see
-        :func:`elementwise_honest_error`), else ``None``.
-
-    Examples
-    --------
-    >>> import numpy as np
-    >>> import array_api_compat.numpy as xp
-    >>> from linop_trace.estimators._xdiag import xdiag_estimates
-    >>> rng = np.random.default_rng(0)
-    >>> A = rng.standard_normal((40, 40))
-    >>> W = rng.choice([-1.0, 1.0], size=(40, 10))
-    >>> out = xdiag_estimates(lambda X: A @ X, lambda X: A.T @ X, W, xp)
-    >>> out["pseudo"].shape, bool(np.all(out["stderr"] >= out["stderr_plain"]))
-    ((40, 10), True)
-    """
-    two_sided = resolve_two_sided(adjoint, two_sided, "XDiag")
-    out = backend.jit(xp, _algebra, num_static=3)(
-        xp, two_sided, samples, *_products(matmat, adjoint, probes, xp)
-    )
-    out["two_sided"] = two_sided
-    dofs = out.pop("dofs")
-    out["dof"] = None if dofs is None else median_dof(dofs, xp, probes.shape[1] - 1)
-    return out
 
 
 def _algebra(
@@ -519,16 +436,17 @@ def _algebra(
     basis: Any,
     triangular: Any,
     adjoint_basis: Any,
-) -> dict:
+) -> XDiagResult:
     """Everything after the products: pure array algebra (``samples``: also return the
     (n, s) estimates and pseudo-values, not only their means and error estimates).
 
-    Every (n, s) quantity is computed row by row from (s, s) matrices, so the rows are
-    processed in blocks of about ``CHUNK_ENTRIES`` entries that stay in cache (a dozen
-    passes over each block instead of a dozen passes over memory); JAX compiles the whole
-    as one program instead (its arrays are immutable, and XLA fuses the passes).
+    Every (n, s) quantity is computed row by row from (s, s) matrices, so on a CPU the
+    rows are processed in blocks of about ``CHUNK_ENTRIES`` entries that stay in cache (a
+    dozen passes over each block instead of a dozen passes over memory); JAX compiles the
+    whole as one program instead (its arrays are immutable, and XLA fuses the passes),
+    and accelerators take it in one piece (one kernel per operation).
     """
-    small = _small_for(xp, two_sided, probes, basis, triangular, adjoint_basis)
+    small = _downdates_for(xp, two_sided, probes, basis, triangular, adjoint_basis)
     n, count = probes.shape
     step = -(-n // DOF_ENTRIES)  # the dofs of every step-th entry
     # the two-sided blocks hold about twice as many (rows, s) temporaries: half the rows
@@ -536,28 +454,63 @@ def _algebra(
     # measurably cost more than the extra Python steps)
     entries = CHUNK_ENTRIES // 2 if two_sided else CHUNK_ENTRIES
     rows = max(CHUNK_ROWS_MIN, entries // max(count, 1))
-    if n <= rows or backend.compiles_whole(xp):
-        whole = _block(xp, two_sided, small, probes, basis, adjoint_basis, step, 0, samples)
-        rows_of_dofs = whole.pop("dof_rows")
-        whole["dofs"] = None if rows_of_dofs is None else _dofs(rows_of_dofs, xp)
-        return whole
-    dtype, device = probes.dtype, backend.device_of(probes)
-    out: dict[str, Any] = {
-        "low_rank_diagonal": xp.empty((n,), dtype=dtype, device=device),
-        "value": xp.empty((n,), dtype=dtype, device=device),
-    }
-    if samples:
-        out["estimates"] = xp.empty((n, count), dtype=dtype, device=device)
-        out["pseudo"] = xp.empty((n, count), dtype=dtype, device=device)
     errors = count >= ERROR_PROBES
+    if n <= rows or backend.prefers_whole_arrays(xp, backend.device_of(probes)):
+        whole = _row_block(xp, two_sided, small, probes, basis, adjoint_basis, step, 0, samples)
+        dof_rows = [whole.dof_rows] if whole.dof_rows is not None else []
+    else:
+        whole, dof_rows = _in_row_blocks(
+            xp, two_sided, small, probes, basis, adjoint_basis, step, samples, rows
+        )
+    dof = None
     if errors:
-        real = xp.real(out["value"]).dtype if backend.is_complex_dtype(xp, dtype) else dtype
-        out["stderr"] = xp.empty((n,), dtype=real, device=device)
-        out["stderr_plain"] = xp.empty((n,), dtype=real, device=device)
+        rows_of_dofs = tuple(
+            dof_rows[0][k] if len(dof_rows) == 1 else xp.concat([part[k] for part in dof_rows])
+            for k in range(3)
+        )
+        dof = median_dof(entrywise_dofs(rows_of_dofs, xp), xp)
+    return XDiagResult(
+        whole.value,
+        whole.stderr,
+        whole.stderr_plain,
+        dof,
+        whole.low_rank_diagonal,
+        two_sided,
+        whole.estimates,
+        whole.pseudo_values,
+    )
+
+
+def _in_row_blocks(
+    xp: Any,
+    two_sided: bool,
+    small: Downdates,
+    probes: Any,
+    basis: Any,
+    adjoint_basis: Any,
+    step: int,
+    samples: bool,
+    rows: int,
+) -> tuple[_RowBlock, list[Any]]:
+    """:func:`_row_block` over blocks of ``rows`` rows, written into whole arrays."""
+    n, count = probes.shape
+    dtype, device = probes.dtype, backend.device_of(probes)
+    real = backend.real_dtype_for(xp, dtype)
+    errors = count >= ERROR_PROBES
+    out = _RowBlock(
+        xp.empty((n,), dtype=dtype, device=device), xp.empty((n,), dtype=dtype, device=device)
+    )
+    if samples:
+        out.estimates = xp.empty((n, count), dtype=dtype, device=device)
+        out.pseudo_values = xp.empty((n, count), dtype=dtype, device=device)
+    if errors:
+        out.stderr = xp.empty((n,), dtype=real, device=device)
+        out.stderr_plain = xp.empty((n,), dtype=real, device=device)
+    fields = [name for name in vars(out) if name != "dof_rows" and getattr(out, name) is not None]
     dof_rows = []
     for start in range(0, n, rows):
         stop = min(start + rows, n)
-        block = _block(
+        block = _row_block(
             xp,
             two_sided,
             small,
@@ -568,31 +521,24 @@ def _algebra(
             (-start) % step,
             samples,
         )
-        for key in out:
-            out[key][start:stop, ...] = block[key]
-        if errors and block["dof_rows"] is not None:
-            dof_rows.append(block["dof_rows"])
-    out["dofs"] = (
-        _dofs(tuple(xp.concat([part[k] for part in dof_rows]) for k in range(3)), xp)
-        if errors
-        else None
-    )
-    if not errors:
-        out["stderr"] = out["stderr_plain"] = None
-    return out
+        for name in fields:
+            getattr(out, name)[start:stop, ...] = getattr(block, name)
+        if block.dof_rows is not None:
+            dof_rows.append(block.dof_rows)
+    return out, dof_rows
 
 
-def _block(
+def _row_block(
     xp: Any,
     two_sided: bool,
-    small: dict,
+    small: Downdates,
     probes: Any,
     basis: Any,
     adjoint_basis: Any,
     step: int,
     first: int,
     samples: bool,
-) -> dict:
+) -> _RowBlock:
     """Estimates, error estimates (and with ``samples`` the (n, s) estimates and
     pseudo-values) of a block of rows (entries); the products for the dofs of the rows
     ``first, first + step, ...`` of the block.
@@ -600,28 +546,28 @@ def _block(
     With d^(i) = low + u_i (``low`` the common low-rank diagonal) and the pair sums
     sum_{j != i} d_j^(i) = (s - 1) low + c + pairs_i (c the part the same in every column),
     p_i = sum_j d^(j) - sum_{j != i} d_j^(i) = low + sum_j u_j - c - pairs_i."""
-    rows, pair_sums = (_rows_two_sided, _pair_sums_two_sided) if two_sided else (_rows, _pair_sums)
-    parts = rows(xp, small, probes, basis, adjoint_basis)
-    update, low = parts["update"], parts["low_rank_diagonal"]
-    pairs, constant = pair_sums(parts, small, xp)
+    if two_sided:
+        assert isinstance(small, TwoSidedDowndates)
+        parts = _two_sided_row_pieces(xp, small, probes, basis, adjoint_basis)
+        pairs, constant = _two_sided_pair_sums(parts, small, xp)
+    else:
+        parts = _row_pieces(xp, small, probes, basis, adjoint_basis)
+        pairs, constant = _pair_sums(parts, small, xp)
+    update, low = parts.update, parts.low_rank_diagonal
     count = update.shape[1]
     update_mean = xp.mean(update, axis=1)
-    out: dict[str, Any] = {
-        "low_rank_diagonal": low,
-        "value": low + update_mean,
-        "stderr": None,
-        "stderr_plain": None,
-        "dof_rows": None,
-    }
+    out = _RowBlock(low, low + update_mean)
     if samples:
         common = low + xp.sum(update, axis=1)
         if constant is not None:
             common = common - constant
-        out["estimates"] = low[:, None] + update
-        out["value"] = xp.mean(out["estimates"], axis=1)  # exactly their mean
-        out["pseudo"] = common[:, None] - pairs
+        out.estimates = low[:, None] + update
+        out.value = xp.mean(out.estimates, axis=1)  # exactly their mean
+        out.pseudo_values = common[:, None] - pairs
     if count >= ERROR_PROBES:
-        out.update(_error_terms(update - update_mean[:, None], pairs, xp, step, first))
+        out.stderr, out.stderr_plain, out.dof_rows = entrywise_exchangeable_error(
+            update - update_mean[:, None], pairs, xp, step, first
+        )
     return out
 
 
@@ -673,6 +619,7 @@ class XDiag(Estimator):
 
     name = "xdiag"
     min_matvecs = 2
+    jit_compatible = True
 
     def __init__(self, two_sided: bool | None = None) -> None:
         self.two_sided = two_sided
@@ -680,45 +627,44 @@ class XDiag(Estimator):
     def __repr__(self) -> str:
         return f"{type(self).__name__}(two_sided={self.two_sided!r})"
 
-    def diagonal(self, operator: LinearOperator, request: EstimationRequest) -> Estimate:
-        xp = operator.xp
-        adjoint = adjoint_product(operator, request, self.name)
-        check_two_sided_option(self, adjoint)
-        if request.probes.kind not in ("rademacher", "steinhaus"):
+    def diagonal(self, request: EstimationRequest) -> Estimate:
+        xp = request.xp
+        adjoint = None if request.self_adjoint else request.adjoint
+        if self.two_sided and adjoint is not None:
+            raise ValueError(
+                f"{type(self).__name__}(two_sided=True) needs an operator tagged "
+                "'symmetric' or 'hermitian'; use two_sided=None (the default) for others"
+            )
+        if not request.probes.unit_modulus:
             raise ValueError(
                 f"method 'xdiag' needs Rademacher (or unit-modulus) probes, got "
                 f"probe={request.probes.kind!r}; use method='diag++' for other probes"
             )
-        count = min(request.num_matvecs // 2, operator.shape[0])  # s <= n, like XTrace
-        result = xdiag_estimates(
-            blocked_matmat(operator, request),
-            adjoint,
-            request.probes.independent(count),
-            xp,
-            self.two_sided,
-            samples=False,
+        count = min(request.num_matvecs // 2, request.n)  # s <= n, like XTrace
+        result = xdiag_core(
+            request.matmat, adjoint, request.probes.independent(count), xp, self.two_sided
         )
         return Estimate(
-            result["value"],
-            result["stderr"],
-            request.matmat.columns,
+            result.value,
+            result.stderr,
+            request.columns,
             self.name,
             converged=None,
-            dof=result["dof"],
+            dof=result.dof,
             info={
                 "num_probes": count,
-                "low_rank_diagonal": result["low_rank_diagonal"],
-                "stderr_plain": result["stderr_plain"],
-                "two_sided": result["two_sided"],
+                "low_rank_diagonal": result.low_rank_diagonal,
+                "stderr_plain": result.stderr_plain,
+                "two_sided": result.two_sided,
             },
         )
 
 
-def _small_two_sided(xp: Any, triangular: Any, cross: Any, core: Any) -> dict:
-    """:func:`_small` and the (s, s) coefficients of the two-sided estimates, from
+def _two_sided_downdates(xp: Any, triangular: Any, cross: Any, core: Any) -> TwoSidedDowndates:
+    """:func:`_downdates` and the (s, s) coefficients of the two-sided estimates, from
     U = Q^H Omega (``cross``) and M = Q^H A Q (``core``)."""
-    small = _small(xp, triangular)
-    downdate = small["downdate"]  # S
+    small = _downdates(xp, triangular)
+    downdate = small.downdate  # S
     core = (core + hermitian_transpose(core, xp)) / 2  # M, Hermitian up to round-off
     core_down = core @ downdate  # M S
     transpose = xp.matrix_transpose
@@ -730,8 +676,8 @@ def _small_two_sided(xp: Any, triangular: Any, cross: Any, core: Any) -> dict:
     v_diag = xp.linalg.diagonal(probes_down)
     t_diag = xp.linalg.diagonal(core_probes)
     # Gamma_ij^{-1} = [[g11, g12], [g21, g22]] entry by entry over the pairs (i, j)
-    g11 = small["inverse"]
-    g12 = -small["gram"] * g11
+    g11 = small.inverse
+    g12 = -small.gram * g11
     g21 = conj(g12, xp)
     # K = Gamma^{-1} [[N_ii, N_ij], [N_ji, N_jj]] Gamma^{-1}
     n11, n12, n21, n22 = n_diag[:, None], projected, transpose(projected), n_diag[None, :]
@@ -741,7 +687,7 @@ def _small_two_sided(xp: Any, triangular: Any, cross: Any, core: Any) -> dict:
     k12 = x11 * g12 + x12 * g11
     k22 = x21 * g12 + x22 * g11
     v_j, t_j = v_diag[None, :], t_diag[None, :]
-    shift_j = small["inverse_norms"][None, :]  # s_j^H r_j = 1 / nu_j
+    shift_j = small.inverse_norms[None, :]  # s_j^H r_j = 1 / nu_j
     phi1 = g11 * probes_down + g12 * v_j
     phi2 = g21 * probes_down + g11 * v_j
     psi1 = g12 * shift_j - (g11 * core_probes + g12 * t_j) + k11 * probes_down + k12 * v_j
@@ -749,28 +695,29 @@ def _small_two_sided(xp: Any, triangular: Any, cross: Any, core: Any) -> dict:
     eye = xp.eye(downdate.shape[1], dtype=downdate.dtype, device=backend.device_of(core))
     # The pair sums' own-column terms (weights r_i and sum_j K11_ij) as the diagonal of the
     # coefficients of their row factors. In the terms -2 Re(.) a real operator's factor 2
-    # joins the coefficients; a complex one keeps -(x + conj(x)) (:func:`_pair_sums_two_sided`).
+    # joins the coefficients; a complex one keeps -(x + conj(x)) (:func:`_two_sided_pair_sums`).
     real = not backend.is_complex_dtype(xp, downdate.dtype)
     twice = 2 if real else 1
-    left = xp.concat([-transpose(small["gram"] * g11), transpose(k12)], axis=0)
-    small.update(
+    left = xp.concat([-transpose(small.gram * g11), transpose(k12)], axis=0)
+    return TwoSidedDowndates(
+        **vars(small),
         core_downdate=xp.concat([core, downdate], axis=1),
         downdate_cross=xp.concat([downdate, cross], axis=1),
         own_square=n_diag,  # N_ii
         own_probe=v_diag,  # V_ii
-        own_shift=small["inverse_norms"] - t_diag + n_diag * v_diag,
+        own_shift=small.inverse_norms - t_diag + n_diag * v_diag,
         pair_left=left,
         pair_basis=xp.concat([-twice * left, transpose(psi1)], axis=0),
         pair_residual=xp.concat(
             [
-                twice * small["coupling_h"] if real else conj(small["coupling_h"], xp),
+                twice * small.coupling_h if real else conj(small.coupling_h, xp),
                 transpose(phi1),
             ],
             axis=0,
         ),
         pair_stacked=xp.concat(
             [
-                -transpose(g11) - eye * small["inverse_sums"][None, :],
+                -transpose(g11) - eye * small.inverse_sums[None, :],
                 -transpose(k22) - eye * xp.sum(k11, axis=1)[None, :],
                 transpose(phi2),
                 transpose(psi2),
@@ -778,17 +725,18 @@ def _small_two_sided(xp: Any, triangular: Any, cross: Any, core: Any) -> dict:
             axis=0,
         ),
     )
-    return small
 
 
-def _rows_two_sided(xp: Any, small: dict, probes: Any, basis: Any, image: Any) -> dict:
+def _two_sided_row_pieces(
+    xp: Any, small: TwoSidedDowndates, probes: Any, basis: Any, image: Any
+) -> RowPieces:
     """The updates d^(i) - diag(P A + A P - P A P) of a block of rows, that common low-rank
     diagonal, and the row pieces the pairs reuse (``image`` = A Q)."""
     count = probes.shape[1]
-    both = basis @ small["core_downdate"]  # [Q M, Q S]
+    both = basis @ small.core_downdate  # [Q M, Q S]
     basis_down = both[:, count:]  # B = Q S
     residual = image - both[:, :count]  # Zp = (I - P) A Q = Z - Q M
-    both = residual @ small["downdate_cross"]  # [Zp S, Zp U]
+    both = residual @ small.downdate_cross  # [Zp S, Zp U]
     residual_down, residual_probes = both[:, :count], both[:, count:]  # Cp, Zp U
     probes_c = conj(probes, xp)
     low_rank_diagonal = two_sided_low_rank_diagonal(basis, image, residual, xp)
@@ -799,24 +747,24 @@ def _rows_two_sided(xp: Any, small: dict, probes: Any, basis: Any, image: Any) -
     probe_basis = probes_c * basis_down  # conj(Omega) B
     hutchinson = probes_c * residual_probes  # conj(Omega) (Zp U)
     update = (
-        probe_residual * small["own_probe"][None, :]
-        + probe_basis * small["own_shift"][None, :]
+        probe_residual * small.own_probe[None, :]
+        + probe_basis * small.own_shift[None, :]
         - hutchinson
         - coupled
-        - square * small["own_square"][None, :]
+        - square * small.own_square[None, :]
     )
-    return {
-        "update": update,
-        "low_rank_diagonal": low_rank_diagonal,
-        "basis_down": basis_down,
-        "residual_down": residual_down,
-        "stacked": xp.concat([coupled, square, probe_residual, probe_basis], axis=1),
-        "hutchinson": hutchinson,
-        "probes_c": probes_c,
-    }
+    return RowPieces(
+        update,
+        low_rank_diagonal,
+        basis_down,
+        residual_down=residual_down,
+        stacked=xp.concat([coupled, square, probe_residual, probe_basis], axis=1),
+        hutchinson=hutchinson,
+        probes_c=probes_c,
+    )
 
 
-def _pair_sums_two_sided(parts: dict, small: dict, xp: Any) -> tuple[Any, Any]:
+def _two_sided_pair_sums(parts: RowPieces, small: TwoSidedDowndates, xp: Any) -> tuple[Any, Any]:
     """``sum_{j != i} d_j^(i)`` of the two-sided estimates, without (s - 1) times the
     common low-rank diagonal, as ``(pairs, constant)``: column i of ``pairs`` plus the
     (n,) ``constant`` (the part the same in every column, -sum_j conj(w_j) (Zp U)_j).
@@ -828,23 +776,23 @@ def _pair_sums_two_sided(parts: dict, small: dict, xp: Any) -> tuple[Any, Any]:
     conjugate parts separately); the rest is [2 Re(B conj(Cp)), |B|^2, conj(Omega) Cp,
     conj(Omega) B] times the stacked coefficients, whose diagonals carry the own-column
     terms."""
-    count = parts["basis_down"].shape[1]
-    basis_down, residual_down = parts["basis_down"], parts["residual_down"]
-    factors = xp.concat([conj(residual_down, xp), conj(basis_down, xp), parts["probes_c"]], axis=1)
-    hutchinson = parts["hutchinson"]
+    count = parts.basis_down.shape[1]
+    basis_down, residual_down = parts.basis_down, parts.residual_down
+    factors = xp.concat([conj(residual_down, xp), conj(basis_down, xp), parts.probes_c], axis=1)
+    hutchinson = parts.hutchinson
     pairs = (
-        parts["stacked"] @ small["pair_stacked"]
+        parts.stacked @ small.pair_stacked
         + hutchinson
-        + basis_down * (factors @ small["pair_basis"])
-        + residual_down * (factors[:, count:] @ small["pair_residual"])
+        + basis_down * (factors @ small.pair_basis)
+        + residual_down * (factors[:, count:] @ small.pair_residual)
     )
     if backend.is_complex_dtype(xp, pairs.dtype):
-        left = factors[:, : 2 * count] @ small["pair_left"]
-        coupled = basis_down @ small["coupling_h"]
+        left = factors[:, : 2 * count] @ small.pair_left
+        coupled = basis_down @ small.coupling_h
         pairs = pairs + conj(residual_down * conj(coupled, xp) - basis_down * left, xp)
-    if small["parallel_t"] is not None:
-        estimates = parts["low_rank_diagonal"][:, None] + parts["update"]
-        pairs = pairs + (estimates + hutchinson) @ small["parallel_t"]
-        offsets = small["count_offsets"][None, :]
-        pairs = pairs + parts["low_rank_diagonal"][:, None] * offsets
+    if small.parallel_t is not None:
+        estimates = parts.low_rank_diagonal[:, None] + parts.update
+        pairs = pairs + (estimates + hutchinson) @ small.parallel_t
+        offsets = small.count_offsets[None, :]
+        pairs = pairs + parts.low_rank_diagonal[:, None] * offsets
     return pairs, -xp.sum(hutchinson, axis=1)

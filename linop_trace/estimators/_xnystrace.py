@@ -36,37 +36,43 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from .. import _backend as backend
-from .._estimate import Estimate
-from .._operators import LinearOperator
-from ._base import EstimationRequest, ProbeChoice, blocked_matmat, hermitian_transpose
-from ._xtrace import (
-    ERROR_PROBES,
-    ROTATION_INVARIANT,
-    _abs2,
-    _as,
-    _diag,
-    _real,
-    exchangeable_error_terms,
-    exchangeable_estimate,
-    satterthwaite_dof,
-)
+from .._estimate import DeferredCheck, Estimate
+from ._base import EstimationRequest, Estimator
+from ._linalg import abs2, as_dtype, hermitian_transpose, real_part
+from ._stats import ExchangeableError, exchangeable_error, exchangeable_estimate
 
-__all__ = ["XNysTrace", "xnystrace_core", "xnystrace_estimates"]
+__all__ = ["XNysTrace", "XNysTraceResult", "xnystrace_core", "xnystrace_estimates"]
 
 NOT_PSD = (
     "XNysTrace needs a symmetric positive semidefinite operator, but {evidence}; "
     "use method='xtrace' (or 'hutch++') for indefinite or non-symmetric operators"
 )
 
-
-#: Rows of a block of the (n, m) pass that forms F^H F (non-JAX): about this many entries
-#: per (rows, m) block, so the block and its product stay in cache ...
+#: Rows of a block of the (n, m) pass that forms F^H F (on a CPU): about this many
+#: entries per (rows, m) block, so the block and its product stay in cache ...
 CHUNK_ENTRIES = 2**15
 #: ... and at least this many rows (fewer Python steps for large m).
 CHUNK_ROWS_MIN = 256
+
+
+@backend.register_pytree_dataclass
+@dataclass(frozen=True)
+class XNysTraceResult:
+    """XNysTrace's estimate (``value``, the mean of the leave-one-out ``estimates``), their
+    jackknife ``pseudo_values``, the error estimate, the smallest eigenvalue of the shifted
+    Nystrom core relative to its largest, and the check that the products are those of a
+    positive semidefinite operator (run when the estimate is read)."""
+
+    value: Any
+    error: ExchangeableError
+    estimates: Any
+    pseudo_values: Any
+    min_eigenvalue: Any
+    psd_check: DeferredCheck
 
 
 def _sketch(xp: Any, probes: Any, images: Any) -> tuple[Any, ...]:
@@ -76,14 +82,14 @@ def _sketch(xp: Any, probes: Any, images: Any) -> tuple[Any, ...]:
     (a round-off-level constant of the algorithm: no gradient through it), the
     eigendecomposition ``lam, vec`` of the shifted core Omega^H (Y + nu Omega), and
     ``evidence``: max|core|, max|core - core^H|, min Re(w_i^H A w_i), max|lam|, min lam
-    (cut from the gradient; checked on the host by :func:`_check_psd`).
+    (cut from the gradient; read by the check :func:`_psd_failed` builds).
     """
     ph = hermitian_transpose(probes, xp)
     core = ph @ images
     gram = ph @ probes
-    eps = float(xp.finfo(_real(core, xp).dtype).eps)
+    eps = float(xp.finfo(real_part(core, xp).dtype).eps)
     nu = eps * backend.stop_gradient(backend.frobenius_norm(xp, images))
-    core_nu = core + _as(nu, core.dtype, xp) * gram
+    core_nu = core + as_dtype(nu, core.dtype, xp) * gram
     core_nu = (core_nu + hermitian_transpose(core_nu, xp)) / 2
     lam, vec = xp.linalg.eigh(core_nu)
     fixed = backend.stop_gradient(core)
@@ -91,7 +97,7 @@ def _sketch(xp: Any, probes: Any, images: Any) -> tuple[Any, ...]:
         [
             xp.max(xp.abs(fixed)),
             xp.max(xp.abs(fixed - hermitian_transpose(fixed, xp))),
-            xp.min(_real(_diag(fixed, xp), xp)),
+            xp.min(real_part(xp.linalg.diagonal(fixed), xp)),
             xp.max(xp.abs(backend.stop_gradient(lam))),
             xp.min(backend.stop_gradient(lam)),
         ]
@@ -99,48 +105,60 @@ def _sketch(xp: Any, probes: Any, images: Any) -> tuple[Any, ...]:
     return core, gram, nu, lam, vec, evidence
 
 
-def _check_psd(evidence: list[float] | None, eps: float) -> None:
-    """Raise when the probes' Gram matrix under A shows that A is not symmetric PSD.
+def _psd_failed(xp: Any, evidence: Any, eps: float) -> Any:
+    """Whether the evidence of :func:`_sketch` shows that A is not symmetric PSD (or that
+    the sketch overflowed), as a 0-d boolean array (:func:`_not_psd_error` says which)."""
+    size, asymmetry, lowest, top, low = (evidence[i] for i in range(5))
+    overflowed = ~xp.all(xp.isfinite(evidence))
+    nonzero = size != 0
+    asymmetric = asymmetry > eps**0.5 * size
+    negative = lowest < -1e2 * eps**0.5 * size
+    indefinite = (top > 0) & (low < -1e2 * eps**0.5 * top)
+    return overflowed | (nonzero & (asymmetric | negative | indefinite))
 
-    ``evidence`` is what :func:`_sketch` returns as such (``None`` under JAX jit: no
-    concrete values, no checks)."""
-    if evidence is None:
-        return
-    if not all(math.isfinite(value) for value in evidence):
-        raise FloatingPointError(
+
+def _not_psd_error(eps: float) -> Callable[..., Exception]:
+    """The exception for evidence ``(size, asymmetry, lowest, top, low)`` read on the host."""
+    return lambda *evidence: _psd_exception(eps, *evidence)
+
+
+def _psd_exception(
+    eps: float, size: float, asymmetry: float, lowest: float, top: float, low: float
+) -> Exception:
+    if not all(math.isfinite(value) for value in (size, asymmetry, lowest, top, low)):
+        return FloatingPointError(
             "XNysTrace: the probes' Gram matrix under A overflowed (non-finite entries or "
             "eigenvalues of Omega^H A Omega); rescale the operator"
         )
-    size, asymmetry, lowest, top, low = evidence
-    if size == 0.0:
-        return
     if asymmetry > eps**0.5 * size:
-        raise ValueError(
+        return ValueError(
             NOT_PSD.format(
                 evidence=f"Omega^H A Omega is not Hermitian (relative asymmetry "
                 f"{asymmetry / size:.2e})"
             )
         )
     if lowest < -1e2 * eps**0.5 * size:
-        raise ValueError(
+        return ValueError(
             NOT_PSD.format(
                 evidence=f"a probe z gave z^H A z = {lowest:.3g} < 0 (largest |entry| {size:.3g})"
             )
         )
-    if top > 0 and low < -1e2 * eps**0.5 * top:
-        raise ValueError(
-            NOT_PSD.format(
-                evidence=f"the Nystrom core Omega^H A Omega has an eigenvalue {low:.3g} "
-                f"(largest {top:.3g})"
-            )
+    return ValueError(
+        NOT_PSD.format(
+            evidence=f"the Nystrom core Omega^H A Omega has an eigenvalue {low:.3g} "
+            f"(largest {top:.3g})"
         )
+    )
 
 
-def xnystrace_estimates(probes: Any, images: Any, xp: Any, improved: bool = True) -> dict[str, Any]:
+def xnystrace_estimates(
+    probes: Any, images: Any, xp: Any, improved: bool = True
+) -> XNysTraceResult:
     """The XNysTrace leave-one-out estimates t_i and pseudo-values p_i from Y = A Omega.
 
-    Pure linear algebra (no operator, no randomness); raises ``ValueError`` when the
-    products show that A is not symmetric positive semidefinite.
+    Pure linear algebra (no operator, no randomness). Whether the products show that A
+    is not symmetric positive semidefinite is the result's ``psd_check``, which the
+    estimate runs when it is read (``ValueError``).
 
     Parameters
     ----------
@@ -150,74 +168,41 @@ def xnystrace_estimates(probes: Any, images: Any, xp: Any, improved: bool = True
     xp : namespace
     improved : bool
         The improved normalization (rotation-invariant probes only).
-
-    Returns
-    -------
-    dict
-        ``estimates``, ``pseudo``, ``value``, ``stderr`` (honest), ``stderr_plain``,
-        ``min_eigenvalue`` (of the shifted core, relative to its largest).
     """
+    eps = float(xp.finfo(real_part(probes, xp).dtype).eps)
+    program = backend.jit(xp, _program, num_static=2)
+    value, error, estimates, pseudo, evidence, min_eigenvalue = program(
+        xp, improved, probes, images
+    )
+    check = DeferredCheck(
+        _psd_failed(xp, evidence, eps), tuple(evidence[i] for i in range(5)), _not_psd_error(eps)
+    )
+    return XNysTraceResult(value, error, estimates, pseudo, min_eigenvalue, check)
+
+
+def _program(xp: Any, improved: bool, probes: Any, images: Any) -> tuple[Any, ...]:
+    """Sketch, algebra and error terms (compiled as one program under JAX). The zero
+    operator on the probes' span (A Omega = 0) gets exact zeros with m - 1 dofs."""
     n, m = probes.shape
-    eps = float(xp.finfo(_real(probes, xp).dtype).eps)
-    if backend.compiles_whole(xp):
-        # one compiled program (eager JAX pays per operation); the checks come after it
-        compiled = backend.jit(xp, _compiled, num_static=2)
-        estimates, pseudo, evidence, terms = compiled(xp, improved, probes, images)
-        numbers = backend.concrete_floats(evidence)
-        _check_psd(numbers, eps)
-    else:
-        core, gram, nu, lam, vec, evidence = _sketch(xp, probes, images)
-        terms = None
-        numbers = backend.concrete_floats(evidence)
-        _check_psd(numbers, eps)
-        if numbers is None or numbers[3] > 0:
-            floor = eps * (numbers[3] if numbers is not None else xp.max(xp.abs(lam)))
-            estimates, pseudo = _nystrom_algebra(
-                xp, improved, probes, images, gram, lam, vec, nu, floor
-            )
-    top, low = (numbers[3], numbers[4]) if numbers is not None else (None, None)
-    if top == 0:  # A Omega = 0 (the zero operator on the probes' span): exact zeros
-        zeros = xp.zeros((m,), dtype=_real(probes, xp).dtype, device=backend.device_of(probes))
-        zero = xp.sum(zeros)
-        exact: dict[str, Any] = {
-            "estimates": zeros,
-            "pseudo": zeros,
-            "value": zero,
-            "stderr": zero if m >= 2 else None,
-            "stderr_plain": zero if m >= 2 else None,
-            "dof": m - 1 if m >= 2 else None,
-            "min_eigenvalue": 0.0,
-        }
-        if m >= 2:
-            exact["stderr_jackknife"] = zero
-        return exact
-    value = xp.mean(estimates)
-    out = {
-        "estimates": estimates,
-        "pseudo": pseudo,
-        "value": value,
-        "stderr": None,
-        "stderr_plain": None,
-        "dof": None,
-        "min_eigenvalue": low / top if low is not None and top else 0.0,
-    }
-    if m >= ERROR_PROBES:  # (see there: two probes give no error estimate)
-        out.update(terms or exchangeable_error_terms(estimates, pseudo, value, xp))
-        out["dof"] = satterthwaite_dof(m, out.pop("cross_mean"), out.pop("cross_spread"))
-    return out
-
-
-def _compiled(xp: Any, improved: bool, probes: Any, images: Any) -> tuple[Any, Any, Any, Any]:
-    """Sketch, algebra and error terms in one program (JAX); the zero operator gets a
-    finite floor (its result is replaced by exact zeros afterwards)."""
     core, gram, nu, lam, vec, evidence = _sketch(xp, probes, images)
-    eps = float(xp.finfo(_real(probes, xp).dtype).eps)
-    top = evidence[3]
-    floor = xp.where(top > 0, eps * top, xp.ones_like(top))
+    eps = float(xp.finfo(real_part(probes, xp).dtype).eps)
+    top, low = evidence[3], evidence[4]
+    zero = top == 0
+    floor = xp.where(zero, xp.ones_like(top), eps * top)
     estimates, pseudo = _nystrom_algebra(xp, improved, probes, images, gram, lam, vec, nu, floor)
-    m = probes.shape[1]
-    terms = exchangeable_error_terms(estimates, pseudo, xp.mean(estimates), xp) if m >= 2 else {}
-    return estimates, pseudo, evidence, terms
+    estimates = xp.where(zero, xp.zeros_like(estimates), estimates)
+    pseudo = xp.where(zero, xp.zeros_like(pseudo), pseudo)
+    value = xp.mean(estimates)
+    error = exchangeable_error(estimates, pseudo, value, xp)
+    if error.dof is not None:
+        error = ExchangeableError(
+            error.stderr,
+            error.stderr_plain,
+            error.stderr_jackknife,
+            xp.where(zero, xp.full_like(error.dof, m - 1), error.dof),
+        )
+    min_eigenvalue = low / xp.where(zero, xp.ones_like(top), top)
+    return value, error, estimates, pseudo, evidence, min_eigenvalue
 
 
 def _shifted_gram(
@@ -238,7 +223,7 @@ def _shifted_gram(
     JAX fuses the whole expression."""
     n, m = images.shape
     rows = max(CHUNK_ROWS_MIN, CHUNK_ENTRIES // max(m, 1))
-    if n <= rows or backend.compiles_whole(xp):
+    if n <= rows or backend.prefers_whole_arrays(xp, backend.device_of(images)):
         f = images @ factor
         total = hermitian_transpose(f, xp) @ f
     else:
@@ -249,8 +234,8 @@ def _shifted_gram(
             part = hermitian_transpose(f, xp) @ f
             total = part if total is None else total + part
     ctype = images.dtype
-    shift = _as(nu, ctype, xp)
-    ratio = _as(lam / clipped, ctype, xp)
+    shift = as_dtype(nu, ctype, xp)
+    ratio = as_dtype(lam / clipped, ctype, xp)
     projected = hermitian_transpose(factor, xp) @ (gram @ factor)
     eye = xp.eye(m, dtype=ctype, device=backend.device_of(total))
     return total + (2 * shift) * (eye * ratio[None, :]) - (shift * shift) * projected
@@ -273,36 +258,36 @@ def _nystrom_algebra(
     ctype = probes.dtype
     clipped = xp.clip(lam, min=floor)
     inv_sqrt = 1 / xp.sqrt(clipped)
-    factor = vec * _as(inv_sqrt, ctype, xp)[None, :]  # V Lambda^{-1/2}
+    factor = vec * as_dtype(inv_sqrt, ctype, xp)[None, :]  # V Lambda^{-1/2}
     g = hermitian_transpose(factor, xp)  # G = Lambda^{-1/2} V^H, N = G^H G
     # L = F^H F with F = (Y + nu Omega) G^H: the A_nu-Nystrom approximation is F F^H
     lmat = _shifted_gram(xp, images, factor, gram, nu, lam, clipped)
     nmat = hermitian_transpose(g, xp) @ g  # N
     bmat = hermitian_transpose(g, xp) @ (lmat @ g)  # B = N K N
-    n_d = _real(_diag(nmat, xp), xp)
-    b_d = _real(_diag(bmat, xp), xp)
-    trace_full = _real(xp.sum(_diag(lmat, xp)), xp)
+    n_d = real_part(xp.linalg.diagonal(nmat), xp)
+    b_d = real_part(xp.linalg.diagonal(bmat), xp)
+    trace_full = real_part(xp.sum(xp.linalg.diagonal(lmat)), xp)
     if improved:
         eye_c = xp.eye(m, dtype=ctype, device=backend.device_of(gram))
         gram_inv = xp.linalg.solve(gram, eye_c)
-        gi_d = _real(_diag(gram_inv, xp), xp)
+        gi_d = real_part(xp.linalg.diagonal(gram_inv), xp)
         scale = (n - m + 1) * gi_d
     else:
         scale = 1.0
     estimates = trace_full - b_d / n_d + scale / n_d - nu * n
 
     # two left out [i, j]: N^(i) = N - n_i n_i^H / N_ii (zero row/column i)
-    ratio = nmat / _as(n_d[:, None], ctype, xp)  # N_ij / N_ii
-    n2 = n_d[None, :] - _abs2(nmat, xp) / n_d[:, None]
+    ratio = nmat / as_dtype(n_d[:, None], ctype, xp)  # N_ij / N_ii
+    n2 = n_d[None, :] - abs2(nmat, xp) / n_d[:, None]
     b2 = (
         b_d[None, :]
-        - 2 * _real(ratio * xp.matrix_transpose(bmat), xp)
-        + _abs2(ratio, xp) * b_d[:, None]
+        - 2 * real_part(ratio * xp.matrix_transpose(bmat), xp)
+        + abs2(ratio, xp) * b_d[:, None]
     )
     eye = xp.eye(m, dtype=n2.dtype, device=backend.device_of(n2))
     n2 = n2 + eye  # the diagonal is unused; keep it finite
     if improved:
-        g2 = gi_d[None, :] - _abs2(gram_inv, xp) / gi_d[:, None]
+        g2 = gi_d[None, :] - abs2(gram_inv, xp) / gi_d[:, None]
         scale2 = (n - m + 2) * g2
     else:
         scale2 = 1.0
@@ -313,19 +298,20 @@ def _nystrom_algebra(
 
 def xnystrace_core(
     matmat: Callable[[Any], Any], probes: Any, xp: Any, improved: bool = True
-) -> dict[str, Any]:
+) -> XNysTraceResult:
     """XNysTrace with the probe block ``probes`` (n, m): one product ``A Omega``."""
     return xnystrace_estimates(probes, matmat(probes), xp, improved)
 
 
-class XNysTrace(ProbeChoice):
+class XNysTrace(Estimator):
     """XNysTrace: exchangeable Nystrom trace estimation for symmetric PSD operators.
 
     All ``num_matvecs`` columns are probes, multiplied in one block product (more if
     ``block_size`` is smaller); no second pass, so it also suits operators that can
     only be applied once. Raises ``ValueError`` naming ``method="xtrace"`` when the
     products reveal that the operator is not symmetric positive semidefinite (a negative
-    ``z^H A z``, a non-Hermitian or indefinite Nystrom core).
+    ``z^H A z``, a non-Hermitian or indefinite Nystrom core): at once for NumPy, when the
+    estimate is read for device libraries (torch, CuPy, JAX).
 
     Parameters
     ----------
@@ -358,13 +344,38 @@ class XNysTrace(ProbeChoice):
     name = "xnystrace"
     min_matvecs = 2
     default_probe = "sphere"
+    jit_compatible = True
 
-    def trace(self, operator: LinearOperator, request: EstimationRequest) -> Estimate:
-        xp = operator.xp
-        sampler = self._sampler(request)
-        improved = sampler.kind in ROTATION_INVARIANT
-        m = min(request.num_matvecs, operator.shape[0])
-        probes = sampler.independent(m)
-        images = blocked_matmat(operator, request)(probes)
-        result = xnystrace_estimates(probes, images, xp, improved)
-        return exchangeable_estimate(result, request, sampler, m, improved, self.name)
+    def __init__(self, probe: str | None = None) -> None:
+        self.probe = probe
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(probe={self.probe!r})"
+
+    def trace(self, request: EstimationRequest) -> Estimate:
+        m = min(request.num_matvecs, request.n)
+        probes = request.probes.independent(m)
+        return self.finish_trace(request, probes, request.matmat(probes))
+
+    def finish_trace(
+        self, request: EstimationRequest, probes: Any, images: Any, info: dict | None = None
+    ) -> Estimate:
+        """The estimate from probes already multiplied (``images = A @ probes``)."""
+        improved = request.probes.rotation_invariant
+        result = xnystrace_estimates(probes, images, request.xp, improved)
+        info = {
+            "probe": request.probes.kind,
+            "normalization": "improved" if improved else "plain",
+            "min_eigenvalue": result.min_eigenvalue,
+            **(info or {}),
+        }
+        estimate = exchangeable_estimate(
+            result.value,
+            result.estimates,
+            result.pseudo_values,
+            result.error,
+            request.columns,
+            self.name,
+            info,
+        )
+        return estimate.with_checks((result.psd_check,), request.columns)

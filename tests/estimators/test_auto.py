@@ -178,15 +178,9 @@ def test_diagonal_with_non_unit_modulus_probes_avoids_xdiag():
 
 def _hutchinson_interval(samples):
     """The interval method="hutchinson" gives for these samples (shape-corrected t)."""
-    from linop_trace.estimators._hutchinson import SampleMeanEstimate, mean_and_stderr, sample_shape
+    from linop_trace.estimators._stats import sample_mean
 
-    mean, stderr = mean_and_stderr(samples, npx)
-    skewness, kurtosis = sample_shape(samples, npx)
-    m = samples.shape[0]
-    reference = SampleMeanEstimate(
-        mean, stderr, m, "hutchinson", dof=m - 1, skewness=skewness, kurtosis=kurtosis
-    )
-    return reference.ci(0.95)
+    return sample_mean(samples, npx).estimate(samples.shape[0], "hutchinson").ci(0.95)
 
 
 def test_hutchinson_choice_has_the_hutchinson_interval():
@@ -217,17 +211,17 @@ def test_psd_fallback_has_the_hutchinson_interval():
 
 
 def test_xtrace_choice_orthonormalizes_the_sketch_once(monkeypatch):
-    from linop_trace.estimators import _auto, _xtrace
+    from linop_trace.estimators import _linalg, _xtrace
 
     calls = []
-    original = _xtrace.orthonormal_basis
+    original = _linalg.orthonormal_factors
 
     def counted(block, xp):
         calls.append(block.shape[1])
         return original(block, xp)
 
-    monkeypatch.setattr(_xtrace, "orthonormal_basis", counted)
-    monkeypatch.setattr(_auto, "orthonormal_basis", counted)
+    monkeypatch.setattr(_linalg, "orthonormal_factors", counted)  # (auto's basis)
+    monkeypatch.setattr(_xtrace, "orthonormal_factors", counted)
     M = test_matrix("fastexp", 300)
     est = lt.trace(implicit(M), num_matvecs=60, seed=0)
     assert est.method == "xtrace" and calls == [30]

@@ -14,14 +14,14 @@ from scipy import stats
 import linop_trace as lt
 from linop_trace._testing import test_matrix
 from linop_trace.estimators import DiagPlusPlus, XDiag
-from linop_trace.estimators._diagonal_hutchinson import (
-    diagonal_hutchinson_samples,
-    diagonal_interval_met,
-    grow_until_met,
-    ratio_mean_and_stderr,
-)
+from linop_trace.estimators._adaptive import Progress, grow_diagonal
 from linop_trace.estimators._diagpp import diagpp_core, diagpp_residual_samples
-from linop_trace.estimators._xdiag import median_dof, xdiag_core, xdiag_estimates
+from linop_trace.estimators._hutchinson import (
+    diagonal_hutchinson_core,
+    diagonal_hutchinson_samples,
+)
+from linop_trace.estimators._stats import RatioSums, median_dof
+from linop_trace.estimators._xdiag import xdiag_core
 
 
 # ------------------------------------------------------------------ naive references
@@ -85,8 +85,7 @@ def test_bekas_core_matches_naive_reference(probe):
         "gaussian": rng.standard_normal((30, 9)),
         "steinhaus": np.exp(2j * np.pi * rng.random((30, 9))),
     }[probe]
-    y, x = diagonal_hutchinson_samples(lambda X: A @ X, Z, npx)
-    value, stderr = ratio_mean_and_stderr(y, x, npx)
+    value, stderr = diagonal_hutchinson_core(lambda X: A @ X, Z, npx)
     np.testing.assert_allclose(value, naive_bekas(A, Z), rtol=1e-12, atol=1e-12)
     # delta-method standard error of a ratio of means, written out
     ratio = naive_bekas(A, Z)
@@ -96,9 +95,30 @@ def test_bekas_core_matches_naive_reference(probe):
     if probe != "gaussian":  # |z| = 1: the shortcut without denominators agrees
         y1, x1 = diagonal_hutchinson_samples(lambda X: A @ X, Z, npx, unit_modulus=True)
         assert x1 is None
-        value1, stderr1 = ratio_mean_and_stderr(y1, x1, npx)
+        value1, stderr1 = diagonal_hutchinson_core(lambda X: A @ X, Z, npx, unit_modulus=True)
         np.testing.assert_allclose(value1, value, rtol=1e-12, atol=1e-13)
         np.testing.assert_allclose(stderr1, stderr, rtol=1e-10)
+
+
+@pytest.mark.parametrize("probe", ["rademacher", "gaussian", "steinhaus"])
+def test_ratio_sums_over_blocks_equal_one_pass(probe):
+    """Running sums over uneven blocks (O(n) state) give the one-block estimate and its
+    delta-method stderr: the residual sum about the first block's shift is exact."""
+    A, rng = random_problem(4, complex_=probe == "steinhaus")
+    Z = {
+        "rademacher": rng.choice([-1.0, 1.0], size=(30, 23)),
+        "gaussian": rng.standard_normal((30, 23)),
+        "steinhaus": np.exp(2j * np.pi * rng.random((30, 23))),
+    }[probe]
+    unit = probe != "gaussian"
+    whole = diagonal_hutchinson_core(lambda X: A @ X, Z, npx, unit_modulus=unit)
+    sums = RatioSums(npx)
+    for start, stop in ((0, 3), (3, 4), (4, 15), (15, 23)):
+        sums.add(*diagonal_hutchinson_samples(lambda X: A @ X, Z[:, start:stop], npx, unit))
+    value, stderr, count = sums.estimate()
+    assert count == 23
+    np.testing.assert_allclose(value, whole[0], rtol=1e-12, atol=1e-13)
+    np.testing.assert_allclose(stderr, whole[1], rtol=1e-9)
 
 
 @pytest.mark.parametrize("complex_", [False, True])
@@ -137,13 +157,13 @@ def test_xdiag_core_matches_literal_leave_one_out(seed, complex_):
     W = rng.choice([-1.0, 1.0], size=(30, 8))
     if complex_:
         W = np.exp(2j * np.pi * rng.random((30, 8)))
-    estimates, _ = xdiag_core(lambda X: A @ X, lambda X: A.conj().T @ X, W, npx)
-    np.testing.assert_allclose(estimates.mean(1), naive_xdiag(A, W), rtol=1e-10, atol=1e-11)
+    out = xdiag_core(lambda X: A @ X, lambda X: A.conj().T @ X, W, npx)
+    np.testing.assert_allclose(out.value, naive_xdiag(A, W), rtol=1e-10, atol=1e-11)
     H = A + A.conj().T
     for two_sided in (False, True):
-        estimates, _ = xdiag_core(lambda X: H @ X, None, W, npx, two_sided)
+        out = xdiag_core(lambda X: H @ X, None, W, npx, two_sided)
         expected = naive_xdiag(H, W, two_sided)
-        np.testing.assert_allclose(estimates.mean(1), expected, rtol=1e-10, atol=1e-11)
+        np.testing.assert_allclose(out.value, expected, rtol=1e-10, atol=1e-11)
     with pytest.raises(ValueError, match="two-sided XDiag needs a self-adjoint operator"):
         xdiag_core(lambda X: A @ X, lambda X: A.conj().T @ X, W, npx, two_sided=True)
 
@@ -158,33 +178,38 @@ def test_xdiag_pseudo_values_and_stderr_match_literal_pairs(complex_, self_adjoi
         A = A + A.conj().T
     W = np.exp(2j * np.pi * rng.random((20, 7))) if complex_ else rng.choice([-1.0, 1.0], (20, 7))
     adjoint = None if self_adjoint else (lambda X: A.conj().T @ X)
-    out = xdiag_estimates(lambda X: A @ X, adjoint, W, npx, two_sided=two_sided)
-    assert out["two_sided"] is two_sided
+    out = xdiag_core(lambda X: A @ X, adjoint, W, npx, two_sided=two_sided, samples=True)
+    assert out.two_sided is two_sided
     single, pseudo = naive_xdiag_pseudo_values(A, W, two_sided)
     scale = np.abs(pseudo).max()
-    np.testing.assert_allclose(out["estimates"], single, rtol=0, atol=1e-12 * scale)
-    np.testing.assert_allclose(out["pseudo"], pseudo, rtol=0, atol=1e-12 * scale)
-    np.testing.assert_array_equal(out["value"], out["estimates"].mean(1))
+    np.testing.assert_allclose(out.estimates, single, rtol=0, atol=1e-12 * scale)
+    np.testing.assert_allclose(out.pseudo_values, pseudo, rtol=0, atol=1e-12 * scale)
+    np.testing.assert_array_equal(out.value, out.estimates.mean(1))
     # stderr^2 = max(sum Re conj(d - dbar)(p - pbar), sum |d - dbar|^2) / (s (s - 1))
     dev = single - single.mean(1, keepdims=True)
     cross = np.real(dev.conj() * (pseudo - pseudo.mean(1, keepdims=True))).sum(1)
     square = (np.abs(dev) ** 2).sum(1)
-    np.testing.assert_allclose(out["stderr"] ** 2, np.maximum(cross, square) / 42, rtol=1e-10)
-    np.testing.assert_allclose(out["stderr_plain"] ** 2, square / 42, rtol=1e-12)
+    np.testing.assert_allclose(out.stderr**2, np.maximum(cross, square) / 42, rtol=1e-10)
+    np.testing.assert_allclose(out.stderr_plain**2, square / 42, rtol=1e-12)
     # dof: per entry Satterthwaite's 2 s mean(c)^2 / var(c) of the products c it uses
     # (cross, or squares where floored), clipped to [2, s - 1]; the lower median, rounded down
     products = np.real(dev.conj() * (pseudo - pseudo.mean(1, keepdims=True)))
     products = np.where((cross < square)[:, None], np.abs(dev) ** 2, products)
     mean, spread = products.mean(1), products.var(1, ddof=1)
     dofs = np.clip(2 * 7 * mean**2 / spread, 2, 6)
-    assert isinstance(out["dof"], int)
-    assert out["dof"] == math.floor(np.sort(dofs)[(dofs.size - 1) // 2])
+    assert float(out.dof) == math.floor(np.sort(dofs)[(dofs.size - 1) // 2])
+    # the production path (no (n, s) samples) gives the same numbers
+    lean = xdiag_core(lambda X: A @ X, adjoint, W, npx, two_sided=two_sided)
+    assert lean.estimates is None and lean.pseudo_values is None
+    for key in ("value", "stderr", "stderr_plain", "low_rank_diagonal"):
+        np.testing.assert_allclose(getattr(lean, key), getattr(out, key), rtol=1e-13, atol=1e-15)
+    assert float(lean.dof) == float(out.dof)
 
 
 def test_xdiag_reports_the_lower_median_dof_rounded_down():
-    assert median_dof(np.array([5.5, 2.5, 4.5, 3.5]), npx, 9) == 3  # lower median 3.5
-    assert median_dof(np.array([6.9, 2.0, 4.2]), npx, 9) == 4
-    assert median_dof(np.array([7.0]), npx, 9) == 7
+    assert float(median_dof(np.array([5.5, 2.5, 4.5, 3.5]), npx)) == 3  # lower median 3.5
+    assert float(median_dof(np.array([6.9, 2.0, 4.2]), npx)) == 4
+    assert float(median_dof(np.array([7.0]), npx)) == 7
 
 
 @pytest.mark.parametrize("two_sided", [False, True])
@@ -196,14 +221,16 @@ def test_xdiag_pseudo_values_every_backend(backend, two_sided):
         A = A + A.T
     W = rng.choice([-1.0, 1.0], (30, 9))
     adjoint = None if two_sided else (lambda X: A.T @ X)
-    expected = xdiag_estimates(lambda X: A @ X, adjoint, W, npx)
+    expected = xdiag_core(lambda X: A @ X, adjoint, W, npx, samples=True)
     Ab, AbT = backend.asarray(A), backend.asarray(A.T)
     adjoint_b = None if two_sided else (lambda X: AbT @ X)
-    out = xdiag_estimates(lambda X: Ab @ X, adjoint_b, backend.asarray(W), backend.xp)
-    assert out["two_sided"] is expected["two_sided"] is two_sided
-    for key in ("value", "pseudo", "stderr", "stderr_plain"):
-        np.testing.assert_allclose(numpy_of(out[key]), expected[key], rtol=1e-10, atol=1e-12)
-    assert out["dof"] == expected["dof"]
+    out = xdiag_core(lambda X: Ab @ X, adjoint_b, backend.asarray(W), backend.xp, samples=True)
+    assert out.two_sided is expected.two_sided is two_sided
+    for key in ("value", "pseudo_values", "stderr", "stderr_plain"):
+        np.testing.assert_allclose(
+            numpy_of(getattr(out, key)), getattr(expected, key), rtol=1e-10, atol=1e-12
+        )
+    assert float(numpy_of(out.dof)) == float(expected.dof)
 
 
 # -------------------------------------------------------------- per-entry variance
@@ -469,21 +496,19 @@ def test_adaptive_meets_the_tolerance(method):
 
 
 def _request(rtol=None, atol=None, confidence=0.95, **more):
-    """The fields of an EstimationRequest that the diagonal stopping rule reads."""
+    """The fields of an EstimationRequest that the stopping rule reads."""
     return SimpleNamespace(rtol=rtol, atol=atol, confidence=confidence, **more)
 
 
 def test_diagonal_tolerance_is_relative_to_the_largest_entry():
-    # met when t_{dof} max(stderr) <= max(atol, rtol max|d|): here 2.009 * 0.04 = 0.080
-    value, stderr = np.array([10.0, 0.1]), np.array([0.04, 0.02])
-    assert diagonal_interval_met(value, stderr, 50, _request(rtol=1e-2))  # target 0.1
-    assert not diagonal_interval_met(value, stderr, 50, _request(rtol=7e-3))  # 0.07
-    assert diagonal_interval_met(value, stderr, 50, _request(rtol=1e-3, atol=0.081))
-    assert not diagonal_interval_met(value, stderr, 50, _request())  # no tolerance: target 0
-    # the dof enters through the t quantile: target between t_3 * 0.04 and t_4 * 0.04
-    target = 0.04 * (stats.t.ppf(0.975, 3) + stats.t.ppf(0.975, 4)) / 2
-    assert not diagonal_interval_met(value, stderr, 3, _request(atol=target))
-    assert diagonal_interval_met(value, stderr, 4, _request(atol=target))
+    # the one rule: met when the half-width is at most max(atol, rtol * magnitude), the
+    # magnitude of a diagonal being max|d| (here 10) and its half-width t * max(stderr)
+    half = stats.t.ppf(0.975, 50) * 0.04  # 0.0804
+    assert Progress(half, 10.0).met(_request(rtol=1e-2))  # target 0.1
+    assert not Progress(half, 10.0).met(_request(rtol=7e-3))  # 0.07
+    assert Progress(half, 10.0).met(_request(rtol=1e-3, atol=0.081))
+    assert not Progress(half, 10.0).met(_request())  # no tolerance: target 0
+    assert not Progress(None, 10.0).met(_request(atol=1.0))  # no error estimate yet
 
 
 def test_diagonal_growth_tests_the_interval_with_probes_minus_one_dof():
@@ -492,24 +517,28 @@ def test_diagonal_growth_tests_the_interval_with_probes_minus_one_dof():
     target = 0.04 * (stats.t.ppf(0.975, 3) + stats.t.ppf(0.975, 4)) / 2
     blocks = []
 
-    class Samples:
-        def estimate(self):
-            count = 4 + sum(blocks)
-            return np.array([10.0]), np.array([0.04 * math.sqrt(4 / count)]), count
+    class Sums:
+        count = 4
 
-        def add(self, numerators, denominators):
-            pass
+        def estimate(self):
+            return np.array([10.0]), np.array([0.04 * math.sqrt(4 / self.count)]), self.count
+
+    sums = Sums()
 
     def draw(width):
         blocks.append(width)
-        columns.columns += width
-        return None, None
+        sums.count += width
+        counter.columns += width
 
-    columns = SimpleNamespace(columns=4)
-    request = _request(
-        atol=target, adaptive=True, max_matvecs=100, num_matvecs=4, block_size=64, matmat=columns
+    counter = SimpleNamespace(columns=4, check_now=lambda: None)
+
+    class Request(SimpleNamespace):
+        columns = property(lambda self: self.matmat.columns)
+
+    request = Request(
+        rtol=None, atol=target, confidence=0.95, cap=100, block_size=64, matmat=counter, xp=npx
     )
-    assert grow_until_met(Samples(), request, draw) is True
+    assert grow_diagonal(request, sums, draw) is True
     assert blocks == [4]
 
 
@@ -540,22 +569,23 @@ def test_xdiag_row_blocks_match_one_block(backend, monkeypatch, two_sided):
     monkeypatch.setattr(_xdiag, "DOF_ENTRIES", 6)  # every ceil(40 / 6) = 7th entry
 
     def run():
-        return xdiag_estimates(lambda X: Ab @ X, adjoint, backend.asarray(W), backend.xp)
+        return xdiag_core(lambda X: Ab @ X, adjoint, backend.asarray(W), backend.xp, samples=True)
 
     whole = run()
     monkeypatch.setattr(_xdiag, "CHUNK_ENTRIES", 1)
     monkeypatch.setattr(_xdiag, "CHUNK_ROWS_MIN", 9)  # blocks of 9, 9, 9, 9, 4 rows
     blocks = run()
-    for key in ("estimates", "pseudo", "low_rank_diagonal", "value", "stderr", "stderr_plain"):
+    keys = ("estimates", "pseudo_values", "low_rank_diagonal", "value", "stderr", "stderr_plain")
+    for key in keys:
         np.testing.assert_allclose(
-            numpy_of(blocks[key]), numpy_of(whole[key]), rtol=1e-12, atol=1e-13
+            numpy_of(getattr(blocks, key)), numpy_of(getattr(whole, key)), rtol=1e-12, atol=1e-13
         )
-    assert blocks["dof"] == whole["dof"]
+    assert float(numpy_of(blocks.dof)) == float(numpy_of(whole.dof))
     # without the (n, s) samples (what XDiag asks for): the same numbers, in blocks too
-    lean = xdiag_estimates(lambda X: Ab @ X, adjoint, backend.asarray(W), backend.xp, samples=False)
-    assert "pseudo" not in lean or backend.name == "jax"  # JAX keeps them (see _algebra)
+    lean = xdiag_core(lambda X: Ab @ X, adjoint, backend.asarray(W), backend.xp)
+    assert lean.pseudo_values is None
     for key in ("low_rank_diagonal", "value", "stderr", "stderr_plain"):
         np.testing.assert_allclose(
-            numpy_of(lean[key]), numpy_of(whole[key]), rtol=1e-12, atol=1e-13
+            numpy_of(getattr(lean, key)), numpy_of(getattr(whole, key)), rtol=1e-12, atol=1e-13
         )
-    assert lean["dof"] == whole["dof"]
+    assert float(numpy_of(lean.dof)) == float(numpy_of(whole.dof))

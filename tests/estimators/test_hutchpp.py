@@ -13,14 +13,9 @@ from scipy import stats
 import linop_trace as lt
 from linop_trace._testing import test_matrix
 from linop_trace.estimators import DiagPlusPlus
-from linop_trace.estimators._hutchinson import edgeworth_quantile
-from linop_trace.estimators._hutchpp import (
-    deflated_samples,
-    hutchpp_core,
-    hutchpp_split,
-    na_hutchpp_core,
-    na_hutchpp_split,
-)
+from linop_trace.estimators._hutchpp import deflated_samples, hutchpp_core, hutchpp_split
+from linop_trace.estimators._na_hutchpp import na_hutchpp_core, na_hutchpp_split
+from linop_trace.estimators._stats import edgeworth_quantile
 
 
 # ------------------------------------------------------------------ naive references
@@ -52,7 +47,8 @@ def random_inputs(n, widths, seed, complex_=False):
 @pytest.mark.parametrize("seed", range(3))
 def test_hutchpp_core_matches_naive_reference(seed, complex_):
     A, (S, G) = random_inputs(40, (7, 6), seed, complex_)
-    low_rank, samples, _ = hutchpp_core(lambda X: A @ X, S, G, npx)
+    result = hutchpp_core(lambda X: A @ X, S, G, npx)
+    low_rank, samples = result.low_rank_trace, result.residual.samples
     value = low_rank + np.mean(samples)
     np.testing.assert_allclose(
         value, naive_hutchpp(A, S, G), rtol=1e-12, atol=1e-12 * np.abs(A).sum()
@@ -65,16 +61,19 @@ def test_na_hutchpp_core_matches_naive_reference(seed, complex_):
     A, (R, S, G) = random_inputs(40, (5, 10, 15), seed, complex_)
     expected = naive_na_hutchpp(A, R, S, G)
     # general A: S^H A from the adjoint product; symmetric A: one stacked product
-    low_rank, samples = na_hutchpp_core(lambda X: A @ X, lambda X: A.conj().T @ X, R, S, G, npx)
+    result = na_hutchpp_core(lambda X: A @ X, lambda X: A.conj().T @ X, R, S, G, npx)
+    low_rank, samples = result.low_rank_trace, result.residual.samples
     np.testing.assert_allclose(low_rank + samples.mean(), expected, rtol=1e-10)
     H = A + A.conj().T
-    low_rank, samples = na_hutchpp_core(lambda X: H @ X, None, R, S, G, npx)
+    result = na_hutchpp_core(lambda X: H @ X, None, R, S, G, npx)
+    low_rank, samples = result.low_rank_trace, result.residual.samples
     np.testing.assert_allclose(low_rank + samples.mean(), naive_na_hutchpp(H, R, S, G), rtol=1e-10)
 
 
 def test_deflated_samples_continue_the_residual():
     A, (S, G, G2) = random_inputs(30, (5, 4, 6), 3)
-    _, first, Q = hutchpp_core(lambda X: A @ X, S, G, npx)
+    result = hutchpp_core(lambda X: A @ X, S, G, npx)
+    first, Q = result.residual.samples, result.basis
     more = deflated_samples(lambda X: A @ X, Q, G2, npx)
     P = np.eye(30) - Q @ Q.T
     np.testing.assert_allclose(more, np.diag(G2.T @ P @ A @ P @ G2), rtol=1e-12, atol=1e-12)

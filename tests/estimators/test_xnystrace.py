@@ -49,11 +49,11 @@ def test_core_matches_naive_reference(seed, complex_, improved):
     ref = naive_xnystrace(A, Om, improved)
     # the core works with the Nystrom approximation of A + nu I, nu = eps |Y|_F: agreement
     # to a few eps relative to tr(A)
-    np.testing.assert_allclose(out["estimates"], ref, rtol=0, atol=1e-12 * np.trace(A).real)
+    np.testing.assert_allclose(out.estimates, ref, rtol=0, atol=1e-12 * np.trace(A).real)
     m = Om.shape[1]
     without = [naive_xnystrace(A, np.delete(Om, i, axis=1), improved).mean() for i in range(m)]
     pseudo = m * ref.mean() - (m - 1) * np.array(without)
-    np.testing.assert_allclose(out["pseudo"], pseudo, rtol=0, atol=1e-11 * np.trace(A).real)
+    np.testing.assert_allclose(out.pseudo_values, pseudo, rtol=0, atol=1e-11 * np.trace(A).real)
 
 
 def test_one_product_and_exact_for_low_rank(backend):
@@ -163,4 +163,4 @@ def test_row_blocked_path_matches_naive_reference(backend):
     op = lt.aslinearoperator(backend.matrix(A))
     out = xnystrace_core(op.matmat, backend.asarray(Om), op.xp, True)
     ref = naive_xnystrace(A, Om, True)
-    np.testing.assert_allclose(numpy_of(out["estimates"]), ref, rtol=0, atol=1e-11 * np.trace(A))
+    np.testing.assert_allclose(numpy_of(out.estimates), ref, rtol=0, atol=1e-11 * np.trace(A))

@@ -13,12 +13,9 @@ from scipy import stats
 import linop_trace as lt
 from linop_trace._testing import test_matrix
 from linop_trace.estimators import XTrace
-from linop_trace.estimators._xtrace import (
-    extend_basis,
-    satterthwaite_dof,
-    xtrace_core,
-    xtrace_estimates,
-)
+from linop_trace.estimators._linalg import extend_basis
+from linop_trace.estimators._stats import satterthwaite_dof
+from linop_trace.estimators._xtrace import xtrace_core, xtrace_estimates
 
 
 # ------------------------------------------------------------------ naive references
@@ -59,32 +56,44 @@ def test_core_matches_naive_reference(seed, complex_, improved):
     out = xtrace_core(lambda X: A @ X, Om, npx, improved)
     scale = np.abs(naive_xtrace(A, Om, improved)).max()
     np.testing.assert_allclose(
-        out["estimates"], naive_xtrace(A, Om, improved), rtol=0, atol=1e-12 * scale
+        out.estimates, naive_xtrace(A, Om, improved), rtol=0, atol=1e-12 * scale
     )
     np.testing.assert_allclose(
-        out["pseudo"], naive_pseudo_values(A, Om, improved), rtol=0, atol=1e-12 * scale * 30
+        out.pseudo_values, naive_pseudo_values(A, Om, improved), rtol=0, atol=1e-12 * scale * 30
     )
-    t, p = out["estimates"], out["pseudo"]
+    t, p = out.estimates, out.pseudo_values
     s = t.size
     plain = np.sqrt(np.sum(np.abs(t - t.mean()) ** 2) / (s * (s - 1)))
     cross = np.sum(np.real(np.conj(t - t.mean()) * (p - p.mean()))) / (s * (s - 1))
-    assert math.isclose(float(out["stderr_plain"]), plain, rel_tol=1e-12)
-    assert math.isclose(float(out["stderr"]), math.sqrt(max(cross, plain**2)), rel_tol=1e-12)
+    assert math.isclose(float(out.error.stderr_plain), plain, rel_tol=1e-12)
+    assert math.isclose(float(out.error.stderr), math.sqrt(max(cross, plain**2)), rel_tol=1e-12)
     # the usual jackknife, kept for comparison: sqrt(var(p) / s), var with s - 1
     jackknife = np.sqrt(np.sum(np.abs(p - p.mean()) ** 2) / (s * (s - 1)))
-    assert math.isclose(float(out["stderr_jackknife"]), jackknife, rel_tol=1e-12)
+    assert math.isclose(float(out.error.stderr_jackknife), jackknife, rel_tol=1e-12)
+
+
+def _products(mean, spread, s=10):
+    """s products with this mean and sample variance (ddof=1)."""
+    unit = np.linspace(-1.0, 1.0, s)
+    unit = (unit - unit.mean()) / unit.std(ddof=1)
+    return (mean + math.sqrt(spread) * unit)[:, None]
 
 
 def test_satterthwaite_dof_is_clipped_to_two_and_s_minus_one():
     # 2 s mean^2 / spread, rounded down, inside [2, s - 1]
-    assert satterthwaite_dof(10, 1.0, 2.0) == 9  # 10, clipped at s - 1
-    assert satterthwaite_dof(10, 1.0, 0.01) == 9  # 2000, clipped at s - 1
-    assert satterthwaite_dof(10, 1.0, 4.0) == 5  # exactly 2 * 10 / 4
-    assert satterthwaite_dof(10, 1.0, 3.0) == 6  # 6.67, rounded down
-    assert satterthwaite_dof(10, 0.1, 10.0) == 2  # 0.02, clipped at 2
-    assert satterthwaite_dof(10, -1.0, 1.0) == 2  # a negative mean: the floor
-    assert satterthwaite_dof(10, 1.0, 0.0) == 9  # constant products
-    assert satterthwaite_dof(2, 1.0, 1.0) == 1  # s < 3: s - 1
+    def dof(mean, spread, s=10):
+        return float(satterthwaite_dof(_products(mean, spread, s), npx)[0])
+
+    assert dof(1.0, 2.0) == 9  # 10, clipped at s - 1
+    assert dof(1.0, 0.01) == 9  # 2000, clipped at s - 1
+    assert dof(1.0, 4.0 * (1 - 1e-12)) == 5  # 2 * 10 / 4 (just above: rounded down to 5)
+    assert dof(1.0, 3.0) == 6  # 6.67, rounded down
+    assert dof(0.1, 10.0) == 2  # 0.02, clipped at 2
+    assert dof(-1.0, 1.0) == 2  # a negative mean: the floor
+    assert dof(1.0, 0.0) == 9  # constant products
+    assert dof(0.0, 0.0) == 2  # constant, not positive: the floor first
+    # scale-free: products of 1e160 (whose squares overflow) give the same dof
+    assert float(satterthwaite_dof(1e160 * _products(1.0, 3.0), npx)[0]) == 6
 
 
 def test_estimates_do_not_depend_on_the_basis():
@@ -95,13 +104,13 @@ def test_estimates_do_not_depend_on_the_basis():
     rotation = np.linalg.qr(np.random.default_rng(0).standard_normal((8, 8)))[0]
     first = xtrace_estimates(Om, Y, Q, A @ Q, npx)
     second = xtrace_estimates(Om, Y, Q @ rotation, A @ Q @ rotation, npx)
-    np.testing.assert_allclose(first["estimates"], second["estimates"], atol=1e-11)
+    np.testing.assert_allclose(first[0], second[0], atol=1e-11)  # the estimates
     # extending a basis of the first 4 columns by the last 4 also spans range(Y)
     Q4 = np.linalg.qr(Y[:, :4])[0]
     Qx = np.concatenate([Q4, extend_basis(Q4, Y[:, 4:], npx)], axis=1)
     np.testing.assert_allclose(Qx.T @ Qx, np.eye(8), atol=1e-13)
     third = xtrace_estimates(Om, Y, Qx, A @ Qx, npx)
-    np.testing.assert_allclose(first["pseudo"], third["pseudo"], atol=1e-10)
+    np.testing.assert_allclose(first[1], third[1], atol=1e-10)  # the pseudo-values
 
 
 # ----------------------------------------------------------------- every backend
@@ -110,7 +119,7 @@ def test_backend_core_matches_numpy(dense_backend):
     Ab, Omb = dense_backend.asarray(A), dense_backend.asarray(Om)
     out = xtrace_core(lambda X: Ab @ X, Omb, dense_backend.xp)
     ref = naive_xtrace(A, Om)
-    np.testing.assert_allclose(numpy_of(out["estimates"]), ref, atol=1e-12 * np.abs(ref).max())
+    np.testing.assert_allclose(numpy_of(out.estimates), ref, atol=1e-12 * np.abs(ref).max())
 
 
 def test_trace_on_every_backend_is_exact_for_low_rank(backend):

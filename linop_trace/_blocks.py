@@ -1,0 +1,74 @@
+"""How many columns go through an operator at once: the block sizes.
+
+Below the estimators (and the autodiff constructors), above the operators. A probe block
+is sized by the memory the operator's device has free and by what one column of the
+operator's product needs there; the identity walk of the exact methods keeps a fixed
+memory budget instead, so that it never holds n x n entries unless n is small.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from . import _backend as backend
+
+__all__ = [
+    "IDENTITY_BLOCK_BYTES",
+    "MEMORY_FRACTION",
+    "block_size_for",
+    "identity_block_size",
+    "itemsize",
+    "probe_block_size",
+]
+
+#: Share of the device's free memory that one probe block and its product may take.
+MEMORY_FRACTION = 0.25
+#: Bytes an (n, block) slice of the identity (and its image) may take in the exact walk.
+IDENTITY_BLOCK_BYTES = 64 * 2**20
+#: Used when the device does not report its free memory.
+FALLBACK_FREE_BYTES = 1 * 2**30
+
+
+def itemsize(xp: Any, dtype: Any) -> int:
+    """Bytes per entry of ``dtype`` (complex: both parts)."""
+    try:
+        size = int(xp.finfo(dtype).bits // 8)
+    except (TypeError, ValueError):  # pragma: no cover - not a floating dtype
+        return 8
+    return 2 * size if xp.isdtype(dtype, "complex floating") else size
+
+
+def probe_block_size(operator: Any, limit: int | None = None) -> int:
+    """Columns per operator call for probe blocks: as many as fit in ``MEMORY_FRACTION`` of
+    the free memory of the operator's device, at the operator's own bytes per column
+    (:meth:`~linop_trace.LinearOperator.bytes_per_column`); at most ``limit``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from linop_trace import aslinearoperator
+    >>> from linop_trace._blocks import probe_block_size
+    >>> probe_block_size(aslinearoperator(np.eye(1000)), limit=100)  # 100 columns fit
+    100
+    """
+    return block_size_for(operator.xp, operator.device, operator.bytes_per_column(), limit)
+
+
+def block_size_for(xp: Any, device: Any, bytes_per_column: int, limit: int | None = None) -> int:
+    """Columns of ``bytes_per_column`` each that fit in ``MEMORY_FRACTION`` of the free
+    memory of ``device`` (at least 1, at most ``limit``)."""
+    free = backend.free_memory(xp, device)
+    if free is None:
+        free = FALLBACK_FREE_BYTES
+    block = max(1, int(MEMORY_FRACTION * free) // max(1, int(bytes_per_column)))
+    return block if limit is None else max(1, min(block, int(limit)))
+
+
+def identity_block_size(operator: Any, limit: int | None = None) -> int:
+    """Columns per call of the exact walk over the identity: at most ``IDENTITY_BLOCK_BYTES``
+    per (n, block) array (and at most what :func:`probe_block_size` allows), so the walk
+    never holds an n x n array of a large operator."""
+    n = max(1, operator.shape[0])
+    block = max(1, IDENTITY_BLOCK_BYTES // (n * itemsize(operator.xp, operator.dtype)))
+    block = min(block, probe_block_size(operator))
+    return block if limit is None else max(1, min(block, int(limit)))

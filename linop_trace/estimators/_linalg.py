@@ -1,0 +1,192 @@
+"""The linear algebra the estimators share: conjugates and inner products of blocks,
+orthonormal bases (and their extension), and the regularized inverse behind the
+leave-one-out downdates of XTrace and XDiag.
+
+Pure array code on the namespace ``xp``; a library-specific choice (a faster
+factorization where the library can branch on its result) goes through the backend.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from .. import _backend as backend
+
+__all__ = [
+    "abs2",
+    "as_dtype",
+    "column_inner",
+    "conj",
+    "downdate_directions",
+    "extend_basis",
+    "hermitian_transpose",
+    "orthonormal_basis",
+    "orthonormal_factors",
+    "project_out",
+    "real_part",
+    "regularized_inverse_h",
+    "two_sided_low_rank_diagonal",
+]
+
+
+def conj(x: Any, xp: Any) -> Any:
+    """``conj(x)`` for complex arrays, ``x`` itself for real ones (no copy)."""
+    return xp.conj(x) if backend.is_complex_dtype(xp, x.dtype) else x
+
+
+def real_part(x: Any, xp: Any) -> Any:
+    """``Re(x)`` for complex arrays, ``x`` itself for real ones."""
+    return xp.real(x) if backend.is_complex_dtype(xp, x.dtype) else x
+
+
+def abs2(x: Any, xp: Any) -> Any:
+    """``|x|^2`` entrywise, real."""
+    return xp.real(xp.conj(x) * x) if backend.is_complex_dtype(xp, x.dtype) else x * x
+
+
+def as_dtype(x: Any, dtype: Any, xp: Any) -> Any:
+    """A real array (or a float, left as it is) in the working dtype, for mixed products."""
+    if isinstance(x, float):
+        return x
+    return x if x.dtype == dtype else xp.astype(x, dtype)
+
+
+def hermitian_transpose(x: Any, xp: Any) -> Any:
+    """``x^H`` of a matrix."""
+    return conj(xp.matrix_transpose(x), xp)
+
+
+def column_inner(x: Any, y: Any, xp: Any) -> Any:
+    """``[x_j^H y_j]_j`` for the columns of two ``(n, k)`` blocks, in one pass where the
+    library allows (:func:`~linop_trace._backend.column_inner`)."""
+    return backend.column_inner(xp, x, y)
+
+
+def project_out(basis: Any, block: Any, xp: Any) -> Any:
+    """``(I - Q Q^H) block`` for an orthonormal ``basis`` Q."""
+    return block - basis @ (hermitian_transpose(basis, xp) @ block)
+
+
+# ---------------------------------------------------------------- orthonormal bases
+def orthonormal_factors(block: Any, xp: Any) -> tuple[Any, Any]:
+    """A thin QR factorization ``block = Q R``: Q orthonormal, R upper triangular.
+
+    Cholesky QR twice (BLAS-3 products, several times faster than Householder QR on tall
+    CPU blocks) when the block is well conditioned, which the first pass reveals; R is
+    then the product of the two Cholesky factors, so Q^H block costs no further product.
+    Householder QR otherwise (sketches of decaying spectra are ill conditioned). Deciding
+    needs a look at the first pass: the host decides for NumPy, the device for JAX
+    (``lax.cond``); torch and CuPy, which cannot branch on the device, take Householder QR.
+    """
+    if not backend.can_branch(xp):
+        return backend.thin_qr(xp, block)
+    try:
+        basis, triangular, good = backend.jit(xp, _cholesky_qr2)(xp, block)
+    except Exception:  # Cholesky failed (NumPy raises): numerically rank deficient
+        return tuple(backend.thin_qr(xp, block))
+    return backend.device_cond(
+        xp,
+        good,
+        lambda basis, triangular, block: (basis, triangular),
+        lambda basis, triangular, block: tuple(backend.thin_qr(xp, block)),
+        basis,
+        triangular,
+        block,
+    )
+
+
+def orthonormal_basis(block: Any, xp: Any) -> Any:
+    """An orthonormal basis Q of range(block) (the Q of :func:`orthonormal_factors`)."""
+    return orthonormal_factors(block, xp)[0]
+
+
+def _cholesky_qr2(xp: Any, block: Any) -> tuple[Any, Any, Any]:
+    """Cholesky QR twice, ``(Q, R, worked)``: worked when the first pass's Q^H Q is
+    within 0.1 of I (then the second pass restores orthogonality to working precision) and
+    no entry is non-finite (JAX's Cholesky returns NaN where others raise).
+
+    block = F L1^H and F = Q L2^H, so R = L2^H L1^H = (L1 L2)^H."""
+    first, lower_1 = _cholesky_pass(xp, block, hermitian_transpose(block, xp) @ block)
+    gram = hermitian_transpose(first, xp) @ first
+    k = gram.shape[0]
+    eye = xp.eye(k, dtype=gram.dtype, device=backend.device_of(gram))
+    close = xp.max(xp.abs(gram - eye)) < 0.1 if k else xp.asarray(True)
+    second, lower_2 = _cholesky_pass(xp, first, gram)
+    triangular = hermitian_transpose(lower_1 @ lower_2, xp)
+    return second, triangular, close & xp.all(xp.isfinite(second))
+
+
+def _cholesky_pass(xp: Any, block: Any, gram: Any) -> tuple[Any, Any]:
+    """``(block @ L^{-H}, L)`` with ``L L^H = gram = block^H block``."""
+    lower = xp.linalg.cholesky(gram)
+    return block @ hermitian_transpose(xp.linalg.inv(lower), xp), lower
+
+
+def extend_basis(basis: Any, block: Any, xp: Any) -> Any:
+    """Orthonormal columns spanning ``(I - QQ^H) block``, orthogonal to ``basis`` Q.
+
+    Projected twice (classical Gram-Schmidt with one reorthogonalization), then
+    orthonormalized; then once more project-and-orthonormalize: when the block is rank
+    deficient (A of low rank, repeated probes) the QR fills the missing columns with
+    normalized rounding errors, which carry O(1) components along Q until projected out
+    again. ``[Q, new]`` stays orthonormal to working precision either way."""
+    for _ in range(2):
+        block = project_out(basis, project_out(basis, block, xp), xp)
+        block = orthonormal_basis(block, xp)
+    return block
+
+
+# ------------------------------------------------------ leave-one-out downdates
+def regularized_inverse_h(triangular: Any, xp: Any) -> Any:
+    """R^{-H} of the triangular factor of a sketch, finite even when R is singular.
+
+    A numerically singular R (A of low rank, or zero on the probes: exact zeros on the
+    diagonal of R) gets a shift at round-off level, eps max|R_ij| (eps when R = 0), so
+    its columns stay finite; the directions they give only matter where Y has rank to
+    spare. Should the LU factorization of the solve still meet an exact zero pivot (two
+    equal +-1 probes make R singular with round-off diagonals above that shift), the
+    shift is sqrt(eps) max|R_ij| instead. Where reads are free (NumPy) the second solve
+    runs only when needed; on devices both run (s x s, cheap) and the finite one is kept.
+    """
+    s = triangular.shape[0]
+    eye = xp.eye(s, dtype=triangular.dtype, device=backend.device_of(triangular))
+    if not s:
+        return eye
+    eps = float(xp.finfo(real_part(triangular, xp).dtype).eps)
+    fixed = xp.abs(backend.stop_gradient(triangular))
+    scale = xp.max(fixed)
+    scale = xp.where(scale > 0, scale, xp.ones_like(scale))
+    small = xp.any(xp.linalg.diagonal(fixed) < eps * scale)
+    shift = as_dtype(eps * scale, triangular.dtype, xp)
+    shifted = xp.where(small, triangular + shift * eye, triangular)
+    try:
+        inverse_h = backend.solve(xp, hermitian_transpose(shifted, xp), eye)
+    except Exception:  # NumPy raises on an exact zero pivot
+        inverse_h = None
+    finite = None if inverse_h is None else xp.all(xp.isfinite(inverse_h))
+    if inverse_h is not None and backend.known_value(xp, finite):
+        return inverse_h
+    wider = triangular + as_dtype(math.sqrt(eps) * scale, triangular.dtype, xp) * eye
+    fallback = backend.solve(xp, hermitian_transpose(wider, xp), eye)
+    if inverse_h is None or backend.known_value(xp, finite) is False:
+        return fallback
+    return xp.where(finite, inverse_h, fallback)
+
+
+def downdate_directions(triangular: Any, xp: Any) -> Any:
+    """Columns of R^{-H}, normalized: s_i spans range(Q) minus range(Y without column i)
+    (:func:`regularized_inverse_h` when R is singular)."""
+    inverse_h = regularized_inverse_h(triangular, xp)
+    norms = xp.sqrt(xp.sum(abs2(inverse_h, xp), axis=0))
+    return inverse_h / xp.astype(norms, inverse_h.dtype)
+
+
+def two_sided_low_rank_diagonal(basis: Any, image: Any, residual: Any, xp: Any) -> Any:
+    """diag(P A + A P - P A P), P = QQ^H, for self-adjoint A (Diag++ and XDiag's two-sided
+    forms): with Z = A Q (``image``) and Zp = (I - P) Z (``residual``) it is
+    Re sum_l conj(Q_kl) (Z + Zp)_kl, in Q's dtype."""
+    diagonal = backend.row_inner(xp, basis, image + residual)
+    if backend.is_complex_dtype(xp, diagonal.dtype):
+        diagonal = xp.astype(xp.real(diagonal), diagonal.dtype)
+    return diagonal

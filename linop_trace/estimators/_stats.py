@@ -1,0 +1,425 @@
+"""The statistics every estimator reports with: means, standard errors, interval shapes and
+degrees of freedom, all computed where the samples live (no value is read on the host).
+
+- :func:`sample_mean`: the mean of i.i.d. samples, its standard error, and the skewness
+  and kurtosis that correct its t-interval (Hutchinson, Hutch++'s residual samples,
+  Frobenius norms, divergences).
+- :class:`RatioSums`: Bekas et al.'s entrywise ratio estimator ``sum y / sum x`` and its
+  delta-method standard error from running sums, O(n) memory however many probe blocks.
+- :func:`exchangeable_error`: the cross-jackknife error of exchangeable estimates (XTrace,
+  XNysTrace) and its Satterthwaite degrees of freedom; :func:`entrywise_exchangeable_error`
+  the same entry by entry (XDiag).
+- :func:`edgeworth_quantile`: the shape-corrected t quantile, evaluated on the host when an
+  interval is asked for.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .. import _backend as backend
+from .._estimate import Estimate
+from ._linalg import abs2, conj, real_part
+
+__all__ = [
+    "ERROR_PROBES",
+    "ExchangeableError",
+    "RatioSums",
+    "SampleMean",
+    "edgeworth_quantile",
+    "entrywise_exchangeable_error",
+    "exchangeable_error",
+    "exchangeable_estimate",
+    "mean_and_stderr",
+    "median_dof",
+    "sample_mean",
+    "shape_statistics",
+]
+
+#: Probes an exchangeable estimate needs for an error estimate. With two, both
+#: leave-one-out estimates are one symmetric function of the pair on every diagonal
+#: operator under Rademacher probes (XDiag's d^(1) = d^(2), XTrace's t_1 = t_2 on c I), so
+#: their spread is 0 while the error is of order 1 / sqrt(n): no stderr (None) then.
+ERROR_PROBES = 3
+
+
+# ------------------------------------------------------------------ sample means
+@backend.register_pytree_dataclass
+@dataclass(frozen=True)
+class SampleMean:
+    """The mean of m i.i.d. samples (along the first axis) and what its interval needs.
+
+    ``value`` is ``offset + mean``; ``stderr`` is ``std(ddof=1) / sqrt(m)`` (``None`` for
+    m < 2); ``skewness`` and ``kurtosis`` (excess, unbiased) are device arrays for real
+    samples with m >= 4 (NaN where the spread is zero), else ``None``.
+    """
+
+    value: Any
+    stderr: Any
+    count: int = field(metadata={"static": True})
+    skewness: Any
+    kurtosis: Any
+    samples: Any
+
+    @property
+    def dof(self) -> int | None:
+        return self.count - 1 if self.count >= 2 else None
+
+    def estimate(
+        self,
+        num_matvecs: int,
+        method: str,
+        converged: bool | None = None,
+        info: dict[str, Any] | None = None,
+    ) -> Estimate:
+        """The :class:`~linop_trace.Estimate`: a t-interval with m - 1 degrees of freedom,
+        shape-corrected (:func:`edgeworth_quantile`); ``info["samples"]`` the samples."""
+        return Estimate(
+            self.value,
+            self.stderr,
+            num_matvecs,
+            method,
+            converged=converged,
+            dof=self.dof,
+            info={"samples": self.samples, **(info or {})},
+            skewness=self.skewness,
+            kurtosis=self.kurtosis,
+        )
+
+
+def sample_mean(samples: Any, xp: Any, offset: Any = None) -> SampleMean:
+    """:class:`SampleMean` of ``samples`` (shape (m,) or (m, B): B means at once)."""
+    mean, stderr = mean_and_stderr(samples, xp)
+    skewness, kurtosis = shape_statistics(samples, xp)
+    return SampleMean(
+        mean if offset is None else offset + mean,
+        stderr,
+        int(samples.shape[0]),
+        skewness,
+        kurtosis,
+        samples,
+    )
+
+
+def mean_and_stderr(samples: Any, xp: Any) -> tuple[Any, Any]:
+    """Mean along the first axis and its standard error std(ddof=1)/sqrt(m) (complex: of
+    |s - mean|); the stderr is ``None`` for fewer than two samples."""
+    m = samples.shape[0]
+    mean = xp.mean(samples, axis=0)
+    if m < 2:
+        return mean, None
+    # deviations over their largest (a constant to the gradient): squares of samples of
+    # 1e160 (Frobenius norms of entries 1e80) neither overflow nor underflow
+    deviation, size = backend.divide_by_largest(
+        xp, samples - mean, axis=0 if samples.ndim > 1 else None
+    )
+    variance = xp.sum(abs2(deviation, xp), axis=0) / (m - 1)
+    stderr = size * xp.sqrt(variance / m)
+    real = backend.real_dtype_for(xp, samples.dtype)
+    if stderr.dtype != real:  # NumPy 1.x: a float32 scalar over an int is float64
+        stderr = xp.astype(xp.asarray(stderr), real)
+    return mean, stderr
+
+
+def shape_statistics(samples: Any, xp: Any) -> tuple[Any, Any]:
+    """Unbiased sample skewness G1 and excess kurtosis G2 along the first axis, as arrays
+    (NaN where the samples have no spread); ``(None, None)`` for complex samples or fewer
+    than 4. From a stop-gradient copy: the shape only steers the interval."""
+    m = int(samples.shape[0])
+    if m < 4 or backend.is_complex_dtype(xp, samples.dtype):
+        return None, None
+    samples = backend.stop_gradient(samples)
+    deviation = samples - xp.mean(samples, axis=0)
+    # scaled to max |deviation| = 1 first: G1 and G2 are scale-free, and the powers of
+    # deviations of 1e80 (or 1e-85, or 1e10 in float32) would overflow (underflow)
+    size = xp.max(xp.abs(deviation), axis=0)
+    spread = (size > 0) & xp.isfinite(size)
+    deviation = deviation / xp.where(spread, size, xp.ones_like(size))
+    square = deviation * deviation
+    second = xp.mean(square, axis=0)
+    spread = spread & (second > 0)
+    second = xp.where(spread, second, xp.ones_like(second))
+    g1 = xp.mean(square * deviation, axis=0) / (second * xp.sqrt(second))
+    g2 = xp.mean(square * square, axis=0) / (second * second) - 3
+    skewness = g1 * (math.sqrt(m * (m - 1)) / (m - 2))
+    kurtosis = ((m - 1) / ((m - 2) * (m - 3))) * ((m + 1) * g2 + 6)
+    nan = xp.full_like(second, math.nan)
+    return xp.where(spread, skewness, nan), xp.where(spread, kurtosis, nan)
+
+
+def edgeworth_quantile(t_quantile: Any, level: float, m: int, skewness: Any, kurtosis: Any) -> Any:
+    """Student-t quantile corrected to second order for the samples' shape.
+
+    For the studentized mean T, P(|T| <= x) = 2 Phi(x) - 1 + (2/m) q(x) phi(x) + O(m^-2)
+    with q(x) = x [kurtosis (x^2 - 3) / 12 - skewness^2 (x^4 + 2x^2 - 3) / 18 - (x^2 + 3)/4]
+    (Hall 1992, The Bootstrap and Edgeworth Expansion, Sec. 2.6). The last term is the
+    normal-theory part the t quantile already carries; the shape terms move the quantile
+    by ``-x [...] / m``. Never below the normal quantile. Host numbers (floats or NumPy
+    arrays); a ``None`` or non-finite shape leaves the t quantile as it is.
+
+    Examples
+    --------
+    >>> from linop_trace.estimators._stats import edgeworth_quantile
+    >>> round(edgeworth_quantile(2.0, 0.95, 60, 2.0, 6.0), 4)
+    2.005
+    """
+    if skewness is None or kurtosis is None:
+        return t_quantile
+    from scipy import stats
+
+    z = float(stats.norm.ppf(0.5 + level / 2))
+    skewness, kurtosis = np.asarray(skewness, dtype=float), np.asarray(kurtosis, dtype=float)
+    shape = kurtosis * (z * z - 3) / 12 - skewness**2 * (z**4 + 2 * z * z - 3) / 18
+    corrected = np.maximum(t_quantile - z * shape / m, z)
+    corrected = np.where(np.isfinite(corrected), corrected, t_quantile)
+    return float(corrected) if corrected.ndim == 0 else corrected
+
+
+# -------------------------------------------------------------- ratio estimator
+class RatioSums:
+    """Bekas et al.'s entrywise ratio estimator from running sums (O(n) state).
+
+        d_i ~ sum_j y_ji / sum_j x_ji,   y = conj(z) * (A z),  x = |z|^2,
+
+    with the delta-method standard error sqrt(sum_j |y_ji - d_i x_ji|^2 / (k - 1)) sqrt(k)
+    / sum_j x_ji (for x = 1: the sample std over sqrt(k)). The residual sum is kept about
+    a shift c (the first block's estimate): with u = y - c x and delta = d - c,
+    sum |y - d x|^2 = sum |u|^2 - 2 Re(conj(delta) sum x u) + |delta|^2 sum x^2, which
+    loses nothing to cancellation while delta is small, and is the two-pass sum exactly
+    when all probes came in one block (delta = 0). Unit-modulus probes (Rademacher,
+    Steinhaus: x = 1) keep no x sums (``denominators=None``).
+    """
+
+    def __init__(self, xp: Any) -> None:
+        self.xp = xp
+        self.count = 0
+        self.shift: Any = None
+        self.unit_modulus = True
+        # sums over the probes, per entry: u, |u|^2, and (general probes) x, x^2, x u
+        self.u: Any = None
+        self.uu: Any = None
+        self.x: Any = None
+        self.xx: Any = None
+        self.xu: Any = None
+
+    def add(self, numerators: Any, denominators: Any | None) -> None:
+        """One block: ``numerators`` y and ``denominators`` x, both (n, k) (x ``None``: ones)."""
+        xp = self.xp
+        if self.count == 0:
+            self.unit_modulus = denominators is None
+            if denominators is None:
+                self.shift = xp.mean(numerators, axis=1)
+            else:
+                total = xp.sum(denominators, axis=1)
+                self.shift = xp.sum(numerators, axis=1) / _as_dtype(total, numerators.dtype, xp)
+        if denominators is None:
+            residual = numerators - self.shift[:, None]
+        else:
+            weights = _as_dtype(denominators, numerators.dtype, xp)
+            residual = numerators - self.shift[:, None] * weights
+            self.x = _plus(self.x, xp.sum(denominators, axis=1))
+            self.xx = _plus(self.xx, xp.sum(denominators * denominators, axis=1))
+            self.xu = _plus(self.xu, xp.sum(weights * residual, axis=1))
+        self.u = _plus(self.u, xp.sum(residual, axis=1))
+        self.uu = _plus(self.uu, xp.sum(abs2(residual, xp), axis=1))
+        self.count += int(numerators.shape[1])
+
+    def estimate(self) -> tuple[Any, Any, int]:
+        """``(value, stderr, number of probes)``; the stderr is ``None`` below two probes."""
+        xp, k = self.xp, self.count
+        if self.unit_modulus:
+            delta = self.u / k
+            value = self.shift + delta
+            if k < 2:
+                return value, None, k
+            # sum |u - delta|^2 = sum |u|^2 - k |delta|^2
+            square = self.uu - k * abs2(delta, xp)
+            square = xp.maximum(square, xp.zeros_like(square))
+            return value, xp.sqrt(square / ((k - 1) * k)), k
+        delta = self.u / _as_dtype(self.x, self.u.dtype, xp)
+        value = self.shift + delta
+        if k < 2:
+            return value, None, k
+        square = self.uu - 2 * real_part(conj(delta, xp) * self.xu, xp) + abs2(delta, xp) * self.xx
+        square = xp.maximum(square, xp.zeros_like(square))
+        return value, xp.sqrt(square / (k - 1)) * (math.sqrt(k) / self.x), k
+
+
+def _plus(total: Any, part: Any) -> Any:
+    return part if total is None else total + part
+
+
+def _as_dtype(x: Any, dtype: Any, xp: Any) -> Any:
+    return x if x.dtype == dtype else xp.astype(x, dtype)
+
+
+# ------------------------------------------------------- exchangeable estimates
+@backend.register_pytree_dataclass
+@dataclass(frozen=True)
+class ExchangeableError:
+    """The error estimate of the mean of s exchangeable estimates t_i.
+
+    ``stderr`` is the honest one, sqrt(max(sum c_i, sum (t_i - t_bar)^2) / (s (s - 1)))
+    with c_i = (t_i - t_bar)(p_i - p_bar) (p_i the jackknife pseudo-values);
+    ``stderr_plain`` the literature's std(t_i) / sqrt(s); ``stderr_jackknife`` the usual
+    jackknife's sqrt(var(p) / s); ``dof`` Satterthwaite's degrees of freedom (a 0-d float
+    array, whole and in [2, s - 1]). All ``None`` below ``ERROR_PROBES`` estimates.
+    """
+
+    stderr: Any
+    stderr_plain: Any
+    stderr_jackknife: Any
+    dof: Any
+
+
+def exchangeable_error(estimates: Any, pseudo: Any, value: Any, xp: Any) -> ExchangeableError:
+    """:class:`ExchangeableError` of the estimates t_i (mean ``value``) and pseudo-values p_i.
+
+    The cross term is the covariance of the leave-one-out estimates with their pseudo-values
+    (an exact variance identity for exchangeable estimates, see ``_xtrace.py``), floored at
+    the plain term. Its degrees of freedom are Satterthwaite's ``2 s mean(c)^2 / var(c)``
+    (s - 1 for normal t_i, fewer when a few probes dominate), clipped to [2, s - 1] and
+    rounded down; 2 when the mean of the c_i is not positive, else s - 1 when they are
+    constant.
+    """
+    s = int(estimates.shape[0])
+    if s < ERROR_PROBES:
+        return ExchangeableError(None, None, None, None)
+    dev_t = estimates - value
+    dev_p = pseudo - xp.mean(pseudo)
+    cross = real_part(conj(dev_t, xp) * dev_p, xp)
+    square = abs2(dev_t, xp)
+    plain_var = xp.sum(square) / (s * (s - 1))
+    cross_var = xp.sum(cross) / (s * (s - 1))
+    return ExchangeableError(
+        xp.sqrt(xp.maximum(cross_var, plain_var)),
+        xp.sqrt(plain_var),
+        xp.sqrt(xp.sum(abs2(dev_p, xp)) / (s * (s - 1))),
+        satterthwaite_dof(cross[:, None], xp)[0],
+    )
+
+
+def exchangeable_estimate(
+    value: Any,
+    estimates: Any,
+    pseudo: Any,
+    error: ExchangeableError,
+    num_matvecs: int,
+    method: str,
+    info: dict[str, Any],
+    converged: bool | None = None,
+) -> Estimate:
+    """The :class:`~linop_trace.Estimate` of the mean of exchangeable estimates (XTrace,
+    XNysTrace): the honest stderr and its Satterthwaite dof; ``info`` gains the estimates,
+    their pseudo-values and the plain and jackknife errors."""
+    return Estimate(
+        value,
+        error.stderr,
+        num_matvecs,
+        method,
+        converged=converged,
+        dof=error.dof,
+        info={
+            **info,
+            "num_probes": int(estimates.shape[0]),
+            "estimates": estimates,
+            "pseudo_values": pseudo,
+            "stderr_plain": error.stderr_plain,
+            "stderr_jackknife": error.stderr_jackknife,
+        },
+    )
+
+
+def satterthwaite_dof(products: Any, xp: Any) -> Any:
+    """Per column j of ``products`` (s, B): Satterthwaite's ``2 s mean^2 / var`` of the
+    variance estimate ``sum(products) / (s (s - 1))``, clipped to [2, s - 1] and rounded
+    down; 2 where the mean is not positive, else s - 1 where the products are constant."""
+    s = int(products.shape[0])
+    # the dof is scale-free, and squares of 1e160 are not finite
+    products, _ = backend.divide_by_largest(xp, backend.stop_gradient(products), axis=0)
+    mean = xp.mean(products, axis=0)
+    spread = xp.sum((products - mean) ** 2, axis=0) / (s - 1)
+    varies = spread > 0
+    dof = 2 * s * (mean / xp.sqrt(xp.where(varies, spread, xp.ones_like(spread)))) ** 2
+    dof = xp.where(varies, dof, xp.full_like(dof, s - 1))
+    dof = xp.where(mean > 0, dof, xp.full_like(dof, 2))  # (before the constant case)
+    dof = xp.minimum(xp.maximum(dof, xp.full_like(dof, 2)), xp.full_like(dof, s - 1))
+    return xp.floor(dof)
+
+
+def entrywise_exchangeable_error(
+    deviation: Any, pairs: Any, xp: Any, dof_step: int, dof_first: int = 0
+) -> tuple[Any, Any, Any]:
+    """The entrywise cross-jackknife errors of XDiag from the deviations d^(i) - dbar
+    (rows: entries, columns: probes) and any ``pairs`` that differ from minus the
+    pseudo-values by the same vector in every column.
+
+    Returns ``(stderr, stderr_plain, dof_rows)``: ``dof_rows`` the (square, cross,
+    floored) per-probe products of the entries ``dof_first, dof_first + dof_step, ...``,
+    from which :func:`entrywise_dofs` gives their Satterthwaite dofs (``None`` when the
+    block holds none of them).
+
+    With sum_i conj(dev_i) = 0 up to round-off, which the first term keeps, the cross sum
+    sum_i conj(dev_i) (p_i - pbar) is pbar' conj(sum_i dev_i) - sum_i conj(dev_i) pairs_i,
+    pbar' the row means of ``pairs``: no (n, s) temporary.
+    """
+    n, s = deviation.shape
+    pair_mean = xp.mean(pairs, axis=1)
+    cross_sum = pair_mean * conj(xp.sum(deviation, axis=1), xp) - backend.row_inner(
+        xp, deviation, pairs
+    )
+    square_sum = backend.row_inner(xp, deviation, deviation)
+    cross_sum, square_sum = real_part(cross_sum, xp), real_part(square_sum, xp)
+    floored = cross_sum < square_sum
+    variance = xp.where(floored, square_sum, cross_sum) / (s * (s - 1))
+    stderr = xp.sqrt(variance)
+    plain = xp.sqrt(square_sum / (s * (s - 1)))
+    if dof_first >= n:  # no dof entry in this block
+        return stderr, plain, None
+    deviation = deviation[dof_first::dof_step, :]
+    pseudo_deviation = pair_mean[dof_first::dof_step][:, None] - pairs[dof_first::dof_step, :]
+    cross = real_part(conj(deviation, xp) * pseudo_deviation, xp)
+    square = real_part(conj(deviation, xp) * deviation, xp)
+    return stderr, plain, (square, cross, floored[dof_first::dof_step])
+
+
+def entrywise_dofs(rows: tuple[Any, Any, Any], xp: Any) -> Any:
+    """Each entry's Satterthwaite dof for the variance estimate it uses (the squares where
+    the floor applies, the cross products otherwise), before rounding."""
+    square, cross, floored = rows
+    return xp.where(
+        floored,
+        _unrounded_dof(xp.matrix_transpose(square), xp),
+        _unrounded_dof(xp.matrix_transpose(cross), xp),
+    )
+
+
+def _unrounded_dof(products: Any, xp: Any) -> Any:
+    """Satterthwaite's dof per column before rounding (their median is rounded): s - 1
+    where the products are constant (exact entries), else 2 where their mean is not
+    positive, clipped to [2, s - 1]."""
+    s = int(products.shape[0])
+    products, _ = backend.divide_by_largest(xp, products, axis=0)
+    mean = xp.mean(products, axis=0)
+    spread = xp.sum((products - mean) ** 2, axis=0) / (s - 1)
+    varies = spread > 0
+    dof = 2 * s * mean**2 / xp.where(varies, spread, xp.ones_like(spread))
+    dof = xp.where(mean > 0, dof, xp.full_like(dof, 2))
+    dof = xp.where(varies, dof, xp.full_like(dof, s - 1))
+    return xp.minimum(xp.maximum(dof, xp.full_like(dof, 2)), xp.full_like(dof, s - 1))
+
+
+def median_dof(dofs: Any, xp: Any) -> Any:
+    """The reported dof of an entrywise estimate: the median of the entries' dofs (the
+    lower one for an even count), rounded down, as a 0-d array.
+
+    >>> import array_api_compat.numpy as xp
+    >>> import numpy as np
+    >>> float(median_dof(np.array([5.5, 2.5, 4.5, 3.5]), xp))
+    3.0
+    """
+    return xp.floor(xp.sort(dofs)[(dofs.shape[0] - 1) // 2])

@@ -1,0 +1,268 @@
+"""Estimates run where the operator lives: no host read during a fixed-budget estimate
+(torch), one compiled program under JAX (``jit``, ``grad``, ``vmap``, transfer guard),
+and probe blocks sized by the device's free memory.
+
+These run on the CPU and stand guard for the GPU: a read of a tensor's value on the host
+(``item``, ``float``, ``bool``, ``tolist``, ``cpu``, ``numpy``) is what makes a CUDA
+stream wait, and under JAX a value that is not traced is what breaks ``jax.jit``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import numpy_of
+
+import linop_trace as lt
+from linop_trace._testing import test_matrix
+
+#: (quantity, method, tags) of every fixed-budget estimate checked here.
+CASES = [
+    ("trace", "exact", ()),
+    ("trace", "hutchinson", ()),
+    ("trace", "hutch++", ()),
+    ("trace", "na-hutch++", ()),
+    ("trace", "na-hutch++", ("symmetric",)),
+    ("trace", "xtrace", ()),
+    ("trace", "xnystrace", ("symmetric", "positive_semidefinite")),
+    ("diagonal", "exact", ()),
+    ("diagonal", "hutchinson", ()),
+    ("diagonal", "diag++", ()),
+    ("diagonal", "diag++", ("symmetric",)),
+    ("diagonal", "xdiag", ()),
+    ("diagonal", "xdiag", ("symmetric",)),
+]
+#: n > 64: short Rademacher blocks (n <= 64) are checked for independence on the host.
+SIZE = 100
+BUDGET = 30
+
+
+def _ids(case):
+    quantity, method, tags = case
+    return f"{quantity}-{method}" + ("-" + "-".join(tags) if tags else "")
+
+
+# ------------------------------------------------------------------------ torch
+READS = ("item", "__float__", "__int__", "__bool__", "__index__", "tolist", "cpu", "numpy")
+
+
+@pytest.fixture
+def no_host_reads():
+    """A torch function mode that fails on every read of a tensor's value on the host."""
+    torch = pytest.importorskip("torch")
+    from torch.overrides import TorchFunctionMode
+
+    forbidden = {getattr(torch.Tensor, name) for name in READS}
+
+    class NoHostReads(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func in forbidden:
+                raise AssertionError(f"host read of a tensor during an estimate: {func.__name__}")
+            return func(*args, **(kwargs or {}))
+
+    return NoHostReads
+
+
+def _torch_operator(tags, kind="dense"):
+    torch = pytest.importorskip("torch")
+    A = torch.from_numpy(test_matrix("poly", SIZE, seed=0))
+    if kind == "dense":
+        return lt.aslinearoperator(A, tags=tags), A
+    return (
+        lt.LinearOperator.from_callable(
+            matmat=lambda X: A @ X, rmatmat=lambda X: A.T @ X, shape=A.shape, like=A, tags=tags
+        ),
+        A,
+    )
+
+
+@pytest.mark.parametrize("kind", ["dense", "callable"])
+@pytest.mark.parametrize("case", CASES, ids=_ids)
+def test_torch_fixed_budget_estimate_reads_nothing_on_the_host(no_host_reads, case, kind):
+    quantity, method, tags = case
+    operator, A = _torch_operator(tags, kind)
+    function = getattr(lt, quantity)
+    with no_host_reads():
+        estimate = function(operator, method=method, num_matvecs=BUDGET, seed=0)
+    # read afterwards: the checks run, the numbers are those of an estimate
+    reference = np.trace(A.numpy()) if quantity == "trace" else np.diag(A.numpy())
+    value = numpy_of(estimate.value)
+    assert value.shape == np.shape(reference)
+    assert np.all(np.isfinite(value)) and estimate.num_matvecs <= BUDGET or method == "exact"
+    if estimate.stderr is not None and method != "exact":
+        assert np.all(numpy_of(estimate.stderr) >= 0)
+
+
+def test_the_guard_catches_a_host_read(no_host_reads):
+    """The mode fails on the reads a careless estimator makes (so the test above can fail)."""
+    torch = pytest.importorskip("torch")
+
+    class Careless(lt.Estimator):
+        name = "careless"
+
+        def trace(self, request):
+            Z = request.probes(4)
+            value = float(request.xp.sum(Z * request.matmat(Z)) / 4)  # a host read
+            return lt.Estimate(torch.tensor(value), None, request.columns, self.name)
+
+    operator, _ = _torch_operator(())
+    with pytest.raises(AssertionError, match="host read of a tensor"):
+        with no_host_reads():
+            lt.trace(operator, method=Careless(), num_matvecs=4, seed=0)
+
+
+def test_torch_non_finite_product_raises_when_read(no_host_reads):
+    """check_finite costs no host read: the flag stays on the device and the estimate
+    raises when it is first read."""
+    torch = pytest.importorskip("torch")
+    A = torch.eye(SIZE, dtype=torch.float64)
+    A[3, 4] = float("nan")
+    operator = lt.LinearOperator.from_callable(matmat=lambda X: A @ X, shape=A.shape, like=A)
+    with no_host_reads():
+        estimate = lt.trace(operator, method="hutchinson", num_matvecs=10, seed=0)
+    with pytest.raises(FloatingPointError, match="non-finite.*check_finite=False"):
+        estimate.value  # noqa: B018
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        float(estimate)
+    quiet = lt.trace(operator, method="hutchinson", num_matvecs=10, seed=0, check_finite=False)
+    assert not np.isfinite(float(quiet))
+
+
+def test_torch_xnystrace_not_psd_raises_when_read(no_host_reads):
+    torch = pytest.importorskip("torch")
+    A = torch.from_numpy(test_matrix("flat", SIZE, seed=0) - 2.0 * np.eye(SIZE))
+    with no_host_reads():
+        estimate = lt.trace(A, method="xnystrace", num_matvecs=BUDGET, seed=0)
+    with pytest.raises(ValueError, match="positive semidefinite.*xtrace"):
+        estimate.ci()
+
+
+def test_estimate_reads_dof_and_shape_lazily(no_host_reads):
+    """dof, skewness and kurtosis stay device arrays until asked for, then are numbers."""
+    torch = pytest.importorskip("torch")
+    operator, _ = _torch_operator(())
+    with no_host_reads():
+        xtrace = lt.trace(operator, method="xtrace", num_matvecs=BUDGET, seed=0)
+        hutchinson = lt.trace(operator, method="hutchinson", num_matvecs=BUDGET, seed=0)
+    assert isinstance(xtrace._dof, torch.Tensor) and isinstance(xtrace.dof, int)
+    assert 2 <= xtrace.dof <= BUDGET // 2 - 1
+    assert isinstance(hutchinson.skewness, float) and hutchinson.dof == BUDGET - 1
+
+
+# -------------------------------------------------------------------------- JAX
+@pytest.fixture
+def jax_setup():
+    jax = pytest.importorskip("jax")
+    jax.config.update("jax_enable_x64", True)
+    import jax.numpy as jnp
+
+    return jax, jnp
+
+
+def _jax_matrix(jnp, tags):
+    return jnp.asarray(test_matrix("poly", SIZE, seed=0))
+
+
+@pytest.mark.parametrize("case", CASES, ids=_ids)
+def test_jax_jit_of_a_whole_estimate_agrees_with_the_eager_call(jax_setup, case):
+    jax, jnp = jax_setup
+    quantity, method, tags = case
+    function = getattr(lt, quantity)
+    A = _jax_matrix(jnp, tags)
+    key = jax.random.key(3)
+
+    def estimate(matrix, key):
+        operator = lt.aslinearoperator(matrix, tags=tags)
+        return function(operator, method=method, num_matvecs=BUDGET, seed=key)
+
+    eager = estimate(A, key)
+    compiled = jax.jit(lambda matrix, key: estimate(matrix, key).value)(A, key)
+    np.testing.assert_allclose(numpy_of(compiled), numpy_of(eager.value), rtol=1e-12, atol=1e-14)
+    if eager.stderr is not None:
+        stderr = jax.jit(lambda matrix, key: estimate(matrix, key).stderr)(A, key)
+        np.testing.assert_allclose(numpy_of(stderr), numpy_of(eager.stderr), rtol=1e-10)
+
+
+@pytest.mark.parametrize("case", CASES, ids=_ids)
+def test_jax_estimate_runs_under_the_transfer_guard(jax_setup, case):
+    """No implicit host-to-device transfer (a Python number shipped to the device) and no
+    device-to-host read while the estimate runs: it is one compiled program."""
+    jax, jnp = jax_setup
+    quantity, method, tags = case
+    operator = lt.aslinearoperator(_jax_matrix(jnp, tags), tags=tags)
+    key = jax.random.key(0)
+    function = getattr(lt, quantity)
+    function(operator, method=method, num_matvecs=BUDGET, seed=key)  # compiled once
+    with jax.transfer_guard("disallow"):
+        estimate = function(operator, method=method, num_matvecs=BUDGET, seed=key)
+    assert np.all(np.isfinite(numpy_of(estimate.value)))
+
+
+def test_jax_one_compiled_program_per_shape(jax_setup):
+    """New operators of the same shapes reuse the compiled estimate (the matrix is an
+    argument of the program, not a constant baked into it)."""
+    jax, jnp = jax_setup
+    from linop_trace import _backend, _functions
+
+    key = jax.random.key(0)
+    first = jnp.asarray(test_matrix("flat", SIZE, seed=0))
+    lt.trace(first, method="hutchinson", num_matvecs=BUDGET, seed=key)
+    program = _backend.compiled(_functions._compiled_run, num_static=4)
+    before = program._cache_size()
+    for seed in range(3):
+        other = jnp.asarray(test_matrix("poly", SIZE, seed=seed))
+        lt.trace(other, method="hutchinson", num_matvecs=BUDGET, seed=jax.random.key(seed))
+    assert program._cache_size() == before
+
+
+def test_jax_grad_and_vmap_through_an_estimate(jax_setup):
+    jax, jnp = jax_setup
+    A = jnp.asarray(test_matrix("flat", SIZE, seed=1))
+    key = jax.random.key(5)
+
+    def hutchinson(matrix):
+        return lt.trace(matrix, method="hutchinson", num_matvecs=BUDGET, seed=key).value
+
+    # the gradient of mean_j z_j^T A z_j is mean_j z_j z_j^T: its trace is n (Rademacher)
+    gradient = jax.grad(hutchinson)(A)
+    assert gradient.shape == A.shape
+    assert float(jnp.trace(gradient)) == pytest.approx(SIZE, rel=1e-12)
+    # vmap over a batch of matrices: each the estimate of its own matrix, same probes
+    batch = jnp.stack([A, 2.0 * A])
+    values = jax.vmap(hutchinson)(batch)
+    np.testing.assert_allclose(numpy_of(values), [float(hutchinson(A)), 2 * float(hutchinson(A))])
+
+
+def test_jax_exact_trace_uses_full_precision_products(jax_setup):
+    """The exact walk multiplies at full precision (TF32 is JAX's default on NVIDIA GPUs)."""
+    jax, jnp = jax_setup
+    A = jnp.asarray(test_matrix("poly", SIZE, seed=0), dtype=jnp.float32)
+    operator = lt.LinearOperator.from_callable(matmat=lambda X: A @ X, shape=A.shape, like=A)
+    estimate = lt.trace(operator, method="exact")
+    assert float(estimate) == pytest.approx(float(jnp.trace(A)), rel=1e-6)
+
+
+# ------------------------------------------------------------------ block sizes
+def test_block_size_follows_the_devices_free_memory(backend, monkeypatch):
+    """With a fake free-memory figure the default block is a quarter of it over the
+    operator's bytes per column: 1000 free bytes per ... here exactly 7 columns."""
+    from linop_trace import _backend
+
+    A = test_matrix("flat", 40, seed=0)
+    operator = lt.aslinearoperator(backend.matrix(A))
+    per_column = operator.bytes_per_column()
+    assert per_column == 2 * 40 * np.dtype(np.float64).itemsize
+    monkeypatch.setattr(_backend, "free_memory", lambda xp, device: 4 * 7 * per_column + 3)
+    widths = []
+    counting = lt.LinearOperator.from_callable(
+        matmat=lambda X: widths.append(X.shape[1]) or operator.matmat(X),
+        shape=operator.shape,
+        like=backend.asarray(A[:1, :1]),
+    )
+    lt.trace(counting, method="hutchinson", num_matvecs=20, seed=0)
+    assert widths == [7, 7, 6]
+    # with room for every probe, one call
+    monkeypatch.setattr(_backend, "free_memory", lambda xp, device: 10**12)
+    widths.clear()
+    lt.trace(counting, method="hutchinson", num_matvecs=20, seed=0)
+    assert widths == [20]
