@@ -3,11 +3,13 @@ Writing and registering your own estimator
 ==========================================
 
 An estimator is a small object with a ``trace`` and/or a ``diagonal`` method. Each
-receives the operator and an :class:`~linop_trace.EstimationRequest` (the counted block
-product ``request.matmat``, a probe sampler ``request.probes``, the budget
-``request.num_matvecs`` and ``request.block_size``) and returns an
+receives an :class:`~linop_trace.EstimationRequest`, never the operator itself: the
+counted block product ``request.matmat`` (and ``request.adjoint``), a probe sampler
+``request.probes``, the budget ``request.num_matvecs``, and the operator's size, library
+and tags (``request.n``, ``request.xp``, ``request.tags``). It returns an
 :class:`~linop_trace.Estimate`. Pass an instance as ``method=``, or register it under a
-name with :func:`~linop_trace.register_estimator`.
+name with :func:`~linop_trace.register_estimator`. What it needs is declared on the class
+(``min_matvecs``, ``default_probe``, ``supports_tolerance``).
 
 Our example: Hutchinson with *orthogonal* probes. Orthonormalize a Gaussian block,
 ``Q = qr(G)``, and use the columns of ``sqrt(n) Q`` as probes. The probes are still
@@ -54,17 +56,16 @@ class OrthogonalHutchinson(Estimator):
     name = "orthogonal-hutchinson"
     min_matvecs = 2
 
-    def trace(self, operator, request):
+    default_probe = "gaussian"
+
+    def trace(self, request):
         if request.probes.kind != "gaussian":
             raise ValueError(f"{self.name} needs probe='gaussian', got {request.probes.kind!r}")
-        n = operator.shape[0]
-        if request.num_matvecs > n:
-            raise ValueError(f"{self.name} needs num_matvecs <= n = {n}")
+        if request.num_matvecs > request.n:
+            raise ValueError(f"{self.name} needs num_matvecs <= n = {request.n}")
         probes = request.probes(request.num_matvecs)
-        value, stderr = orthogonal_hutchinson_core(request.matmat, probes, operator.xp)
-        return Estimate(
-            value, stderr, request.matmat.columns, self.name, dof=request.num_matvecs - 1
-        )
+        value, stderr = orthogonal_hutchinson_core(request.matmat, probes, request.xp)
+        return Estimate(value, stderr, request.columns, self.name, dof=request.num_matvecs - 1)
 
 
 linop_trace.register_estimator("orthogonal-hutchinson", OrthogonalHutchinson())

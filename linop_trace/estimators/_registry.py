@@ -33,7 +33,8 @@ def register_estimator(name: str, estimator: Estimator, *, overwrite: bool = Fal
     name : str
         Case-insensitive name.
     estimator : Estimator
-        An object with ``trace(operator, request)`` and/or ``diagonal(operator, request)``.
+        An object with ``trace(request)`` and/or ``diagonal(request)`` (see
+        :class:`~linop_trace.Estimator`).
     overwrite : bool
         Replacing an existing name must be asked for.
 
