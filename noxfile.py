@@ -1,4 +1,4 @@
-"""The evidence matrix of linop_trace: tests per backend and Python, oldest deps, lint, docs, bench.
+"""The evidence matrix of linop_trace: tests per backend and Python, oldest deps, lint, docs, bench, gpu.
 
 ``nox`` runs the default sessions (every ``tests`` variant, ``oldest`` and ``lint``);
 ``nox -l`` lists them all; ``nox -s docs`` and ``nox -s bench`` build the docs and run
@@ -41,7 +41,13 @@ MATRIX = {
     "jax": (("3.10", "3.11", "3.12", "3.13"), "jax"),
     "strict": (("3.11",), "strict"),
     "cupy": (("3.11",), "cupy"),
+    # on a machine with a CUDA device (else skipped with the reason): torch's PyPI wheel
+    # of the pinned release is its CUDA build there, JAX needs its CUDA plugin
+    "torch-cuda": (("3.11",), "torch"),
+    "jax-gpu": (("3.11",), "jax-cuda"),
 }
+#: Backends that need a CUDA device.
+GPU_BACKENDS = ("cupy", "torch-cuda", "jax-gpu")
 
 #: Threads for BLAS/OpenMP in test sessions: small matrices gain nothing from more, and
 #: two sessions' worth of threads on a 2-core CI machine only contend.
@@ -139,17 +145,21 @@ def _pytest(session: nox.Session, *default_args: str) -> None:
 @nox.session
 @nox.parametrize(["python", "backend"], _test_params())
 def tests(session: nox.Session, backend: str) -> None:
-    """Run the test suite on one array backend (numpy, scipy, torch, jax, strict, cupy).
+    """Run the test suite on one array backend (GPU backends skip without a CUDA device).
+
+    Backends: numpy, scipy, torch, jax, strict; on a machine with a CUDA device also
+    cupy, torch-cuda and jax-gpu.
 
     Installs ``.[test]`` plus only that backend's extra and sets
     ``LINOP_TRACE_BACKENDS=<backend>`` so tests/conftest.py's ``backend`` fixture runs
-    that library alone. ``cupy`` skips with the reason when no CUDA device is present.
+    that library alone. The GPU backends skip with the reason when no CUDA device is
+    present.
     """
     extra = MATRIX[backend][1]
-    if backend == "cupy":
+    if backend in GPU_BACKENDS:
         present, seen = _cuda_device_present()
         if not present:
-            session.skip(f"cupy needs a CUDA device and none is present ({seen})")
+            session.skip(f"{backend} needs a CUDA device and none is present ({seen})")
     extras = "test" if extra is None else f"test,{extra}"
     session.install("-c", CONSTRAINTS, "-e", f".[{extras}]")
     session.env.update(TEST_THREADS)
@@ -202,6 +212,24 @@ def lint(session: nox.Session) -> None:
     session.run("ruff", "check", *(session.posargs or ["."]))
     session.run("ruff", "format", "--check", *(session.posargs or ["."]))
     session.run("mypy", "linop_trace")
+
+
+@nox.session(python=False, default=False)
+def gpu(session: nox.Session) -> None:
+    """The GPU check, in the environment nox runs in (which must hold torch with CUDA,
+    JAX with its CUDA plugin and CuPy; nothing is installed, so it runs on machines without
+    a package index): the tests marked ``gpu`` (every method on every GPU backend, no host
+    synchronization, CUDA's own sync detector) on torch-cuda, jax-gpu and CuPy, then the
+    overhead of every estimator over its products (``tools/gpu_overhead.py``). About
+    3 minutes on one GPU; skipped without a CUDA device. Arguments go to pytest.
+    """
+    present, seen = _cuda_device_present()
+    if not present:
+        session.skip(f"the GPU check needs a CUDA device and none is present ({seen})")
+    session.env["LINOP_TRACE_BACKENDS"] = ",".join(GPU_BACKENDS)
+    session.env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"  # JAX and torch share the GPU
+    _pytest(session, "-q", "-m", "gpu", "-p", "no:cacheprovider")
+    session.run("python", str(ROOT / "tools" / "gpu_overhead.py"), external=True)
 
 
 @nox.session(python="3.11", default=False)

@@ -1,8 +1,9 @@
-"""The backend fixture: every test runs on every installed array library.
+"""The backend fixture: every test runs on every installed array library and device.
 
 ``LINOP_TRACE_BACKENDS`` (comma separated) restricts the set; nox sets it per session.
-A backend whose library is missing, or that needs a device the machine lacks (CuPy
-without CUDA), is reported as a skip with the reason.
+A backend whose library is missing, or that needs a device the machine lacks (CuPy,
+``torch-cuda`` and ``jax-gpu`` without a CUDA device), is reported as a skip with the
+reason. Tests marked ``gpu`` are the subset ``nox -s gpu`` runs on a machine with one.
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-ALL_BACKENDS = ("numpy", "scipy", "torch", "jax", "strict", "cupy")
+ALL_BACKENDS = ("numpy", "scipy", "torch", "jax", "strict", "cupy", "torch-cuda", "jax-gpu")
+#: Backends whose arrays live on a GPU.
+GPU_BACKENDS = ("cupy", "torch-cuda", "jax-gpu")
 
 
 def _selected() -> tuple[str, ...]:
@@ -53,6 +56,11 @@ class Backend:
         if self.sparse is not None:
             return self.sparse(values)
         return self.convert(values)
+
+    @property
+    def library(self) -> str:
+        """The array library (``"torch"`` for both ``torch`` and ``torch-cuda``)."""
+        return self.name.split("-")[0]
 
     def dtype(self, numpy_dtype: Any) -> Any:
         """This library's dtype of the same name as ``numpy_dtype``."""
@@ -92,6 +100,31 @@ def _make(name: str) -> Backend:
     if name == "strict":
         strict = pytest.importorskip("array_api_strict", reason="array_api_strict is not installed")
         return Backend(name, strict, strict.Device("CPU_DEVICE"), lambda a: strict.asarray(a))
+    if name == "torch-cuda":
+        torch = pytest.importorskip("torch", reason="torch is not installed")
+        if not torch.cuda.is_available():
+            pytest.skip("torch-cuda needs a CUDA device and torch sees none")
+        import array_api_compat.torch as xp  # pragma: no cover - needs a GPU
+
+        cuda = torch.device("cuda", 0)  # pragma: no cover
+        return Backend(  # pragma: no cover
+            name, xp, cuda, lambda a: torch.from_numpy(np.array(a, order="C")).to(cuda)
+        )
+    if name == "jax-gpu":
+        jax = pytest.importorskip("jax", reason="jax is not installed")
+        try:
+            gpus = jax.devices("gpu")
+        except RuntimeError:
+            gpus = []
+        if not gpus:
+            pytest.skip("jax-gpu needs a GPU device and jax sees none")
+        jax.config.update("jax_enable_x64", True)  # pragma: no cover - needs a GPU
+        import jax.numpy as jnp  # pragma: no cover
+
+        gpu = gpus[0]  # pragma: no cover
+        return Backend(
+            name, jnp, gpu, lambda a: jax.device_put(jnp.asarray(a), gpu)
+        )  # pragma: no cover
     if name == "cupy":
         try:
             cupy = importlib.import_module("cupy")

@@ -54,7 +54,7 @@ def test_same_seed_same_probes_other_seed_other_probes(backend, kind):
 
 
 def test_library_generators_are_accepted(dense_backend):
-    xp, name = dense_backend.xp, dense_backend.name
+    xp, name = dense_backend.xp, dense_backend.library
     if name == "torch":
         import torch
 

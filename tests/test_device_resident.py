@@ -63,9 +63,40 @@ def no_host_reads():
     return NoHostReads
 
 
-def _torch_operator(tags, kind="dense"):
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def torch_device(request):
+    """The CPU, and a CUDA device where there is one (the ``gpu`` subset)."""
     torch = pytest.importorskip("torch")
-    A = torch.from_numpy(test_matrix("poly", SIZE, seed=0))
+    if request.param == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device and torch sees none")
+    return torch.device(request.param)
+
+
+@pytest.fixture
+def cuda_syncs_fail(torch_device):
+    """On a CUDA device, also CUDA's own detector: every synchronizing call (including those
+    inside torch's operations) raises while an estimate runs."""
+    import contextlib
+
+    torch = pytest.importorskip("torch")
+    if torch_device.type != "cuda":
+        return contextlib.nullcontext
+
+    @contextlib.contextmanager
+    def detector():
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            yield
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    return detector
+
+
+def _torch_operator(tags, kind="dense", device="cpu"):
+    torch = pytest.importorskip("torch")
+    A = torch.from_numpy(test_matrix("poly", SIZE, seed=0)).to(device)
     if kind == "dense":
         return lt.aslinearoperator(A, tags=tags), A
     return (
@@ -78,13 +109,18 @@ def _torch_operator(tags, kind="dense"):
 
 @pytest.mark.parametrize("kind", ["dense", "callable"])
 @pytest.mark.parametrize("case", CASES, ids=_ids)
-def test_torch_fixed_budget_estimate_reads_nothing_on_the_host(no_host_reads, case, kind):
+def test_torch_fixed_budget_estimate_reads_nothing_on_the_host(
+    no_host_reads, cuda_syncs_fail, torch_device, case, kind
+):
     quantity, method, tags = case
-    operator, A = _torch_operator(tags, kind)
+    operator, A = _torch_operator(tags, kind, torch_device)
     function = getattr(lt, quantity)
-    with no_host_reads():
+    function(operator, method=method, num_matvecs=BUDGET, seed=0).value  # noqa: B018 - warm-up
+    with no_host_reads(), cuda_syncs_fail():
         estimate = function(operator, method=method, num_matvecs=BUDGET, seed=0)
     # read afterwards: the checks run, the numbers are those of an estimate
+    assert estimate.value.device == A.device
+    A = A.cpu()
     reference = np.trace(A.numpy()) if quantity == "trace" else np.diag(A.numpy())
     value = numpy_of(estimate.value)
     assert value.shape == np.shape(reference)
@@ -150,13 +186,21 @@ def test_estimate_reads_dof_and_shape_lazily(no_host_reads):
 
 
 # -------------------------------------------------------------------------- JAX
-@pytest.fixture
-def jax_setup():
+@pytest.fixture(params=["cpu", pytest.param("gpu", marks=pytest.mark.gpu)])
+def jax_setup(request):
+    """JAX with its arrays on the CPU, and on a GPU where there is one (``gpu`` subset)."""
     jax = pytest.importorskip("jax")
     jax.config.update("jax_enable_x64", True)
     import jax.numpy as jnp
 
-    return jax, jnp
+    try:
+        devices = jax.devices(request.param)
+    except RuntimeError:
+        devices = []
+    if not devices:
+        pytest.skip(f"needs a JAX {request.param} device")
+    with jax.default_device(devices[0]):
+        yield jax, jnp
 
 
 def _jax_matrix(jnp, tags):
@@ -164,7 +208,10 @@ def _jax_matrix(jnp, tags):
 
 
 @pytest.mark.parametrize("case", CASES, ids=_ids)
-def test_jax_jit_of_a_whole_estimate_agrees_with_the_eager_call(jax_setup, case):
+def test_jax_whole_estimate_compiles_and_runs_under_the_transfer_guard(jax_setup, case):
+    """``jax.jit`` of a whole estimate agrees with the plain call, and the plain call runs
+    with no implicit host-to-device transfer (a Python number shipped to the device) and
+    no read on the host: it is one compiled program."""
     jax, jnp = jax_setup
     quantity, method, tags = case
     function = getattr(lt, quantity)
@@ -175,27 +222,14 @@ def test_jax_jit_of_a_whole_estimate_agrees_with_the_eager_call(jax_setup, case)
         operator = lt.aslinearoperator(matrix, tags=tags)
         return function(operator, method=method, num_matvecs=BUDGET, seed=key)
 
-    eager = estimate(A, key)
+    estimate(A, key)  # compiled once
+    with jax.transfer_guard("disallow"):
+        eager = estimate(A, key)
     compiled = jax.jit(lambda matrix, key: estimate(matrix, key).value)(A, key)
     np.testing.assert_allclose(numpy_of(compiled), numpy_of(eager.value), rtol=1e-12, atol=1e-14)
     if eager.stderr is not None:
         stderr = jax.jit(lambda matrix, key: estimate(matrix, key).stderr)(A, key)
         np.testing.assert_allclose(numpy_of(stderr), numpy_of(eager.stderr), rtol=1e-10)
-
-
-@pytest.mark.parametrize("case", CASES, ids=_ids)
-def test_jax_estimate_runs_under_the_transfer_guard(jax_setup, case):
-    """No implicit host-to-device transfer (a Python number shipped to the device) and no
-    device-to-host read while the estimate runs: it is one compiled program."""
-    jax, jnp = jax_setup
-    quantity, method, tags = case
-    operator = lt.aslinearoperator(_jax_matrix(jnp, tags), tags=tags)
-    key = jax.random.key(0)
-    function = getattr(lt, quantity)
-    function(operator, method=method, num_matvecs=BUDGET, seed=key)  # compiled once
-    with jax.transfer_guard("disallow"):
-        estimate = function(operator, method=method, num_matvecs=BUDGET, seed=key)
-    assert np.all(np.isfinite(numpy_of(estimate.value)))
 
 
 def test_jax_one_compiled_program_per_shape(jax_setup):
@@ -266,3 +300,29 @@ def test_block_size_follows_the_devices_free_memory(backend, monkeypatch):
     widths.clear()
     lt.trace(counting, method="hutchinson", num_matvecs=20, seed=0)
     assert widths == [20]
+
+
+# ------------------------------------------------------- every method, every backend
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", CASES, ids=_ids)
+def test_every_method_on_every_backend(backend, case):
+    """Each fixed-budget method on each backend (the GPU ones in ``nox -s gpu``): the result
+    in the operator's library and on its device, and as accurate as its error bar says."""
+    quantity, method, tags = case
+    A = test_matrix("fastexp", SIZE, seed=2)
+    operator = lt.aslinearoperator(backend.matrix(A), tags=tags)
+    estimate = getattr(lt, quantity)(operator, method=method, num_matvecs=BUDGET, seed=1)
+    like = backend.asarray(np.zeros(1))
+    assert type(estimate.value).__module__.split(".")[0] == type(like).__module__.split(".")[0]
+    from linop_trace._backend import device_of, same_device
+
+    assert same_device(device_of(estimate.value), device_of(like))
+    truth = np.trace(A) if quantity == "trace" else np.diag(A)
+    if method == "exact":
+        np.testing.assert_allclose(numpy_of(estimate.value), truth, rtol=1e-10, atol=1e-12)
+        return
+    # inside the method's own interval at level 1 - 1e-6 (t quantile with its dof, which
+    # XTrace and XDiag may set as low as 2): a miss has probability about 1e-6 per entry
+    low, high = estimate.ci(1 - 1e-6)
+    slack = 1e-9 * np.max(np.abs(truth))
+    assert np.all(numpy_of(low) - slack <= truth) and np.all(truth <= numpy_of(high) + slack)

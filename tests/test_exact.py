@@ -85,7 +85,7 @@ def test_auto_is_exact_when_budget_covers_n(backend):
     M = random_matrix((30, 30), "float64")
     A = (
         lt.LinearOperator.from_callable(matmat=lambda X: M @ X, shape=(30, 30))
-        if backend.name == "numpy"
+        if backend.library == "numpy"
         else backend.matrix(M)
     )
     est = lt.trace(A, num_matvecs=30)

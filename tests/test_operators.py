@@ -32,18 +32,18 @@ def assert_close(actual, expected, dtype):
 def _constructors(backend):
     """(name, build(M) -> operator) for every way this backend's users hold a matrix."""
     out = [("aslinearoperator", lambda M: aslinearoperator(backend.matrix(M)))]
-    if backend.name == "numpy":
+    if backend.library == "numpy":
         import scipy.sparse as sp
         import scipy.sparse.linalg as spla
 
         out.append(("scipy csr_matrix", lambda M: aslinearoperator(sp.csr_matrix(M))))
         out.append(("scipy LinearOperator", lambda M: aslinearoperator(spla.aslinearoperator(M))))
-    if backend.name == "torch":
+    if backend.library == "torch":
         out.append(("torch sparse coo", lambda M: aslinearoperator(backend.asarray(M).to_sparse())))
         out.append(
             ("torch sparse csr", lambda M: aslinearoperator(backend.asarray(M).to_sparse_csr()))
         )
-    if backend.name == "jax":
+    if backend.library == "jax":
         from jax.experimental import sparse as jsparse
 
         out.append(
@@ -212,7 +212,7 @@ def test_scipy_round_trip():
 
 
 def test_to_scipy_refuses_other_libraries(dense_backend):
-    if dense_backend.name == "numpy":
+    if dense_backend.library == "numpy":
         pytest.skip("NumPy operators convert")
     A = aslinearoperator(dense_backend.asarray(np.eye(2)))
     with pytest.raises(TypeError, match="NumPy-backed"):
