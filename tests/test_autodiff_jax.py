@@ -245,6 +245,49 @@ def test_ggn_matches_jacobian_sandwich(loss):
     )
 
 
+@pytest.mark.parametrize("loss", ["mse", "cross_entropy"])
+def test_loop_mode_matches_the_references(loss):
+    # lax.map over the columns instead of vmap, inside the same compiled program
+    apply_fn, params, X, rng = tiny_network()
+    loss_fn = mse if loss == "mse" else cross_entropy
+    y = (
+        jnp.asarray(rng.standard_normal((12, 2)))
+        if loss == "mse"
+        else jnp.asarray(rng.integers(0, 2, 12))
+    )
+    batches = [(X[:7], y[:7]), (X[7:], y[7:])]
+    H = lt.hessian(apply_fn, params, loss_fn, batches, mode="loop")
+    assert H.mode.startswith("a loop of forward-over-reverse HVPs")
+    assert_close(H.to_dense(), flat_hessian(lambda p: loss_fn(apply_fn(p, X), y), params))
+    G = lt.ggn(apply_fn, params, loss_fn, batches, mode="loop")
+    assert G.mode.startswith("a loop of GGN products")
+    assert_close(G.to_dense(), ggn_reference(apply_fn, params, loss_fn, X, y))
+
+
+def test_loop_mode_of_a_function_and_its_fallback_for_custom_vjp():
+    x = jnp.asarray(np.random.default_rng(6).standard_normal(5))
+    V = jnp.asarray(np.random.default_rng(7).standard_normal((5, 3)))
+    assert_close(lt.hessian(quartic, x, mode="loop") @ V, jax.hessian(quartic)(x) @ V)
+    H = lt.hessian(lambda v: jnp.sum(_cube(v)), x, mode="loop")
+    with pytest.warns(RuntimeWarning, match="falling back"):
+        assert_close(H @ V, jnp.diag(6 * x) @ V)
+    assert H.mode.startswith("a loop of reverse-over-reverse HVPs")
+
+
+def test_auto_is_the_vectorized_product_and_bad_modes_name_the_valid_ones():
+    apply_fn, params, X, rng = tiny_network()
+    y = jnp.asarray(rng.standard_normal((12, 2)))
+    H = lt.hessian(apply_fn, params, mse, (X, y))
+    H.to_dense()
+    assert H.mode.startswith("forward-over-reverse HVP (jit(vmap")  # JAX's auto does not time
+    with pytest.raises(ValueError, match="'auto', 'forward', 'reverse', 'loop'.*'sideways'"):
+        lt.hessian(quartic, jnp.ones(3), mode="sideways")
+    with pytest.raises(ValueError, match="'auto', 'forward', 'reverse', 'loop'.*'vmap'"):
+        lt.ggn(apply_fn, params, mse, (X, y), mode="vmap")
+    with pytest.raises(ValueError, match=r"'auto', 'forward', 'reverse', got 'loop'"):
+        lt.jacobian(lambda v: v**2, jnp.ones(3), mode="loop")
+
+
 # --------------------------------------------------------- BackPACK's digits example
 
 

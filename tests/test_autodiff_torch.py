@@ -18,6 +18,13 @@ torch = pytest.importorskip("torch")
 
 import linop_trace as lt  # noqa: E402
 from linop_trace.autodiff._examples import digits_mlp_problem  # noqa: E402
+from linop_trace.autodiff._torch import (  # noqa: E402
+    FORWARD_GGN,
+    FORWARD_HVP,
+    LOOP_GGN,
+    LOOP_HVP,
+    REVERSE_HVP,
+)
 
 F64 = torch.float64
 RTOL = 1e-10
@@ -497,20 +504,248 @@ def test_without_differentiable_no_graph_is_kept():
 
 
 @pytest.mark.parametrize("differentiable", [False, True])
-def test_double_backward_loop_keeps_a_graph_only_when_differentiable(differentiable):
-    # the last-resort HVP loop, called directly (the vmapped modes come first in every
-    # chain): fn = sum(theta^4) / 12 has H = diag(theta^2), so H V = theta^2 * V and
+def test_loop_mode_keeps_a_graph_only_when_differentiable(differentiable):
+    # fn = sum(theta^4) / 12 has H = diag(theta^2), so H V = theta^2 * V and
     # d/dtheta sum(H V) = 2 theta * (row sums of V)
-    from linop_trace.autodiff._torch import hvp_double_backward_loop
-
     theta = torch.tensor([1.0, -2.0, 0.5], dtype=F64, requires_grad=True)
     V = torch.arange(6, dtype=F64).reshape(3, 2)
-    HV = hvp_double_backward_loop(lambda t: (t**4).sum() / 12, theta, V, differentiable)
+    H = lt.hessian(lambda t: (t**4).sum() / 12, theta, mode="loop", differentiable=differentiable)
+    HV = H @ V
     assert_close(HV.detach(), theta.detach()[:, None] ** 2 * V)
     assert HV.requires_grad == differentiable
     if differentiable:
         (gradient,) = torch.autograd.grad(HV.sum(), theta)
         assert_close(gradient, 2 * theta.detach() * V.sum(dim=1))
+
+
+def test_loop_mode_of_the_ggn_is_differentiable_like_the_vectorized_one():
+    # the GGN depends on the inputs: d sum(G V) / d X by the loop and by forward mode
+    model, X, g = small_network(frozen=False)
+    y = torch.randint(0, 2, (12,), generator=g)
+    V = torch.randn(26, 3, dtype=F64, generator=g)
+    gradients = {}
+    for mode in ("loop", "forward"):
+        inputs = X.clone().requires_grad_()
+        G = lt.ggn(model, torch.nn.CrossEntropyLoss(), (inputs, y), mode=mode, differentiable=True)
+        (gradients[mode],) = torch.autograd.grad((G @ V).sum(), inputs)
+    assert_close(gradients["loop"], gradients["forward"])
+    plain = lt.ggn(model, torch.nn.CrossEntropyLoss(), (X.clone().requires_grad_(), y), mode="loop")
+    assert not (plain @ V).requires_grad
+
+
+# ------------------------------------------------------------ loop and auto routes
+
+
+def test_loop_mode_gives_the_products_of_the_vectorized_routes():
+    x = torch.randn(2, 3, dtype=F64, generator=torch.Generator().manual_seed(16))
+    V = torch.randn(6, 5, dtype=F64, generator=torch.Generator().manual_seed(17))
+    loop = lt.hessian(quartic, x, mode="loop")
+    assert loop.mode == LOOP_HVP
+    expected = torch.func.hessian(quartic)(x).reshape(6, 6) @ V
+    for mode in ("forward", "reverse", "auto"):
+        assert_close(lt.hessian(quartic, x, mode=mode) @ V, expected)
+    assert_close(loop @ V, expected)
+    assert_close(loop @ V[:, 0], expected[:, 0])  # a matvec is a one-column loop
+    # a function with a constant gradient: its Hessian is zero, not an autograd error
+    assert_close(
+        lt.hessian(lambda v: (3 * v).sum(), x, mode="loop") @ V, torch.zeros(6, 5, dtype=F64)
+    )
+
+
+@pytest.mark.parametrize("loss", ["mse", "cross_entropy"])
+def test_loop_mode_of_networks_matches_the_references(loss):
+    model, X, g = small_network(frozen=True)
+    if loss == "mse":
+        loss_fn, y = torch.nn.MSELoss(), torch.randn(12, 2, dtype=F64, generator=g)
+    else:
+        loss_fn, y = torch.nn.CrossEntropyLoss(), torch.randint(0, 2, (12,), generator=g)
+    batches = [(X[:5], y[:5]), (X[5:], y[5:])]
+    H = lt.hessian(model, loss_fn, batches, mode="loop")
+    assert_close(H.to_dense(), module_loss_hessian(model, loss_fn, X, y))
+    G = lt.ggn(model, loss_fn, batches, mode="loop")
+    assert G.mode == LOOP_GGN
+    assert_close(G.to_dense(), ggn_reference(model, loss_fn, X, y))
+    assert_close(lt.ggn(model, loss_fn, batches, mode="reverse").to_dense(), G.to_dense())
+
+
+class FakeClock:
+    """``perf_counter`` for the route timing: advanced only by the products spied on."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.reads = 0
+
+    def __call__(self) -> float:
+        self.reads += 1
+        return self.now
+
+
+@pytest.fixture
+def spied_routes(monkeypatch):
+    """A fake clock, and the widths of the blocks that reach the forward-over-reverse HVP
+    and the double-backward loop; each advances the clock by ``cost[route]`` per column.
+    No route has run yet, as in a new process."""
+    from linop_trace.autodiff import _common, _torch
+
+    clock = FakeClock()
+    monkeypatch.setattr(_torch, "route_clock", lambda device: clock)
+    monkeypatch.setattr(_common, "WARMED_UP", set())  # as in a new process: warm-ups first
+    calls = {"vectorized": [], "loop": []}
+    cost = {"vectorized": 1.0, "loop": 2.0}
+    forward_over_reverse = _torch.hvp_forward_over_reverse
+    double_backward_products = _torch.double_backward_products
+
+    def vectorized(fn, theta, V):
+        calls["vectorized"].append(V.shape[1])
+        clock.now += cost["vectorized"] * V.shape[1]
+        return forward_over_reverse(fn, theta, V)
+
+    def loop(fn, theta, differentiable):
+        products = double_backward_products(fn, theta, differentiable)
+
+        def columns(V):
+            calls["loop"].append(V.shape[1])
+            clock.now += cost["loop"] * V.shape[1]
+            return products(V)
+
+        return columns
+
+    # the operators look both up when they are built
+    monkeypatch.setattr(_torch, "hvp_forward_over_reverse", vectorized)
+    monkeypatch.setattr(_torch, "double_backward_products", loop)
+    return clock, calls, cost
+
+
+@pytest.mark.parametrize("faster", ["loop", "vectorized"])
+def test_auto_times_the_first_block_once_and_keeps_the_faster_route(spied_routes, faster):
+    clock, calls, cost = spied_routes
+    cost["loop"] = 0.5 if faster == "loop" else 2.0
+    g = torch.Generator().manual_seed(19)
+    x = torch.randn(40, dtype=F64, generator=g)
+    V = torch.randn(40, 40, dtype=F64, generator=g)
+    expected = torch.func.hessian(quartic)(x) @ V
+    H = lt.hessian(quartic, x)
+    assert H.mode == FORWARD_HVP and H.route_timing is None
+
+    assert_close(H @ V[:, :3], expected[:, :3])  # too narrow to time: vectorized
+    assert clock.reads == 0 and calls == {"vectorized": [3], "loop": []}
+    calls["vectorized"].clear()
+
+    # 16 columns: the loop takes a warm-up column (its first in the process) and
+    # 16 // 8 = 2 timed ones, the vectorized route the rest, in one timed call (the
+    # 3 columns above were its warm-up); each column computed once
+    assert_close(H @ V[:, :16], expected[:, :16])
+    assert calls == {"vectorized": [13], "loop": [1, 1, 1]}
+    timing = H.route_timing
+    assert (timing.columns, timing.loop_columns) == (16, 2)
+    assert timing.loop_seconds == 16 * cost["loop"]
+    assert timing.vectorized_seconds == 16 * cost["vectorized"]
+    chosen = LOOP_HVP if faster == "loop" else FORWARD_HVP
+    assert H.mode == timing.chosen == chosen
+
+    # later blocks, up to twice as wide, go to the chosen route alone, untimed
+    reads = clock.reads
+    calls["vectorized"].clear()
+    calls["loop"].clear()
+    for width in (16, 32, 5, 1):
+        assert_close(H @ V[:, :width], expected[:, :width])
+    assert clock.reads == reads and H.route_timing is timing
+    other = "vectorized" if faster == "loop" else "loop"
+    assert calls == {faster: [16, 32, 5, 1], other: []}
+
+    # a block more than twice as wide as the timed one is timed again, now without
+    # warm-ups: 4 loop columns (40 // 8, at most 4), then 36 vectorized
+    cost["loop"], cost["vectorized"] = cost["vectorized"], cost["loop"]
+    calls[faster].clear()
+    assert_close(H @ V, expected)
+    assert calls == {"vectorized": [36], "loop": [1, 1, 1, 1]}
+    assert H.route_timing.columns == 40 and H.mode == (
+        FORWARD_HVP if faster == "loop" else LOOP_HVP
+    )
+
+
+def test_auto_times_the_network_hessian_in_the_first_batch_and_uses_the_choice_for_all(
+    spied_routes,
+):
+    clock, calls, cost = spied_routes
+    cost["loop"] = 0.5
+    model, X, g = small_network(frozen=False)
+    y = torch.randint(0, 2, (12,), generator=g)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    batches = [(X[:4], y[:4]), (X[4:], y[4:])]
+    H = lt.hessian(model, loss_fn, batches)
+    V = torch.randn(26, 8, dtype=F64, generator=g)
+    assert_close(H @ V, module_loss_hessian(model, loss_fn, X, y) @ V)
+    # batch 1 timed (8 columns: a warm-up and 1 timed loop column, then a warm-up and
+    # 5 timed vectorized columns); batch 2 already on the loop
+    assert calls == {"vectorized": [1, 5], "loop": [1, 1, 8]}
+    assert H.mode == LOOP_HVP
+
+
+@pytest.mark.parametrize("warm", [False, True])
+def test_auto_keeps_the_fallback_when_forward_mode_fails(spied_routes, warm):
+    # The failure comes in the vectorized warm-up (a new process): one warning, and the
+    # reverse-over-reverse HVP, warm from then on, is timed on the rest of the block. Or
+    # it comes in the timed call (forward mode warm from other functions): that time holds
+    # the failed attempt, so the next block is timed instead.
+    from linop_trace.autodiff import _common
+
+    clock, calls, cost = spied_routes
+    if warm:
+        _common.WARMED_UP.add(FORWARD_HVP)
+    x = torch.linspace(-1.0, 1.0, 8, dtype=F64)
+    H = lt.hessian(lambda v: _CubeWithoutJvp.apply(v).sum(), x)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        first = H @ torch.eye(8, dtype=F64)
+        assert (H.route_timing is None) == warm and H.mode == REVERSE_HVP
+        second = H @ torch.eye(8, dtype=F64)
+    messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert len(messages) == 1 and "falling back" in messages[0]
+    assert_close(first, torch.diag(6 * x))
+    assert_close(second, torch.diag(6 * x))
+    # the (unspied) reverse-over-reverse HVP takes no fake time: it is chosen
+    assert H.route_timing.columns == 8 and H.mode == REVERSE_HVP
+
+
+def test_auto_keeps_the_vectorized_route_where_the_loop_fails(monkeypatch):
+    from linop_trace.autodiff import _torch
+
+    def failing(fn, theta, differentiable):
+        raise RuntimeError("no double backward for this function")
+
+    monkeypatch.setattr(_torch, "double_backward_products", failing)
+    x = torch.randn(10, dtype=F64, generator=torch.Generator().manual_seed(20))
+    H = lt.hessian(quartic, x)
+    eye = torch.eye(10, dtype=F64)
+    assert_close(H @ eye, torch.func.hessian(quartic)(x))
+    assert_close(H @ eye, torch.func.hessian(quartic)(x))  # and is not timed again
+    assert H.mode == FORWARD_HVP and H.route_timing is None
+
+
+def test_auto_ggn_is_timed_and_matches_the_reference():
+    model, X, g = small_network(frozen=False)
+    y = torch.randint(0, 2, (12,), generator=g)
+    G = lt.ggn(model, torch.nn.CrossEntropyLoss(), (X, y))
+    assert G.mode == FORWARD_GGN and G.route_timing is None
+    reference = ggn_reference(model, torch.nn.CrossEntropyLoss(), X, y)
+    assert_close(G @ torch.eye(26, dtype=F64), reference)
+    assert G.route_timing.columns == 26 and G.mode in (FORWARD_GGN, LOOP_GGN)
+
+
+def test_invalid_modes_are_errors_that_name_the_valid_ones():
+    x = torch.ones(3, dtype=F64)
+    with pytest.raises(ValueError, match="'auto', 'forward', 'reverse', 'loop'.*'sideways'"):
+        lt.hessian(quartic, x, mode="sideways")
+    model, X, g = small_network(frozen=False)
+    data = (X, torch.randn(12, 2, dtype=F64, generator=g))
+    with pytest.raises(ValueError, match="'auto', 'forward', 'reverse', 'loop'.*'vmap'"):
+        lt.ggn(model, torch.nn.MSELoss(), data, mode="vmap")
+    # the Jacobian has no loop route
+    with pytest.raises(ValueError, match=r"'auto', 'forward', 'reverse', got 'loop'"):
+        lt.jacobian(lambda v: v**2, x, mode="loop")
+    with pytest.raises(ValueError, match="compile=True.*mode='loop'"):
+        lt.hessian(quartic, x, mode="loop", compile=True)
 
 
 def test_import_linop_trace_imports_neither_torch_nor_jax():

@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import linop_trace as lt  # noqa: E402
 
 SMALL = os.environ.get("GPU_OVERHEAD_SMALL") == "1"
-TRACE = ["hutchinson", "hutch++", "na-hutch++", "xtrace", "xnystrace", "auto"]
+TRACE = ["hutchinson", "hutch++", "na-hutch++", "xtrace", "xnystrace"]
 DIAGONAL = ["hutchinson", "diag++", "xdiag"]
 SETUPS = (
     [(512, 20, "float64")]
@@ -140,10 +140,13 @@ def dense_table(name: str, make: Any, wait: Any, n: int, m: int, dtype: str, A_n
     cells = [("trace", method) for method in TRACE] + [("diagonal", m_) for m_ in DIAGONAL]
     for quantity, method in cells:
         function = getattr(lt, quantity)
-        target = operator if method in ("xnystrace", "auto") else plain
+        target = operator if method == "xnystrace" else plain
         try:
             seconds = best(
-                lambda: arrays_of(function(target, method=method, num_matvecs=m, seed=0)), wait
+                lambda f=function, t=target, k=method: arrays_of(
+                    f(t, method=k, num_matvecs=m, seed=0)
+                ),
+                wait,
             )
             estimate = function(target, method=method, num_matvecs=m, seed=0)
             emit(
@@ -253,7 +256,7 @@ def sparse_rows() -> None:
                 np.vstack([coo.row, coo.col]), coo.data, coo.shape, device=device
             ).to_sparse_csr()
             sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-            candidates.append((f"torch-{device}-csr", T, lambda x: (sync(), x)[1], torch))
+            candidates.append((f"torch-{device}-csr", T, lambda x: (sync(), x)[1]))
     except ImportError:
         pass
     try:
@@ -261,18 +264,18 @@ def sparse_rows() -> None:
         import cupyx.scipy.sparse as csp
 
         C = csp.csr_matrix(L)
-        candidates.append(
-            ("cupyx-csr", C, lambda x: (cupy.cuda.Device().synchronize(), x)[1], cupy)
-        )
+        candidates.append(("cupyx-csr", C, lambda x: (cupy.cuda.Device().synchronize(), x)[1]))
     except Exception:
         pass
-    for name, matrix, wait, library in candidates:
+    for name, matrix, wait in candidates:
         try:
             operator = lt.aslinearoperator(matrix)
             Z = lt.rademacher(operator, 100, seed=0)
-            product = best(lambda: operator.matmat(Z), wait)
+            product = best(lambda o=operator, z=Z: o.matmat(z), wait)
             seconds = best(
-                lambda: arrays_of(lt.trace(operator, method="hutchinson", num_matvecs=100, seed=0)),
+                lambda o=operator: arrays_of(
+                    lt.trace(o, method="hutchinson", num_matvecs=100, seed=0)
+                ),
                 wait,
             )
             emit(

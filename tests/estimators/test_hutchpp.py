@@ -73,10 +73,19 @@ def test_na_hutchpp_core_matches_naive_reference(seed, complex_):
 def test_deflated_samples_continue_the_residual():
     A, (S, G, G2) = random_inputs(30, (5, 4, 6), 3)
     result = hutchpp_core(lambda X: A @ X, S, G, npx)
-    first, Q = result.residual.samples, result.basis
+    Q = result.basis
     more = deflated_samples(lambda X: A @ X, Q, G2, npx)
     P = np.eye(30) - Q @ Q.T
     np.testing.assert_allclose(more, np.diag(G2.T @ P @ A @ P @ G2), rtol=1e-12, atol=1e-12)
+    # the core's own samples are those of its residual probes G, offset by tr(Q^H A Q)
+    np.testing.assert_allclose(
+        result.residual.samples, np.diag(G.T @ P @ A @ P @ G), rtol=1e-12, atol=1e-12
+    )
+    np.testing.assert_allclose(
+        float(result.residual.value),
+        np.trace(Q.T @ A @ Q) + np.mean(np.diag(G.T @ P @ A @ P @ G)),
+        rtol=1e-12,
+    )
 
 
 @pytest.mark.parametrize("m", [3, 4, 5, 20, 60, 99, 100, 300])
