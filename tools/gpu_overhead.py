@@ -187,7 +187,9 @@ def torch_hessian() -> None:
 
     product = best(lambda: H @ V, wait)
     for method in ("hutchinson", "xtrace"):
-        seconds = best(lambda: arrays_of(lt.trace(H, method=method, num_matvecs=100, seed=0)), wait)
+        seconds = best(
+            lambda k=method: arrays_of(lt.trace(H, method=k, num_matvecs=100, seed=0)), wait
+        )
         emit(
             kind="hessian_trace",
             library=f"torch-{device}",
