@@ -16,7 +16,6 @@ __all__ = [
     "IDENTITY_BLOCK_BYTES",
     "MEMORY_FRACTION",
     "block_size_for",
-    "identity_block_size",
     "itemsize",
     "probe_block_size",
 ]
@@ -31,6 +30,9 @@ FALLBACK_FREE_BYTES = 1 * 2**30
 
 def itemsize(xp: Any, dtype: Any) -> int:
     """Bytes per entry of ``dtype`` (complex: both parts)."""
+    size = getattr(dtype, "itemsize", None)  # NumPy, JAX, CuPy and torch dtypes say it
+    if isinstance(size, int):
+        return size
     try:
         size = int(xp.finfo(dtype).bits // 8)
     except (TypeError, ValueError):  # pragma: no cover - not a floating dtype
@@ -61,14 +63,4 @@ def block_size_for(xp: Any, device: Any, bytes_per_column: int, limit: int | Non
     if free is None:
         free = FALLBACK_FREE_BYTES
     block = max(1, int(MEMORY_FRACTION * free) // max(1, int(bytes_per_column)))
-    return block if limit is None else max(1, min(block, int(limit)))
-
-
-def identity_block_size(operator: Any, limit: int | None = None) -> int:
-    """Columns per call of the exact walk over the identity: at most ``IDENTITY_BLOCK_BYTES``
-    per (n, block) array (and at most what :func:`probe_block_size` allows), so the walk
-    never holds an n x n array of a large operator."""
-    n = max(1, operator.shape[0])
-    block = max(1, IDENTITY_BLOCK_BYTES // (n * itemsize(operator.xp, operator.dtype)))
-    block = min(block, probe_block_size(operator))
     return block if limit is None else max(1, min(block, int(limit)))

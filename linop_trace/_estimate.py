@@ -34,7 +34,7 @@ class DeferredCheck:
         """Read the flag (and the evidence) and raise; a no-op for abstract JAX values."""
         if backend.is_tracer(self.failed):
             return  # under jax.jit, grad, vmap: no value to check
-        if bool(self.failed):
+        if backend.read_bool(self.failed):
             numbers = [backend.read_float(x) for x in self.evidence]
             raise self.error(*numbers)
 

@@ -422,15 +422,19 @@ class LinearOperator:
 
 def _flatten_operator(operator: LinearOperator) -> tuple[tuple[Any, ...], Any]:
     fields = operator._data_fields or ()
-    skip = set(fields) | set(operator._cache_fields)
-    static = tuple(sorted((k, v) for k, v in vars(operator).items() if k not in skip))
-    return tuple(getattr(operator, name) for name in fields), (type(operator), _Static(static))
+    static = vars(operator).get("_static_part")
+    if static is None:  # once per operator: its structure does not change
+        skip = set(fields) | set(operator._cache_fields) | {"_static_part"}
+        static = _Static(tuple(sorted((k, v) for k, v in vars(operator).items() if k not in skip)))
+        vars(operator)["_static_part"] = static
+    return tuple(getattr(operator, name) for name in fields), (type(operator), static)
 
 
 def _unflatten_operator(aux: Any, children: tuple[Any, ...]) -> LinearOperator:
     cls, static = aux
     operator = object.__new__(cls)
     vars(operator).update(static.items)
+    vars(operator)["_static_part"] = static
     fields = operator._data_fields or ()
     vars(operator).update(zip(fields, children))
     operator._reset_caches()
@@ -443,9 +447,14 @@ class _Static:
 
     def __init__(self, items: tuple[tuple[str, Any], ...]) -> None:
         self.items = items
+        self._hash = hash(tuple((key, _hash_of(value)) for key, value in items))
 
     def __eq__(self, other: object) -> bool:
-        if not isinstance(other, _Static) or len(self.items) != len(other.items):
+        if self is other:
+            return True
+        if not isinstance(other, _Static) or self._hash != other._hash:
+            return False
+        if len(self.items) != len(other.items):
             return False
         for (key, value), (other_key, other_value) in zip(self.items, other.items):
             if key != other_key or not _same(value, other_value):
@@ -453,7 +462,7 @@ class _Static:
         return True
 
     def __hash__(self) -> int:
-        return hash(tuple((key, _hash_of(value)) for key, value in self.items))
+        return self._hash
 
 
 def _same(a: Any, b: Any) -> bool:

@@ -22,7 +22,7 @@ from .._estimate import Estimate
 from .._probes import ProbeSampler
 from .._validation import check_num_matvecs, check_positive_int
 from ..estimators._stats import sample_mean
-from ._common import AutodiffOperator, FallbackChain, check_mode
+from ._common import CURVATURE_MODES, AutodiffOperator, FallbackChain, check_mode
 
 __all__ = ["AutodiffOperator", "divergence", "divergence_samples", "ggn", "hessian", "jacobian"]
 
@@ -128,11 +128,24 @@ def hessian(
         torch: keep the products in the autograd graph of ``x`` (and of tensors ``f``
         captures), so that ``trace(H).value`` can be backpropagated. JAX products are
         always differentiable (use :func:`jax.grad` around the estimate).
-    mode : {"auto", "forward", "reverse"}
-        ``"forward"``: forward-over-reverse HVPs ``vmap(jvp(grad))``. ``"reverse"``:
-        reverse-over-reverse, ``vmap`` over the pullback of the gradient. ``"auto"``
-        tries forward-over-reverse and falls back (with one warning) to
-        reverse-over-reverse when the function has no forward-mode rules.
+    mode : {"auto", "forward", "reverse", "loop"}
+        How the block products H V are formed (``H.mode`` names the route in use):
+
+        - ``"forward"``: forward-over-reverse HVPs, ``vmap(jvp(grad))`` over the columns.
+        - ``"reverse"``: reverse-over-reverse, ``vmap`` over the pullback of the gradient
+          (torch: a loop of double-backward HVPs where ``vmap`` fails).
+        - ``"loop"``: one product per column. torch: one gradient graph per block, then one
+          double-backward pass through it per column (``torch.autograd``). JAX:
+          ``lax.map`` instead of ``vmap`` in the compiled program.
+        - ``"auto"``: forward-over-reverse, falling back (with one warning) to
+          reverse-over-reverse where the function has no forward-mode rules. torch also
+          times the loop against it on the first block of 4 or more columns (each column
+          computed once, by one of the two; the device synchronized for this timing
+          only) and keeps the faster route for later products; ``H.route_timing`` holds
+          the measurement, and a block more than twice as wide is timed again. The loop
+          tends to win on wide networks on a CPU, the vectorized product on GPUs and
+          small networks. JAX does not time (its products stay traceable under
+          ``jax.jit``): there ``"auto"`` is the vectorized product.
     loss_reduction : {"mean", "sum"}, optional
         How ``loss_fn`` reduces over a batch; read from ``loss_fn.reduction`` (torch
         losses), else ``"mean"``.
@@ -140,7 +153,9 @@ def hessian(
         torch only: run the HVP through ``torch.compile`` (falls back to the eager
         product, with a warning, if compilation fails). The first product pays the
         compilation (tens of seconds); later ones ran about 2.5x faster than eager
-        ``vmap(jvp(grad))`` on the digits MLP. JAX products are always compiled.
+        ``vmap(jvp(grad))`` on the digits MLP. The compiled product is not timed against
+        the loop under ``mode="auto"``, and ``mode="loop"`` has none to compile. JAX
+        products are always compiled.
 
     Returns
     -------
@@ -162,7 +177,7 @@ def hessian(
     ([14.0, -32.0], 1)
     """
     _check_callable(f, "hessian")
-    mode = check_mode(mode)
+    mode = check_mode(mode, CURVATURE_MODES)
     if len(args) == 1:
         library = _library("hessian", args[0])
         if library == "torch":
@@ -195,6 +210,7 @@ def ggn(
     f: Callable[..., Any],
     *args: Any,
     differentiable: bool = False,
+    mode: str = "auto",
     loss_reduction: str | None = None,
 ) -> AutodiffOperator:
     """The generalized Gauss-Newton matrix J^T H_loss J of a network's loss over data.
@@ -212,6 +228,18 @@ def ggn(
         ``loss_fn, data`` or ``params, loss_fn, data``.
     differentiable : bool
         torch only: keep the products in the autograd graph.
+    mode : {"auto", "forward", "reverse", "loop"}
+        How the block products G V are formed (``G.mode`` names the route in use):
+
+        - ``"forward"``: J V by forward mode, ``vmap(jvp)``, then H_loss and J^T vmapped.
+        - ``"reverse"``: J V through two reverse passes (for networks without forward-mode
+          rules; torch falls back to the loop where ``vmap`` fails).
+        - ``"loop"``: one product per column. torch: one graph of the outputs per block,
+          then per column three backward passes through it (J v as the pullback of
+          u -> J^T u, H_loss, J^T). JAX: ``lax.map`` instead of ``vmap``.
+        - ``"auto"``: forward mode, falling back (with one warning) to ``"reverse"``; torch
+          times the loop against it on one block and keeps the faster, as
+          :func:`hessian` does (``G.route_timing``).
     loss_reduction : {"mean", "sum"}, optional
         As in :func:`hessian`.
 
@@ -235,6 +263,7 @@ def ggn(
     True
     """
     _check_callable(f, "ggn")
+    mode = check_mode(mode, CURVATURE_MODES)
     if len(args) < 2:
         raise TypeError("ggn takes (model, loss_fn, data) or (apply_fn, params, loss_fn, data)")
     model, params, loss_fn, data = _network_arguments("ggn", f, args)
@@ -243,11 +272,11 @@ def ggn(
         from ._torch import TorchGGN, network_problem
 
         problem = network_problem(model, params, loss_fn, data, loss_reduction)
-        return TorchGGN(problem, differentiable=differentiable)
+        return TorchGGN(problem, differentiable=differentiable, mode=mode)
     from ._jax import JaxGGN
     from ._jax import network_problem as jax_network_problem
 
-    return JaxGGN(jax_network_problem(model, params, loss_fn, data, loss_reduction))
+    return JaxGGN(jax_network_problem(model, params, loss_fn, data, loss_reduction), mode=mode)
 
 
 def jacobian(

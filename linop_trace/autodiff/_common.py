@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import statistics
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from .._operators import LinearOperator
 
-__all__ = ["AutodiffOperator", "FallbackChain", "batch_weights", "split_data"]
+__all__ = [
+    "WARMED_UP",
+    "AutodiffOperator",
+    "FallbackChain",
+    "FastestRoute",
+    "RouteTiming",
+    "batch_weights",
+    "split_data",
+]
 
 
 class AutodiffOperator(LinearOperator):
@@ -47,6 +57,13 @@ class AutodiffOperator(LinearOperator):
         return self._unflatten_fn(vector)
 
 
+#: The product routes (by name) that have completed a call in this process. A route's
+#: first call pays what the library does once per process (torch.func's first transform
+#: took over a second, a hundred products of the digits MLP), so :class:`FastestRoute`
+#: gives a route not named here an untimed warm-up column before it times it.
+WARMED_UP: set[str] = set()
+
+
 class FallbackChain:
     """Try product implementations in order; move to the next one (and warn once) on failure.
 
@@ -69,7 +86,7 @@ class FallbackChain:
         while self.index < len(self.implementations):
             name, implementation = self.implementations[self.index]
             try:
-                return implementation(*args)
+                result = implementation(*args)
             except Exception as error:  # noqa: BLE001 - any failure of AD moves on
                 if first_error is None:
                     first_error = error
@@ -84,8 +101,142 @@ class FallbackChain:
                     stacklevel=4,
                 )
                 self.index += 1
+            else:
+                WARMED_UP.add(name)
+                return result
         assert first_error is not None
         raise first_error
+
+
+#: The narrowest block that is timed: a warm-up column and a timed one for each route.
+MIN_TIMED_COLUMNS = 4
+#: A block more than this many times wider than the last one timed is timed again.
+RETIME_WIDTH_FACTOR = 2
+#: The loop times at most this many columns of a block (one per 8 columns, at least one).
+MAX_LOOP_TIMED_COLUMNS = 4
+
+
+@dataclass(frozen=True)
+class RouteTiming:
+    """What ``mode="auto"`` measured on the block it timed.
+
+    ``vectorized_seconds`` and ``loop_seconds`` estimate each route's seconds for the
+    whole block: ``columns`` times the vectorized route's time per column in its timed
+    call, and ``columns`` times the median time of the loop's ``loop_columns`` timed
+    columns. The one gradient pass that each route makes per block is left out of both.
+    """
+
+    columns: int
+    loop_columns: int
+    vectorized_seconds: float
+    loop_seconds: float
+    chosen: str
+
+
+class FastestRoute:
+    """The faster of a vectorized block product and a loop of one product per column.
+
+    The vectorized route (a :class:`FallbackChain`, called as ``vectorized(*problem, V)``)
+    is one batched call for the whole (n, k) block V. Its k-fold batched intermediates can
+    outgrow the caches of a CPU on a wide network, where a loop of k single products
+    through one graph (``loop(*problem)`` builds the graph and returns ``V -> product``) is
+    faster; on a GPU or a small network the batched call wins by a wide margin.
+
+    The first block of at least :data:`MIN_TIMED_COLUMNS` columns is split. The loop
+    computes ``c = min(4, max(1, k // 8))`` columns timed one by one, the vectorized route
+    the rest in one timed call; a route that has not yet run in this process
+    (:data:`WARMED_UP`) first computes one untimed warm-up column. ``clock`` reads the
+    time in seconds; ``synchronize`` waits for the device, around the timed calls only.
+    The route with the smaller time per column (for the loop, the median of its c) serves
+    every later product. Every column is computed once, by one route, and the pieces are
+    joined in order (``join(*pieces)``).
+
+    The vectorized route's cost per column changes with the width, so a block more than
+    :data:`RETIME_WIDTH_FACTOR` times wider than the one timed is timed again. Until a
+    choice is made, and where the loop fails for the function, the vectorized route is
+    used.
+    """
+
+    def __init__(
+        self,
+        vectorized: FallbackChain,
+        loop_name: str,
+        loop: Callable[..., Callable[[Any], Any]],
+        join: Callable[..., Any],
+        synchronize: Callable[[], None],
+        clock: Callable[[], float],
+    ) -> None:
+        self.vectorized = vectorized
+        self.loop_name = loop_name
+        self.loop = loop
+        self.join = join
+        self.synchronize = synchronize
+        self.clock = clock
+        self.use_loop = False
+        self.timing: RouteTiming | None = None
+        self._timed_width: int | None = None
+        self._loop_failed = False
+
+    @property
+    def mode(self) -> str:
+        """The route in use: the vectorized chain's until the loop was timed faster."""
+        return self.loop_name if self.use_loop else self.vectorized.mode
+
+    def __call__(self, *args: Any) -> Any:
+        *problem, V = args
+        if self._should_time(int(V.shape[1])):
+            return self._timed(problem, V)
+        if self.use_loop:
+            return self.loop(*problem)(V)
+        return self.vectorized(*problem, V)
+
+    def _should_time(self, columns: int) -> bool:
+        if columns < MIN_TIMED_COLUMNS or self._loop_failed:
+            return False
+        if self.vectorized.mode == self.loop_name:
+            return False  # the chain itself fell back to the loop: nothing to choose
+        return self._timed_width is None or columns > RETIME_WIDTH_FACTOR * self._timed_width
+
+    def _timed(self, problem: list[Any], V: Any) -> Any:
+        columns = int(V.shape[1])
+        timed_loop = min(MAX_LOOP_TIMED_COLUMNS, max(1, columns // 8))
+        pieces = []
+        try:
+            products = self.loop(*problem)
+            first = 0 if self.loop_name in WARMED_UP else 1
+            if first:
+                pieces.append(products(V[:, :1]))
+            seconds = []
+            for column in range(first, first + timed_loop):
+                self.synchronize()
+                start = self.clock()
+                pieces.append(products(V[:, column : column + 1]))
+                self.synchronize()
+                seconds.append(self.clock() - start)
+        except Exception:  # noqa: BLE001 - the loop cannot differentiate this function
+            self._loop_failed = True
+            return self.vectorized(*problem, V)
+        WARMED_UP.add(self.loop_name)
+        loop_seconds = statistics.median(seconds)  # a column slowed by other work is ignored
+        split = first + timed_loop
+        if self.vectorized.mode not in WARMED_UP:
+            pieces.append(self.vectorized(*problem, V[:, split : split + 1]))
+            split += 1
+        index = self.vectorized.index
+        self.synchronize()
+        start = self.clock()
+        pieces.append(self.vectorized(*problem, V[:, split:]))
+        self.synchronize()
+        vectorized_seconds = (self.clock() - start) / (columns - split)
+        if self.vectorized.index != index:
+            # it fell back within the timed call, whose time holds the failed attempt
+            return self.join(*pieces)
+        self.use_loop = loop_seconds < vectorized_seconds
+        self._timed_width = columns
+        self.timing = RouteTiming(
+            columns, timed_loop, vectorized_seconds * columns, loop_seconds * columns, self.mode
+        )
+        return self.join(*pieces)
 
 
 def split_data(data: Any, is_array: Callable[[Any], bool]) -> tuple[list[Any] | Any, bool]:
@@ -155,10 +306,15 @@ def batch_weights(sizes: list[int], reduction: str) -> list[float]:
     return [size / total for size in sizes]
 
 
-def check_mode(mode: str) -> str:
-    if mode not in ("auto", "forward", "reverse"):
-        raise ValueError(
-            f"`mode` must be 'auto', 'forward' (forward-over-reverse) or 'reverse' "
-            f"(reverse-over-reverse), got {mode!r}"
-        )
+#: The ``mode`` values every autodiff operator takes: how its block products are formed.
+PRODUCT_MODES = ("auto", "forward", "reverse")
+#: Hessians and Gauss-Newton matrices also take a loop of one product per column.
+CURVATURE_MODES = (*PRODUCT_MODES, "loop")
+
+
+def check_mode(mode: str, modes: tuple[str, ...] = PRODUCT_MODES) -> str:
+    """``mode`` if it is one of ``modes``, else a ValueError that lists them."""
+    if mode not in modes:
+        known = ", ".join(repr(m) for m in modes)
+        raise ValueError(f"`mode` must be one of {known}, got {mode!r}")
     return mode

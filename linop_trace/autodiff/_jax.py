@@ -5,6 +5,13 @@ block, of a Jacobian-vector product or a forward-over-reverse Hessian-vector pro
 ``jvp(grad(f))``. The compiled programs are cached per user function (and mode), with
 the variables and data passed as arguments, so neither repeated products nor new
 operators built from the same function at new points recompile.
+
+Hessians and Gauss-Newton matrices also take ``mode="loop"``: the same column function
+under ``lax.map`` instead of ``vmap``, a loop inside the compiled program. ``"auto"`` does
+not time the two, as the torch operators do: a product must stay traceable under the
+user's ``jit``/``grad``/``vmap`` and free of host synchronisation (where a timing needs
+concrete values and ``block_until_ready``), and timing both would compile a second
+program per block width, which costs as much as the products themselves.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from jax.flatten_util import ravel_pytree
 
 from .. import _backend as backend
 from ._common import (
+    CURVATURE_MODES,
     AutodiffOperator,
     FallbackChain,
     batch_weights,
@@ -53,8 +61,16 @@ def _cached_program(builder: Callable[..., Callable], *key: Any) -> Callable:
 # ---------------------------------------------------------------------- HVP kernels
 
 
-def _hvp_block(fn: Callable, theta: Any, V: Any, mode: str) -> Any:
-    """H V for an (n, k) block: vmap over columns of jvp(grad(fn)) or of vjp(grad(fn))."""
+def _over_columns(column: Callable[[Any], Any], V: Any, loop: bool) -> Any:
+    """``[column(v) for the columns v of V]`` as a block: ``vmap``, or ``lax.map`` (a loop
+    in the compiled program, one column at a time)."""
+    if loop:
+        return jax.lax.map(column, V.T).T
+    return jax.vmap(column, in_axes=1, out_axes=1)(V)
+
+
+def _hvp_block(fn: Callable, theta: Any, V: Any, mode: str, loop: bool) -> Any:
+    """H V for an (n, k) block: over the columns, jvp(grad(fn)) or the pullback of grad(fn)."""
     if mode == "forward":
 
         def column(v: Any) -> Any:
@@ -66,25 +82,25 @@ def _hvp_block(fn: Callable, theta: Any, V: Any, mode: str) -> Any:
         def column(v: Any) -> Any:
             return pullback(v)[0]
 
-    return jax.vmap(column, in_axes=1, out_axes=1)(V)
+    return _over_columns(column, V, loop)
 
 
-def _function_hvp_builder(f: Callable, mode: str) -> Callable:
+def _function_hvp_builder(f: Callable, mode: str, loop: bool) -> Callable:
     def program(x: Any, V: Any) -> Any:
         theta, unravel = ravel_pytree(x)
-        return _hvp_block(lambda t: f(unravel(t)), theta, V, mode)
+        return _hvp_block(lambda t: f(unravel(t)), theta, V, mode, loop)
 
     return program
 
 
-def _network_hvp_builder(apply_fn: Callable, loss_fn: Callable, mode: str) -> Callable:
+def _network_hvp_builder(apply_fn: Callable, loss_fn: Callable, mode: str, loop: bool) -> Callable:
     def program(params: Any, inputs: Any, targets: Any, V: Any, weight: Any) -> Any:
         theta, unravel = ravel_pytree(params)
 
         def loss(t: Any) -> Any:
             return loss_fn(apply_fn(unravel(t), inputs), targets)
 
-        return weight * _hvp_block(loss, theta, V, mode)
+        return weight * _hvp_block(loss, theta, V, mode, loop)
 
     return program
 
@@ -104,12 +120,18 @@ def _linear_jvp(fn: Callable, theta: Any, mode: str) -> tuple[Any, Callable, Cal
     return outputs, lambda v: transpose(v)[0], lambda w: pullback(w)[0]
 
 
-def _network_ggn_builder(apply_fn: Callable, loss_fn: Callable, mode: str) -> Callable:
+def _network_ggn_builder(apply_fn: Callable, loss_fn: Callable, mode: str, loop: bool) -> Callable:
     def program(params: Any, inputs: Any, targets: Any, V: Any, weight: Any) -> Any:
         theta, unravel = ravel_pytree(params)
         outputs, push, pull = _linear_jvp(lambda t: apply_fn(unravel(t), inputs), theta, mode)
-        JV = jax.vmap(push, in_axes=1)(V)
         loss_gradient = jax.grad(lambda out: loss_fn(out, targets))
+        if loop:
+
+            def column(v: Any) -> Any:
+                return pull(jax.jvp(loss_gradient, (outputs,), (push(v),))[1])
+
+            return weight * _over_columns(column, V, loop=True)
+        JV = jax.vmap(push, in_axes=1)(V)
         HJV = jax.vmap(lambda u: jax.jvp(loss_gradient, (outputs,), (u,))[1])(JV)
         return weight * jax.vmap(pull, out_axes=1)(HJV)
 
@@ -139,8 +161,12 @@ def _divergence_builder(f: Callable, mode: str) -> Callable:
 
 _FORWARD = "forward-over-reverse HVP (jit(vmap(jvp(grad))))"
 _REVERSE = "reverse-over-reverse HVP (jit(vmap(vjp(grad))))"
+_LOOP_FORWARD = "a loop of forward-over-reverse HVPs (jit(lax.map(jvp(grad))))"
+_LOOP_REVERSE = "a loop of reverse-over-reverse HVPs (jit(lax.map(vjp(grad))))"
 _JVP_FORWARD = "forward-mode JVP (jit(vmap(jvp)))"
 _JVP_REVERSE = "a JVP through two reverse passes"
+_GGN_LOOP_FORWARD = "a loop of GGN products by forward-mode JVPs (jit(lax.map(jvp)))"
+_GGN_LOOP_REVERSE = "a loop of GGN products by JVPs through two reverse passes"
 
 
 def _chain(
@@ -150,6 +176,22 @@ def _chain(
     reverse = (names[1], make("reverse"))
     order = {"auto": [forward, reverse], "forward": [forward], "reverse": [reverse]}
     return FallbackChain(order[mode], what)
+
+
+def _curvature_chain(
+    make: Callable[[str, bool], Callable],
+    mode: str,
+    names: tuple[str, str],
+    loop_names: tuple[str, str],
+    what: str,
+) -> FallbackChain:
+    """As :func:`_chain`, and ``"loop"``: ``lax.map`` over the columns, forward mode
+    falling back to reverse mode."""
+    if mode == "loop":
+        forward = (loop_names[0], make("forward", True))
+        reverse = (loop_names[1], make("reverse", True))
+        return FallbackChain([forward, reverse], what)
+    return _chain(lambda m: make(m, False), mode, names, what)
 
 
 # ------------------------------------------------------------------------- layout
@@ -280,7 +322,7 @@ class JaxHessian(_JaxOperator):
         network: _NetworkProblem | None = None,
         mode: str = "auto",
     ) -> None:
-        check_mode(mode)
+        check_mode(mode, CURVATURE_MODES)
         self.network = network
         if network is None:
             assert f is not None
@@ -289,18 +331,22 @@ class JaxHessian(_JaxOperator):
             if shape not in ((), (1,)):
                 raise ValueError(f"the function must return a scalar, got shape {shape}")
             self.x = x
-            self._hvp = _chain(
-                lambda m: _program(_function_hvp_builder, f, m),
+            self._hvp = _curvature_chain(
+                lambda m, loop: _program(_function_hvp_builder, f, m, loop),
                 mode,
                 (_FORWARD, _REVERSE),
+                (_LOOP_FORWARD, _LOOP_REVERSE),
                 "hessian",
             )
         else:
             layout = network.layout
-            self._hvp = _chain(
-                lambda m: _program(_network_hvp_builder, network.apply_fn, network.loss_fn, m),
+            self._hvp = _curvature_chain(
+                lambda m, loop: _program(
+                    _network_hvp_builder, network.apply_fn, network.loss_fn, m, loop
+                ),
                 mode,
                 (_FORWARD, _REVERSE),
+                (_LOOP_FORWARD, _LOOP_REVERSE),
                 "hessian",
             )
         self._setup(layout, layout.size, ("symmetric",))
@@ -326,15 +372,23 @@ class JaxGGN(_JaxOperator):
     """Generalized Gauss-Newton matrix J^T H_loss J of a network's loss over data."""
 
     def __init__(self, network: _NetworkProblem, *, mode: str = "auto") -> None:
-        check_mode(mode)
+        check_mode(mode, CURVATURE_MODES)
         self.network = network
-        self._product = _chain(
-            lambda m: _program(_network_ggn_builder, network.apply_fn, network.loss_fn, m),
+        self._product = _curvature_chain(
+            lambda m, loop: _program(
+                _network_ggn_builder, network.apply_fn, network.loss_fn, m, loop
+            ),
             mode,
             (_JVP_FORWARD, _JVP_REVERSE),
+            (_GGN_LOOP_FORWARD, _GGN_LOOP_REVERSE),
             "ggn",
         )
         self._setup(network.layout, network.layout.size, ("symmetric", "positive_semidefinite"))
+
+    @property
+    def mode(self) -> str:
+        """The product in use: forward-mode JVPs until a fallback was needed."""
+        return self._product.mode
 
     def _matmat(self, X: Any) -> Any:
         V = self._in_own_dtype(X)

@@ -1,16 +1,24 @@
 """Hessian, Gauss-Newton and Jacobian operators of PyTorch functions (torch.func).
 
-Every block product is one vectorized call: ``torch.func.vmap`` over the columns of the
-block of a Jacobian-vector product (forward mode), of a forward-over-reverse
-Hessian-vector product ``jvp(grad(f))``, or of the pullback of ``grad(f)``
-(reverse-over-reverse). Where forward-mode AD is not available for the user's function
-(custom ``autograd.Function`` without ``jvp``, some operators), the operators fall back to
-reverse-over-reverse products and say so once.
+A block product is one vectorized call: ``torch.func.vmap`` over the columns of the block
+of a Jacobian-vector product (forward mode), of a forward-over-reverse Hessian-vector
+product ``jvp(grad(f))``, or of the pullback of ``grad(f)`` (reverse-over-reverse). Where
+forward-mode AD is not available for the user's function (custom ``autograd.Function``
+without ``jvp``, some operators), the operators fall back to reverse-over-reverse products
+and say so once.
+
+Hessians and Gauss-Newton matrices also have a loop route: one autograd graph per block,
+then one backward pass through it per column. On a wide network on a CPU the loop can be
+the faster of the two (the batched intermediates of the vectorized call outgrow the
+caches); ``mode="auto"`` times both on one block and keeps the faster
+(:class:`~linop_trace.autodiff._common.FastestRoute`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -20,8 +28,11 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .. import _backend as backend
 from ._common import (
+    CURVATURE_MODES,
     AutodiffOperator,
     FallbackChain,
+    FastestRoute,
+    RouteTiming,
     batch_weights,
     check_batch,
     check_mode,
@@ -123,39 +134,230 @@ def hvp_reverse_over_reverse(fn: Callable, theta: torch.Tensor, V: torch.Tensor)
     return vmap(lambda v: pullback(v)[0], in_dims=1, out_dims=1)(V)
 
 
-def hvp_double_backward_loop(
-    fn: Callable, theta: torch.Tensor, V: torch.Tensor, differentiable: bool
-) -> torch.Tensor:
-    """The last resort: double-backward HVPs with torch.autograd, one column at a time."""
+def double_backward_products(
+    fn: Callable, theta: torch.Tensor, differentiable: bool
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``V -> H V`` through one gradient graph of ``fn`` at ``theta``, built here.
+
+    Each column then costs one backward pass through the graph of the gradient (the
+    double-backward HVP); the graph is kept for every column and every later call. With
+    ``differentiable`` the columns keep their own graph (``create_graph``), so they can be
+    backpropagated to ``theta`` (if it requires grad) and to the tensors ``fn`` captures.
+    """
     with torch.enable_grad():
-        variable = (
-            theta if differentiable and theta.requires_grad else theta.detach().requires_grad_()
-        )
-        (gradient,) = torch.autograd.grad(fn(variable), variable, create_graph=True)
-        columns = []
-        for j in range(V.shape[1]):
-            (column,) = torch.autograd.grad(
-                gradient, variable, V[:, j], retain_graph=True, create_graph=differentiable
-            )
-            columns.append(column)
-    return torch.stack(columns, dim=1)
+        variable = _variable(theta, differentiable)
+        gradient = _gradient(fn(variable), variable, None, create_graph=True)
+    return _column_loop(_pullback_of(gradient, variable, differentiable), variable.numel())
 
 
-def _hvp_chain(mode: str, differentiable: bool, compile: bool = False) -> FallbackChain:
-    forward = ("forward-over-reverse HVP (vmap(jvp(grad)))", hvp_forward_over_reverse)
-    reverse = ("reverse-over-reverse HVP (vmap(vjp(grad)))", hvp_reverse_over_reverse)
-    loop = (
-        "a loop of double-backward HVPs",
-        lambda fn, theta, V: hvp_double_backward_loop(fn, theta, V, differentiable),
+def gauss_newton_products(
+    output_fn: Callable,
+    loss_of_outputs: Callable,
+    theta: torch.Tensor,
+    differentiable: bool,
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``V -> J^T H_loss J V`` through one graph of the network outputs, built here.
+
+    Per column: J v as the pullback of the linear map u -> J^T u (the graph of J^T u is
+    built once, at u = 0), H_loss (J v) by double backward in output space, and J^T of that
+    by one more backward pass: three backward passes, no forward mode.
+    """
+    with torch.enable_grad():
+        variable = _variable(theta, differentiable)
+        outputs = output_fn(variable)
+        probe = torch.zeros_like(outputs, requires_grad=True)
+        transposed = _gradient(outputs, variable, probe, create_graph=True)  # J^T u
+        loss_gradient = _gradient(loss_of_outputs(outputs), outputs, None, create_graph=True)
+    jvp_of = _pullback_of(transposed, probe, differentiable)
+    loss_hvp_of = _pullback_of(loss_gradient, outputs, differentiable)
+    vjp_of = _pullback_of(outputs, variable, differentiable)
+    return _column_loop(lambda v: vjp_of(loss_hvp_of(jvp_of(v))), variable.numel())
+
+
+def _variable(theta: torch.Tensor, differentiable: bool) -> torch.Tensor:
+    """``theta`` itself where its graph is wanted, else a detached leaf to differentiate."""
+    if differentiable and theta.requires_grad:
+        return theta
+    return theta.detach().requires_grad_()
+
+
+def _gradient(
+    output: torch.Tensor, variable: torch.Tensor, seed: torch.Tensor | None, create_graph: bool
+) -> torch.Tensor:
+    """d<output, seed>/d variable (seed None: output is a scalar), zeros where unused."""
+    if not output.requires_grad:  # the output does not depend on the variable
+        return torch.zeros_like(variable)
+    (result,) = torch.autograd.grad(
+        output,
+        variable,
+        seed,
+        retain_graph=True,
+        create_graph=create_graph,
+        allow_unused=True,
+        materialize_grads=True,
     )
-    order = {"auto": [forward, reverse, loop], "forward": [forward], "reverse": [reverse, loop]}
-    chain = order[mode]
-    if compile:
-        # Compiled once per kernel and reused: dynamo guards on the code and the tensor
-        # metadata of what the objective captures, not on the closure object itself.
-        name, kernel = chain[0]
-        chain = [(f"torch.compile'd {name}", torch.compile(kernel)), *chain]
-    return FallbackChain(chain, "hessian")
+    return result
+
+
+def _pullback_of(
+    output: torch.Tensor, variable: torch.Tensor, differentiable: bool
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``w -> (d output / d variable)^T w`` by a backward pass through output's kept graph."""
+
+    def pullback(w: torch.Tensor) -> torch.Tensor:
+        with torch.enable_grad():
+            return _gradient(output, variable, w.reshape(output.shape), differentiable)
+
+    return pullback
+
+
+def _column_loop(
+    column: Callable[[torch.Tensor], torch.Tensor], size: int
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``V -> [column(v) for the columns v of V]`` as a (size, k) block."""
+
+    def products(V: torch.Tensor) -> torch.Tensor:
+        if V.shape[1] == 0:
+            return V.new_zeros((size, 0))
+        # rows of the transpose: each column contiguous, as the backward passes want it
+        return torch.stack([column(v) for v in V.T.contiguous()], dim=1)
+
+    return products
+
+
+def _join_columns(*blocks: torch.Tensor) -> torch.Tensor:
+    return torch.cat(blocks, dim=1)
+
+
+def route_clock(device: torch.device) -> Callable[[], float]:
+    """The clock that times the routes on ``device``, read when the timing runs.
+
+    For CPU work on one thread, the CPU time of this thread (torch runs the products and
+    their backward passes on the calling thread): other processes on the machine cannot
+    slow it, where on a loaded machine they shifted the wall time of single calls by 2x.
+    Else (GPUs, several threads) the wall time.
+    """
+
+    def read() -> float:
+        if device.type == "cpu" and torch.get_num_threads() == 1:
+            return time.thread_time()
+        return time.perf_counter()
+
+    return read
+
+
+def _synchronizer(device: torch.device) -> Callable[[], None]:
+    """Waits for the device's queued work (CPU: nothing to wait for); timing only."""
+    if device.type == "cuda":
+        return functools.partial(torch.cuda.synchronize, device)
+    backend_module = getattr(torch, device.type, None)  # torch.mps, torch.xpu, ...
+    synchronize = getattr(backend_module, "synchronize", None)
+    if device.type == "cpu" or synchronize is None:
+        return lambda: None
+    return synchronize
+
+
+FORWARD_HVP = "forward-over-reverse HVP (vmap(jvp(grad)))"
+REVERSE_HVP = "reverse-over-reverse HVP (vmap(vjp(grad)))"
+LOOP_HVP = "a loop of double-backward HVPs"
+FORWARD_GGN = "GGN products by forward-mode JVPs (vmap(jvp))"
+REVERSE_GGN = "GGN products by JVPs through two reverse passes (vmap(vjp(vjp)))"
+LOOP_GGN = "a loop of GGN products by backward passes"
+
+
+def _route(
+    what: str,
+    mode: str,
+    forward: tuple[str, Callable],
+    reverse: tuple[str, Callable],
+    loop_name: str,
+    loop_products: Callable[..., Callable[[torch.Tensor], torch.Tensor]],
+    device: torch.device,
+) -> FallbackChain | FastestRoute:
+    """The block product of ``mode``, called as ``route(*problem, V)``.
+
+    ``loop_products(*problem)`` builds the loop's graph and returns ``V -> product``.
+    ``"auto"`` races the chain forward, reverse, loop against the loop on one block
+    (:class:`FastestRoute`); the other modes are their chain (:func:`_ordered`).
+    """
+    chain = FallbackChain(
+        _ordered(mode, forward, reverse, (loop_name, _looped(loop_products))), what
+    )
+    if mode != "auto":
+        return chain
+    return FastestRoute(
+        chain,
+        loop_name,
+        loop_products,
+        _join_columns,
+        _synchronizer(device),
+        route_clock(device),
+    )
+
+
+def _ordered(mode: str, forward: Any, reverse: Any, loop: Any) -> list[Any]:
+    """The fallback order of ``mode``: ``"forward"`` alone; ``"reverse"`` then the loop
+    (for functions vmap cannot batch); ``"auto"`` all three; ``"loop"`` alone."""
+    orders = {
+        "auto": [forward, reverse, loop],
+        "forward": [forward],
+        "reverse": [reverse, loop],
+        "loop": [loop],
+    }
+    return orders[mode]
+
+
+def _looped(
+    loop_products: Callable[..., Callable[[torch.Tensor], torch.Tensor]],
+) -> Callable[..., torch.Tensor]:
+    """``(*problem, V) -> loop_products(*problem)(V)``: a loop route as a block product."""
+    return lambda *args: loop_products(*args[:-1])(args[-1])
+
+
+def _hvp_route(
+    mode: str, differentiable: bool, device: torch.device, compile: bool = False
+) -> FallbackChain | FastestRoute:
+    """The HVP of ``mode``, called as ``route(fn, theta, V)``."""
+    forward = (FORWARD_HVP, hvp_forward_over_reverse)
+    reverse = (REVERSE_HVP, hvp_reverse_over_reverse)
+    products = functools.partial(double_backward_products, differentiable=differentiable)
+    if not compile:
+        return _route("hessian", mode, forward, reverse, LOOP_HVP, products, device)
+    if mode == "loop":
+        raise ValueError("compile=True compiles a vectorized HVP; mode='loop' has none")
+    # Compiled once per kernel and reused: dynamo guards on the code and the tensor
+    # metadata of what the objective captures, not on the closure object itself. The
+    # compiled product is what the user asked for, so it is not raced against the loop.
+    chain = _ordered(mode, forward, reverse, (LOOP_HVP, _looped(products)))
+    name, kernel = chain[0]
+    return FallbackChain([(f"torch.compile'd {name}", torch.compile(kernel)), *chain], "hessian")
+
+
+def _ggn_route(
+    mode: str, differentiable: bool, device: torch.device
+) -> FallbackChain | FastestRoute:
+    """The GGN product of ``mode``, called as ``route(output_fn, loss_of_outputs, theta, V)``."""
+    forward = (FORWARD_GGN, functools.partial(ggn_vectorized, jvp_block=_jvp_block))
+    reverse = (REVERSE_GGN, functools.partial(ggn_vectorized, jvp_block=_jvp_block_by_double_vjp))
+    products = functools.partial(gauss_newton_products, differentiable=differentiable)
+    return _route("ggn", mode, forward, reverse, LOOP_GGN, products, device)
+
+
+def ggn_vectorized(
+    output_fn: Callable,
+    loss_of_outputs: Callable,
+    theta: torch.Tensor,
+    V: torch.Tensor,
+    jvp_block: Callable[[Callable, torch.Tensor, torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    """J^T H_loss J V in three vmapped passes: J V (``jvp_block``), H_loss, J^T."""
+    outputs, pullback = _vjp(output_fn, theta)
+    JV = jvp_block(output_fn, theta, V)  # (k, *outputs.shape)
+    # H_loss u by reverse-over-reverse in output space: cheap there, and it avoids
+    # losses whose forward-over-reverse torch lacks (mse_loss raises on ZeroTensors)
+    _, loss_pullback = _vjp(grad(loss_of_outputs), outputs)
+    HJV = vmap(lambda u: loss_pullback(u)[0])(JV)
+    return vmap(lambda w: pullback(w)[0], in_dims=0, out_dims=1)(HJV)
 
 
 def _jvp_block(fn: Callable, theta: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
@@ -263,6 +465,9 @@ class _NetworkProblem:
     def output_fn(self, inputs: Any) -> Callable[[torch.Tensor], torch.Tensor]:
         return lambda theta: self.apply(self.layout.unflatten(theta), inputs)
 
+    def loss_of_outputs(self, targets: Any) -> Callable[[torch.Tensor], torch.Tensor]:
+        return lambda outputs: self.loss_fn(outputs, targets)
+
     def loss_term(self, inputs: Any, targets: Any) -> Callable[[torch.Tensor], torch.Tensor]:
         return lambda theta: self.loss_fn(self.apply(self.layout.unflatten(theta), inputs), targets)
 
@@ -296,7 +501,7 @@ class TorchHessian(_TorchOperator):
         mode: str = "auto",
         compile: bool = False,
     ) -> None:
-        check_mode(mode)
+        check_mode(mode, CURVATURE_MODES)
         self.differentiable = bool(differentiable)
         if network is None:
             assert f is not None
@@ -311,13 +516,19 @@ class TorchHessian(_TorchOperator):
                 for weight, inputs, targets in network.batch_terms()
             )
         self.theta = theta if self.differentiable else theta.detach()
-        self._hvp = _hvp_chain(mode, self.differentiable, compile)
+        self._hvp = _hvp_route(mode, self.differentiable, layout.device, compile)
         self._setup(layout, layout.size, ("symmetric",))
 
     @property
     def mode(self) -> str:
-        """The HVP in use: forward-over-reverse until a fallback was needed."""
+        """The HVP in use: under ``"auto"`` forward-over-reverse until a fallback was
+        needed or the loop was timed faster (see :attr:`route_timing`)."""
         return self._hvp.mode
+
+    @property
+    def route_timing(self) -> RouteTiming | None:
+        """What ``mode="auto"`` measured when it chose its route (None before, or if untimed)."""
+        return getattr(self._hvp, "timing", None)
 
     def _matmat(self, X: torch.Tensor) -> torch.Tensor:
         V = self._in_own_dtype(X)
@@ -337,35 +548,39 @@ class TorchHessian(_TorchOperator):
 class TorchGGN(_TorchOperator):
     """Generalized Gauss-Newton matrix J^T H_loss J of a network's loss over data."""
 
-    def __init__(self, network: _NetworkProblem, *, differentiable: bool = False) -> None:
+    def __init__(
+        self, network: _NetworkProblem, *, differentiable: bool = False, mode: str = "auto"
+    ) -> None:
+        check_mode(mode, CURVATURE_MODES)
         self.network = network
         self.differentiable = bool(differentiable)
         self.theta = network.theta
-        self._jvp = _jvp_chain("ggn")
+        self._product = _ggn_route(mode, self.differentiable, network.layout.device)
         self._setup(network.layout, network.layout.size, ("symmetric", "positive_semidefinite"))
 
-    def _block(self, weight: float, inputs: Any, targets: Any, V: torch.Tensor) -> torch.Tensor:
-        output_fn = self.network.output_fn(inputs)
-        loss_fn = self.network.loss_fn
-        outputs, pullback = _vjp(output_fn, self.theta)
-        JV = self._jvp(output_fn, self.theta, V)  # (k, *outputs.shape)
+    @property
+    def mode(self) -> str:
+        """The product in use: under ``"auto"`` forward-mode JVPs until a fallback was
+        needed or the loop was timed faster (see :attr:`route_timing`)."""
+        return self._product.mode
 
-        # H_loss u by reverse-over-reverse in output space: cheap there, and it avoids
-        # losses whose forward-over-reverse torch lacks (mse_loss raises on ZeroTensors)
-        def loss_of_outputs(out: torch.Tensor) -> torch.Tensor:
-            return loss_fn(out, targets)
-
-        _, loss_pullback = _vjp(grad(loss_of_outputs), outputs)
-        HJV = vmap(lambda u: loss_pullback(u)[0])(JV)
-        GV = vmap(lambda w: pullback(w)[0], in_dims=0, out_dims=1)(HJV)
-        return GV if weight == 1.0 else weight * GV
+    @property
+    def route_timing(self) -> RouteTiming | None:
+        """What ``mode="auto"`` measured when it chose its route (None before, or if untimed)."""
+        return getattr(self._product, "timing", None)
 
     def _matmat(self, X: torch.Tensor) -> torch.Tensor:
         V = self._in_own_dtype(X)
         out = None
         with _no_grad_unless(self.differentiable):
             for weight, inputs, targets in self.network.batch_terms():
-                product = self._block(weight, inputs, targets, V)
+                product = self._product(
+                    self.network.output_fn(inputs),
+                    self.network.loss_of_outputs(targets),
+                    self.theta,
+                    V,
+                )
+                product = product if weight == 1.0 else weight * product
                 out = product if out is None else out + product
         assert out is not None
         return out.to(X.dtype)

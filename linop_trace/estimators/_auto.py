@@ -55,38 +55,35 @@ def _method(name: str) -> Any:
     return builtin(name)
 
 
-__all__ = ["Auto", "predicted_variances"]
+__all__ = ["Auto", "predict_variances"]
 
 #: Probes XDiag accepts (unit modulus); with others the diagonal goes to Diag++.
 XDIAG_PROBES = ("rademacher", "steinhaus")
 
 
-def predicted_variances(probes: Any, images: Any, num_matvecs: int, xp: Any) -> tuple[float, float]:
+def predict_variances(
+    probes: Any, images: Any, num_matvecs: int, xp: Any
+) -> tuple[float, float, Any, Any]:
     """Predicted variances of Hutchinson (all ``num_matvecs`` columns as probes) and of
-    XTrace (``probes.shape[1]`` probes) from the first products ``images = A @ probes``.
+    XTrace (``probes.shape[1]`` probes) from the first products ``images = A @ probes``,
+    and XTrace's basis Q of range(images) with its downdate directions (so that XTrace, if
+    chosen, does not compute them again).
 
-    Pure linear algebra, no operator. Returns ``(hutchinson, xtrace)`` as floats (read on
-    the host: the choice is made there; NaN when the products have no value, e.g. JAX
-    tracers under ``jit``).
+    Pure linear algebra, no operator. The two variances are read on the host (the choice
+    is made there; one read), NaN when the products have no value (JAX tracers under
+    ``jit``).
 
     Examples
     --------
     >>> import numpy as np
-    >>> from linop_trace.estimators._auto import predicted_variances
+    >>> from linop_trace.estimators._auto import predict_variances
     >>> rng = np.random.default_rng(0)
     >>> U = rng.standard_normal((50, 3))
     >>> probes = rng.standard_normal((50, 6))
-    >>> hutch, xtrace = predicted_variances(probes, U @ (U.T @ probes), 12, np)
+    >>> hutch, xtrace, _, _ = predict_variances(probes, U @ (U.T @ probes), 12, np)
     >>> bool(xtrace < hutch)  # rank 3 < 6 probes: the sketch captures A
     True
     """
-    hutch, xtrace, _, _ = _predict(probes, images, num_matvecs, xp)
-    return hutch, xtrace
-
-
-def _predict(probes: Any, images: Any, num_matvecs: int, xp: Any) -> tuple[float, float, Any, Any]:
-    """:func:`predicted_variances` plus XTrace's basis Q of range(images) and its downdate
-    directions, so that XTrace, if chosen, does not compute them again."""
     n, s = probes.shape
     samples = column_inner(probes, images, xp)
     mean = xp.mean(samples)
@@ -194,7 +191,7 @@ class Auto(Estimator):
         s = max(2, min(budget // 2, request.n))
         probes = request.probes.independent(s)
         images = request.matmat(probes)
-        hutch_var, xtrace_var, basis, directions = _predict(probes, images, budget, xp)
+        hutch_var, xtrace_var, basis, directions = predict_variances(probes, images, budget, xp)
         choice = {"hutchinson_variance": hutch_var, "xtrace_variance": xtrace_var}
         if xtrace_var < hutch_var:  # False for NaN (no values to compare): Hutchinson
             return _method("xtrace").finish_trace(

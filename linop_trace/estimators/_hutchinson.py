@@ -61,13 +61,14 @@ def diagonal_hutchinson_samples(
 
 
 def diagonal_hutchinson_core(
-    matmat: Matmat, probes: Any, xp: Any, unit_modulus: bool = False
-) -> tuple[Any, Any]:
-    """Bekas et al.'s diagonal estimate and its entrywise standard error from ``probes``."""
-    sums = RatioSums(xp)
+    matmat: Matmat, probes: Any, xp: Any, unit_modulus: bool = False, sums: RatioSums | None = None
+) -> RatioSums:
+    """Bekas et al.'s diagonal estimator from the probe block ``probes`` (one product):
+    its running sums (``sums``, continued, or new), whose ``estimate()`` is the diagonal
+    estimate, its entrywise standard error and the number of probes."""
+    sums = RatioSums(xp) if sums is None else sums
     sums.add(*diagonal_hutchinson_samples(matmat, probes, xp, unit_modulus))
-    value, stderr, _ = sums.estimate()
-    return value, stderr
+    return sums
 
 
 class Hutchinson(Estimator):
@@ -122,7 +123,12 @@ class Hutchinson(Estimator):
         tolerance."""
         xp = request.xp
         have = sum(int(block.shape[0]) for block in samples)
-        for width in request.blocks(max(request.num_matvecs - have, 0)):
+        widths = request.blocks(max(request.num_matvecs - have, 0))
+        if not samples and len(widths) == 1 and not request.adaptive:  # one block: the core
+            result = hutchinson_core(request.matmat, request.probes(widths[0]), xp)
+            info = {"probe": request.probes.kind, **(info or {})}
+            return result.estimate(request.columns, self.name, None, info)
+        for width in widths:
             samples.append(hutchinson_samples(request.matmat, request.probes(width), xp))
         converged = None
         if request.adaptive:
@@ -167,8 +173,7 @@ class Hutchinson(Estimator):
         sums = RatioSums(xp)
 
         def draw(width: int) -> None:
-            probes = request.probes(width)
-            sums.add(*diagonal_hutchinson_samples(request.matmat, probes, xp, unit_modulus))
+            diagonal_hutchinson_core(request.matmat, request.probes(width), xp, unit_modulus, sums)
 
         for width in request.blocks(request.num_matvecs):
             draw(width)

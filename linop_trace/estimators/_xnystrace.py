@@ -355,14 +355,22 @@ class XNysTrace(Estimator):
     def trace(self, request: EstimationRequest) -> Estimate:
         m = min(request.num_matvecs, request.n)
         probes = request.probes.independent(m)
-        return self.finish_trace(request, probes, request.matmat(probes))
+        improved = request.probes.rotation_invariant
+        return self._estimate(request, xnystrace_core(request.matmat, probes, request.xp, improved))
 
     def finish_trace(
         self, request: EstimationRequest, probes: Any, images: Any, info: dict | None = None
     ) -> Estimate:
         """The estimate from probes already multiplied (``images = A @ probes``)."""
         improved = request.probes.rotation_invariant
-        result = xnystrace_estimates(probes, images, request.xp, improved)
+        return self._estimate(
+            request, xnystrace_estimates(probes, images, request.xp, improved), info
+        )
+
+    def _estimate(
+        self, request: EstimationRequest, result: XNysTraceResult, info: dict | None = None
+    ) -> Estimate:
+        improved = request.probes.rotation_invariant
         info = {
             "probe": request.probes.kind,
             "normalization": "improved" if improved else "plain",

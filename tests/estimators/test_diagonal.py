@@ -85,7 +85,8 @@ def test_bekas_core_matches_naive_reference(probe):
         "gaussian": rng.standard_normal((30, 9)),
         "steinhaus": np.exp(2j * np.pi * rng.random((30, 9))),
     }[probe]
-    value, stderr = diagonal_hutchinson_core(lambda X: A @ X, Z, npx)
+    value, stderr, count = diagonal_hutchinson_core(lambda X: A @ X, Z, npx).estimate()
+    assert count == 9
     np.testing.assert_allclose(value, naive_bekas(A, Z), rtol=1e-12, atol=1e-12)
     # delta-method standard error of a ratio of means, written out
     ratio = naive_bekas(A, Z)
@@ -95,7 +96,9 @@ def test_bekas_core_matches_naive_reference(probe):
     if probe != "gaussian":  # |z| = 1: the shortcut without denominators agrees
         y1, x1 = diagonal_hutchinson_samples(lambda X: A @ X, Z, npx, unit_modulus=True)
         assert x1 is None
-        value1, stderr1 = diagonal_hutchinson_core(lambda X: A @ X, Z, npx, unit_modulus=True)
+        value1, stderr1, _ = diagonal_hutchinson_core(
+            lambda X: A @ X, Z, npx, unit_modulus=True
+        ).estimate()
         np.testing.assert_allclose(value1, value, rtol=1e-12, atol=1e-13)
         np.testing.assert_allclose(stderr1, stderr, rtol=1e-10)
 
@@ -111,7 +114,7 @@ def test_ratio_sums_over_blocks_equal_one_pass(probe):
         "steinhaus": np.exp(2j * np.pi * rng.random((30, 23))),
     }[probe]
     unit = probe != "gaussian"
-    whole = diagonal_hutchinson_core(lambda X: A @ X, Z, npx, unit_modulus=unit)
+    whole = diagonal_hutchinson_core(lambda X: A @ X, Z, npx, unit_modulus=unit).estimate()
     sums = RatioSums(npx)
     for start, stop in ((0, 3), (3, 4), (4, 15), (15, 23)):
         sums.add(*diagonal_hutchinson_samples(lambda X: A @ X, Z[:, start:stop], npx, unit))
