@@ -426,3 +426,36 @@ def test_gradient_of_exact_hessian_trace_matches_closed_form():
 
     assert_close(hessian_trace(x), 12 * jnp.sum(x**2))
     assert_close(jax.grad(hessian_trace)(x), 24 * x)
+
+
+def test_hessian_estimate_is_one_compiled_program_for_every_point():
+    """A Hessian's point (or a network's parameters and data) is an argument of the
+    compiled estimate: a Hessian at a new point reuses it, and it runs under the transfer
+    guard (no Python number shipped to the device, no read on the host)."""
+    from linop_trace import _backend, _functions
+
+    def f(x):
+        return jnp.sum(jnp.sin(x["a"]) * x["b"][0]) + jnp.sum(x["a"] ** 4)
+
+    def point(shift):
+        return {"a": jnp.arange(1.0, 41.0) / 40 + shift, "b": jnp.ones(3)}
+
+    H = lt.hessian(f, point(0.0))
+    assert H.compilable()
+    key = jax.random.key(0)
+    first = lt.trace(H, method="hutchinson", num_matvecs=20, seed=key)
+    program = _backend.compiled(_functions._compiled_run, num_static=4)
+    size = program._cache_size()
+    for shift in (0.1, 0.2):
+        other = lt.hessian(f, point(shift))
+        with jax.transfer_guard("disallow"):
+            estimate = lt.trace(other, method="hutchinson", num_matvecs=20, seed=key)
+        exact = jnp.trace(jax.hessian(lambda v: f(other.unflatten(v)))(other.flatten(point(shift))))
+        assert abs(float(estimate) - float(exact)) <= 6 * float(estimate.stderr)
+    assert program._cache_size() == size
+    assert float(first) != float(estimate)  # a new point, the same probes, another value
+
+
+def test_autodiff_block_size_allows_for_the_products_workspace():
+    H = lt.hessian(lambda x: jnp.sum(x**4), jnp.ones(30))
+    assert H.bytes_per_column() == H.COLUMN_FACTOR * 2 * 30 * 8

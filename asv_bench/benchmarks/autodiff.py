@@ -16,9 +16,14 @@ block V of 100 Rademacher columns, as in a 100-matvec trace estimate.
 * ``Divergence``: per-sample Jacobian traces of a batched flow field (CNF case).
 * ``TrackHessianSpeedRatios``: the issue's speed claims as ratios, all products timed
   side by side, interleaved, in one process (medians of 20 rounds).
+* ``TrackAutoRoute``: ``mode="auto"`` (which times the vectorized product against a loop
+  of single products on its first block and keeps the faster) against the faster of the
+  two, for the Hessian and the GGN of the digits MLP and of a wide MLP (784-256-256-10,
+  ReLU, 269,322 parameters, 512 random samples), where the loop wins on a CPU.
 
 Skipped (``NotImplementedError``) where torch or JAX is missing. Run
-``python -m benchmarks.autodiff`` from ``asv_bench/`` to print the ratios directly.
+``python -m benchmarks.autodiff`` from ``asv_bench/`` to print the ratios directly
+(``--routes`` for those of ``TrackAutoRoute``).
 """
 
 from __future__ import annotations
@@ -33,6 +38,8 @@ import numpy as np
 
 NUM_COLUMNS = 100
 BATCH_SIZE = 256
+WIDE_LAYERS = (784, 256, 256, 10)
+WIDE_BATCH_SIZE = 512
 
 TORCH_IMPLEMENTATIONS = [
     "dense",
@@ -230,6 +237,101 @@ def measure_ratios(rounds: int = 20, compiled: bool = True) -> dict[str, float]:
     return results
 
 
+def wide_mlp_problem(seed: int = 0) -> tuple[Any, Any, tuple[Any, Any]]:
+    """``(model, loss_fn, (X, y))``: a 784-256-256-10 ReLU MLP (269,322 parameters),
+    cross-entropy, 512 standard normal inputs with random labels, float32."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        layers: list[Any] = []
+        for fan_in, fan_out in zip(WIDE_LAYERS[:-1], WIDE_LAYERS[1:]):
+            layers += [torch.nn.Linear(fan_in, fan_out), torch.nn.ReLU()]
+        model = torch.nn.Sequential(*layers[:-1])
+    X = torch.randn(WIDE_BATCH_SIZE, WIDE_LAYERS[0], generator=generator)
+    y = torch.randint(0, WIDE_LAYERS[-1], (WIDE_BATCH_SIZE,), generator=generator)
+    return model, torch.nn.CrossEntropyLoss(), (X, y)
+
+
+def route_products(operator: str, mlp: str) -> tuple[dict[str, Callable[[], Any]], Any]:
+    """H @ V (or G @ V), 100 columns, by the loop, the vectorized product and ``"auto"``,
+    and the ``"auto"`` operator.
+
+    ``"auto"`` is one operator, timed on its first call (the warm-up of the measurement)
+    and on its chosen route from then on; ``"auto first block"`` builds a new operator for
+    every call, so each call is the timed block itself.
+    """
+    import torch
+
+    import linop_trace
+    from linop_trace.autodiff._examples import digits_mlp_problem
+
+    torch.set_num_threads(1)
+    if mlp == "wide":
+        model, loss_fn, data = wide_mlp_problem()
+    else:
+        model, loss_fn, data = digits_mlp_problem(BATCH_SIZE, seed=0, dtype=torch.float32)
+    build = linop_trace.hessian if operator == "hessian" else linop_trace.ggn
+    loop = build(model, loss_fn, data, mode="loop")
+    vectorized = build(model, loss_fn, data, mode="forward")
+    auto = build(model, loss_fn, data, mode="auto")
+    V = torch.from_numpy(_rademacher_block(loop.shape[1]))
+    products = {
+        "loop": lambda: loop @ V,
+        "vectorized": lambda: vectorized @ V,
+        "auto": lambda: auto @ V,
+        "auto first block": lambda: build(model, loss_fn, data, mode="auto") @ V,
+    }
+    return products, auto
+
+
+def _interleaved_best(
+    implementations: dict[str, Callable[[], Any]], rounds: int = 5
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Best wall and best thread-CPU seconds of each call over ``rounds`` round-robin
+    rounds, after one warm-up. The rounds alternate the order and its reverse, so that no
+    call always follows the same one (on the digits MLP, a product right after the loop
+    took up to 30% longer than after another product). With one torch thread the CPU
+    time of this thread is the products' own work, which other processes on a loaded
+    machine inflate less than the wall time."""
+    for run in implementations.values():
+        run()
+    names = list(implementations)
+    wall: dict[str, list[float]] = {name: [] for name in names}
+    cpu: dict[str, list[float]] = {name: [] for name in names}
+    for round_index in range(rounds):
+        for name in names if round_index % 2 == 0 else names[::-1]:
+            run = implementations[name]
+            start, start_cpu = time.perf_counter(), time.thread_time()
+            run()
+            wall[name].append(time.perf_counter() - start)
+            cpu[name].append(time.thread_time() - start_cpu)
+    return (
+        {name: min(values) for name, values in wall.items()},
+        {name: min(values) for name, values in cpu.items()},
+    )
+
+
+def measure_route_ratios(rounds: int = 5) -> dict[str, dict[str, Any]]:
+    """For each operator and MLP: ms of each route, ``auto``'s choice and its ratios
+    (wall time; "[cpu]": CPU time of this thread)."""
+    _pin_threads()
+    results: dict[str, dict[str, Any]] = {}
+    for operator in ("hessian", "ggn"):
+        for mlp in ("digits", "wide"):
+            products, auto = route_products(operator, mlp)
+            wall, cpu = _interleaved_best(products, rounds)
+            case: dict[str, Any] = {f"{name} [ms]": 1e3 * seconds for name, seconds in wall.items()}
+            case["auto chose"] = auto.mode
+            for label, best in (("", wall), (" [cpu]", cpu)):
+                faster = min(best["loop"], best["vectorized"])
+                case[f"auto / faster{label}"] = best["auto"] / faster
+                case[f"auto first block / faster{label}"] = best["auto first block"] / faster
+            results[f"{operator} {mlp}"] = case
+    return results
+
+
 # --------------------------------------------------------------------- benchmarks
 
 
@@ -369,9 +471,48 @@ class TrackHessianSpeedRatios:
         return self._get(ratios, "ours reverse / ours forward (torch)")
 
 
+class TrackAutoRoute:
+    """mode="auto" over the faster of its routes (loop of single products, vectorized),
+    H @ V and G @ V with 100 columns, best of 5 interleaved rounds, one thread (the
+    issue's target: <= 1.1). ``first_block``: a new operator's first product, the block it
+    times both routes on (in a process where both have run before), over the same faster
+    route. ``cpu_time``: the same ratio in CPU time of the benchmark's one thread, which
+    other processes on a shared machine do not inflate."""
+
+    params = [["hessian", "ggn"], ["digits", "wide"]]
+    param_names = ["operator", "mlp"]
+    unit = "ratio"
+    timeout = 1800
+
+    def setup_cache(self) -> dict[str, dict[str, Any]]:
+        if importlib.util.find_spec("torch") is None:
+            return {}
+        return measure_route_ratios(rounds=5)
+
+    def _get(self, results: dict[str, dict[str, Any]], key: str, operator: str, mlp: str) -> float:
+        if not results:
+            raise NotImplementedError("torch is not installed")
+        return float(results[f"{operator} {mlp}"][key])
+
+    def track_auto_over_faster(self, results: dict, operator: str, mlp: str) -> float:
+        return self._get(results, "auto / faster", operator, mlp)
+
+    def track_first_block_over_faster(self, results: dict, operator: str, mlp: str) -> float:
+        return self._get(results, "auto first block / faster", operator, mlp)
+
+    def track_auto_over_faster_cpu_time(self, results: dict, operator: str, mlp: str) -> float:
+        return self._get(results, "auto / faster [cpu]", operator, mlp)
+
+
 if __name__ == "__main__":  # pragma: no cover - manual measurement
     import sys
 
+    if "--routes" in sys.argv:
+        for case, numbers in measure_route_ratios().items():
+            print(case)
+            for key, value in numbers.items():
+                print(f"    {key:30s} {value if isinstance(value, str) else f'{value:10.3f}'}")
+        sys.exit()
     compiled = "--no-compile" not in sys.argv
     for key, value in measure_ratios(rounds=20, compiled=compiled).items():
         print(f"{key:45s} {value:8.3f}")

@@ -40,12 +40,22 @@ class AutodiffOperator(LinearOperator):
     [4.0]
     """
 
-    _flatten_fn: Callable[[Any], Any]
-    _unflatten_fn: Callable[[Any], Any]
+    #: Moves between the user's structure and the vector (``flatten``, ``unflatten``).
+    layout: Any
+
+    #: Memory per column of a block product, in units of the column: forward-over-reverse
+    #: products hold the tangents of the parameters and of the activations for every
+    #: column at once (a heuristic; block sizes divide the device's free memory by it).
+    COLUMN_FACTOR = 8
+
+    def bytes_per_column(self) -> int:
+        from .._blocks import itemsize
+
+        return self.COLUMN_FACTOR * (self.shape[0] + self.shape[1]) * itemsize(self.xp, self.dtype)
 
     def flatten(self, structure: Any) -> Any:
         """The vector (length ``shape[1]``) holding the leaves of ``structure`` in order."""
-        return self._flatten_fn(structure)
+        return self.layout.flatten(structure)
 
     def unflatten(self, vector: Any) -> Any:
         """The structure of the variables, filled from a vector of length ``shape[1]``."""
@@ -54,7 +64,7 @@ class AutodiffOperator(LinearOperator):
                 f"unflatten expects a vector of length {self.shape[1]}, "
                 f"got shape {tuple(getattr(vector, 'shape', ()))}"
             )
-        return self._unflatten_fn(vector)
+        return self.layout.unflatten(vector)
 
 
 #: The product routes (by name) that have completed a call in this process. A route's
@@ -76,6 +86,19 @@ class FallbackChain:
         self.implementations = implementations
         self.what = what
         self.index = 0
+
+    # Chains of the same implementations compare equal (the compiled programs are cached
+    # per user function), so that under JAX one compiled estimate serves every operator
+    # built from the same function. The index is not part of it: it only moves forward,
+    # and a program traced after a fallback has the fallback in it.
+    def _key(self) -> tuple[Any, ...]:
+        return (self.what, tuple(id(impl) for _, impl in self.implementations))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, FallbackChain) and self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
 
     @property
     def mode(self) -> str:

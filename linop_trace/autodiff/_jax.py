@@ -230,6 +230,17 @@ class _Layout:
             device = None
         self.device = jax.devices()[0] if device is None else device
 
+    # Layouts of one structure compare equal (``theta`` is data, not structure), so that
+    # operators at new points share a compiled estimate.
+    def _key(self) -> tuple[Any, ...]:
+        return (self.treedef, tuple(self.shapes), self.dtype, self.what, str(self.device))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Layout) and self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
     def flatten(self, structure: Any) -> Any:
         leaves, treedef = jax.tree_util.tree_flatten(structure)
         if treedef != self.treedef:  # type: ignore[operator]
@@ -280,6 +291,24 @@ class _NetworkProblem:
         batch_weights(sizes, self.reduction)  # validates: some batches, some samples
         self.num_samples = sum(sizes)
 
+    @property
+    def materialized(self) -> bool:
+        """Whether the batches are a list or tuple (then they can be a compiled program's
+        arguments; a data loader is iterated on every product instead)."""
+        return isinstance(self.batches, (list, tuple))
+
+    def _tree_flatten(self) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+        static = (self.apply_fn, self.loss_fn, self.layout, self.reduction, self.num_samples)
+        return (self.params, list(self.batches)), static
+
+    @classmethod
+    def _tree_unflatten(cls, static: tuple[Any, ...], children: tuple[Any, ...]) -> Any:
+        problem = cls.__new__(cls)
+        problem.apply_fn, problem.loss_fn, problem.layout, problem.reduction = static[:4]
+        problem.num_samples = static[4]
+        problem.params, problem.batches = children
+        return problem
+
     def batch_terms(self) -> Any:
         """``(weight, inputs, targets)`` per batch; weights from each batch's own size."""
         for index, batch in enumerate(self.batches):
@@ -291,13 +320,24 @@ class _NetworkProblem:
 # ----------------------------------------------------------------------- operators
 
 
+backend.register_pytree(
+    _NetworkProblem, _NetworkProblem._tree_flatten, _NetworkProblem._tree_unflatten
+)
+
+
 class _JaxOperator(AutodiffOperator):
+    # the point x (or the network's parameters and data) is the data of the operator:
+    # under JAX it is an argument of a compiled estimate, which serves every point
+    _data_fields: tuple[str, ...] | None = ("x",)
+
+    def compilable(self) -> bool:
+        network = vars(self).get("network")
+        return super().compilable() and (network is None or network.materialized)
+
     def _setup(self, layout: _Layout, rows: int, tags: tuple[str, ...]) -> None:
         xp = backend.array_namespace(layout.theta)
         super().__init__((rows, layout.size), layout.dtype, xp, layout.device, tags)
         self.layout = layout
-        self._flatten_fn = layout.flatten
-        self._unflatten_fn = layout.unflatten
 
     def _in_own_dtype(self, X: Any) -> Any:
         return X if X.dtype == self.dtype else X.astype(self.dtype)
@@ -324,13 +364,15 @@ class JaxHessian(_JaxOperator):
     ) -> None:
         check_mode(mode, CURVATURE_MODES)
         self.network = network
+        self.x = x
+        if network is not None:
+            self._data_fields = ("network",)
         if network is None:
             assert f is not None
             layout = _Layout(x, "`x`")
             shape = jnp.shape(jax.eval_shape(f, x))
             if shape not in ((), (1,)):
                 raise ValueError(f"the function must return a scalar, got shape {shape}")
-            self.x = x
             self._hvp = _curvature_chain(
                 lambda m, loop: _program(_function_hvp_builder, f, m, loop),
                 mode,
@@ -374,6 +416,7 @@ class JaxGGN(_JaxOperator):
     def __init__(self, network: _NetworkProblem, *, mode: str = "auto") -> None:
         check_mode(mode, CURVATURE_MODES)
         self.network = network
+        self._data_fields = ("network",)
         self._product = _curvature_chain(
             lambda m, loop: _program(
                 _network_ggn_builder, network.apply_fn, network.loss_fn, m, loop

@@ -481,8 +481,6 @@ class _TorchOperator(AutodiffOperator):
 
         super().__init__((rows, layout.size), layout.dtype, xp, layout.device, tags)
         self.layout = layout
-        self._flatten_fn = layout.flatten
-        self._unflatten_fn = layout.unflatten
 
     def _in_own_dtype(self, X: torch.Tensor) -> torch.Tensor:
         return X if X.dtype == self.dtype else X.to(self.dtype)
