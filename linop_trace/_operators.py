@@ -77,7 +77,7 @@ class LinearOperator:
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        if cls.__dict__.get("_data_fields") is not None:
+        if getattr(cls, "_data_fields", None) is not None:  # its own, or inherited
             backend.register_pytree(cls, _flatten_operator, _unflatten_operator)
 
     def __init__(
