@@ -286,7 +286,19 @@ def sparse_rows() -> None:
                 n=n,
                 ratio=seconds / product,
                 product_seconds=product,
+                hutchinson_seconds=seconds,
             )
+            if name == "cupyx-csr":  # does the block's memory order decide the product's time?
+                import cupy
+
+                for order in ("C", "F"):
+                    block = cupy.asarray(Z, order=order)
+                    emit(
+                        kind="sparse_product_order",
+                        library=name,
+                        order=order,
+                        seconds=best(lambda b=block, c=matrix: c @ b, wait),
+                    )
         except Exception as error:
             emit(kind="error", library=name, what="sparse", error=repr(error))
 
@@ -345,6 +357,8 @@ def print_tables() -> None:
             print(
                 f"{r['kind']} {r['library']} {r.get('method', '')}: {r['ratio']:.2f} x the product"
             )
+        if r["kind"] == "sparse_product_order":
+            print(f"cupyx CSR @ {r['order']}-ordered block: {1e3 * r['seconds']:.2f} ms")
         if r["kind"] == "error":
             print("error:", r)
 

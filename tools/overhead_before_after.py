@@ -69,6 +69,41 @@ def call_pattern(package: Any, operator: Any, quantity: str, method: Any) -> lis
     return calls
 
 
+def _interleaved(
+    backend: Any,
+    quantity: str,
+    ops: dict[str, Any],
+    methods: dict[str, Any],
+    before: Any,
+    after: Any,
+    blocks: list[tuple[str, Any]],
+    args: argparse.Namespace,
+) -> dict[str, list[float]]:
+    """Times of the floor, the earlier and the current estimate, interleaved."""
+
+    def floor() -> None:
+        for kind, block in blocks:
+            backend.sync(getattr(ops["after"], kind)(block))
+
+    def run(label: str) -> None:
+        package = after if label == "after" else before
+        estimate = getattr(package, quantity)(
+            ops[label], method=methods[label], num_matvecs=NUM_MATVECS, seed=0
+        )
+        backend.sync(estimate.value)
+
+    times: dict[str, list[float]] = {"floor": [], "before": [], "after": []}
+    calls = {"floor": floor, "before": lambda: run("before"), "after": lambda: run("after")}
+    for function in calls.values():  # warm up (JAX compiles)
+        function()
+    for _ in range(args.repeats):
+        for label, function in calls.items():
+            start = time.perf_counter()
+            function()
+            times[label].append(time.perf_counter() - start)
+    return times
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--before", required=True)
@@ -100,26 +135,7 @@ def main() -> None:
                 (kind, after.rademacher(ops["after"], width, seed=1)) for kind, width in pattern
             ]
 
-            def floor() -> None:
-                for kind, block in blocks:
-                    backend.sync(getattr(ops["after"], kind)(block))
-
-            def run(label: str) -> None:
-                package = after if label == "after" else before
-                estimate = getattr(package, quantity)(
-                    ops[label], method=methods[label], num_matvecs=NUM_MATVECS, seed=0
-                )
-                backend.sync(estimate.value)
-
-            times: dict[str, list[float]] = {"floor": [], "before": [], "after": []}
-            calls = {"floor": floor, "before": lambda: run("before"), "after": lambda: run("after")}
-            for function in calls.values():  # warm up (JAX compiles)
-                function()
-            for _ in range(args.repeats):
-                for label, function in calls.items():
-                    start = time.perf_counter()
-                    function()
-                    times[label].append(time.perf_counter() - start)
+            times = _interleaved(backend, quantity, ops, methods, before, after, blocks, args)
             base = min(times["floor"])
             print(
                 f"{case:30s} {backend_name:8s} {min(times['before']) / base:7.3f} "
