@@ -9,6 +9,7 @@ is already in the user's hands, so ``import linop_trace`` never imports them.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import sys
@@ -217,7 +218,13 @@ def jit(xp: Any, function: Callable[..., Any], num_static: int = 1) -> Callable[
 
         ensure_pytrees()
         static = tuple(range(num_static))
-        compiled = _JITTED[function] = jax.jit(function, static_argnums=static)
+
+        @functools.wraps(function)
+        def precise(*args: Any) -> Any:
+            with jax.default_matmul_precision("highest"):
+                return function(*args)
+
+        compiled = _JITTED[function] = jax.jit(precise, static_argnums=static)
     return compiled
 
 
@@ -491,6 +498,11 @@ class RandomSource:
         if kind == "torch":
             import torch
 
+            if str(self.device).startswith("cuda"):  # three kernels, not a bit unpacking
+                signs = torch.randint(
+                    0, 2, shape, generator=state, device=self.device, dtype=dtype
+                )
+                return signs.mul_(2).sub_(1)
             count = math.prod(shape)
             raw = torch.randint(
                 0, 256, (-(-count // 8),), generator=state, device=self.device, dtype=torch.uint8
@@ -985,19 +997,21 @@ def thin_qr(xp: Any, matrix: Any) -> tuple[Any, Any]:
 
 
 def divide_by_largest(xp: Any, x: Any, axis: int | None = None) -> tuple[Any, Any]:
-    """``(x / size, size)`` with ``size`` = max |x| (over ``axis``, kept real; 1 where it
-    is 0), the size cut from the gradient. Scale-free statistics (variances over their
-    own size, skewness, dofs) then neither overflow nor underflow for entries of 1e160
-    or 1e-160.
+    """``(x / size, size)`` with ``size`` = max |x| (over ``axis``, kept real; the smallest
+    normal number where it is below that, 0 included), the size cut from the gradient.
+    Scale-free statistics (variances over their own size, skewness, dofs) then neither
+    overflow nor underflow for entries of 1e160 or 1e-160. Two operations besides the
+    division (on a GPU every operation is a kernel launch).
 
     >>> import array_api_compat.numpy as xp
     >>> import numpy as np
-    >>> divide_by_largest(xp, np.array([[2.0, -4.0], [0.0, 0.0]]), axis=1)
+    >>> scaled, size = divide_by_largest(xp, np.array([[2.0, -4.0], [0.0, 0.0]]), axis=1)
+    >>> scaled, size[0]
     (array([[ 0.5, -1. ],
-           [ 0. ,  0. ]]), array([4., 1.]))
+           [ 0. ,  0. ]]), np.float64(4.0))
     """
     size = xp.max(xp.abs(stop_gradient(x)), axis=axis)
-    size = xp.where(size > 0, size, xp.ones_like(size))
+    size = xp.clip(size, min=float(xp.finfo(size.dtype).smallest_normal))
     divisor = size if axis is None else xp.expand_dims(size, axis=axis)
     if divisor.dtype != x.dtype:
         divisor = xp.astype(divisor, x.dtype)
@@ -1327,9 +1341,9 @@ _PROGRAMS: dict[Any, Callable[..., Any]] = {}
 
 def compiled(function: Callable[..., Any], num_static: int) -> Callable[..., Any]:
     """``function`` compiled whole by ``jax.jit`` (its first ``num_static`` arguments
-    static), with every matrix product at full precision: on NVIDIA GPUs JAX's default
-    float32 product is TF32, whose 10-bit mantissa made an exact trace 50x less accurate
-    than torch's. Built once per function."""
+    static), with the estimator's own matrix products at full precision (on NVIDIA GPUs
+    JAX's default float32 product is TF32, with a 10-bit mantissa): the operator's products
+    go through :func:`product_precision`, at the caller's. Built once per function."""
     program = _PROGRAMS.get(function)
     if program is None:
         import jax
@@ -1343,3 +1357,23 @@ def compiled(function: Callable[..., Any], num_static: int) -> Callable[..., Any
 
         program = _PROGRAMS[function] = jax.jit(precise, static_argnums=tuple(range(num_static)))
     return program
+
+
+def caller_precision(xp: Any) -> str | None:
+    """The matrix-product precision the caller's own ``A @ Z`` gets (JAX's
+    ``jax_default_matmul_precision``; ``None``: the default, TF32 for float32 on NVIDIA
+    GPUs), so that the operator's products inside an estimate are those of the caller."""
+    if not array_api_compat.is_jax_namespace(xp):
+        return None
+    import jax
+
+    return jax.config.jax_default_matmul_precision  # type: ignore[attr-defined,no-any-return]
+
+
+def product_precision(xp: Any, precision: str | None) -> Any:
+    """A context for an operator product at ``precision`` (JAX; a no-op elsewhere)."""
+    if not array_api_compat.is_jax_namespace(xp):
+        return contextlib.nullcontext()
+    import jax
+
+    return jax.default_matmul_precision(precision)

@@ -13,9 +13,65 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from . import _backend as backend
 
-__all__ = ["DeferredCheck", "Estimate"]
+__all__ = ["DeferredCheck", "Estimate", "edgeworth_quantile", "shape_statistics"]
+
+
+def shape_statistics(samples: Any, xp: Any) -> tuple[Any, Any]:
+    """Unbiased sample skewness G1 and excess kurtosis G2 along the first axis, as arrays
+    (NaN where the samples have no spread); ``(None, None)`` for complex samples or fewer
+    than 4. From a stop-gradient copy: the shape only steers the interval."""
+    m = int(samples.shape[0])
+    if m < 4 or backend.is_complex_dtype(xp, samples.dtype):
+        return None, None
+    samples = backend.stop_gradient(samples)
+    deviation = samples - xp.mean(samples, axis=0)
+    # scaled to max |deviation| = 1 first: G1 and G2 are scale-free, and the powers of
+    # deviations of 1e80 (or 1e-85, or 1e10 in float32) would overflow (underflow)
+    size = xp.max(xp.abs(deviation), axis=0)
+    spread = (size > 0) & xp.isfinite(size)
+    deviation = deviation / xp.where(spread, size, xp.ones_like(size))
+    square = deviation * deviation
+    second = xp.mean(square, axis=0)
+    spread = spread & (second > 0)
+    second = xp.where(spread, second, xp.ones_like(second))
+    g1 = xp.mean(square * deviation, axis=0) / (second * xp.sqrt(second))
+    g2 = xp.mean(square * square, axis=0) / (second * second) - 3
+    skewness = g1 * (math.sqrt(m * (m - 1)) / (m - 2))
+    kurtosis = ((m - 1) / ((m - 2) * (m - 3))) * ((m + 1) * g2 + 6)
+    nan = xp.full_like(second, math.nan)
+    return xp.where(spread, skewness, nan), xp.where(spread, kurtosis, nan)
+
+
+def edgeworth_quantile(t_quantile: Any, level: float, m: int, skewness: Any, kurtosis: Any) -> Any:
+    """Student-t quantile corrected to second order for the samples' shape.
+
+    For the studentized mean T, P(|T| <= x) = 2 Phi(x) - 1 + (2/m) q(x) phi(x) + O(m^-2)
+    with q(x) = x [kurtosis (x^2 - 3) / 12 - skewness^2 (x^4 + 2x^2 - 3) / 18 - (x^2 + 3)/4]
+    (Hall 1992, The Bootstrap and Edgeworth Expansion, Sec. 2.6). The last term is the
+    normal-theory part the t quantile already carries; the shape terms move the quantile
+    by ``-x [...] / m``. Never below the normal quantile. Host numbers (floats or NumPy
+    arrays); a ``None`` or non-finite shape leaves the t quantile as it is.
+
+    Examples
+    --------
+    >>> from linop_trace.estimators._stats import edgeworth_quantile
+    >>> round(edgeworth_quantile(2.0, 0.95, 60, 2.0, 6.0), 4)
+    2.005
+    """
+    if skewness is None or kurtosis is None:
+        return t_quantile
+    from scipy import stats
+
+    z = float(stats.norm.ppf(0.5 + level / 2))
+    skewness, kurtosis = np.asarray(skewness, dtype=float), np.asarray(kurtosis, dtype=float)
+    shape = kurtosis * (z * z - 3) / 12 - skewness**2 * (z**4 + 2 * z * z - 3) / 18
+    corrected = np.maximum(t_quantile - z * shape / m, z)
+    corrected = np.where(np.isfinite(corrected), corrected, t_quantile)
+    return float(corrected) if corrected.ndim == 0 else corrected
 
 
 @dataclass(frozen=True)
@@ -94,8 +150,7 @@ class Estimate:
         dof: Any = None,
         info: dict | None = None,
         *,
-        skewness: Any = None,
-        kurtosis: Any = None,
+        shape_of: Any = None,
         checks: tuple[DeferredCheck, ...] = (),
     ) -> None:
         self._value = value
@@ -105,8 +160,8 @@ class Estimate:
         self.converged = converged
         self._dof = dof
         self.info = {} if info is None else dict(info)
-        self._skewness = skewness
-        self._kurtosis = kurtosis
+        self._shape_of = shape_of
+        self._shape: tuple[Any, Any] | None = None
         self._checks = tuple(checks)
         self._verified = False
         if self._checks and _reads_are_free(value):
@@ -133,13 +188,26 @@ class Estimate:
     def dof(self) -> int | None:
         return _whole_number(self._dof)
 
+    def _sample_shape(self) -> tuple[Any, Any]:
+        """The samples' skewness and kurtosis, computed (on the device) when first asked."""
+        if self._shape is None:
+            samples = self._shape_of
+            if samples is None:
+                self._shape = (None, None)
+            else:
+                self._shape = shape_statistics(samples, backend.array_namespace(samples))
+        return self._shape
+
     @property
     def skewness(self) -> Any:
-        return _host_number(self._skewness)
+        """Skewness of the samples whose mean ``value`` is (``None`` if not such an
+        estimate, fewer than 4 or complex samples, or no spread)."""
+        return _host_number(self._sample_shape()[0])
 
     @property
     def kurtosis(self) -> Any:
-        return _host_number(self._kurtosis)
+        """Excess kurtosis of those samples (``None`` as for :attr:`skewness`)."""
+        return _host_number(self._sample_shape()[1])
 
     def with_checks(self, checks: tuple[DeferredCheck, ...], num_matvecs: int) -> Estimate:
         """The same estimate with more checks and the counted ``num_matvecs`` (used by
@@ -152,8 +220,7 @@ class Estimate:
             self.converged,
             self._dof,
             self.info,
-            skewness=self._skewness,
-            kurtosis=self._kurtosis,
+            shape_of=self._shape_of,
             checks=self._checks + tuple(checks),
         )
 
@@ -178,8 +245,6 @@ class Estimate:
         skewness, kurtosis = self.skewness, self.kurtosis
         if skewness is None or kurtosis is None:
             return base
-        from .estimators._stats import edgeworth_quantile
-
         return edgeworth_quantile(base, level, dof + 1, skewness, kurtosis)
 
     def ci(self, level: float = 0.95) -> tuple[Any, Any]:
@@ -241,8 +306,7 @@ class Estimate:
             self._value,
             self._stderr,
             self._dof if backend.is_array_like(self._dof) else None,
-            self._skewness,
-            self._kurtosis,
+            self._shape_of,
             tuple(arrays.values()),
             tuple((check.failed, check.evidence) for check in self._checks),
         )
@@ -260,7 +324,7 @@ class Estimate:
     @classmethod
     def _tree_unflatten(cls, aux: tuple[Any, ...], children: tuple[Any, ...]) -> Estimate:
         num_matvecs, method, converged, static_dof, array_keys, static, errors = aux
-        value, stderr, dof, skewness, kurtosis, arrays, checks = children
+        value, stderr, dof, shape_of, arrays, checks = children
         info = dict(static.items)
         info.update(zip(array_keys, arrays))
         estimate = cls.__new__(cls)
@@ -268,7 +332,7 @@ class Estimate:
         estimate.num_matvecs, estimate.method, estimate.converged = num_matvecs, method, converged
         estimate._dof = static_dof if dof is None else dof
         estimate.info = info
-        estimate._skewness, estimate._kurtosis = skewness, kurtosis
+        estimate._shape_of, estimate._shape = shape_of, None
         estimate._checks = tuple(
             DeferredCheck(failed, evidence, error)
             for (failed, evidence), error in zip(checks, errors)
@@ -301,7 +365,8 @@ def _reads_are_free(value: Any) -> bool:
 
 
 def _host_number(x: Any) -> Any:
-    """A float (or NumPy array for vectors) of a device scalar, ``None`` for ``None``."""
+    """A float (or NumPy array for vectors) of a device scalar; ``None`` for ``None``, a
+    traced value or a NaN scalar (no shape to correct for)."""
     if x is None:
         return None
     if isinstance(x, (int, float)):
@@ -309,7 +374,8 @@ def _host_number(x: Any) -> Any:
     if backend.is_tracer(x):
         return None
     if getattr(x, "ndim", 0) == 0:
-        return float(backend.stop_gradient(x))
+        number = float(backend.stop_gradient(x))
+        return number if math.isfinite(number) else None
     return backend.to_numpy(backend.stop_gradient(x))
 
 

@@ -33,6 +33,7 @@ class _Settings:
     confidence: float
     max_matvecs: int
     check_finite: bool
+    product_precision: str | None = None
 
     @property
     def adaptive(self) -> bool:
@@ -42,7 +43,9 @@ class _Settings:
         n = operator.shape[1]
         sampler = ProbeSampler(self.probe, n, operator.xp, operator.dtype, operator.device, random)
         return EstimationRequest(
-            matmat=CountingMatmat(operator, self.check_finite, self.block_size),
+            matmat=CountingMatmat(
+                operator, self.check_finite, self.block_size, self.product_precision
+            ),
             probes=sampler,
             num_matvecs=self.num_matvecs,
             block_size=self.block_size,
@@ -107,6 +110,7 @@ def _settings(
         float(confidence),
         max_matvecs,
         bool(check_finite),
+        backend.caller_precision(operator.xp),
     )
 
 

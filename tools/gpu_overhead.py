@@ -309,6 +309,7 @@ def main() -> None:
         for n, m, dtype in SETUPS:
             try:
                 dense_table(name, make, wait, n, m, dtype, psd_matrix(n))
+                print_setup(name, n, m, dtype)  # at once: a run cut short keeps its tables
             except Exception as error:
                 emit(
                     kind="error",
@@ -331,27 +332,19 @@ def main() -> None:
     print_tables()
 
 
+def print_setup(library: str, n: int, m: int, dtype: str) -> None:
+    """The table of one library and setup: each method's time over one ``A @ Z``."""
+    print(f"\n{library}: n = {n}, m = {m}, {dtype} (time / one A @ Z)", flush=True)
+    for r in ROWS:
+        if (r.get("library"), r.get("n"), r.get("m"), r.get("dtype")) != (library, n, m, dtype):
+            continue
+        if r["kind"] == "hand_hutchinson":
+            print(f"  {'hand-written hutchinson':28s} {r['ratio']:5.2f}")
+        if r["kind"] in ("trace", "diagonal"):
+            print(f"  {r['kind'] + ' ' + r['asked']:28s} {r['ratio']:5.2f}", flush=True)
+
+
 def print_tables() -> None:
-    cells = [r for r in ROWS if r["kind"] in ("trace", "diagonal")]
-    setups = sorted({(r["library"], r["n"], r["m"], r["dtype"]) for r in cells})
-    for library, n, m, dtype in setups:
-        print(f"\n{library}: n = {n}, m = {m}, {dtype} (time / one A @ Z)")
-        hand = [
-            r
-            for r in ROWS
-            if r["kind"] == "hand_hutchinson"
-            and r["library"] == library
-            and r["n"] == n
-            and r["m"] == m
-        ]
-        if hand:
-            print(f"  {'hand-written hutchinson':28s} {hand[0]['ratio']:5.2f}")
-        for r in cells:
-            if (r["library"], r["n"], r["m"], r["dtype"]) == (library, n, m, dtype):
-                label = f"{r['kind']} {r['asked']}" + (
-                    f" ({r['method']})" if r["asked"] == "auto" else ""
-                )
-                print(f"  {label:28s} {r['ratio']:5.2f}")
     for r in ROWS:
         if r["kind"] in ("hessian_trace", "sparse_hutchinson"):
             print(

@@ -202,3 +202,37 @@ def sparse_psd(n: int, per_row: int = 10, seed: int = 0) -> sp.csr_array:
 def laplacian_1d(n: int) -> sp.csr_array:
     """The 1-d Dirichlet Laplacian tridiag(-1, 2, -1): trace 2n, diagonal all 2."""
     return sp.csr_array(sp.diags([-1.0, 2.0, -1.0], [-1, 0, 1], shape=(n, n)))
+
+
+#: Samples of each side of a ratio measured by :func:`interleaved_best`.
+REPEATS = 7
+
+
+def interleaved_best(
+    calls: list[Callable[[], Any]], repeats: int = REPEATS, min_sample_seconds: float = 0.02
+) -> list[float]:
+    """Best seconds per call of each no-argument callable, timed in turn (a, b, a, b, ...).
+
+    Timing the sides of a ratio alternately, in one process, keeps a change of the
+    machine's load from moving one side only. A sample runs a callable ``number`` times in
+    a row, ``number`` chosen once per callable so that a sample lasts at least
+    ``min_sample_seconds``: a single sub-millisecond call would time the timer and the
+    scheduler. Each callable must wait for its own result (GPU and JAX are asynchronous).
+    """
+    import math
+    import time
+
+    numbers = []
+    for call in calls:  # (the callers have warmed up: compilation is not timed here)
+        start = time.perf_counter()
+        call()
+        elapsed = time.perf_counter() - start
+        numbers.append(min(1000, max(1, math.ceil(min_sample_seconds / max(elapsed, 1e-9)))))
+    best = [math.inf] * len(calls)
+    for _ in range(repeats):
+        for index, (call, number) in enumerate(zip(calls, numbers)):
+            start = time.perf_counter()
+            for _ in range(number):
+                call()
+            best[index] = min(best[index], (time.perf_counter() - start) / number)
+    return best

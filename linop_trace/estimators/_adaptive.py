@@ -99,9 +99,8 @@ def sample_mean_progress(result: SampleMean, request: EstimationRequest) -> Prog
     from scipy import stats
 
     xp = request.xp
-    numbers = backend.read_floats(
-        xp, [xp.abs(result.value), result.stderr, result.skewness, result.kurtosis]
-    )
+    skewness, kurtosis = result.shape(xp)
+    numbers = backend.read_floats(xp, [xp.abs(result.value), result.stderr, skewness, kurtosis])
     if numbers is None:
         return Progress(None, None)
     magnitude, stderr, skewness, kurtosis = numbers

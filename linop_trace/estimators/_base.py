@@ -74,6 +74,10 @@ class CountingMatmat:
     check_finite : bool
     block_size : int, optional
         Most columns per operator call (default: no limit).
+    precision : str, optional
+        JAX's matrix-product precision for the operator's products (``None``: the default).
+        Estimates pass the caller's own, so that their products are the caller's ``A @ Z``
+        while their internal algebra runs at full precision.
     """
 
     def __init__(
@@ -81,12 +85,14 @@ class CountingMatmat:
         operator: Any,
         check_finite: bool = True,
         block_size: int | None = None,
+        precision: str | None = None,
         *,
         _adjoint: bool = False,
         _tally: _Tally | None = None,
     ) -> None:
         self._operator = operator
         self.block_size = block_size
+        self.precision = precision
         self._is_adjoint = _adjoint
         self._tally = _Tally(check_finite) if _tally is None else _tally
 
@@ -124,13 +130,29 @@ class CountingMatmat:
         if is_self_adjoint(self._operator):
             return self(block)
         other = CountingMatmat(
-            self._operator, block_size=self.block_size, _adjoint=True, _tally=self._tally
+            self._operator,
+            block_size=self.block_size,
+            precision=self.precision,
+            _adjoint=True,
+            _tally=self._tally,
         )
         return other(block)
 
+    def with_precision(self, precision: str | None) -> CountingMatmat:
+        """The same counted product (one tally) at another JAX matrix-product precision:
+        the exact walk multiplies at ``"highest"``, its result being exact."""
+        return CountingMatmat(
+            self._operator,
+            block_size=self.block_size,
+            precision=precision,
+            _adjoint=self._is_adjoint,
+            _tally=self._tally,
+        )
+
     def _counted(self, block: Any) -> Any:
         operator = self._operator
-        out = operator.rmatmat(block) if self._is_adjoint else operator.matmat(block)
+        with backend.product_precision(operator.xp, self.precision):
+            out = operator.rmatmat(block) if self._is_adjoint else operator.matmat(block)
         tally = self._tally
         tally.calls += 1
         tally.columns += int(block.shape[1])

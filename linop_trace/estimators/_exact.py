@@ -27,12 +27,14 @@ def exact_diagonal(request: EstimationRequest) -> tuple[Any, tuple[DeferredCheck
         return stored, _finite_checks(xp, stored, request.matmat.check_finite)
     width_bytes = n * itemsize(xp, request.dtype)
     block = max(1, min(request.block_size, IDENTITY_BLOCK_BYTES // max(1, width_bytes), n))
+    # exact: the products at full precision (JAX's float32 default on GPUs is TF32)
+    walk = request.matmat.with_precision("highest")
     pieces = []
     for start in range(0, n, block):
         width = min(block, n - start)
         # columns start..start+width of the identity: ones where row - col == start
         identity = xp.eye(n, width, k=-start, dtype=request.dtype, device=request.device)
-        image = request.matmat(identity)
+        image = walk(identity)
         # copy: the diagonal is a view that would keep the whole (n, width) image alive
         pieces.append(xp.asarray(xp.linalg.diagonal(image[start : start + width, :]), copy=True))
     return (pieces[0] if len(pieces) == 1 else xp.concat(pieces)), ()

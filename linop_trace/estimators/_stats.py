@@ -19,10 +19,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-
 from .. import _backend as backend
-from .._estimate import Estimate
+from .._estimate import Estimate, edgeworth_quantile, shape_statistics
 from ._linalg import abs2, conj, real_part
 
 __all__ = [
@@ -39,6 +37,8 @@ __all__ = [
     "sample_mean",
     "shape_statistics",
 ]
+# (edgeworth_quantile and shape_statistics live with the Estimate, whose intervals they
+# shape; they are re-exported here with the rest of the statistics)
 
 #: Probes an exchangeable estimate needs for an error estimate. With two, both
 #: leave-one-out estimates are one symmetric function of the pair on every diagonal
@@ -54,16 +54,18 @@ class SampleMean:
     """The mean of m i.i.d. samples (along the first axis) and what its interval needs.
 
     ``value`` is ``offset + mean``; ``stderr`` is ``std(ddof=1) / sqrt(m)`` (``None`` for
-    m < 2); ``skewness`` and ``kurtosis`` (excess, unbiased) are device arrays for real
-    samples with m >= 4 (NaN where the spread is zero), else ``None``.
+    m < 2). The samples' skewness and kurtosis, which correct the t-interval, are computed
+    from ``samples`` only when an interval is asked for (:meth:`shape`).
     """
 
     value: Any
     stderr: Any
     count: int = field(metadata={"static": True})
-    skewness: Any
-    kurtosis: Any
     samples: Any
+
+    def shape(self, xp: Any) -> tuple[Any, Any]:
+        """Skewness and excess kurtosis of the samples (:func:`shape_statistics`)."""
+        return shape_statistics(self.samples, xp)
 
     @property
     def dof(self) -> int | None:
@@ -86,22 +88,15 @@ class SampleMean:
             converged=converged,
             dof=self.dof,
             info={"samples": self.samples, **(info or {})},
-            skewness=self.skewness,
-            kurtosis=self.kurtosis,
+            shape_of=self.samples,
         )
 
 
 def sample_mean(samples: Any, xp: Any, offset: Any = None) -> SampleMean:
     """:class:`SampleMean` of ``samples`` (shape (m,) or (m, B): B means at once)."""
     mean, stderr = mean_and_stderr(samples, xp)
-    skewness, kurtosis = shape_statistics(samples, xp)
     return SampleMean(
-        mean if offset is None else offset + mean,
-        stderr,
-        int(samples.shape[0]),
-        skewness,
-        kurtosis,
-        samples,
+        mean if offset is None else offset + mean, stderr, int(samples.shape[0]), samples
     )
 
 
@@ -117,66 +112,11 @@ def mean_and_stderr(samples: Any, xp: Any) -> tuple[Any, Any]:
     deviation, size = backend.divide_by_largest(
         xp, samples - mean, axis=0 if samples.ndim > 1 else None
     )
-    variance = xp.sum(abs2(deviation, xp), axis=0) / (m - 1)
-    stderr = size * xp.sqrt(variance / m)
+    stderr = size * xp.sqrt(xp.sum(abs2(deviation, xp), axis=0) * (1.0 / ((m - 1) * m)))
     real = backend.real_dtype_for(xp, samples.dtype)
     if stderr.dtype != real:  # NumPy 1.x: a float32 scalar over an int is float64
         stderr = xp.astype(xp.asarray(stderr), real)
     return mean, stderr
-
-
-def shape_statistics(samples: Any, xp: Any) -> tuple[Any, Any]:
-    """Unbiased sample skewness G1 and excess kurtosis G2 along the first axis, as arrays
-    (NaN where the samples have no spread); ``(None, None)`` for complex samples or fewer
-    than 4. From a stop-gradient copy: the shape only steers the interval."""
-    m = int(samples.shape[0])
-    if m < 4 or backend.is_complex_dtype(xp, samples.dtype):
-        return None, None
-    samples = backend.stop_gradient(samples)
-    deviation = samples - xp.mean(samples, axis=0)
-    # scaled to max |deviation| = 1 first: G1 and G2 are scale-free, and the powers of
-    # deviations of 1e80 (or 1e-85, or 1e10 in float32) would overflow (underflow)
-    size = xp.max(xp.abs(deviation), axis=0)
-    spread = (size > 0) & xp.isfinite(size)
-    deviation = deviation / xp.where(spread, size, xp.ones_like(size))
-    square = deviation * deviation
-    second = xp.mean(square, axis=0)
-    spread = spread & (second > 0)
-    second = xp.where(spread, second, xp.ones_like(second))
-    g1 = xp.mean(square * deviation, axis=0) / (second * xp.sqrt(second))
-    g2 = xp.mean(square * square, axis=0) / (second * second) - 3
-    skewness = g1 * (math.sqrt(m * (m - 1)) / (m - 2))
-    kurtosis = ((m - 1) / ((m - 2) * (m - 3))) * ((m + 1) * g2 + 6)
-    nan = xp.full_like(second, math.nan)
-    return xp.where(spread, skewness, nan), xp.where(spread, kurtosis, nan)
-
-
-def edgeworth_quantile(t_quantile: Any, level: float, m: int, skewness: Any, kurtosis: Any) -> Any:
-    """Student-t quantile corrected to second order for the samples' shape.
-
-    For the studentized mean T, P(|T| <= x) = 2 Phi(x) - 1 + (2/m) q(x) phi(x) + O(m^-2)
-    with q(x) = x [kurtosis (x^2 - 3) / 12 - skewness^2 (x^4 + 2x^2 - 3) / 18 - (x^2 + 3)/4]
-    (Hall 1992, The Bootstrap and Edgeworth Expansion, Sec. 2.6). The last term is the
-    normal-theory part the t quantile already carries; the shape terms move the quantile
-    by ``-x [...] / m``. Never below the normal quantile. Host numbers (floats or NumPy
-    arrays); a ``None`` or non-finite shape leaves the t quantile as it is.
-
-    Examples
-    --------
-    >>> from linop_trace.estimators._stats import edgeworth_quantile
-    >>> round(edgeworth_quantile(2.0, 0.95, 60, 2.0, 6.0), 4)
-    2.005
-    """
-    if skewness is None or kurtosis is None:
-        return t_quantile
-    from scipy import stats
-
-    z = float(stats.norm.ppf(0.5 + level / 2))
-    skewness, kurtosis = np.asarray(skewness, dtype=float), np.asarray(kurtosis, dtype=float)
-    shape = kurtosis * (z * z - 3) / 12 - skewness**2 * (z**4 + 2 * z * z - 3) / 18
-    corrected = np.maximum(t_quantile - z * shape / m, z)
-    corrected = np.where(np.isfinite(corrected), corrected, t_quantile)
-    return float(corrected) if corrected.ndim == 0 else corrected
 
 
 # -------------------------------------------------------------- ratio estimator

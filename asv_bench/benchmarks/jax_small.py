@@ -1,0 +1,150 @@
+"""JAX on the CPU: every estimate over one jitted product with its budget (issue 17).
+
+The floor is what a JAX user compares against: ``jax.jit(lambda A, Z: A @ Z)`` with Z the
+same number of columns m as the estimate's budget, compiled and warmed up, timed until
+``block_until_ready``. Everything an estimate costs above it (dispatch of each eager
+operation, probe draws, QR factorizations, the statistics) is overhead, and at small n
+that overhead is most of the time.
+
+``TrackJaxOverFloor.track_ratio`` times the estimate and the floor in one process,
+interleaved (floor, estimate, floor, ...), best of 7 each, and returns estimate / floor.
+The issue's targets at n = 512, m = 20: Hutchinson <= 1.2x, every method <= 2x. The same
+is measured at n = 200, m = 20 (fixed costs dominate) and at n = 4,000, m = 100 (the
+products dominate).
+
+The operator: ``_common.dense_psd(n)``, dense float64 (JAX with x64 enabled) symmetric
+positive definite with a flat spectrum, one thread. XNysTrace gets it tagged
+``("symmetric", "positive_semidefinite")``; the other methods get it untagged. ``auto``
+on the stored array reads the stored diagonal (exact, no products); ``auto (products
+only)`` gets the same matrix behind ``LinearOperator.from_callable``, so it estimates.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+import linop_trace
+
+from ._common import (
+    dense_psd,
+    get_backend,
+    interleaved_best,
+    pin_threads,
+    require_method,
+    sync_estimate,
+)
+
+#: n -> the budget m (the issue's sizes).
+BUDGETS = {200: 20, 512: 20, 4000: 100}
+
+PSD = ("symmetric", "positive_semidefinite")
+
+#: label: (quantity, method, operator); operator "plain" (the dense array), "psd" (tagged
+#: symmetric positive semidefinite) or "products only" (behind from_callable).
+CASES: dict[str, tuple[str, str, str]] = {
+    "hutchinson": ("trace", "hutchinson", "plain"),
+    "hutch++": ("trace", "hutch++", "plain"),
+    "na-hutch++": ("trace", "na-hutch++", "plain"),
+    "xtrace": ("trace", "xtrace", "plain"),
+    "xnystrace": ("trace", "xnystrace", "psd"),
+    "auto": ("trace", "auto", "plain"),
+    "auto (products only)": ("trace", "auto", "products only"),
+    "diagonal hutchinson": ("diagonal", "hutchinson", "plain"),
+    "diag++": ("diagonal", "diag++", "plain"),
+    "xdiag": ("diagonal", "xdiag", "plain"),
+    "diagonal auto": ("diagonal", "auto", "plain"),
+    "diagonal auto (products only)": ("diagonal", "auto", "products only"),
+}
+
+
+def _matrices() -> dict[int, np.ndarray]:
+    """The test matrices, built once per asv run (n = 4,000 takes ~10 s on one core)."""
+    return {n: dense_psd(n) for n in BUDGETS}
+
+
+_matrices.timeout = 300  # type: ignore[attr-defined]
+
+
+class _JaxAgainstFloor:
+    params = (list(BUDGETS), list(CASES))
+    param_names = ["n", "case"]
+    timeout = 300
+    setup_cache = staticmethod(_matrices)
+
+    def setup(self, matrices: dict[int, np.ndarray], n: int, case: str) -> None:
+        pin_threads()  # first: JAX must see one CPU before it creates its client
+        backend = get_backend("jax", "cpu")  # (enables float64)
+        import jax
+
+        quantity, method, kind = CASES[case]
+        require_method(method, quantity)
+        self.backend = backend
+        self.num_matvecs = BUDGETS[n]
+        A = backend.dense(matrices[n])
+        if kind == "products only":
+            self.operator = linop_trace.LinearOperator.from_callable(
+                matmat=lambda X: A @ X, shape=A.shape, like=A
+            )
+        else:
+            self.operator = linop_trace.aslinearoperator(A, tags=PSD if kind == "psd" else ())
+        self.function = getattr(linop_trace, quantity)
+        self.method = method
+        product = jax.jit(lambda A, Z: A @ Z)
+        Z = backend.dense(
+            2.0 * np.random.default_rng(1).integers(0, 2, size=(n, self.num_matvecs)) - 1.0
+        )
+        self.floor_call = lambda: product(A, Z).block_until_ready()
+        self.floor_call()  # compile
+        self.estimate_call()  # warm up (JAX's per-shape compilation of each operation)
+
+    def estimate_call(self) -> Any:
+        estimate = self.function(
+            self.operator, method=self.method, num_matvecs=self.num_matvecs, seed=0
+        )
+        return sync_estimate(self.backend, estimate)
+
+
+class TrackJaxOverFloor(_JaxAgainstFloor):
+    """Estimate time / jitted ``A @ Z`` time, interleaved, best of 7 each."""
+
+    def track_ratio(self, matrices: dict[int, np.ndarray], n: int, case: str) -> float:
+        floor, estimate = interleaved_best([self.floor_call, self.estimate_call])
+        return estimate / floor
+
+    track_ratio.unit = "estimate time / jitted A @ Z time"
+
+
+class TimeJaxEstimate(_JaxAgainstFloor):
+    """The estimate alone, as a plain asv timing, for history (n = 512, the target's size;
+    every JAX benchmark process pays seconds of import and compilation)."""
+
+    params = ([512], list(CASES))
+    repeat = (1, 5, 5.0)
+
+    def time_estimate(self, matrices: dict[int, np.ndarray], n: int, case: str) -> None:
+        self.estimate_call()
+
+
+class TimeJaxFloor:
+    """The floor alone (jitted ``A @ Z`` with the budget's m columns), for history."""
+
+    params = [list(BUDGETS)]
+    param_names = ["n"]
+    setup_cache = staticmethod(_matrices)
+
+    def setup(self, matrices: dict[int, np.ndarray], n: int) -> None:
+        pin_threads()
+        backend = get_backend("jax", "cpu")
+        import jax
+
+        self.A = backend.dense(matrices[n])
+        self.Z = backend.dense(
+            2.0 * np.random.default_rng(1).integers(0, 2, size=(n, BUDGETS[n])) - 1.0
+        )
+        self.product = jax.jit(lambda A, Z: A @ Z)
+        self.time_floor(matrices, n)
+
+    def time_floor(self, matrices: dict[int, np.ndarray], n: int) -> None:
+        self.product(self.A, self.Z).block_until_ready()
