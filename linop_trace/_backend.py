@@ -499,9 +499,7 @@ class RandomSource:
             import torch
 
             if str(self.device).startswith("cuda"):  # three kernels, not a bit unpacking
-                signs = torch.randint(
-                    0, 2, shape, generator=state, device=self.device, dtype=dtype
-                )
+                signs = torch.randint(0, 2, shape, generator=state, device=self.device, dtype=dtype)
                 return signs.mul_(2).sub_(1)
             count = math.prod(shape)
             raw = torch.randint(

@@ -67,7 +67,7 @@ def diagonal_hutchinson_core(
     its running sums (``sums``, continued, or new), whose ``estimate()`` is the diagonal
     estimate, its entrywise standard error and the number of probes."""
     sums = RatioSums(xp) if sums is None else sums
-    sums.add(*diagonal_hutchinson_samples(matmat, probes, xp, unit_modulus))
+    sums.add_products(probes, matmat(probes), unit_modulus)
     return sums
 
 

@@ -16,6 +16,7 @@ degrees of freedom, all computed where the samples live (no value is read on the
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,6 +40,9 @@ __all__ = [
 ]
 # (edgeworth_quantile and shape_statistics live with the Estimate, whose intervals they
 # shape; they are re-exported here with the rest of the statistics)
+
+#: Entries per row chunk of the ratio sums on a CPU (their temporaries stay in cache).
+ROW_CHUNK_ENTRIES = 2**18
 
 #: Probes an exchangeable estimate needs for an error estimate. With two, both
 #: leave-one-out estimates are one symmetric function of the pair on every diagonal
@@ -148,25 +152,79 @@ class RatioSums:
 
     def add(self, numerators: Any, denominators: Any | None) -> None:
         """One block: ``numerators`` y and ``denominators`` x, both (n, k) (x ``None``: ones)."""
+        self._accumulate(
+            lambda a, b: (
+                numerators[a:b, :],
+                None if denominators is None else denominators[a:b, :],
+            ),
+            numerators,
+            denominators is None,
+        )
+
+    def add_products(self, probes: Any, image: Any, unit_modulus: bool) -> None:
+        """One block given as probes Z and image A Z: y = conj(Z) * (A Z), x = |Z|^2 formed
+        row chunk by row chunk on a CPU (no (n, k) temporary beyond the two blocks)."""
         xp = self.xp
-        if self.count == 0:
-            self.unit_modulus = denominators is None
-            if denominators is None:
-                self.shift = xp.mean(numerators, axis=1)
+        self._accumulate(
+            lambda a, b: (
+                conj(probes[a:b, :], xp) * image[a:b, :],
+                None if unit_modulus else abs2(probes[a:b, :], xp),
+            ),
+            probes,
+            unit_modulus,
+        )
+
+    def _accumulate(
+        self, chunk: Callable[[int, int], tuple[Any, Any]], like: Any, unit_modulus: bool
+    ) -> None:
+        xp = self.xp
+        n, k = int(like.shape[0]), int(like.shape[1])
+        whole = backend.prefers_whole_arrays(xp, backend.device_of(like))
+        rows = n if whole else max(256, ROW_CHUNK_ENTRIES // max(k, 1))
+        first = self.count == 0
+        if first:
+            self.unit_modulus = unit_modulus
+        parts = []
+        for start in range(0, n, rows):
+            stop = min(start + rows, n)
+            parts.append(self._chunk_sums(*chunk(start, stop), start, stop, first))
+        sums = [pieces[0] if len(pieces) == 1 else xp.concat(pieces) for pieces in zip(*parts)]
+        if first:
+            self.shift = sums.pop(0)
+        self.u = _plus(self.u, sums[0])
+        self.uu = _plus(self.uu, sums[1])
+        if not unit_modulus:
+            self.x = _plus(self.x, sums[2])
+            self.xx = _plus(self.xx, sums[3])
+            self.xu = _plus(self.xu, sums[4])
+        self.count += k
+
+    def _chunk_sums(self, y: Any, x: Any, start: int, stop: int, first: bool) -> tuple[Any, ...]:
+        """The shift (first block only: the rows' own estimate) and the sums u, |u|^2 (and
+        x, x^2, x u) of the rows ``start:stop``."""
+        xp = self.xp
+        if first:
+            if x is None:
+                shift = xp.mean(y, axis=1)
             else:
-                total = xp.sum(denominators, axis=1)
-                self.shift = xp.sum(numerators, axis=1) / _as_dtype(total, numerators.dtype, xp)
-        if denominators is None:
-            residual = numerators - self.shift[:, None]
+                shift = xp.sum(y, axis=1) / _as_dtype(xp.sum(x, axis=1), y.dtype, xp)
         else:
-            weights = _as_dtype(denominators, numerators.dtype, xp)
-            residual = numerators - self.shift[:, None] * weights
-            self.x = _plus(self.x, xp.sum(denominators, axis=1))
-            self.xx = _plus(self.xx, xp.sum(denominators * denominators, axis=1))
-            self.xu = _plus(self.xu, xp.sum(weights * residual, axis=1))
-        self.u = _plus(self.u, xp.sum(residual, axis=1))
-        self.uu = _plus(self.uu, xp.sum(abs2(residual, xp), axis=1))
-        self.count += int(numerators.shape[1])
+            shift = self.shift[start:stop]
+        sums: tuple[Any, ...]
+        if x is None:
+            residual = y - shift[:, None]
+            sums = (xp.sum(residual, axis=1), xp.sum(abs2(residual, xp), axis=1))
+        else:
+            weights = _as_dtype(x, y.dtype, xp)
+            residual = y - shift[:, None] * weights
+            sums = (
+                xp.sum(residual, axis=1),
+                xp.sum(abs2(residual, xp), axis=1),
+                xp.sum(x, axis=1),
+                xp.sum(x * x, axis=1),
+                xp.sum(weights * residual, axis=1),
+            )
+        return ((shift,) + sums) if first else sums
 
     def estimate(self) -> tuple[Any, Any, int]:
         """``(value, stderr, number of probes)``; the stderr is ``None`` below two probes."""
