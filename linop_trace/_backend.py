@@ -552,10 +552,10 @@ class RandomSource:
         draw: Callable[[], Any],
     ) -> Any:
         """``block`` drawn again (by ``draw()``, a Rademacher block of the same shape) while
-        ``reject(block)`` holds, at most ``tries`` times. JAX decides on the device
+        ``reject(block)`` holds, at most ``tries`` times. Compiled JAX decides on the device
         (``lax.while_loop`` carrying the key: the same draws as the host loop); other
-        libraries read ``reject`` on the host."""
-        if self._kind == "jax":
+        libraries read ``reject`` on the host (eager JAX too)."""
+        if self._kind == "jax" and is_tracer(block):  # compiled: decide on the device
             import jax
 
             shape, dtype = tuple(block.shape), block.dtype
@@ -1205,6 +1205,10 @@ def device_cond(
     ``if`` where reads are free. Other libraries cannot branch on the device:
     ``NotImplementedError`` (callers check :func:`can_branch` first)."""
     known = known_value(xp, flag)
+    if known is None and array_api_compat.is_jax_namespace(xp) and not is_tracer(flag):
+        # eager JAX (operators of user functions, adaptive rounds) runs op by op anyway:
+        # read the flag rather than trace both branches anew at every call
+        known = bool(np.asarray(flag))
     if known is not None:
         return if_true(*operands) if known else if_false(*operands)
     if array_api_compat.is_jax_namespace(xp):
