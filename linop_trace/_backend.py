@@ -1171,6 +1171,15 @@ def prefers_whole_arrays(xp: Any, device: Any) -> bool:
     return not str(device).lower().startswith("cpu") and str(device) not in ("", "None")
 
 
+def is_accelerator(device: Any) -> bool:
+    """Whether ``device`` is a GPU (or another accelerator) rather than the CPU."""
+    text = str(device).lower()
+    platform = getattr(device, "platform", None)
+    if platform is not None:
+        return str(platform).lower() != "cpu"
+    return not (text.startswith("cpu") or text in ("", "none"))
+
+
 def solve(xp: Any, matrix: Any, rhs: Any) -> Any:
     """``matrix^{-1} rhs`` without a host check of the factorization (torch's ``solve``
     reads its LAPACK status, a device wait on a GPU; ``solve_ex`` does not). A singular

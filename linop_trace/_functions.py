@@ -209,7 +209,8 @@ def trace(
     block_size : int, optional
         Most columns per operator call; by default as many as fit in a quarter of the
         memory the operator's device has free (at the operator's own bytes per column),
-        so that a budget that fits goes through in one call.
+        so that on a GPU a budget that fits goes through in one call; on a CPU a block
+        also stays under 64 MiB (larger ones gain nothing there and cost page faults).
     check_finite : bool
         Raise ``FloatingPointError`` when a product is NaN or infinite.
 
