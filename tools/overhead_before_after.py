@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "asv_bench"))
 
 from benchmarks._common import get_backend, pin_threads  # noqa: E402
-from benchmarks.overhead import CASES, SIZE, _matrix  # noqa: E402
+from benchmarks.overhead import CASES, SIZE, _call_pattern, _matrix  # noqa: E402
 
 NUM_MATVECS = 100
 
@@ -44,29 +44,6 @@ def estimator(package: Any, method: str, options: dict[str, Any]) -> Any:
         "diag++": "DiagPlusPlus",
     }
     return getattr(package.estimators, classes[method])(**options)
-
-
-def call_pattern(package: Any, operator: Any, quantity: str, method: Any) -> list[tuple[str, int]]:
-    calls: list[tuple[str, int]] = []
-
-    def forward(X: Any) -> Any:
-        calls.append(("matmat", int(X.shape[1])))
-        return operator.matmat(X)
-
-    def adjoint(X: Any) -> Any:
-        calls.append(("rmatmat", int(X.shape[1])))
-        return operator.rmatmat(X)
-
-    recorder = package.LinearOperator.from_callable(
-        matmat=forward,
-        rmatmat=adjoint,
-        shape=operator.shape,
-        dtype=operator.dtype,
-        like=operator.matmat(package.rademacher(operator, 1, seed=0)),
-        tags=operator.tags,
-    )
-    getattr(package, quantity)(recorder, method=method, num_matvecs=NUM_MATVECS, seed=0)
-    return calls
 
 
 def _interleaved(
@@ -130,7 +107,7 @@ def main() -> None:
                 "before": estimator(before, method, options),
                 "after": estimator(after, method, options),
             }
-            pattern = call_pattern(after, ops["after"], quantity, methods["after"])
+            pattern = _call_pattern(ops["after"], quantity, methods["after"])
             blocks = [
                 (kind, after.rademacher(ops["after"], width, seed=1)) for kind, width in pattern
             ]

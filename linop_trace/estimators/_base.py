@@ -22,6 +22,7 @@ __all__ = [
     "CountingMatmat",
     "EstimationRequest",
     "Estimator",
+    "ProbeOption",
     "deflation_split",
     "is_self_adjoint",
 ]
@@ -399,3 +400,15 @@ class Estimator:
     def __repr__(self) -> str:
         arguments = ", ".join(f"{key}={value!r}" for key, value in sorted(vars(self).items()))
         return f"{type(self).__name__}({arguments})"
+
+
+class ProbeOption(Estimator):
+    """An estimator whose constructor may fix the probe kind (``probe=``), overriding the
+    ``probe=`` argument of :func:`~linop_trace.trace`; ``None`` keeps the caller's (or the
+    estimator's ``default_probe``). The draws come from the request's random source."""
+
+    def __init__(self, probe: str | None = None) -> None:
+        self.probe = probe
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(probe={self.probe!r})"

@@ -22,7 +22,7 @@ from typing import Any
 
 from .._estimate import Estimate
 from ._adaptive import Progress, grow_diagonal, remaining, sample_mean_progress, until_met
-from ._base import EstimationRequest, Estimator
+from ._base import EstimationRequest, ProbeOption
 from ._linalg import abs2, column_inner, conj
 from ._stats import RatioSums, SampleMean, sample_mean
 
@@ -71,7 +71,7 @@ def diagonal_hutchinson_core(
     return sums
 
 
-class Hutchinson(Estimator):
+class Hutchinson(ProbeOption):
     """Hutchinson's trace estimator with batched probes and adaptive stopping.
 
     Parameters
@@ -105,12 +105,6 @@ class Hutchinson(Estimator):
     supports_tolerance = True
     min_matvecs = 2
     jit_compatible = True
-
-    def __init__(self, probe: str | None = None) -> None:
-        self.probe = probe
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(probe={self.probe!r})"
 
     def trace(self, request: EstimationRequest) -> Estimate:
         return self.finish_trace(request, [])

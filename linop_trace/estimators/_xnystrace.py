@@ -41,7 +41,7 @@ from typing import Any
 
 from .. import _backend as backend
 from .._estimate import DeferredCheck, Estimate
-from ._base import EstimationRequest, Estimator
+from ._base import EstimationRequest, ProbeOption
 from ._linalg import abs2, as_dtype, hermitian_transpose, real_part
 from ._stats import ExchangeableError, exchangeable_error, exchangeable_estimate
 
@@ -303,7 +303,7 @@ def xnystrace_core(
     return xnystrace_estimates(probes, matmat(probes), xp, improved)
 
 
-class XNysTrace(Estimator):
+class XNysTrace(ProbeOption):
     """XNysTrace: exchangeable Nystrom trace estimation for symmetric PSD operators.
 
     All ``num_matvecs`` columns are probes, multiplied in one block product (more if
@@ -345,12 +345,6 @@ class XNysTrace(Estimator):
     min_matvecs = 2
     default_probe = "sphere"
     jit_compatible = True
-
-    def __init__(self, probe: str | None = None) -> None:
-        self.probe = probe
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(probe={self.probe!r})"
 
     def trace(self, request: EstimationRequest) -> Estimate:
         m = min(request.num_matvecs, request.n)

@@ -83,7 +83,7 @@ from typing import Any
 from .. import _backend as backend
 from .._estimate import Estimate
 from ._adaptive import Progress, remaining, until_met
-from ._base import EstimationRequest, Estimator
+from ._base import EstimationRequest, ProbeOption
 from ._linalg import (
     abs2,
     as_dtype,
@@ -322,7 +322,7 @@ def _grown(
     return XTraceResult(value, error, estimates, pseudo, probes, images, basis, basis_images)
 
 
-class XTrace(Estimator):
+class XTrace(ProbeOption):
     """XTrace: exchangeable trace estimation with an honest error bar.
 
     Uses ``num_matvecs // 2`` probes (at most n) and as many products with their
@@ -367,12 +367,6 @@ class XTrace(Estimator):
     supports_tolerance = True
     default_probe = "sphere"
     jit_compatible = True
-
-    def __init__(self, probe: str | None = None) -> None:
-        self.probe = probe
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(probe={self.probe!r})"
 
     def trace(self, request: EstimationRequest) -> Estimate:
         num_probes = min(request.num_matvecs // 2, request.n)
