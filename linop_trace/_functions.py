@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -114,6 +115,46 @@ def _settings(
     )
 
 
+#: The last estimates' settings: (key, weak reference to the operator, settings).
+_RECENT_SETTINGS: list[tuple[Any, Any, _Settings]] = []
+_RECENT_LIMIT = 8
+
+
+def _remembered_settings(
+    operator: LinearOperator, estimator: Any, quantity: str, options: dict[str, Any]
+) -> _Settings:
+    """:func:`_settings`, reused when the same operator object gets the same call again
+    (a JAX estimate at n = 512 spends 20 us in them, 7% of its product). The device's
+    free memory and JAX's matrix-product precision are part of the key, so a call sees
+    the block size and precision that a fresh one would."""
+    free = None
+    if options.get("block_size") is None:
+        free = backend.free_memory(operator.xp, operator.device)
+    try:
+        key = (
+            id(operator),
+            estimator,
+            quantity,
+            tuple(options.items()),
+            free,
+            backend.caller_precision(operator.xp),
+        )
+        hash(key)
+    except TypeError:  # an unhashable plug-in or option: no reuse
+        return _settings(operator, estimator, quantity, **options)
+    for known, reference, settings in _RECENT_SETTINGS:
+        if known == key and reference() is operator:
+            return settings
+    settings = _settings(operator, estimator, quantity, **options)
+    try:
+        reference = weakref.ref(operator)
+    except TypeError:  # pragma: no cover - operators are weakly referenceable
+        return settings
+    _RECENT_SETTINGS.insert(0, (key, reference, settings))
+    del _RECENT_SETTINGS[_RECENT_LIMIT:]
+    return settings
+
+
 def _estimate(quantity: str, A: Any, method: Any, seed: Any, **options: Any) -> Estimate:
     operator = aslinearoperator(A)
     n = check_square(operator, quantity)
@@ -130,7 +171,7 @@ def _estimate(quantity: str, A: Any, method: Any, seed: Any, **options: Any) -> 
             0,
             "exact",
         )
-    settings = _settings(operator, estimator, quantity, **options)
+    settings = _remembered_settings(operator, estimator, quantity, options)
     if (
         backend.compiles_whole(operator.xp)
         and not settings.adaptive

@@ -237,6 +237,33 @@ def test_jax_whole_estimate_compiles_and_runs_under_the_transfer_guard(jax_setup
         np.testing.assert_allclose(numpy_of(stderr), numpy_of(eager.stderr), rtol=1e-10)
 
 
+@pytest.mark.parametrize("case", CASES, ids=_ids)
+def test_jax_compiled_estimate_raises_on_a_non_finite_product(jax_setup, case):
+    """Inside the one compiled program the finiteness check of a product rides on the
+    samples it flows into (Hutchinson-type methods, so that XLA fuses the product with
+    their sum) or on the product itself (the rest): either way a NaN in one entry of A
+    raises when the estimate is read, and ``check_finite=False`` returns it. (The exact
+    methods read the stored diagonal, and XNysTrace's own overflow check names the Gram
+    matrix instead.)"""
+    jax, jnp = jax_setup
+    quantity, method, tags = case
+    values = test_matrix("poly", SIZE, seed=0)
+    values[7, 7] = np.nan  # symmetric still, so tagged operators stay honest
+    operator = lt.aslinearoperator(jnp.asarray(values), tags=tags)
+    function = getattr(lt, quantity)
+    estimate = function(operator, method=method, num_matvecs=BUDGET, seed=0)
+    message = {
+        "exact": "diagonal holds non-finite",
+        "xnystrace": "Gram matrix under A overflowed",
+    }.get(method, "non-finite.*check_finite=False")
+    with pytest.raises(FloatingPointError, match=message):
+        estimate.value  # noqa: B018
+    if method in ("exact", "xnystrace"):
+        return
+    quiet = function(operator, method=method, num_matvecs=BUDGET, seed=0, check_finite=False)
+    assert not np.all(np.isfinite(numpy_of(quiet.value)))
+
+
 def test_jax_one_compiled_program_per_shape(jax_setup):
     """New operators of the same shapes reuse the compiled estimate (the matrix is an
     argument of the program, not a constant baked into it)."""

@@ -94,7 +94,7 @@ def predict_variances(
     qh = hermitian_transpose(basis, xp)
     r = qh @ images
     w = qh @ probes
-    sdir = downdate_directions(r, xp)
+    sdir = downdate_directions(r, xp, upper=False)
     sh = hermitian_transpose(sdir, xp)
     alpha = xp.linalg.diagonal(sh @ w)  # s_i^H w_i
     beta = xp.linalg.diagonal(sh @ r)  # s_i^H Q^H y_i

@@ -20,9 +20,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from .. import _backend as backend
 from .._estimate import Estimate
 from ._adaptive import Progress, grow_diagonal, remaining, sample_mean_progress, until_met
-from ._base import EstimationRequest, ProbeOption
+from ._base import EstimationRequest, ProbeOption, cover
 from ._linalg import abs2, column_inner, conj
 from ._stats import RatioSums, SampleMean, sample_mean
 
@@ -38,8 +39,11 @@ Matmat = Callable[[Any], Any]
 
 
 def hutchinson_samples(matmat: Matmat, probes: Any, xp: Any) -> Any:
-    """Per-probe samples z_j^H A z_j for the columns z_j of ``probes`` (one product)."""
-    return column_inner(probes, matmat(probes), xp)
+    """Per-probe samples z_j^H A z_j for the columns z_j of ``probes`` (one product; the
+    samples carry its finiteness check, so that XLA fuses the product with the sum)."""
+    image = matmat(probes)
+    samples = backend.materialized(xp, column_inner(probes, image, xp))
+    return cover(matmat, image, samples)
 
 
 def hutchinson_core(matmat: Matmat, probes: Any, xp: Any) -> SampleMean:
@@ -67,7 +71,9 @@ def diagonal_hutchinson_core(
     its running sums (``sums``, continued, or new), whose ``estimate()`` is the diagonal
     estimate, its entrywise standard error and the number of probes."""
     sums = RatioSums(xp) if sums is None else sums
-    sums.add_products(probes, matmat(probes), unit_modulus)
+    image = matmat(probes)
+    sums.add_products(probes, image, unit_modulus)
+    cover(matmat, image, sums.u)  # every row of the image flows into its row sum
     return sums
 
 

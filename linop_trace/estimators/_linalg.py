@@ -120,7 +120,9 @@ def _cholesky_qr2(xp: Any, block: Any) -> tuple[Any, Any, Any]:
 def _cholesky_pass(xp: Any, block: Any, gram: Any) -> tuple[Any, Any]:
     """``(block @ L^{-H}, L)`` with ``L L^H = gram = block^H block``."""
     lower = xp.linalg.cholesky(gram)
-    return block @ hermitian_transpose(xp.linalg.inv(lower), xp), lower
+    eye = xp.eye(gram.shape[0], dtype=gram.dtype, device=backend.device_of(gram))
+    inverse = backend.solve_triangular(xp, lower, eye, lower=True)
+    return block @ hermitian_transpose(inverse, xp), lower
 
 
 def extend_basis(basis: Any, block: Any, xp: Any) -> Any:
@@ -138,16 +140,22 @@ def extend_basis(basis: Any, block: Any, xp: Any) -> Any:
 
 
 # ------------------------------------------------------ leave-one-out downdates
-def regularized_inverse_h(triangular: Any, xp: Any) -> Any:
+def regularized_inverse_h(triangular: Any, xp: Any, *, upper: bool = True) -> Any:
     """R^{-H} of the triangular factor of a sketch, finite even when R is singular.
+
+    ``upper=False`` takes any square R (``Q^H Y`` for a basis Q other than the QR
+    factor's, as an extended basis gives) and solves by LU.
 
     A numerically singular R (A of low rank, or zero on the probes: exact zeros on the
     diagonal of R) gets a shift at round-off level, eps max|R_ij| (eps when R = 0), so
     its columns stay finite; the directions they give only matter where Y has rank to
-    spare. Should the LU factorization of the solve still meet an exact zero pivot (two
-    equal +-1 probes make R singular with round-off diagonals above that shift), the
-    shift is sqrt(eps) max|R_ij| instead. Where reads are free (NumPy) the second solve
-    runs only when needed; on devices both run (s x s, cheap) and the finite one is kept.
+    spare. For an upper triangular R, R^H is lower triangular and each solve is one
+    substitution. Should it still
+    fail (a shifted diagonal entry that cancels to zero, or round-off diagonals just
+    above the shift, as two equal +-1 probes give, whose reciprocals compound past the
+    largest float), the shift is sqrt(eps) max|R_ij| instead. Where reads are free
+    (NumPy) the second solve runs only when needed; on devices both run (s x s, cheap)
+    and the finite one is kept.
     """
     s = triangular.shape[0]
     eye = xp.eye(s, dtype=triangular.dtype, device=backend.device_of(triangular))
@@ -161,23 +169,30 @@ def regularized_inverse_h(triangular: Any, xp: Any) -> Any:
     shift = as_dtype(eps * scale, triangular.dtype, xp)
     shifted = xp.where(small, triangular + shift * eye, triangular)
     try:
-        inverse_h = backend.solve(xp, hermitian_transpose(shifted, xp), eye)
+        inverse_h = _solve_h(xp, shifted, eye, upper)
     except Exception:  # NumPy raises on an exact zero pivot
         inverse_h = None
     finite = None if inverse_h is None else xp.all(xp.isfinite(inverse_h))
     if inverse_h is not None and backend.known_value(xp, finite):
         return inverse_h
     wider = triangular + as_dtype(math.sqrt(eps) * scale, triangular.dtype, xp) * eye
-    fallback = backend.solve(xp, hermitian_transpose(wider, xp), eye)
+    fallback = _solve_h(xp, wider, eye, upper)
     if inverse_h is None or backend.known_value(xp, finite) is False:
         return fallback
     return xp.where(finite, inverse_h, fallback)
 
 
-def downdate_directions(triangular: Any, xp: Any) -> Any:
+def _solve_h(xp: Any, matrix: Any, rhs: Any, upper: bool) -> Any:
+    """``matrix^{-H} rhs``: a substitution for upper triangular ``matrix``, else LU."""
+    if upper:
+        return backend.solve_triangular(xp, hermitian_transpose(matrix, xp), rhs, lower=True)
+    return backend.solve(xp, hermitian_transpose(matrix, xp), rhs)
+
+
+def downdate_directions(triangular: Any, xp: Any, *, upper: bool = True) -> Any:
     """Columns of R^{-H}, normalized: s_i spans range(Q) minus range(Y without column i)
-    (:func:`regularized_inverse_h` when R is singular)."""
-    inverse_h = regularized_inverse_h(triangular, xp)
+    (:func:`regularized_inverse_h` when R is singular; ``upper`` as there)."""
+    inverse_h = regularized_inverse_h(triangular, xp, upper=upper)
     norms = xp.sqrt(xp.sum(abs2(inverse_h, xp), axis=0))
     return inverse_h / xp.astype(norms, inverse_h.dtype)
 

@@ -146,7 +146,8 @@ def xtrace_estimates(
     improved : bool
         Rescale x_i to length sqrt(n - s + 1) (rotation-invariant probes only).
     triangular : array (s, s), optional
-        ``R = Q^H Y`` for this very ``basis`` (computed if absent).
+        The upper triangular ``R = Q^H Y`` of the QR factorization whose Q is ``basis``
+        (then the downdates solve by substitution); computed, and solved by LU, if absent.
     directions : array (s, s), optional
         The downdate directions of R (computed if absent).
 
@@ -170,8 +171,9 @@ def _xtrace_program(
 ) -> tuple[Any, Any, Any, ExchangeableError]:
     """Everything after the products (JAX compiles it as one program when it runs
     eagerly; eager JAX pays for every small operation)."""
-    r = hermitian_transpose(basis, xp) @ images if triangular is None else triangular  # Q^H Y
-    sdir = downdate_directions(r, xp) if directions is None else directions
+    upper = triangular is not None  # R of the QR factorization, else any Q^H Y
+    r = triangular if upper else hermitian_transpose(basis, xp) @ images  # Q^H Y
+    sdir = downdate_directions(r, xp, upper=upper) if directions is None else directions
     estimates, pseudo = _xtrace_algebra(xp, improved, probes, images, basis, basis_images, r, sdir)
     value = xp.mean(estimates)
     return estimates, pseudo, value, exchangeable_error(estimates, pseudo, value, xp)
