@@ -12,14 +12,18 @@ Files: ``.npy``, ``.npz`` (``scipy.sparse.save_npz`` or one dense array from
 ``numpy.savez``) and Matrix Market ``.mtx`` / ``.mtx.gz``. Bad input (a missing,
 unreadable or corrupt file, a non-square matrix, NaN entries, an unknown method, backend
 or device) ends with exit status 2 and one line on stderr; ``--debug`` adds the traceback.
-Output files are written to a temporary file in the same directory and renamed, so a
-failed run never leaves a partial file.
+Before anything is computed the outputs are checked (a writable directory, not the input
+file) and the size the file declares is checked against the memory available, so a tiny
+file declaring a huge matrix is refused instead of exhausting the memory. Outputs are
+written to temporary files beside them and renamed into place only once the whole run has
+succeeded: a failed run leaves existing files as they were and no partial ones.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -63,6 +67,16 @@ PLOT_EXACT_LIMIT = 4096
 #: Vector entries shown on the terminal (the rest goes to --output).
 SHOWN_ENTRIES = 10
 DEMO_MATRIX = "digits_knn_laplacian.mtx"
+#: Rows of a CSV output formatted at a time (the text of all n rows is never held at once).
+CSV_ROWS = 65536
+#: Most bytes deflate expands one compressed byte into (its limit is about 1032:1).
+GZIP_MAX_RATIO = 1032
+#: Bytes of header (banner, comments, size line) read from a Matrix Market file at most.
+MTX_HEADER_LIMIT = 1 << 20
+#: Bytes of one index of a sparse matrix (int64 at the sizes where memory matters).
+INDEX_BYTES = 8
+#: Bytes per entry of a vector printed as JSON (a Python float in a list, then its text).
+JSON_ENTRY_BYTES = 64
 
 
 class CliError(Exception):
@@ -88,6 +102,276 @@ def _file_format(path: Path) -> str:
     raise CliError(f"{path}: unknown format ({found}); expected one of {', '.join(FORMATS)}")
 
 
+# Shortest text of one entry in a Matrix Market file ("1 1 0" and a line break for a
+# real coordinate entry, "0" and a line break for an array entry), by field.
+_MTX_COORDINATE_BYTES = {"pattern": 4, "integer": 6, "real": 6, "double": 6, "complex": 8}
+_MTX_ARRAY_BYTES = {"integer": 2, "real": 2, "double": 2, "complex": 4}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Declared:
+    """The matrix a file declares in its header, read without reading its entries."""
+
+    rows: int
+    cols: int
+    entries: int  # entries the file declares
+    stored: int  # entries the reader holds (a symmetric Matrix Market file: both triangles)
+    dtype: np.dtype[Any]  # of the values as read
+    sparse: bool
+
+    def describe(self) -> str:
+        kind = "sparse" if self.sparse else "dense"
+        return f"a {self.rows} x {self.cols} {kind} matrix with {_entries(self.entries)}"
+
+
+def _entries(count: int) -> str:
+    return f"{count} entr{'y' if count == 1 else 'ies'}"
+
+
+def _declared(path: Path) -> _Declared | None:
+    """The size ``path`` declares, from its header alone; ``None`` where the header does not
+    say (the reader then reports what is wrong).
+
+    Raises
+    ------
+    CliError
+        When the header declares more entries than the file can hold (a corrupt file).
+    """
+    try:
+        if not path.is_file():
+            return None
+        kind = _file_format(path)
+    except (CliError, OSError):
+        return None
+    try:
+        if kind == ".npy":
+            with open(path, "rb") as file:
+                header = _npy_header(file)
+                if header is None:
+                    return None
+                shape, dtype = header
+                room = path.stat().st_size - file.tell()
+            declared = _dense(shape, dtype)
+            if declared is not None and declared.stored * dtype.itemsize > room:
+                raise CliError(
+                    f"{path}: not a readable .npy file (corrupt header: it declares "
+                    f"{declared.describe()}, {_format_bytes(declared.stored * dtype.itemsize)}, "
+                    f"but the file holds {room} bytes of data)"
+                )
+            return declared
+        if kind == ".npz":
+            return _declared_npz(path)
+        return _declared_mtx(path, kind)
+    except CliError:
+        raise
+    except Exception:  # an unreadable header: the reader reports it with its own words
+        return None
+
+
+def _npy_header(file: IO[bytes]) -> tuple[tuple[int, ...], np.dtype[Any]] | None:
+    """The shape and dtype in the header of a .npy stream (left at the start of the data)."""
+    version = np.lib.format.read_magic(file)
+    if version == (1, 0):
+        shape, _, dtype = np.lib.format.read_array_header_1_0(file)
+    elif version == (2, 0):
+        shape, _, dtype = np.lib.format.read_array_header_2_0(file)
+    else:
+        return None
+    return tuple(int(d) for d in shape), np.dtype(dtype)
+
+
+def _dense(shape: tuple[int, ...], dtype: np.dtype[Any]) -> _Declared | None:
+    if len(shape) != 2 or dtype.hasobject:
+        return None  # the reader refuses these with its own message
+    rows, cols = shape
+    return _Declared(rows, cols, rows * cols, rows * cols, dtype, sparse=False)
+
+
+def _declared_npz(path: Path) -> _Declared | None:
+    import zipfile
+
+    with zipfile.ZipFile(path) as archive:
+        members = {name.removesuffix(".npy"): name for name in archive.namelist()}
+        headers = {}
+        for key, name in members.items():
+            with archive.open(name) as member:
+                headers[key] = _npy_header(member)
+        if "format" in members and "shape" in members:  # scipy.sparse.save_npz
+            shape_header, data_header = headers["shape"], headers.get("data")
+            if shape_header is None or data_header is None or math.prod(shape_header[0]) != 2:
+                return None
+            with archive.open(members["shape"]) as member:
+                rows, cols = (int(d) for d in np.load(member, allow_pickle=False))
+            stored = math.prod(data_header[0])
+            return _Declared(rows, cols, stored, stored, data_header[1], sparse=True)
+        if len(headers) == 1:
+            header = next(iter(headers.values()))
+            return None if header is None else _dense(*header)
+    return None
+
+
+def _declared_mtx(path: Path, kind: str) -> _Declared | None:
+    import gzip
+
+    compressed = kind == ".mtx.gz"
+    opener: Callable[..., IO[bytes]] = gzip.open if compressed else open  # type: ignore[assignment]
+    with opener(path, "rb") as file:
+        banner = file.readline(MTX_HEADER_LIMIT)
+        used = len(banner)
+        words = banner.decode("latin-1").lower().split()
+        if len(words) != 5 or words[:2] != ["%%matrixmarket", "matrix"]:
+            return None
+        layout, field, symmetry = words[2:]
+        while True:
+            line = file.readline(MTX_HEADER_LIMIT)
+            used += len(line)
+            if not line or used > MTX_HEADER_LIMIT:
+                return None
+            if line.strip() and not line.lstrip().startswith(b"%"):
+                break
+    numbers = [int(word) for word in line.split()]
+    if layout == "coordinate" and len(numbers) == 3:
+        rows, cols, entries = numbers
+        shortest = _MTX_COORDINATE_BYTES.get(field)
+    elif layout == "array" and len(numbers) == 2:
+        rows, cols = numbers
+        n = min(rows, cols)
+        entries = {
+            "general": rows * cols,
+            "symmetric": n * (n + 1) // 2,
+            "hermitian": n * (n + 1) // 2,
+            "skew-symmetric": n * (n - 1) // 2,
+        }.get(symmetry, rows * cols)
+        shortest = _MTX_ARRAY_BYTES.get(field)
+    else:
+        return None
+    if shortest is None or min(rows, cols, entries) < 0:
+        return None
+    size = path.stat().st_size
+    room = size * GZIP_MAX_RATIO if compressed else size - used
+    if entries * shortest - 1 > room:  # the last line may go without its line break
+        raise CliError(
+            f"{path}: not a readable {kind} file (corrupt header: it declares "
+            f"{_entries(entries)} of a {rows} x {cols} matrix, more than a file of {size} bytes"
+            f"{', compressed,' if compressed else ''} can hold)"
+        )
+    dtype = np.dtype({"complex": np.complex128, "integer": np.int64}.get(field, np.float64))
+    if layout == "array":
+        return _Declared(rows, cols, entries, rows * cols, dtype, sparse=False)
+    stored = entries if symmetry == "general" else 2 * entries
+    return _Declared(rows, cols, entries, stored, dtype, sparse=True)
+
+
+def _reading_bytes(declared: _Declared) -> int:
+    """Memory that reading the file takes at its peak: a sparse file is parsed into COO (two
+    indices and a value per entry), converted to CSR (row pointers, one index and a value per
+    entry) and checked for finite values (a mask); a dense one is its array and the mask."""
+    stored, item = declared.stored, declared.dtype.itemsize
+    if not declared.sparse:
+        return stored * (item + 1)
+    coo = stored * (2 * INDEX_BYTES + item)
+    return coo + _csr_bytes(declared.rows, stored, item) + stored
+
+
+def _csr_bytes(rows: int, stored: int, item: int) -> int:
+    return (rows + 1) * INDEX_BYTES + stored * (INDEX_BYTES + item)
+
+
+def _format_bytes(count: float) -> str:
+    units = ("bytes", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB", "ZiB", "YiB")
+    unit = 0
+    while count >= 1024 and unit < len(units) - 1:
+        count, unit = count / 1024, unit + 1
+    return f"{int(count)} bytes" if unit == 0 else f"{count:.4g} {units[unit]}"
+
+
+def _cgroup_memory_left() -> int | None:
+    """Bytes left under the memory limits of this process's cgroup and those above it (a
+    container's limit: cgroup v2 or v1), counting reclaimable page cache as free; ``None``
+    where no limit is set or none can be read."""
+    root = Path("/sys/fs/cgroup")
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    left = []
+    for line in lines:
+        number, controllers, own = (line.split(":", 2) + ["", ""])[:3]
+        if number == "0" and not controllers:  # v2: one hierarchy
+            base, names = root, ("memory.max", "memory.current", "inactive_file")
+        elif "memory" in controllers.split(","):  # v1: the memory controller's hierarchy
+            base = root / "memory"
+            names = ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")
+        else:
+            continue
+        folder = base / own.strip().lstrip("/")
+        for directory in (folder, *folder.parents):
+            if not directory.is_relative_to(base):
+                break
+            figure = _cgroup_left(directory, *names)
+            if figure is not None:
+                left.append(figure)
+    return min(left) if left else None
+
+
+def _cgroup_left(directory: Path, limit_name: str, usage_name: str, cache_key: str) -> int | None:
+    try:
+        text = (directory / limit_name).read_text().strip()
+        if text == "max":
+            return None
+        limit, usage = int(text), int((directory / usage_name).read_text().strip())
+    except (OSError, ValueError):
+        return None
+    if limit >= 1 << 60:  # v1 writes "no limit" as a huge number
+        return None
+    cache = 0
+    with contextlib.suppress(OSError, ValueError):
+        for line in (directory / "memory.stat").read_text().splitlines():
+            key, _, value = line.partition(" ")
+            if key == cache_key:
+                cache = int(value)
+    return max(0, limit - usage + cache)
+
+
+def _address_space_left() -> int | None:
+    """Bytes of address space left under ``ulimit -v`` (RLIMIT_AS); ``None`` without one."""
+    try:
+        import resource
+
+        soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+        if soft == resource.RLIM_INFINITY or soft < 0:
+            return None
+    except (ImportError, OSError, ValueError):
+        return None
+    with contextlib.suppress(OSError, ValueError):
+        with open("/proc/self/status") as file:
+            for line in file:
+                if line.startswith("VmSize:"):
+                    return max(0, soft - int(line.split()[1]) * 1024)
+    return int(soft)
+
+
+def _available_memory() -> int | None:
+    """Bytes this process may still allocate: the host's available memory, or less where a
+    container's cgroup limit or an address-space limit leaves less; ``None`` if unknown."""
+    known = [
+        figure
+        for figure in (backend.host_free_memory(), _cgroup_memory_left(), _address_space_left())
+        if figure is not None
+    ]
+    return min(known) if known else None
+
+
+def _check_memory(path: Path, declared: _Declared, need: int) -> None:
+    """Refuse (CliError) a run that would need more memory than is available."""
+    available = _available_memory()
+    if available is not None and need > available:
+        raise CliError(
+            f"{path}: the file declares {declared.describe()}; this run would need about "
+            f"{_format_bytes(need)} of memory and {_format_bytes(available)} is available"
+        )
+
+
 def load_matrix(path: str | os.PathLike[str]) -> Any:
     """Read a matrix file into a NumPy array or a SciPy sparse CSR array.
 
@@ -105,8 +389,11 @@ def load_matrix(path: str | os.PathLike[str]) -> Any:
     Raises
     ------
     CliError
-        For a missing file, an unknown format, a file that cannot be parsed, or contents
-        that are not a 2-d numeric matrix. The message starts with the path.
+        For a missing file, an unknown format, a file that cannot be parsed, contents
+        that are not a 2-d numeric matrix, a header that declares more entries than the
+        file holds, or a declared size that reading would need more memory for than is
+        available (checked before anything of that size is allocated). The message
+        starts with the path.
 
     Examples
     --------
@@ -123,6 +410,9 @@ def load_matrix(path: str | os.PathLike[str]) -> Any:
     if path.is_dir():
         raise CliError(f"{path}: is a directory, not a matrix file")
     kind = _file_format(path)
+    declared = _declared(path)
+    if declared is not None:
+        _check_memory(path, declared, _reading_bytes(declared))
     try:
         if kind == ".npy":
             matrix = np.load(path, allow_pickle=False)
@@ -209,25 +499,82 @@ def _to_library(matrix: Any, library: str, device: str | None, dtype: str) -> An
 # ---------------------------------------------------------------------------- output
 
 
+def _reason(error: OSError) -> str:
+    return error.strerror or _one_line(error)
+
+
+class _Staged:
+    """Output files written to temporaries beside their targets and renamed into place
+    together by :meth:`commit`, once the whole run has succeeded; :meth:`discard` removes
+    the temporaries not committed and leaves the targets as they were.
+
+    Errors name the user's path (``--output FILE: ...``), never a temporary."""
+
+    def __init__(self) -> None:
+        self._files: list[tuple[str, Path, str]] = []  # (temporary, target, option)
+
+    @contextlib.contextmanager
+    def open(self, path: Path, option: str = "output") -> Iterator[IO[bytes]]:
+        """A binary file that becomes ``path`` on :meth:`commit`."""
+        try:
+            fd, temporary = tempfile.mkstemp(
+                dir=_directory(path), prefix=f".{path.name}.", suffix=".part"
+            )
+        except OSError as error:
+            raise CliError(f"{option} {path}: cannot create the file ({_reason(error)})") from None
+        self._files.append((temporary, path, option))
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                yield handle
+        except OSError as error:
+            raise CliError(f"{option} {path}: cannot write the file ({_reason(error)})") from None
+
+    def commit(self) -> None:
+        umask = os.umask(0)
+        os.umask(umask)
+        for temporary, path, option in self._files:
+            try:
+                os.chmod(temporary, 0o666 & ~umask)
+            except OSError as error:
+                raise CliError(
+                    f"{option} {path}: cannot write the file ({_reason(error)})"
+                ) from None
+        while self._files:  # renames within one directory: they do not fail once created
+            temporary, path, option = self._files[0]
+            try:
+                os.replace(temporary, path)
+            except OSError as error:
+                raise CliError(
+                    f"{option} {path}: cannot replace the file ({_reason(error)})"
+                ) from None
+            self._files.pop(0)
+
+    def discard(self) -> None:
+        for temporary, _, _ in self._files:
+            with contextlib.suppress(OSError):
+                os.unlink(temporary)
+        self._files.clear()
+
+
 @contextlib.contextmanager
 def _atomic_file(path: Path) -> Iterator[IO[bytes]]:
     """A binary file that appears at ``path`` only when the block finishes without error."""
-    directory = path.parent if str(path.parent) else Path(".")
-    fd, temporary = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".part")
+    staged = _Staged()
     try:
-        with os.fdopen(fd, "wb") as handle:
+        with staged.open(path) as handle:
             yield handle
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temporary, 0o666 & ~umask)
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temporary)
-        raise
+        staged.commit()
+    finally:
+        staged.discard()
+
+
+def _directory(path: Path) -> Path:
+    return path.parent if str(path.parent) else Path(".")
 
 
 def _check_target(path: str | None, suffixes: tuple[str, ...], option: str) -> Path | None:
+    """``path`` as a Path once its format is known and its directory takes a new file
+    (checked before anything is computed); CliError naming ``path`` otherwise."""
     if path is None:
         return None
     target = Path(path)
@@ -236,37 +583,84 @@ def _check_target(path: str | None, suffixes: tuple[str, ...], option: str) -> P
             f"{option} {path}: unknown format ({target.suffix or 'no suffix'}); "
             f"expected {' or '.join(suffixes)}"
         )
-    parent = target.parent if str(target.parent) else Path(".")
-    if not parent.is_dir():
+    parent = _directory(target)
+    if not parent.exists():
         raise CliError(f"{option} {path}: directory {parent} does not exist")
+    if not parent.is_dir():
+        raise CliError(f"{option} {path}: {parent} is not a directory")
     if target.is_dir():
         raise CliError(f"{option} {path}: is a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise CliError(f"{option} {path}: directory {parent} is not writable")
+    # os.access says yes to root everywhere, and a read-only mount may refuse only the
+    # creation itself: create (and remove) a file there now rather than after the run
+    try:
+        fd, probe = tempfile.mkstemp(dir=parent, prefix=f".{target.name}.", suffix=".part")
+    except OSError as error:
+        raise CliError(
+            f"{option} {path}: cannot create a file in {parent} ({_reason(error)})"
+        ) from None
+    os.close(fd)
+    with contextlib.suppress(OSError):
+        os.unlink(probe)
     return target
 
 
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist (yet)
+        pass
+    try:
+        return a.resolve() == b.resolve()
+    except (OSError, RuntimeError):
+        return a.absolute() == b.absolute()
+
+
+def _check_distinct(source: Path, targets: Sequence[tuple[str, str | None]]) -> None:
+    """Refuse outputs that are the input file (by any path: a symlink, a hard link, ``..``)
+    or one another."""
+    seen: list[tuple[str, str]] = []
+    for option, path in targets:
+        if path is None:
+            continue
+        if _same_file(Path(path), source):
+            raise CliError(
+                f"{option} {path}: that is the input file {source}; refusing to overwrite it"
+            )
+        for other_option, other in seen:
+            if _same_file(Path(path), Path(other)):
+                raise CliError(f"{option} {path}: the same file as {other_option} {other}")
+        seen.append((option, path))
+
+
 def _write_vector(
-    path: Path, result: dict[str, Any], value: np.ndarray, stderr: Any, interval: Any
+    handle: IO[bytes], path: Path, value: np.ndarray, stderr: Any, interval: Any
 ) -> None:
-    with _atomic_file(path) as handle:
-        if path.suffix.lower() == ".npy":
-            np.save(handle, value)
-            return
-        columns = {"index": np.arange(value.shape[0])}
-        if np.iscomplexobj(value):
-            columns["value_real"], columns["value_imag"] = value.real, value.imag
-        else:
-            columns["value"] = value
-        if stderr is not None:
-            columns["stderr"] = stderr
-        if interval is not None:
-            columns["low"], columns["high"] = interval
-        header = ",".join(columns)
-        lines = [header]
-        stacked = zip(*columns.values())
-        lines.extend(
-            ",".join(repr(float(x)) if i else str(int(x)) for i, x in enumerate(row))
-            for row in stacked
-        )
+    """``value`` (with its stderr and interval in a CSV) to ``handle``, in the format of
+    ``path``; the CSV is formatted CSV_ROWS rows at a time."""
+    if path.suffix.lower() == ".npy":
+        np.save(handle, value)
+        return
+    columns: dict[str, Any] = {}
+    if np.iscomplexobj(value):
+        columns["value_real"], columns["value_imag"] = value.real, value.imag
+    else:
+        columns["value"] = value
+    if stderr is not None:
+        columns["stderr"] = stderr
+    if interval is not None:
+        columns["low"], columns["high"] = interval
+    handle.write((",".join(["index", *columns]) + "\n").encode())
+    for start in range(0, value.shape[0], CSV_ROWS):
+        stop = min(start + CSV_ROWS, value.shape[0])
+        chunk = [
+            np.asarray(column[start:stop], dtype=float).tolist() for column in columns.values()
+        ]
+        lines = [
+            ",".join([str(index), *map(repr, row)])
+            for index, row in zip(range(start, stop), zip(*chunk))
+        ]
         handle.write(("\n".join(lines) + "\n").encode())
 
 
@@ -424,6 +818,8 @@ def _result(
     confidence: float,
     extra: dict[str, Any],
 ) -> tuple[dict[str, Any], np.ndarray, Any, Any]:
+    """The result's fields, with the value, stderr and interval as NumPy (the fields hold
+    None until :func:`_json_result`: n Python floats per vector only for JSON)."""
     value = backend.to_numpy(estimate.value)
     stderr = None if estimate.stderr is None else backend.to_numpy(estimate.stderr)
     interval = _interval(estimate, confidence)
@@ -431,15 +827,22 @@ def _result(
         "quantity": quantity,
         **extra,
         "method": estimate.method,
-        "value": _plain(value),
-        "stderr": _plain(stderr),
-        "interval": None if interval is None else [_plain(interval[0]), _plain(interval[1])],
+        "value": None,
+        "stderr": None,
+        "interval": None,
         "confidence": confidence,
         "matvecs": int(estimate.num_matvecs),
         "converged": estimate.converged,
         "seconds": seconds,
     }
     return result, value, stderr, interval
+
+
+def _json_result(result: dict[str, Any], value: np.ndarray, stderr: Any, interval: Any) -> str:
+    plain = interval if interval is None else [_plain(interval[0]), _plain(interval[1])]
+    return json.dumps(
+        {**result, "value": _plain(value), "stderr": _plain(stderr), "interval": plain}
+    )
 
 
 def _print_result(result: dict[str, Any], value: np.ndarray, stderr: Any, interval: Any) -> None:
@@ -500,12 +903,43 @@ def _elapsed(start: float, estimate: Estimate, operator: LinearOperator) -> floa
     return time.perf_counter() - start
 
 
+def _run_bytes(declared: _Declared, args: argparse.Namespace, quantity: str, plot: bool) -> int:
+    """Memory a run on the matrix ``declared`` takes at its peak (an estimate, from the
+    header alone): the larger of reading the file and computing, where computing holds the
+    matrix, its copy in the compute dtype, a probe block and its product (columns as the
+    block size the run would use: on the host at most CPU_BLOCK_BYTES per block), the
+    result vectors, their JSON text and the estimates a diagonal plot draws."""
+    from ._blocks import CPU_BLOCK_BYTES
+
+    rows, cols, stored = declared.rows, declared.cols, declared.stored
+    item = declared.dtype.itemsize
+    compute = np.dtype(getattr(args, "dtype", None) or _default_dtype(declared)).itemsize
+    if declared.sparse:
+        held = _csr_bytes(rows, stored, item) + _csr_bytes(rows, stored, compute)
+    else:
+        held = rows * cols * (item + compute)
+    n = max(rows, cols)
+    columns = 1 if quantity == "rowsums" else getattr(args, "block_size", None) or n
+    block = max(1, min(columns, n, CPU_BLOCK_BYTES // max(1, n * compute)))
+    work = (rows + cols) * block * compute
+    vectors = 8 * n * 8  # value, stderr, interval and the estimators' running sums
+    if getattr(args, "json", False) and quantity != "trace":
+        vectors += 4 * n * JSON_ENTRY_BYTES
+    if plot and quantity == "diagonal":
+        vectors += 36 * n * 8  # up to 12 estimates, each with its interval
+    return max(_reading_bytes(declared), held + work + vectors)
+
+
 def _run_quantity(args: argparse.Namespace, quantity: str) -> int:
     estimating = quantity in ("trace", "diagonal")
     if estimating:
         get_estimator(args.method, quantity)  # unknown names fail before the file is read
     output = _check_target(getattr(args, "output", None), OUTPUT_SUFFIXES, "--output")
     plot = _check_target(getattr(args, "plot", None), PLOT_SUFFIXES, "--plot")
+    path = Path(args.file)
+    _check_distinct(
+        path, [("--output", getattr(args, "output", None)), ("--plot", getattr(args, "plot", None))]
+    )
     if plot is not None:
         _require_matplotlib()
         if args.method == "exact":
@@ -518,7 +952,9 @@ def _run_quantity(args: argparse.Namespace, quantity: str) -> int:
     except ImportError as error:
         raise CliError(str(error)) from None
 
-    path = Path(args.file)
+    declared = _declared(path)
+    if declared is not None:
+        _check_memory(path, declared, _run_bytes(declared, args, quantity, plot is not None))
     matrix = load_matrix(path)
     rows, cols = matrix.shape
     if quantity != "rowsums" and rows != cols:
@@ -565,14 +1001,20 @@ def _run_quantity(args: argparse.Namespace, quantity: str) -> int:
 
     confidence = getattr(args, "confidence", 0.95)
     result, value, stderr, interval = _result(quantity, estimate, seconds, confidence, extra)
-    if output is not None:
-        _write_vector(output, result, value, stderr, interval)
-        result["output"] = str(output)
-    if plot is not None:
-        _plot(plot, quantity, operator, options, estimate, str(path))
-        result["plot"] = str(plot)
+    staged = _Staged()  # the outputs appear together, and only if all of them were written
+    try:
+        if output is not None:
+            with staged.open(output, "--output") as handle:
+                _write_vector(handle, output, value, stderr, interval)
+            result["output"] = str(output)
+        if plot is not None:
+            _plot(plot, quantity, operator, options, estimate, str(path), staged)
+            result["plot"] = str(plot)
+        staged.commit()
+    finally:
+        staged.discard()
     if args.json:
-        print(json.dumps(result))
+        print(_json_result(result, value, stderr, interval))
     else:
         _print_result(result, value, stderr, interval)
     return EXIT_OK
@@ -672,6 +1114,7 @@ def _plot(
     options: dict[str, Any],
     estimate: Estimate,
     label: str,
+    staged: _Staged,
 ) -> None:
     # a bare Figure (no pyplot): no GUI backend, no global state in the caller's process
     from matplotlib.figure import Figure
@@ -772,7 +1215,7 @@ def _plot(
     axes.legend(loc="best")
     axes.grid(True, alpha=0.3)
     figure.tight_layout()
-    with _atomic_file(path) as handle:
+    with staged.open(path, "--plot") as handle:
         figure.savefig(handle, format=path.suffix.lower().lstrip("."))
 
 
