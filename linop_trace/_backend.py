@@ -651,13 +651,13 @@ def make_random_source(seed: Any, xp: Any, device: Any) -> RandomSource:
             elif isinstance(seed, np.random.Generator):
                 generator.manual_seed(int(seed.integers(0, 2**63 - 1)))
             else:
-                generator.manual_seed(int(seed))
+                generator.manual_seed(fold_seed(int(seed), 64))
         return RandomSource(xp, device, "torch", generator)
     if array_api_compat.is_jax_namespace(xp):
         import jax
 
         if isinstance(seed, (int, np.integer)):
-            key = jax.random.key(int(seed))
+            key = jax.random.key(fold_seed(int(seed), 63))
         elif seed is None or isinstance(seed, np.random.Generator):
             rng = seed if seed is not None else np.random.default_rng()
             key = jax.random.key(int(rng.integers(0, 2**31 - 1)))
@@ -682,6 +682,41 @@ def make_random_source(seed: Any, xp: Any, device: Any) -> RandomSource:
     return RandomSource(xp, device, kind, numpy_generator)
 
 
+def is_half_precision(xp: Any, dtype: Any) -> bool:
+    """Whether ``dtype`` is a 16-bit float (float16, bfloat16) or torch's 32-bit complex."""
+    try:
+        if xp.isdtype(dtype, "real floating"):
+            return int(xp.finfo(dtype).bits) == 16
+        if xp.isdtype(dtype, "complex floating"):
+            return int(xp.finfo(dtype).bits) <= 16  # finfo of complex32: its parts' bits
+    except (TypeError, ValueError):
+        return False
+    return False
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` says that the host or a device ran out of memory: MemoryError, an
+    ``OutOfMemoryError`` (torch's, CuPy's), or a message with "out of memory" (torch on
+    CUDA and MPS) or "RESOURCE_EXHAUSTED" (XLA)."""
+    if isinstance(error, MemoryError):
+        return True
+    if any(cls.__name__ == "OutOfMemoryError" for cls in type(error).__mro__):
+        return True
+    message = str(error).lower()
+    return "out of memory" in message or "resource_exhausted" in message
+
+
+def fold_seed(seed: int, bits: int) -> int:
+    """``seed`` if it is below ``2**bits``, else a ``bits``-bit seed derived from all of its
+    digits (NumPy's ``SeedSequence``): torch seeds take 64 bits and JAX keys 63, while
+    NumPy takes any non-negative int. Distinct large seeds stay distinct but for a hash
+    collision (probability ~2**-bits)."""
+    if seed < 2**bits:
+        return seed
+    words = np.random.SeedSequence(seed).generate_state(2, np.uint32)
+    return (int(words[0]) << 32 | int(words[1])) & ((1 << bits) - 1)
+
+
 def jax_seed(seed: Any) -> tuple[Any, bool]:
     """A JAX program's seed argument and whether it is a key: a key as it is; an int (or
     ``None``: fresh entropy, or a NumPy generator: its next draw) as a NumPy integer that
@@ -692,7 +727,7 @@ def jax_seed(seed: Any) -> tuple[Any, bool]:
     if isinstance(seed, (int, np.integer)):
         if seed < 0:
             raise ValueError(f"seed must be a non-negative int, got {seed}")
-        value = int(seed)
+        value = fold_seed(int(seed), 63)
     elif seed is None or isinstance(seed, np.random.Generator):
         rng = seed if seed is not None else np.random.default_rng()
         value = int(rng.integers(0, 2**31 - 1))
@@ -1429,3 +1464,49 @@ def product_precision(xp: Any, precision: str | None) -> Any:
     import jax
 
     return jax.default_matmul_precision(precision)
+
+
+# ------------------------------------------------------------------ product failures
+
+#: Words in an error's message that mean a device or the host ran out of memory: torch
+#: ("CUDA out of memory", "MPS backend out of memory") and XLA ("RESOURCE_EXHAUSTED").
+_OUT_OF_MEMORY_MESSAGES = ("out of memory", "resource_exhausted")
+
+#: What torch.func and JAX raise when a function does not support a transform:
+#: RuntimeError (torch: ``.item()``, in-place ops, data-dependent control flow, batching
+#: rules; NotImplementedError: no forward-mode rule; torch.compile's errors), TypeError
+#: (JAX's tracer errors: ConcretizationTypeError, TracerArrayConversionError,
+#: TracerBoolConversionError, UnexpectedTracerError; custom_vjp under jvp), IndexError
+#: (JAX: slices with traced bounds) and ValueError (vmap: outputs that are not arrays,
+#: or vectors where a block is mapped).
+_TRANSFORM_ERRORS = (RuntimeError, TypeError, IndexError, ValueError)
+
+
+def is_transient_error(error: BaseException) -> bool:
+    """Whether ``error`` says nothing about the function that raised it.
+
+    True for interrupts and exits (any non-``Exception``, such as KeyboardInterrupt), a
+    MemoryError, any ``OutOfMemoryError`` (torch's, CuPy's) and an error whose message
+    says the memory ran out (torch's "out of memory", XLA's "RESOURCE_EXHAUSTED"). The
+    same call may succeed later, or with a smaller block, so a caller must not trade a
+    product route for another on it.
+    """
+    if not isinstance(error, Exception) or isinstance(error, MemoryError):
+        return True
+    # by name: torch.OutOfMemoryError is a RuntimeError, and naming it needs no import
+    if any(cls.__name__ == "OutOfMemoryError" for cls in type(error).__mro__):
+        return True
+    message = str(error).lower()
+    return any(words in message for words in _OUT_OF_MEMORY_MESSAGES)
+
+
+def is_unsupported_transform_error(error: BaseException) -> bool:
+    """Whether ``error`` may mean that the function does not support a transform (vmap,
+    jvp, grad, jit), so that a route without it (another mode, a loop) may work.
+
+    True for the error types transforms raise (RuntimeError, TypeError, IndexError,
+    ValueError and their subclasses, JAX's tracer errors among them), unless
+    :func:`is_transient_error`. Other errors (AssertionError, KeyError, OSError, ...) come
+    from the function itself and would come from any route.
+    """
+    return isinstance(error, _TRANSFORM_ERRORS) and not is_transient_error(error)

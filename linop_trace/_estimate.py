@@ -209,6 +209,38 @@ class Estimate:
         """Excess kurtosis of those samples (``None`` as for :attr:`skewness`)."""
         return _host_number(self._sample_shape()[1])
 
+    def divided_by(self, scale: Any) -> Estimate:
+        """The estimate of A from one of ``scale * A`` (a 0-d array, a power of two, so
+        the division is exact): value, stderr and every floating array of ``info`` (all
+        linear in A for the built-in methods) divided; dof and the samples' shape are
+        scale-free, and ``info["auto"]``'s predicted variances go by ``scale**2``."""
+        xp = backend.array_namespace(scale)
+
+        def down(x: Any) -> Any:
+            dtype = getattr(x, "dtype", None)  # arrays, and NumPy's 0-d results (scalars)
+            if dtype is not None and xp.isdtype(dtype, ("real floating", "complex floating")):
+                return x / xp.astype(scale, backend.real_dtype_for(xp, x.dtype))
+            return x
+
+        info = {key: down(item) for key, item in self.info.items()}
+        if isinstance(info.get("auto"), dict):
+            factor = backend.read_float(scale) if not backend.is_tracer(scale) else None
+            info["auto"] = {
+                key: (item / factor / factor if factor and isinstance(item, float) else item)
+                for key, item in info["auto"].items()
+            }
+        return Estimate(
+            down(self._value),
+            None if self._stderr is None else down(self._stderr),
+            self.num_matvecs,
+            self.method,
+            self.converged,
+            self._dof,
+            info,
+            shape_of=self._shape_of,
+            checks=self._checks,
+        )
+
     def with_checks(self, checks: tuple[DeferredCheck, ...], num_matvecs: int) -> Estimate:
         """The same estimate with more checks and the counted ``num_matvecs`` (used by
         :func:`~linop_trace.trace` and :func:`~linop_trace.diagonal` on every result)."""

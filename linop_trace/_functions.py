@@ -9,7 +9,7 @@ from typing import Any
 from . import _backend as backend
 from ._blocks import probe_block_size
 from ._estimate import Estimate
-from ._operators import LinearOperator, aslinearoperator
+from ._operators import LinearOperator, aslinearoperator, widened
 from ._probes import ProbeSampler
 from ._validation import check_num_matvecs, check_positive_int, check_square, check_tolerance
 from .estimators._base import CountingMatmat, EstimationRequest, Estimator
@@ -20,6 +20,24 @@ __all__ = ["col_sums", "diagonal", "frobenius_norm_squared", "row_sums", "trace"
 
 DEFAULT_NUM_MATVECS = 100
 DEFAULT_MAX_MATVECS = 1000
+#: A randomized estimate may spend at most max(BUDGET_CAP_FACTOR * n, BUDGET_CAP_FLOOR)
+#: products: n of them compute the trace or diagonal exactly, and a budget far beyond
+#: that is a typo that would run for hours before running out of memory.
+BUDGET_CAP_FACTOR = 100
+BUDGET_CAP_FLOOR = 10**6
+
+
+def _check_budget_cap(operator: LinearOperator, name: str, budget: int) -> None:
+    """Refuse a randomized budget beyond the cap (``"exact"`` spends n products whatever
+    the budget, and ``"auto"`` computes exactly when n <= its budget)."""
+    n = operator.shape[1]
+    cap = max(BUDGET_CAP_FACTOR * n, BUDGET_CAP_FLOOR)
+    if name not in ("exact", "auto") and budget > cap:
+        raise ValueError(
+            f"a budget of {budget} products exceeds the cap for method {name!r} on an "
+            f"operator of size n = {n}: max({BUDGET_CAP_FACTOR} n, {BUDGET_CAP_FLOOR}) = "
+            f"{cap}; method='exact' computes the value with n = {n} products"
+        )
 
 
 @dataclass(frozen=True)
@@ -35,6 +53,7 @@ class _Settings:
     max_matvecs: int
     check_finite: bool
     product_precision: str | None = None
+    unit_scale: bool = False
 
     @property
     def adaptive(self) -> bool:
@@ -45,7 +64,11 @@ class _Settings:
         sampler = ProbeSampler(self.probe, n, operator.xp, operator.dtype, operator.device, random)
         return EstimationRequest(
             matmat=CountingMatmat(
-                operator, self.check_finite, self.block_size, self.product_precision
+                operator,
+                self.check_finite,
+                self.block_size,
+                self.product_precision,
+                unit_scale=self.unit_scale,
             ),
             probes=sampler,
             num_matvecs=self.num_matvecs,
@@ -90,6 +113,7 @@ def _settings(
         max_matvecs = max(num_matvecs, DEFAULT_MAX_MATVECS) if adaptive else num_matvecs
     elif max_matvecs < num_matvecs:
         raise ValueError(f"`max_matvecs`={max_matvecs} is smaller than `num_matvecs`={num_matvecs}")
+    _check_budget_cap(operator, name, max(num_matvecs, max_matvecs))
     if block_size is None:
         block_size = probe_block_size(operator, limit=max(max_matvecs, 1))
     else:
@@ -112,6 +136,8 @@ def _settings(
         max_matvecs,
         bool(check_finite),
         backend.caller_precision(operator.xp),
+        # fixed budgets only: a tolerance is in the caller's units
+        quantity in getattr(estimator, "unit_scaled", ()) and not adaptive,
     )
 
 
@@ -156,7 +182,7 @@ def _remembered_settings(
 
 
 def _estimate(quantity: str, A: Any, method: Any, seed: Any, **options: Any) -> Estimate:
-    operator = aslinearoperator(A)
+    operator = widened(aslinearoperator(A))  # half precisions are estimated in float32
     n = check_square(operator, quantity)
     estimator = get_estimator(method, quantity)
     if n == 0:
@@ -193,6 +219,11 @@ def _run(
     deferred finiteness check of every product."""
     request = settings.request(operator, random, getattr(estimator, "name", "custom"))
     estimate = getattr(estimator, quantity)(request)
+    retried = request.matmat.retried_widths
+    if retried:  # a product ran out of memory: the narrower blocks that followed
+        estimate.info["block_sizes"] = sorted(set(retried), reverse=True)
+    if request.matmat.scale is not None:  # products were scaled: scale the result back
+        estimate = estimate.divided_by(request.matmat.scale)
     return estimate.with_checks(request.matmat.deferred_checks(), request.columns)
 
 
@@ -258,7 +289,11 @@ def trace(
     Returns
     -------
     Estimate
-        ``value`` is a 0-d array of the operator's library.
+        ``value`` is a 0-d array of the operator's library. For a half-precision operator
+        (float16, bfloat16) it is float32: such operators are estimated in float32, each
+        product cast to the operator's dtype and back (the estimators' linear algebra has
+        no half-precision kernels, and a float16 trace overflows at 65504); the products'
+        own rounding bounds the accuracy.
 
     Raises
     ------
@@ -335,7 +370,7 @@ def diagonal(
 
 
 def _sums(A: Any, adjoint: bool, check_finite: bool) -> Estimate:
-    operator = aslinearoperator(A)
+    operator = widened(aslinearoperator(A))
     xp = operator.xp
     rows, cols = operator.shape
     target = operator.T if adjoint else operator
@@ -416,7 +451,7 @@ def frobenius_norm_squared(
     >>> float(est.value) > 0, round(float(np.sum(A**2)), 1)
     (True, 56.0)
     """
-    operator = aslinearoperator(A)
+    operator = widened(aslinearoperator(A))
     xp = operator.xp
     num_matvecs = check_num_matvecs(num_matvecs, "frobenius_norm_squared", 1)
     cols = operator.shape[1]

@@ -21,8 +21,20 @@ __all__ = ["LinearOperator", "aslinearoperator"]
 _KNOWN_TAGS = frozenset({"symmetric", "hermitian", "positive_semidefinite"})
 
 
-def _validate_tags(tags: Iterable[str]) -> frozenset[str]:
-    tags = frozenset(tags)
+def _validate_tags(tags: Iterable[str] | str) -> frozenset[str]:
+    """The tags as a set; one string is one tag (``tags="symmetric"``), not its letters."""
+    if isinstance(tags, str):
+        tags = (tags,)
+    try:
+        tags = frozenset(tags)
+    except TypeError:
+        raise TypeError(
+            f"`tags` must be a string or an iterable of strings, got {tags!r}"
+        ) from None
+    if not all(isinstance(tag, str) for tag in tags):
+        raise TypeError(
+            f"`tags` must be a string or an iterable of strings, got {sorted(tags, key=repr)!r}"
+        )
     unknown = tags - _KNOWN_TAGS
     if unknown:
         raise ValueError(f"unknown tags {sorted(unknown)}; known tags are {sorted(_KNOWN_TAGS)}")
@@ -88,7 +100,9 @@ class LinearOperator:
         device: Any,
         tags: Iterable[str] = (),
     ) -> None:
-        if len(shape) != 2 or any(not isinstance(s, (int, np.integer)) or s < 0 for s in shape):
+        if len(shape) != 2 or any(
+            not isinstance(s, (int, np.integer)) or isinstance(s, bool) or s < 0 for s in shape
+        ):
             raise ValueError(f"shape must be a pair of non-negative ints, got {shape!r}")
         self.shape: tuple[int, int] = (int(shape[0]), int(shape[1]))
         self.dtype = dtype
@@ -191,7 +205,10 @@ class LinearOperator:
         dtype = self._result_dtype(X)
         if X.dtype != dtype:
             X = self.xp.astype(X, dtype)
-        out = self._matmat(X)
+        if self._validate_output:  # a user's function: it must leave X as it was
+            out = _plain_array(_unchanged_input(self._matmat, X, "matmat"))
+        else:
+            out = _plain_array(self._matmat(X))
         if self._validate_output:
             self._check_output(out, (self.shape[0], X.shape[1]), dtype, "matmat")
         return out
@@ -202,7 +219,10 @@ class LinearOperator:
         dtype = self._result_dtype(X)
         if X.dtype != dtype:
             X = self.xp.astype(X, dtype)
-        out = self._rmatmat(X)
+        if self._validate_output:  # a user's function: it must leave X as it was
+            out = _plain_array(_unchanged_input(self._rmatmat, X, "rmatmat"))
+        else:
+            out = _plain_array(self._rmatmat(X))
         if self._validate_output:
             self._check_output(out, (self.shape[1], X.shape[1]), dtype, "rmatmat")
         return out
@@ -390,6 +410,10 @@ class LinearOperator:
             has one and the function allows it, else a loop over columns.
         rmatvec, rmatmat : callable, optional
             The same for the conjugate transpose ``A^H``.
+
+            None of them may write into its input: the estimators reuse their probes
+            after the product. (On NumPy a function that does is caught by a fingerprint
+            of the block and refused with a ``ValueError``.)
         shape : (int, int)
         dtype : dtype, optional
             Defaults to the dtype of ``like`` (integer and bool promoted to the default
@@ -585,11 +609,24 @@ class _ScipyLinearOperator(LinearOperator):
         dtype = backend.promote_to_float(np_compat, np.dtype(dtype))
         super().__init__(tuple(operator.shape), dtype, np_compat, "cpu", tags)
         self.operator = operator
+        # SciPy's LinearOperator(shape, matvec=...) keeps a missing rmatvec as None and
+        # fails with "'NoneType' object is not callable" when asked for A^H x
+        self._has_adjoint = (
+            getattr(operator, "_CustomLinearOperator__rmatvec_impl", True) is not None
+        )
 
     def _matmat(self, X: Any) -> Any:
         return np.asarray(self.operator.matmat(X), dtype=X.dtype)
 
     def _rmatmat(self, X: Any) -> Any:
+        if not self._has_adjoint:
+            raise NotImplementedError(
+                "the scipy.sparse.linalg.LinearOperator has no adjoint product (it was built "
+                "without rmatvec/rmatmat), which this computation needs; build it with "
+                "rmatvec=, or use a method that needs only A @ x"
+            )
+        if X.shape[1] == 0:  # SciPy cannot stack zero columns
+            return np.zeros((self.shape[1], 0), dtype=X.dtype)
         return np.asarray(self.operator.rmatmat(X), dtype=X.dtype)
 
 
@@ -597,7 +634,13 @@ class _ScipyLinearOperator(LinearOperator):
 
 
 class _BatchedCallable:
-    """A column-wise function applied to a block: vmapped if possible, else a loop."""
+    """A column-wise function applied to a block: vmapped if possible, else a loop.
+
+    The first error of the vmapped call that may mean the function does not support vmap
+    (:func:`~linop_trace._backend.is_unsupported_transform_error`) switches it to the loop
+    for good, with one warning. Any other error (out of memory, an interrupt, a bug of the
+    function) propagates unchanged and the next call is vmapped again.
+    """
 
     def __init__(self, function: Callable[[Any], Any], xp: Any, name: str) -> None:
         self.function = function
@@ -609,7 +652,11 @@ class _BatchedCallable:
         if self._vmapped is not None:
             try:
                 return self._vmapped(X)
-            except Exception:
+            except Exception as error:
+                # A transient error (out of memory) says nothing about the function, and
+                # another error would come from the loop as well: neither switches.
+                if not backend.is_unsupported_transform_error(error):
+                    raise
                 # The function is not vmappable (in-place ops, host callbacks, ...):
                 # remember it and loop from now on.
                 self._vmapped = None
@@ -674,7 +721,7 @@ class _CallableOperator(LinearOperator):
             device = backend.device_of(like)
             dtype = like.dtype if dtype is None else dtype
         dtype = backend.promote_to_float(xp, dtype, device)
-        super().__init__((int(shape[0]), int(shape[1])), dtype, xp, device, tags)
+        super().__init__((shape[0], shape[1]), dtype, xp, device, tags)  # (checks the ints)
         self._forward = self._block_function(matvec, matmat, "matvec", "matmat")
         self._backward = (
             None
@@ -792,6 +839,48 @@ class _ScaledOperator(LinearOperator):
         return None if diagonal is None else self.scalar * diagonal
 
 
+class _WidenedOperator(LinearOperator):
+    """A half-precision operator (float16, bfloat16) seen in float32 (complex64 for
+    complex32): each product casts its block to the operator's dtype and the image back,
+    so that probes, bases and every sum of the estimators run in single precision (the
+    linear algebra of torch and NumPy has no half-precision kernels, and a half-precision
+    trace overflows at 65504). The products keep the user's precision, which bounds the
+    accuracy: about 1e-3 relative for float16, 1e-2 for bfloat16."""
+
+    _data_fields = ("operator",)
+
+    def __init__(self, operator: LinearOperator) -> None:
+        xp = operator.xp
+        complex_ = backend.is_complex_dtype(xp, operator.dtype)
+        dtype = xp.complex64 if complex_ else xp.float32
+        super().__init__(operator.shape, dtype, xp, operator.device, operator.tags)
+        self.operator = operator
+
+    def _narrow(self, X: Any) -> Any:
+        return self.xp.astype(X, self.operator.dtype)
+
+    def _matmat(self, X: Any) -> Any:
+        return self.xp.astype(self.operator.matmat(self._narrow(X)), X.dtype)
+
+    def _rmatmat(self, X: Any) -> Any:
+        return self.xp.astype(self.operator.rmatmat(self._narrow(X)), X.dtype)
+
+    def _exact_diagonal(self) -> Any | None:
+        diagonal = self.operator._exact_diagonal()
+        return None if diagonal is None else self.xp.astype(diagonal, self.dtype)
+
+    def bytes_per_column(self) -> int:
+        return self.operator.bytes_per_column() * 2 + super().bytes_per_column()
+
+
+def widened(operator: LinearOperator) -> LinearOperator:
+    """``operator`` itself, or seen in float32 if its dtype is a half precision (the rule
+    of :func:`~linop_trace.trace` and :func:`~linop_trace.diagonal` for such operators)."""
+    if backend.is_half_precision(operator.xp, operator.dtype):
+        return _WidenedOperator(operator)
+    return operator
+
+
 class _ProductOperator(LinearOperator):
     _data_fields = ("left", "right")
 
@@ -875,6 +964,75 @@ class _TransposeOperator(LinearOperator):
 # ---------------------------------------------------------------------- conversion
 
 
+#: Rows of the input block fingerprinted around a user's function (spread evenly).
+_FINGERPRINT_ROWS = 64
+
+
+def _unchanged_input(product: Callable[[Any], Any], X: Any, name: str) -> Any:
+    """``product(X)``, refused if it wrote into ``X``.
+
+    The estimators reuse their probe block after its product (Hutchinson's samples are
+    ``Z^H (A Z)``): a function that scales its input in place (``X *= d[:, None]; return
+    X``) would turn them into ``(A Z)^H (A Z)`` without a word. Where reads are free
+    (NumPy) up to 64 rows spread over the block, the first and last among them, are
+    copied before the call and compared after it: a few hundred entries, nothing next to
+    a product. Functions that write into other rows only are not caught, nor are
+    functions of torch, CuPy or JAX arrays (the comparison would wait for the device, and
+    JAX arrays cannot be written): the documented rule is that ``matvec``/``matmat`` must
+    not modify their input.
+    """
+    xp = backend.array_namespace(X)
+    if not backend.reads_are_free(xp) or X.shape[0] == 0 or X.shape[1] == 0:
+        return product(X)
+    n = int(X.shape[0])
+    rows = np.unique(np.linspace(0, n - 1, min(n, _FINGERPRINT_ROWS)).astype(np.int64))
+    index = xp.asarray(rows, device=backend.device_of(X))
+    before = xp.take(X, index, axis=0)
+    before = xp.asarray(before, copy=True)
+    out = product(X)
+    after = xp.take(X, index, axis=0)
+    same = (after == before) | (xp.isnan(after) & xp.isnan(before))
+    if not bool(xp.all(same)):
+        raise ValueError(
+            f"`{name}` changed the block it was given (it wrote into its input, e.g. "
+            "X *= d[:, None]); the estimators reuse their probes after the product, so the "
+            "function must leave its input as it is: work on a copy (X = X * d[:, None])"
+        )
+    return out
+
+
+def _plain_array(x: Any) -> Any:
+    """``x``, with a NumPy ``ndarray`` subclass turned into a plain ``ndarray``: in an
+    ``np.matrix`` (what SciPy's ``todense()`` returns) ``*`` is a matrix product and every
+    reduction keeps two dimensions, which would make the estimators' arithmetic wrong."""
+    if isinstance(x, np.ndarray) and type(x) is not np.ndarray:
+        if isinstance(x, np.ma.MaskedArray):
+            raise TypeError(
+                "a product returned a masked array; an operator's products must be plain "
+                "arrays (no entry of A x can be missing)"
+            )
+        return np.asarray(x)
+    return x
+
+
+def _plain_matrix(matrix: Any) -> Any:
+    """A NumPy matrix given to :func:`aslinearoperator` as a plain ``ndarray``: an
+    ``np.matrix`` as its array, a masked array without masked entries as its data; a
+    masked array with masked entries is refused (a trace or diagonal of a matrix with
+    missing entries is not defined, and its data under the mask is arbitrary)."""
+    if not isinstance(matrix, np.ndarray) or type(matrix) is np.ndarray:
+        return matrix
+    if isinstance(matrix, np.ma.MaskedArray):
+        masked = int(np.count_nonzero(np.ma.getmaskarray(matrix)))
+        if masked:
+            raise ValueError(
+                f"the matrix is a masked array with {masked} masked entries; a trace or "
+                "diagonal needs every entry: fill them (matrix.filled(value)) or drop the mask"
+            )
+        return np.asarray(matrix.data)
+    return np.asarray(matrix)
+
+
 def aslinearoperator(matrix: Any, *, tags: Iterable[str] = ()) -> LinearOperator:
     """View ``matrix`` as a :class:`LinearOperator` in its own library and on its device.
 
@@ -911,6 +1069,7 @@ def aslinearoperator(matrix: Any, *, tags: Iterable[str] = ()) -> LinearOperator
     """
     if isinstance(matrix, LinearOperator):
         return matrix
+    matrix = _plain_matrix(matrix)
     if backend.is_sparse(matrix):
         if len(matrix.shape) != 2:
             raise ValueError(f"expected a 2-d matrix, got shape {tuple(matrix.shape)}")

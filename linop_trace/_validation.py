@@ -36,7 +36,13 @@ def check_num_matvecs(num_matvecs: Any, method: str, minimum: int) -> int:
 
 def check_tolerance(rtol: Any, atol: Any, confidence: Any) -> None:
     for name, value in (("rtol", rtol), ("atol", atol)):
-        if value is not None and (not isinstance(value, numbers.Real) or not float(value) >= 0):
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, numbers.Real) or not float(value) >= 0
+        ):
             raise ValueError(f"`{name}` must be a non-negative number, got {value!r}")
-    if not isinstance(confidence, numbers.Real) or not 0 < float(confidence) < 1:
+    if (
+        isinstance(confidence, bool)
+        or not isinstance(confidence, numbers.Real)
+        or not 0 < float(confidence) < 1
+    ):
         raise ValueError(f"`confidence` must lie in (0, 1), got {confidence!r}")

@@ -6,6 +6,14 @@ and :func:`~linop_trace.row_sums` work on it like on any other operator. Block p
 are one vectorized call (``torch.func.vmap`` / ``jax.jit(jax.vmap(...))``), never a Python
 loop over probes. torch and JAX are imported only when a function here receives their
 arrays, so importing this module imports neither.
+
+The torch operators (:func:`hessian`, :func:`ggn`, :func:`jacobian`, and
+:func:`divergence`) may be shared between threads, each thread getting the products it
+would get alone: torch keeps its forward-mode AD state per process, so forward-mode
+products run one at a time, as do the forward passes through a ``torch.nn.Module`` (whose
+parameters ``functional_call`` swaps in); the rest runs concurrently. Other torch code
+using forward-mode AD, or the same module, in another thread at the same time is not
+covered.
 """
 
 from __future__ import annotations
@@ -18,7 +26,7 @@ import array_api_compat
 
 from .. import _backend as backend
 from .._blocks import block_size_for
-from .._estimate import Estimate
+from .._estimate import DeferredCheck, Estimate
 from .._probes import ProbeSampler
 from .._validation import check_num_matvecs, check_positive_int
 from ..estimators._stats import sample_mean
@@ -138,14 +146,16 @@ def hessian(
           double-backward pass through it per column (``torch.autograd``). JAX:
           ``lax.map`` instead of ``vmap`` in the compiled program.
         - ``"auto"``: forward-over-reverse, falling back (with one warning) to
-          reverse-over-reverse where the function has no forward-mode rules. torch also
-          times the loop against it on the first block of 4 or more columns (each column
-          computed once, by one of the two; the device synchronized for this timing
-          only) and keeps the faster route for later products; ``H.route_timing`` holds
-          the measurement, and a block more than twice as wide is timed again. The loop
-          tends to win on wide networks on a CPU, the vectorized product on GPUs and
-          small networks. JAX does not time (its products stay traceable under
-          ``jax.jit``): there ``"auto"`` is the vectorized product.
+          reverse-over-reverse where the function has no forward-mode rules; an error
+          that says nothing about the function (out of memory, an interrupt) propagates
+          and switches no route. torch also times the loop against it on the first block
+          of 4 or more columns (each column computed once, by one of the two; the device
+          synchronized for this timing only) and keeps the faster route for later
+          products; ``H.route_timing`` holds the measurement, and a block more than
+          twice as wide is timed again. The loop tends to win on wide networks on a CPU,
+          the vectorized product on GPUs and small networks. JAX does not time (its
+          products stay traceable under ``jax.jit``): there ``"auto"`` is the vectorized
+          product.
     loss_reduction : {"mean", "sum"}, optional
         How ``loss_fn`` reduces over a batch; read from ``loss_fn.reduction`` (torch
         losses), else ``"mean"``.
@@ -361,6 +371,7 @@ def divergence(
     probe: str = "rademacher",
     block_size: int | None = None,
     differentiable: bool = False,
+    check_finite: bool = True,
 ) -> Estimate:
     """Per-sample divergence tr(df_b/dx_b) of a batched, sample-wise ``f: (B, d) -> (B, d)``.
 
@@ -389,6 +400,10 @@ def divergence(
     differentiable : bool
         torch: keep the estimate in the autograd graph of ``x`` and of the parameters
         ``f`` captures (for training losses). JAX estimates are always differentiable.
+    check_finite : bool
+        Raise ``FloatingPointError`` when a Jacobian-vector product (or a sample formed
+        from it) is NaN or infinite, as :func:`~linop_trace.trace` does: when the
+        estimate is first read (no wait for the device while it is computed).
 
     Returns
     -------
@@ -454,7 +469,8 @@ def divergence(
             value = part if value is None else value + part
             start += width
         stderr = xp.zeros((batch,), dtype=dtype, device=device)
-        return Estimate(value, stderr, dim, "exact")
+        exact = Estimate(value, stderr, dim, "exact")
+        return exact.with_checks(_finite_checks(xp, [value], check_finite), dim)
 
     sampler = ProbeSampler(probe, batch * dim, xp, dtype, device, seed)
     pieces = []
@@ -465,7 +481,26 @@ def divergence(
     samples = xp.concat(pieces, axis=0) if len(pieces) > 1 else pieces[0]
     # Hutchinson's estimate per sample b: mean, stderr and the shape-corrected interval
     # (over the largest deviation, so extreme scales neither overflow nor underflow)
-    return sample_mean(samples, xp).estimate(num_matvecs, "hutchinson", info={"probe": probe})
+    estimate = sample_mean(samples, xp).estimate(num_matvecs, "hutchinson", info={"probe": probe})
+    return estimate.with_checks(_finite_checks(xp, [samples], check_finite), num_matvecs)
+
+
+def _finite_checks(xp: Any, results: list[Any], check_finite: bool) -> tuple[DeferredCheck, ...]:
+    """The check that every JVP was finite, carried by the ``results`` they flow into
+    (a non-finite entry of a JVP makes its samples non-finite)."""
+    if not check_finite:
+        return ()
+    flags = [backend.finite_flag(xp, result) for result in results]
+    failed = ~(flags[0] if len(flags) == 1 else xp.all(xp.stack(flags)))
+    return (DeferredCheck(failed, (), _non_finite_jvp),)
+
+
+def _non_finite_jvp() -> Exception:
+    return FloatingPointError(
+        "divergence: f's Jacobian-vector products returned non-finite values (NaN or inf), "
+        "or the samples formed from them overflowed; pass check_finite=False to skip this "
+        "check"
+    )
 
 
 def _divergence_jvp(library: str, f: Callable, x: Any, differentiable: bool) -> FallbackChain:

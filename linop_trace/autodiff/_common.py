@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import statistics
+import threading
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from .._backend import is_unsupported_transform_error
 from .._operators import LinearOperator
 
 __all__ = [
@@ -73,13 +75,23 @@ class AutodiffOperator(LinearOperator):
 #: gives a route not named here an untimed warm-up column before it times it.
 WARMED_UP: set[str] = set()
 
+#: Serializes the switches of :class:`FallbackChain` (rare: once per chain and route), so
+#: that threads failing on one route at once move the chain one step, with one warning.
+_FALLBACK_LOCK = threading.Lock()
+
 
 class FallbackChain:
-    """Try product implementations in order; move to the next one (and warn once) on failure.
+    """Try product implementations in order; move to the next one (and warn once) where
+    the function does not support one.
 
-    The first implementation that works is remembered, so the failing ones are not tried
-    again on later calls. If every implementation fails, the error of the first is raised,
-    since it is the one that describes the user's function best.
+    An implementation is given up, for this chain's whole life, on an error that may mean
+    the function does not support its transform
+    (:func:`~linop_trace._backend.is_unsupported_transform_error`); the first one that
+    works is remembered. Any other error (out of memory, an interrupt, a bug of the
+    function) propagates unchanged, and the next call tries the same implementation again.
+    If every implementation is unsupported, the error of the first is raised, since it is
+    the one that describes the user's function best. Threads may share a chain: each
+    switch happens once, with one warning.
     """
 
     def __init__(self, implementations: list[tuple[str, Callable[..., Any]]], what: str) -> None:
@@ -106,29 +118,41 @@ class FallbackChain:
 
     def __call__(self, *args: Any) -> Any:
         first_error: BaseException | None = None
-        while self.index < len(self.implementations):
-            name, implementation = self.implementations[self.index]
+        index = self.index
+        while True:
+            name, implementation = self.implementations[index]
             try:
                 result = implementation(*args)
-            except Exception as error:  # noqa: BLE001 - any failure of AD moves on
+            except Exception as error:
+                if not is_unsupported_transform_error(error):
+                    raise  # transient, or the function's own bug: no route would help
                 if first_error is None:
                     first_error = error
-                if self.index + 1 >= len(self.implementations):
+                if index + 1 >= len(self.implementations):
                     break
-                following = self.implementations[self.index + 1][0]
-                warnings.warn(
-                    f"{self.what}: {name} failed for this function "
-                    f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); "
-                    f"falling back to {following} from now on",
-                    RuntimeWarning,
-                    stacklevel=4,
-                )
-                self.index += 1
+                index = self._fall_back(index, error)
             else:
                 WARMED_UP.add(name)
                 return result
         assert first_error is not None
         raise first_error
+
+    def _fall_back(self, index: int, error: BaseException) -> int:
+        """The implementation after ``index``, which failed with ``error``; the chain moves
+        to it (and warns) unless another thread already moved past ``index``."""
+        with _FALLBACK_LOCK:
+            if self.index == index:
+                name, following = self.implementations[index][0], self.implementations[index + 1][0]
+                first_line = str(error).splitlines()[0] if str(error) else ""
+                warnings.warn(
+                    f"{self.what}: {name} failed for this function "
+                    f"({type(error).__name__}: {first_line}); "
+                    f"falling back to {following} from now on",
+                    RuntimeWarning,
+                    stacklevel=5,
+                )
+                self.index = index + 1
+            return max(self.index, index + 1)
 
 
 #: The narrowest block that is timed: a warm-up column and a timed one for each route.
@@ -176,8 +200,10 @@ class FastestRoute:
 
     The vectorized route's cost per column changes with the width, so a block more than
     :data:`RETIME_WIDTH_FACTOR` times wider than the one timed is timed again. Until a
-    choice is made, and where the loop fails for the function, the vectorized route is
-    used.
+    choice is made, and where the loop does not support the function (an error that
+    :func:`~linop_trace._backend.is_unsupported_transform_error` accepts), the vectorized
+    route is used; a transient error of the loop (out of memory) propagates, and the next
+    block is timed again.
     """
 
     def __init__(
@@ -236,8 +262,10 @@ class FastestRoute:
                 pieces.append(products(V[:, column : column + 1]))
                 self.synchronize()
                 seconds.append(self.clock() - start)
-        except Exception:  # noqa: BLE001 - the loop cannot differentiate this function
-            self._loop_failed = True
+        except Exception as error:
+            if not is_unsupported_transform_error(error):
+                raise  # transient: the next block times the loop again
+            self._loop_failed = True  # the loop cannot differentiate this function
             return self.vectorized(*problem, V)
         WARMED_UP.add(self.loop_name)
         loop_seconds = statistics.median(seconds)  # a column slowed by other work is ignored

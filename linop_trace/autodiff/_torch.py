@@ -12,15 +12,20 @@ then one backward pass through it per column. On a wide network on a CPU the loo
 the faster of the two (the batched intermediates of the vectorized call outgrow the
 caches); ``mode="auto"`` times both on one block and keeps the faster
 (:class:`~linop_trace.autodiff._common.FastestRoute`).
+
+The operators may be shared between threads: the forward-mode products, whose AD levels
+torch keeps per process, hold :data:`_FORWARD_AD_LOCK`, and a forward pass through a
+module with swapped-in parameters holds :data:`_MODULE_CALL_LOCK`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import threading
 import time
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch.func import functional_call, grad, jvp, vmap
@@ -41,6 +46,34 @@ from ._common import (
 )
 
 __all__ = ["TorchGGN", "TorchHessian", "TorchJacobian", "torch_divergence_jvp"]
+
+_Result = TypeVar("_Result")
+
+#: torch keeps its forward-mode AD levels per process, not per thread: a ``jvp`` that
+#: enters or leaves its level while another thread's ``jvp`` is inside its own fails
+#: ("Trying to access a forward AD level with an invalid index"). Every forward-mode
+#: product holds this lock while it runs (:func:`_forward_mode`); reverse mode and the
+#: loops keep their state per thread and run concurrently. Reentrant, for a function
+#: whose value itself calls a forward-mode product of this module.
+_FORWARD_AD_LOCK = threading.RLock()
+
+#: ``functional_call`` swaps the variables into the module's attributes for the forward
+#: pass: two threads doing so at once read each other's (functorch-wrapped) tensors,
+#: which gave wrong products and functorch's internal asserts. Held for one forward pass
+#: through a module (:meth:`_ModuleParameters.apply`); one lock for all modules, since
+#: modules may share submodules. Taken after :data:`_FORWARD_AD_LOCK`, never before.
+_MODULE_CALL_LOCK = threading.RLock()
+
+
+def _forward_mode(kernel: Callable[..., _Result]) -> Callable[..., _Result]:
+    """``kernel`` (a product by ``torch.func.jvp``) run under :data:`_FORWARD_AD_LOCK`."""
+
+    @functools.wraps(kernel)
+    def one_at_a_time(*args: Any, **kwargs: Any) -> _Result:
+        with _FORWARD_AD_LOCK:
+            return kernel(*args, **kwargs)
+
+    return one_at_a_time
 
 
 # --------------------------------------------------------------------------- layout
@@ -318,7 +351,7 @@ def _hvp_route(
     mode: str, differentiable: bool, device: torch.device, compile: bool = False
 ) -> FallbackChain | FastestRoute:
     """The HVP of ``mode``, called as ``route(fn, theta, V)``."""
-    forward = (FORWARD_HVP, hvp_forward_over_reverse)
+    forward = (FORWARD_HVP, _forward_mode(hvp_forward_over_reverse))
     reverse = (REVERSE_HVP, hvp_reverse_over_reverse)
     products = functools.partial(double_backward_products, differentiable=differentiable)
     if not compile:
@@ -329,8 +362,12 @@ def _hvp_route(
     # metadata of what the objective captures, not on the closure object itself. The
     # compiled product is what the user asked for, so it is not raced against the loop.
     chain = _ordered(mode, forward, reverse, (LOOP_HVP, _looped(products)))
-    name, kernel = chain[0]
-    return FallbackChain([(f"torch.compile'd {name}", torch.compile(kernel)), *chain], "hessian")
+    if mode == "reverse":
+        compiled = torch.compile(hvp_reverse_over_reverse)
+    else:
+        # the lock around the compiled call, outside what dynamo traces
+        compiled = _forward_mode(torch.compile(hvp_forward_over_reverse))
+    return FallbackChain([(f"torch.compile'd {chain[0][0]}", compiled), *chain], "hessian")
 
 
 def _ggn_route(
@@ -360,6 +397,7 @@ def ggn_vectorized(
     return vmap(lambda w: pullback(w)[0], in_dims=0, out_dims=1)(HJV)
 
 
+@_forward_mode
 def _jvp_block(fn: Callable, theta: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
     """(k, *out) block of J v for the columns v of V (forward mode)."""
     return vmap(lambda v: jvp(fn, (theta,), (v,))[1], in_dims=1)(V)
@@ -406,8 +444,10 @@ class _ModuleParameters:
         self.fixed.update(dict(model.named_buffers()))
 
     def apply(self, params: dict[str, torch.Tensor], inputs: Any) -> torch.Tensor:
+        """The module's outputs for ``inputs`` with ``params``, one thread at a time."""
         arguments = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
-        return functional_call(self.model, {**self.fixed, **params}, arguments)
+        with _MODULE_CALL_LOCK:
+            return functional_call(self.model, {**self.fixed, **params}, arguments)
 
 
 def _batch_size(inputs: Any, targets: Any) -> int:
@@ -643,7 +683,7 @@ def torch_divergence_jvp(
     primal = x if differentiable else x.detach()
 
     def block(Z: torch.Tensor) -> torch.Tensor:
-        with _no_grad_unless(differentiable):
+        with _FORWARD_AD_LOCK, _no_grad_unless(differentiable):
             return vmap(lambda z: jvp(f, (primal,), (z,))[1])(Z)
 
     return block

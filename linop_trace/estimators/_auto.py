@@ -147,6 +147,7 @@ class Auto(Estimator):
     """
 
     name = "auto"
+    unit_scaled = ("trace", "diagonal")
     supports_tolerance = True
     #: Sphere probes for traces (XTrace's improved normalization needs them; Hutchinson
     #: with them matches Rademacher on all but near-diagonal matrices), Rademacher for

@@ -11,6 +11,7 @@ check and the block size hold for every method, built in or plugged in.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,6 +63,13 @@ class _Tally:
         # covers them by a result that every entry of theirs flows into
         self.pending: list[Any] = []
         self.covered: list[Any] = []
+        # out of memory: the narrower block every later call keeps to, and the widths of
+        # the calls that went through after the first retry
+        self.block_limit: int | None = None
+        self.retried_widths: list[int] = []
+        # products scaled by a power of two, fixed at the first product (0-d array)
+        self.unit_scale = False
+        self.scale: Any = None
 
 
 class CountingMatmat:
@@ -93,6 +101,7 @@ class CountingMatmat:
         block_size: int | None = None,
         precision: str | None = None,
         *,
+        unit_scale: bool = False,
         _adjoint: bool = False,
         _tally: _Tally | None = None,
     ) -> None:
@@ -101,6 +110,8 @@ class CountingMatmat:
         self.precision = precision
         self._is_adjoint = _adjoint
         self._tally = _Tally(check_finite) if _tally is None else _tally
+        if unit_scale:
+            self._tally.unit_scale = True
 
     @property
     def calls(self) -> int:
@@ -117,18 +128,54 @@ class CountingMatmat:
         return self._tally.check_finite
 
     def __call__(self, block: Any) -> Any:
-        width = int(block.shape[1])
-        if self.block_size is None or width <= self.block_size:
-            out = self._counted(block)
-        else:
-            pieces = [
-                self._counted(block[:, start : start + self.block_size])
-                for start in range(0, width, self.block_size)
-            ]
-            out = self._operator.xp.concat(pieces, axis=1)
-        if self._tally.check_finite and backend.is_tracer(out):
-            self._tally.pending.append(out)
+        out = self._in_blocks(block)
+        tally = self._tally
+        if tally.unit_scale:
+            xp = self._operator.xp
+            tally.unit_scale = False  # decided once, at the first product
+            scale = _power_of_two_scale(xp, out)
+            if backend.known_value(xp, scale) != 1.0:  # (NumPy skips a scale of 1)
+                tally.scale = scale
+        if tally.scale is not None:
+            out = out * tally.scale
+        if tally.check_finite and backend.is_tracer(out):
+            tally.pending.append(out)
         return out
+
+    @property
+    def scale(self) -> Any:
+        """The power of two every product was multiplied by (a 0-d array), or ``None``."""
+        return self._tally.scale
+
+    def _in_blocks(self, block: Any) -> Any:
+        """The product in column chunks of at most the block size; a chunk whose product
+        runs out of memory is done again in halves (down to one column), and the narrower
+        size holds for the rest of the estimate. Chunks already through are kept, and each
+        column's product is the same whatever the chunk, so the estimate is that of an
+        uninterrupted run. (Eager products only: under ``jax.jit`` memory runs out when
+        the compiled program runs, after this code.)"""
+        width = int(block.shape[1])
+        limit = self._tally.block_limit or self.block_size
+        if limit is None or width <= limit:
+            try:
+                return self._counted(block)
+            except Exception as error:
+                if width == 1 or not backend.is_out_of_memory(error):
+                    raise
+                half = (width + 1) // 2
+                self._tally.block_limit = half
+                warnings.warn(
+                    f"a product of {width} columns ran out of memory "
+                    f"({type(error).__name__}); going on in blocks of {half}",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+                return self._in_blocks(block)
+        pieces = [
+            self._in_blocks(block[:, start : min(start + limit, width)])
+            for start in range(0, width, limit)
+        ]
+        return self._operator.xp.concat(pieces, axis=1)
 
     def cover(self, product: Any, result: Any) -> Any:
         """Let ``result``, which every entry of ``product`` (a block this matmat returned)
@@ -183,6 +230,8 @@ class CountingMatmat:
         tally = self._tally
         tally.calls += 1
         tally.columns += int(block.shape[1])
+        if tally.block_limit is not None:
+            tally.retried_widths.append(int(block.shape[1]))
         if tally.check_finite:
             xp = operator.xp
             if backend.reads_are_free(xp):
@@ -191,6 +240,12 @@ class CountingMatmat:
             elif not backend.is_tracer(out):  # (traced: flagged in __call__ or covered)
                 tally.flags.append(backend.finite_flag(xp, out))
         return out
+
+    @property
+    def retried_widths(self) -> list[int]:
+        """Widths of the operator calls made after a product ran out of memory (empty if
+        none did)."""
+        return list(self._tally.retried_widths)
 
     def deferred_checks(self) -> tuple[DeferredCheck, ...]:
         """The finiteness of the products so far, as checks for the :class:`Estimate`
@@ -210,6 +265,25 @@ class CountingMatmat:
         for check in self.deferred_checks():
             check.run()
         self._tally.flags, self._tally.pending, self._tally.covered = [], [], []
+
+
+def _power_of_two_scale(xp: Any, product: Any) -> Any:
+    """1 where the largest entry of ``product`` lies in a range whose squares and their
+    sums neither overflow nor underflow (2^+-(max exponent / 4): 2^+-256 in float64,
+    2^+-32 in float32), and for a product that is zero or not finite; else 2^-e with 2^e
+    <= max|product| < 2^(e+1), which brings the largest entry into [1, 2) exactly (a 0-d
+    real array, computed where the product lives; e clipped so that it is finite)."""
+    fixed = backend.stop_gradient(product)
+    real = backend.real_dtype_for(xp, product.dtype)
+    if not math.prod(fixed.shape):
+        return xp.ones((), dtype=real, device=backend.device_of(product))
+    largest = xp.astype(xp.max(xp.abs(fixed)), real)
+    top = int(math.floor(math.log2(float(xp.finfo(real).max))))  # 1023, 127
+    usable = xp.isfinite(largest) & (largest > 0)
+    exponent = xp.floor(xp.log2(xp.where(usable, largest, xp.ones_like(largest))))
+    safe = xp.abs(exponent) <= top // 4
+    exponent = xp.where(safe, xp.zeros_like(exponent), xp.clip(exponent, min=1 - top, max=top - 1))
+    return xp.pow(xp.asarray(2.0, dtype=real, device=backend.device_of(largest)), -exponent)
 
 
 def _non_finite_message(width: int | None = None) -> str:
@@ -375,7 +449,14 @@ class Estimator:
       ``{"trace": ..., "diagonal": ...}`` dict); ``probe`` (set by constructors that take
       ``probe=``) fixes the kind whatever the caller asks;
     - ``jit_compatible``: whether its fixed-budget path reads no value on the host, so that
-      under JAX the whole estimate compiles into one program (the built-in methods do).
+      under JAX the whole estimate compiles into one program (the built-in methods do);
+    - ``unit_scaled``: the quantities for which a fixed-budget estimate gets its products
+      scaled by a power of two that brings their largest entry near 1, and its value,
+      stderr and every array in its ``info`` scaled back (exactly) at the end; for
+      methods that square products, whose squares would overflow or underflow at scales
+      a float reaches (beyond about 1e+-19 in float32, 1e+-154 in float64). Only for
+      estimators whose value, stderr and ``info`` arrays are linear in A (none by
+      default).
 
     Estimators compare and hash by their type and constructor arguments.
 
@@ -403,6 +484,7 @@ class Estimator:
     default_probe: str | dict[str, str] = "rademacher"
     probe: str | None = None
     jit_compatible: bool = False
+    unit_scaled: tuple[str, ...] = ()
 
     def trace(self, request: EstimationRequest) -> Estimate:
         raise NotImplementedError(f"method {self.name!r} does not estimate traces")

@@ -171,6 +171,7 @@ class DiagPlusPlus(Estimator):
     min_matvecs = 3
     supports_tolerance = True
     jit_compatible = True
+    unit_scaled = ("diagonal",)
 
     def __init__(self, two_sided: bool | None = None) -> None:
         self.two_sided = two_sided

@@ -111,6 +111,7 @@ class Hutchinson(ProbeOption):
     supports_tolerance = True
     min_matvecs = 2
     jit_compatible = True
+    unit_scaled = ("diagonal",)
 
     def trace(self, request: EstimationRequest) -> Estimate:
         return self.finish_trace(request, [])

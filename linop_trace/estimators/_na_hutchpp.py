@@ -116,6 +116,7 @@ class NAHutchPlusPlus(Estimator):
     name = "na-hutch++"
     min_matvecs = 4
     jit_compatible = True
+    unit_scaled = ("trace",)
 
     def trace(self, request: EstimationRequest) -> Estimate:
         right, left, residual = na_hutchpp_split(request.num_matvecs)

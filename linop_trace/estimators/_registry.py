@@ -84,6 +84,8 @@ def get_estimator(method: Any, quantity: str) -> Any:
                 f"{', '.join(available_methods(quantity))}"
             )
         estimator = _REGISTRY[key]
+    elif isinstance(method, type):
+        estimator = _instance_of(method)
     else:
         estimator = method
     if not isinstance(method, str):
@@ -95,6 +97,23 @@ def get_estimator(method: Any, quantity: str) -> Any:
             f"{', '.join(available_methods(quantity))}"
         )
     return estimator
+
+
+def _instance_of(cls: type) -> Any:
+    """``method=Hutchinson`` (the class where an instance is meant): its default instance,
+    as ``method=Hutchinson()`` would give; a class that needs arguments, or one that is not
+    an estimator, gets an error that names the mistake."""
+    if not (issubclass(cls, Estimator) or callable(getattr(cls, "trace", None))):
+        raise TypeError(
+            f"method must be a method name or an estimator instance, got the class {cls.__name__}"
+        )
+    try:
+        return cls()
+    except TypeError as error:
+        raise TypeError(
+            f"method={cls.__name__} is a class; it needs arguments to become an estimator "
+            f"({error}): pass an instance, method={cls.__name__}(...)"
+        ) from None
 
 
 def _check_signature(estimator: Any) -> None:

@@ -620,6 +620,7 @@ class XDiag(Estimator):
     name = "xdiag"
     min_matvecs = 2
     jit_compatible = True
+    unit_scaled = ("diagonal",)
 
     def __init__(self, two_sided: bool | None = None) -> None:
         self.two_sided = two_sided

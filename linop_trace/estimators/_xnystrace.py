@@ -345,6 +345,7 @@ class XNysTrace(ProbeOption):
     min_matvecs = 2
     default_probe = "sphere"
     jit_compatible = True
+    unit_scaled = ("trace",)
 
     def trace(self, request: EstimationRequest) -> Estimate:
         m = min(request.num_matvecs, request.n)

@@ -369,6 +369,7 @@ class XTrace(ProbeOption):
     supports_tolerance = True
     default_probe = "sphere"
     jit_compatible = True
+    unit_scaled = ("trace",)
 
     def trace(self, request: EstimationRequest) -> Estimate:
         num_probes = min(request.num_matvecs // 2, request.n)
