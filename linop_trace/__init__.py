@@ -4,7 +4,7 @@ Works on the arrays you already hold (NumPy/SciPy, PyTorch, JAX, CuPy, any array
 library) and keeps their library, dtype and device.
 """
 
-from ._estimate import Estimate
+from ._estimate import Estimate, EstimateInterrupted
 from ._functions import col_sums, diagonal, frobenius_norm_squared, row_sums, trace
 from ._operators import LinearOperator, aslinearoperator
 from ._probes import gaussian, rademacher, sphere, steinhaus
@@ -15,6 +15,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Estimate",
+    "EstimateInterrupted",
     "EstimationRequest",
     "Estimator",
     "LinearOperator",

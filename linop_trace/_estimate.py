@@ -95,6 +95,33 @@ class DeferredCheck:
             raise self.error(*numbers)
 
 
+class EstimateInterrupted(KeyboardInterrupt):
+    """A :class:`KeyboardInterrupt` (Ctrl-C) during :func:`~linop_trace.trace` or
+    :func:`~linop_trace.diagonal`, carrying what the completed probe blocks give.
+
+    Attributes
+    ----------
+    partial : Estimate or None
+        For Hutchinson's estimators (trace and diagonal, fixed budget or adaptive, and
+        ``method="auto"`` when it runs them): the estimate from the probe blocks completed
+        before the interrupt, with ``converged=False`` and its interval; ``num_matvecs``
+        counts every column spent. ``None`` where the method has no meaningful partial
+        result (the sketching methods need all their products) or fewer than two probes
+        were done.
+
+    Being a ``KeyboardInterrupt``, it stops a program that does not catch it as Ctrl-C
+    always did.
+    """
+
+    def __init__(self, partial: Estimate | None = None) -> None:
+        self.partial = partial
+        if partial is None:
+            message = "interrupted; no partial estimate (none for this method, or too few probes)"
+        else:
+            message = f"interrupted; partial estimate from {partial.num_matvecs} products"
+        super().__init__(message)
+
+
 class Estimate:
     """A value with its standard error and what it cost.
 

@@ -8,7 +8,7 @@ from typing import Any
 
 from . import _backend as backend
 from ._blocks import probe_block_size
-from ._estimate import Estimate
+from ._estimate import Estimate, EstimateInterrupted
 from ._operators import LinearOperator, aslinearoperator, widened
 from ._probes import ProbeSampler
 from ._validation import check_num_matvecs, check_positive_int, check_square, check_tolerance
@@ -207,7 +207,12 @@ def _estimate(quantity: str, A: Any, method: Any, seed: Any, **options: Any) -> 
         # one compiled program; an integer seed becomes its key inside (no extra dispatch)
         seed_argument, is_key = backend.jax_seed(seed)
         program = backend.compiled(_compiled_run, num_static=4)
-        return program(estimator, quantity, settings, is_key, operator, seed_argument)
+        try:
+            return program(estimator, quantity, settings, is_key, operator, seed_argument)
+        except EstimateInterrupted:
+            raise
+        except KeyboardInterrupt as interrupt:  # one program: nothing partial to give
+            raise EstimateInterrupted(None) from interrupt
     random = backend.make_random_source(seed, operator.xp, operator.device)
     return _run(estimator, quantity, settings, operator, random)
 
@@ -218,7 +223,21 @@ def _run(
     """The estimator on its request; the result carries the counted columns and the
     deferred finiteness check of every product."""
     request = settings.request(operator, random, getattr(estimator, "name", "custom"))
-    estimate = getattr(estimator, quantity)(request)
+    try:
+        estimate = getattr(estimator, quantity)(request)
+    except EstimateInterrupted as interrupted:
+        partial = interrupted.partial
+        if partial is not None:
+            partial = _finished(partial, request)
+        raise EstimateInterrupted(partial) from interrupted
+    except KeyboardInterrupt as interrupt:  # a method without a partial result
+        raise EstimateInterrupted(None) from interrupt
+    return _finished(estimate, request)
+
+
+def _finished(estimate: Estimate, request: EstimationRequest) -> Estimate:
+    """An estimator's result with what the whole run says: the block sizes after an out
+    of memory, the scale of the products undone, the deferred checks and the columns."""
     retried = request.matmat.retried_widths
     if retried:  # a product ran out of memory: the narrower blocks that followed
         estimate.info["block_sizes"] = sorted(set(retried), reverse=True)

@@ -1587,6 +1587,27 @@ def _one_line(error: BaseException) -> str:
     return text or type(error).__name__
 
 
+def _partial_summary(interrupt: BaseException) -> str:
+    """What an interrupted estimate had: the partial value with its interval for a trace,
+    the size of a partial diagonal (not written: its outputs are not committed)."""
+    from ._estimate import EstimateInterrupted
+
+    partial = interrupt.partial if isinstance(interrupt, EstimateInterrupted) else None
+    if partial is None:
+        return ""
+    value = partial.value
+    if getattr(value, "ndim", 0) == 0:
+        low, high = partial.ci()
+        return (
+            f"; partial estimate from {partial.num_matvecs} products: {float(value):.8g} "
+            f"+- {float(partial.stderr):.3g} (95% interval {low:.8g} to {high:.8g})"
+        )
+    return (
+        f"; a partial {partial.method} estimate of {int(value.shape[0])} entries from "
+        f"{partial.num_matvecs} products was not written"
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``linop-trace`` with ``argv`` (default ``sys.argv[1:]``); return the exit status.
 
@@ -1611,8 +1632,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
             return int(args.run(args))
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as interrupt:
+        print(f"{PROG}: interrupted{_partial_summary(interrupt)}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except BrokenPipeError:
         # the reader of stdout went away (`| head`): stop quietly, as other commands do

@@ -353,3 +353,32 @@ def test_failure_to_create_the_output_names_the_users_path(
     line = error_line(*run(capsys, "diagonal", matrix_file, "--output", target))
     assert f"--output {target}" in line and "Permission denied" in line, line
     assert ".part" not in line and "x1y2z3" not in line
+
+
+# ------------------------------------------------- interrupted runs (issue 18, item 12)
+def test_an_interrupted_trace_prints_its_partial_estimate_and_exits_130(
+    capsys, tmp_path, monkeypatch
+):
+    """Ctrl-C during the estimate: exit 130 with the partial estimate of the completed
+    probe blocks on stderr (before: "interrupted" alone)."""
+    import numpy as np
+
+    import linop_trace as lt
+    from linop_trace import cli
+    from linop_trace.cli import main
+
+    path = tmp_path / "m.npy"
+    np.save(path, np.diag(np.arange(1.0, 41.0)))
+    real_trace = cli.trace
+
+    def interrupted_trace(A, **options):
+        partial = real_trace(A, method="hutchinson", num_matvecs=8, seed=0)
+        partial.converged = False
+        raise lt.EstimateInterrupted(partial)
+
+    monkeypatch.setattr(cli, "trace", interrupted_trace)
+    code = main(["trace", str(path), "--method", "hutchinson", "--seed", "0"])
+    err = capsys.readouterr().err
+    assert code == 130
+    assert "interrupted; partial estimate from 8 products: 820" in err
+    assert "95% interval" in err

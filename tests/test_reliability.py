@@ -399,3 +399,61 @@ def test_every_method_survives_extreme_scales(
         np.testing.assert_allclose(
             stderr, expected_stderr, rtol=rtol, atol=rtol * expected_stderr.max()
         )
+
+
+# ------------------------------------------------------ interrupted runs (item 12)
+class _Interrupting:
+    """``X -> M X`` that raises KeyboardInterrupt (Ctrl-C) at call ``at``."""
+
+    def __init__(self, matrix, at):
+        self.matrix, self.at, self.calls = matrix, at, 0
+
+    def __call__(self, X):
+        self.calls += 1
+        if self.calls == self.at:
+            raise KeyboardInterrupt
+        return self.matrix @ X
+
+
+@pytest.mark.parametrize("quantity", ["trace", "diagonal"])
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_an_interrupted_hutchinson_run_keeps_its_estimate(dense_backend, quantity, adaptive):
+    """Ctrl-C in the fourth product: an ``EstimateInterrupted`` (a KeyboardInterrupt)
+    whose ``partial`` is the estimate of the three completed blocks, equal to a run of
+    those three blocks with the same seed, with ``converged=False`` and an interval."""
+    matrix = dense_backend.asarray(test_matrix("flat", 60, seed=0))  # not diagonal
+    like = dense_backend.asarray(np.zeros(1))
+    options = {"method": "hutchinson", "seed": 0, "block_size": 8, "probe": "gaussian"}
+    if adaptive:
+        options.update(rtol=1e-9, num_matvecs=8, max_matvecs=400)
+    else:
+        options.update(num_matvecs=80)
+    function = getattr(lt, quantity)
+    interrupting = lt.LinearOperator.from_callable(
+        matmat=_Interrupting(matrix, at=4), shape=(60, 60), like=like
+    )
+    with pytest.raises(KeyboardInterrupt) as caught:
+        function(interrupting, **options)
+    assert isinstance(caught.value, lt.EstimateInterrupted)
+    partial = caught.value.partial
+    assert partial is not None and partial.converged is False
+    assert partial.num_matvecs == 24  # three blocks of 8 (adaptive rounds grow by <= 8)
+    # the same three blocks with the same seed, as a fixed budget draws them
+    plain = lt.LinearOperator.from_callable(matmat=lambda X: matrix @ X, shape=(60, 60), like=like)
+    reference = function(
+        plain, method="hutchinson", seed=0, block_size=8, probe="gaussian", num_matvecs=24
+    )
+    np.testing.assert_allclose(numpy_of(partial.value), numpy_of(reference.value), rtol=1e-12)
+    np.testing.assert_allclose(numpy_of(partial.stderr), numpy_of(reference.stderr), rtol=1e-12)
+    if quantity == "trace":
+        low, high = partial.ci()
+        assert low < float(partial) < high
+
+
+def test_an_interrupted_sketching_method_says_it_has_no_partial_estimate():
+    operator = lt.LinearOperator.from_callable(
+        matmat=_Interrupting(test_matrix("flat", 60, seed=0), at=2), shape=(60, 60)
+    )
+    with pytest.raises(lt.EstimateInterrupted, match="no partial estimate") as caught:
+        lt.trace(operator, method="xtrace", num_matvecs=20, seed=0)
+    assert caught.value.partial is None

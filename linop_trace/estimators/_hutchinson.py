@@ -21,7 +21,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .. import _backend as backend
-from .._estimate import Estimate
+from .._estimate import Estimate, EstimateInterrupted
 from ._adaptive import Progress, grow_diagonal, remaining, sample_mean_progress, until_met
 from ._base import EstimationRequest, ProbeOption, cover
 from ._linalg import abs2, column_inner, conj
@@ -129,8 +129,11 @@ class Hutchinson(ProbeOption):
             result = hutchinson_core(request.matmat, request.probes(widths[0]), xp)
             info = {"probe": request.probes.kind, **(info or {})}
             return result.estimate(request.columns, self.name, None, info)
-        for width in widths:
-            samples.append(hutchinson_samples(request.matmat, request.probes(width), xp))
+        info = {"probe": request.probes.kind, **(info or {})}
+        try:
+            self._more_samples(request, samples, widths)
+        except KeyboardInterrupt as interrupt:
+            raise EstimateInterrupted(self._partial(request, samples, info)) from interrupt
         converged = None
         if request.adaptive:
 
@@ -147,11 +150,27 @@ class Hutchinson(ProbeOption):
                 samples.append(hutchinson_samples(request.matmat, request.probes(width), xp))
                 return True
 
-            converged = until_met(request, measure, grow)
+            try:
+                converged = until_met(request, measure, grow)
+            except KeyboardInterrupt as interrupt:
+                raise EstimateInterrupted(self._partial(request, samples, info)) from interrupt
         result = sample_mean(_joined(samples, xp), xp)
-        return result.estimate(
-            request.columns, self.name, converged, {"probe": request.probes.kind, **(info or {})}
-        )
+        return result.estimate(request.columns, self.name, converged, info)
+
+    @staticmethod
+    def _more_samples(request: EstimationRequest, samples: list[Any], widths: list[int]) -> None:
+        for width in widths:
+            samples.append(hutchinson_samples(request.matmat, request.probes(width), request.xp))
+
+    def _partial(
+        self, request: EstimationRequest, samples: list[Any], info: dict[str, Any]
+    ) -> Estimate | None:
+        """The estimate from the sample blocks completed before an interrupt (None for
+        fewer than two samples: no error bar)."""
+        if sum(int(block.shape[0]) for block in samples) < 2:
+            return None
+        result = sample_mean(_joined(samples, request.xp), request.xp)
+        return result.estimate(request.columns, self.name, False, info)
 
     def diagonal(self, request: EstimationRequest) -> Estimate:
         """Bekas et al. diagonal estimate ``sum z * Az / sum z * z`` with elementwise stderr.
@@ -176,9 +195,18 @@ class Hutchinson(ProbeOption):
         def draw(width: int) -> None:
             diagonal_hutchinson_core(request.matmat, request.probes(width), xp, unit_modulus, sums)
 
-        for width in request.blocks(request.num_matvecs):
-            draw(width)
-        converged = grow_diagonal(request, sums, draw) if request.adaptive else None
+        try:
+            for width in request.blocks(request.num_matvecs):
+                draw(width)
+            converged = grow_diagonal(request, sums, draw) if request.adaptive else None
+        except KeyboardInterrupt as interrupt:  # the blocks summed so far, if two or more
+            partial = self._diagonal_estimate(request, sums, False) if sums.count > 1 else None
+            raise EstimateInterrupted(partial) from interrupt
+        return self._diagonal_estimate(request, sums, converged)
+
+    def _diagonal_estimate(
+        self, request: EstimationRequest, sums: RatioSums, converged: bool | None
+    ) -> Estimate:
         value, stderr, count = sums.estimate()
         return Estimate(
             value,
