@@ -282,7 +282,9 @@ def _power_of_two_scale(xp: Any, product: Any) -> Any:
     usable = xp.isfinite(largest) & (largest > 0)
     exponent = xp.floor(xp.log2(xp.where(usable, largest, xp.ones_like(largest))))
     safe = xp.abs(exponent) <= top // 4
-    exponent = xp.where(safe, xp.zeros_like(exponent), xp.clip(exponent, min=1 - top, max=top - 1))
+    exponent = xp.where(
+        safe, xp.zeros_like(exponent), xp.clip(exponent, min=float(1 - top), max=float(top - 1))
+    )
     return xp.pow(xp.asarray(2.0, dtype=real, device=backend.device_of(largest)), -exponent)
 
 
