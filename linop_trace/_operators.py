@@ -206,9 +206,9 @@ class LinearOperator:
         if X.dtype != dtype:
             X = self.xp.astype(X, dtype)
         if self._validate_output:  # a user's function: it must leave X as it was
-            out = _plain_array(_unchanged_input(self._matmat, X, "matmat"))
+            out = backend.plain_array(_unchanged_input(self._matmat, X, "matmat"))
         else:
-            out = _plain_array(self._matmat(X))
+            out = backend.plain_array(self._matmat(X))
         if self._validate_output:
             self._check_output(out, (self.shape[0], X.shape[1]), dtype, "matmat")
         return out
@@ -220,9 +220,9 @@ class LinearOperator:
         if X.dtype != dtype:
             X = self.xp.astype(X, dtype)
         if self._validate_output:  # a user's function: it must leave X as it was
-            out = _plain_array(_unchanged_input(self._rmatmat, X, "rmatmat"))
+            out = backend.plain_array(_unchanged_input(self._rmatmat, X, "rmatmat"))
         else:
-            out = _plain_array(self._rmatmat(X))
+            out = backend.plain_array(self._rmatmat(X))
         if self._validate_output:
             self._check_output(out, (self.shape[1], X.shape[1]), dtype, "rmatmat")
         return out
@@ -1001,38 +1001,6 @@ def _unchanged_input(product: Callable[[Any], Any], X: Any, name: str) -> Any:
     return out
 
 
-def _plain_array(x: Any) -> Any:
-    """``x``, with a NumPy ``ndarray`` subclass turned into a plain ``ndarray``: in an
-    ``np.matrix`` (what SciPy's ``todense()`` returns) ``*`` is a matrix product and every
-    reduction keeps two dimensions, which would make the estimators' arithmetic wrong."""
-    if isinstance(x, np.ndarray) and type(x) is not np.ndarray:
-        if isinstance(x, np.ma.MaskedArray):
-            raise TypeError(
-                "a product returned a masked array; an operator's products must be plain "
-                "arrays (no entry of A x can be missing)"
-            )
-        return np.asarray(x)
-    return x
-
-
-def _plain_matrix(matrix: Any) -> Any:
-    """A NumPy matrix given to :func:`aslinearoperator` as a plain ``ndarray``: an
-    ``np.matrix`` as its array, a masked array without masked entries as its data; a
-    masked array with masked entries is refused (a trace or diagonal of a matrix with
-    missing entries is not defined, and its data under the mask is arbitrary)."""
-    if not isinstance(matrix, np.ndarray) or type(matrix) is np.ndarray:
-        return matrix
-    if isinstance(matrix, np.ma.MaskedArray):
-        masked = int(np.count_nonzero(np.ma.getmaskarray(matrix)))
-        if masked:
-            raise ValueError(
-                f"the matrix is a masked array with {masked} masked entries; a trace or "
-                "diagonal needs every entry: fill them (matrix.filled(value)) or drop the mask"
-            )
-        return np.asarray(matrix.data)
-    return np.asarray(matrix)
-
-
 def aslinearoperator(matrix: Any, *, tags: Iterable[str] = ()) -> LinearOperator:
     """View ``matrix`` as a :class:`LinearOperator` in its own library and on its device.
 
@@ -1069,7 +1037,7 @@ def aslinearoperator(matrix: Any, *, tags: Iterable[str] = ()) -> LinearOperator
     """
     if isinstance(matrix, LinearOperator):
         return matrix
-    matrix = _plain_matrix(matrix)
+    matrix = backend.plain_matrix(matrix)
     if backend.is_sparse(matrix):
         if len(matrix.shape) != 2:
             raise ValueError(f"expected a 2-d matrix, got shape {tuple(matrix.shape)}")

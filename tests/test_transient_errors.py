@@ -18,6 +18,8 @@ import linop_trace as lt
 
 torch = pytest.importorskip("torch")
 
+from test_autodiff_torch import _CubeWithoutJvp  # noqa: E402 (x^3 without a jvp rule)
+
 from linop_trace.autodiff._torch import (  # noqa: E402
     FORWARD_HVP,
     LOOP_HVP,
@@ -194,25 +196,6 @@ def test_a_transient_error_while_timing_the_loop_lets_the_next_block_time_it(err
         assert torch.allclose(H @ eye, torch.func.hessian(quartic)(x), rtol=1e-12, atol=0)
     assert H.route_timing is not None and H.route_timing.columns == 8
     assert H.mode in (FORWARD_HVP, LOOP_HVP)
-
-
-class _CubeWithoutJvp(torch.autograd.Function):
-    """x^3 with a backward formula but no forward-mode (jvp) rule."""
-
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(x):
-        return x**3
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(inputs[0])
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        (x,) = ctx.saved_tensors
-        return 3 * x**2 * grad_output
 
 
 def test_a_hessian_without_forward_mode_rules_still_falls_back():
