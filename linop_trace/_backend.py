@@ -441,9 +441,19 @@ class RandomSource:
     """Seeded random numbers in one library on one device.
 
     Built by :func:`make_random_source`; wraps a NumPy ``Generator``, a
-    ``torch.Generator`` on the operator's device, a JAX key (split at each draw) or a
+    ``torch.Generator`` on the operator's device, a JAX key with a column counter or a
     CuPy ``Generator``. Libraries without a random module (array_api_strict) draw with a
     NumPy generator and move the numbers with ``xp.asarray``.
+
+    **Column streams.** The draws are ``(n, k)`` probe blocks, and a block's columns are
+    the stream's next k columns, whatever the blocks are cut into: blocks of k1 and then
+    k2 columns are the block of k1 + k2 columns drawn at once. So an estimate does not
+    depend on its block size, and one that is continued (``Estimate.refine``) is the
+    estimate of the whole budget. NumPy and torch on the CPU draw each column as the next
+    n numbers of their sequential stream (the block transposed: a (k, n) draw); JAX
+    derives column j's key as ``fold_in(key, j)``. torch on CUDA and CuPy draw a block at
+    once (their samplers lay numbers out by the launch grid, which follows the block's
+    size), so there the probes depend on the block widths.
 
     Two draws are shaped by what the libraries' samplers cost (one thread, 4000 x 100
     entries, 2026-12-01):
@@ -455,94 +465,129 @@ class RandomSource:
       moments by about 1e-7 relative: far below the Monte Carlo error of any estimate
       (which uses the probes it was given exactly, whatever their precision). NumPy's
       float64 ziggurat is as fast as its float32 one and is kept.
-    - Rademacher signs in torch and JAX are unpacked from random bytes / words (one random
-      bit per entry): 0.9 ms against 1.6 ms (torch ``randint``), 0.35 ms against 2.2 ms
-      (``jax.random.rademacher``, which draws a float per entry).
+    - Rademacher signs are unpacked from random bytes / words (one random bit per entry,
+      each column from whole words): 0.9 ms against 1.6 ms (torch ``randint``), 0.35 ms
+      against 2.2 ms (``jax.random.rademacher``, which draws a float per entry).
     """
 
-    def __init__(self, xp: Any, device: Any, kind: str, state: Any) -> None:
+    def __init__(self, xp: Any, device: Any, kind: str, state: Any, columns: int = 0) -> None:
         self.xp = xp
         self.device = device
         self._kind = kind
         self._state = state
+        #: Columns drawn from the stream so far.
+        self.columns = columns
 
-    def _next_jax_key(self) -> Any:
-        import jax
+    @property
+    def column_streams(self) -> bool:
+        """Whether blocks are partition-independent (see the class notes)."""
+        if self._kind == "torch":
+            return not str(self.device).startswith("cuda")
+        return self._kind != "cupy"
 
-        self._state, key = jax.random.split(self._state)
-        return key
-
-    def standard_normal(self, shape: tuple[int, ...], dtype: Any) -> Any:
-        """Independent N(0, 1) entries of real floating ``dtype``."""
+    def standard_normal(self, shape: tuple[int, int], dtype: Any) -> Any:
+        """An ``(n, k)`` block of independent N(0, 1) entries of real floating ``dtype``."""
         kind, state = self._kind, self._state
+        n, k = shape
+        self.columns += k
         if kind == "torch":
             import torch
 
-            if dtype == torch.float64:  # float32 draws, widened (see the class notes)
-                narrow = torch.randn(
-                    shape, generator=state, dtype=torch.float32, device=self.device
+            # float64: float32 draws, widened (see the class notes)
+            narrow = torch.float32 if dtype == torch.float64 else dtype
+            if not self.column_streams:
+                return torch.randn(shape, generator=state, dtype=narrow, device=self.device).to(
+                    dtype
                 )
-                return narrow.to(dtype)
-            return torch.randn(shape, generator=state, dtype=dtype, device=self.device)
+            # torch's CPU sampler pairs numbers within runs of 16 and redraws a ragged
+            # tail: columns padded to a multiple of 16 keep each column's numbers its own
+            padded = -(-n // 16) * 16
+            drawn = torch.randn((k, padded), generator=state, dtype=narrow, device=self.device)
+            return _transposed(drawn[:, :n], dtype)
         if kind == "jax":
-            self._state, values = _jax_normal(self._state, tuple(shape), dtype)
+            self._state, values = _jax_programs()["normal"](self._state, tuple(shape), dtype)
             return values
         if kind == "cupy":
             return state.standard_normal(shape, dtype=dtype)
-        values = state.standard_normal(shape)
-        return self._from_numpy(values, dtype)
+        return self._from_numpy(state.standard_normal((k, n)).T, dtype)
 
-    def rademacher(self, shape: tuple[int, ...], dtype: Any) -> Any:
-        """Independent +-1 entries with probability 1/2 each, real floating ``dtype``."""
+    def rademacher(self, shape: tuple[int, int], dtype: Any) -> Any:
+        """An ``(n, k)`` block of independent +-1 entries (probability 1/2 each), real
+        floating ``dtype``."""
         kind, state = self._kind, self._state
+        n, k = shape
+        self.columns += k
         if kind == "torch":
             import torch
 
-            if str(self.device).startswith("cuda"):  # three kernels, not a bit unpacking
+            if not self.column_streams:  # three kernels, not a bit unpacking
                 signs = torch.randint(0, 2, shape, generator=state, device=self.device, dtype=dtype)
                 return signs.mul_(2).sub_(1)
-            count = math.prod(shape)
             raw = torch.randint(
-                0, 256, (-(-count // 8),), generator=state, device=self.device, dtype=torch.uint8
+                0, 256, (k, -(-n // 8)), generator=state, device=self.device, dtype=torch.uint8
             )
             shifts = torch.arange(8, device=self.device, dtype=torch.uint8)
-            bits = ((raw[:, None] >> shifts) & 1).reshape(-1)[:count].reshape(shape)
-            signs = bits.to(dtype)
-            return signs.mul_(2).sub_(1)
+            bits = ((raw[:, :, None] >> shifts) & 1).reshape(k, -1)[:, :n]
+            signs = bits.to(torch.int8).mul_(2).sub_(1)  # +-1 in the bytes, then one copy
+            return _transposed(signs, dtype)
         if kind == "jax":
-            self._state, values = _jax_rademacher(self._state, tuple(shape), dtype)
+            self._state, values = _jax_programs()["rademacher"](self._state, tuple(shape), dtype)
             return values
         if kind == "cupy":
             return (2 * state.integers(0, 2, size=shape) - 1).astype(dtype)
-        # One random bit per entry, from the generator's raw bytes: about 8x faster than
-        # integers(0, 2), which spends a 64-bit draw on every entry.
-        count = math.prod(shape)
-        packed = np.frombuffer(state.bytes(-(-count // 8)), dtype=np.uint8)
-        values = np.unpackbits(packed)[:count].reshape(shape).astype(np.float64)
-        values *= 2.0
-        values -= 1.0
-        return self._from_numpy(values, dtype)
+        # One random bit per entry from whole 64-bit words per column: about 8x faster
+        # than integers(0, 2), which spends a 64-bit draw on every entry.
+        words = state.integers(0, 2**64, size=(k, -(-n // 64)), dtype=np.uint64)
+        unpacked = np.unpackbits(words.view(np.uint8), axis=1, count=n, bitorder="little")
+        ones = unpacked.view(np.int8)  # +-1 formed in the bytes: one pass over the floats
+        ones *= 2
+        ones -= 1
+        return self._from_numpy(ones.T, dtype)
 
-    def uniform(self, shape: tuple[int, ...], dtype: Any) -> Any:
-        """Independent U[0, 1) entries of real floating ``dtype``."""
+    def uniform(self, shape: tuple[int, int], dtype: Any) -> Any:
+        """An ``(n, k)`` block of independent U[0, 1) entries of real floating ``dtype``."""
+        kind, state = self._kind, self._state
+        n, k = shape
+        self.columns += k
+        if kind == "torch":
+            import torch
+
+            if not self.column_streams:
+                return torch.rand(shape, generator=state, dtype=dtype, device=self.device)
+            drawn = torch.rand((k, n), generator=state, dtype=dtype, device=self.device)
+            return _transposed(drawn, dtype)
+        if kind == "jax":
+            self._state, values = _jax_programs()["uniform"](self._state, tuple(shape), dtype)
+            return values
+        if kind == "cupy":
+            return state.random(shape, dtype=dtype)
+        return self._from_numpy(state.random((k, n)).T, dtype)
+
+    def snapshot(self) -> RandomSource:
+        """An independent copy that draws what this source would draw next."""
         kind, state = self._kind, self._state
         if kind == "torch":
             import torch
 
-            return torch.rand(shape, generator=state, dtype=dtype, device=self.device)
-        if kind == "jax":
-            import jax
+            copy = torch.Generator(device=self.device)
+            copy.set_state(state.get_state())
+            return RandomSource(self.xp, self.device, kind, copy, self.columns)
+        if kind == "jax":  # immutable arrays
+            return RandomSource(self.xp, self.device, kind, state, self.columns)
+        import copy as copying
 
-            return jax.random.uniform(self._next_jax_key(), shape, dtype=dtype)
-        if kind == "cupy":
-            return state.random(shape, dtype=dtype)
-        return self._from_numpy(state.random(shape), dtype)
+        return RandomSource(self.xp, self.device, kind, copying.deepcopy(state), self.columns)
 
-    def jax_key(self) -> Any:
-        """The JAX key that the next draw splits (JAX sources only)."""
+    def skipped(self, columns: int) -> RandomSource:
+        """A JAX source positioned ``columns`` further on its stream (column j's key is
+        ``fold_in(key, j)``: skipping costs nothing)."""
         if self._kind != "jax":
-            raise TypeError(f"a {self._kind} random source has no JAX key")
-        return self._state
+            raise TypeError(f"a {self._kind} random stream cannot skip ahead")
+        import jax.numpy as jnp
+
+        key, drawn = self._state if isinstance(self._state, tuple) else (self._state, 0)
+        state = (key, jnp.asarray(drawn + columns, dtype=jnp.uint32))
+        return RandomSource(self.xp, self.device, "jax", state, self.columns + columns)
 
     def redraw_while(
         self,
@@ -553,21 +598,22 @@ class RandomSource:
     ) -> Any:
         """``block`` drawn again (by ``draw()``, a Rademacher block of the same shape) while
         ``reject(block)`` holds, at most ``tries`` times. Compiled JAX decides on the device
-        (``lax.while_loop`` carrying the key: the same draws as the host loop); other
-        libraries read ``reject`` on the host (eager JAX too)."""
+        (``lax.while_loop`` carrying the random state: the same draws as the host loop);
+        other libraries read ``reject`` on the host (eager JAX too)."""
         if self._kind == "jax" and is_tracer(block):  # compiled: decide on the device
             import jax
 
             shape, dtype = tuple(block.shape), block.dtype
+            rademacher = _jax_programs()["rademacher"]
 
             def keep_going(carry: Any) -> Any:
                 count, candidate, _ = carry
                 return (count < tries) & reject(candidate)
 
             def step(carry: Any) -> Any:
-                count, _, key = carry
-                key, candidate = _jax_rademacher(key, shape, dtype)
-                return count + 1, candidate, key
+                count, _, state = carry
+                state, candidate = rademacher(state, shape, dtype)
+                return count + 1, candidate, state
 
             _, block, self._state = jax.lax.while_loop(keep_going, step, (0, block, self._state))
             return block
@@ -578,45 +624,62 @@ class RandomSource:
         return block
 
     def _from_numpy(self, values: np.ndarray, dtype: Any) -> Any:
+        """NumPy draws (a transposed ``(k, n)`` draw is made row-major) in the library."""
         if self._kind == "numpy":
-            return values.astype(dtype, copy=False)
+            return values.astype(dtype, order="C", copy=not values.flags.c_contiguous)
+        values = np.ascontiguousarray(values)
         return self.xp.asarray(values, dtype=dtype, device=self.device)
+
+
+def _transposed(drawn: Any, dtype: Any) -> Any:
+    """A torch ``(k, n)`` draw as a row-major ``(n, k)`` block of ``dtype`` (one copy)."""
+    import torch
+
+    out = torch.empty((drawn.shape[1], drawn.shape[0]), dtype=dtype, device=drawn.device)
+    return out.copy_(drawn.T)
 
 
 @functools.lru_cache(maxsize=1)
 def _jax_programs() -> dict[str, Callable[..., Any]]:
-    """The compiled draws: ``(key, shape, dtype) -> (next key, values)``, the key split
-    inside (each eager JAX operation costs a dispatch and a fresh buffer)."""
+    """The compiled draws: ``(state, shape, dtype) -> (next state, values)``. The state is
+    ``(key, columns drawn)``, a bare key before the first draw; column j of the stream
+    comes from ``fold_in(key, j)``, and the count stays on the device (no host number per
+    draw)."""
     import jax
     import jax.numpy as jnp
 
-    def normal(state: Any, shape: tuple[int, ...], dtype: Any) -> tuple[Any, Any]:
-        state, key = jax.random.split(state)
-        if dtype == jnp.float64:  # float32 draws, widened (see RandomSource)
-            return state, jax.random.normal(key, shape, dtype=jnp.float32).astype(dtype)
-        return state, jax.random.normal(key, shape, dtype=dtype)
+    def column_keys(state: Any, count: int) -> tuple[Any, Any]:
+        # a bare key before the first draw: none drawn (no array made for the count)
+        key, drawn = state if isinstance(state, tuple) else (state, jnp.zeros((), jnp.uint32))
+        index = drawn + jnp.arange(count, dtype=drawn.dtype)
+        keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, index)
+        return (key, drawn + count), keys
 
-    def rademacher(state: Any, shape: tuple[int, ...], dtype: Any) -> tuple[Any, Any]:
-        state, key = jax.random.split(state)
-        count = math.prod(shape)
-        words = jax.random.bits(key, (-(-count // 32),), dtype=jnp.uint32)
-        bits = (words[:, None] >> jnp.arange(32, dtype=jnp.uint32)) & 1
-        return state, 2 * bits.reshape(-1)[:count].reshape(shape).astype(dtype) - 1
+    def normal(state: Any, shape: tuple[int, int], dtype: Any) -> tuple[Any, Any]:
+        n, k = shape
+        state, keys = column_keys(state, k)
+        narrow = jnp.float32 if dtype == jnp.float64 else dtype  # (see RandomSource)
+        columns = jax.vmap(lambda key: jax.random.normal(key, (n,), dtype=narrow))(keys)
+        return state, columns.T.astype(dtype)
+
+    def rademacher(state: Any, shape: tuple[int, int], dtype: Any) -> tuple[Any, Any]:
+        n, k = shape
+        state, keys = column_keys(state, k)
+        words = jax.vmap(lambda key: jax.random.bits(key, (-(-n // 32),), dtype=jnp.uint32))(keys)
+        bits = (words[:, :, None] >> jnp.arange(32, dtype=jnp.uint32)) & 1
+        signs = 2 * bits.reshape(k, -1)[:, :n].astype(dtype) - 1
+        return state, signs.T
+
+    def uniform(state: Any, shape: tuple[int, int], dtype: Any) -> tuple[Any, Any]:
+        n, k = shape
+        state, keys = column_keys(state, k)
+        columns = jax.vmap(lambda key: jax.random.uniform(key, (n,), dtype=dtype))(keys)
+        return state, columns.T
 
     return {
-        "normal": jax.jit(normal, static_argnums=(1, 2)),
-        "rademacher": jax.jit(rademacher, static_argnums=(1, 2)),
+        name: jax.jit(program, static_argnums=(1, 2))
+        for name, program in (("normal", normal), ("rademacher", rademacher), ("uniform", uniform))
     }
-
-
-def _jax_normal(state: Any, shape: tuple[int, ...], dtype: Any) -> tuple[Any, Any]:
-    """N(0, 1) entries drawn (and widened) in one compiled program: (next key, values)."""
-    return _jax_programs()["normal"](state, shape, dtype)
-
-
-def _jax_rademacher(state: Any, shape: tuple[int, ...], dtype: Any) -> tuple[Any, Any]:
-    """+-1 entries from 32 random bits per word, one compiled program: (next key, values)."""
-    return _jax_programs()["rademacher"](state, shape, dtype)
 
 
 def make_random_source(seed: Any, xp: Any, device: Any) -> RandomSource:
@@ -663,7 +726,7 @@ def make_random_source(seed: Any, xp: Any, device: Any) -> RandomSource:
             key = jax.random.key(int(rng.integers(0, 2**31 - 1)))
         else:
             key = seed
-        return RandomSource(xp, device, "jax", key)
+        return RandomSource(xp, device, "jax", key)  # (key, columns drawn) once it draws
     if array_api_compat.is_cupy_namespace(xp):
         import cupy
 

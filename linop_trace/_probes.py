@@ -131,9 +131,10 @@ class ProbeSampler:
         xp = self.xp
         if not self.complex:
             return self.random.standard_normal(shape, self.dtype)
-        # standard complex Gaussian: E|z|^2 = 1
-        real = self.random.standard_normal(shape, self.real_dtype)
-        imag = self.random.standard_normal(shape, self.real_dtype)
+        # standard complex Gaussian: E|z|^2 = 1; column j's real and imaginary parts are
+        # the stream's columns 2j and 2j + 1 (partition-independent, as real draws are)
+        parts = self.random.standard_normal((shape[0], 2 * shape[1]), self.real_dtype)
+        real, imag = parts[:, 0::2], parts[:, 1::2]
         scale = 1 / math.sqrt(2)
         return xp.astype(real * scale, self.dtype) + 1j * xp.astype(imag * scale, self.dtype)
 

@@ -89,8 +89,12 @@ def test_predictions_match_naive_reference():
 
 
 def test_accuracy_close_to_the_better_method():
-    """On an implicit decaying and a flat matrix, auto's mean error over 30 seeds is within
-    1.5x of the better of Hutchinson and XTrace (the benchmark checks n = 1000, 200 seeds)."""
+    """On an implicit decaying and a flat matrix, auto's mean error over 60 seeds is
+    within 1.5x of the better of Hutchinson and XTrace (the benchmark checks n = 1000, 200
+    seeds). Measured over 150 seeds the ratio is 0.91 (flat) and 1.00 (slowexp); a mean
+    absolute error over s seeds scatters by about 0.75/sqrt(s) relative, so the ratio of
+    two by about 1.06/sqrt(s): 0.14 at s = 60, which puts 1.5 3.6 of them away (at s = 30
+    it was 2.6 away, and one seed stream crossed it)."""
     for spectrum in ("flat", "slowexp"):
         M = test_matrix(spectrum, 300)
         op, truth = implicit(M), np.trace(M)
@@ -99,7 +103,7 @@ def test_accuracy_close_to_the_better_method():
             errors[method] = np.mean(
                 [
                     abs(float(lt.trace(op, method=method, num_matvecs=60, seed=s)) - truth)
-                    for s in range(30)
+                    for s in range(60)
                 ]
             )
         assert errors["auto"] <= 1.5 * min(errors["hutchinson"], errors["xtrace"]), errors

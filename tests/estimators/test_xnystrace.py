@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import array_api_compat.numpy as npx
 import numpy as np
@@ -96,8 +97,19 @@ def small_mlp_hessian(seed=0):
     ids=["mlp-like-hessian", "symmetric-gaussian", "shifted-flat"],
 )
 def test_indefinite_operator_raises_naming_xtrace(matrix):
-    with pytest.raises(ValueError, match="positive semidefinite.*method='xtrace'"):
-        lt.trace(matrix(), method="xnystrace", num_matvecs=20, seed=0)
+    """The evidence of indefiniteness is in the sketch, so finding it depends on the
+    probes: on the MLP-like Hessian (PSD plus a small symmetric perturbation) 59 of 60
+    seeds find it. Of 20 seeds at least 17 must (were 1 in 60 seeds to miss, 4 or more
+    misses in 20 have probability 3e-4); every seed that finds it names XTrace."""
+    A = matrix()
+    found = 0
+    for seed in range(20):
+        try:
+            lt.trace(A, method="xnystrace", num_matvecs=20, seed=seed)
+        except ValueError as error:
+            assert re.search("positive semidefinite.*method='xtrace'", str(error))
+            found += 1
+    assert found >= 17
 
 
 def test_non_symmetric_operator_raises():

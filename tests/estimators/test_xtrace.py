@@ -208,13 +208,16 @@ def coverage(method, spectrum, runs=400, n=300, m=60, **options):
 
 @pytest.mark.parametrize("spectrum", ["flat", "poly"])
 def test_interval_coverage(spectrum):
-    """95% intervals cover tr(A) in 93%-97% of 400 runs (n = 300, m = 60).
+    """95% intervals cover tr(A) in 93%-98.5% of 400 runs (n = 300, m = 60).
 
-    The binomial standard error of a 95% coverage over 400 runs is 1.1%, so the band is
-    +-1.8 of them. The literature's std/sqrt(s) is reported alongside: it covers less
-    (measured ~92% flat, ~88% poly)."""
+    The binomial standard error of a 95% coverage over 400 runs is 1.1%. Below, the band
+    is 1.8 of them: an interval that covers too rarely is the failure that matters. Above,
+    it is 3.2 (a band of 1.8 fails one seed stream in 14 by chance: when the probe streams
+    changed, seeds 0-399 covered 97.75% on "poly", while seeds 400-1999 covered 95.5%, 0.5%
+    standard error); it catches intervals far too wide. The literature's std/sqrt(s) is
+    reported alongside: it covers less (measured ~92% flat, ~88% poly)."""
     honest, plain = coverage("xtrace", spectrum)
-    assert 0.93 <= honest <= 0.97, (honest, plain)
+    assert 0.93 <= honest <= 0.985, (honest, plain)
     assert plain < honest
 
 
