@@ -191,6 +191,10 @@ class Estimate:
         self._shape: tuple[Any, Any] | None = None
         self._checks = tuple(checks)
         self._verified = False
+        # what refine() continues from (set by the estimator) and the continuation itself
+        # (set by trace/diagonal): None for estimates that cannot be refined
+        self._state: Any = None
+        self._resume: Callable[..., Estimate] | None = None
         if self._checks and _reads_are_free(value):
             self._verify()
 
@@ -256,32 +260,100 @@ class Estimate:
                 key: (item / factor / factor if factor and isinstance(item, float) else item)
                 for key, item in info["auto"].items()
             }
-        return Estimate(
-            down(self._value),
-            None if self._stderr is None else down(self._stderr),
-            self.num_matvecs,
-            self.method,
-            self.converged,
-            self._dof,
-            info,
-            shape_of=self._shape_of,
-            checks=self._checks,
+        return self._carrying(
+            Estimate(
+                down(self._value),
+                None if self._stderr is None else down(self._stderr),
+                self.num_matvecs,
+                self.method,
+                self.converged,
+                self._dof,
+                info,
+                shape_of=self._shape_of,
+                checks=self._checks,
+            )
         )
 
     def with_checks(self, checks: tuple[DeferredCheck, ...], num_matvecs: int) -> Estimate:
         """The same estimate with more checks and the counted ``num_matvecs`` (used by
         :func:`~linop_trace.trace` and :func:`~linop_trace.diagonal` on every result)."""
-        return Estimate(
-            self._value,
-            self._stderr,
-            num_matvecs,
-            self.method,
-            self.converged,
-            self._dof,
-            self.info,
-            shape_of=self._shape_of,
-            checks=self._checks + tuple(checks),
+        return self._carrying(
+            Estimate(
+                self._value,
+                self._stderr,
+                num_matvecs,
+                self.method,
+                self.converged,
+                self._dof,
+                self.info,
+                shape_of=self._shape_of,
+                checks=self._checks + tuple(checks),
+            )
         )
+
+    def _carrying(self, other: Estimate) -> Estimate:
+        """``other`` with this estimate's refinement state and continuation."""
+        other._state, other._resume = self._state, self._resume
+        return other
+
+    # ------------------------------------------------------------------ refinement
+    def refine(
+        self,
+        A: Any,
+        num_matvecs: int | None = None,
+        *,
+        rtol: float | None = None,
+        atol: float | None = None,
+        max_matvecs: int | None = None,
+    ) -> Estimate:
+        """This estimate continued with more probes, without redoing the products it has.
+
+        The new probes continue the random stream of the run, so the result is the
+        estimate that one run of the total budget with the same seed gives: bit for bit
+        for a trace on NumPy when every block has at least 8 columns (OpenBLAS computes
+        narrower products by other kernels, rounded differently), to rounding for a
+        diagonal (its running sums are added block by block) and elsewhere (torch on
+        CUDA and CuPy draw probes by the block, see ``docs/backends.rst``). This estimate
+        is left as it is; refine it again for the same result.
+
+        Hutchinson's trace and diagonal estimates refine (``method="auto"`` ones too, when
+        it ran Hutchinson), fixed or adaptive, and Hutch++'s residual phase (its sketch
+        stays). Other methods raise ``ValueError``: their probes enter a sketch or a
+        factorization whose size is fixed by the budget, so more probes mean a new run.
+
+        Parameters
+        ----------
+        A : operator
+            The operator this estimate is of: the same shape, library, dtype and device
+            (its products are not checked against the first run's).
+        num_matvecs : int, optional
+            Spend exactly this many more products.
+        rtol, atol : float, optional
+            Instead, add probe blocks (doubling the probes so far, as an adaptive run does)
+            until the interval meets ``max(atol, rtol * |value|)``.
+        max_matvecs : int, optional
+            With a tolerance: the most products in all, this estimate's included (default
+            ``max(1000, 2 * num_matvecs)``).
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from linop_trace import trace
+        >>> A = np.diag(np.arange(1.0, 101.0))
+        >>> first = trace(A, method="hutchinson", num_matvecs=40, seed=0)
+        >>> more = first.refine(A, num_matvecs=60)
+        >>> whole = trace(A, method="hutchinson", num_matvecs=100, seed=0)
+        >>> more.num_matvecs, float(more) == float(whole)
+        (100, True)
+        """
+        if self._resume is None:
+            raise ValueError(
+                f"a {self.method!r} estimate cannot be refined: only Hutchinson's trace and "
+                "diagonal estimates (method='hutchinson', or 'auto' when it ran Hutchinson) "
+                "and Hutch++'s residual phase keep what refining needs; run the method "
+                "again with a larger num_matvecs"
+            )
+        return self._resume(A, num_matvecs, rtol, atol, max_matvecs, self._state)
 
     # ------------------------------------------------------------------ intervals
     def quantile(self, level: float = 0.95) -> Any:
@@ -368,6 +440,7 @@ class Estimate:
             self._shape_of,
             tuple(arrays.values()),
             tuple((check.failed, check.evidence) for check in self._checks),
+            self._state,
         )
         aux = (
             self.num_matvecs,
@@ -383,7 +456,7 @@ class Estimate:
     @classmethod
     def _tree_unflatten(cls, aux: tuple[Any, ...], children: tuple[Any, ...]) -> Estimate:
         num_matvecs, method, converged, static_dof, array_keys, static, errors = aux
-        value, stderr, dof, shape_of, arrays, checks = children
+        value, stderr, dof, shape_of, arrays, checks, state = children
         info = dict(static.items)
         info.update(zip(array_keys, arrays))
         estimate = cls.__new__(cls)
@@ -397,6 +470,7 @@ class Estimate:
             for (failed, evidence), error in zip(checks, errors)
         )
         estimate._verified = False
+        estimate._state, estimate._resume = state, None
         return estimate
 
 

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import weakref
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from typing import Any
+
+import numpy as np
 
 from . import _backend as backend
 from ._blocks import probe_block_size
@@ -208,13 +211,139 @@ def _estimate(quantity: str, A: Any, method: Any, seed: Any, **options: Any) -> 
         seed_argument, is_key = backend.jax_seed(seed)
         program = backend.compiled(_compiled_run, num_static=4)
         try:
-            return program(estimator, quantity, settings, is_key, operator, seed_argument)
+            estimate = program(estimator, quantity, settings, is_key, operator, seed_argument)
+            if estimate._state is None:
+                return estimate
+
+            def start() -> Any:  # made when refine is called: no dispatch per estimate
+                key = seed_argument if is_key else backend.jax_key_of(seed_argument)
+                return backend.make_random_source(key, operator.xp, operator.device)
+
+            return _resumable(estimate, estimator, quantity, settings, operator, start)
         except EstimateInterrupted:
             raise
         except KeyboardInterrupt as interrupt:  # one program: nothing partial to give
             raise EstimateInterrupted(None) from interrupt
     random = backend.make_random_source(seed, operator.xp, operator.device)
-    return _run(estimator, quantity, settings, operator, random)
+    estimate = _run(estimator, quantity, settings, operator, random)
+    if estimate._state is not None and not isinstance(seed, (int, np.integer, type(None))):
+        # the caller's own generator goes on drawing: keep where the run left it now
+        random = random.snapshot()
+    return _resumable(estimate, estimator, quantity, settings, operator, lambda: random)
+
+
+def _resumable(
+    estimate: Estimate,
+    estimator: Any,
+    quantity: str,
+    settings: _Settings,
+    operator: LinearOperator,
+    source: Callable[[], Any],
+) -> Estimate:
+    """``estimate`` with its continuation when its estimator left a refinement state.
+    ``source()`` gives the run's random source where the run left it (no one else draws
+    from it), or for a compiled JAX run one at the start of its stream (made only if
+    refine is called)."""
+    if estimate._state is not None:
+        estimate._resume = _Continuation(
+            estimator, quantity, settings, _facts(operator), source, estimate
+        )
+    return estimate
+
+
+def _facts(operator: LinearOperator) -> tuple[Any, ...]:
+    """What an operator given to ``refine`` must share with the first run's."""
+    return (
+        tuple(operator.shape),
+        backend.namespace_name(operator.xp),
+        operator.dtype,
+        str(operator.device),
+    )
+
+
+class _Continuation:
+    """:meth:`Estimate.refine` of one estimate: the run's method, quantity, settings and
+    the random source where the run left it."""
+
+    def __init__(
+        self,
+        estimator: Any,
+        quantity: str,
+        settings: _Settings,
+        facts: tuple[Any, ...],
+        source: Callable[[], Any],
+        estimate: Estimate,
+    ) -> None:
+        self.estimator = estimator
+        self.quantity = quantity
+        self.settings = settings
+        self.facts = facts
+        self.source = source
+        # the estimate's counted columns and checks (not the estimate: no cycle)
+        self.num_matvecs = estimate.num_matvecs
+        self.checks = estimate._checks
+
+    def __call__(
+        self,
+        A: Any,
+        num_matvecs: int | None,
+        rtol: float | None,
+        atol: float | None,
+        max_matvecs: int | None,
+        state: Any,
+    ) -> Estimate:
+        operator = widened(aslinearoperator(A))
+        facts = _facts(operator)
+        if facts != self.facts:
+            raise ValueError(
+                "refine needs the operator of the first run: it had shape, library, dtype "
+                f"and device {self.facts}, this one has {facts}"
+            )
+        refiner = get_estimator(state.method, self.quantity)
+        name = getattr(refiner, "name", state.method)
+        check_tolerance(rtol, atol, self.settings.confidence)
+        adaptive = rtol is not None or atol is not None
+        if adaptive == (num_matvecs is not None):
+            raise ValueError(
+                "refine takes num_matvecs (that many more products) or a tolerance "
+                "(rtol/atol, with max_matvecs), one of the two"
+            )
+        if adaptive:
+            total = (
+                max(DEFAULT_MAX_MATVECS, 2 * self.num_matvecs)
+                if max_matvecs is None
+                else check_num_matvecs(max_matvecs, name, 1)
+            )
+            more = 0
+        else:
+            if max_matvecs is not None:
+                raise ValueError("max_matvecs goes with a tolerance (rtol/atol)")
+            more = check_num_matvecs(num_matvecs, name, 1)
+            total = self.num_matvecs + more
+        _check_budget_cap(operator, name, total)
+        settings = replace(
+            self.settings,
+            num_matvecs=more,
+            rtol=None if rtol is None else float(rtol),
+            atol=None if atol is None else float(atol),
+            max_matvecs=max(total - self.num_matvecs, 0),
+            unit_scale=False,
+        )
+        random = self.source()
+        if random.columns < state.drawn:  # compiled JAX: the stream's start; skip ahead
+            random = random.skipped(state.drawn - random.columns)
+        random = random.snapshot()  # this estimate refines alike every time
+        request = settings.request(operator, random, name)
+        if state.scale is not None:  # the first run's products were scaled: so are these
+            request.matmat._tally.scale = state.scale
+        estimate = refiner.refine(self.quantity, request, state)
+        estimate._state = replace(estimate._state, scale=state.scale, drawn=random.columns)
+        estimate = _finished(estimate, request)
+        estimate = estimate.with_checks((), self.num_matvecs + request.columns)
+        estimate._checks = self.checks + estimate._checks
+        return _resumable(
+            estimate, self.estimator, self.quantity, self.settings, operator, lambda: random
+        )
 
 
 def _run(
@@ -232,6 +361,8 @@ def _run(
         raise EstimateInterrupted(partial) from interrupted
     except KeyboardInterrupt as interrupt:  # a method without a partial result
         raise EstimateInterrupted(None) from interrupt
+    if estimate._state is not None:  # what refine needs: the products' scale, the stream
+        estimate._state = replace(estimate._state, scale=request.matmat.scale, drawn=random.columns)
     return _finished(estimate, request)
 
 

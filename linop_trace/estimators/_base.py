@@ -24,6 +24,7 @@ __all__ = [
     "EstimationRequest",
     "Estimator",
     "ProbeOption",
+    "RefineState",
     "cover",
     "deflation_split",
     "is_self_adjoint",
@@ -438,6 +439,30 @@ def _accepts_adjoint(operator: Any) -> bool:
     return True
 
 
+@backend.register_pytree_dataclass
+@dataclass(frozen=True)
+class RefineState:
+    """What an estimate keeps so that :meth:`~linop_trace.Estimate.refine` continues it
+    (in the units of the run's products, before any scale is undone):
+
+    - ``method``: the name of the estimator whose :meth:`Estimator.refine` continues it;
+    - ``samples``: the per-probe samples of a sample mean (Hutchinson's trace, Hutch++'s
+      residual), ``offset`` the value they are added to (Hutch++: tr(Q^H A Q)) and
+      ``basis`` the sketch they are deflated by (Hutch++: Q);
+    - ``sums``: a diagonal's running :class:`~._stats.RatioSums`;
+    - ``scale``: the power of two the products were multiplied by (``None``: none), and
+      ``drawn``: the probe columns drawn from the random stream (set by the run).
+    """
+
+    method: str = field(metadata={"static": True})
+    samples: Any = None
+    sums: Any = None
+    offset: Any = None
+    basis: Any = None
+    scale: Any = None
+    drawn: int = field(default=0, metadata={"static": True})
+
+
 class Estimator:
     """Base class of trace and diagonal estimators: the plug-in contract.
 
@@ -452,6 +477,8 @@ class Estimator:
       ``probe=``) fixes the kind whatever the caller asks;
     - ``jit_compatible``: whether its fixed-budget path reads no value on the host, so that
       under JAX the whole estimate compiles into one program (the built-in methods do);
+    - :meth:`refine`: continues an estimate it left a :class:`RefineState` on (its
+      ``_state``), for :meth:`~linop_trace.Estimate.refine` (by default none);
     - ``unit_scaled``: the quantities for which a fixed-budget estimate gets its products
       scaled by a power of two that brings their largest entry near 1, and its value,
       stderr and every array in its ``info`` scaled back (exactly) at the end; for
@@ -493,6 +520,13 @@ class Estimator:
 
     def diagonal(self, request: EstimationRequest) -> Estimate:
         raise NotImplementedError(f"method {self.name!r} does not estimate diagonals")
+
+    def refine(self, quantity: str, request: EstimationRequest, state: RefineState) -> Estimate:
+        """The estimate continued from ``state`` with the request's budget: fixed
+        (``request.num_matvecs`` more columns) or, with a tolerance, until it is met within
+        ``request.max_matvecs`` more columns. The probes continue the run's random stream.
+        """
+        raise NotImplementedError(f"method {self.name!r} cannot refine its estimates")
 
     def supports(self, quantity: str) -> bool:
         """Whether this estimator overrides ``trace`` or ``diagonal``."""

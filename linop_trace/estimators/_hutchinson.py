@@ -18,12 +18,13 @@ of the numerator of entry i (real A): Gaussian probes ``sum_j A_ij^2 + A_ii^2``,
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 from .. import _backend as backend
 from .._estimate import Estimate, EstimateInterrupted
 from ._adaptive import Progress, grow_diagonal, remaining, sample_mean_progress, until_met
-from ._base import EstimationRequest, ProbeOption, cover
+from ._base import EstimationRequest, ProbeOption, RefineState, cover
 from ._linalg import abs2, column_inner, conj
 from ._stats import RatioSums, SampleMean, sample_mean
 
@@ -128,7 +129,7 @@ class Hutchinson(ProbeOption):
         if not samples and len(widths) == 1 and not request.adaptive:  # one block: the core
             result = hutchinson_core(request.matmat, request.probes(widths[0]), xp)
             info = {"probe": request.probes.kind, **(info or {})}
-            return result.estimate(request.columns, self.name, None, info)
+            return _refinable(result.estimate(request.columns, self.name, None, info), result)
         info = {"probe": request.probes.kind, **(info or {})}
         try:
             self._more_samples(request, samples, widths)
@@ -155,7 +156,7 @@ class Hutchinson(ProbeOption):
             except KeyboardInterrupt as interrupt:
                 raise EstimateInterrupted(self._partial(request, samples, info)) from interrupt
         result = sample_mean(_joined(samples, xp), xp)
-        return result.estimate(request.columns, self.name, converged, info)
+        return _refinable(result.estimate(request.columns, self.name, converged, info), result)
 
     @staticmethod
     def _more_samples(request: EstimationRequest, samples: list[Any], widths: list[int]) -> None:
@@ -188,9 +189,21 @@ class Hutchinson(ProbeOption):
         >>> bool(np.all(np.abs(est.value - np.diag(A)) < 5 * est.stderr))
         True
         """
+        return self._continued_diagonal(request, RatioSums(request.xp))
+
+    def refine(self, quantity: str, request: EstimationRequest, state: RefineState) -> Estimate:
+        """The trace or diagonal continued from ``state``: the samples (sums) kept, more
+        probe blocks drawn as the run would have drawn them."""
+        if quantity == "diagonal":
+            return self._continued_diagonal(request, state.sums.copy())
+        have = int(state.samples.shape[0])
+        request = replace(request, num_matvecs=have + request.num_matvecs)
+        return self.finish_trace(request, [state.samples])
+
+    def _continued_diagonal(self, request: EstimationRequest, sums: RatioSums) -> Estimate:
+        """``sums`` with ``request.num_matvecs`` more probes, then adaptive growth."""
         xp = request.xp
         unit_modulus = request.probes.unit_modulus
-        sums = RatioSums(xp)
 
         def draw(width: int) -> None:
             diagonal_hutchinson_core(request.matmat, request.probes(width), xp, unit_modulus, sums)
@@ -202,7 +215,9 @@ class Hutchinson(ProbeOption):
         except KeyboardInterrupt as interrupt:  # the blocks summed so far, if two or more
             partial = self._diagonal_estimate(request, sums, False) if sums.count > 1 else None
             raise EstimateInterrupted(partial) from interrupt
-        return self._diagonal_estimate(request, sums, converged)
+        estimate = self._diagonal_estimate(request, sums, converged)
+        estimate._state = RefineState("hutchinson", sums=sums)
+        return estimate
 
     def _diagonal_estimate(
         self, request: EstimationRequest, sums: RatioSums, converged: bool | None
@@ -217,6 +232,12 @@ class Hutchinson(ProbeOption):
             dof=count - 1 if count > 1 else None,
             info={"probe": request.probes.kind, "num_probes": count},
         )
+
+
+def _refinable(estimate: Estimate, result: SampleMean) -> Estimate:
+    """``estimate`` keeping its samples for :meth:`~linop_trace.Estimate.refine`."""
+    estimate._state = RefineState("hutchinson", samples=result.samples)
+    return estimate
 
 
 def _joined(samples: list[Any], xp: Any) -> Any:

@@ -23,7 +23,7 @@ from typing import Any
 from .. import _backend as backend
 from .._estimate import Estimate
 from ._adaptive import Progress, remaining, sample_mean_progress, tolerance_target, until_met
-from ._base import EstimationRequest, Estimator, deflation_split
+from ._base import EstimationRequest, Estimator, RefineState, deflation_split
 from ._linalg import abs2, column_inner, conj, extend_basis, project_out
 from ._stats import SampleMean, sample_mean
 
@@ -96,10 +96,18 @@ def _residual_estimate(
     request: EstimationRequest,
     converged: bool | None,
     info: dict,
+    basis: Any = None,
 ) -> Estimate:
+    """The estimate of the residual sample mean ``result``; with the sketch ``basis`` it
+    keeps what :meth:`HutchPlusPlus.refine` continues from."""
     count = result.count
     info = dict(info, low_rank_trace=low_rank_trace, num_residual_probes=count)
-    return result.estimate(request.columns, name, converged, info)
+    estimate = result.estimate(request.columns, name, converged, info)
+    if basis is not None:
+        estimate._state = RefineState(
+            "hutch++", samples=result.samples, offset=low_rank_trace, basis=basis
+        )
+    return estimate
 
 
 def predicted_residual_probes(
@@ -238,6 +246,43 @@ class HutchPlusPlus(Estimator):
             request,
             None,
             {"sketch_size": int(result.basis.shape[1]), "probe": request.probes.kind},
+            result.basis,
+        )
+
+    def refine(self, quantity: str, request: EstimationRequest, state: RefineState) -> Estimate:
+        """The residual phase continued: the sketch Q and tr(Q^H A Q) kept, more residual
+        probes (fixed, or doubling until the tolerance is met)."""
+        xp, basis = request.xp, state.basis
+        samples = [state.samples]
+
+        def draw(width: int) -> None:
+            samples.append(deflated_samples(request.matmat, basis, request.probes(width), xp))
+
+        for width in request.blocks(request.num_matvecs):
+            draw(width)
+        converged = None
+        if request.adaptive:
+
+            def measure() -> Progress:
+                return sample_mean_progress(_residual_mean(state.offset, samples, xp), request)
+
+            def grow() -> bool:
+                left = remaining(request)
+                if left <= 0:
+                    return False
+                count = sum(int(block.shape[0]) for block in samples)
+                draw(min(count, left, request.block_size))
+                return True
+
+            converged = until_met(request, measure, grow)
+        return _residual_estimate(
+            self.name,
+            _residual_mean(state.offset, samples, xp),
+            state.offset,
+            request,
+            converged,
+            {"sketch_size": int(basis.shape[1]), "probe": request.probes.kind},
+            basis,
         )
 
     def _adaptive_trace(self, request: EstimationRequest) -> Estimate:
@@ -319,6 +364,7 @@ class HutchPlusPlus(Estimator):
                 "residual_frobenius_squared": state.frobenius[-1],
                 "probe": request.probes.kind,
             },
+            state.basis,
         )
 
     def _grow_sketch(

@@ -248,6 +248,28 @@ class RatioSums:
         square = xp.maximum(square, xp.zeros_like(square))
         return value, xp.sqrt(square / (k - 1)) * (math.sqrt(k) / self.x), k
 
+    def copy(self) -> RatioSums:
+        """An independent copy (the sums are replaced, never changed in place, as blocks
+        are added: the arrays are shared)."""
+        other = RatioSums(self.xp)
+        other.__dict__.update(self.__dict__)
+        return other
+
+
+def _flatten_sums(sums: RatioSums) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+    children = (sums.shift, sums.u, sums.uu, sums.x, sums.xx, sums.xu)
+    return children, (sums.xp, sums.count, sums.unit_modulus)
+
+
+def _unflatten_sums(aux: tuple[Any, ...], children: tuple[Any, ...]) -> RatioSums:
+    sums = RatioSums(aux[0])
+    sums.count, sums.unit_modulus = aux[1], aux[2]
+    sums.shift, sums.u, sums.uu, sums.x, sums.xx, sums.xu = children
+    return sums
+
+
+backend.register_pytree(RatioSums, _flatten_sums, _unflatten_sums)
+
 
 def _plus(total: Any, part: Any) -> Any:
     return part if total is None else total + part

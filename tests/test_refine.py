@@ -1,0 +1,204 @@
+"""Refining an estimate without redoing its products (issue 18, item 13), and estimates
+that do not depend on the block size (issue 18, minor).
+
+Both rest on column streams: a probe block's columns are the random stream's next
+columns however the blocks are cut (``RandomSource``). So a Hutchinson run in blocks of 8
+draws the probes of a run in one block, and an estimate refined by k probes has drawn the
+probes of one run of the total budget. The products of the same columns are the same
+numbers (OpenBLAS rounds a column's product alike in blocks of 8 or more columns; sparse
+products always), so on NumPy the trace is the one run's bit for bit. The diagonal adds
+its running sums block by block, so there it agrees to rounding (a few ulps: rtol 1e-12
+for float64). torch on CUDA and CuPy draw probes by the block: their tests skip.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+from conftest import numpy_of
+
+import linop_trace as lt
+from linop_trace._probes import ProbeSampler
+from linop_trace._testing import test_matrix
+from linop_trace.estimators._hutchpp import hutchpp_core
+
+N = 60
+
+
+def _matrix(backend):
+    return backend.matrix(test_matrix("flat", N, seed=0))  # not diagonal: noisy estimates
+
+
+def _skip_block_draws(backend):
+    if backend.name in ("cupy", "torch-cuda"):
+        pytest.skip(f"{backend.name} draws each probe block at once (by its launch grid)")
+
+
+def _exactly_equal(backend, quantity) -> bool:
+    """Whether the values must agree bit for bit (NumPy and SciPy traces)."""
+    return backend.name in ("numpy", "scipy") and quantity == "trace"
+
+
+def _assert_same(backend, quantity, got, expected):
+    assert got.num_matvecs == expected.num_matvecs
+    for a, b in ((got.value, expected.value), (got.stderr, expected.stderr)):
+        if _exactly_equal(backend, quantity):
+            np.testing.assert_array_equal(numpy_of(a), numpy_of(b))
+        else:  # the same probes and products, sums added in other orders
+            np.testing.assert_allclose(numpy_of(a), numpy_of(b), rtol=1e-12)
+
+
+# --------------------------------------------------------------------- block sizes
+@pytest.mark.parametrize("quantity", ["trace", "diagonal"])
+@pytest.mark.parametrize("probe", ["rademacher", "gaussian"])
+def test_hutchinson_does_not_depend_on_the_block_size(backend, quantity, probe):
+    """48 probes in one block, in blocks of 8 and of 13 (three of 13 and one of 9): the
+    same estimate. Before column streams each block was a fresh row-major draw, and the
+    value changed with the block size."""
+    _skip_block_draws(backend)
+    function = getattr(lt, quantity)
+    options = {"method": "hutchinson", "num_matvecs": 48, "seed": 5, "probe": probe}
+    whole = function(_matrix(backend), **options)
+    for block_size in (8, 13):
+        cut = function(_matrix(backend), block_size=block_size, **options)
+        _assert_same(backend, quantity, cut, whole)
+
+
+def test_probe_blocks_are_the_stream_cut_anywhere(backend):
+    """Blocks of 2, 4 and 3 columns are the block of 9: every probe kind, real and
+    complex (complex Gaussian columns take two stream columns each)."""
+    _skip_block_draws(backend)
+    like = backend.asarray(np.zeros((2, 2)))
+    xp, device = lt.aslinearoperator(like).xp, lt.aslinearoperator(like).device
+    kinds = [("rademacher", "float64"), ("gaussian", "float64"), ("gaussian", "complex128")]
+    kinds.append(("steinhaus", "complex128"))
+    for kind, dtype in kinds:
+        for n in (5, 37):
+            whole = ProbeSampler(kind, n, xp, backend.dtype(dtype), device, seed=3)
+            cut = ProbeSampler(kind, n, xp, backend.dtype(dtype), device, seed=3)
+            expected = numpy_of(whole(9))
+            got = np.concatenate([numpy_of(cut(2)), numpy_of(cut(4)), numpy_of(cut(3))], axis=1)
+            np.testing.assert_array_equal(got, expected, err_msg=f"{kind} {dtype} n={n}")
+
+
+# ------------------------------------------------------------------------- refine
+@pytest.mark.parametrize("quantity", ["trace", "diagonal"])
+def test_a_refined_estimate_is_the_one_run_of_the_total_budget(backend, quantity):
+    """32 probes refined by 24 (then by 16 more) are the run of 56 (72) with the seed."""
+    _skip_block_draws(backend)
+    function = getattr(lt, quantity)
+    A = _matrix(backend)
+    first = function(A, method="hutchinson", num_matvecs=32, seed=1)
+    refined = first.refine(A, num_matvecs=24)
+    _assert_same(
+        backend, quantity, refined, function(A, method="hutchinson", num_matvecs=56, seed=1)
+    )
+    again = refined.refine(A, num_matvecs=16)
+    _assert_same(backend, quantity, again, function(A, method="hutchinson", num_matvecs=72, seed=1))
+    # the first estimate is left as it was, and refines to the same result again
+    assert first.num_matvecs == 32
+    _assert_same(backend, quantity, first.refine(A, num_matvecs=24), refined)
+
+
+@pytest.mark.parametrize("quantity", ["trace", "diagonal"])
+def test_a_refined_adaptive_run_is_the_adaptive_run_of_the_tighter_tolerance(backend, quantity):
+    """rtol 0.3 then refined to rtol 0.05 spends what, and gives what, one run with rtol
+    0.05 does: the doubling rounds are the same rounds."""
+    _skip_block_draws(backend)
+    function = getattr(lt, quantity)
+    A = _matrix(backend)
+    options = {"method": "hutchinson", "seed": 2, "max_matvecs": 2000}
+    loose = function(A, rtol=0.3, **options)
+    refined = loose.refine(A, rtol=0.05, max_matvecs=2000)
+    tight = function(A, rtol=0.05, **options)
+    assert loose.num_matvecs < tight.num_matvecs
+    assert refined.converged is tight.converged is True
+    _assert_same(backend, quantity, refined, tight)
+
+
+def test_hutchpp_refines_its_residual_phase(dense_backend):
+    """Hutch++ with 60 columns (sketch 20, A Q 20, residual 20) refined by 30 residual
+    probes: the same sketch, and the residual mean of the stream's next 50 probes."""
+    _skip_block_draws(dense_backend)
+    A = _matrix(dense_backend)
+    first = lt.trace(A, method="hutch++", num_matvecs=60, seed=4)
+    refined = first.refine(A, num_matvecs=30)
+    assert refined.num_matvecs == 90 and refined.info["num_residual_probes"] == 50
+    assert refined.info["sketch_size"] == first.info["sketch_size"] == 20
+    operator = lt.aslinearoperator(A)
+    sampler = ProbeSampler("rademacher", N, operator.xp, operator.dtype, operator.device, seed=4)
+    sketch = sampler(20)
+    expected = hutchpp_core(operator.matmat, sketch, sampler(50), operator.xp).residual
+    np.testing.assert_allclose(numpy_of(refined.value), numpy_of(expected.value), rtol=1e-12)
+    np.testing.assert_allclose(numpy_of(refined.stderr), numpy_of(expected.stderr), rtol=1e-12)
+
+
+def test_auto_estimates_refine_when_auto_ran_hutchinson():
+    """``auto`` on a flat spectrum runs Hutchinson (its first probes serve both
+    predictions): refinable; on a decaying one it runs XTrace: not."""
+
+    def implicit(M):
+        return lt.LinearOperator.from_callable(matvec=lambda x: M @ x, shape=M.shape)
+
+    flat = implicit(test_matrix("flat", 300))
+    estimate = lt.trace(flat, num_matvecs=60, seed=0)
+    assert estimate.method == "hutchinson"
+    assert estimate.refine(flat, num_matvecs=40).num_matvecs == 100
+    decaying = implicit(test_matrix("fastexp", 300))
+    estimate = lt.trace(decaying, num_matvecs=60, seed=0)
+    assert estimate.method == "xtrace"
+    with pytest.raises(ValueError, match="cannot be refined"):
+        estimate.refine(decaying, num_matvecs=40)
+
+
+@pytest.mark.parametrize(
+    "quantity, method",
+    [
+        ("trace", "xtrace"),
+        ("trace", "xnystrace"),
+        ("trace", "na-hutch++"),
+        ("trace", "exact"),
+        ("diagonal", "diag++"),
+        ("diagonal", "xdiag"),
+        ("diagonal", "exact"),
+    ],
+)
+def test_methods_that_cannot_refine_say_so(quantity, method):
+    A = test_matrix("flat", N, seed=0)
+    estimate = getattr(lt, quantity)(A, method=method, num_matvecs=30, seed=0)
+    with pytest.raises(ValueError, match=re.escape(f"{method!r} estimate cannot be refined")):
+        estimate.refine(A, num_matvecs=10)
+
+
+def test_refine_checks_its_operator_and_budget():
+    A = test_matrix("flat", N, seed=0)
+    estimate = lt.trace(A, method="hutchinson", num_matvecs=20, seed=0)
+    with pytest.raises(ValueError, match="operator of the first run"):
+        estimate.refine(test_matrix("flat", N + 1, seed=0), num_matvecs=10)
+    with pytest.raises(ValueError, match="operator of the first run"):
+        estimate.refine(A.astype(np.float32), num_matvecs=10)
+    with pytest.raises(ValueError, match="one of the two"):
+        estimate.refine(A)
+    with pytest.raises(ValueError, match="one of the two"):
+        estimate.refine(A, num_matvecs=10, rtol=0.1)
+    with pytest.raises(ValueError, match="max_matvecs goes with a tolerance"):
+        estimate.refine(A, num_matvecs=10, max_matvecs=100)
+    with pytest.raises(ValueError, match="num_matvecs >= 1"):
+        estimate.refine(A, num_matvecs=0)
+    with pytest.raises(TypeError, match="must be an int"):
+        estimate.refine(A, num_matvecs=True)
+    with pytest.raises(ValueError, match="exceeds the cap"):
+        estimate.refine(A, num_matvecs=10**7)
+
+
+def test_a_refined_diagonal_keeps_the_scale_of_its_products():
+    """A diagonal of 1e200 * A is computed with products scaled by a power of two; the
+    refinement scales its products alike (unscaled, their squares would overflow)."""
+    A = 1e200 * test_matrix("flat", N, seed=0)
+    refined = lt.diagonal(A, method="hutchinson", num_matvecs=32, seed=3).refine(A, num_matvecs=24)
+    whole = lt.diagonal(A, method="hutchinson", num_matvecs=56, seed=3)
+    assert np.all(np.isfinite(refined.stderr)) and np.all(refined.stderr > 0)
+    np.testing.assert_allclose(refined.value, whole.value, rtol=1e-12)
+    np.testing.assert_allclose(refined.stderr, whole.stderr, rtol=1e-12)
