@@ -767,6 +767,62 @@ def _exact_block_for_progress(n: int) -> int:
     return max(1, math.ceil(n / PROGRESS_STEPS))
 
 
+#: Methods whose interrupted runs give a partial estimate (Hutchinson's, and ``auto`` when
+#: it runs Hutchinson): on Ctrl-C the CLI waits for the block in progress for them.
+PARTIAL_METHODS = ("hutchinson", "auto")
+#: How often (seconds) the main thread looks at the computing thread.
+_POLL = 0.05
+
+
+def _interruptible(compute: Callable[[], Any], keeps_partial: bool) -> Any:
+    """``compute()`` in a worker thread, the main thread waiting, so that Ctrl-C is seen at
+    once even while a long library call (a product, a QR factorization) runs: Python
+    handles a signal only between its own steps, in the main thread.
+
+    On Ctrl-C, a method with partial estimates gets a ``KeyboardInterrupt`` raised in the
+    worker at its next Python step, which comes when the block in progress is done, and
+    its ``EstimateInterrupted`` (with the partial estimate) is raised here; a second
+    Ctrl-C stops waiting. Other methods have nothing partial to give: the interrupt is
+    raised here at once, and the worker (a daemon thread) ends with the process.
+    """
+    import threading
+
+    outcome: dict[str, Any] = {}
+    # an Event, not Thread.join: a join interrupted by Ctrl-C can report a running thread
+    # as finished (CPython before 3.13)
+    done = threading.Event()
+
+    def work() -> None:
+        try:
+            outcome["value"] = compute()
+        except BaseException as error:  # handed to the main thread
+            outcome["error"] = error
+        finally:
+            done.set()
+
+    worker = threading.Thread(target=work, name="linop-trace-estimate", daemon=True)
+    worker.start()
+    try:
+        while not done.wait(_POLL):
+            pass
+    except KeyboardInterrupt:
+        if not keeps_partial or worker.ident is None:
+            raise
+        _raise_in_thread(worker.ident, KeyboardInterrupt)
+        while not done.wait(_POLL):  # a second Ctrl-C propagates from here
+            pass
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
+
+
+def _raise_in_thread(ident: int, exception: type[BaseException]) -> None:
+    """Raise ``exception`` in the thread ``ident`` at its next Python step (CPython)."""
+    import ctypes
+
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(ident), ctypes.py_object(exception))
+
+
 def _estimate_options(args: argparse.Namespace, seed: int) -> dict[str, Any]:
     return {
         "method": args.method,
@@ -993,7 +1049,10 @@ def _run_quantity(args: argparse.Namespace, quantity: str) -> int:
         if show_bar and options["block_size"] is None and _walks_identity(operator, options):
             options["block_size"] = _exact_block_for_progress(total)
         with _progress(operator, total, show_bar, quantity) as watched:
-            estimate = function(watched, **options)
+            estimate = _interruptible(
+                lambda: function(watched, **options),
+                keeps_partial=options["method"] in PARTIAL_METHODS,
+            )
     else:
         with _progress(operator, 1, show_bar, quantity) as watched:
             estimate = row_sums(watched)
