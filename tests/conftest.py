@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -139,6 +141,62 @@ def _make(name: str) -> Backend:
 
         return Backend(name, xp, cupy.cuda.Device(0), cupy.asarray)  # pragma: no cover
     raise AssertionError(name)  # pragma: no cover
+
+
+#: The library a session's backend brings beyond NumPy and SciPy (as its modules are named
+#: in test sources); ``None``: none.
+_LIBRARY_OF = {
+    "numpy": None,
+    "scipy": None,
+    "torch": "torch",
+    "torch-cuda": "torch",
+    "jax": "jax",
+    "jax-gpu": "jax",
+    "strict": "array_api_strict",
+    "cupy": "cupy",
+}
+
+
+def _uses_a_backend_fixture(item: pytest.Item) -> bool:
+    names = getattr(item, "fixturenames", ())
+    return "backend" in names or "dense_backend" in names
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Run each test where it tells something: in a session restricted to backends
+    without ``numpy`` (nox's ``tests(torch-3.11)``, ...), a test that takes no backend
+    fixture and whose module never names the session's library is deselected. It runs
+    the same NumPy code as in the ``numpy`` sessions (one per Python), which run every
+    test; a test that needs the session's library (``pytest.importorskip("torch")``)
+    sits in a module that names it, and stays."""
+    selected = _selected()
+    if "numpy" in selected:
+        return
+    libraries = {_LIBRARY_OF[name] for name in selected} - {None}
+    patterns = [re.compile(rf"\b{re.escape(library)}\b") for library in libraries]
+    texts: dict[str, str] = {}
+    kept, dropped = [], []
+    for item in items:
+        path = str(getattr(item, "path", "") or "")
+        if _uses_a_backend_fixture(item) or not path:
+            kept.append(item)
+            continue
+        if path not in texts:
+            texts[path] = Path(path).read_text(encoding="utf-8")
+        names_library = any(pattern.search(texts[path]) for pattern in patterns)
+        (kept if names_library else dropped).append(item)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = kept
+
+
+def pytest_report_header(config: pytest.Config) -> str | None:
+    if "numpy" in _selected():
+        return None
+    return (
+        "tests without a backend fixture whose module does not name this session's "
+        "library are deselected: the numpy sessions run them"
+    )
 
 
 @pytest.fixture(autouse=True)
