@@ -402,6 +402,16 @@ class Estimate:
         return low, high
 
     # ------------------------------------------------------------------- numbers
+    def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
+        """``np.asarray(estimate)``: the value as a NumPy array, where its library can
+        give one without a device copy (NumPy, and torch and JAX on the CPU; torch and
+        CuPy refuse GPU arrays, as they do for their own arrays: move the value with the
+        library first). The standard error stays in ``stderr``."""
+        value = self.value
+        if copy:
+            return np.array(value, dtype=dtype, copy=True)
+        return np.asarray(value, dtype=dtype)
+
     def __float__(self) -> float:
         return float(backend.stop_gradient(self.value))
 

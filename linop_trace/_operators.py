@@ -7,6 +7,7 @@ returns, and builds lazy sums, scalings, products and adjoints.
 
 from __future__ import annotations
 
+import copy
 import numbers
 import warnings
 from collections.abc import Callable, Iterable
@@ -76,6 +77,9 @@ class LinearOperator:
            [2., 9.]])
     """
 
+    #: NumPy defers its operators to ours (``np.ones(3) * A`` is ``A.__rmul__``), instead
+    #: of broadcasting the operator into an object array.
+    __array_ufunc__ = None
     #: Output of user code is validated (shape, library, dtype) when this is true.
     _validate_output = False
     #: The attributes that hold the operator's data (arrays, sparse matrices, operators,
@@ -86,6 +90,15 @@ class LinearOperator:
     _data_fields: tuple[str, ...] | None = None
     #: Attributes that only cache derived data; dropped when the operator is rebuilt.
     _cache_fields: tuple[str, ...] = ()
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> LinearOperator:
+        if cls is LinearOperator:
+            raise TypeError(
+                "LinearOperator is not built directly: use LinearOperator.from_callable("
+                "matvec=..., shape=(m, n), ...) for functions (SciPy's "
+                "LinearOperator(shape, matvec=...)), aslinearoperator(matrix) for arrays"
+            )
+        return super().__new__(cls)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -329,6 +342,11 @@ class LinearOperator:
         if isinstance(scalar, LinearOperator):
             raise TypeError("use `@` to compose two operators; `*` scales by a number")
         if not _is_scalar(scalar):
+            if getattr(scalar, "ndim", None) is not None:
+                raise TypeError(
+                    f"`*` scales an operator by a number, got an array of shape "
+                    f"{tuple(scalar.shape)}; use `A @ x` to apply it to a vector or block"
+                )
             return NotImplemented
         return _ScaledOperator(self, scalar)
 
@@ -555,7 +573,8 @@ class _DenseOperator(LinearOperator):
         return xp.matrix_transpose(keep(xp, keep(xp, xp.matrix_transpose(X)) @ matrix))
 
     def to_dense(self, block_size: int | None = None) -> Any:
-        return self.matrix
+        """A copy of the matrix (writing into it leaves the operator as it is)."""
+        return self.xp.asarray(self.matrix, copy=True)
 
     def _exact_diagonal(self) -> Any:
         n = min(self.shape)
@@ -1010,7 +1029,8 @@ def aslinearoperator(matrix: Any, *, tags: Iterable[str] = ()) -> LinearOperator
         A 2-d dense array of NumPy, torch, JAX, CuPy or any array-API library; a
         sparse matrix of SciPy (arrays and matrices), torch (COO, CSR), JAX
         (``BCOO``) or cupyx; a :class:`scipy.sparse.linalg.LinearOperator`; or a
-        :class:`LinearOperator`, returned as it is.
+        :class:`LinearOperator`, returned as it is (with ``tags``: a copy that carries
+        its own tags and these).
     tags : iterable of str, optional
         Structural labels: ``"symmetric"``, ``"hermitian"``, ``"positive_semidefinite"``.
         They are not checked; estimators that need them still look for evidence.
@@ -1036,7 +1056,12 @@ def aslinearoperator(matrix: Any, *, tags: Iterable[str] = ()) -> LinearOperator
     ((3, 3), 'numpy')
     """
     if isinstance(matrix, LinearOperator):
-        return matrix
+        added = _validate_tags(tags)
+        if added <= matrix.tags:
+            return matrix
+        tagged = copy.copy(matrix)
+        tagged.tags = matrix.tags | added
+        return tagged
     matrix = backend.plain_matrix(matrix)
     if backend.is_sparse(matrix):
         if len(matrix.shape) != 2:

@@ -46,13 +46,15 @@ class ProbeSampler:
         self, kind: str, n: int, xp: Any, dtype: Any, device: Any, seed: Any = None
     ) -> None:
         self.check_kind(kind)
-        self.kind = kind
+        self.complex = backend.is_complex_dtype(xp, dtype)
+        #: The kind drawn: Rademacher probes of a complex operator are Steinhaus ones
+        #: (its unit-modulus counterpart), and are reported as such.
+        self.kind = "steinhaus" if kind == "rademacher" and self.complex else kind
         self.n = n
         self.xp = xp
         self.dtype = dtype
         self.device = device
         self.random = backend.make_random_source(seed, xp, device)
-        self.complex = backend.is_complex_dtype(xp, dtype)
         self.real_dtype = backend.real_dtype_for(xp, dtype)
 
     @staticmethod
