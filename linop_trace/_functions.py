@@ -561,9 +561,10 @@ def col_sums(A: Any, check_finite: bool = True) -> Estimate:
 
 def frobenius_norm_squared(
     A: Any,
-    num_matvecs: int = 100,
+    method: str = "hutchinson",
+    num_matvecs: int | None = None,
     seed: Any = None,
-    probe: str = "rademacher",
+    probe: str | None = None,
     block_size: int | None = None,
     check_finite: bool = True,
 ) -> Estimate:
@@ -574,13 +575,19 @@ def frobenius_norm_squared(
     sqrt(num_matvecs). Works for rectangular operators. The variance bounds of the trace
     estimators are written in terms of this quantity (Gaussian: ``2 ||A||_F^2`` per probe).
 
+    The arguments are :func:`trace`'s, in its order.
+
     Parameters
     ----------
     A : LinearOperator or matrix
-    num_matvecs : int
-        Number of probes (operator columns), in ``ceil(num_matvecs / block_size)`` calls.
+    method : {"hutchinson"}
+        The one method (``||A z||^2`` needs no other).
+    num_matvecs : int, optional
+        Number of probes (operator columns), in ``ceil(num_matvecs / block_size)`` calls;
+        100 if not given.
     seed : int, None, or the library's generator/key
-    probe : {"rademacher", "gaussian", "sphere", "steinhaus"}
+    probe : {"rademacher", "gaussian", "sphere", "steinhaus"}, optional
+        Rademacher if not given (Steinhaus for complex operators).
     block_size : int, optional
         Most columns per operator call.
     check_finite : bool
@@ -601,9 +608,20 @@ def frobenius_norm_squared(
     >>> float(est.value) > 0, round(float(np.sum(A**2)), 1)
     (True, 56.0)
     """
+    if isinstance(method, (int, np.integer)) and not isinstance(method, bool):
+        raise TypeError(
+            f"frobenius_norm_squared takes the method second, as trace does: pass "
+            f"num_matvecs={int(method)} by name"
+        )
+    if method != "hutchinson":
+        raise ValueError(
+            f"unknown method {method!r} for frobenius_norm_squared; its one method is 'hutchinson'"
+        )
     operator = widened(aslinearoperator(A))
     xp = operator.xp
+    num_matvecs = DEFAULT_NUM_MATVECS if num_matvecs is None else num_matvecs
     num_matvecs = check_num_matvecs(num_matvecs, "frobenius_norm_squared", 1)
+    probe = "rademacher" if probe is None else probe
     cols = operator.shape[1]
     if block_size is None:
         block_size = probe_block_size(operator, limit=num_matvecs)
@@ -619,5 +637,6 @@ def frobenius_norm_squared(
     if backend.is_complex_dtype(xp, drawn.dtype):
         drawn = xp.real(drawn)
     # the samples |A z|^2 are skewed: the interval is Hutchinson's shape-corrected t one
-    estimate = sample_mean(drawn, xp).estimate(counter.columns, "hutchinson", info={"probe": probe})
+    info = {"probe": sampler.kind}
+    estimate = sample_mean(drawn, xp).estimate(counter.columns, "hutchinson", info=info)
     return estimate.with_checks(counter.deferred_checks(), counter.columns)

@@ -76,3 +76,23 @@ def test_a_vector_estimate_converts_with_np_asarray(backend):
     assert values.dtype == np.float64 and values.shape == (4,)
     np.testing.assert_array_equal(values, np.arange(1.0, 5.0))
     assert np.asarray(lt.trace(A, method="exact")).shape == ()
+
+
+def test_frobenius_norm_squared_and_divergence_take_traces_arguments():
+    """One signature family: ``(A, method, num_matvecs, seed, probe, ...)`` as in
+    ``trace`` (before: ``frobenius_norm_squared(A, num_matvecs, seed, probe="rademacher")``
+    had no method, and ``divergence`` defaulted probe to a name where trace has None)."""
+    import inspect
+
+    order = list(inspect.signature(lt.trace).parameters)[:5]
+    assert list(inspect.signature(lt.frobenius_norm_squared).parameters)[:5] == order
+    divergence = list(inspect.signature(lt.divergence).parameters)
+    assert divergence[2:6] == order[1:]
+    assert inspect.signature(lt.divergence).parameters["probe"].default is None
+    A = np.diag([1.0, 2.0, 3.0])
+    est = lt.frobenius_norm_squared(A, "hutchinson", 40, 0)
+    assert est.num_matvecs == 40 and est.info["probe"] == "rademacher"
+    with pytest.raises(TypeError, match="num_matvecs=40 by name"):
+        lt.frobenius_norm_squared(A, 40)
+    with pytest.raises(ValueError, match="its one method is 'hutchinson'"):
+        lt.frobenius_norm_squared(A, "xtrace")

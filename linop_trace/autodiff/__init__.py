@@ -368,7 +368,7 @@ def divergence(
     method: str = "auto",
     num_matvecs: int | None = None,
     seed: Any = None,
-    probe: str = "rademacher",
+    probe: str | None = None,
     block_size: int | None = None,
     differentiable: bool = False,
     check_finite: bool = True,
@@ -393,7 +393,8 @@ def divergence(
     num_matvecs : int, optional
         Number of probes (batched JVPs), 100 if not given.
     seed : int, None, or the library's generator/key
-    probe : {"rademacher", "gaussian", "sphere"}
+    probe : {"rademacher", "gaussian", "sphere"}, optional
+        Rademacher if not given.
     block_size : int, optional
         Most probes per vectorized pass; by default as many as fit in a quarter of the
         free memory of the device of ``x``.
@@ -472,7 +473,9 @@ def divergence(
         exact = Estimate(value, stderr, dim, "exact")
         return exact.with_checks(_finite_checks(xp, [value], check_finite), dim)
 
-    sampler = ProbeSampler(probe, batch * dim, xp, dtype, device, seed)
+    sampler = ProbeSampler(
+        "rademacher" if probe is None else probe, batch * dim, xp, dtype, device, seed
+    )
     pieces = []
     for width in widths:
         block = sampler(width)  # (B d, k): one probe per column, as for any operator
@@ -481,7 +484,8 @@ def divergence(
     samples = xp.concat(pieces, axis=0) if len(pieces) > 1 else pieces[0]
     # Hutchinson's estimate per sample b: mean, stderr and the shape-corrected interval
     # (over the largest deviation, so extreme scales neither overflow nor underflow)
-    estimate = sample_mean(samples, xp).estimate(num_matvecs, "hutchinson", info={"probe": probe})
+    info = {"probe": sampler.kind}
+    estimate = sample_mean(samples, xp).estimate(num_matvecs, "hutchinson", info=info)
     return estimate.with_checks(_finite_checks(xp, [samples], check_finite), num_matvecs)
 
 

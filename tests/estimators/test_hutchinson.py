@@ -306,7 +306,9 @@ def test_frobenius_norm_squared_of_a_complex_operator():
     # ||A||_F^2 = tr(A^H A) is real: unit-modulus probes z^H A^H A z = |A z|^2
     rng = np.random.default_rng(8)
     A = rng.standard_normal((30, 30)) + 1j * rng.standard_normal((30, 30))
-    values = np.array([float(lt.frobenius_norm_squared(A, 10, seed=s)) for s in range(200)])
+    values = np.array(
+        [float(lt.frobenius_norm_squared(A, num_matvecs=10, seed=s)) for s in range(200)]
+    )
     assert abs(values.mean() - np.sum(np.abs(A) ** 2)) < 5 * values.std(ddof=1) / math.sqrt(200)
 
 
@@ -317,7 +319,10 @@ def test_frobenius_norm_squared_unbiased_and_counted():
     est = lt.frobenius_norm_squared(op, num_matvecs=20, seed=0, block_size=8)
     assert (log["calls"], log["columns"], est.num_matvecs) == (3, 20, 20)
     values = np.array(
-        [float(lt.frobenius_norm_squared(A, 5, seed=s, probe="gaussian")) for s in range(400)]
+        [
+            float(lt.frobenius_norm_squared(A, num_matvecs=5, seed=s, probe="gaussian"))
+            for s in range(400)
+        ]
     )
     assert abs(values.mean() - np.sum(A**2)) < 4 * values.std(ddof=1) / math.sqrt(400)
 
