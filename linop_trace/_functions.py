@@ -202,7 +202,7 @@ def _estimate(quantity: str, A: Any, method: Any, seed: Any, **options: Any) -> 
         )
     settings = _remembered_settings(operator, estimator, quantity, options)
     if (
-        backend.compiles_whole(operator.xp)
+        backend.compiles_estimates(operator.xp)
         and not settings.adaptive
         and getattr(estimator, "jit_compatible", False)
         and operator.compilable()
@@ -217,14 +217,14 @@ def _estimate(quantity: str, A: Any, method: Any, seed: Any, **options: Any) -> 
 
             def start() -> Any:  # made when refine is called: no dispatch per estimate
                 key = seed_argument if is_key else backend.jax_key_of(seed_argument)
-                return backend.make_random_source(key, operator.xp, operator.device)
+                return backend.make_random_source(operator.xp, operator.device, key)
 
             return _resumable(estimate, estimator, quantity, settings, operator, start)
         except EstimateInterrupted:
             raise
         except KeyboardInterrupt as interrupt:  # one program: nothing partial to give
             raise EstimateInterrupted(None) from interrupt
-    random = backend.make_random_source(seed, operator.xp, operator.device)
+    random = backend.make_random_source(operator.xp, operator.device, seed)
     estimate = _run(estimator, quantity, settings, operator, random)
     if estimate._state is not None and not isinstance(seed, (int, np.integer, type(None))):
         # the caller's own generator goes on drawing: keep where the run left it now
@@ -388,7 +388,7 @@ def _compiled_run(
     """:func:`_run` inside one compiled JAX program (operator and seed are its arguments:
     a key, or with ``is_key=False`` an integer that becomes one)."""
     key = seed if is_key else backend.jax_key_of(seed)
-    random = backend.make_random_source(key, operator.xp, operator.device)
+    random = backend.make_random_source(operator.xp, operator.device, key)
     return _run(estimator, quantity, settings, operator, random)
 
 

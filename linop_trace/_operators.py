@@ -375,7 +375,7 @@ class LinearOperator:
 
     def to_scipy(self) -> Any:
         """A :class:`scipy.sparse.linalg.LinearOperator` over the same products (NumPy only)."""
-        if backend.namespace_name(self.xp) != "numpy":
+        if not backend.is_numpy_namespace(self.xp):
             raise TypeError(
                 f"to_scipy() needs a NumPy-backed operator, this one is {self._describe()}"
             )
@@ -620,8 +620,7 @@ class _ScipyLinearOperator(LinearOperator):
     _validate_output = True
 
     def __init__(self, operator: Any, tags: Iterable[str] = ()) -> None:
-        import array_api_compat.numpy as np_compat
-
+        np_compat = backend.numpy_namespace()
         dtype = operator.dtype
         if dtype is None:  # SciPy leaves it unset when it cannot infer it
             dtype = np.asarray(operator.matvec(np.zeros(operator.shape[1]))).dtype
@@ -665,7 +664,7 @@ class _BatchedCallable:
         self.function = function
         self.xp = xp
         self.name = name
-        self._vmapped = backend.vmap_columns(function, xp)
+        self._vmapped = backend.vmap_columns(xp, function)
 
     def __call__(self, X: Any) -> Any:
         if self._vmapped is not None:
@@ -725,9 +724,7 @@ class _CallableOperator(LinearOperator):
         if not isinstance(shape, (tuple, list)) or len(shape) != 2:
             raise ValueError(f"`shape` must be a pair (rows, columns), got {shape!r}")
         if like is None:
-            import array_api_compat.numpy as np_compat
-
-            xp, device = np_compat, "cpu"
+            xp, device = backend.numpy_namespace(), "cpu"
             try:
                 dtype = np.dtype(np.float64 if dtype is None else dtype)
             except TypeError:
@@ -918,7 +915,10 @@ class _ProductOperator(LinearOperator):
         return self.right.rmatmat(self.left.rmatmat(X))
 
 
-class _AdjointOperator(LinearOperator):
+class _FlippedOperator(LinearOperator):
+    """An operator of the transposed shape over another one's products (the adjoint and
+    the transpose): same dtype, library, device and tags."""
+
     _data_fields = ("operator",)
 
     def __init__(self, operator: LinearOperator) -> None:
@@ -930,6 +930,10 @@ class _AdjointOperator(LinearOperator):
             operator.tags,
         )
         self.operator = operator
+
+
+class _AdjointOperator(_FlippedOperator):
+    """``A^H``: the operator's adjoint product, and its product as the adjoint's."""
 
     def _matmat(self, X: Any) -> Any:
         return self.operator.rmatmat(X)
@@ -948,20 +952,8 @@ class _AdjointOperator(LinearOperator):
         return self.xp.conj(diagonal)
 
 
-class _TransposeOperator(LinearOperator):
+class _TransposeOperator(_FlippedOperator):
     """``A^T X = conj(A^H conj(X))``: the adjoint product with conjugations around it."""
-
-    _data_fields = ("operator",)
-
-    def __init__(self, operator: LinearOperator) -> None:
-        super().__init__(
-            (operator.shape[1], operator.shape[0]),
-            operator.dtype,
-            operator.xp,
-            operator.device,
-            operator.tags,
-        )
-        self.operator = operator
 
     def _conj(self, X: Any) -> Any:
         return self.xp.conj(X) if backend.is_complex_dtype(self.xp, X.dtype) else X
@@ -1067,7 +1059,7 @@ def aslinearoperator(matrix: Any, *, tags: Iterable[str] = ()) -> LinearOperator
         if len(matrix.shape) != 2:
             raise ValueError(f"expected a 2-d matrix, got shape {tuple(matrix.shape)}")
         return _SparseOperator(matrix, tags)
-    if _is_scipy_linear_operator(matrix):
+    if backend.is_scipy_linear_operator(matrix):
         return _ScipyLinearOperator(matrix, tags)
     try:
         backend.array_namespace(matrix)
@@ -1080,13 +1072,3 @@ def aslinearoperator(matrix: Any, *, tags: Iterable[str] = ()) -> LinearOperator
     if matrix.ndim != 2:
         raise ValueError(f"expected a 2-d matrix, got shape {tuple(matrix.shape)}")
     return _DenseOperator(matrix, tags)
-
-
-def _is_scipy_linear_operator(obj: Any) -> bool:
-    import sys
-
-    if "scipy.sparse.linalg" not in sys.modules:
-        return False
-    import scipy.sparse.linalg as spla
-
-    return isinstance(obj, spla.LinearOperator)

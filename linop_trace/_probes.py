@@ -54,7 +54,7 @@ class ProbeSampler:
         self.xp = xp
         self.dtype = dtype
         self.device = device
-        self.random = backend.make_random_source(seed, xp, device)
+        self.random = backend.make_random_source(xp, device, seed)
         self.real_dtype = backend.real_dtype_for(xp, dtype)
 
     @staticmethod

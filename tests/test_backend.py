@@ -76,7 +76,7 @@ def test_torch_generator_lives_on_operator_device():
     torch = pytest.importorskip("torch")
     import array_api_compat.torch as xp
 
-    source = backend_module.make_random_source(0, xp, torch.device("cpu"))
+    source = backend_module.make_random_source(xp, torch.device("cpu"), 0)
     assert source._state.device == torch.device("cpu")
 
 

@@ -423,12 +423,12 @@ def xdiag_core(
     elif two_sided and adjoint is not None:
         raise ValueError("two-sided XDiag needs a self-adjoint operator (adjoint=None)")
     basis, triangular, adjoint_basis = _products(matmat, adjoint, probes, xp)
-    return backend.jit(xp, _algebra, num_static=3)(
+    return backend.jit(xp, _xdiag_from_products, num_static=3)(
         xp, bool(two_sided), samples, probes, basis, triangular, adjoint_basis
     )
 
 
-def _algebra(
+def _xdiag_from_products(
     xp: Any,
     two_sided: bool,
     samples: bool,

@@ -1,0 +1,206 @@
+"""The one module that knows array libraries by name.
+
+Everything above this layer talks to an array namespace ``xp`` (array-api-compat) and
+calls the helpers here for the few things the array API standard does not cover:
+sparse matrices, random numbers, vectorizing maps and moving data to NumPy for I/O.
+Optional libraries (torch, jax, cupy) are imported lazily, only when an array of theirs
+is already in the user's hands, so ``import linop_trace`` never imports them.
+
+One module per concern; this package re-exports every name the rest of the package uses.
+"""
+
+from __future__ import annotations
+
+from ._compiled import (  # noqa: F401
+    caller_precision,
+    compiled,
+    compiles_estimates,
+    ensure_pytrees,
+    is_array_like,
+    jit,
+    product_precision,
+    register_pytree,
+    register_pytree_dataclass,
+)
+from ._device import (  # noqa: F401
+    all_finite,
+    can_branch,
+    concrete_float,
+    concrete_floats,
+    device_cond,
+    finite_flag,
+    is_accelerator,
+    is_concrete,
+    is_tracer,
+    known_value,
+    prefers_whole_arrays,
+    read_bool,
+    read_float,
+    read_floats,
+    reads_are_free,
+    stop_gradient,
+)
+from ._dtypes import (  # noqa: F401
+    complex_dtype_for,
+    default_float_dtype,
+    is_complex_dtype,
+    is_float_dtype,
+    is_half_precision,
+    promote_to_float,
+    real_dtype_for,
+)
+from ._failures import (  # noqa: F401
+    is_out_of_memory,
+    is_transient_error,
+    is_unsupported_transform_error,
+)
+from ._from_numpy import (  # noqa: F401
+    LIBRARIES,
+    enable_float64,
+    from_numpy,
+    import_library,
+    resolve_device,
+    sparse_from_scipy,
+)
+from ._identity import (  # noqa: F401
+    array_namespace,
+    describe,
+    device_of,
+    dtype_name,
+    is_numpy_namespace,
+    is_scipy_linear_operator,
+    is_sparse,
+    library_name,
+    namespace_name,
+    numpy_namespace,
+    same_device,
+)
+from ._inputs import (  # noqa: F401
+    plain_array,
+    plain_matrix,
+)
+from ._linalg import (  # noqa: F401
+    COLUMN_CHUNK_ENTRIES,
+    cholesky,
+    column_inner,
+    column_norms,
+    divide_by_largest,
+    frobenius_norm,
+    materialized,
+    row_inner,
+    solve,
+    solve_triangular,
+    thin_qr,
+    vmap_columns,
+)
+from ._memory import (  # noqa: F401
+    HOST_MEMORY_SECONDS,
+    free_memory,
+    host_free_memory,
+)
+from ._random import (  # noqa: F401
+    RandomSource,
+    fold_seed,
+    jax_key_of,
+    jax_seed,
+    make_random_source,
+)
+from ._sparse import (  # noqa: F401
+    prepare_sparse,
+    sparse_adjoint,
+    sparse_astype,
+    sparse_diagonal,
+    sparse_matmat,
+    sparse_to_dense,
+)
+from ._transfer import (  # noqa: F401
+    block_until_ready,
+    synchronize,
+    to_numpy,
+)
+
+__all__ = [
+    "is_numpy_namespace",
+    "is_scipy_linear_operator",
+    "numpy_namespace",
+    "COLUMN_CHUNK_ENTRIES",
+    "HOST_MEMORY_SECONDS",
+    "LIBRARIES",
+    "RandomSource",
+    "all_finite",
+    "array_namespace",
+    "block_until_ready",
+    "caller_precision",
+    "can_branch",
+    "cholesky",
+    "column_inner",
+    "column_norms",
+    "compiled",
+    "compiles_estimates",
+    "complex_dtype_for",
+    "concrete_float",
+    "concrete_floats",
+    "default_float_dtype",
+    "describe",
+    "device_cond",
+    "device_of",
+    "divide_by_largest",
+    "dtype_name",
+    "enable_float64",
+    "ensure_pytrees",
+    "finite_flag",
+    "fold_seed",
+    "free_memory",
+    "frobenius_norm",
+    "from_numpy",
+    "host_free_memory",
+    "import_library",
+    "is_accelerator",
+    "is_array_like",
+    "is_complex_dtype",
+    "is_concrete",
+    "is_float_dtype",
+    "is_half_precision",
+    "is_out_of_memory",
+    "is_sparse",
+    "is_tracer",
+    "is_transient_error",
+    "is_unsupported_transform_error",
+    "jax_key_of",
+    "jax_seed",
+    "jit",
+    "known_value",
+    "library_name",
+    "make_random_source",
+    "materialized",
+    "namespace_name",
+    "plain_array",
+    "plain_matrix",
+    "prefers_whole_arrays",
+    "prepare_sparse",
+    "product_precision",
+    "promote_to_float",
+    "read_bool",
+    "read_float",
+    "read_floats",
+    "reads_are_free",
+    "real_dtype_for",
+    "register_pytree",
+    "register_pytree_dataclass",
+    "resolve_device",
+    "row_inner",
+    "same_device",
+    "solve",
+    "solve_triangular",
+    "sparse_adjoint",
+    "sparse_astype",
+    "sparse_diagonal",
+    "sparse_from_scipy",
+    "sparse_matmat",
+    "sparse_to_dense",
+    "stop_gradient",
+    "synchronize",
+    "thin_qr",
+    "to_numpy",
+    "vmap_columns",
+]

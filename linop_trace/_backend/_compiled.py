@@ -1,0 +1,156 @@
+"""JAX compilation: compiled programs, pytree registration, matrix-product precision."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import array_api_compat
+
+from ._identity import _module_loaded
+
+__all__ = [
+    "caller_precision",
+    "compiled",
+    "compiles_estimates",
+    "ensure_pytrees",
+    "is_array_like",
+    "jit",
+    "product_precision",
+    "register_pytree",
+    "register_pytree_dataclass",
+]
+
+
+_JITTED: dict[Callable[..., Any], Callable[..., Any]] = {}
+
+
+def jit(xp: Any, function: Callable[..., Any], num_static: int = 1) -> Callable[..., Any]:
+    """``function(xp, *args)`` compiled by ``jax.jit`` for JAX (once, cached; ``xp`` and the
+    next ``num_static - 1`` arguments static), as it is for other libraries.
+
+    For the pure array algebra after an estimator's operator products: JAX runs dozens
+    of small eager operations much slower than one compiled program. The function must
+    not need concrete values (``concrete_float`` returns ``None`` inside)."""
+    if not array_api_compat.is_jax_namespace(xp):
+        return function
+    compiled = _JITTED.get(function)
+    if compiled is None:
+        import jax
+
+        ensure_pytrees()
+        static = tuple(range(num_static))
+
+        @functools.wraps(function)
+        def precise(*args: Any) -> Any:
+            with jax.default_matmul_precision("highest"):
+                return function(*args)
+
+        compiled = _JITTED[function] = jax.jit(precise, static_argnums=static)
+    return compiled
+
+
+def compiles_estimates(xp: Any) -> bool:
+    """Whether estimators should hand this library their post-product algebra as one
+    compiled program (:func:`jit`) rather than work through it in cache-sized row blocks:
+    JAX, whose eager operations each cost tens of microseconds and whose compiler fuses
+    the passes (its arrays are immutable, so blocks would be copies anyway)."""
+    return array_api_compat.is_jax_namespace(xp)
+
+
+# ---------------------------------------------------------------- JAX compilation
+# Under JAX a fixed-budget estimate runs as one compiled program: operators and estimates
+# are pytrees (their arrays are the program's arguments and results, not constants), and
+# the program is compiled once per estimator, settings, shapes and dtypes.
+
+_PYTREES: list[tuple[type, Callable[..., Any], Callable[..., Any]]] = []
+_REGISTERED: set[type] = set()
+
+
+def register_pytree(cls: type, flatten: Callable[..., Any], unflatten: Callable[..., Any]) -> None:
+    """Make ``cls`` a JAX pytree (now if JAX is loaded, else when it first compiles)."""
+    _PYTREES.append((cls, flatten, unflatten))
+    if _module_loaded("jax"):
+        ensure_pytrees()
+
+
+def register_pytree_dataclass(cls: type) -> type:
+    """Make a dataclass a JAX pytree (a class decorator): its fields are children, except
+    those whose ``metadata`` says ``static`` (Python values: flags, counts), which the
+    compiled program keeps as part of its structure."""
+    import dataclasses
+
+    names = [f.name for f in dataclasses.fields(cls) if not f.metadata.get("static")]
+    static = [f.name for f in dataclasses.fields(cls) if f.metadata.get("static")]
+
+    def flatten(value: Any) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+        return (
+            tuple(getattr(value, name) for name in names),
+            tuple(getattr(value, name) for name in static),
+        )
+
+    def unflatten(aux: tuple[Any, ...], children: tuple[Any, ...]) -> Any:
+        return cls(**dict(zip(names, children)), **dict(zip(static, aux)))
+
+    register_pytree(cls, flatten, unflatten)
+    return cls
+
+
+def ensure_pytrees() -> None:
+    """Register every class given to :func:`register_pytree` with JAX (once each)."""
+    import jax
+
+    for cls, flatten, unflatten in _PYTREES:
+        if cls not in _REGISTERED:
+            jax.tree_util.register_pytree_node(cls, flatten, unflatten)
+            _REGISTERED.add(cls)
+
+
+def is_array_like(x: Any) -> bool:
+    """Whether ``x`` is an array (or a JAX tracer), not a Python number or string."""
+    return hasattr(x, "shape") and hasattr(x, "dtype") and not isinstance(x, (int, float))
+
+
+_PROGRAMS: dict[Any, Callable[..., Any]] = {}
+
+
+def compiled(function: Callable[..., Any], num_static: int) -> Callable[..., Any]:
+    """``function`` compiled whole by ``jax.jit`` (its first ``num_static`` arguments
+    static), with the estimator's own matrix products at full precision (on NVIDIA GPUs
+    JAX's default float32 product is TF32, with a 10-bit mantissa): the operator's products
+    go through :func:`product_precision`, at the caller's. Built once per function."""
+    program = _PROGRAMS.get(function)
+    if program is None:
+        import jax
+
+        ensure_pytrees()
+
+        @functools.wraps(function)
+        def precise(*args: Any) -> Any:
+            with jax.default_matmul_precision("highest"):
+                return function(*args)
+
+        program = _PROGRAMS[function] = jax.jit(precise, static_argnums=tuple(range(num_static)))
+    return program
+
+
+def caller_precision(xp: Any) -> str | None:
+    """The matrix-product precision the caller's own ``A @ Z`` gets (JAX's
+    ``jax_default_matmul_precision``; ``None``: the default, TF32 for float32 on NVIDIA
+    GPUs), so that the operator's products inside an estimate are those of the caller."""
+    if not array_api_compat.is_jax_namespace(xp):
+        return None
+    import jax
+
+    return jax.config.jax_default_matmul_precision  # type: ignore[attr-defined,no-any-return]
+
+
+def product_precision(xp: Any, precision: str | None) -> Any:
+    """A context for an operator product at ``precision`` (JAX; a no-op elsewhere)."""
+    if not array_api_compat.is_jax_namespace(xp):
+        return contextlib.nullcontext()
+    import jax
+
+    return jax.default_matmul_precision(precision)

@@ -1,0 +1,211 @@
+"""Device-resident execution: values read only where reads are free, decisions on the device.
+
+Estimators never read a value of a device library (torch, CuPy, JAX) on the host while
+they run: a read waits for the device. They ask here instead whether a value can be read
+for free (NumPy and array_api_strict compute on the host, so their values are there
+already) and take a path that needs no value otherwise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import array_api_compat
+import numpy as np
+
+from ._identity import _module_loaded, namespace_name
+from ._transfer import to_numpy
+
+__all__ = [
+    "all_finite",
+    "can_branch",
+    "concrete_float",
+    "concrete_floats",
+    "device_cond",
+    "finite_flag",
+    "is_accelerator",
+    "is_concrete",
+    "is_tracer",
+    "known_value",
+    "prefers_whole_arrays",
+    "read_bool",
+    "read_float",
+    "read_floats",
+    "reads_are_free",
+    "stop_gradient",
+]
+
+
+def stop_gradient(x: Any) -> Any:
+    """``x`` cut from automatic differentiation (torch ``detach``, JAX ``stop_gradient``).
+
+    For statistics that only steer the computation (interval shape, stopping tests):
+    they may then be turned into Python numbers without touching the gradient of the
+    estimate. Other libraries: ``x`` itself.
+    """
+    if array_api_compat.is_torch_array(x):
+        return x.detach()
+    if array_api_compat.is_jax_array(x):
+        import jax
+
+        return jax.lax.stop_gradient(x)
+    return x
+
+
+def is_concrete(x: Any) -> bool:
+    """Whether ``x`` has a value now (False for an abstract JAX tracer, e.g. under ``jit``)."""
+    if not _module_loaded("jax"):
+        return True
+    import jax
+
+    return not isinstance(x, jax.core.Tracer)
+
+
+def all_finite(xp: Any, x: Any) -> bool | None:
+    """Whether every entry of ``x`` is finite; ``None`` when ``x`` has no value yet (JAX
+    jit).
+
+    The sum first: one pass with no boolean ``(n, k)`` temporary (torch's entrywise test
+    takes 1.4 ms for 4000 x 100 entries, its sum 0.3 ms). A finite sum proves every entry
+    finite (a NaN or an infinity makes the sum NaN or infinite); only a sum that is not
+    finite, which finite entries can also give by overflowing, runs the entrywise test."""
+    with np.errstate(over="ignore", invalid="ignore"):  # NumPy's warnings: not the user's
+        total = stop_gradient(xp.sum(x))
+    if not is_concrete(total):
+        return None
+    if bool(xp.isfinite(total)):
+        return True
+    return bool(xp.all(xp.isfinite(stop_gradient(x))))
+
+
+def concrete_float(x: Any) -> float | None:
+    """``float(x)`` of a real scalar without its gradient; ``None`` when it has no value yet
+    (an abstract JAX tracer), so callers can take a path that needs no concrete number."""
+    x = stop_gradient(x)
+    if not is_concrete(x):
+        return None
+    return float(x)
+
+
+def concrete_floats(x: Any) -> list[float] | None:
+    """The entries of a real vector as Python floats in one transfer (no gradient);
+    ``None`` when it has no value yet (an abstract JAX tracer)."""
+    x = stop_gradient(x)
+    if not is_concrete(x):
+        return None
+    return [float(value) for value in to_numpy(x).tolist()]
+
+
+def reads_are_free(xp: Any) -> bool:
+    """Whether reading a value of this library costs no wait for a device (NumPy,
+    array_api_strict: host libraries whose operations have finished when they return)."""
+    return array_api_compat.is_numpy_namespace(
+        xp
+    ) or array_api_compat.is_array_api_strict_namespace(xp)
+
+
+def known_value(xp: Any, x: Any) -> Any:
+    """``x`` as a Python number when reading it costs nothing (:func:`reads_are_free`), else
+    ``None``: the caller then takes the path that works without the value."""
+    if not reads_are_free(xp):
+        return None
+    x = stop_gradient(x)
+    if xp.isdtype(x.dtype, "bool"):
+        return bool(x)
+    return float(x)
+
+
+def read_float(x: Any) -> float | None:
+    """``float(x)`` of a real scalar without its gradient, waiting for the device if it must
+    (adaptive runs, once per round; estimates read lazily); ``None`` for a tracer."""
+    return concrete_float(x)
+
+
+def read_bool(x: Any) -> bool:
+    """A 0-d boolean array read on the host (waiting for the device). JAX's NumPy view is
+    read faster than its ``bool`` (which adds tens of microseconds per call)."""
+    if array_api_compat.is_jax_array(x):
+        return bool(np.asarray(x))
+    return bool(x)
+
+
+def read_floats(xp: Any, scalars: list[Any]) -> list[float] | None:
+    """Real 0-d arrays read on the host in one transfer (one device wait); ``None`` under
+    a JAX trace. ``None`` entries stay ``None``."""
+    present = [x for x in scalars if x is not None]
+    if not present:
+        return [None] * len(scalars)  # type: ignore[list-item]
+    dtype = present[0].dtype
+    stacked = xp.stack(
+        [stop_gradient(x if x.dtype == dtype else xp.astype(x, dtype)) for x in present]
+    )
+    numbers = concrete_floats(stacked)
+    if numbers is None:
+        return None
+    values = iter(numbers)
+    return [None if x is None else next(values) for x in scalars]  # type: ignore[misc]
+
+
+def is_tracer(x: Any) -> bool:
+    """Whether ``x`` is an abstract JAX value (inside ``jit``, ``grad``, ``vmap``)."""
+    return not is_concrete(x)
+
+
+def finite_flag(xp: Any, x: Any) -> Any:
+    """A 0-d boolean array: whether every entry of ``x`` is finite, computed where ``x``
+    lives (no read). ``sum(0 * x)`` is 0 for finite entries and NaN otherwise, and never
+    overflows, unlike ``sum(x)``; on NumPy the plain sum (one pass, no temporary) decides
+    when it is finite."""
+    x = stop_gradient(x)
+    if array_api_compat.is_numpy_namespace(xp):
+        return np.bool_(all_finite(xp, x))
+    return xp.isfinite(xp.sum(x * 0))
+
+
+def prefers_whole_arrays(xp: Any, device: Any) -> bool:
+    """Whether row-block loops (sized for a CPU cache) should process the whole array at
+    once: under JAX (one fused program) and on accelerators (one kernel per operation, each
+    launch costs more than the cache saves)."""
+    if array_api_compat.is_jax_namespace(xp):
+        return True
+    return not str(device).lower().startswith("cpu") and str(device) not in ("", "None")
+
+
+def is_accelerator(device: Any) -> bool:
+    """Whether ``device`` is a GPU (or another accelerator) rather than the CPU."""
+    text = str(device).lower()
+    platform = getattr(device, "platform", None)
+    if platform is not None:
+        return str(platform).lower() != "cpu"
+    return not (text.startswith("cpu") or text in ("", "none"))
+
+
+def device_cond(
+    xp: Any,
+    flag: Any,
+    if_true: Callable[..., Any],
+    if_false: Callable[..., Any],
+    *operands: Any,
+) -> Any:
+    """``if_true(*operands)`` where ``flag`` holds, else ``if_false(*operands)``, decided
+    without a host read: ``jax.lax.cond`` under JAX (only the taken branch runs), a host
+    ``if`` where reads are free. Other libraries cannot branch on the device:
+    ``NotImplementedError`` (callers check :func:`can_branch` first)."""
+    known = known_value(xp, flag)
+    if known is None and array_api_compat.is_jax_namespace(xp) and not is_tracer(flag):
+        # eager JAX (operators of user functions, adaptive rounds) runs op by op anyway:
+        # read the flag rather than trace both branches anew at every call
+        known = bool(np.asarray(flag))
+    if known is not None:
+        return if_true(*operands) if known else if_false(*operands)
+    if array_api_compat.is_jax_namespace(xp):
+        import jax
+
+        return jax.lax.cond(flag, if_true, if_false, *operands)
+    raise NotImplementedError(f"{namespace_name(xp)} cannot branch on a device value")
+
+
+def can_branch(xp: Any) -> bool:
+    """Whether :func:`device_cond` works for this library (host libraries and JAX)."""
+    return reads_are_free(xp) or array_api_compat.is_jax_namespace(xp)

@@ -1,0 +1,65 @@
+"""Dtype questions the array API leaves open: complex or real, the float a dtype promotes to."""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = [
+    "complex_dtype_for",
+    "default_float_dtype",
+    "is_complex_dtype",
+    "is_float_dtype",
+    "is_half_precision",
+    "promote_to_float",
+    "real_dtype_for",
+]
+
+
+def is_complex_dtype(xp: Any, dtype: Any) -> bool:
+    return xp.isdtype(dtype, "complex floating")
+
+
+def is_float_dtype(xp: Any, dtype: Any) -> bool:
+    return xp.isdtype(dtype, ("real floating", "complex floating"))
+
+
+def default_float_dtype(xp: Any, device: Any = None) -> Any:
+    """The library's default real floating dtype (float64 in NumPy, float32 in torch)."""
+    info = xp.__array_namespace_info__()
+    try:
+        return info.default_dtypes(device=device)["real floating"]
+    except TypeError:  # pragma: no cover - older namespaces without ``device=``
+        return info.default_dtypes()["real floating"]
+
+
+def promote_to_float(xp: Any, dtype: Any, device: Any = None) -> Any:
+    """Integer and bool dtypes become the default float; float and complex stay as they are."""
+    if is_float_dtype(xp, dtype):
+        return dtype
+    return default_float_dtype(xp, device)
+
+
+def complex_dtype_for(xp: Any, dtype: Any) -> Any:
+    """The complex dtype with the precision of a real floating ``dtype``."""
+    if xp.isdtype(dtype, "complex floating"):
+        return dtype
+    return xp.complex64 if dtype == xp.float32 else xp.complex128
+
+
+def real_dtype_for(xp: Any, dtype: Any) -> Any:
+    """The real dtype with the precision of ``dtype`` (complex128 -> float64)."""
+    if xp.isdtype(dtype, "complex floating"):
+        return xp.float32 if dtype == xp.complex64 else xp.float64
+    return dtype
+
+
+def is_half_precision(xp: Any, dtype: Any) -> bool:
+    """Whether ``dtype`` is a 16-bit float (float16, bfloat16) or torch's 32-bit complex."""
+    try:
+        if xp.isdtype(dtype, "real floating"):
+            return int(xp.finfo(dtype).bits) == 16
+        if xp.isdtype(dtype, "complex floating"):
+            return int(xp.finfo(dtype).bits) <= 16  # finfo of complex32: its parts' bits
+    except (TypeError, ValueError):
+        return False
+    return False

@@ -1,0 +1,41 @@
+"""Inputs normalized at the boundary: NumPy subclasses (np.matrix, masked arrays)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+__all__ = ["plain_array", "plain_matrix"]
+
+
+def plain_array(x: Any) -> Any:
+    """``x``, with a NumPy ``ndarray`` subclass turned into a plain ``ndarray``: in an
+    ``np.matrix`` (what SciPy's ``todense()`` returns) ``*`` is a matrix product and every
+    reduction keeps two dimensions, which would make the estimators' arithmetic wrong."""
+    if isinstance(x, np.ndarray) and type(x) is not np.ndarray:
+        if isinstance(x, np.ma.MaskedArray):
+            raise TypeError(
+                "a product returned a masked array; an operator's products must be plain "
+                "arrays (no entry of A x can be missing)"
+            )
+        return np.asarray(x)
+    return x
+
+
+def plain_matrix(matrix: Any) -> Any:
+    """A NumPy matrix given to :func:`~linop_trace.aslinearoperator` as a plain ``ndarray``: an
+    ``np.matrix`` as its array, a masked array without masked entries as its data; a
+    masked array with masked entries is refused (a trace or diagonal of a matrix with
+    missing entries is not defined, and its data under the mask is arbitrary)."""
+    if not isinstance(matrix, np.ndarray) or type(matrix) is np.ndarray:
+        return matrix
+    if isinstance(matrix, np.ma.MaskedArray):
+        masked = int(np.count_nonzero(np.ma.getmaskarray(matrix)))
+        if masked:
+            raise ValueError(
+                f"the matrix is a masked array with {masked} masked entries; a trace or "
+                "diagonal needs every entry: fill them (matrix.filled(value)) or drop the mask"
+            )
+        return np.asarray(matrix.data)
+    return np.asarray(matrix)

@@ -1,0 +1,109 @@
+"""Sparse matrices of SciPy, torch, JAX (BCOO) and cupyx: products, adjoints, diagonals."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ._identity import _is_cupy_sparse, _is_jax_sparse, _is_scipy_sparse, _is_torch_sparse
+
+__all__ = [
+    "prepare_sparse",
+    "sparse_adjoint",
+    "sparse_astype",
+    "sparse_diagonal",
+    "sparse_matmat",
+    "sparse_to_dense",
+]
+
+
+def sparse_astype(matrix: Any, dtype: Any) -> Any:
+    """A sparse matrix with its values cast to ``dtype`` (no copy if unchanged)."""
+    if matrix.dtype == dtype:
+        return matrix
+    if _is_jax_sparse(matrix):
+        return matrix.astype(dtype)
+    if _is_torch_sparse(matrix):
+        return matrix.to(dtype)
+    return matrix.astype(dtype)
+
+
+def sparse_matmat(matrix: Any, block: Any) -> Any:
+    """``matrix @ block`` for a sparse matrix and a dense 2-d block of its library."""
+    if _is_scipy_sparse(matrix) or _is_cupy_sparse(matrix):
+        return matrix @ block
+    if _is_torch_sparse(matrix):
+        import torch
+
+        return (
+            torch.sparse.mm(matrix, block) if matrix.layout == torch.sparse_coo else matrix @ block
+        )
+    return matrix @ block
+
+
+def sparse_adjoint(matrix: Any) -> Any:
+    """The conjugate transpose of a sparse matrix, in its library and (where it can) format."""
+    if _is_scipy_sparse(matrix) or _is_cupy_sparse(matrix):
+        return matrix.conj().T.tocsr()
+    if _is_torch_sparse(matrix):
+        import torch
+
+        coo = matrix if matrix.layout == torch.sparse_coo else matrix.to_sparse_coo()
+        adjoint = coo.t().coalesce()
+        if adjoint.is_complex():
+            adjoint = adjoint.conj().coalesce()
+        return adjoint.to_sparse_csr() if matrix.layout == torch.sparse_csr else adjoint
+    if _is_jax_sparse(matrix):
+        from jax.experimental import sparse as jsparse
+
+        transposed = matrix.T
+        return jsparse.BCOO((transposed.data.conj(), transposed.indices), shape=transposed.shape)
+    raise TypeError(f"not a supported sparse matrix: {type(matrix)!r}")  # pragma: no cover
+
+
+def sparse_to_dense(matrix: Any) -> Any:
+    """A dense array of the same library holding the sparse matrix."""
+    if _is_scipy_sparse(matrix):
+        return matrix.toarray()
+    if _is_cupy_sparse(matrix):
+        return matrix.toarray()
+    if _is_torch_sparse(matrix):
+        return matrix.to_dense()
+    return matrix.todense()
+
+
+def sparse_diagonal(matrix: Any) -> Any:
+    """The main diagonal of a square sparse matrix as a dense 1-d array, O(nnz) work."""
+    if _is_scipy_sparse(matrix) or _is_cupy_sparse(matrix):
+        return matrix.diagonal()
+    if _is_torch_sparse(matrix):
+        import torch
+
+        coo = matrix if matrix.layout == torch.sparse_coo else matrix.to_sparse_coo()
+        coo = coo.coalesce()
+        rows, cols = coo.indices()
+        values = coo.values()
+        on_diag = rows == cols
+        out = torch.zeros(matrix.shape[0], dtype=matrix.dtype, device=matrix.device)
+        return out.index_add(0, rows[on_diag], values[on_diag])
+    if _is_jax_sparse(matrix):
+        import jax.numpy as jnp
+
+        rows, cols = matrix.indices[:, 0], matrix.indices[:, 1]
+        values = jnp.where(rows == cols, matrix.data, 0)
+        return jnp.zeros(matrix.shape[0], dtype=matrix.dtype).at[rows].add(values)
+    raise TypeError(f"not a supported sparse matrix: {type(matrix)!r}")  # pragma: no cover
+
+
+def prepare_sparse(matrix: Any) -> Any:
+    """Normalize a sparse input to a format with fast products (CSR for SciPy/CuPy)."""
+    if _is_scipy_sparse(matrix) or _is_cupy_sparse(matrix):
+        return matrix.tocsr()
+    if _is_torch_sparse(matrix):
+        import torch
+
+        if matrix.layout == torch.sparse_coo:
+            return matrix.coalesce()
+        if matrix.layout in (torch.sparse_csr,):
+            return matrix
+        return matrix.to_sparse_csr()
+    return matrix
