@@ -5,7 +5,7 @@ Subcommands::
     linop-trace trace FILE      the trace, with its standard error and interval
     linop-trace diagonal FILE   the main diagonal (--output FILE.npy / FILE.csv)
     linop-trace rowsums FILE    the row sums A @ 1 (one matvec, exact)
-    linop-trace demo            every estimator on a real problem shipped with a dependency
+    linop-trace demo            every estimator on a real problem (an MLP Hessian, a sparse matrix)
     linop-trace methods         the registered method names
 
 Files: ``.npy``, ``.npz`` (``scipy.sparse.save_npz`` or one dense array from
@@ -77,6 +77,10 @@ MTX_HEADER_LIMIT = 1 << 20
 INDEX_BYTES = 8
 #: Bytes per entry of a vector printed as JSON (a Python float in a list, then its text).
 JSON_ENTRY_BYTES = 64
+#: The first bytes of every NumPy .npy file (``numpy.lib.format.MAGIC_PREFIX``).
+NPY_MAGIC = b"\x93NUMPY"
+#: Bytes of the start of a file shown when it is not the format its name says.
+SHOWN_START = 16
 
 
 class CliError(Exception):
@@ -415,6 +419,7 @@ def load_matrix(path: str | os.PathLike[str]) -> Any:
         _check_memory(path, declared, _reading_bytes(declared))
     try:
         if kind == ".npy":
+            _check_npy_magic(path)
             matrix = np.load(path, allow_pickle=False)
         elif kind == ".npz":
             matrix = _load_npz(path)
@@ -430,6 +435,20 @@ def load_matrix(path: str | os.PathLike[str]) -> Any:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise CliError(f"{path}: not a readable {kind} file ({reason})") from error
     return _check_matrix(path, matrix)
+
+
+def _check_npy_magic(path: Path) -> None:
+    """Refuse a file without the .npy magic header: ``np.load`` takes any other file for
+    a pickle and would report "pickled (object) data" for a text file."""
+    with open(path, "rb") as file:
+        start = file.read(SHOWN_START)
+    if start.startswith(NPY_MAGIC):
+        return
+    found = f"it starts with {start!r}" if start else "the file is empty"
+    raise CliError(
+        f"{path}: not a readable .npy file (not a NumPy .npy file: no magic header "
+        f"{NPY_MAGIC!r}; {found})"
+    )
 
 
 def _load_npz(path: Path) -> Any:
@@ -894,11 +913,49 @@ def _result(
     return result, value, stderr, interval
 
 
+#: The fields of a result that hold the vector (or the scalar) itself.
+VALUE_FIELDS = ("value", "stderr", "interval")
+
+
 def _json_result(result: dict[str, Any], value: np.ndarray, stderr: Any, interval: Any) -> str:
+    if result.get("output"):  # the vector is in that file: name it, not n numbers again
+        return json.dumps({k: v for k, v in result.items() if k not in VALUE_FIELDS})
     plain = interval if interval is None else [_plain(interval[0]), _plain(interval[1])]
     return json.dumps(
         {**result, "value": _plain(value), "stderr": _plain(stderr), "interval": plain}
     )
+
+
+def _no_interval_reason(value: np.ndarray) -> str | None:
+    """Why a value that has a stderr shows no interval (``Estimate.ci`` refuses complex
+    values: their stderr is of the modulus of the error, not of each part)."""
+    if not np.iscomplexobj(value):
+        return None
+    what = "value" if value.ndim == 0 else "values"
+    return f"none for complex {what}: stderr is of the modulus |error|, not of each part"
+
+
+#: Estimation options a result read from the stored diagonal leaves unused: (attribute, flag).
+EXACT_UNUSED = (
+    ("matvecs", "--matvecs"),
+    ("max_matvecs", "--max-matvecs"),
+    ("rtol", "--rtol"),
+    ("atol", "--atol"),
+    ("seed", "--seed"),
+    ("probe", "--probe"),
+    ("block_size", "--block-size"),
+)
+
+
+def _stored_diagonal_note(args: argparse.Namespace, estimate: Estimate) -> str | None:
+    """A note naming the estimation options given that an exact result read from the
+    stored diagonal (0 matvecs: ``auto`` or ``exact`` on a file) did not use."""
+    if estimate.method != "exact" or estimate.num_matvecs != 0:
+        return None
+    unused = [flag for name, flag in EXACT_UNUSED if getattr(args, name, None) is not None]
+    if not unused:
+        return None
+    return f"exact: the stored diagonal was read ({', '.join(unused)} unused)"
 
 
 def _print_result(result: dict[str, Any], value: np.ndarray, stderr: Any, interval: Any) -> None:
@@ -911,6 +968,9 @@ def _print_result(result: dict[str, Any], value: np.ndarray, stderr: Any, interv
             rows.append(
                 (f"{level} CI", f"[{_format_number(interval[0])}, {_format_number(interval[1])}]")
             )
+    reason = None if stderr is None or interval is not None else _no_interval_reason(value)
+    if reason is not None:
+        rows.append((f"{level} CI", reason))
     seed = (
         ""
         if result.get("seed") is None or result["method"] == "exact"
@@ -918,6 +978,8 @@ def _print_result(result: dict[str, Any], value: np.ndarray, stderr: Any, interv
     )
     matvecs = f"{result['matvecs']} matvec{'' if result['matvecs'] == 1 else 's'}"
     rows.append(("method", f"{result['method']} ({matvecs}{seed})"))
+    if result.get("note"):
+        rows.append(("note", result["note"]))
     if result["converged"] is not None:
         rows.append(("converged", "yes" if result["converged"] else "no (budget spent first)"))
     rows.append(("time", f"{result['seconds']:.3g} s"))
@@ -929,7 +991,8 @@ def _print_result(result: dict[str, Any], value: np.ndarray, stderr: Any, interv
     lines = [f"{key:<{width}}  {text}" for key, text in rows]
     if value.ndim == 1 and not result.get("output"):
         shown = min(SHOWN_ENTRIES, value.shape[0])
-        lines.append(f"{result['quantity']} (entry, value, {level} interval):")
+        span_name = "" if interval is None else f", {level} interval"
+        lines.append(f"{result['quantity']} (entry, value{span_name}):")
         for i in range(shown):
             span = ""
             if interval is not None:
@@ -979,7 +1042,7 @@ def _run_bytes(declared: _Declared, args: argparse.Namespace, quantity: str, plo
     block = max(1, min(columns, n, CPU_BLOCK_BYTES // max(1, n * compute)))
     work = (rows + cols) * block * compute
     vectors = 8 * n * 8  # value, stderr, interval and the estimators' running sums
-    if getattr(args, "json", False) and quantity != "trace":
+    if getattr(args, "json", False) and quantity != "trace" and not getattr(args, "output", None):
         vectors += 4 * n * JSON_ENTRY_BYTES
     if plot and quantity == "diagonal":
         vectors += 36 * n * 8  # up to 12 estimates, each with its interval
@@ -997,11 +1060,11 @@ def _run_quantity(args: argparse.Namespace, quantity: str) -> int:
         path, [("--output", getattr(args, "output", None)), ("--plot", getattr(args, "plot", None))]
     )
     if plot is not None:
-        _require_matplotlib()
-        if args.method == "exact":
+        if args.method == "exact":  # refused with or without matplotlib
             raise CliError(
                 "--plot shows a randomized estimate converging; method 'exact' has nothing to show"
             )
+        _require_matplotlib()
     library = args.backend
     try:
         backend.import_library(library)
@@ -1057,9 +1120,14 @@ def _run_quantity(args: argparse.Namespace, quantity: str) -> int:
         with _progress(operator, 1, show_bar, quantity) as watched:
             estimate = row_sums(watched)
     seconds = _elapsed(start, estimate, operator)
+    if estimating and estimate.method == "exact":
+        extra["seed"] = None  # nothing random ran: a seed would claim otherwise
 
     confidence = getattr(args, "confidence", 0.95)
     result, value, stderr, interval = _result(quantity, estimate, seconds, confidence, extra)
+    note = _stored_diagonal_note(args, estimate) if estimating else None
+    if note is not None:
+        result["note"] = note
     staged = _Staged()  # the outputs appear together, and only if all of them were written
     try:
         if output is not None:
@@ -1087,7 +1155,8 @@ def _require_matplotlib() -> None:
         import matplotlib  # noqa: F401
     except ImportError:
         raise CliError(
-            "--plot needs matplotlib, which is not installed (pip install 'linop-trace[cli]')"
+            "--plot needs matplotlib, which is not installed (pip install matplotlib, or "
+            'pip install -c constraints.txt -e ".[cli]" in the checkout)'
         ) from None
 
 
@@ -1178,13 +1247,28 @@ def _plot(
     # a bare Figure (no pyplot): no GUI backend, no global state in the caller's process
     from matplotlib.figure import Figure
 
-    exact = _exact_for_plot(quantity, operator)
     level = f"{100 * options['confidence']:g}%"
     figure = Figure(figsize=(7, 4.5))
     axes = figure.subplots()
-    if quantity == "trace":
+    exact = None if estimate.method == "exact" else _exact_for_plot(quantity, operator)
+    if quantity == "trace" and estimate.method == "exact":
+        # nothing converges (auto on a stored matrix): the value as a line, not a dot at 0
+        spent = (
+            "read from the stored diagonal, 0 matvecs"
+            if estimate.num_matvecs == 0
+            else f"{estimate.num_matvecs} matvecs"
+        )
+        axes.axhline(
+            float(np.real(backend.to_numpy(estimate.value))),
+            color="k",
+            label=f"exact trace = {_format_number(backend.to_numpy(estimate.value), 8)} ({spent})",
+        )
+        axes.set_xticks([])
+        axes.set_xlabel("no estimate converging to show: the trace is exact")
+        axes.set_ylabel("trace")
+    elif quantity == "trace":
         curve = _sample_curve(estimate, options["confidence"])
-        if curve is None and estimate.method != "exact":
+        if curve is None:
             points, values, intervals = _budget_curve(quantity, operator, options, estimate)
             x = np.array(points)
             y = np.array([float(np.real(v)) for v in values])
@@ -1196,7 +1280,7 @@ def _plot(
                 axes.fill_between(x[ok], low, high, alpha=0.25, label=f"{level} interval")
             axes.set_xscale("log")
             _plain_log_ticks(axes.xaxis)
-        elif curve is not None:
+        else:
             x, y, low, high = curve
             axes.plot(x, y, label=f"{estimate.method}: mean of the first m samples")
             axes.fill_between(x, low, high, alpha=0.25, label=f"{level} t-interval of those")
@@ -1224,8 +1308,6 @@ def _plot(
                     capsize=4,
                     label=f"reported estimate and {level} interval",
                 )
-        else:
-            axes.plot([estimate.num_matvecs], [float(np.real(estimate.value))], "o", label="exact")
         if exact is not None:
             axes.axhline(
                 float(np.real(exact)),
@@ -1268,7 +1350,7 @@ def _plot(
         if logarithmic:  # an exact estimate (zero error) has no place on a log axis
             axes.set_yscale("log")
         axes.set_ylabel("relative size")
-    if not (quantity == "diagonal" and estimate.method == "exact"):
+    if estimate.method != "exact":
         axes.set_xlabel("matvecs (operator applications)")
     axes.set_title(f"{quantity} of {Path(label).name}: {estimate.method}")
     axes.legend(loc="best")
@@ -1281,27 +1363,42 @@ def _plot(
 # ----------------------------------------------------------------------------- demo
 
 
-def _demo_sparse(args: argparse.Namespace) -> tuple[str, LinearOperator]:
+#: Libraries with automatic differentiation: those the Hessian demo runs on (torch first).
+AUTODIFF_LIBRARIES = ("torch", "jax")
+
+
+def _demo_sparse(args: argparse.Namespace, library: str) -> tuple[str, LinearOperator]:
     from importlib import resources
 
     source = resources.files("linop_trace") / "data" / DEMO_MATRIX
     with resources.as_file(source) as file:
         matrix = load_matrix(file)
-    operator = aslinearoperator(_to_library(matrix, args.backend, args.device, "float64"))
+    operator = aslinearoperator(_to_library(matrix, library, args.device, "float64"))
     text = (
         f"graph Laplacian of the 10-nearest-neighbour graph of scikit-learn's 1,797 digits "
         f"(bundled {DEMO_MATRIX}: {matrix.shape[0]} x {matrix.shape[1]}, {matrix.nnz} nonzeros; "
-        f"{args.backend} float64)"
+        f"{library} float64)"
     )
     return text, operator
 
 
-def _demo_hessian(args: argparse.Namespace) -> tuple[str, LinearOperator]:
-    from .autodiff import hessian  # needs torch
-    from .autodiff._examples import digits_mlp_problem  # needs torch and scikit-learn
+def _demo_hessian(args: argparse.Namespace, library: str) -> tuple[str, LinearOperator]:
+    """The Hessian of the digits MLP written in ``library`` (torch or JAX), its variables
+    and data on ``args.device``."""
+    from .autodiff import _examples, hessian  # the examples' data needs scikit-learn
 
-    model, loss_fn, data = digits_mlp_problem(batch_size=256, seed=0)
-    operator = hessian(model, loss_fn, data)
+    device = backend.resolve_device(library, args.device)  # ImportError: not installed
+
+    def moved(array: Any) -> Any:
+        return backend.from_numpy(backend.to_numpy(array), library, device)
+
+    if library == "torch":
+        model, loss_fn, (X, y) = _examples.digits_mlp_problem(batch_size=256, seed=0)
+        operator = hessian(model.to(device), loss_fn, (moved(X), moved(y)))
+    else:
+        apply_fn, params, loss_fn, (X, y) = _examples.digits_mlp_jax_problem(256, seed=0)
+        weights = {name: moved(value) for name, value in params.items()}
+        operator = hessian(apply_fn, weights, loss_fn, (moved(X), moved(y)))
     n = operator.shape[1]
     text = (
         f"Hessian of the cross-entropy loss of a 64-20-10 MLP on 256 scikit-learn digits "
@@ -1311,21 +1408,35 @@ def _demo_hessian(args: argparse.Namespace) -> tuple[str, LinearOperator]:
 
 
 def _demo_problem(args: argparse.Namespace) -> tuple[str, LinearOperator]:
-    if args.problem == "sparse":
-        return _demo_sparse(args)
+    """The problem ``--problem`` names on the library ``--backend`` names.
+
+    ``auto`` is the torch Hessian when no backend is named (the sparse matrix if torch or
+    scikit-learn is missing), else the sparse matrix, which every backend runs; a Hessian
+    needs automatic differentiation, so it runs on torch (the default) or JAX only.
+    """
+    problem, library = args.problem, args.backend
+    if problem == "hessian" and library not in (None, *AUTODIFF_LIBRARIES):
+        raise CliError(
+            f"demo --problem hessian cannot run on --backend {library}: a Hessian needs "
+            "automatic differentiation; use --backend torch or --backend jax, or "
+            "--problem sparse (every backend)"
+        )
+    if problem == "sparse" or (problem == "auto" and library is not None):
+        return _demo_sparse(args, library or "numpy")
+    library = library or AUTODIFF_LIBRARIES[0]
     try:
-        return _demo_hessian(args)
+        return _demo_hessian(args, library)
     except ImportError as error:
-        if args.problem == "hessian":
-            raise CliError(f"the Hessian demo needs torch and scikit-learn ({error})") from None
+        if problem == "hessian":
+            raise CliError(
+                f"the Hessian demo on {library} needs {library} and scikit-learn ({error})"
+            ) from None
         if not args.quiet:
             print(f"({error}; using the bundled sparse matrix instead)", file=sys.stderr)
-        return _demo_sparse(args)
+        return _demo_sparse(args, "numpy")
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    if args.backend != "numpy" and args.problem != "sparse":
-        args.problem = "sparse"  # the Hessian is a torch problem; a backend choice means the matrix
     description, operator = _demo_problem(args)
     show_bar = _progress_wanted(args.quiet)
 
@@ -1508,12 +1619,14 @@ def _level(text: str) -> float:
     return value
 
 
-def _add_common(parser: argparse.ArgumentParser, *, backend_default: str = "numpy") -> None:
+def _add_common(
+    parser: argparse.ArgumentParser,
+    *,
+    backend_default: str | None = "numpy",
+    backend_help: str = "array library to compute in (default: %(default)s)",
+) -> None:
     parser.add_argument(
-        "--backend",
-        choices=backend.LIBRARIES,
-        default=backend_default,
-        help="array library to compute in (default: %(default)s)",
+        "--backend", choices=backend.LIBRARIES, default=backend_default, help=backend_help
     )
     parser.add_argument(
         "--device",
@@ -1524,7 +1637,16 @@ def _add_common(parser: argparse.ArgumentParser, *, backend_default: str = "nump
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
 
 
-def _add_estimation(parser: argparse.ArgumentParser) -> None:
+def _tolerance_methods(quantity: str) -> list[str]:
+    """The registered methods that estimate ``quantity`` and honour rtol/atol."""
+    return [
+        name
+        for name in available_methods(quantity)
+        if getattr(get_estimator(name, quantity), "supports_tolerance", False)
+    ]
+
+
+def _add_estimation(parser: argparse.ArgumentParser, quantity: str) -> None:
     parser.add_argument(
         "--method",
         default="auto",
@@ -1538,19 +1660,29 @@ def _add_estimation(parser: argparse.ArgumentParser) -> None:
         type=_positive_int,
         help="cap on the budget with --rtol/--atol (default 1000)",
     )
+    # from the registry, so that a method registered by the user is listed too
+    takers = ", ".join(_tolerance_methods(quantity)).replace("%", "%%") or "none"
     parser.add_argument(
         "--rtol",
         type=_non_negative_float,
-        help="stop when the interval half-width <= rtol * |estimate|",
+        help=(
+            "stop when the interval half-width <= rtol * |estimate|; the methods that take "
+            f"--rtol/--atol: {takers} (others refuse them)"
+        ),
     )
     parser.add_argument(
-        "--atol", type=_non_negative_float, help="stop when the interval half-width <= atol"
+        "--atol",
+        type=_non_negative_float,
+        help="stop when the interval half-width <= atol (the methods listed under --rtol)",
     )
     parser.add_argument(
         "--confidence", type=_level, default=0.95, help="level of the interval (default 0.95)"
     )
     parser.add_argument(
-        "--seed", type=int, help="random seed (default: fresh, reported in the output)"
+        "--seed",
+        type=int,
+        help="random seed (default: fresh, reported in the output; an exact result uses "
+        "none and reports none: JSON null)",
     )
     parser.add_argument(
         "--probe", choices=PROBES, help="probe distribution (default: the method's own)"
@@ -1595,10 +1727,13 @@ def build_parser() -> argparse.ArgumentParser:
                 help="compute dtype (default: the file's, integers as float64)",
             )
         else:
-            _add_estimation(sub)
+            _add_estimation(sub, name)
         if name != "trace":
             sub.add_argument(
-                "--output", metavar="FILE", help="write the vector to FILE.npy or FILE.csv"
+                "--output",
+                metavar="FILE",
+                help="write the vector to FILE.npy or FILE.csv (with --json the JSON then "
+                'names the file under "output" and leaves out value, stderr and interval)',
             )
         sub.set_defaults(run=lambda args, quantity=name: _run_quantity(args, quantity))
 
@@ -1607,14 +1742,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="every estimator on a real problem",
         description=(
             "The trace of a real matrix by every registered method: the Hessian of a small MLP on "
-            "scikit-learn's digits when torch is installed, else a bundled sparse graph Laplacian."
+            "scikit-learn's digits (torch or JAX), or a bundled sparse graph Laplacian (any "
+            "backend). By default the Hessian on torch when torch and scikit-learn are "
+            "installed, else the sparse matrix."
         ),
     )
     demo.add_argument(
         "--problem",
         choices=("auto", "hessian", "sparse"),
         default="auto",
-        help="auto: the Hessian when torch is installed, else the sparse matrix",
+        help=(
+            "hessian: on --backend torch (default) or jax; sparse: on any backend; auto "
+            "(default): the torch Hessian when torch and scikit-learn are installed and no "
+            "--backend is given, else the sparse matrix"
+        ),
     )
     demo.add_argument(
         "--matvecs", type=_positive_int, default=100, help="budget per estimator (default 100)"
@@ -1624,7 +1765,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--confidence", type=_level, default=0.95, help="level of the intervals (default 0.95)"
     )
     demo.add_argument("--block-size", type=_positive_int, help="most columns per operator call")
-    _add_common(demo)
+    _add_common(
+        demo,
+        backend_default=None,
+        backend_help="array library to compute in (default: torch for the Hessian, numpy for "
+        "the sparse matrix)",
+    )
     demo.set_defaults(run=_run_demo)
 
     methods = commands.add_parser(

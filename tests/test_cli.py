@@ -13,6 +13,7 @@ import io
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -29,6 +30,8 @@ from linop_trace.cli import main
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 N = 40
 SEED = 20260
+#: Why a test of --plot skips (each one imports matplotlib first).
+NO_MATPLOTLIB = "--plot needs matplotlib, which is not installed"
 
 
 # ------------------------------------------------------------------------- helpers
@@ -165,7 +168,6 @@ def test_trace_of_every_format(capsys, files, name, kind):
     assert result["matvecs"] == 0
     assert result["n"] == N and result["shape"] == [N, N]
     assert result["converged"] is None
-    assert result["seconds"] >= 0
     assert (result["backend"], result["device"], result["dtype"]) == ("numpy", "cpu", "float64")
 
 
@@ -216,6 +218,58 @@ def test_text_output_names_the_result(capsys, dense_file):
     assert code == 0
     assert f"{N - 10} more; --output" in out
     assert f"       0  {dense_matrix()[0, 0]:.10g}" in out
+
+
+def test_seconds_time_the_estimate(capsys, monkeypatch, dense_file):
+    # a clock that says 2.5 s passed between the start and the end of the estimate
+    ticks = iter([100.0, 102.5])
+    monkeypatch.setattr(cli.time, "perf_counter", lambda: next(ticks))
+    result = run_json(capsys, "trace", dense_file)
+    assert result["seconds"] == 2.5
+
+
+@pytest.mark.parametrize("quantity", ["trace", "diagonal"])
+def test_exact_results_report_no_seed(capsys, dense_file, quantity):
+    # JSON keeps the key (the schema of trace/diagonal) with null: no randomness ran
+    result = run_json(capsys, quantity, dense_file)
+    assert result["method"] == "exact" and result["seed"] is None
+    assert run_json(capsys, quantity, dense_file, "--seed", "5")["seed"] is None
+    randomized = run_json(
+        capsys, quantity, dense_file, "--method", "hutchinson", "--matvecs", "10", "--seed", "5"
+    )
+    assert randomized["seed"] == 5
+
+
+def test_complex_results_say_why_they_have_no_interval(capsys, tmp_path):
+    matrix = dense_matrix() + 1j * np.eye(N)
+    path = write(tmp_path / "c.npy", matrix)
+    argv = ("--method", "hutchinson", "--matvecs", "20", "--seed", "0")
+    code, out, err = run(capsys, "trace", path, *argv)
+    assert code == 0 and err == ""
+    reason = "none for complex value: stderr is of the modulus |error|, not of each part"
+    assert f"95% CI  {reason}" in out.splitlines()
+    # what the line says is what the library does: no interval, stderr of |error|
+    estimate = linop_trace.trace(matrix, method="hutchinson", num_matvecs=20, seed=0)
+    with pytest.raises(ValueError, match="complex"):
+        estimate.ci()
+    samples = np.asarray(estimate.info["samples"])
+    modulus = np.sqrt(np.sum(np.abs(samples - samples.mean()) ** 2) / (19 * 20))
+    assert float(estimate.stderr) == pytest.approx(modulus, rel=1e-12)
+    code, out, err = run(capsys, "diagonal", path, *argv)
+    assert code == 0
+    assert "95% CI  none for complex values: stderr is of the modulus |error|" in out
+    assert "diagonal (entry, value):" in out.splitlines()  # no interval column promised
+
+
+def test_unused_estimation_options_on_a_stored_matrix_are_reported(capsys, dense_file):
+    code, out, err = run(capsys, "trace", dense_file, "--matvecs", "50")
+    assert code == 0 and err == ""
+    assert "note    exact: the stored diagonal was read (--matvecs unused)" in out.splitlines()
+    result = run_json(capsys, "diagonal", dense_file, "--matvecs", "50", "--seed", "1")
+    assert result["note"] == "exact: the stored diagonal was read (--matvecs, --seed unused)"
+    assert "note" not in run_json(capsys, "trace", dense_file)  # nothing given, nothing unused
+    randomized = run(capsys, "trace", dense_file, "--method", "hutchinson", "--matvecs", "20")
+    assert "note" not in randomized[1]
 
 
 # ---------------------------------------------------------------- randomized methods
@@ -479,10 +533,31 @@ def test_output_csv_holds_the_randomized_interval(capsys, tmp_path, dense_file):
         "--output",
         csv,
     )
+    assert result["output"] == str(csv)
+    direct = linop_trace.diagonal(dense_matrix(), method="hutchinson", num_matvecs=30, seed=5)
+    low, high = direct.ci(0.95)
     table = np.genfromtxt(csv, delimiter=",", names=True)
-    np.testing.assert_allclose(table["value"], result["value"], rtol=1e-15)
-    np.testing.assert_allclose(table["low"], result["interval"][0], rtol=1e-15)
-    np.testing.assert_allclose(table["high"], result["interval"][1], rtol=1e-15)
+    np.testing.assert_allclose(table["value"], np.asarray(direct.value), rtol=1e-15)
+    np.testing.assert_allclose(table["stderr"], np.asarray(direct.stderr), rtol=1e-15)
+    np.testing.assert_allclose(table["low"], low, rtol=1e-15)
+    np.testing.assert_allclose(table["high"], high, rtol=1e-15)
+
+
+@pytest.mark.parametrize("quantity", ["diagonal", "rowsums"])
+@pytest.mark.parametrize("suffix", [".npy", ".csv"])
+def test_json_with_output_names_the_file_instead_of_the_vector(
+    capsys, tmp_path, dense_file, quantity, suffix
+):
+    target = tmp_path / f"out{suffix}"
+    code, out, err = run(capsys, quantity, dense_file, "--output", target, "--json")
+    assert code == 0 and err == ""
+    result = json.loads(out)
+    assert result["output"] == str(target) and target.exists()
+    assert not {"value", "stderr", "interval"} & result.keys(), result
+    # the text output names the file and shows no entries either
+    code, out, err = run(capsys, quantity, dense_file, "--output", target)
+    assert f"output  {target} ({N} entries)" in out
+    assert f"{dense_matrix()[0, 0]:.10g}" not in out and "more; --output" not in out
 
 
 def test_failed_run_leaves_no_output_and_keeps_an_old_file(capsys, tmp_path):
@@ -522,17 +597,41 @@ def is_png(path: pathlib.Path) -> bool:
         ["trace", "--method", "hutchinson", "--matvecs", "40"],  # running mean of the samples
         *[["trace", "--method", m, "--matvecs", "30"] for m in TRACE_METHODS if m != "hutchinson"],
         ["diagonal", "--method", "hutchinson", "--matvecs", "30"],  # successive budgets
-        ["trace"],  # auto on a stored matrix: exact, a single point
+        ["trace"],  # auto on a stored matrix: exact, a line at the value
         ["diagonal"],  # auto, exact: the diagonal against its index
     ],
 )
 def test_plot_writes_a_png(capsys, tmp_path, spd_file, argv):
-    pytest.importorskip("matplotlib")
+    pytest.importorskip("matplotlib", reason=NO_MATPLOTLIB)
     plot = tmp_path / "run.png"
     result = run_json(capsys, argv[0], spd_file, *argv[1:], "--seed", "0", "--plot", plot)
     assert result["plot"] == str(plot)
     assert is_png(plot)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run.png", "spd.npy"]
+
+
+def test_plot_of_an_exact_trace_is_a_line_at_the_value(capsys, tmp_path, monkeypatch, spd_file):
+    pytest.importorskip("matplotlib", reason=NO_MATPLOTLIB)
+    from matplotlib.figure import Figure
+
+    saved = []
+    savefig = Figure.savefig
+
+    def keep(figure, *args, **kwargs):
+        saved.append(figure)
+        return savefig(figure, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", keep)
+    result = run_json(capsys, "trace", spd_file, "--plot", tmp_path / "p.png")
+    assert result["method"] == "exact" and result["matvecs"] == 0  # auto, stored diagonal
+    (axes,) = saved[0].axes
+    (line,) = axes.get_lines()  # one horizontal line, no dot at 0 matvecs
+    assert line.get_marker() in ("None", None, "")
+    np.testing.assert_allclose(line.get_ydata(), result["value"], rtol=1e-15)
+    assert line.get_label().startswith("exact trace = ")
+    assert "read from the stored diagonal, 0 matvecs" in line.get_label()
+    assert "matvecs (operator applications)" not in axes.get_xlabel()
+    assert len(axes.get_xticks()) == 0
 
 
 def test_sample_curve_is_the_running_mean_with_its_t_interval():
@@ -696,6 +795,18 @@ def test_object_array_is_refused_without_unpickling(capsys, tmp_path):
     assert_one_line_error(*run(capsys, "trace", path), "not a readable .npy file")
 
 
+def test_text_file_named_npy_is_not_called_pickled_data(capsys, tmp_path):
+    path = tmp_path / "matrix.npy"
+    path.write_text("1 2\n3 4\n")
+    code, out, err = run(capsys, "trace", path)
+    assert_one_line_error(
+        code, out, err, str(path), "not a NumPy .npy file", "no magic header", "b'1 2\\n3 4\\n'"
+    )
+    assert "pickle" not in err
+    path.write_bytes(b"")
+    assert_one_line_error(*run(capsys, "trace", path), "not a NumPy .npy file", "is empty")
+
+
 def test_npz_with_several_arrays(capsys, tmp_path):
     path = tmp_path / "two.npz"
     np.savez(path, first=np.eye(2), second=np.eye(3))
@@ -780,6 +891,17 @@ def test_bad_options(capsys, dense_file, argv, needle):
     assert_one_line_error(*run(capsys, "trace", dense_file, *argv), needle)
 
 
+def test_plot_options_without_matplotlib(capsys, monkeypatch, dense_file):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
+    argv = ("trace", dense_file, "--plot", "x.png")
+    assert_one_line_error(
+        *run(capsys, *argv, "--method", "exact"), "method 'exact' has nothing to show"
+    )
+    assert_one_line_error(
+        *run(capsys, *argv, "--method", "hutchinson"), "--plot needs matplotlib", ".[cli]"
+    )
+
+
 def test_bad_output_targets(capsys, tmp_path, dense_file):
     assert_one_line_error(
         *run(capsys, "diagonal", dense_file, "--output", tmp_path / "d.txt"),
@@ -842,6 +964,29 @@ def test_user_registered_method_is_usable_from_the_command_line(capsys, diagonal
         assert result["value"] == float(direct.value)
     finally:
         _REGISTRY.pop("cli-gauss")
+
+
+@pytest.mark.parametrize("quantity", ["trace", "diagonal"])
+def test_help_names_the_methods_that_take_a_tolerance(capsys, monkeypatch, quantity):
+    from linop_trace.estimators import Hutchinson, get_estimator
+    from linop_trace.estimators._registry import _REGISTRY
+
+    monkeypatch.setenv("COLUMNS", "1000")  # argparse would wrap (and hyphen-break) the list
+    linop_trace.register_estimator("cli-tolerant", Hutchinson(probe="gaussian"))
+    try:
+        takers = [
+            name
+            for name in available_methods(quantity)
+            if getattr(get_estimator(name, quantity), "supports_tolerance", False)
+        ]
+        with pytest.raises(SystemExit) as stop:
+            main([quantity, "--help"])
+    finally:
+        _REGISTRY.pop("cli-tolerant")
+    assert stop.value.code == 0
+    assert "cli-tolerant" in takers and "exact" not in takers
+    listed = f"the methods that take --rtol/--atol: {', '.join(takers)} (others refuse them)"
+    assert listed in " ".join(capsys.readouterr().out.split())
 
 
 def bundled_laplacian() -> sp.csr_array:
@@ -918,6 +1063,72 @@ def test_demo_hessian_of_the_digits_mlp(capsys):
     exact = float(linop_trace.trace(operator, method="exact").value)
     assert result["exact"] == pytest.approx(exact, rel=1e-6)
     assert "Hessian" in result["problem"]
+
+
+@pytest.mark.parametrize("library", ["torch", "jax"])
+def test_demo_hessian_runs_on_the_backend_asked_for(capsys, monkeypatch, library):
+    pytest.importorskip(library, reason=f"{library} is not installed")
+    pytest.importorskip("sklearn", reason="scikit-learn is not installed")
+    # two methods are enough to see which problem ran where (JAX compiles per method)
+    monkeypatch.setattr(cli, "available_methods", lambda quantity=None: ["exact", "hutchinson"])
+    result = run_json(
+        capsys, "demo", "--problem", "hessian", "--backend", library, "--matvecs", "20"
+    )
+    assert result["n"] == 1480
+    assert "Hessian" in result["problem"] and f"; {library} float32)" in result["problem"]
+    assert [record["method"] for record in result["results"]] == ["exact", "hutchinson"]
+
+
+@pytest.mark.parametrize("library", ["numpy", "cupy"])
+def test_demo_hessian_on_a_backend_without_autodiff_is_refused(capsys, library):
+    assert_one_line_error(
+        *run(capsys, "demo", "--problem", "hessian", "--backend", library),
+        f"demo --problem hessian cannot run on --backend {library}",
+        "use --backend torch or --backend jax, or --problem sparse",
+    )
+
+
+def test_demo_with_a_backend_named_runs_the_sparse_matrix_there(capsys):
+    result = run_json(capsys, "demo", "--backend", "numpy", "--matvecs", "30")
+    assert result["exact"] == 24770.0 and result["n"] == 1797
+    assert "graph Laplacian" in result["problem"] and "; numpy float64)" in result["problem"]
+
+
+# ---------------------------------------------------------------------- documentation
+
+
+def optional_extras() -> set[str]:
+    """The extras ``pyproject.toml`` declares (read as text: no tomllib on Python 3.10)."""
+    text = (ROOT / "pyproject.toml").read_text()
+    section = text.split("[project.optional-dependencies]", 1)[1].split("\n[", 1)[0]
+    return set(re.findall(r"^([\w-]+) = \[", section, flags=re.MULTILINE))
+
+
+@pytest.mark.parametrize("document", ["README.md", "docs/getting_started.rst"])
+def test_documented_installs_work_from_the_checkout(document):
+    text = (ROOT / document).read_text()
+    # the package is on no index: `pip install "linop-trace[cli]"` finds nothing
+    assert not re.search(r"pip install [\"']?linop-trace", text)
+    installs = re.findall(r'pip install -c constraints\.txt -e "\.\[([\w,-]+)\]"', text)
+    assert installs
+    for extras in installs:
+        assert set(extras.split(",")) <= optional_extras(), extras
+    assert "cli" in {extra for extras in installs for extra in extras.split(",")}
+
+
+def test_documents_describe_the_demo_the_code_runs(capsys):
+    with pytest.raises(SystemExit):
+        main(["demo", "--help"])
+    guide = (ROOT / "docs" / "getting_started.rst").read_text()
+    texts = {
+        "demo --help": capsys.readouterr().out,
+        "README.md": (ROOT / "README.md").read_text(),
+        "getting_started.rst": guide[guide.index("The command line") :],
+    }
+    for name, text in texts.items():
+        flat = " ".join(text.split()).lower()
+        for needle in ("hessian", "when torch and scikit-learn are installed", "sparse"):
+            assert needle in flat, (name, needle)
 
 
 # ------------------------------------------------------------------------- subprocess

@@ -26,6 +26,8 @@ from linop_trace.cli import main
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 HUGE = 3_000_000_000
 GIB = 2**30
+#: Why a test of --plot skips (each one imports matplotlib first).
+NO_MATPLOTLIB = "--plot needs matplotlib, which is not installed"
 
 
 def run(capsys: pytest.CaptureFixture[str], *argv: object) -> tuple[int, str, str]:
@@ -201,7 +203,7 @@ def test_sparse_npz_declaring_a_huge_shape_is_refused_unread(capsys, tmp_path, n
 def test_a_failed_plot_leaves_the_output_untouched(
     capsys, tmp_path, monkeypatch, matrix_file, existing
 ):
-    pytest.importorskip("matplotlib")
+    pytest.importorskip("matplotlib", reason=NO_MATPLOTLIB)
     from matplotlib.figure import Figure
 
     def full_disk(self, *args: object, **kwargs: object) -> None:
@@ -223,7 +225,7 @@ def test_a_failed_plot_leaves_the_output_untouched(
 
 
 def test_outputs_appear_together_when_the_run_succeeds(capsys, tmp_path, matrix_file):
-    pytest.importorskip("matplotlib")
+    pytest.importorskip("matplotlib", reason=NO_MATPLOTLIB)
     keep, plot = tmp_path / "keep.csv", tmp_path / "p.png"
     keep.write_bytes(b"old")
     argv = ["diagonal", matrix_file, "--method", "hutchinson", "--matvecs", "8", "--seed", "0"]
@@ -263,7 +265,7 @@ def test_output_that_is_the_input_is_refused(capsys, tmp_path, monkeypatch, matr
 
 
 def test_plot_that_is_the_input_is_refused(capsys, tmp_path, matrix_file):
-    pytest.importorskip("matplotlib")
+    pytest.importorskip("matplotlib", reason=NO_MATPLOTLIB)
     link = tmp_path / "p.png"
     os.symlink(matrix_file, link)
     argv = ["trace", matrix_file, "--method", "hutchinson", "--matvecs", "8", "--plot", link]
@@ -308,7 +310,7 @@ def test_unwritable_directory_is_refused_before_computing(
     capsys, tmp_path, read_only, no_computing, matrix_file, option, name
 ):
     if option == "--plot":
-        pytest.importorskip("matplotlib")
+        pytest.importorskip("matplotlib", reason=NO_MATPLOTLIB)
     target = read_only / name
     argv = ["diagonal", matrix_file, "--method", "hutchinson", "--matvecs", "8"]
     line = error_line(*run(capsys, *argv, option, target))
@@ -320,7 +322,7 @@ def test_unwritable_directory_is_refused_before_computing(
 def test_audit_case_plot_into_read_only_directory_keeps_the_output(
     capsys, tmp_path, read_only, matrix_file
 ):
-    pytest.importorskip("matplotlib")
+    pytest.importorskip("matplotlib", reason=NO_MATPLOTLIB)
     keep = tmp_path / "keep.csv"
     keep.write_bytes(b"keep")
     argv = ["diagonal", matrix_file, "--method", "hutchinson", "--matvecs", "8"]
