@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 from conftest import numpy_of, rtol_for
@@ -192,7 +194,10 @@ def test_from_callable_falls_back_to_loop_when_not_vmappable():
         out = A @ torch.ones(3, 4, dtype=torch.float64)
     assert torch.equal(out, 2 * torch.ones(3, 4, dtype=torch.float64))
     # later calls go straight to the loop, without a second warning
-    A @ torch.ones(3, 2, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        again = A @ torch.ones(3, 2, dtype=torch.float64)
+    assert torch.equal(again, 2 * torch.ones(3, 2, dtype=torch.float64))
 
 
 def test_scipy_round_trip():

@@ -80,7 +80,13 @@ def test_probe_blocks_are_the_stream_cut_anywhere(backend):
             cut = ProbeSampler(kind, n, xp, backend.dtype(dtype), device, seed=3)
             expected = numpy_of(whole(9))
             got = np.concatenate([numpy_of(cut(2)), numpy_of(cut(4)), numpy_of(cut(3))], axis=1)
-            np.testing.assert_array_equal(got, expected, err_msg=f"{kind} {dtype} n={n}")
+            if kind == "gaussian" and backend.library == "jax":
+                # the same random bits; XLA's float32 inverse-erf kernel may round an entry
+                # differently for another batch shape (measured: 1e-7 relative, JAX on
+                # Python 3.12 and 3.13)
+                np.testing.assert_allclose(got, expected, rtol=1e-6, err_msg=f"{kind} {dtype}")
+            else:
+                np.testing.assert_array_equal(got, expected, err_msg=f"{kind} {dtype} n={n}")
 
 
 # ------------------------------------------------------------------------- refine
