@@ -1,6 +1,6 @@
 """The evidence matrix of linop_trace: tests per backend and Python, oldest deps, lint, docs, bench, gpu.
 
-``nox`` runs the default sessions (every ``tests`` variant, ``oldest`` and ``lint``);
+``nox`` runs the default sessions (every ``tests`` variant, ``stats``, ``oldest`` and ``lint``);
 ``nox -l`` lists them all; ``nox -s docs`` and ``nox -s bench`` build the docs and run
 the benchmarks. Arguments after ``--`` go to pytest, e.g. ``nox -s "tests(numpy-3.11)" -- -x -k trace``.
 
@@ -24,14 +24,17 @@ ROOT = Path(__file__).resolve().parent
 CONSTRAINTS = str(ROOT / "constraints.txt")
 
 nox.needs_version = ">=2024.3.2"
-nox.options.default_venv_backend = "virtualenv"
+# uv installs a session's packages in ~3 s where pip takes ~22 s (14 sessions: about 4
+# minutes of the matrix); without uv on PATH nox falls back to virtualenv and pip.
+nox.options.default_venv_backend = "uv|virtualenv"
 nox.options.error_on_missing_interpreters = True
 # Never fetch an interpreter: the matrix runs on the Pythons the machine has.
 if hasattr(nox.options, "download_python"):
     nox.options.download_python = "never"
 # What plain `nox` (the README's test command and .ci/run) runs: the whole test matrix,
-# the oldest supported dependencies and lint. docs and bench are asked for by name.
-nox.options.sessions = ["tests", "oldest", "lint"]
+# the statistical tests once, the oldest supported dependencies and lint. docs and bench
+# are asked for by name.
+nox.options.sessions = ["tests", "stats", "oldest", "lint"]
 
 #: (backend, Pythons with wheels for it here, extra that brings its library)
 MATRIX = {
@@ -56,6 +59,17 @@ TEST_THREADS = {
     "OPENBLAS_NUM_THREADS": "1",
     "MKL_NUM_THREADS": "1",
 }
+
+#: pytest-xdist workers per test session. The sessions run one after another, and each
+#: test is single-threaded (TEST_THREADS), so two workers use a 2-core machine's cores.
+WORKERS = "2"
+
+#: XLA flags of the JAX test sessions. Their problems are tiny, so compiling is most of
+#: their time (about 75% of a session: ~520 programs of ~90 ms each per 80 tests); LLVM at
+#: optimisation level 0 compiles the same programs to the same operations, without the
+#: expensive passes (measured: 61 s -> 36 s for tests/test_refine.py and
+#: tests/test_reliability.py). Benchmarks, docs and the GPU session keep XLA's defaults.
+JAX_TEST_XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 
 
 def _use_pyenv_interpreters() -> None:
@@ -103,6 +117,53 @@ def _use_pyenv_interpreters() -> None:
 
 
 _use_pyenv_interpreters()
+
+
+#: pip's configuration keys and the uv environment variables that say the same (uv reads
+#: no pip.conf), with the separator each variable takes between values.
+_PIP_TO_UV = {
+    "index-url": ("UV_INDEX_URL", " "),
+    "extra-index-url": ("UV_EXTRA_INDEX_URL", " "),
+    "find-links": ("UV_FIND_LINKS", ","),
+    "constraint": ("UV_CONSTRAINT", " "),
+}
+
+
+def _uv_follows_pip_configuration() -> None:
+    """Give uv the indexes, local wheel folders and constraints pip is configured with.
+
+    A machine's pip.conf may point at local wheels (here: the CPU build of the pinned
+    torch) and cap releases; uv would otherwise resolve against PyPI alone. Variables the
+    user set win. uv's "unsafe-best-match" strategy picks the best release over all
+    indexes, as pip does (uv's default takes the first index that has the package).
+    """
+    if shutil.which("uv") is None:
+        return
+    try:
+        listing = subprocess.run(
+            [sys.executable, "-m", "pip", "config", "list"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        ).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return
+    found: dict[str, list[str]] = {}
+    for line in listing.splitlines():
+        match = re.match(r"^[^.]*\.([a-z-]+)='(.*)'$", line.strip())
+        if match and match.group(1) in _PIP_TO_UV:
+            for value in match.group(2).split():
+                values = found.setdefault(match.group(1), [])
+                if value not in values:
+                    values.append(value)
+    for key, values in found.items():
+        variable, separator = _PIP_TO_UV[key]
+        os.environ.setdefault(variable, separator.join(values))
+    if found.get("extra-index-url") or found.get("find-links"):
+        os.environ.setdefault("UV_INDEX_STRATEGY", "unsafe-best-match")
+
+
+_uv_follows_pip_configuration()
 
 
 def _test_params() -> list:
@@ -164,7 +225,24 @@ def tests(session: nox.Session, backend: str) -> None:
     session.install("-c", CONSTRAINTS, "-e", f".[{extras}]")
     session.env.update(TEST_THREADS)
     session.env["LINOP_TRACE_BACKENDS"] = backend
-    _pytest(session, "-q")
+    if backend == "jax":
+        session.env["XLA_FLAGS"] = JAX_TEST_XLA_FLAGS
+    _pytest(session, "-q", "-n", WORKERS, "-m", "not stats")
+
+
+@nox.session(python="3.11")
+def stats(session: nox.Session) -> None:
+    """The statistical tests, once, on NumPy: coverage of every interval and unbiasedness,
+    each over hundreds of seeds (the tests marked ``stats``).
+
+    A backend computes what NumPy computes from the same input and probes
+    (tests/test_backend_agreement.py, in every ``tests`` session), so these need not run
+    per backend and Python.
+    """
+    session.install("-c", CONSTRAINTS, "-e", ".[test]")
+    session.env.update(TEST_THREADS)
+    session.env["LINOP_TRACE_BACKENDS"] = "numpy"
+    _pytest(session, "-q", "-n", WORKERS, "-m", "stats")
 
 
 def _lower_bounds(requirements: list[str]) -> list[str]:
@@ -199,10 +277,16 @@ def oldest(session: nox.Session) -> None:
     oldest_constraints.write_text("\n".join(pins) + "\n")
     session.log("pinned to the lower bounds: " + ", ".join(pins))
     session.install("-c", CONSTRAINTS, "-c", str(oldest_constraints), "-e", ".[test]")
-    session.run("python", "-m", "pip", "list", "--format=freeze", silent=False)
+    session.run(  # what was installed (uv's environments have no pip to ask)
+        "python",
+        "-c",
+        "import importlib.metadata as m; "
+        "print(', '.join(f'{n}=={m.version(n)}' for n in ('numpy', 'scipy', 'array-api-compat')))",
+        silent=False,
+    )
     session.env.update(TEST_THREADS)
     session.env["LINOP_TRACE_BACKENDS"] = "numpy,scipy,strict"
-    _pytest(session, "-q")
+    _pytest(session, "-q", "-n", WORKERS, "-m", "not stats")
 
 
 @nox.session(python="3.11")

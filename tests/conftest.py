@@ -168,7 +168,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     fixture and whose module never names the session's library is deselected. It runs
     the same NumPy code as in the ``numpy`` sessions (one per Python), which run every
     test; a test that needs the session's library (``pytest.importorskip("torch")``)
-    sits in a module that names it, and stays."""
+    sits in a module that names it, and stays. Tests marked ``every_session`` (what an
+    installation with this session's extras must show, e.g. that importing the package
+    imports no optional library) always stay."""
     selected = _selected()
     if "numpy" in selected:
         return
@@ -178,7 +180,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     kept, dropped = [], []
     for item in items:
         path = str(getattr(item, "path", "") or "")
-        if _uses_a_backend_fixture(item) or not path:
+        if _uses_a_backend_fixture(item) or not path or item.get_closest_marker("every_session"):
             kept.append(item)
             continue
         if path not in texts:

@@ -124,6 +124,7 @@ def test_exact_diagonal_of_large_sparse_operator_never_goes_dense():
     assert peak_walk < 200 * 2**20, peak_walk
 
 
+@pytest.mark.every_session  # each session installs other extras: check it in each
 def test_import_does_not_import_torch_or_jax():
     code = "import sys, linop_trace; print(sorted(m for m in ('torch', 'jax', 'cupy') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -127,6 +127,7 @@ def test_sketch_grows_on_a_decaying_spectrum_and_not_on_a_flat_one():
         assert info["residual_probes"] == info["num_residual_probes"]
 
 
+@pytest.mark.stats
 @pytest.mark.parametrize(
     "spectrum, rtol, ratio",
     [("slowexp", 3e-2, 0.3), ("fastexp", 3e-2, 0.05), ("flat", 6e-3, 1.5), ("flat", 4e-3, 1.3)],
@@ -160,6 +161,7 @@ def test_matvecs_against_adaptive_hutchinson(spectrum, rtol, ratio):
 COVERAGE_RUNS = 400
 
 
+@pytest.mark.stats
 @pytest.mark.parametrize("spectrum, rtol", [("flat", 6e-3), ("poly", 2e-3)])
 def test_adaptive_coverage(spectrum, rtol):
     """Coverage of the final 95 % interval over 400 seeded runs (n=300, start 30):

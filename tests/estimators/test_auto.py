@@ -88,6 +88,7 @@ def test_predictions_match_naive_reference():
     np.testing.assert_allclose(got, naive_predictions(A, Om, 16), rtol=1e-10)
 
 
+@pytest.mark.stats
 def test_accuracy_close_to_the_better_method():
     """On an implicit decaying and a flat matrix, auto's mean error over 60 seeds is
     within 1.5x of the better of Hutchinson and XTrace (the benchmark checks n = 1000, 200

@@ -295,6 +295,7 @@ def test_backends_agree_with_their_samples(backend):
 
 
 # -------------------------------------------------------------------- statistics
+@pytest.mark.stats
 @pytest.mark.parametrize("symmetric", [False, True], ids=["general", "two-sided"])
 @pytest.mark.parametrize("method", ["hutchinson", "diag++", "xdiag"])
 def test_unbiased_across_seeds(method, symmetric):
@@ -311,6 +312,7 @@ def test_unbiased_across_seeds(method, symmetric):
     assert np.max(np.abs(z)) < 4.5, np.max(np.abs(z))
 
 
+@pytest.mark.stats
 @pytest.mark.parametrize("spectrum", ["flat", "poly"])
 @pytest.mark.parametrize(
     ("method", "tags"),
@@ -334,6 +336,7 @@ def test_elementwise_coverage(method, tags, spectrum):
     assert 0.93 <= np.mean(fractions) <= 0.97, np.mean(fractions)
 
 
+@pytest.mark.stats
 @pytest.mark.parametrize("two_sided", [False, True])
 @pytest.mark.parametrize("spectrum", ["flat", "poly"])
 def test_xdiag_elementwise_coverage_honest_and_plain(spectrum, two_sided):
@@ -433,6 +436,7 @@ def test_two_sided_needs_a_self_adjoint_operator(cls, name):
     assert repr(cls(two_sided=False)) == f"{cls.__name__}(two_sided=False)"
 
 
+@pytest.mark.stats
 @pytest.mark.parametrize(
     ("cls", "spectrum", "bound"),
     [

@@ -103,6 +103,7 @@ def test_backends_agree_with_their_own_samples(backend):
 
 
 # -------------------------------------------------------------------- statistics
+@pytest.mark.stats
 def test_unbiased_across_seeds():
     A = test_matrix("poly", 60, seed=3)
     values = np.array(
@@ -113,6 +114,7 @@ def test_unbiased_across_seeds():
     assert abs(values.mean() - np.trace(A)) < 4 * se
 
 
+@pytest.mark.stats
 @pytest.mark.parametrize("spectrum", ["flat", "poly"])
 def test_coverage_of_the_95_percent_interval(spectrum):
     """Counts of 1000 seeded runs (n=300, m=60), target 930-970: flat 951, poly 935.
@@ -228,6 +230,7 @@ def test_adaptive_meets_tolerance_and_counts():
     assert est.converged is False and est.num_matvecs == 80
 
 
+@pytest.mark.stats
 def test_adaptive_coverage():
     """Sequential stopping at rtol=4e-3 from 10 probes: 379 of 400 runs covered (94.8 %)."""
     A = test_matrix("flat", 300, seed=0)
@@ -302,6 +305,7 @@ def test_frobenius_norm_squared_every_backend(backend):
     )
 
 
+@pytest.mark.stats
 def test_frobenius_norm_squared_of_a_complex_operator():
     # ||A||_F^2 = tr(A^H A) is real: unit-modulus probes z^H A^H A z = |A z|^2
     rng = np.random.default_rng(8)
@@ -312,6 +316,7 @@ def test_frobenius_norm_squared_of_a_complex_operator():
     assert abs(values.mean() - np.sum(np.abs(A) ** 2)) < 5 * values.std(ddof=1) / math.sqrt(200)
 
 
+@pytest.mark.stats
 def test_frobenius_norm_squared_unbiased_and_counted():
     rng = np.random.default_rng(5)
     A = rng.standard_normal((25, 25))

@@ -211,6 +211,7 @@ def test_na_hutchpp_single_pass():
 
 
 # ------------------------------------------------------------------------- statistics
+@pytest.mark.stats
 def test_hutchpp_is_unbiased_across_seeds():
     A = test_matrix("flat", 80, seed=1)  # flat: the residual carries most of the trace
     values = np.array(
@@ -221,6 +222,7 @@ def test_hutchpp_is_unbiased_across_seeds():
     assert abs(values.mean() - np.trace(A)) < 4 * se
 
 
+@pytest.mark.stats
 def test_na_hutchpp_is_unbiased_across_seeds():
     A = test_matrix("poly", 80, seed=2)
     tagged = lt.aslinearoperator(A, tags=("symmetric",))
@@ -244,6 +246,7 @@ def coverage_count(A, method, runs=COVERAGE_RUNS, **options):
     return covered
 
 
+@pytest.mark.stats
 @pytest.mark.parametrize("spectrum", ["flat", "poly"])
 @pytest.mark.parametrize("method", ["hutch++", "na-hutch++"])
 def test_coverage_of_the_95_percent_interval(method, spectrum):
@@ -287,6 +290,7 @@ def test_adaptive_hutchpp_stops_at_once_when_exact():
     assert est.converged is True and est.num_matvecs == 12
 
 
+@pytest.mark.stats
 def test_adaptive_hutchpp_coverage():
     """A-Hutch++ stopping at rtol=4e-3 from a 30-column start (mean budget ~240 columns,
     was ~310 with the fixed sketch): measured 382 of 400 runs covered (95.5 %); the band

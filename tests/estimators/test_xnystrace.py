@@ -125,6 +125,7 @@ def test_psd_low_rank_does_not_raise():
     assert abs(float(est) - np.trace(A)) < 1e-13 * np.trace(A)
 
 
+@pytest.mark.stats
 def test_unbiased():
     """Mean of 300 estimates within 4 standard errors of tr(A)."""
     A = test_matrix("slowexp", 100, seed=3)
@@ -134,6 +135,7 @@ def test_unbiased():
     assert abs(values.mean() - np.trace(A)) < 4 * values.std(ddof=1) / math.sqrt(values.size)
 
 
+@pytest.mark.stats
 @pytest.mark.parametrize("spectrum", ["flat", "poly"])
 def test_interval_coverage(spectrum):
     """95% intervals cover in 93%-97% of 400 runs (n = 300, m = 60; binomial error 1.1%)."""

@@ -183,6 +183,7 @@ def test_budget_checks():
 
 
 # ------------------------------------------------------------------- statistics
+@pytest.mark.stats
 def test_unbiased():
     """Mean of 300 estimates within 4 standard errors (their std / sqrt(300)) of tr(A)."""
     rng = np.random.default_rng(11)
@@ -206,6 +207,7 @@ def coverage(method, spectrum, runs=400, n=300, m=60, **options):
     return hits / runs, plain / runs
 
 
+@pytest.mark.stats
 @pytest.mark.parametrize("spectrum", ["flat", "poly"])
 def test_interval_coverage(spectrum):
     """95% intervals cover tr(A) in 93%-98.5% of 400 runs (n = 300, m = 60).
@@ -221,7 +223,7 @@ def test_interval_coverage(spectrum):
     assert plain < honest
 
 
-@pytest.mark.slow
+@pytest.mark.stats
 def test_adaptive_interval_coverage():
     """With rtol the probes double until the half-width meets it; the final interval
     still covers in >= 93% of 400 runs (its own binomial error 1.1%)."""
