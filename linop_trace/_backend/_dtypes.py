@@ -5,18 +5,36 @@ from __future__ import annotations
 from typing import Any
 
 __all__ = [
+    "abs2",
     "complex_dtype_for",
+    "conj",
     "default_float_dtype",
     "is_complex_dtype",
     "is_float_dtype",
     "is_half_precision",
     "promote_to_float",
     "real_dtype_for",
+    "real_part",
 ]
 
 
 def is_complex_dtype(xp: Any, dtype: Any) -> bool:
     return xp.isdtype(dtype, "complex floating")
+
+
+def conj(xp: Any, x: Any) -> Any:
+    """``conj(x)`` for complex arrays, ``x`` itself for real ones (no copy)."""
+    return xp.conj(x) if is_complex_dtype(xp, x.dtype) else x
+
+
+def real_part(xp: Any, x: Any) -> Any:
+    """``Re(x)`` for complex arrays, ``x`` itself for real ones."""
+    return xp.real(x) if is_complex_dtype(xp, x.dtype) else x
+
+
+def abs2(xp: Any, x: Any) -> Any:
+    """``|x|^2`` entrywise, real."""
+    return xp.real(xp.conj(x) * x) if is_complex_dtype(xp, x.dtype) else x * x
 
 
 def is_float_dtype(xp: Any, dtype: Any) -> bool:

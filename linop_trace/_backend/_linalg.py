@@ -1,12 +1,15 @@
 """Fast paths of the linear algebra the estimators need.
 
 A library's native routine where it has one (SciPy's LAPACK QR for NumPy, einsum column
-sums, torch's cache-sized row chunks, vmap), the array-API spelling otherwise.
+sums, torch's cache-sized row chunks, vmap), the array-API spelling otherwise; and the
+one-thread cap (:func:`one_blas_thread`) around the library's own small host algebra.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -16,18 +19,110 @@ import numpy as np
 from ._device import stop_gradient
 
 __all__ = [
+    "ONE_THREAD_MIN_WORK",
     "cholesky",
     "column_inner",
     "column_norms",
     "divide_by_largest",
     "frobenius_norm",
     "materialized",
+    "one_blas_thread",
     "row_inner",
     "solve",
     "solve_triangular",
     "thin_qr",
     "vmap_columns",
 ]
+
+# ------------------------------------------------------------ one thread on the host
+#: Multiply-adds below which NumPy work runs without the one-thread cap: OpenBLAS runs
+#: such calls on one thread already (QR of (500, 10) blocks, products of (500, 34) ones),
+#: and entering the cap costs 10-20 us (asv_bench/benchmarks/threads.py measures both).
+ONE_THREAD_MIN_WORK = 2**16
+
+_NO_CAP = contextlib.nullcontext()
+
+
+class _OneBlasThread:
+    """One thread in every BLAS that NumPy and SciPy loaded, while the library's small
+    calls run; re-entrant, shared by all Python threads.
+
+    The first thread to enter sets the limit and its last exit restores it; nested
+    entries cost a lock, not a library call. OpenBLAS's thread count is process-wide, so
+    another thread that enters meanwhile runs under the same limit and changes nothing:
+    two threads setting and restoring the count in turn would leave it at one for good.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._owner: int | None = None
+        self._depth = 0
+        self._limiter: Any = None
+        self._controller: Any = None
+
+    def __enter__(self) -> None:
+        me = threading.get_ident()
+        with self._lock:
+            if self._owner is None:
+                self._limiter = self._limit()
+                self._owner = me
+            if self._owner == me:
+                self._depth += 1
+
+    def __exit__(self, *exc: object) -> None:
+        me = threading.get_ident()
+        with self._lock:
+            if self._owner != me:
+                return
+            self._depth -= 1
+            if self._depth == 0:
+                limiter, self._limiter, self._owner = self._limiter, None, None
+                if limiter is not None:
+                    limiter.__exit__(None, None, None)
+
+    def _limit(self) -> Any:
+        """threadpoolctl's limiter, entered; ``None`` where every BLAS has one thread
+        already (``OPENBLAS_NUM_THREADS=1``: nothing to change, nothing is called)."""
+        if self._controller is None:
+            import scipy.linalg  # noqa: F401  (loads SciPy's own OpenBLAS before the scan)
+            from threadpoolctl import ThreadpoolController
+
+            # one scan of the loaded libraries (milliseconds), kept for the process
+            self._controller = ThreadpoolController().select(user_api="blas")
+        if all(library.num_threads == 1 for library in self._controller.lib_controllers):
+            return None
+        limiter = self._controller.limit(limits=1, user_api="blas")
+        limiter.__enter__()  # (threadpoolctl >= 3.6: this thread owns OpenBLAS's count)
+        return limiter
+
+
+_NUMPY_CAP = _OneBlasThread()
+
+
+def one_blas_thread(xp: Any, work: float | None = None) -> contextlib.AbstractContextManager[None]:
+    """A context in which NumPy's and SciPy's BLAS and LAPACK run one thread, for the
+    library's own small algebra: factorizations of k x k matrices, thin QR of tall-skinny
+    (n, k) blocks and their products with k x k ones. Never for the user's products.
+
+    Threads gain little on such sizes and cost dearly when the cores are busy: every
+    threaded call waits for the threads the scheduler has not run yet, so that with 8
+    OpenBLAS threads on 2 cores a 50 x 50 triangular solve takes milliseconds instead of
+    20 us (``asv_bench/benchmarks/threads.py``). Done with threadpoolctl's limit; nothing
+    is changed where every BLAS runs one thread already (``OPENBLAS_NUM_THREADS=1``).
+    Other libraries run their own thread pools and get nothing: torch's and JAX's degrade
+    far less under oversubscription, and a whole torch estimate gained nothing measurable
+    from a cap.
+
+    ``work`` is the call's multiply-adds (``n k^2`` for an (n, k) block): below
+    :data:`ONE_THREAD_MIN_WORK` OpenBLAS runs one thread anyway and the cap is skipped.
+    ``None`` caps at any size (OpenBLAS threads triangular solves of every size).
+
+    The limit is process-wide while it lasts: BLAS calls that other Python threads make
+    in that time run on one thread too.
+    """
+    if not array_api_compat.is_numpy_namespace(xp):
+        return _NO_CAP
+    return _NO_CAP if work is not None and work < ONE_THREAD_MIN_WORK else _NUMPY_CAP
 
 
 def row_inner(xp: Any, x: Any, y: Any) -> Any:
@@ -100,14 +195,16 @@ def thin_qr(xp: Any, matrix: Any) -> tuple[Any, Any]:
 
     NumPy arrays go through LAPACK via SciPy on a Fortran-ordered copy (no transposed
     copies inside, about 2x faster than ``numpy.linalg.qr`` for tall-skinny blocks);
-    every other library uses its own ``xp.linalg.qr``.
+    every other library uses its own ``xp.linalg.qr``. On one host thread
+    (:func:`one_blas_thread`).
     """
-    if type(matrix) is np.ndarray and array_api_compat.is_numpy_namespace(xp):
-        import scipy.linalg
+    with one_blas_thread(xp, work=matrix.shape[-2] * matrix.shape[-1] ** 2):
+        if type(matrix) is np.ndarray and array_api_compat.is_numpy_namespace(xp):
+            import scipy.linalg
 
-        work = np.array(matrix, order="F", copy=True)
-        return scipy.linalg.qr(work, mode="economic", overwrite_a=True, check_finite=False)
-    return xp.linalg.qr(matrix)
+            copy = np.array(matrix, order="F", copy=True)
+            return scipy.linalg.qr(copy, mode="economic", overwrite_a=True, check_finite=False)
+        return xp.linalg.qr(matrix)
 
 
 def divide_by_largest(xp: Any, x: Any, axis: int | None = None) -> tuple[Any, Any]:
@@ -148,12 +245,14 @@ def column_norms(xp: Any, x: Any) -> Any:
 def solve(xp: Any, matrix: Any, rhs: Any) -> Any:
     """``matrix^{-1} rhs`` without a host check of the factorization (torch's ``solve``
     reads its LAPACK status, a device wait on a GPU; ``solve_ex`` does not). A singular
-    matrix gives non-finite entries or raises (NumPy), which callers test for."""
-    if array_api_compat.is_torch_namespace(xp):
-        import torch
+    matrix gives non-finite entries or raises (NumPy), which callers test for. On one
+    host thread (:func:`one_blas_thread`)."""
+    with one_blas_thread(xp, work=matrix.shape[-1] ** 3):  # LU: k^3 / 3, about
+        if array_api_compat.is_torch_namespace(xp):
+            import torch
 
-        return torch.linalg.solve_ex(matrix, rhs)[0]
-    return xp.linalg.solve(matrix, rhs)
+            return torch.linalg.solve_ex(matrix, rhs)[0]
+        return xp.linalg.solve(matrix, rhs)
 
 
 def materialized(xp: Any, x: Any) -> Any:
@@ -177,32 +276,36 @@ def solve_triangular(xp: Any, matrix: Any, rhs: Any, *, lower: bool) -> Any:
     where a general solve factorizes (LU, pivot search and permutation: under JAX on a CPU
     a 10 x 10 inverse by LU is five times the operations of one triangular solve). An exact
     zero on the diagonal gives non-finite entries, or raises (NumPy, SciPy).
-    Libraries without a triangular solver use their general ``solve``."""
-    if array_api_compat.is_torch_namespace(xp):
-        import torch
+    Libraries without a triangular solver use their general ``solve``. On one host thread
+    at every size (:func:`one_blas_thread`: OpenBLAS threads even 8 x 8 solves)."""
+    with one_blas_thread(xp):
+        if array_api_compat.is_torch_namespace(xp):
+            import torch
 
-        return torch.linalg.solve_triangular(matrix, rhs, upper=not lower)
-    if array_api_compat.is_jax_namespace(xp):
-        import jax.scipy.linalg
+            return torch.linalg.solve_triangular(matrix, rhs, upper=not lower)
+        if array_api_compat.is_jax_namespace(xp):
+            import jax.scipy.linalg
 
-        return jax.scipy.linalg.solve_triangular(matrix, rhs, lower=lower)
-    if array_api_compat.is_cupy_namespace(xp):
-        import cupyx.scipy.linalg
+            return jax.scipy.linalg.solve_triangular(matrix, rhs, lower=lower)
+        if array_api_compat.is_cupy_namespace(xp):
+            import cupyx.scipy.linalg
 
-        return cupyx.scipy.linalg.solve_triangular(matrix, rhs, lower=lower)
-    if array_api_compat.is_numpy_namespace(xp) and type(matrix) is np.ndarray:
-        import scipy.linalg
+            return cupyx.scipy.linalg.solve_triangular(matrix, rhs, lower=lower)
+        if array_api_compat.is_numpy_namespace(xp) and type(matrix) is np.ndarray:
+            import scipy.linalg
 
-        return scipy.linalg.solve_triangular(matrix, rhs, lower=lower, check_finite=False)
-    return solve(xp, matrix, rhs)
+            return scipy.linalg.solve_triangular(matrix, rhs, lower=lower, check_finite=False)
+        return solve(xp, matrix, rhs)
 
 
 def cholesky(xp: Any, matrix: Any) -> Any:
     """The lower Cholesky factor, without a host check (torch: ``cholesky_ex``); a matrix
-    that is not positive definite gives non-finite entries or raises (NumPy)."""
-    if array_api_compat.is_torch_namespace(xp):
-        import torch
+    that is not positive definite gives non-finite entries or raises (NumPy). On one host
+    thread (:func:`one_blas_thread`)."""
+    with one_blas_thread(xp, work=matrix.shape[-1] ** 3):
+        if array_api_compat.is_torch_namespace(xp):
+            import torch
 
-        factor, info = torch.linalg.cholesky_ex(matrix)
-        return torch.where(info == 0, factor, torch.full_like(factor, math.nan))
-    return xp.linalg.cholesky(matrix)
+            factor, info = torch.linalg.cholesky_ex(matrix)
+            return torch.where(info == 0, factor, torch.full_like(factor, math.nan))
+        return xp.linalg.cholesky(matrix)

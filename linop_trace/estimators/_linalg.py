@@ -3,7 +3,9 @@ orthonormal bases (and their extension), and the regularized inverse behind the
 leave-one-out downdates of XTrace and XDiag.
 
 Pure array code on the namespace ``xp``; a library-specific choice (a faster
-factorization where the library can branch on its result) goes through the backend.
+factorization where the library can branch on its result) goes through the backend, and
+so does the one-thread cap on the host's BLAS around this small algebra
+(:func:`~linop_trace._backend.one_blas_thread`): never around the operator's products.
 """
 
 from __future__ import annotations
@@ -14,35 +16,17 @@ from typing import Any
 from .. import _backend as backend
 
 __all__ = [
-    "abs2",
     "as_dtype",
     "column_inner",
-    "conj",
     "downdate_directions",
     "extend_basis",
     "hermitian_transpose",
     "orthonormal_basis",
     "orthonormal_factors",
     "project_out",
-    "real_part",
     "regularized_inverse_h",
     "two_sided_low_rank_diagonal",
 ]
-
-
-def conj(x: Any, xp: Any) -> Any:
-    """``conj(x)`` for complex arrays, ``x`` itself for real ones (no copy)."""
-    return xp.conj(x) if backend.is_complex_dtype(xp, x.dtype) else x
-
-
-def real_part(x: Any, xp: Any) -> Any:
-    """``Re(x)`` for complex arrays, ``x`` itself for real ones."""
-    return xp.real(x) if backend.is_complex_dtype(xp, x.dtype) else x
-
-
-def abs2(x: Any, xp: Any) -> Any:
-    """``|x|^2`` entrywise, real."""
-    return xp.real(xp.conj(x) * x) if backend.is_complex_dtype(xp, x.dtype) else x * x
 
 
 def as_dtype(x: Any, dtype: Any, xp: Any) -> Any:
@@ -54,7 +38,7 @@ def as_dtype(x: Any, dtype: Any, xp: Any) -> Any:
 
 def hermitian_transpose(x: Any, xp: Any) -> Any:
     """``x^H`` of a matrix."""
-    return conj(xp.matrix_transpose(x), xp)
+    return backend.conj(xp, xp.matrix_transpose(x))
 
 
 def column_inner(x: Any, y: Any, xp: Any) -> Any:
@@ -64,8 +48,10 @@ def column_inner(x: Any, y: Any, xp: Any) -> Any:
 
 
 def project_out(basis: Any, block: Any, xp: Any) -> Any:
-    """``(I - Q Q^H) block`` for an orthonormal ``basis`` Q."""
-    return block - basis @ (hermitian_transpose(basis, xp) @ block)
+    """``(I - Q Q^H) block`` for an orthonormal ``basis`` Q, on one host thread."""
+    n, p = basis.shape
+    with backend.one_blas_thread(xp, work=n * p * block.shape[-1]):
+        return block - basis @ (hermitian_transpose(basis, xp) @ block)
 
 
 # ---------------------------------------------------------------- orthonormal bases
@@ -78,22 +64,25 @@ def orthonormal_factors(block: Any, xp: Any) -> tuple[Any, Any]:
     Householder QR otherwise (sketches of decaying spectra are ill conditioned). Deciding
     needs a look at the first pass: the host decides for NumPy, the device for JAX
     (``lax.cond``); torch and CuPy, which cannot branch on the device, take Householder QR.
+    On one host thread (:func:`~linop_trace._backend.one_blas_thread`).
     """
-    if not backend.can_branch(xp):
-        return backend.thin_qr(xp, block)
-    try:
-        basis, triangular, good = backend.jit(xp, _cholesky_qr2)(xp, block)
-    except Exception:  # Cholesky failed (NumPy raises): numerically rank deficient
-        return tuple(backend.thin_qr(xp, block))
-    return backend.device_cond(
-        xp,
-        good,
-        lambda basis, triangular, block: (basis, triangular),
-        lambda basis, triangular, block: tuple(backend.thin_qr(xp, block)),
-        basis,
-        triangular,
-        block,
-    )
+    n, k = block.shape
+    with backend.one_blas_thread(xp, work=n * k * k):
+        if not backend.can_branch(xp):
+            return backend.thin_qr(xp, block)
+        try:
+            basis, triangular, good = backend.jit(xp, _cholesky_qr2)(xp, block)
+        except Exception:  # Cholesky failed (NumPy raises): numerically rank deficient
+            return tuple(backend.thin_qr(xp, block))
+        return backend.device_cond(
+            xp,
+            good,
+            lambda basis, triangular, block: (basis, triangular),
+            lambda basis, triangular, block: tuple(backend.thin_qr(xp, block)),
+            basis,
+            triangular,
+            block,
+        )
 
 
 def orthonormal_basis(block: Any, xp: Any) -> Any:
@@ -132,10 +121,14 @@ def extend_basis(basis: Any, block: Any, xp: Any) -> Any:
     orthonormalized; then once more project-and-orthonormalize: when the block is rank
     deficient (A of low rank, repeated probes) the QR fills the missing columns with
     normalized rounding errors, which carry O(1) components along Q until projected out
-    again. ``[Q, new]`` stays orthonormal to working precision either way."""
-    for _ in range(2):
-        block = project_out(basis, project_out(basis, block, xp), xp)
-        block = orthonormal_basis(block, xp)
+    again. ``[Q, new]`` stays orthonormal to working precision either way. On one host
+    thread (:func:`~linop_trace._backend.one_blas_thread`)."""
+    n, p = basis.shape
+    k = block.shape[-1]
+    with backend.one_blas_thread(xp, work=n * (p + k) * k):
+        for _ in range(2):
+            block = project_out(basis, project_out(basis, block, xp), xp)
+            block = orthonormal_basis(block, xp)
     return block
 
 
@@ -155,13 +148,14 @@ def regularized_inverse_h(triangular: Any, xp: Any, *, upper: bool = True) -> An
     above the shift, as two equal +-1 probes give, whose reciprocals compound past the
     largest float), the shift is sqrt(eps) max|R_ij| instead. Where reads are free
     (NumPy) the second solve runs only when needed; on devices both run (s x s, cheap)
-    and the finite one is kept.
+    and the finite one is kept. The solves run on one host thread
+    (:func:`~linop_trace._backend.one_blas_thread`).
     """
     s = triangular.shape[0]
     eye = xp.eye(s, dtype=triangular.dtype, device=backend.device_of(triangular))
     if not s:
         return eye
-    eps = float(xp.finfo(real_part(triangular, xp).dtype).eps)
+    eps = float(xp.finfo(backend.real_part(xp, triangular).dtype).eps)
     fixed = xp.abs(backend.stop_gradient(triangular))
     scale = xp.max(fixed)
     scale = xp.where(scale > 0, scale, xp.ones_like(scale))
@@ -193,7 +187,7 @@ def downdate_directions(triangular: Any, xp: Any, *, upper: bool = True) -> Any:
     """Columns of R^{-H}, normalized: s_i spans range(Q) minus range(Y without column i)
     (:func:`regularized_inverse_h` when R is singular; ``upper`` as there)."""
     inverse_h = regularized_inverse_h(triangular, xp, upper=upper)
-    norms = xp.sqrt(xp.sum(abs2(inverse_h, xp), axis=0))
+    norms = xp.sqrt(xp.sum(backend.abs2(xp, inverse_h), axis=0))
     return inverse_h / xp.astype(norms, inverse_h.dtype)
 
 
