@@ -361,7 +361,7 @@ class Estimate:
 
         Student-t with ``dof`` degrees of freedom (normal without), corrected to second
         order for the samples' skewness and kurtosis where the estimate carries them
-        (:func:`~linop_trace.estimators._stats.edgeworth_quantile`). A float, or a NumPy
+        (:func:`~linop_trace._stats.edgeworth_quantile`). A float, or a NumPy
         array for an estimate whose entries have shapes of their own.
         """
         if not 0 < level < 1:

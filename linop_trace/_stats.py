@@ -1,5 +1,8 @@
-"""The statistics every estimator reports with: means, standard errors, interval shapes and
+"""The statistics every estimate reports with: means, standard errors, interval shapes and
 degrees of freedom, all computed where the samples live (no value is read on the host).
+
+Below the estimators, the autodiff operators and the functions layer, which all import it;
+it imports only the backend and the :class:`~linop_trace.Estimate`.
 
 - :func:`sample_mean`: the mean of i.i.d. samples, its standard error, and the skewness
   and kurtosis that correct its t-interval (Hutchinson, Hutch++'s residual samples,
@@ -20,9 +23,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .. import _backend as backend
-from .._estimate import Estimate, edgeworth_quantile, shape_statistics
-from ._linalg import abs2, conj, real_part
+from . import _backend as backend
+from ._estimate import Estimate, edgeworth_quantile, shape_statistics
 
 __all__ = [
     "ERROR_PROBES",
@@ -118,7 +120,7 @@ def mean_and_stderr(samples: Any, xp: Any) -> tuple[Any, Any]:
     deviation, size = backend.divide_by_largest(
         xp, samples - mean, axis=0 if samples.ndim > 1 else None
     )
-    stderr = size * xp.sqrt(xp.sum(abs2(deviation, xp), axis=0) * (1.0 / ((m - 1) * m)))
+    stderr = size * xp.sqrt(xp.sum(backend.abs2(xp, deviation), axis=0) * (1.0 / ((m - 1) * m)))
     real = backend.real_dtype_for(xp, samples.dtype)
     if stderr.dtype != real:  # NumPy 1.x: a float32 scalar over an int is float64
         stderr = xp.astype(xp.asarray(stderr), real)
@@ -169,8 +171,8 @@ class RatioSums:
         xp = self.xp
         self._accumulate(
             lambda a, b: (
-                conj(probes[a:b, :], xp) * image[a:b, :],
-                None if unit_modulus else abs2(probes[a:b, :], xp),
+                backend.conj(xp, probes[a:b, :]) * image[a:b, :],
+                None if unit_modulus else backend.abs2(xp, probes[a:b, :]),
             ),
             probes,
             unit_modulus,
@@ -193,12 +195,12 @@ class RatioSums:
         sums = [pieces[0] if len(pieces) == 1 else xp.concat(pieces) for pieces in zip(*parts)]
         if first:
             self.shift = sums.pop(0)
-        self.u = _plus(self.u, sums[0])
-        self.uu = _plus(self.uu, sums[1])
+        self.u = _running_sum(self.u, sums[0])
+        self.uu = _running_sum(self.uu, sums[1])
         if not unit_modulus:
-            self.x = _plus(self.x, sums[2])
-            self.xx = _plus(self.xx, sums[3])
-            self.xu = _plus(self.xu, sums[4])
+            self.x = _running_sum(self.x, sums[2])
+            self.xx = _running_sum(self.xx, sums[3])
+            self.xu = _running_sum(self.xu, sums[4])
         self.count += k
 
     def _chunk_sums(self, y: Any, x: Any, start: int, stop: int, first: bool) -> tuple[Any, ...]:
@@ -209,19 +211,19 @@ class RatioSums:
             if x is None:
                 shift = xp.mean(y, axis=1)
             else:
-                shift = xp.sum(y, axis=1) / _as_dtype(xp.sum(x, axis=1), y.dtype, xp)
+                shift = xp.sum(y, axis=1) / _cast_to(xp.sum(x, axis=1), y.dtype, xp)
         else:
             shift = self.shift[start:stop]
         sums: tuple[Any, ...]
         if x is None:
             residual = y - shift[:, None]
-            sums = (xp.sum(residual, axis=1), xp.sum(abs2(residual, xp), axis=1))
+            sums = (xp.sum(residual, axis=1), xp.sum(backend.abs2(xp, residual), axis=1))
         else:
-            weights = _as_dtype(x, y.dtype, xp)
+            weights = _cast_to(x, y.dtype, xp)
             residual = y - shift[:, None] * weights
             sums = (
                 xp.sum(residual, axis=1),
-                xp.sum(abs2(residual, xp), axis=1),
+                xp.sum(backend.abs2(xp, residual), axis=1),
                 xp.sum(x, axis=1),
                 xp.sum(x * x, axis=1),
                 xp.sum(weights * residual, axis=1),
@@ -237,14 +239,18 @@ class RatioSums:
             if k < 2:
                 return value, None, k
             # sum |u - delta|^2 = sum |u|^2 - k |delta|^2
-            square = self.uu - k * abs2(delta, xp)
+            square = self.uu - k * backend.abs2(xp, delta)
             square = xp.maximum(square, xp.zeros_like(square))
             return value, xp.sqrt(square / ((k - 1) * k)), k
-        delta = self.u / _as_dtype(self.x, self.u.dtype, xp)
+        delta = self.u / _cast_to(self.x, self.u.dtype, xp)
         value = self.shift + delta
         if k < 2:
             return value, None, k
-        square = self.uu - 2 * real_part(conj(delta, xp) * self.xu, xp) + abs2(delta, xp) * self.xx
+        square = (
+            self.uu
+            - 2 * backend.real_part(xp, backend.conj(xp, delta) * self.xu)
+            + backend.abs2(xp, delta) * self.xx
+        )
         square = xp.maximum(square, xp.zeros_like(square))
         return value, xp.sqrt(square / (k - 1)) * (math.sqrt(k) / self.x), k
 
@@ -271,11 +277,11 @@ def _unflatten_sums(aux: tuple[Any, ...], children: tuple[Any, ...]) -> RatioSum
 backend.register_pytree(RatioSums, _flatten_sums, _unflatten_sums)
 
 
-def _plus(total: Any, part: Any) -> Any:
+def _running_sum(total: Any, part: Any) -> Any:
     return part if total is None else total + part
 
 
-def _as_dtype(x: Any, dtype: Any, xp: Any) -> Any:
+def _cast_to(x: Any, dtype: Any, xp: Any) -> Any:
     return x if x.dtype == dtype else xp.astype(x, dtype)
 
 
@@ -302,25 +308,25 @@ def exchangeable_error(estimates: Any, pseudo: Any, value: Any, xp: Any) -> Exch
     """:class:`ExchangeableError` of the estimates t_i (mean ``value``) and pseudo-values p_i.
 
     The cross term is the covariance of the leave-one-out estimates with their pseudo-values
-    (an exact variance identity for exchangeable estimates, see ``_xtrace.py``), floored at
-    the plain term. Its degrees of freedom are Satterthwaite's ``2 s mean(c)^2 / var(c)``
-    (s - 1 for normal t_i, fewer when a few probes dominate), clipped to [2, s - 1] and
-    rounded down; 2 when the mean of the c_i is not positive, else s - 1 when they are
-    constant.
+    (an exact variance identity for exchangeable estimates, see ``estimators/_xtrace.py``),
+    floored at the plain term. Its degrees of freedom are Satterthwaite's
+    ``2 s mean(c)^2 / var(c)`` (s - 1 for normal t_i, fewer when a few probes dominate),
+    clipped to [2, s - 1] and rounded down; 2 when the mean of the c_i is not positive,
+    else s - 1 when they are constant.
     """
     s = int(estimates.shape[0])
     if s < ERROR_PROBES:
         return ExchangeableError(None, None, None, None)
     dev_t = estimates - value
     dev_p = pseudo - xp.mean(pseudo)
-    cross = real_part(conj(dev_t, xp) * dev_p, xp)
-    square = abs2(dev_t, xp)
+    cross = backend.real_part(xp, backend.conj(xp, dev_t) * dev_p)
+    square = backend.abs2(xp, dev_t)
     plain_var = xp.sum(square) / (s * (s - 1))
     cross_var = xp.sum(cross) / (s * (s - 1))
     return ExchangeableError(
         xp.sqrt(xp.maximum(cross_var, plain_var)),
         xp.sqrt(plain_var),
-        xp.sqrt(xp.sum(abs2(dev_p, xp)) / (s * (s - 1))),
+        xp.sqrt(xp.sum(backend.abs2(xp, dev_p)) / (s * (s - 1))),
         satterthwaite_dof(cross[:, None], xp)[0],
     )
 
@@ -391,11 +397,11 @@ def entrywise_exchangeable_error(
     """
     n, s = deviation.shape
     pair_mean = xp.mean(pairs, axis=1)
-    cross_sum = pair_mean * conj(xp.sum(deviation, axis=1), xp) - backend.row_inner(
+    cross_sum = pair_mean * backend.conj(xp, xp.sum(deviation, axis=1)) - backend.row_inner(
         xp, deviation, pairs
     )
     square_sum = backend.row_inner(xp, deviation, deviation)
-    cross_sum, square_sum = real_part(cross_sum, xp), real_part(square_sum, xp)
+    cross_sum, square_sum = backend.real_part(xp, cross_sum), backend.real_part(xp, square_sum)
     floored = cross_sum < square_sum
     variance = xp.where(floored, square_sum, cross_sum) / (s * (s - 1))
     stderr = xp.sqrt(variance)
@@ -404,8 +410,8 @@ def entrywise_exchangeable_error(
         return stderr, plain, None
     deviation = deviation[dof_first::dof_step, :]
     pseudo_deviation = pair_mean[dof_first::dof_step][:, None] - pairs[dof_first::dof_step, :]
-    cross = real_part(conj(deviation, xp) * pseudo_deviation, xp)
-    square = real_part(conj(deviation, xp) * deviation, xp)
+    cross = backend.real_part(xp, backend.conj(xp, deviation) * pseudo_deviation)
+    square = backend.real_part(xp, backend.conj(xp, deviation) * deviation)
     return stderr, plain, (square, cross, floored[dof_first::dof_step])
 
 

@@ -28,8 +28,8 @@ from .. import _backend as backend
 from .._blocks import block_size_for
 from .._estimate import DeferredCheck, Estimate
 from .._probes import ProbeSampler
+from .._stats import sample_mean
 from .._validation import check_num_matvecs, check_positive_int
-from ..estimators._stats import sample_mean
 from ._common import CURVATURE_MODES, AutodiffOperator, FallbackChain, check_mode
 
 __all__ = ["AutodiffOperator", "divergence", "divergence_samples", "ggn", "hessian", "jacobian"]

@@ -1,9 +1,10 @@
 """Trace and diagonal estimators; each method in its own module, registered by name.
 
 The kernel they stand on: ``_base`` (the contract: request, estimator, counted product),
-``_stats`` (means, errors, interval shapes, degrees of freedom), ``_linalg`` (bases,
-downdates) and ``_adaptive`` (the one stopping rule and its driver). Method modules import
-the kernel only, never each other.
+``linop_trace._stats`` (means, errors, interval shapes, degrees of freedom; below this
+package, since the autodiff operators use it too), ``_linalg`` (bases, downdates) and
+``_adaptive`` (the one stopping rule and its driver). Method modules import the kernel
+only, never each other.
 """
 
 from ._auto import Auto

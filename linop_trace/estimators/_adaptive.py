@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from .. import _backend as backend
+from .._stats import RatioSums, SampleMean, edgeworth_quantile
 from ._base import EstimationRequest
-from ._stats import RatioSums, SampleMean, edgeworth_quantile
 
 __all__ = [
     "Progress",
@@ -136,9 +136,11 @@ def grow_diagonal(
         if offset is not None:
             value = offset + value
         if stderr is None:
-            return read_progress(None, _largest(xp, xp.abs(value)))
+            return read_progress(None, _max_or_zero(xp, xp.abs(value)))
         quantile = float(stats.t.ppf(0.5 + request.confidence / 2, count - 1))
-        numbers = backend.read_floats(xp, [_largest(xp, xp.abs(value)), _largest(xp, stderr)])
+        numbers = backend.read_floats(
+            xp, [_max_or_zero(xp, xp.abs(value)), _max_or_zero(xp, stderr)]
+        )
         if numbers is None:
             return Progress(None, None)
         return Progress(quantile * numbers[1], numbers[0])
@@ -153,7 +155,7 @@ def grow_diagonal(
     return until_met(request, measure, grow)
 
 
-def _largest(xp: Any, x: Any) -> Any:
+def _max_or_zero(xp: Any, x: Any) -> Any:
     """max of a vector (0 for an empty one)."""
     if x.shape[0] == 0:
         return xp.zeros((), dtype=x.dtype, device=backend.device_of(x))

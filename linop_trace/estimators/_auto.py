@@ -15,9 +15,8 @@ them either method can be completed without wasting a column:
   prediction for the estimate is twice its mean over s (half for complex probes).
 
 The cheaper prediction wins. Flat spectra keep Hutchinson (XTrace would spend half the
-budget on a sketch that captures nothing); decaying ones get XTrace. Measured at
-m = 100 on the six test spectra of ETW 2024 (n = 1000), see the benchmark table in the
-documentation: within 1.5x of the better of Hutchinson and XTrace on each.
+budget on a sketch that captures nothing); decaying ones get XTrace (measured accuracy:
+docs/estimators/auto.rst).
 
 Operators tagged ``"positive_semidefinite"`` get XNysTrace with the whole budget (if
 its products contradict the tag, Hutchinson's estimate from the same products).
@@ -39,26 +38,23 @@ from .. import _backend as backend
 from .._estimate import Estimate
 from ._base import EstimationRequest, Estimator
 from ._linalg import (
-    abs2,
     column_inner,
     downdate_directions,
     hermitian_transpose,
     orthonormal_basis,
-    real_part,
 )
 from ._registry import available_methods, builtin, get_estimator
-
-
-def _method(name: str) -> Any:
-    """The package's own estimator ``name``, with the entry points that continue from
-    products already made (``finish_trace``)."""
-    return builtin(name)
-
 
 __all__ = ["Auto", "predict_variances"]
 
 #: Probes XDiag accepts (unit modulus); with others the diagonal goes to Diag++.
 XDIAG_PROBES = ("rademacher", "steinhaus")
+
+
+def _finishing_builtin(name: str) -> Any:
+    """The package's own estimator ``name``, typed for its ``finish_trace``: the entry
+    point that continues from products already made."""
+    return builtin(name)
 
 
 def predict_variances(
@@ -88,7 +84,7 @@ def predict_variances(
     samples = column_inner(probes, images, xp)
     mean = xp.mean(samples)
     deviation = samples - mean
-    spread = xp.sum(abs2(deviation, xp))
+    spread = xp.sum(backend.abs2(xp, deviation))
     mu = mean / n
     basis = orthonormal_basis(images, xp)
     qh = hermitian_transpose(basis, xp)
@@ -98,8 +94,10 @@ def predict_variances(
     sh = hermitian_transpose(sdir, xp)
     alpha = xp.linalg.diagonal(sh @ w)  # s_i^H w_i
     beta = xp.linalg.diagonal(sh @ r)  # s_i^H Q^H y_i
-    outside = real_part(column_inner(probes, probes, xp), xp) - xp.sum(abs2(w, xp), axis=0)
-    rho = abs2(mu, xp) * outside + abs2(beta - mu * alpha, xp)
+    outside = backend.real_part(xp, column_inner(probes, probes, xp)) - xp.sum(
+        backend.abs2(xp, w), axis=0
+    )
+    rho = backend.abs2(xp, mu) * outside + backend.abs2(xp, beta - mu * alpha)
     factor = 1.0 if backend.is_complex_dtype(xp, probes.dtype) else 2.0
     numbers = backend.read_floats(xp, [spread, xp.mean(rho)])
     if numbers is None:
@@ -163,7 +161,10 @@ class Auto(Estimator):
     def __repr__(self) -> str:
         return f"Auto(trace_method={self.trace_method!r}, diagonal_method={self.diagonal_method!r})"
 
-    def _use_exact(self, request: EstimationRequest) -> bool:
+    def uses_exact(self, request: EstimationRequest) -> bool:
+        """Whether ``request`` is computed exactly: the budget (``max_matvecs`` with a
+        tolerance) covers n columns, or the operator stores its diagonal. What
+        :func:`~linop_trace.computes_exactly` answers."""
         budget = request.max_matvecs if request.adaptive else request.num_matvecs
         return request.n <= (budget or 0) or request.stored_diagonal() is not None
 
@@ -176,7 +177,7 @@ class Auto(Estimator):
             )
 
     def trace(self, request: EstimationRequest) -> Estimate:
-        if self._use_exact(request):
+        if self.uses_exact(request):
             return builtin("exact").trace(request)
         self._check_budget(request)
         if self.trace_method is not None:
@@ -195,12 +196,14 @@ class Auto(Estimator):
         hutch_var, xtrace_var, basis, directions = predict_variances(probes, images, budget, xp)
         choice = {"hutchinson_variance": hutch_var, "xtrace_variance": xtrace_var}
         if xtrace_var < hutch_var:  # False for NaN (no values to compare): Hutchinson
-            return _method("xtrace").finish_trace(
+            return _finishing_builtin("xtrace").finish_trace(
                 request, probes, images, basis, directions, info={"auto": choice}
             )
         samples = [column_inner(probes, images, xp)]
         request = dataclasses.replace(request, num_matvecs=max(budget, s))
-        return _method("hutchinson").finish_trace(request, samples, info={"auto": choice})
+        return _finishing_builtin("hutchinson").finish_trace(
+            request, samples, info={"auto": choice}
+        )
 
     def _psd_trace(self, request: EstimationRequest) -> Estimate:
         """XNysTrace for operators tagged positive semidefinite (one pass, and far more
@@ -212,7 +215,7 @@ class Auto(Estimator):
         probes = request.probes.independent(m)
         images = request.matmat(probes)
         try:
-            estimate = _method("xnystrace").finish_trace(request, probes, images)
+            estimate = _finishing_builtin("xnystrace").finish_trace(request, probes, images)
             estimate.value  # noqa: B018 - runs its positive-semidefiniteness check
         except ValueError as error:
             warnings.warn(
@@ -223,11 +226,13 @@ class Auto(Estimator):
             )
             samples = [column_inner(probes, images, xp)]
             request = dataclasses.replace(request, num_matvecs=m)
-            return _method("hutchinson").finish_trace(request, samples, info={"auto": str(error)})
+            return _finishing_builtin("hutchinson").finish_trace(
+                request, samples, info={"auto": str(error)}
+            )
         return estimate
 
     def diagonal(self, request: EstimationRequest) -> Estimate:
-        if self._use_exact(request):
+        if self.uses_exact(request):
             return builtin("exact").diagonal(request)
         self._check_budget(request)
         method = self.diagonal_method

@@ -183,8 +183,8 @@ class CountingMatmat:
         flows into, carry that product's finiteness check; returns ``result``.
 
         Under ``jax.jit`` a product with one consumer fuses with it (XLA runs
-        ``sum(Z * (A @ Z), axis=0)`` without writing ``A @ Z`` out: 0.74x the time of the
-        product alone at n = 4000), which a separate check of the product prevents. A
+        ``sum(Z * (A @ Z), axis=0)`` without writing ``A @ Z`` out, faster than the product
+        alone: docs/evidence.rst), which a separate check of the product prevents. A
         non-finite entry of ``product`` makes ``result`` non-finite; so does an overflow
         of ``result`` itself, which the check then reports too. Elsewhere the products
         were checked as they came (a no-op)."""
@@ -449,7 +449,7 @@ class RefineState:
     - ``samples``: the per-probe samples of a sample mean (Hutchinson's trace, Hutch++'s
       residual), ``offset`` the value they are added to (Hutch++: tr(Q^H A Q)) and
       ``basis`` the sketch they are deflated by (Hutch++: Q);
-    - ``sums``: a diagonal's running :class:`~._stats.RatioSums`;
+    - ``sums``: a diagonal's running :class:`~linop_trace._stats.RatioSums`;
     - ``scale``: the power of two the products were multiplied by (``None``: none), and
       ``drawn``: the probe columns drawn from the random stream (set by the run).
     """

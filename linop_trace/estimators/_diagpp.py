@@ -24,17 +24,17 @@ from typing import Any
 
 from .. import _backend as backend
 from .._estimate import Estimate
+from .._stats import RatioSums
 from ._adaptive import grow_diagonal
 from ._base import EstimationRequest, Estimator, deflation_split
-from ._linalg import abs2, conj, hermitian_transpose, two_sided_low_rank_diagonal
-from ._stats import RatioSums
+from ._linalg import hermitian_transpose, two_sided_low_rank_diagonal
 
 __all__ = ["DiagPlusPlus", "diagpp_core", "diagpp_residual_samples"]
 
 Matmat = Callable[[Any], Any]
 
 
-def _two_sided(adjoint: Any, two_sided: bool | None) -> bool:
+def _resolve_two_sided(adjoint: Any, two_sided: bool | None) -> bool:
     """By default two-sided when A is self-adjoint (``adjoint is None``); ``True`` with an
     adjoint raises ``ValueError``."""
     if two_sided is None:
@@ -62,8 +62,8 @@ def _residual_ratio_terms(
         width = probes.shape[1]
         both = hermitian_transpose(basis, xp) @ xp.concat([probe_image, probes], axis=1)
         residual = probe_image - basis @ both[:, :width] - residual_basis @ both[:, width:]
-    numerators = conj(probes, xp) * residual
-    return numerators, None if unit_modulus else abs2(probes, xp)
+    numerators = backend.conj(xp, probes) * residual
+    return numerators, None if unit_modulus else backend.abs2(xp, probes)
 
 
 def diagpp_residual_samples(
@@ -108,7 +108,7 @@ def diagpp_core(
     residual_basis : array (n, s) or None
         Two-sided: Zp = (I - P) A Q, for further residual samples; else ``None``.
     """
-    two_sided = _two_sided(adjoint, two_sided)
+    two_sided = _resolve_two_sided(adjoint, two_sided)
     if adjoint is None:  # A Q (= A^H Q) and A G in the second call
         basis, _ = backend.thin_qr(xp, matmat(sketch))
         width = basis.shape[1]
@@ -127,7 +127,7 @@ def diagpp_core(
         residual_basis = adjoint_basis - basis @ core  # Zp = (I - P) A Q
         low_rank_diagonal = two_sided_low_rank_diagonal(basis, adjoint_basis, residual_basis, xp)
     else:
-        low_rank_diagonal = xp.sum(basis * conj(adjoint_basis, xp), axis=1)
+        low_rank_diagonal = xp.sum(basis * backend.conj(xp, adjoint_basis), axis=1)
     numerators, denominators = _residual_ratio_terms(
         probe_image, basis, adjoint_basis, residual_probes, xp, unit_modulus, residual_basis
     )

@@ -3,16 +3,17 @@ diagonal counterpart (Bekas, Kokiopoulou and Saad 2007).
 
 Trace: tr(A) = E[z^H A z] for any probe with E[z z^H] = I. With m probes the estimate is
 the sample mean, its standard error the sample standard deviation over sqrt(m); the
-interval is Student-t, corrected to second order for the samples' skewness and kurtosis
-(:func:`~._stats.edgeworth_quantile`): quadratic forms of a matrix with a few dominant
-eigenvalues are chi-square-like and strongly skewed, and the plain t-interval then covers
-less than its level (docs/estimators/hutchinson.rst).
+interval's quantile is Student-t corrected to second order for the samples' skewness and
+kurtosis (:func:`~linop_trace._stats.edgeworth_quantile`; formula in
+:class:`Hutchinson`), since quadratic forms of a matrix with a few dominant eigenvalues
+are chi-square-like and strongly skewed, and the plain t-interval then covers less than
+its level.
 
 Diagonal: d_i ~ sum_j conj(z_ji) (A z_j)_i / sum_j |z_ji|^2, a ratio estimator (unbiased for
 Rademacher and unit-modulus probes, whose denominator is the number of probes), with the
-entrywise delta-method standard error of :class:`~._stats.RatioSums`. Per-probe variance
-of the numerator of entry i (real A): Gaussian probes ``sum_j A_ij^2 + A_ii^2``, Rademacher
-``sum_{j != i} A_ij^2``.
+entrywise delta-method standard error of :class:`~linop_trace._stats.RatioSums`.
+Per-probe variance of the numerator of entry i (real A): Gaussian probes
+``sum_j A_ij^2 + A_ii^2``, Rademacher ``sum_{j != i} A_ij^2``.
 """
 
 from __future__ import annotations
@@ -23,10 +24,10 @@ from typing import Any
 
 from .. import _backend as backend
 from .._estimate import Estimate, EstimateInterrupted
+from .._stats import RatioSums, SampleMean, sample_mean
 from ._adaptive import Progress, grow_diagonal, remaining, sample_mean_progress, until_met
 from ._base import EstimationRequest, ProbeOption, RefineState, cover
-from ._linalg import abs2, column_inner, conj
-from ._stats import RatioSums, SampleMean, sample_mean
+from ._linalg import column_inner
 
 __all__ = [
     "Hutchinson",
@@ -61,8 +62,8 @@ def diagonal_hutchinson_samples(
     With ``unit_modulus=True`` (Rademacher, Steinhaus: ``|Z| = 1``) the denominators are
     all ones and returned as ``None``, which saves a pass over the block.
     """
-    numerators = conj(probes, xp) * matmat(probes)
-    return numerators, None if unit_modulus else abs2(probes, xp)
+    numerators = backend.conj(xp, probes) * matmat(probes)
+    return numerators, None if unit_modulus else backend.abs2(xp, probes)
 
 
 def diagonal_hutchinson_core(
@@ -90,9 +91,22 @@ class Hutchinson(ProbeOption):
     -----
     Per-probe variance with S = (A + A^T)/2: ``2 ||S||_F^2`` for Gaussian probes,
     ``2 sum_{i != j} S_ij^2`` for Rademacher probes. Cost: m operator applications in
-    ``ceil(m / block_size)`` matmat calls. The interval uses a Student-t quantile with
-    m - 1 degrees of freedom, corrected for the samples' skewness and kurtosis. With
-    ``rtol``/``atol`` probe blocks are added (doubling the probes so far) until the
+    ``ceil(m / block_size)`` matmat calls.
+
+    The trace interval ``value +- x * stderr`` is not the plain Student-t one. Its quantile
+    x corrects t = t_{m-1} (the Student-t quantile with m - 1 degrees of freedom) to
+    second order for the samples' skewness G1 and excess kurtosis G2 (unbiased sample
+    estimates; Edgeworth expansion of the studentized mean, Hall 1992, Sec. 2.6;
+    :func:`~linop_trace._stats.edgeworth_quantile`):
+
+        x = max(t - z [G2 (z^2 - 3) / 12 - G1^2 (z^4 + 2 z^2 - 3) / 18] / m,  z),
+
+    z the normal quantile of the same level; skewed samples widen the interval. Fewer
+    than four samples, complex samples, samples without spread and a non-finite
+    correction leave x = t. The adaptive stopping rule uses the same quantile. The
+    diagonal's entrywise intervals use t_{k-1} for k probes, uncorrected.
+
+    With ``rtol``/``atol`` probe blocks are added (doubling the probes so far) until the
     half-width of the interval meets the tolerance.
 
     Examples
@@ -129,17 +143,19 @@ class Hutchinson(ProbeOption):
         if not samples and len(widths) == 1 and not request.adaptive:  # one block: the core
             result = hutchinson_core(request.matmat, request.probes(widths[0]), xp)
             info = {"probe": request.probes.kind, **(info or {})}
-            return _refinable(result.estimate(request.columns, self.name, None, info), result)
+            return _with_refine_state(
+                result.estimate(request.columns, self.name, None, info), result
+            )
         info = {"probe": request.probes.kind, **(info or {})}
         try:
             self._more_samples(request, samples, widths)
         except KeyboardInterrupt as interrupt:
-            raise EstimateInterrupted(self._partial(request, samples, info)) from interrupt
+            raise EstimateInterrupted(self._estimate_so_far(request, samples, info)) from interrupt
         converged = None
         if request.adaptive:
 
             def measure() -> Progress:
-                result = sample_mean(_joined(samples, xp), xp)
+                result = sample_mean(_concatenated(samples, xp), xp)
                 return sample_mean_progress(result, request)
 
             def grow() -> bool:
@@ -154,23 +170,27 @@ class Hutchinson(ProbeOption):
             try:
                 converged = until_met(request, measure, grow)
             except KeyboardInterrupt as interrupt:
-                raise EstimateInterrupted(self._partial(request, samples, info)) from interrupt
-        result = sample_mean(_joined(samples, xp), xp)
-        return _refinable(result.estimate(request.columns, self.name, converged, info), result)
+                raise EstimateInterrupted(
+                    self._estimate_so_far(request, samples, info)
+                ) from interrupt
+        result = sample_mean(_concatenated(samples, xp), xp)
+        return _with_refine_state(
+            result.estimate(request.columns, self.name, converged, info), result
+        )
 
     @staticmethod
     def _more_samples(request: EstimationRequest, samples: list[Any], widths: list[int]) -> None:
         for width in widths:
             samples.append(hutchinson_samples(request.matmat, request.probes(width), request.xp))
 
-    def _partial(
+    def _estimate_so_far(
         self, request: EstimationRequest, samples: list[Any], info: dict[str, Any]
     ) -> Estimate | None:
         """The estimate from the sample blocks completed before an interrupt (None for
         fewer than two samples: no error bar)."""
         if sum(int(block.shape[0]) for block in samples) < 2:
             return None
-        result = sample_mean(_joined(samples, request.xp), request.xp)
+        result = sample_mean(_concatenated(samples, request.xp), request.xp)
         return result.estimate(request.columns, self.name, False, info)
 
     def diagonal(self, request: EstimationRequest) -> Estimate:
@@ -234,11 +254,11 @@ class Hutchinson(ProbeOption):
         )
 
 
-def _refinable(estimate: Estimate, result: SampleMean) -> Estimate:
+def _with_refine_state(estimate: Estimate, result: SampleMean) -> Estimate:
     """``estimate`` keeping its samples for :meth:`~linop_trace.Estimate.refine`."""
     estimate._state = RefineState("hutchinson", samples=result.samples)
     return estimate
 
 
-def _joined(samples: list[Any], xp: Any) -> Any:
+def _concatenated(samples: list[Any], xp: Any) -> Any:
     return samples[0] if len(samples) == 1 else xp.concat(samples)

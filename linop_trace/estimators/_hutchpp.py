@@ -7,10 +7,11 @@ remainder that Hutchinson's estimator handles with a much smaller variance:
 
 exact for any square A because tr((I - QQ^H) A QQ^H) = 0. The second term is estimated
 by the residual samples g'^H A g' with g' = (I - QQ^H) g, which, given Q, are independent
-and unbiased; the standard error is their sample std over sqrt(#samples) and the interval
-uses a Student-t quantile. NA-Hutch++ replaces the sequential sketch by a single-pass
-generalized Nystrom approximation A R (S^H A R)^+ S^H A (Meyer et al., Algorithm 2;
-Persson, Cortinovis and Kressner 2022).
+and unbiased; the standard error is their sample std over sqrt(#samples), the interval
+Hutchinson's shape-corrected Student-t one (:class:`~._hutchinson.Hutchinson`).
+NA-Hutch++ replaces the sequential sketch by a single-pass generalized Nystrom
+approximation A R (S^H A R)^+ S^H A (Meyer et al., Algorithm 2; Persson, Cortinovis and
+Kressner 2022).
 """
 
 from __future__ import annotations
@@ -22,10 +23,10 @@ from typing import Any
 
 from .. import _backend as backend
 from .._estimate import Estimate
+from .._stats import SampleMean, sample_mean
 from ._adaptive import Progress, remaining, sample_mean_progress, tolerance_target, until_met
 from ._base import EstimationRequest, Estimator, RefineState, deflation_split
-from ._linalg import abs2, column_inner, conj, extend_basis, project_out
-from ._stats import SampleMean, sample_mean
+from ._linalg import column_inner, extend_basis, project_out
 
 __all__ = [
     "HutchPlusPlus",
@@ -75,7 +76,7 @@ def hutchpp_core(matmat: Matmat, sketch: Any, residual_probes: Any, xp: Any) -> 
     width = basis.shape[1]
     deflated = project_out(basis, residual_probes, xp)
     image = matmat(xp.concat([basis, deflated], axis=1))
-    low_rank_trace = xp.sum(conj(basis, xp) * image[:, :width])
+    low_rank_trace = xp.sum(backend.conj(xp, basis) * image[:, :width])
     samples = column_inner(deflated, image[:, width:], xp)
     return HutchPlusPlusResult(
         low_rank_trace, sample_mean(samples, xp, offset=low_rank_trace), basis
@@ -151,7 +152,7 @@ class HutchPlusPlus(Estimator):
     The error bar comes from the g residual samples (std / sqrt(g), Student-t quantile
     with g - 1 degrees of freedom, corrected to second order for the samples' skewness
     and kurtosis as in :class:`Hutchinson`); given the sketch they are i.i.d. Measured
-    coverage of the 95 % interval at m = 60, n = 300: see ``tests/estimators/test_hutchpp.py``.
+    coverage: docs/estimators/hutchpp.rst.
 
     Adaptive stopping (``rtol``/``atol``) is A-Hutch++ (Persson, Cortinovis and Kressner
     2022): the sketch grows while that lowers the total cost, then residual probes are
@@ -172,7 +173,7 @@ class HutchPlusPlus(Estimator):
        ``sigma_r^2 = 2 ||R_r||_F^2`` with R_r = (I - QQ^H) A (I - QQ^H), the bound the paper
        uses; we take the CLT form rather than its Hanson-Wright constant
        ``4 log(2/delta) / eps^2``. For Rademacher probes ``sigma_r^2 = 2 sum_{i != j}
-       (R_r)_ij^2``, which the Frobenius bound overstates 13x on the flat test spectrum.
+       (R_r)_ij^2``, which the Frobenius bound can overstate by far.
        ``cost(0)`` uses the first sketch block's own Hutchinson samples ``s^H A s``.
     3. Grow the sketch by a block while ``cost(r)`` decreases. The images ``A g_j'`` of the
        current residual probes, orthogonalized against Q, are the next sketch block (a
@@ -198,7 +199,7 @@ class HutchPlusPlus(Estimator):
     ``info`` holds ``sketch_size``, ``residual_probes``, ``predicted_residual_probes``
     (l at the last sketch step), ``sketch_path`` ((r, l(r)) per step, r = 0 first) and
     ``residual_frobenius_squared`` (F at the last step). Measured matvec counts
-    and coverage: ``tests/estimators/test_adaptive_hutchpp.py``.
+    and coverage: docs/estimators/hutchpp.rst.
 
     Examples
     --------
@@ -299,7 +300,7 @@ class HutchPlusPlus(Estimator):
         deflated = project_out(basis, request.probes(residual_size), xp)
         width = int(basis.shape[1])
         image = matmat(xp.concat([basis, deflated], axis=1))
-        low_rank_trace = xp.sum(conj(basis, xp) * image[:, :width])
+        low_rank_trace = xp.sum(backend.conj(xp, basis) * image[:, :width])
         state = _SketchState(basis, low_rank_trace, image[:, width:], deflated, xp)
         state.frobenius = [_mean_square_norm(first_image, xp), state.residual_frobenius()]
         state.ranks = [0, width]
@@ -457,7 +458,7 @@ class _SketchState:
         width = int(new.shape[1])
         block = new if more is None else xp.concat([new, project_out(self.basis, more, xp)], axis=1)
         image = matmat(block)
-        self.low_rank_trace = self.low_rank_trace + xp.sum(conj(new, xp) * image[:, :width])
+        self.low_rank_trace = self.low_rank_trace + xp.sum(backend.conj(xp, new) * image[:, :width])
         self.ranks.append(int(self.basis.shape[1]))
         return block[:, width:], image[:, width:]
 
@@ -496,7 +497,7 @@ def _mean_square_norm(block: Any, xp: Any) -> float | None:
     """``mean_j ||block_j||^2`` read as a float (``None`` without a value: JAX jit)."""
     if int(block.shape[1]) == 0:
         return None
-    return backend.read_float(xp.sum(abs2(block, xp)) / block.shape[1])
+    return backend.read_float(xp.sum(backend.abs2(xp, block)) / block.shape[1])
 
 
 def _needed_probes(

@@ -18,9 +18,9 @@ from typing import Any
 
 from .. import _backend as backend
 from .._estimate import Estimate
+from .._stats import SampleMean, sample_mean
 from ._base import EstimationRequest, Estimator
 from ._linalg import column_inner, hermitian_transpose
-from ._stats import SampleMean, sample_mean
 
 __all__ = ["NAHutchPlusPlus", "NAHutchPlusPlusResult", "na_hutchpp_core", "na_hutchpp_split"]
 

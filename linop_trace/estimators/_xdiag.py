@@ -1,134 +1,62 @@
 """XDiag (Epperly, Tropp and Webber 2024, Section 4): the exchangeable diagonal estimator.
 
-With probes Omega = [w_1..w_s], Y = A Omega = QR, each probe is used once in the sketch
-of all the others and once as a Hutchinson probe of what they leave:
+With probes Omega = [w_1..w_s] and Y = A Omega = QR, each probe serves once as a Hutchinson
+probe of what the other probes' sketch leaves, and s - 1 times in their sketches:
 
     d^(i) = diag(Q_(i) Q_(i)^H A) + conj(w_i) * (I - Q_(i) Q_(i)^H) A w_i,
 
-Q_(i) an orthonormal basis of Y without column i. Q_(i) Q_(i)^H = QQ^H - q_i q_i^H with
-q_i = Q s_i, s_i the i-th column of R^{-H} normalized (a rank-one downdate), so with
-Z = A^H Q and T = Z^H Omega = Q^H A Omega:
+Q_(i) an orthonormal basis of Y without column i; the estimate is the mean of the d^(i).
+Q_(i) Q_(i)^H = QQ^H - q_i q_i^H with q_i = Q s_i, s_i the i-th column of R^{-H}
+normalized (a rank-one downdate), so with Z = A^H Q and T = Z^H Omega = Q^H A Omega:
 
     d^(i) = diag(Q Z^H) - (Q s_i) * conj(Z s_i) + conj(w_i) * (y_i - Q t_i + Q s_i (s_i^H t_i)).
 
-The estimate is the mean of the s estimates d^(i).
+Two-sided estimates (A = A^H: the default there). With P_(i) = Q_(i) Q_(i)^H,
 
-Self-adjoint operators: the two-sided estimates
------------------------------------------------
-For A = A^H (operators tagged ``"symmetric"``/``"hermitian"``) the default is the two-sided
-form of each estimate, with P_(i) = Q_(i) Q_(i)^H:
+    d^(i) = diag(P_(i) A + A P_(i) - P_(i) A P_(i)) + conj(w_i) * (I - P_(i)) A (I - P_(i)) w_i,
 
-    d^(i) = diag(P_(i) A + A P_(i) - P_(i) A P_(i)) + conj(w_i) * (I - P_(i)) A (I - P_(i)) w_i.
+unbiased for the same reason (the first term is diag(A) - diag((I - P) A (I - P)), and w_i
+is independent of P_(i)), from the same products A Omega and A Q. The part of A that an
+approximate sketch misses enters the residual to second order instead of first: smaller
+errors on decaying spectra, for about twice the algebra (row formulas in
+:func:`_two_sided_row_pieces`; trade-offs and derivation in docs/estimators/xdiag.rst).
 
-It is unbiased for the same reason (the first term is diag(A) - diag((I - P) A (I - P)),
-and w_i is independent of P_(i)), it needs no product beyond A Omega and A Q, and its
-Hutchinson term sees (I - P) A (I - P) instead of (I - P) A. Where the sketch has found
-the dominant eigenvectors only approximately, the part of A they carry that P misses
-enters (I - P) A to first order but (I - P) A (I - P) to second order, so on decaying
-spectra the error is smaller at the same budget: on the XTrace paper's test matrices
-(n = 1000, Haar eigenvectors, 200 trials, max error / max|d|) by 1.55x / 1.62x / 1.74x
-on poly (m = 30 / 99 / 300), 1.7x / 3.1x on fastexp (m = 30 / 99; both at round-off at
-300), 1.2x / 1.8x / 3.0x on slowexp and 2.3x on both step spectra at m = 300; on the flat
-spectrum the two agree within 4% (docs/estimators/accuracy_table.rst has all cells). With
-Z = A Q, M = Q^H Z, Zp = Z - Q M = (I - P) A Q, U = Q^H Omega and, per left-out set,
-the s x s projector Pi (s_i s_i^H for one probe, the rank-two one below for a pair),
-P = Q (I - Pi) Q^H, and row k of each estimate is
-
-    Re(sum_l conj(Q_kl) (Z + Zp)_kl) - 2 Re(Q_k Pi Zp_k^H) - Q_k Pi M Pi Q_k^H
-      + conj(w_jk) * (-(Zp U)_kj + Zp_k Pi u_j + Q_k Pi (r_j - M u_j + M Pi u_j)),
-
-the first term diag(Q Q^H A + A Q Q^H - Q M Q^H), the same for every estimate. For one
-probe, with B = Q S, Cp = Zp S, N = S^H M S, V = S^H U and T = S^H M U,
-
-    d^(i) = base - 2 Re(B_i conj(Cp_i)) - |B_i|^2 N_ii
-            + conj(w_i) * (-(Zp U)_i + Cp_i V_ii + B_i (1 / nu_i - T_ii + N_ii V_ii)).
-
-Its pairs follow from the same s x s pieces, as below: nine (n, s) @ (s, s) products
-instead of three, and four to form B, Cp and Zp U instead of two, so its algebra costs
-about twice the one-sided one (measured in docs/evidence.rst). ``two_sided=False``
-gives the paper's one-sided estimates on any operator.
-
-The honest error estimate
--------------------------
-The paper's error estimate (the XTrace one, elementwise) is std(d^(i)) / sqrt(s). The d^(i)
-are exchangeable but positively correlated, so it is too small: its 95% interval covers
-85% (flat spectrum) and 90% (poly) of the entries. The cross jackknife of XTrace (see
-``_xtrace.py``) carries over entry by entry. Write e_i = d^(i) - diag(A) and d_j^(i) for the
-estimate of probe j when probe i is also left out of the sketch (Q_(ij) a basis of Y without
-columns i and j). For Rademacher or unit-modulus probes E[conj(w) w^T] = I, so
-E[e_i | w_k, k != i] = 0, while d_j^(i) does not depend on w_i; hence, entry by entry,
-
-    E|mean_i d^(i) - diag(A)|^2 = (1/s) Re E[conj(e_i) (p_i - diag(A))],
-    p_i = d^(i) + sum_{j != i} (d^(j) - d_j^(i))    (the jackknife pseudo-values),
-
-and for each entry k
+The honest error estimate. The paper's std(d^(i)) / sqrt(s) is too small: the d^(i) are
+exchangeable but positively correlated. XTrace's cross jackknife (``_xtrace.py``) carries
+over entry by entry: with d_j^(i) the estimate of probe j when probe i also leaves the
+sketch and the jackknife pseudo-values p_i = d^(i) + sum_{j != i} (d^(j) - d_j^(i)),
 
     stderr_k^2 = max(sum_i Re conj(d_ki - dbar_k)(p_ki - pbar_k), sum_i |d_ki - dbar_k|^2)
-                 / (s (s - 1)),
+                 / (s (s - 1))
 
-floored at the plain value as for XTrace. All pairs come from the same s x s matrices: with
-c_ij = s_i^H s_j, Q_(ij) Q_(ij)^H = Q (I - Pi_ij) Q^H where Pi_ij, the projector onto
-span(s_i, s_j), is (s_i s_i^H - c_ij s_i s_j^H - conj(c_ij) s_j s_i^H + s_j s_j^H)
-/ (1 - |c_ij|^2) (a rank-two downdate). With B = Q S, C = Z S, u_ij = s_i^H t_j:
+for each entry k. All pairs come from s x s matrices: with c_ij = s_i^H s_j,
+Q_(ij) Q_(ij)^H = Q (I - Pi_ij) Q^H, where Pi_ij = (s_i s_i^H - c_ij s_i s_j^H
+- conj(c_ij) s_j s_i^H + s_j s_j^H) / (1 - |c_ij|^2) projects onto span(s_i, s_j) (a
+rank-two downdate). With B = Q S, C = Z S, u_ij = s_i^H t_j:
 
     d_j^(i) = diag(Q Z^H) - [B_i conj(C_i) - c_ij B_i conj(C_j) - conj(c_ij) B_j conj(C_i)
               + B_j conj(C_j)] / (1 - |c_ij|^2)
               + conj(w_j) * (y_j - Q t_j + a_ij B_i + b_ij B_j),
-    a_ij = (u_ij - c_ij u_jj) / (1 - |c_ij|^2),  b_ij = (u_jj - conj(c_ij) u_ij) / (1 - |c_ij|^2),
+    a_ij = (u_ij - c_ij u_jj) / (1 - |c_ij|^2),  b_ij = (u_jj - conj(c_ij) u_ij) / (1 - |c_ij|^2);
 
-and every sum over j is an (n, s) by (s, s) product: O(n s^2) flops on top of XDiag's own,
-never an (n, s, s) array, no extra operator product.
+every sum over j is an (n, s) @ (s, s) product: O(n s^2) flops, never an (n, s, s) array,
+no further operator product.
 
-The two-sided pairs. With Gamma^{-1} = [[1, -c_ij], [-conj(c_ij), 1]] / (1 - |c_ij|^2),
-a row vector x and a vector v, x Pi_ij v = [x s_i, x s_j] Gamma^{-1} [s_i^H v, s_j^H v]^T,
-so every term of the row formula above is a sum over a few products (i-th column
-entry) x (j-th column entry) x (an s x s coefficient, a function of c_ij, N, V, T and
-nu_j), e.g. Q_k Pi_ij M Pi_ij Q_k^H = [B_ki, B_kj] K_ij [B_ki, B_kj]^H with
-K_ij = Gamma^{-1} [[N_ii, N_ij], [N_ji, N_jj]] Gamma^{-1}; the sum over j of each is an
-(n, s) @ (s, s) product (:func:`_two_sided_pair_sums`).
-
-Degrees of freedom. Each entry k has a Satterthwaite dof 2 s mean(c_k)^2 / var(c_k) for the
+Degrees of freedom. Entry k has Satterthwaite's dof 2 s mean(c_k)^2 / var(c_k) for the
 variance estimate it uses (c_ki the cross products, or the squares |d_ki - dbar_k|^2 where
-the floor applies), clipped to [2, s - 1]. ``Estimate.dof`` is one number, so we report the
-median over the entries, rounded down: the dof of a typical entry, independent of n (the
-minimum would grow more conservative with every entry added: 99.9% coverage on poly).
-Measured coverage of the 95% interval, fraction of (entry, seed) pairs (Rademacher probes,
-n = 300, num_matvecs = 60 so s = 30, ``test_matrix(spectrum, 300, seed=0)``, seeds 0-399):
+the floor applies), clipped to [2, s - 1]. ``Estimate.dof`` is one number: the median over
+the entries, rounded down (the dof of a typical entry, independent of n; the minimum would
+grow more conservative with every entry).
 
-=========  ======================  ===========================  ===============
-spectrum   honest (mean dof)       honest, t with s - 1 = 29    plain (normal)
-=========  ======================  ===========================  ===============
-flat       94.1% (29)              94.1%                        85.3%
-poly       95.4% (18.7)            94.9%                        90.2%
-slowexp    96.8% (17.4)            96.4%                        91.9%
-smallstep  96.2% (23.9)            96.0%                        92.3%
-fastexp    98.5% (11.0)            97.7%                        92.8%
-=========  ======================  ===========================  ===============
-
-(Standard error of each figure over the seeds: 0.06-0.08 points.) The cross estimate alone
-is unbiased (mean over the entries of E[stderr^2] / MSE: 0.98 flat, 1.00 poly, 1.01
-fastexp); the floor at the plain value raises it to 1.11 on poly and 1.34 on fastexp, where
-the cross estimate is noisy and the plain one is nearly right, so decaying spectra get
-somewhat conservative intervals. Each entry's own dof would cover 94.2% (flat) and 97.8%
-(poly): Satterthwaite's dof from s noisy products is biased low, and the median pools it.
-
-Where 1 - |c_ij|^2 falls below sqrt(eps) (s_i parallel to s_j), the pair takes
-d_j^(i) = d^(j) instead of the formula, which would divide round-off by round-off. That
-happens only when Y is numerically rank deficient (rank(A) < s, or two equal probes), and
-the substitute is not the limit of d_j^(i) in general: the complement of the other
-columns' span is then not span(s_i, s_j), and the pair would need a factorization of its
-own. The pseudo-values of such pairs are approximations; the stderr keeps its floor at
-the plain value. When rank(A) < s - 1 every d^(i) is exact, the deviations vanish and
-the stderr is 0 whatever the pairs. A singular R (A zero on some of the probes' span:
-exact zeros on its diagonal) is inverted with a round-off shift
-(:func:`~._linalg.regularized_inverse_h`), and 1 / nu_i is taken as s_i^H r_i, so the
-zero operator gives exact zeros. Dependent probes would be worse: with two equal columns
-every s_i comes from R's round-off, and so do the estimates d^(i) of the other probes
-(measured at n = 24, s = 7: they matched the literal leave-one-out to 1e-10 with one
-LAPACK build and differed by up to 20% with another). The probes are therefore drawn
-with :meth:`~linop_trace._probes.ProbeSampler.independent`: short Rademacher blocks
-(n <= 64 and n - s >= 10; two equal columns have probability about s^2 2^-n) with dependent
-columns are drawn again. At most n probes are used (s = min(m // 2, n)).
+Degenerate sketches. Where 1 - |c_ij|^2 < sqrt(eps) (s_i parallel to s_j: Y numerically
+rank deficient) the pair takes d_j^(i) = d^(j) instead of dividing round-off by round-off.
+That is not the limit of d_j^(i) in general, so those pseudo-values are approximations,
+and the stderr keeps its floor at the plain value; below rank s - 1 every d^(i) is exact
+and the stderr is 0 whatever the pairs. A singular R is inverted with a round-off shift
+(:func:`~._linalg.regularized_inverse_h`) and 1 / nu_i is taken as s_i^H r_i, so the zero
+operator gives exact zeros. Dependent probes would leave every s_i to R's round-off:
+short Rademacher blocks (n <= 64, n - s >= 10) are drawn with independent columns
+(:meth:`~linop_trace._probes.ProbeSampler.independent`). At most n probes: s = min(m // 2, n).
 """
 
 from __future__ import annotations
@@ -140,15 +68,14 @@ from typing import Any
 
 from .. import _backend as backend
 from .._estimate import Estimate
+from .._stats import ERROR_PROBES, entrywise_dofs, entrywise_exchangeable_error, median_dof
 from ._base import EstimationRequest, Estimator
 from ._linalg import (
-    conj,
     hermitian_transpose,
     orthonormal_factors,
     regularized_inverse_h,
     two_sided_low_rank_diagonal,
 )
-from ._stats import ERROR_PROBES, entrywise_dofs, entrywise_exchangeable_error, median_dof
 
 __all__ = ["XDiag", "XDiagResult", "xdiag_core"]
 
@@ -241,8 +168,8 @@ class RowPieces:
 
 
 @dataclass
-class _RowBlock:
-    """The results of one block of rows (see :func:`_row_block`)."""
+class _RowsEstimate:
+    """The results of one block of rows (see :func:`_estimate_rows`)."""
 
     low_rank_diagonal: Any
     value: Any
@@ -253,7 +180,9 @@ class _RowBlock:
     pseudo_values: Any = None
 
 
-def _products(matmat: Matmat, adjoint: Matmat | None, probes: Any, xp: Any) -> tuple[Any, ...]:
+def _products_and_factors(
+    matmat: Matmat, adjoint: Matmat | None, probes: Any, xp: Any
+) -> tuple[Any, ...]:
     """XDiag's two operator products and the factorization between them:
     ``(Q, R, Z)`` with Y = A Omega = QR and Z = A^H Q."""
     image = matmat(probes)
@@ -262,7 +191,7 @@ def _products(matmat: Matmat, adjoint: Matmat | None, probes: Any, xp: Any) -> t
     return basis, triangular, adjoint_basis
 
 
-def _downdates(xp: Any, triangular: Any) -> Downdates:
+def _one_sided_downdates(xp: Any, triangular: Any) -> Downdates:
     """:class:`Downdates` from the triangular factor R of the sketch."""
     downdate = regularized_inverse_h(triangular, xp)  # R^{-H}
     norms = xp.sqrt(xp.sum(xp.abs(downdate) ** 2, axis=0))  # nu_i
@@ -270,7 +199,7 @@ def _downdates(xp: Any, triangular: Any) -> Downdates:
     downdate = downdate / (xp.astype(norms, dtype) if norms.dtype != dtype else norms)
     # 1 / nu_i = s_i^H r_i (R triangular); from R itself, so a singular R (regularized
     # above) gives the residual of y_i it has, e.g. exact zeros when A Omega = 0
-    inverse_norms = xp.sum(conj(downdate, xp) * triangular, axis=0)
+    inverse_norms = xp.sum(backend.conj(xp, downdate) * triangular, axis=0)
     count = downdate.shape[1]
     gram = hermitian_transpose(downdate, xp) @ downdate  # c_ij = s_i^H s_j
     eye = xp.eye(count, dtype=dtype, device=backend.device_of(downdate))
@@ -279,7 +208,7 @@ def _downdates(xp: Any, triangular: Any) -> Downdates:
     # numerically deficient rank) span(s_i, s_j) = span(s_j), so d_j^(i) = d^(j): such pairs
     # take d^(j) instead of the formula, which would divide round-off by round-off.
     determinant = (
-        1 - xp.real(gram * conj(gram, xp))
+        1 - xp.real(gram * backend.conj(xp, gram))
         if backend.is_complex_dtype(xp, dtype)
         else (1 - gram * gram)
     )
@@ -298,7 +227,7 @@ def _downdates(xp: Any, triangular: Any) -> Downdates:
         inverse_norms=inverse_norms,
         gram=gram,
         inverse=inverse,
-        coupling_h=transpose(conj(coupling, xp)),
+        coupling_h=transpose(backend.conj(xp, coupling)),
         coupling_t=transpose(coupling),
         inverse_t=transpose(inverse),
         inverse_sums=xp.sum(inverse, axis=1),
@@ -308,7 +237,7 @@ def _downdates(xp: Any, triangular: Any) -> Downdates:
 
 
 def _row_pieces(
-    xp: Any, small: Downdates, probes: Any, basis: Any, adjoint_basis: Any
+    xp: Any, downdates: Downdates, probes: Any, basis: Any, adjoint_basis: Any
 ) -> RowPieces:
     """The d^(i) of a block of rows (entries), and the row pieces the pairs reuse.
 
@@ -321,10 +250,10 @@ def _row_pieces(
 
     two (n, s) @ (s, s) products beyond the QR factorization.
     """
-    downdate = small.downdate
+    downdate = downdates.downdate
     basis_down = basis @ downdate  # B: columns Q s_i
-    adjoint_down_c = conj(adjoint_basis @ downdate, xp)  # conj(C): columns conj(Z s_i)
-    weight = conj(probes, xp) * small.inverse_norms[None, :] - adjoint_down_c  # E
+    adjoint_down_c = backend.conj(xp, adjoint_basis @ downdate)  # conj(C): columns conj(Z s_i)
+    weight = backend.conj(xp, probes) * downdates.inverse_norms[None, :] - adjoint_down_c  # E
     update = basis_down * weight  # B * E
     # diag(Q Z^H) (row_inner conjugates its first argument)
     low_rank_diagonal = backend.row_inner(xp, adjoint_basis, basis)
@@ -338,12 +267,12 @@ def _downdates_for(
 ) -> Downdates:
     """The (s, s) pieces of either form (``image`` = A^H Q, or A Q when two-sided)."""
     if not two_sided:
-        return _downdates(xp, triangular)
+        return _one_sided_downdates(xp, triangular)
     basis_h = hermitian_transpose(basis, xp)
     return _two_sided_downdates(xp, triangular, basis_h @ probes, basis_h @ image)
 
 
-def _pair_sums(parts: RowPieces, small: Downdates, xp: Any) -> tuple[Any, Any]:
+def _pair_sums(parts: RowPieces, downdates: Downdates, xp: Any) -> tuple[Any, Any]:
     """``sum_{j != i} d_j^(i)`` in column i: the estimates with two probes left out.
 
     The formula is in the module docstring. With u_ij = s_i^H r_j = delta_ij / nu_i (see
@@ -362,17 +291,17 @@ def _pair_sums(parts: RowPieces, small: Downdates, xp: Any) -> tuple[Any, Any]:
     basis_down = parts.basis_down  # B = Q S
     adjoint_down_c = parts.adjoint_down_c  # conj(C), C = Z S
     pairs = (
-        adjoint_down_c * (basis_down @ small.coupling_h)
-        - basis_down * (parts.weight @ small.coupling_t)
-        + parts.update @ small.inverse_t
-        - (basis_down * adjoint_down_c) * small.inverse_sums[None, :]
+        adjoint_down_c * (basis_down @ downdates.coupling_h)
+        - basis_down * (parts.weight @ downdates.coupling_t)
+        + parts.update @ downdates.inverse_t
+        - (basis_down * adjoint_down_c) * downdates.inverse_sums[None, :]
     )
     # Pairs of parallel s_i, s_j (rare) take d^(j), and the term (number of valid pairs)
     # x diag(Q Z^H) is then not the same in every column.
-    if small.parallel_t is not None:
+    if downdates.parallel_t is not None:
         estimates = parts.low_rank_diagonal[:, None] + parts.update
-        pairs = pairs + estimates @ small.parallel_t
-        offsets = small.count_offsets[None, :]
+        pairs = pairs + estimates @ downdates.parallel_t
+        offsets = downdates.count_offsets[None, :]
         pairs = pairs + parts.low_rank_diagonal[:, None] * offsets
     return pairs, None
 
@@ -422,7 +351,7 @@ def xdiag_core(
         two_sided = adjoint is None
     elif two_sided and adjoint is not None:
         raise ValueError("two-sided XDiag needs a self-adjoint operator (adjoint=None)")
-    basis, triangular, adjoint_basis = _products(matmat, adjoint, probes, xp)
+    basis, triangular, adjoint_basis = _products_and_factors(matmat, adjoint, probes, xp)
     return backend.jit(xp, _xdiag_from_products, num_static=3)(
         xp, bool(two_sided), samples, probes, basis, triangular, adjoint_basis
     )
@@ -446,7 +375,7 @@ def _xdiag_from_products(
     whole as one program instead (its arrays are immutable, and XLA fuses the passes),
     and accelerators take it in one piece (one kernel per operation).
     """
-    small = _downdates_for(xp, two_sided, probes, basis, triangular, adjoint_basis)
+    downdates = _downdates_for(xp, two_sided, probes, basis, triangular, adjoint_basis)
     n, count = probes.shape
     step = -(-n // DOF_ENTRIES)  # the dofs of every step-th entry
     # the two-sided blocks hold about twice as many (rows, s) temporaries: half the rows
@@ -456,11 +385,13 @@ def _xdiag_from_products(
     rows = max(CHUNK_ROWS_MIN, entries // max(count, 1))
     errors = count >= ERROR_PROBES
     if n <= rows or backend.prefers_whole_arrays(xp, backend.device_of(probes)):
-        whole = _row_block(xp, two_sided, small, probes, basis, adjoint_basis, step, 0, samples)
+        whole = _estimate_rows(
+            xp, two_sided, downdates, probes, basis, adjoint_basis, step, 0, samples
+        )
         dof_rows = [whole.dof_rows] if whole.dof_rows is not None else []
     else:
-        whole, dof_rows = _in_row_blocks(
-            xp, two_sided, small, probes, basis, adjoint_basis, step, samples, rows
+        whole, dof_rows = _estimate_rows_in_chunks(
+            xp, two_sided, downdates, probes, basis, adjoint_basis, step, samples, rows
         )
     dof = None
     if errors:
@@ -481,23 +412,23 @@ def _xdiag_from_products(
     )
 
 
-def _in_row_blocks(
+def _estimate_rows_in_chunks(
     xp: Any,
     two_sided: bool,
-    small: Downdates,
+    downdates: Downdates,
     probes: Any,
     basis: Any,
     adjoint_basis: Any,
     step: int,
     samples: bool,
     rows: int,
-) -> tuple[_RowBlock, list[Any]]:
-    """:func:`_row_block` over blocks of ``rows`` rows, written into whole arrays."""
+) -> tuple[_RowsEstimate, list[Any]]:
+    """:func:`_estimate_rows` over blocks of ``rows`` rows, written into whole arrays."""
     n, count = probes.shape
     dtype, device = probes.dtype, backend.device_of(probes)
     real = backend.real_dtype_for(xp, dtype)
     errors = count >= ERROR_PROBES
-    out = _RowBlock(
+    out = _RowsEstimate(
         xp.empty((n,), dtype=dtype, device=device), xp.empty((n,), dtype=dtype, device=device)
     )
     if samples:
@@ -510,10 +441,10 @@ def _in_row_blocks(
     dof_rows = []
     for start in range(0, n, rows):
         stop = min(start + rows, n)
-        block = _row_block(
+        block = _estimate_rows(
             xp,
             two_sided,
-            small,
+            downdates,
             probes[start:stop, :],
             basis[start:stop, :],
             adjoint_basis[start:stop, :],
@@ -528,17 +459,17 @@ def _in_row_blocks(
     return out, dof_rows
 
 
-def _row_block(
+def _estimate_rows(
     xp: Any,
     two_sided: bool,
-    small: Downdates,
+    downdates: Downdates,
     probes: Any,
     basis: Any,
     adjoint_basis: Any,
     step: int,
     first: int,
     samples: bool,
-) -> _RowBlock:
+) -> _RowsEstimate:
     """Estimates, error estimates (and with ``samples`` the (n, s) estimates and
     pseudo-values) of a block of rows (entries); the products for the dofs of the rows
     ``first, first + step, ...`` of the block.
@@ -547,16 +478,16 @@ def _row_block(
     sum_{j != i} d_j^(i) = (s - 1) low + c + pairs_i (c the part the same in every column),
     p_i = sum_j d^(j) - sum_{j != i} d_j^(i) = low + sum_j u_j - c - pairs_i."""
     if two_sided:
-        assert isinstance(small, TwoSidedDowndates)
-        parts = _two_sided_row_pieces(xp, small, probes, basis, adjoint_basis)
-        pairs, constant = _two_sided_pair_sums(parts, small, xp)
+        assert isinstance(downdates, TwoSidedDowndates)
+        parts = _two_sided_row_pieces(xp, downdates, probes, basis, adjoint_basis)
+        pairs, constant = _two_sided_pair_sums(parts, downdates, xp)
     else:
-        parts = _row_pieces(xp, small, probes, basis, adjoint_basis)
-        pairs, constant = _pair_sums(parts, small, xp)
+        parts = _row_pieces(xp, downdates, probes, basis, adjoint_basis)
+        pairs, constant = _pair_sums(parts, downdates, xp)
     update, low = parts.update, parts.low_rank_diagonal
     count = update.shape[1]
     update_mean = xp.mean(update, axis=1)
-    out = _RowBlock(low, low + update_mean)
+    out = _RowsEstimate(low, low + update_mean)
     if samples:
         common = low + xp.sum(update, axis=1)
         if constant is not None:
@@ -585,25 +516,20 @@ class XDiag(Estimator):
     two_sided : bool, optional
         For self-adjoint operators (the default, ``None``, decides by the tag): deflate on
         both sides, diag(PA + AP - PAP) plus Hutchinson on (I - P) A (I - P), instead of
-        the paper's diag(PA) plus Hutchinson on (I - P) A. Same products, unbiased, and on
-        decaying spectra 1.5-3x smaller errors at the same budget (1.2-1.4x on the loss
-        Hessian of a small MLP); its algebra costs about twice as much (see the module
-        docstring). Where a varying diagonal dominates its rows (graph Laplacians
-        D - W) the one-sided form has the smaller max error: Rademacher probes see no
-        diagonal, and the right projection spreads the residual's diagonal over its rows
-        (docs/estimators/xdiag.rst). ``False`` gives
-        the paper's estimator; ``True`` on an operator not tagged self-adjoint raises
-        ``ValueError``.
+        the paper's diag(PA) plus Hutchinson on (I - P) A. Same products, unbiased, smaller
+        errors on decaying spectra, about twice the algebra; where a varying diagonal
+        dominates its rows (graph Laplacians D - W) the one-sided form has the smaller
+        maximum error (docs/estimators/xdiag.rst). ``False`` gives the paper's estimator;
+        ``True`` on an operator not tagged self-adjoint raises ``ValueError``.
 
+    Notes
+    -----
     ``stderr`` is the honest elementwise error estimate: the covariance of the leave-one-out
     estimates d^(i) with their jackknife pseudo-values, entry by entry, floored at the plain
     value; ``dof`` is the median over the entries of their Satterthwaite dof (see the module
-    docstring). Measured coverage of the 95% interval (n = 300, num_matvecs = 60, 400 seeded
-    runs, fraction of entries covered): 94.1% on the flat spectrum and 95.4% on the
-    polynomial one, where the paper's std(d^(i)) / sqrt(s) covers 85.3% and 90.2%. That plain
-    estimate is kept as ``info["stderr_plain"]``; ``info["two_sided"]`` says which form
-    was used. The two-sided estimates (same construction) cover 93.7% (flat) and 96.5%
-    (poly), the plain estimate 85.8% and 93.4%.
+    docstring). ``info["stderr_plain"]`` keeps the paper's std(d^(i)) / sqrt(s), which
+    covers less than its level (measured coverages: docs/estimators/xdiag.rst);
+    ``info["two_sided"]`` says which form was used.
 
     Examples
     --------
@@ -662,10 +588,10 @@ class XDiag(Estimator):
 
 
 def _two_sided_downdates(xp: Any, triangular: Any, cross: Any, core: Any) -> TwoSidedDowndates:
-    """:func:`_downdates` and the (s, s) coefficients of the two-sided estimates, from
+    """:func:`_one_sided_downdates` and the (s, s) coefficients of the two-sided estimates, from
     U = Q^H Omega (``cross``) and M = Q^H A Q (``core``)."""
-    small = _downdates(xp, triangular)
-    downdate = small.downdate  # S
+    downdates = _one_sided_downdates(xp, triangular)
+    downdate = downdates.downdate  # S
     core = (core + hermitian_transpose(core, xp)) / 2  # M, Hermitian up to round-off
     core_down = core @ downdate  # M S
     transpose = xp.matrix_transpose
@@ -677,9 +603,9 @@ def _two_sided_downdates(xp: Any, triangular: Any, cross: Any, core: Any) -> Two
     v_diag = xp.linalg.diagonal(probes_down)
     t_diag = xp.linalg.diagonal(core_probes)
     # Gamma_ij^{-1} = [[g11, g12], [g21, g22]] entry by entry over the pairs (i, j)
-    g11 = small.inverse
-    g12 = -small.gram * g11
-    g21 = conj(g12, xp)
+    g11 = downdates.inverse
+    g12 = -downdates.gram * g11
+    g21 = backend.conj(xp, g12)
     # K = Gamma^{-1} [[N_ii, N_ij], [N_ji, N_jj]] Gamma^{-1}
     n11, n12, n21, n22 = n_diag[:, None], projected, transpose(projected), n_diag[None, :]
     x11, x12 = g11 * n11 + g12 * n21, g11 * n12 + g12 * n22
@@ -688,37 +614,42 @@ def _two_sided_downdates(xp: Any, triangular: Any, cross: Any, core: Any) -> Two
     k12 = x11 * g12 + x12 * g11
     k22 = x21 * g12 + x22 * g11
     v_j, t_j = v_diag[None, :], t_diag[None, :]
-    shift_j = small.inverse_norms[None, :]  # s_j^H r_j = 1 / nu_j
+    shift_j = downdates.inverse_norms[None, :]  # s_j^H r_j = 1 / nu_j
     phi1 = g11 * probes_down + g12 * v_j
     phi2 = g21 * probes_down + g11 * v_j
     psi1 = g12 * shift_j - (g11 * core_probes + g12 * t_j) + k11 * probes_down + k12 * v_j
-    psi2 = g11 * shift_j - (g21 * core_probes + g11 * t_j) + conj(k12, xp) * probes_down + k22 * v_j
+    psi2 = (
+        g11 * shift_j
+        - (g21 * core_probes + g11 * t_j)
+        + backend.conj(xp, k12) * probes_down
+        + k22 * v_j
+    )
     eye = xp.eye(downdate.shape[1], dtype=downdate.dtype, device=backend.device_of(core))
     # The pair sums' own-column terms (weights r_i and sum_j K11_ij) as the diagonal of the
     # coefficients of their row factors. In the terms -2 Re(.) a real operator's factor 2
     # joins the coefficients; a complex one keeps -(x + conj(x)) (:func:`_two_sided_pair_sums`).
     real = not backend.is_complex_dtype(xp, downdate.dtype)
     twice = 2 if real else 1
-    left = xp.concat([-transpose(small.gram * g11), transpose(k12)], axis=0)
+    left = xp.concat([-transpose(downdates.gram * g11), transpose(k12)], axis=0)
     return TwoSidedDowndates(
-        **vars(small),
+        **vars(downdates),
         core_downdate=xp.concat([core, downdate], axis=1),
         downdate_cross=xp.concat([downdate, cross], axis=1),
         own_square=n_diag,  # N_ii
         own_probe=v_diag,  # V_ii
-        own_shift=small.inverse_norms - t_diag + n_diag * v_diag,
+        own_shift=downdates.inverse_norms - t_diag + n_diag * v_diag,
         pair_left=left,
         pair_basis=xp.concat([-twice * left, transpose(psi1)], axis=0),
         pair_residual=xp.concat(
             [
-                twice * small.coupling_h if real else conj(small.coupling_h, xp),
+                twice * downdates.coupling_h if real else backend.conj(xp, downdates.coupling_h),
                 transpose(phi1),
             ],
             axis=0,
         ),
         pair_stacked=xp.concat(
             [
-                -transpose(g11) - eye * small.inverse_sums[None, :],
+                -transpose(g11) - eye * downdates.inverse_sums[None, :],
                 -transpose(k22) - eye * xp.sum(k11, axis=1)[None, :],
                 transpose(phi2),
                 transpose(psi2),
@@ -729,30 +660,39 @@ def _two_sided_downdates(xp: Any, triangular: Any, cross: Any, core: Any) -> Two
 
 
 def _two_sided_row_pieces(
-    xp: Any, small: TwoSidedDowndates, probes: Any, basis: Any, image: Any
+    xp: Any, downdates: TwoSidedDowndates, probes: Any, basis: Any, image: Any
 ) -> RowPieces:
     """The updates d^(i) - diag(P A + A P - P A P) of a block of rows, that common low-rank
-    diagonal, and the row pieces the pairs reuse (``image`` = A Q)."""
+    diagonal, and the row pieces the pairs reuse (``image`` = A Q).
+
+    With Z = A Q, M = Q^H Z, Zp = Z - Q M = (I - P) A Q, U = Q^H Omega, B = Q S, Cp = Zp S,
+    N = S^H M S, V = S^H U and T = S^H M U (row i of the block: entry i),
+
+        d^(i) = base - 2 Re(B_i conj(Cp_i)) - |B_i|^2 N_ii
+                + conj(w_i) * (-(Zp U)_i + Cp_i V_ii + B_i (1 / nu_i - T_ii + N_ii V_ii)),
+
+    base = diag(Q Q^H A + A Q Q^H - Q M Q^H) (row formula: docs/estimators/xdiag.rst).
+    """
     count = probes.shape[1]
-    both = basis @ small.core_downdate  # [Q M, Q S]
+    both = basis @ downdates.core_downdate  # [Q M, Q S]
     basis_down = both[:, count:]  # B = Q S
     residual = image - both[:, :count]  # Zp = (I - P) A Q = Z - Q M
-    both = residual @ small.downdate_cross  # [Zp S, Zp U]
+    both = residual @ downdates.downdate_cross  # [Zp S, Zp U]
     residual_down, residual_probes = both[:, :count], both[:, count:]  # Cp, Zp U
-    probes_c = conj(probes, xp)
+    probes_c = backend.conj(xp, probes)
     low_rank_diagonal = two_sided_low_rank_diagonal(basis, image, residual, xp)
-    coupled = basis_down * conj(residual_down, xp)  # B conj(Cp)
-    coupled = coupled + conj(coupled, xp)  # 2 Re(B conj(Cp))
-    square = basis_down * conj(basis_down, xp)  # |B|^2
+    coupled = basis_down * backend.conj(xp, residual_down)  # B conj(Cp)
+    coupled = coupled + backend.conj(xp, coupled)  # 2 Re(B conj(Cp))
+    square = basis_down * backend.conj(xp, basis_down)  # |B|^2
     probe_residual = probes_c * residual_down  # conj(Omega) Cp, entrywise
     probe_basis = probes_c * basis_down  # conj(Omega) B
     hutchinson = probes_c * residual_probes  # conj(Omega) (Zp U)
     update = (
-        probe_residual * small.own_probe[None, :]
-        + probe_basis * small.own_shift[None, :]
+        probe_residual * downdates.own_probe[None, :]
+        + probe_basis * downdates.own_shift[None, :]
         - hutchinson
         - coupled
-        - square * small.own_square[None, :]
+        - square * downdates.own_square[None, :]
     )
     return RowPieces(
         update,
@@ -765,10 +705,17 @@ def _two_sided_row_pieces(
     )
 
 
-def _two_sided_pair_sums(parts: RowPieces, small: TwoSidedDowndates, xp: Any) -> tuple[Any, Any]:
+def _two_sided_pair_sums(
+    parts: RowPieces, downdates: TwoSidedDowndates, xp: Any
+) -> tuple[Any, Any]:
     """``sum_{j != i} d_j^(i)`` of the two-sided estimates, without (s - 1) times the
     common low-rank diagonal, as ``(pairs, constant)``: column i of ``pairs`` plus the
     (n,) ``constant`` (the part the same in every column, -sum_j conj(w_j) (Zp U)_j).
+
+    With Gamma^{-1} = [[1, -c_ij], [-conj(c_ij), 1]] / (1 - |c_ij|^2), a row vector x and a
+    vector v, x Pi_ij v = [x s_i, x s_j] Gamma^{-1} [s_i^H v, s_j^H v]^T: each term of the
+    estimate of a pair is (i-th column entry) x (j-th column entry) x (an s x s coefficient
+    of :func:`_two_sided_downdates`), and its sum over j one (n, s) @ (s, s) product.
 
     Nine (n, s) @ (s, s) products in three calls (five more for complex operators). The
     row factors of column i, B_i and Cp_i, multiply one product each: with T = [conj(Cp),
@@ -779,21 +726,25 @@ def _two_sided_pair_sums(parts: RowPieces, small: TwoSidedDowndates, xp: Any) ->
     terms."""
     count = parts.basis_down.shape[1]
     basis_down, residual_down = parts.basis_down, parts.residual_down
-    factors = xp.concat([conj(residual_down, xp), conj(basis_down, xp), parts.probes_c], axis=1)
+    factors = xp.concat(
+        [backend.conj(xp, residual_down), backend.conj(xp, basis_down), parts.probes_c], axis=1
+    )
     hutchinson = parts.hutchinson
     pairs = (
-        parts.stacked @ small.pair_stacked
+        parts.stacked @ downdates.pair_stacked
         + hutchinson
-        + basis_down * (factors @ small.pair_basis)
-        + residual_down * (factors[:, count:] @ small.pair_residual)
+        + basis_down * (factors @ downdates.pair_basis)
+        + residual_down * (factors[:, count:] @ downdates.pair_residual)
     )
     if backend.is_complex_dtype(xp, pairs.dtype):
-        left = factors[:, : 2 * count] @ small.pair_left
-        coupled = basis_down @ small.coupling_h
-        pairs = pairs + conj(residual_down * conj(coupled, xp) - basis_down * left, xp)
-    if small.parallel_t is not None:
+        left = factors[:, : 2 * count] @ downdates.pair_left
+        coupled = basis_down @ downdates.coupling_h
+        pairs = pairs + backend.conj(
+            xp, residual_down * backend.conj(xp, coupled) - basis_down * left
+        )
+    if downdates.parallel_t is not None:
         estimates = parts.low_rank_diagonal[:, None] + parts.update
-        pairs = pairs + (estimates + hutchinson) @ small.parallel_t
-        offsets = small.count_offsets[None, :]
+        pairs = pairs + (estimates + hutchinson) @ downdates.parallel_t
+        offsets = downdates.count_offsets[None, :]
         pairs = pairs + parts.low_rank_diagonal[:, None] * offsets
     return pairs, -xp.sum(hutchinson, axis=1)

@@ -17,60 +17,36 @@ unbiased for rotation-invariant probes (``"sphere"``, ``"gaussian"``), where x_i
 is uniform on the unit sphere of range(I - P_i), and it is only used for them
 (c_i = (n - s + 1) / |x_i|^2; c_i = 1 for Rademacher/Steinhaus probes).
 
-The honest error estimate
--------------------------
-The literature reports std(t_i) / sqrt(s). The t_i are exchangeable but positively
-correlated, so that underestimates the variance (measured: 86-91% coverage of the 95%
-interval). Write e_i = t_i - tr(A) and t_j^(i) for the estimate of probe j when probe i
-is left out of the sketch too (projector onto range(Y without columns i, j), same
-normalization with n - s + 2). Since t_j^(i) does not depend on w_i while
-E[e_i | w_k, k != i] = 0, E[e_i (t_j^(i) - tr(A))] = 0, hence
+The honest error estimate. The literature's std(t_i) / sqrt(s) underestimates the
+variance: the t_i are exchangeable but positively correlated. With e_i = t_i - tr(A) and
+t_j^(i) the estimate of probe j when probe i also leaves the sketch (projector onto
+range(Y without columns i, j), normalization with n - s + 2), t_j^(i) does not depend on
+w_i while E[e_i | w_k, k != i] = 0, so by exchangeability, exactly,
 
     Var(mean t) = (1/s) E[e_i (p_i - tr(A))],   p_i = t_i + sum_{j != i} (t_j - t_j^(i)),
 
-exactly, by exchangeability. p_i is the jackknife pseudo-value of probe i
-(p_i = s t_bar - (s - 1) t_bar_(i) with t_bar_(i) the XTrace estimate without probe i).
-So the variance is the covariance of the leave-one-out estimates t_i with the pseudo-values
-p_i over s; we estimate it by their sample covariance over s (a "cross" jackknife):
+p_i the jackknife pseudo-value of probe i (s t_bar - (s - 1) t_bar_(i), t_bar_(i) the
+estimate without probe i). Its sample version (a "cross" jackknife), floored at the plain
+value, is
 
-    stderr^2 = max(sum_i (t_i - t_bar)(p_i - p_bar), sum_i (t_i - t_bar)^2) / (s (s - 1)),
+    stderr^2 = max(sum_i (t_i - t_bar)(p_i - p_bar), sum_i (t_i - t_bar)^2) / (s (s - 1)).
 
-i.e. floored at the plain value. The plain estimate is var(t)/s and the usual jackknife
-var(p)/s; they bracket it (the first too small, the second too large by the higher-order
-terms: 1.4x on the flat spectrum, 5x-25x on decaying ones). All pairs (i, j) come from the
-same s x s matrices (a rank-two downdate): O(s^3) flops, no extra product. The interval
-uses a Student-t quantile with Satterthwaite's degrees of freedom for that variance
-estimate, 2 s mean(c)^2 / var(c) with c_i = (t_i - t_bar)(p_i - p_bar), clipped to
-[2, s - 1]: about s - 1 on flat spectra, 10-13 at s = 30 on decaying ones, where a few
-probes dominate the variance estimate.
+The plain var(t)/s and the usual jackknife's var(p)/s bracket it (too small, and too large
+by higher-order terms). All pairs (i, j) come from the same s x s matrices (a rank-two
+downdate): O(s^3) flops, no extra product. The interval's Student-t quantile has
+Satterthwaite's degrees of freedom for that variance estimate, 2 s mean(c)^2 / var(c)
+with c_i = (t_i - t_bar)(p_i - p_bar), clipped to [2, s - 1]: fewer where a few probes
+dominate the variance estimate.
 
 Degenerate sketches. When Y is numerically rank deficient (rank(A) < s) R is singular:
 its inverse gets a round-off shift, and a pair whose directions are parallel
 (1 - |s_i^H s_j|^2 below sqrt(eps), e.g. every pair when rank(A) = s - 1) takes
-t_j^(i) = t_j instead of dividing round-off by round-off, as XDiag's pairs do. Below
-rank s - 1 every t_i is exact and the stderr is 0 whatever the pairs; at rank s - 1 the
-t_i are still exact (it was a NaN stderr before this guard). Short Rademacher blocks
-(n <= 64, n - s >= 10) are drawn with independent columns
+t_j^(i) = t_j instead of dividing round-off by round-off, as XDiag's pairs do. At rank
+s - 1 and below every t_i is exact, and below it the stderr is 0 whatever the pairs.
+Short Rademacher blocks (n <= 64, n - s >= 10) are drawn with independent columns
 (:meth:`~linop_trace._probes.ProbeSampler.independent`; with fewer spare entries they
 stay i.i.d., since conditioning would bias the estimates), and an LU solve that still
 meets an exact zero pivot is redone with a wider shift.
-
-Measured coverage of the 95% interval (sphere probes, n = 300, num_matvecs = 60, so
-s = 30; the mean of the variance estimate is 0.99, 0.95, 0.95, 0.90 of the true mean
-squared error on flat, poly, slowexp, smallstep):
-
-=========  ================  ==================  =====================
-spectrum   1000 runs         400 runs            plain, 400 runs
-=========  ================  ==================  =====================
-flat       95.8%             95.0% (380)         93.3%
-poly       95.4%             96.8% (387)         91.0%
-slowexp    96.0%             96.3% (385) [*]     85.8% [*]
-smallstep  94.4%             95.8% (383) [*]     83.0% [*]
-=========  ================  ==================  =====================
-
-(1000 runs: Haar matrix seed 1, probe seeds 5000-5999; 400 runs: ``test_matrix(seed=0)``,
-seeds 0-399, [*] ``seed=1``; "plain" is std(t_i)/sqrt(s) with the same quantile.) The
-literature's estimate std(t_i)/sqrt(s) stays available as ``info["stderr_plain"]``.
 """
 
 from __future__ import annotations
@@ -82,20 +58,17 @@ from typing import Any
 
 from .. import _backend as backend
 from .._estimate import Estimate
+from .._stats import ExchangeableError, exchangeable_error, exchangeable_estimate
 from ._adaptive import Progress, remaining, until_met
 from ._base import EstimationRequest, ProbeOption
 from ._linalg import (
-    abs2,
     as_dtype,
     column_inner,
-    conj,
     downdate_directions,
     extend_basis,
     hermitian_transpose,
     orthonormal_factors,
-    real_part,
 )
-from ._stats import ExchangeableError, exchangeable_error, exchangeable_estimate
 
 __all__ = ["XTrace", "XTraceResult", "xtrace_core", "xtrace_estimates"]
 
@@ -106,8 +79,9 @@ Matmat = Callable[[Any], Any]
 @dataclass(frozen=True)
 class XTraceResult:
     """XTrace's estimate (``value``, the mean of the leave-one-out ``estimates``), their
-    jackknife ``pseudo_values``, the error estimate (:class:`~._stats.ExchangeableError`),
-    and the products it came from (to extend the estimate with more probes)."""
+    jackknife ``pseudo_values``, the error estimate
+    (:class:`~linop_trace._stats.ExchangeableError`), and the products it came from (to
+    extend the estimate with more probes)."""
 
     value: Any
     error: ExchangeableError
@@ -155,11 +129,13 @@ def xtrace_estimates(
     -------
     estimates, pseudo_values, value, error
     """
-    program = backend.jit(xp, _xtrace_program, num_static=2)
-    return program(xp, improved, probes, images, basis, basis_images, triangular, directions)
+    program = backend.jit(xp, _estimates_and_error, num_static=2)
+    n, m = probes.shape
+    with backend.one_blas_thread(xp, work=n * m * m):  # the library's own algebra only
+        return program(xp, improved, probes, images, basis, basis_images, triangular, directions)
 
 
-def _xtrace_program(
+def _estimates_and_error(
     xp: Any,
     improved: bool,
     probes: Any,
@@ -174,12 +150,14 @@ def _xtrace_program(
     upper = triangular is not None  # R of the QR factorization, else any Q^H Y
     r = triangular if upper else hermitian_transpose(basis, xp) @ images  # Q^H Y
     sdir = downdate_directions(r, xp, upper=upper) if directions is None else directions
-    estimates, pseudo = _xtrace_algebra(xp, improved, probes, images, basis, basis_images, r, sdir)
+    estimates, pseudo = _leave_one_out_estimates(
+        xp, improved, probes, images, basis, basis_images, r, sdir
+    )
     value = xp.mean(estimates)
     return estimates, pseudo, value, exchangeable_error(estimates, pseudo, value, xp)
 
 
-def _xtrace_algebra(
+def _leave_one_out_estimates(
     xp: Any,
     improved: bool,
     probes: Any,
@@ -198,8 +176,8 @@ def _xtrace_algebra(
     w = qh @ probes  # Q^H Omega
     t = hermitian_transpose(basis_images, xp) @ probes  # (A Q)^H Omega: column j is Q^H A^H w_j
     omega_y = column_inner(probes, images, xp)  # w_j^H A w_j
-    omega_norm2 = real_part(column_inner(probes, probes, xp), xp)
-    w_norm2 = xp.sum(abs2(w, xp), axis=0)
+    omega_norm2 = backend.real_part(xp, column_inner(probes, probes, xp))
+    w_norm2 = xp.sum(backend.abs2(xp, w), axis=0)
     hw = h @ w
     # wbar_j = (I - QQ^H) w_j;  a_j = wbar_j^H A wbar_j
     a = omega_y - column_inner(t, w, xp) - column_inner(w, r, xp) + column_inner(w, hw, xp)
@@ -220,10 +198,10 @@ def _xtrace_algebra(
     quad = (
         a
         + xp.linalg.diagonal(vs) * alpha
-        + conj(alpha, xp) * xp.linalg.diagonal(su)
-        + abs2(alpha, xp) * shs_d
+        + backend.conj(xp, alpha) * xp.linalg.diagonal(su)
+        + backend.abs2(xp, alpha) * shs_d
     )
-    xnorm2 = residual_norm2 + abs2(alpha, xp)
+    xnorm2 = residual_norm2 + backend.abs2(xp, alpha)
     scale = (n - s + 1) / xnorm2 if improved else 1.0
     estimates = trace_h - shs_d + as_dtype(scale, ctype, xp) * quad
 
@@ -233,30 +211,32 @@ def _xtrace_algebra(
     # rank deficient, e.g. rank(A) = s - 1) span(s_i, s_j) = span(s_j): the pair takes
     # t_j^(i) = t_j instead of dividing round-off by round-off (as XDiag's pairs do)
     c = gram
-    det = 1 - abs2(c, xp)
+    det = 1 - backend.abs2(xp, c)
     eye = xp.eye(s, dtype=det.dtype, device=backend.device_of(det))
     parallel = (det <= math.sqrt(float(xp.finfo(det.dtype).eps))) & (eye == 0)
     det = xp.where(parallel, xp.ones_like(det), det) + eye  # the diagonal is unused
     sw_jj = alpha[None, :]
     coef_i = (sw - c * sw_jj) / as_dtype(det, ctype, xp)
-    coef_j = (sw_jj - conj(c, xp) * sw) / as_dtype(det, ctype, xp)
+    coef_j = (sw_jj - backend.conj(xp, c) * sw) / as_dtype(det, ctype, xp)
     quad2 = (
         a[None, :]
         + xp.matrix_transpose(vs) * coef_i
         + xp.linalg.diagonal(vs)[None, :] * coef_j
-        + conj(coef_i, xp) * su
-        + conj(coef_j, xp) * xp.linalg.diagonal(su)[None, :]
-        + abs2(coef_i, xp) * shs_d[:, None]
-        + conj(coef_i, xp) * coef_j * shs
-        + conj(coef_j, xp) * coef_i * xp.matrix_transpose(shs)
-        + abs2(coef_j, xp) * shs_d[None, :]
+        + backend.conj(xp, coef_i) * su
+        + backend.conj(xp, coef_j) * xp.linalg.diagonal(su)[None, :]
+        + backend.abs2(xp, coef_i) * shs_d[:, None]
+        + backend.conj(xp, coef_i) * coef_j * shs
+        + backend.conj(xp, coef_j) * coef_i * xp.matrix_transpose(shs)
+        + backend.abs2(xp, coef_j) * shs_d[None, :]
     )
     proj_norm2 = (
-        abs2(coef_i, xp) + abs2(coef_j, xp) + 2 * real_part(conj(coef_i, xp) * c * coef_j, xp)
+        backend.abs2(xp, coef_i)
+        + backend.abs2(xp, coef_j)
+        + 2 * backend.real_part(xp, backend.conj(xp, coef_i) * c * coef_j)
     )
     xnorm2_pair = residual_norm2[None, :] + proj_norm2
     trace_pair = (
-        shs_d[:, None] + shs_d[None, :] - c * xp.matrix_transpose(shs) - conj(c, xp) * shs
+        shs_d[:, None] + shs_d[None, :] - c * xp.matrix_transpose(shs) - backend.conj(xp, c) * shs
     ) / as_dtype(det, ctype, xp)
     scale2 = (n - s + 2) / (xnorm2_pair + eye) if improved else 1.0
     pair = trace_h - trace_pair + as_dtype(scale2, ctype, xp) * quad2
@@ -306,7 +286,7 @@ def xtrace_core(
     return XTraceResult(value, error, estimates, pseudo, probes, images, basis, basis_images)
 
 
-def _grown(
+def _with_more_probes(
     result: XTraceResult, matmat: Matmat, fresh: Any, xp: Any, improved: bool
 ) -> XTraceResult:
     """XTrace with ``fresh`` probes added: every earlier product is reused (the basis is
@@ -343,10 +323,11 @@ class XTrace(ProbeOption):
     See the module docstring for the formulas. ``stderr`` is the honest error estimate:
     the covariance of the leave-one-out estimates with their jackknife pseudo-values
     (an exact variance identity for exchangeable estimates), floored at the plain
-    estimate; ``dof`` (Satterthwaite) sets the Student-t quantile of :meth:`ci`.
-    The literature's std(t_i) / sqrt(s) is kept as ``info["stderr_plain"]`` for
-    comparison, the usual jackknife (too large) as ``info["stderr_jackknife"]``; measured
-    coverage of all three: docs/estimators/xtrace.rst.
+    estimate; ``dof`` (Satterthwaite) sets the Student-t quantile of
+    :meth:`~linop_trace.Estimate.ci`. The literature's std(t_i) / sqrt(s) is kept as
+    ``info["stderr_plain"]`` for comparison, the usual jackknife (too large) as
+    ``info["stderr_jackknife"]``; measured coverage of all three:
+    docs/estimators/xtrace.rst.
 
     With ``rtol``/``atol`` the number of probes is doubled (all earlier products are
     reused: the basis is extended, never recomputed) until the half-width of the
@@ -414,7 +395,7 @@ class XTrace(ProbeOption):
                 if more < 1:
                     return False
                 fresh = request.probes.independent(more, result.probes)
-                result = _grown(result, request.matmat, fresh, xp, improved)
+                result = _with_more_probes(result, request.matmat, fresh, xp, improved)
                 return True
 
             converged = until_met(request, measure, grow)

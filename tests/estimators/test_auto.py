@@ -183,7 +183,7 @@ def test_diagonal_with_non_unit_modulus_probes_avoids_xdiag():
 
 def _hutchinson_interval(samples):
     """The interval method="hutchinson" gives for these samples (shape-corrected t)."""
-    from linop_trace.estimators._stats import sample_mean
+    from linop_trace._stats import sample_mean
 
     return sample_mean(samples, npx).estimate(samples.shape[0], "hutchinson").ci(0.95)
 

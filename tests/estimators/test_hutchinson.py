@@ -1,4 +1,5 @@
-"""Hutchinson's trace estimator: variance, unbiasedness, coverage, batching, plug-ins."""
+"""Hutchinson's trace estimator: variance, unbiasedness, coverage, batching, adaptivity,
+the Frobenius norm, gradients."""
 
 from __future__ import annotations
 
@@ -11,10 +12,9 @@ from conftest import numpy_of
 from scipy import stats
 
 import linop_trace as lt
+from linop_trace._stats import edgeworth_quantile, sample_mean, shape_statistics
 from linop_trace._testing import test_matrix
-from linop_trace.estimators import Estimator
 from linop_trace.estimators._hutchinson import hutchinson_samples
-from linop_trace.estimators._stats import edgeworth_quantile, sample_mean, shape_statistics
 
 
 def sample_shape(samples, xp):
@@ -244,37 +244,6 @@ def test_adaptive_coverage():
         low, high = est.ci(0.95)
         covered += low <= truth <= high
     assert 372 <= covered <= 388, covered
-
-
-# ------------------------------------------------------------------ user plug-in
-class MidpointOfTwoHalves(Estimator):
-    """A user's estimator: Hutchinson on two half blocks, no error bar."""
-
-    name = "two-halves"
-    min_matvecs = 2
-
-    def trace(self, request):
-        xp = request.xp
-        half = request.num_matvecs // 2
-        values = []
-        for _ in range(2):
-            Z = request.probes(half)
-            values.append(xp.sum(Z * request.matmat(Z)) / half)
-        return lt.Estimate((values[0] + values[1]) / 2, None, request.columns, self.name)
-
-
-def test_registered_user_estimator_is_used_by_name():
-    lt.register_estimator("two-halves", MidpointOfTwoHalves(), overwrite=True)
-    assert "two-halves" in lt.available_methods("trace")
-    assert "two-halves" not in lt.available_methods("diagonal")
-    d = np.arange(1.0, 21.0)
-    est = lt.trace(np.diag(d), method="two-halves", num_matvecs=10, seed=0)
-    assert est.method == "two-halves" and est.num_matvecs == 10
-    assert float(est) == pytest.approx(d.sum())  # Rademacher: exact on a diagonal
-    with pytest.raises(ValueError, match="needs num_matvecs >= 2"):
-        lt.trace(np.eye(4), method="TWO-HALVES", num_matvecs=1)
-    with pytest.raises(ValueError, match="two-halves"):
-        lt.trace(np.eye(4), method="no-such-method")
 
 
 # -------------------------------------------------------------- Frobenius norm

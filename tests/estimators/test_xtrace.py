@@ -11,10 +11,10 @@ from conftest import numpy_of
 from scipy import stats
 
 import linop_trace as lt
+from linop_trace._stats import satterthwaite_dof
 from linop_trace._testing import test_matrix
 from linop_trace.estimators import XTrace
 from linop_trace.estimators._linalg import extend_basis
-from linop_trace.estimators._stats import satterthwaite_dof
 from linop_trace.estimators._xtrace import xtrace_core, xtrace_estimates
 
 
