@@ -5,7 +5,16 @@ library) and keeps their library, dtype and device.
 """
 
 from ._estimate import Estimate, EstimateInterrupted
-from ._functions import col_sums, diagonal, frobenius_norm_squared, row_sums, trace
+from ._functions import (
+    DEFAULT_MAX_MATVECS,
+    DEFAULT_NUM_MATVECS,
+    col_sums,
+    computes_exactly,
+    diagonal,
+    frobenius_norm_squared,
+    row_sums,
+    trace,
+)
 from ._operators import LinearOperator, aslinearoperator
 from ._probes import gaussian, rademacher, sphere, steinhaus
 from .autodiff import divergence, ggn, hessian, jacobian  # imports neither torch nor jax
@@ -14,6 +23,8 @@ from .estimators import EstimationRequest, Estimator, available_methods, registe
 __version__ = "0.1.0"
 
 __all__ = [
+    "DEFAULT_MAX_MATVECS",
+    "DEFAULT_NUM_MATVECS",
     "Estimate",
     "EstimateInterrupted",
     "EstimationRequest",
@@ -22,6 +33,7 @@ __all__ = [
     "aslinearoperator",
     "available_methods",
     "col_sums",
+    "computes_exactly",
     "diagonal",
     "divergence",
     "frobenius_norm_squared",

@@ -14,14 +14,29 @@ from ._blocks import probe_block_size
 from ._estimate import Estimate, EstimateInterrupted
 from ._operators import LinearOperator, aslinearoperator, widened
 from ._probes import ProbeSampler
+from ._stats import sample_mean
 from ._validation import check_num_matvecs, check_positive_int, check_square, check_tolerance
+from .estimators._auto import Auto
 from .estimators._base import CountingMatmat, EstimationRequest, Estimator
+from .estimators._exact import Exact
 from .estimators._registry import get_estimator
-from .estimators._stats import sample_mean
 
-__all__ = ["col_sums", "diagonal", "frobenius_norm_squared", "row_sums", "trace"]
+__all__ = [
+    "DEFAULT_MAX_MATVECS",
+    "DEFAULT_NUM_MATVECS",
+    "col_sums",
+    "computes_exactly",
+    "diagonal",
+    "frobenius_norm_squared",
+    "row_sums",
+    "trace",
+]
 
+#: Budget of :func:`trace` and :func:`diagonal` when neither ``num_matvecs`` nor a
+#: tolerance is given: this many operator applications.
 DEFAULT_NUM_MATVECS = 100
+#: Most operator applications an estimate with ``rtol``/``atol`` spends when
+#: ``max_matvecs`` is not given.
 DEFAULT_MAX_MATVECS = 1000
 #: A randomized estimate may spend at most max(BUDGET_CAP_FACTOR * n, BUDGET_CAP_FLOOR)
 #: products: n of them compute the trace or diagonal exactly, and a budget far beyond
@@ -517,6 +532,81 @@ def diagonal(
         block_size=block_size,
         check_finite=check_finite,
     )
+
+
+def computes_exactly(
+    A: Any,
+    quantity: str = "trace",
+    method: Any = "auto",
+    num_matvecs: int | None = None,
+    rtol: float | None = None,
+    atol: float | None = None,
+    max_matvecs: int | None = None,
+) -> bool:
+    """Whether :func:`trace` or :func:`diagonal` with these arguments computes the exact
+    value rather than an estimate, answered before any product is made.
+
+    ``method="exact"`` always does. ``"auto"`` does when the operator stores its diagonal
+    (a dense or sparse matrix: it is read, with no product) or when n is at most the
+    budget (``max_matvecs`` with a tolerance, else ``num_matvecs``; the defaults are
+    :data:`DEFAULT_MAX_MATVECS` and :data:`DEFAULT_NUM_MATVECS`). The other methods
+    estimate. The answer is the estimator's own decision, taken on the options as the
+    estimate would validate them.
+
+    Parameters
+    ----------
+    A : LinearOperator or matrix
+        Anything :func:`aslinearoperator` accepts; square.
+    quantity : {"trace", "diagonal"}
+    method, num_matvecs, rtol, atol, max_matvecs
+        As for :func:`trace`.
+
+    Returns
+    -------
+    bool
+
+    Raises
+    ------
+    ValueError
+        As :func:`trace` would for these arguments: a non-square operator, an unknown
+        method, a budget the method cannot work with.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from linop_trace import LinearOperator, computes_exactly
+    >>> computes_exactly(np.eye(500))  # a stored matrix: its diagonal is read
+    True
+    >>> A = LinearOperator.from_callable(matvec=lambda x: 2 * x, shape=(500, 500))
+    >>> computes_exactly(A, num_matvecs=100), computes_exactly(A, num_matvecs=500)
+    (False, True)
+    >>> computes_exactly(A, method="hutchinson", num_matvecs=500)
+    False
+    """
+    if quantity not in ("trace", "diagonal"):
+        raise ValueError(f"quantity must be 'trace' or 'diagonal', got {quantity!r}")
+    operator = widened(aslinearoperator(A))
+    n = check_square(operator, quantity)
+    estimator = get_estimator(method, quantity)
+    if n == 0 or isinstance(estimator, Exact):
+        return True
+    if not isinstance(estimator, Auto):
+        return False
+    settings = _settings(
+        operator,
+        estimator,
+        quantity,
+        num_matvecs=num_matvecs,
+        probe=None,
+        rtol=rtol,
+        atol=atol,
+        confidence=0.95,
+        max_matvecs=max_matvecs,
+        block_size=1,  # plays no part in the decision (and skips asking for free memory)
+        check_finite=True,
+    )
+    request = settings.request(operator, None, estimator.name)
+    return bool(estimator.uses_exact(request))  # auto's own rule, not a copy of it
 
 
 def _sums(A: Any, adjoint: bool, check_finite: bool) -> Estimate:

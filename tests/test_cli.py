@@ -24,8 +24,8 @@ import scipy.sparse as sp
 from scipy import stats
 
 import linop_trace
-from linop_trace import available_methods, cli
-from linop_trace.cli import main
+from linop_trace import available_methods
+from linop_trace.cli import _commands, _demos, _plot, _run, _writing, main
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 N = 40
@@ -223,7 +223,7 @@ def test_text_output_names_the_result(capsys, dense_file):
 def test_seconds_time_the_estimate(capsys, monkeypatch, dense_file):
     # a clock that says 2.5 s passed between the start and the end of the estimate
     ticks = iter([100.0, 102.5])
-    monkeypatch.setattr(cli.time, "perf_counter", lambda: next(ticks))
+    monkeypatch.setattr(_commands.time, "perf_counter", lambda: next(ticks))
     result = run_json(capsys, "trace", dense_file)
     assert result["seconds"] == 2.5
 
@@ -498,6 +498,67 @@ def test_backends_exact_and_randomized(capsys, files, diagonal_file, library):
     np.testing.assert_allclose(result["value"], np.diag(reference("sparse")), rtol=1e-6)
 
 
+# --------------------------------------------------------------------------- --threads
+
+
+def pool_sizes() -> dict[str, int]:
+    """Threads of each BLAS and OpenMP pool loaded in this process, as seen by this thread."""
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    return {
+        f"{pool['internal_api']} {pool['filepath']}": pool["num_threads"]
+        for pool in threadpoolctl.threadpool_info()
+    }
+
+
+@pytest.mark.parametrize("library", ["numpy", "torch"])
+@pytest.mark.parametrize("threads", [None, 1, 2])
+def test_threads_caps_the_pools_the_estimate_runs_in(
+    capsys, monkeypatch, dense_file, library, threads
+):
+    """Inside the estimate (a worker thread) every BLAS and OpenMP pool, and torch's, has
+    ``--threads`` threads; without the option they are the libraries' own. Afterwards
+    they are as before."""
+    torch = pytest.importorskip(library) if library == "torch" else None
+    seen = {}
+    real_trace = _commands.trace
+
+    def watched_trace(A, **options):
+        seen["pools"] = pool_sizes()
+        seen["torch"] = None if torch is None else torch.get_num_threads()
+        return real_trace(A, **options)
+
+    monkeypatch.setattr(_commands, "trace", watched_trace)
+    import scipy.linalg  # noqa: F401 - its BLAS is loaded before the run, as --threads does
+
+    before = pool_sizes()
+    torch_before = None if torch is None else torch.get_num_threads()
+    argv = ["trace", dense_file, "--method", "hutchinson", "--matvecs", "20", "--seed", "0"]
+    if threads is not None:
+        argv += ["--threads", str(threads)]
+    result = run_json(capsys, *argv, "--backend", library)
+    assert result["threads"] == threads
+    assert seen["pools"], "no BLAS pool was loaded"
+    if threads is None:
+        assert {name: before[name] for name in seen["pools"]} == seen["pools"]
+        assert seen["torch"] == torch_before
+    else:
+        assert set(seen["pools"].values()) == {threads}, seen["pools"]
+        assert seen["torch"] in (None, threads)
+    assert pool_sizes() == before
+    if torch is not None:
+        assert torch.get_num_threads() == torch_before
+
+
+def test_threads_is_on_every_command_that_computes(capsys, dense_file):
+    for argv in (["trace", dense_file], ["diagonal", dense_file], ["rowsums", dense_file]):
+        assert run_json(capsys, *argv, "--threads", "1")["threads"] == 1
+    demo = run_json(capsys, "demo", "--problem", "sparse", "--matvecs", "10", "--threads", "1")
+    assert demo["threads"] == 1
+    assert_one_line_error(
+        *run(capsys, "trace", dense_file, "--threads", "0"), "--threads", "positive integer"
+    )
+
+
 # ---------------------------------------------------------------- --output and --plot
 
 
@@ -574,15 +635,20 @@ def test_failed_run_leaves_no_output_and_keeps_an_old_file(capsys, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["nan.npy", "out.npy"]
 
 
-def test_atomic_file_removes_the_temporary_on_error(tmp_path):
+def test_staged_file_removes_the_temporary_on_error(tmp_path):
     target = tmp_path / "x.npy"
+    staged = _writing.Staged()
     with pytest.raises(RuntimeError):
-        with cli._atomic_file(target) as handle:
-            handle.write(b"partial")
-            raise RuntimeError("disk full")
+        try:
+            with staged.open(target) as handle:
+                handle.write(b"partial")
+                raise RuntimeError("disk full")
+        finally:
+            staged.discard()
     assert list(tmp_path.iterdir()) == []
-    with cli._atomic_file(target) as handle:
+    with staged.open(target) as handle:
         handle.write(b"whole")
+    staged.commit()
     assert target.read_bytes() == b"whole"
     assert list(tmp_path.iterdir()) == [target]
 
@@ -634,15 +700,41 @@ def test_plot_of_an_exact_trace_is_a_line_at_the_value(capsys, tmp_path, monkeyp
     assert len(axes.get_xticks()) == 0
 
 
-def test_sample_curve_is_the_running_mean_with_its_t_interval():
+def test_sample_curve_is_the_running_mean_with_the_librarys_interval():
     estimate = linop_trace.trace(dense_matrix(), method="hutchinson", num_matvecs=25, seed=9)
-    count, running, low, high = cli._sample_curve(estimate, 0.95)
-    assert count[0] == 2 and count[-1] == 25
+    count, running, low, high = _plot.sample_curve(estimate, 0.95)
+    assert list(count) == list(range(2, 26))  # every count while they are few
     assert running[-1] == pytest.approx(float(estimate.value), rel=1e-13)
     samples = np.asarray(estimate.info["samples"])
     assert running[8] == pytest.approx(samples[:10].mean(), rel=1e-13)
-    half = stats.t.ppf(0.975, 9) * samples[:10].std(ddof=1) / np.sqrt(10)
-    assert high[8] - running[8] == pytest.approx(half, rel=1e-10)
+    # Hutchinson's estimate from the first 10 samples reports this interval
+    first = linop_trace.trace(dense_matrix(), method="hutchinson", num_matvecs=10, seed=9)
+    np.testing.assert_allclose(samples[:10], np.asarray(first.info["samples"]), rtol=1e-13)
+    assert (low[8], high[8]) == pytest.approx(first.ci(0.95), rel=1e-12)
+    # shape-corrected: not the plain Student-t half-width of those samples
+    plain = stats.t.ppf(0.975, 9) * samples[:10].std(ddof=1) / np.sqrt(10)
+    assert abs((high[8] - running[8]) / plain - 1) > 1e-6
+
+
+@pytest.mark.parametrize("confidence", [0.9, 0.95])
+def test_sample_curve_band_ends_at_the_reported_interval(confidence):
+    """The plotted band and the reported interval are one computation: the last point of
+    the band is ``Estimate.ci`` (Student-t, shape-corrected), for a long run too."""
+    rng = np.random.default_rng(4)
+    skewed = np.diag(rng.exponential(size=300) ** 3)  # skewed samples: a visible correction
+    operator = linop_trace.LinearOperator.from_callable(
+        matvec=lambda x: skewed @ x, shape=skewed.shape
+    )
+    estimate = linop_trace.trace(
+        operator, method="hutchinson", num_matvecs=500, seed=2, probe="gaussian"
+    )
+    count, running, low, high = _plot.sample_curve(estimate, confidence)
+    assert count[-1] == 500 and len(count) <= _plot.CURVE_POINTS
+    assert running[-1] == pytest.approx(float(estimate.value), rel=1e-12)
+    assert (low[-1], high[-1]) == pytest.approx(estimate.ci(confidence), rel=1e-12)
+    samples = np.asarray(estimate.info["samples"])
+    plain = stats.t.ppf(0.5 + confidence / 2, 499) * samples.std(ddof=1) / np.sqrt(500)
+    assert (high[-1] - running[-1]) / plain > 1 + 1e-4  # the correction widened it
 
 
 # --------------------------------------------------------------- progress, quiet, debug
@@ -654,17 +746,17 @@ class FakeTerminal(io.StringIO):
 
 
 def test_progress_bar_only_on_a_terminal_and_not_with_quiet():
-    assert cli._progress_wanted(False, FakeTerminal()) is True
-    assert cli._progress_wanted(True, FakeTerminal()) is False
-    assert cli._progress_wanted(False, io.StringIO()) is False
+    assert _run.progress_wanted(False, FakeTerminal()) is True
+    assert _run.progress_wanted(True, FakeTerminal()) is False
+    assert _run.progress_wanted(False, io.StringIO()) is False
 
 
 def test_progress_bar_counts_matvecs_and_keeps_the_result(monkeypatch):
     pytest.importorskip("tqdm")
-    monkeypatch.setattr(cli, "PROGRESS_DELAY", 0)
+    monkeypatch.setattr(_run, "PROGRESS_DELAY", 0)
     stream = FakeTerminal()
     operator = linop_trace.aslinearoperator(dense_matrix())
-    with cli._progress(operator, 30, True, "trace", stream) as watched:
+    with _run.progress(operator, 30, True, "trace", stream) as watched:
         estimate = linop_trace.trace(
             watched, method="hutchinson", num_matvecs=30, seed=1, block_size=10
         )
@@ -692,15 +784,15 @@ def test_a_shown_progress_bar_does_not_change_a_seeded_estimate(capsys, monkeypa
         "--json",
     ]
     plain = json.loads(run(capsys, *argv)[1])
-    monkeypatch.setattr(cli, "_progress_wanted", lambda quiet, stream=None: not quiet)
-    monkeypatch.setattr(cli, "PROGRESS_DELAY", 0)
+    monkeypatch.setattr(_run, "progress_wanted", lambda quiet, stream=None: not quiet)
+    monkeypatch.setattr(_run, "PROGRESS_DELAY", 0)
     code, out, err = run(capsys, *argv)
     assert code == 0 and "matvec" in err  # the bar was drawn (on the captured stderr)
     assert json.loads(out)["value"] == plain["value"]
     code, out, err = run(capsys, *argv, "--quiet")
     assert code == 0 and err == ""
     # the exact path of an operator without a stored diagonal moves in steps
-    assert cli._exact_block_for_progress(1480) == 60
+    assert _run.exact_block_for_progress(1480) == 60
 
 
 def test_quiet_run_writes_nothing_to_stderr(capsys, dense_file):
@@ -990,7 +1082,7 @@ def test_help_names_the_methods_that_take_a_tolerance(capsys, monkeypatch, quant
 
 
 def bundled_laplacian() -> sp.csr_array:
-    return sp.csr_array(scipy.io.mmread(ROOT / "linop_trace" / "data" / cli.DEMO_MATRIX))
+    return sp.csr_array(scipy.io.mmread(ROOT / "linop_trace" / "data" / _demos.DEMO_MATRIX))
 
 
 def test_bundled_matrix_is_the_digits_graph_laplacian():
@@ -1070,7 +1162,7 @@ def test_demo_hessian_runs_on_the_backend_asked_for(capsys, monkeypatch, library
     pytest.importorskip(library, reason=f"{library} is not installed")
     pytest.importorskip("sklearn", reason="scikit-learn is not installed")
     # two methods are enough to see which problem ran where (JAX compiles per method)
-    monkeypatch.setattr(cli, "available_methods", lambda quantity=None: ["exact", "hutchinson"])
+    monkeypatch.setattr(_demos, "available_methods", lambda quantity=None: ["exact", "hutchinson"])
     result = run_json(
         capsys, "demo", "--problem", "hessian", "--backend", library, "--matvecs", "20"
     )

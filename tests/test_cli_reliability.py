@@ -20,8 +20,8 @@ import pytest
 import scipy.io
 import scipy.sparse as sp
 
-from linop_trace import _backend, cli
-from linop_trace.cli import main
+from linop_trace import _backend
+from linop_trace.cli import _commands, main
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 HUGE = 3_000_000_000
@@ -302,7 +302,7 @@ def no_computing(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(*args: object, **kwargs: object) -> None:
         raise AssertionError("the matrix was read before the outputs were checked")
 
-    monkeypatch.setattr(cli, "load_matrix", refuse)
+    monkeypatch.setattr(_commands, "load_matrix", refuse)
 
 
 @pytest.mark.parametrize(("option", "name"), [("--output", "d.csv"), ("--plot", "p.png")])
@@ -366,19 +366,18 @@ def test_an_interrupted_trace_prints_its_partial_estimate_and_exits_130(
     import numpy as np
 
     import linop_trace as lt
-    from linop_trace import cli
-    from linop_trace.cli import main
+    from linop_trace.cli import _commands, main
 
     path = tmp_path / "m.npy"
     np.save(path, np.diag(np.arange(1.0, 41.0)))
-    real_trace = cli.trace
+    real_trace = _commands.trace
 
     def interrupted_trace(A, **options):
         partial = real_trace(A, method="hutchinson", num_matvecs=8, seed=0)
         partial.converged = False
         raise lt.EstimateInterrupted(partial)
 
-    monkeypatch.setattr(cli, "trace", interrupted_trace)
+    monkeypatch.setattr(_commands, "trace", interrupted_trace)
     code = main(["trace", str(path), "--method", "hutchinson", "--seed", "0"])
     err = capsys.readouterr().err
     assert code == 130
@@ -388,15 +387,36 @@ def test_an_interrupted_trace_prints_its_partial_estimate_and_exits_130(
 
 _STOP_CHILD = """
 import os, signal, sys, threading, time
-from linop_trace.cli import main
+import linop_trace as lt
+from linop_trace.cli import _run, main
 
 sent = []
+products = []
+two_products_done = threading.Event()
+run_estimate = _run.interruptible
+matmat = lt.LinearOperator.matmat
 
-def interrupt():
+def counted_matmat(self, X):
+    out = matmat(self, X)
+    products.append(X.shape[1])
+    if len(products) >= 2:  # the first block's samples are kept by now
+        two_products_done.set()
+    return out
+
+def interrupt(keeps_partial):
+    # Ctrl-C one second into the estimate (and, for a partial estimate, once there is
+    # one), however long the import, the read and the first blocks took
+    if keeps_partial:
+        two_products_done.wait()
     sent.append(time.perf_counter())
     os.kill(os.getpid(), signal.SIGINT)
 
-threading.Timer(3.0, interrupt).start()
+def interruptible_then_interrupted(compute, keeps_partial):
+    threading.Timer(1.0, interrupt, (keeps_partial,)).start()
+    return run_estimate(compute, keeps_partial)
+
+lt.LinearOperator.matmat = counted_matmat
+_run.interruptible = interruptible_then_interrupted
 code = main(sys.argv[1:])
 print(f"stopped {time.perf_counter() - sent[0]:.3f}", flush=True)
 sys.exit(code)
@@ -405,7 +425,7 @@ sys.exit(code)
 
 @pytest.mark.parametrize("method", ["xtrace", "hutchinson"])
 def test_ctrl_c_stops_the_cli_at_once(tmp_path, method):
-    """Ctrl-C three seconds into a run that would take minutes (n = 250,000, 4000
+    """Ctrl-C one second into a run that would take minutes (n = 250,000, 4000
     products): exit 130 within a second. The estimate runs in a worker thread and the
     main thread waits, so the signal is seen during a long library call; XTrace (no
     partial estimate) stops at once, Hutchinson after its block in progress, with the

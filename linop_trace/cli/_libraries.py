@@ -1,4 +1,6 @@
-"""Building a library's arrays from NumPy and SciPy (the command line's loader)."""
+"""The loaded NumPy/SciPy matrix in the array library and on the device the user asked
+for (``--backend``, ``--device``, ``--dtype``): the only conversions the command line
+needs, kept here rather than in the library, whose operators keep the user's own arrays."""
 
 from __future__ import annotations
 
@@ -6,7 +8,22 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["enable_float64", "from_numpy", "import_library", "resolve_device", "sparse_from_scipy"]
+from ._errors import CliError
+
+__all__ = [
+    "DTYPES",
+    "LIBRARIES",
+    "default_dtype",
+    "enable_float64",
+    "from_numpy",
+    "import_library",
+    "resolve_device",
+    "sparse_from_scipy",
+    "to_library",
+]
+
+#: Compute dtypes ``--dtype`` offers.
+DTYPES = ("float32", "float64", "complex64", "complex128")
 
 
 #: Libraries a matrix can be moved to with :func:`from_numpy` / :func:`sparse_from_scipy`.
@@ -143,7 +160,7 @@ def from_numpy(array: np.ndarray, library: str, device: Any = None, dtype: Any =
     Examples
     --------
     >>> import numpy as np
-    >>> from linop_trace._backend import from_numpy
+    >>> from linop_trace.cli._libraries import from_numpy
     >>> from_numpy(np.eye(2), "numpy", dtype="float32").dtype
     dtype('float32')
     """
@@ -172,7 +189,7 @@ def sparse_from_scipy(matrix: Any, library: str, device: Any = None, dtype: Any 
     Examples
     --------
     >>> import scipy.sparse as sp
-    >>> from linop_trace._backend import sparse_from_scipy
+    >>> from linop_trace.cli._libraries import sparse_from_scipy
     >>> sparse_from_scipy(sp.eye(3), "numpy").format
     'csr'
     """
@@ -212,3 +229,30 @@ def sparse_from_scipy(matrix: Any, library: str, device: Any = None, dtype: Any 
 
     with device:  # pragma: no cover
         return csp.csr_matrix(matrix)
+
+
+def default_dtype(matrix: Any) -> str:
+    """The compute dtype of ``matrix`` without ``--dtype``: its own where it is one of
+    :data:`DTYPES`, else complex128 for complex entries and float64 for the rest."""
+    dtype = np.dtype(matrix.dtype)
+    if dtype.kind in "fc" and dtype.name in DTYPES:
+        return dtype.name
+    if dtype.kind == "c":
+        return "complex128"
+    return "float64"  # integer, bool, float16: the estimates need a float
+
+
+def to_library(matrix: Any, library: str, device: str | None, dtype: str) -> Any:
+    """The NumPy/SciPy ``matrix`` in ``library`` on ``device`` as ``dtype`` (sparse stays
+    sparse); CliError when the library is not installed."""
+    import scipy.sparse as sp
+
+    try:
+        resolved = resolve_device(library, device)
+    except ImportError as error:
+        raise CliError(str(error)) from None
+    if dtype in ("float64", "complex128"):
+        enable_float64(library)
+    if sp.issparse(matrix):
+        return sparse_from_scipy(matrix, library, resolved, dtype)
+    return from_numpy(matrix, library, resolved, dtype)
