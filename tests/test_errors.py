@@ -11,13 +11,6 @@ import linop_trace as lt
 from linop_trace import LinearOperator, aslinearoperator
 
 
-@pytest.mark.parametrize("quantity", [lt.trace, lt.diagonal])
-def test_non_square_operator(backend, quantity):
-    A = backend.matrix(np.ones((3, 4)))
-    with pytest.raises(ValueError, match=r"square operator, got shape \(3, 4\)"):
-        quantity(A, method="exact")
-
-
 def test_matvec_returning_wrong_shape(dense_backend):
     like = dense_backend.asarray(np.ones(3))
     A = LinearOperator.from_callable(matmat=lambda X: X[:2, :], shape=(3, 3), like=like)
@@ -55,13 +48,6 @@ def test_matvec_returning_another_library_is_named():
     with pytest.warns(RuntimeWarning, match="could not be vectorized"):
         with pytest.raises(TypeError, match="`matvec` returned a numpy array.*operator is torch"):
             B @ torch.ones(3, 2, dtype=torch.float64)
-
-
-def test_budget_cap_without_tolerance_is_honoured_or_refused():
-    est = lt.trace(np.eye(200), method="hutchinson", max_matvecs=10, seed=0)
-    assert est.num_matvecs == 10
-    with pytest.raises(ValueError, match="`max_matvecs`=10 is smaller than `num_matvecs`=50"):
-        lt.trace(np.eye(200), method="hutchinson", num_matvecs=50, max_matvecs=10)
 
 
 def test_negative_seed_and_bad_shape_are_named():
@@ -148,44 +134,9 @@ def test_non_finite_stored_diagonal_raises(backend):
         lt.trace(backend.matrix(values), method="exact").value  # noqa: B018
 
 
-def test_unknown_method_lists_known_ones():
-    with pytest.raises(
-        ValueError, match="unknown method 'hutchinsn'; known methods are: .*exact.*hutchinson"
-    ):
-        lt.trace(np.eye(2), method="hutchinsn")
-
-
 def test_unknown_probe_lists_known_ones():
     with pytest.raises(ValueError, match="unknown probe 'bernoulli'; known probes are rademacher"):
         lt.trace(np.eye(200), method="hutchinson", probe="bernoulli")
-
-
-def test_budget_too_small_is_named():
-    with pytest.raises(
-        ValueError, match="method 'hutchinson' needs num_matvecs >= 2, got num_matvecs=1"
-    ):
-        lt.trace(np.eye(200), method="hutchinson", num_matvecs=1)
-    with pytest.raises(TypeError, match="`num_matvecs` must be an int"):
-        lt.trace(np.eye(200), method="hutchinson", num_matvecs=2.5)
-
-
-def test_bad_tolerance_and_confidence():
-    with pytest.raises(ValueError, match="`rtol` must be a non-negative number"):
-        lt.trace(np.eye(200), method="hutchinson", rtol=-1)
-    for level in (0.0, 1.0):
-        with pytest.raises(ValueError, match=r"`confidence` must lie in \(0, 1\)"):
-            lt.trace(np.eye(200), method="hutchinson", rtol=0.1, confidence=level)
-    with pytest.raises(ValueError, match=r"`confidence` must lie in \(0, 1\)"):
-        lt.trace(np.eye(200), method="hutchinson", rtol=0.1, confidence=1.5)
-    with pytest.raises(ValueError, match="does not support rtol/atol"):
-        lt.trace(np.eye(200), method="exact", rtol=0.1)
-
-
-def test_empty_operator_has_zero_trace(backend):
-    A = backend.matrix(np.zeros((0, 0)))
-    est = lt.trace(A)
-    assert float(est) == 0.0 and est.num_matvecs == 0
-    assert tuple(lt.diagonal(A).value.shape) == (0,)
 
 
 def test_not_a_matrix():
@@ -223,13 +174,6 @@ def test_ci_without_stderr_is_refused():
     est = lt.Estimate(np.asarray(1.0), None, 3, "custom")
     with pytest.raises(ValueError, match="reports no error estimate"):
         est.ci()
-
-
-def test_counts_must_be_positive_ints():
-    with pytest.raises(ValueError, match="`block_size` must be >= 1, got 0"):
-        lt.trace(np.eye(200), method="hutchinson", block_size=0)
-    with pytest.raises(TypeError, match="`num_matvecs` must be an int, got bool"):
-        lt.trace(np.eye(200), method="hutchinson", num_matvecs=True)
 
 
 def test_interval_of_a_complex_estimate_is_refused():

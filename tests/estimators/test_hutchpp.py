@@ -11,11 +11,10 @@ from conftest import numpy_of
 from scipy import stats
 
 import linop_trace as lt
+from linop_trace._stats import edgeworth_quantile
 from linop_trace._testing import test_matrix
-from linop_trace.estimators import DiagPlusPlus
 from linop_trace.estimators._hutchpp import deflated_samples, hutchpp_core, hutchpp_split
 from linop_trace.estimators._na_hutchpp import na_hutchpp_core, na_hutchpp_split
-from linop_trace.estimators._stats import edgeworth_quantile
 
 
 # ------------------------------------------------------------------ naive references
@@ -315,35 +314,3 @@ def test_quantile_is_t_with_shape_correction():
     assert est.dof == 19 and est.skewness is not None
     expected = edgeworth_quantile(stats.t.ppf(0.975, 19), 0.95, 20, est.skewness, est.kurtosis)
     assert est.quantile(0.95) == pytest.approx(expected)
-
-
-def test_diagpp_with_an_adjoint_needs_two_calls():
-    # A [S, G] in one forward call, then A^H Q: 2 calls (was 3), same 60 columns
-    A = test_matrix("poly", 100, seed=0)
-    calls = {"forward": 0, "adjoint": 0, "columns": 0}
-
-    def counted(kind, M):
-        def product(X):
-            calls[kind] += 1
-            calls["columns"] += X.shape[1]
-            return M @ X
-
-        return product
-
-    op = lt.LinearOperator.from_callable(
-        matvec=lambda x: A @ x,
-        matmat=counted("forward", A),
-        rmatmat=counted("adjoint", A.T),
-        shape=A.shape,
-    )
-    est = lt.diagonal(op, method="diag++", num_matvecs=60, seed=0)
-    assert (calls["forward"], calls["adjoint"]) == (1, 1)
-    assert est.num_matvecs == calls["columns"] == 60
-    # the same draws as the self-adjoint path (sketch first, then residual probes), there
-    # with the paper's one-sided deflation
-    symmetric = lt.LinearOperator.from_callable(
-        matvec=lambda x: A @ x, shape=A.shape, tags=("symmetric",)
-    )
-    one_sided = DiagPlusPlus(two_sided=False)
-    reference = lt.diagonal(symmetric, method=one_sided, num_matvecs=60, seed=0)
-    np.testing.assert_allclose(est.value, reference.value, rtol=1e-10, atol=1e-12)

@@ -1,0 +1,91 @@
+"""The public functions (trace, diagonal, ...): the arguments they check, the budgets they
+allow, whatever the method."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+import linop_trace as lt
+from linop_trace._testing import test_matrix
+
+
+# --------------------------------------------------------------------- arguments
+@pytest.mark.parametrize("quantity", [lt.trace, lt.diagonal])
+def test_non_square_operator(backend, quantity):
+    A = backend.matrix(np.ones((3, 4)))
+    with pytest.raises(ValueError, match=r"square operator, got shape \(3, 4\)"):
+        quantity(A, method="exact")
+
+
+def test_empty_operator_has_zero_trace(backend):
+    A = backend.matrix(np.zeros((0, 0)))
+    est = lt.trace(A)
+    assert float(est) == 0.0 and est.num_matvecs == 0
+    assert tuple(lt.diagonal(A).value.shape) == (0,)
+
+
+def test_bad_tolerance_and_confidence():
+    with pytest.raises(ValueError, match="`rtol` must be a non-negative number"):
+        lt.trace(np.eye(200), method="hutchinson", rtol=-1)
+    for level in (0.0, 1.0):
+        with pytest.raises(ValueError, match=r"`confidence` must lie in \(0, 1\)"):
+            lt.trace(np.eye(200), method="hutchinson", rtol=0.1, confidence=level)
+    with pytest.raises(ValueError, match=r"`confidence` must lie in \(0, 1\)"):
+        lt.trace(np.eye(200), method="hutchinson", rtol=0.1, confidence=1.5)
+    with pytest.raises(ValueError, match="does not support rtol/atol"):
+        lt.trace(np.eye(200), method="exact", rtol=0.1)
+
+
+@pytest.mark.parametrize("name", ["rtol", "atol"])
+def test_a_bool_is_not_a_tolerance(name):
+    """``rtol=True`` was taken as a tolerance of 1."""
+    with pytest.raises(ValueError, match=f"`{name}` must be a non-negative number, got True"):
+        lt.trace(np.eye(3), method="hutchinson", seed=0, **{name: True})
+    with pytest.raises(ValueError, match="`confidence` must lie in"):
+        lt.trace(np.eye(3), method="hutchinson", seed=0, rtol=0.1, confidence=True)
+
+
+def test_counts_must_be_positive_ints():
+    with pytest.raises(ValueError, match="`block_size` must be >= 1, got 0"):
+        lt.trace(np.eye(200), method="hutchinson", block_size=0)
+    with pytest.raises(TypeError, match="`num_matvecs` must be an int, got bool"):
+        lt.trace(np.eye(200), method="hutchinson", num_matvecs=True)
+
+
+# ----------------------------------------------------------------------- budgets
+def test_budget_too_small_is_named():
+    with pytest.raises(
+        ValueError, match="method 'hutchinson' needs num_matvecs >= 2, got num_matvecs=1"
+    ):
+        lt.trace(np.eye(200), method="hutchinson", num_matvecs=1)
+    with pytest.raises(TypeError, match="`num_matvecs` must be an int"):
+        lt.trace(np.eye(200), method="hutchinson", num_matvecs=2.5)
+
+
+def test_budget_cap_without_tolerance_is_honoured_or_refused():
+    est = lt.trace(np.eye(200), method="hutchinson", max_matvecs=10, seed=0)
+    assert est.num_matvecs == 10
+    with pytest.raises(ValueError, match="`max_matvecs`=10 is smaller than `num_matvecs`=50"):
+        lt.trace(np.eye(200), method="hutchinson", num_matvecs=50, max_matvecs=10)
+
+
+# ------------------------------------- runaway budgets (reliability audit, item 7)
+def test_a_budget_beyond_the_cap_is_refused_at_once(backend, monkeypatch):
+    """``num_matvecs=10**12`` on a 40 x 40 matrix ran for hours, then out of memory."""
+    A = backend.matrix(test_matrix("flat", 40, seed=0))
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match=r"exceeds the cap.*method='exact'"):
+        lt.trace(A, method="hutchinson", num_matvecs=10**12, seed=0)
+    with pytest.raises(ValueError, match="exceeds the cap"):
+        lt.diagonal(A, method="hutchinson", rtol=1e-9, max_matvecs=10**12, seed=0)
+    assert time.perf_counter() - start < 5.0
+    # auto computes exactly when n <= its budget, whatever the budget
+    assert lt.trace(A, num_matvecs=10**12).method == "exact"
+    # the cap itself, max(100 n, floor): with the floor lowered, 100 n = 4000 exactly
+    monkeypatch.setattr(lt._functions, "BUDGET_CAP_FLOOR", 100)
+    lt.trace(A, method="hutchinson", num_matvecs=4000, seed=0)
+    with pytest.raises(ValueError, match=r"max\(100 n, 100\) = 4000"):
+        lt.trace(A, method="hutchinson", num_matvecs=4001, seed=0)
