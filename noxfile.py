@@ -126,11 +126,14 @@ _PIP_TO_UV = {
     "extra-index-url": ("UV_EXTRA_INDEX_URL", " "),
     "find-links": ("UV_FIND_LINKS", ","),
     "constraint": ("UV_CONSTRAINT", " "),
+    # a CA bundle pip trusts (a proxy's, say): uv reads it from SSL_CERT_FILE
+    "cert": ("SSL_CERT_FILE", " "),
 }
 
 
 def _uv_follows_pip_configuration() -> None:
-    """Give uv the indexes, local wheel folders and constraints pip is configured with.
+    """Give uv the indexes, local wheel folders, constraints and CA bundle pip is
+    configured with.
 
     A machine's pip.conf may point at local wheels (here: the CPU build of the pinned
     torch) and cap releases; uv would otherwise resolve against PyPI alone. Variables the
