@@ -80,7 +80,23 @@ def predict_variances(
     >>> bool(xtrace < hutch)  # rank 3 < 6 probes: the sketch captures A
     True
     """
-    n, s = probes.shape
+    s = probes.shape[1]
+    spread, rho_mean, basis, sdir = backend.jit(xp, _prediction_terms)(xp, probes, images)
+    factor = 1.0 if backend.is_complex_dtype(xp, probes.dtype) else 2.0
+    numbers = backend.read_floats(xp, [spread, rho_mean])
+    if numbers is None:
+        return math.nan, math.nan, basis, sdir
+    spread_value, rho_mean = numbers
+    hutch = spread_value / max(s - 1, 1) / num_matvecs
+    xtrace = factor * rho_mean / s
+    return hutch, xtrace, basis, sdir
+
+
+def _prediction_terms(xp: Any, probes: Any, images: Any) -> tuple[Any, Any, Any, Any]:
+    """The device side of :func:`predict_variances` (one compiled program under JAX):
+    the samples' squared spread, the mean of the leave-one-out residuals rho_i, the basis
+    Q of range(images) and its downdate directions."""
+    n = probes.shape[0]
     samples = column_inner(probes, images, xp)
     mean = xp.mean(samples)
     deviation = samples - mean
@@ -98,14 +114,7 @@ def predict_variances(
         backend.abs2(xp, w), axis=0
     )
     rho = backend.abs2(xp, mu) * outside + backend.abs2(xp, beta - mu * alpha)
-    factor = 1.0 if backend.is_complex_dtype(xp, probes.dtype) else 2.0
-    numbers = backend.read_floats(xp, [spread, xp.mean(rho)])
-    if numbers is None:
-        return math.nan, math.nan, basis, sdir
-    spread_value, rho_mean = numbers
-    hutch = spread_value / max(s - 1, 1) / num_matvecs
-    xtrace = factor * rho_mean / s
-    return hutch, xtrace, basis, sdir
+    return spread, xp.mean(rho), basis, sdir
 
 
 class Auto(Estimator):

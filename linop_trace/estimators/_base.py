@@ -134,7 +134,7 @@ class CountingMatmat:
         if tally.unit_scale:
             xp = self._operator.xp
             tally.unit_scale = False  # decided once, at the first product
-            scale = _power_of_two_scale(xp, out)
+            scale = backend.jit(xp, _power_of_two_scale)(xp, out)
             if backend.known_value(xp, scale) != 1.0:  # (NumPy skips a scale of 1)
                 tally.scale = scale
         if tally.scale is not None:
