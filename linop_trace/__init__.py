@@ -17,6 +17,7 @@ from ._functions import (
 )
 from ._operators import LinearOperator, aslinearoperator
 from ._probes import gaussian, rademacher, sphere, steinhaus
+from ._spectral import logdet, trace_exp, trace_function, trace_inverse
 from .autodiff import divergence, ggn, hessian, jacobian  # imports neither torch nor jax
 from .estimators import EstimationRequest, Estimator, available_methods, register_estimator
 
@@ -41,10 +42,14 @@ __all__ = [
     "ggn",
     "hessian",
     "jacobian",
+    "logdet",
     "rademacher",
     "register_estimator",
     "row_sums",
     "sphere",
     "steinhaus",
     "trace",
+    "trace_exp",
+    "trace_function",
+    "trace_inverse",
 ]

@@ -147,7 +147,9 @@ class Estimate:
         Of the samples whose mean ``value`` is, when the interval is shape-corrected
         (Hutchinson-type estimates, see :meth:`quantile`).
     info : dict
-        Method-specific extras (e.g. the plain XTrace error estimate).
+        Method-specific extras (e.g. the plain XTrace error estimate). Where it holds
+        ``"systematic_error"`` (stochastic Lanczos quadrature's estimated quadrature
+        error, not random), :meth:`ci` adds it to the half-width.
 
     Notes
     -----
@@ -379,7 +381,8 @@ class Estimate:
         return edgeworth_quantile(base, level, dof + 1, skewness, kurtosis)
 
     def ci(self, level: float = 0.95) -> tuple[Any, Any]:
-        """The ``level`` confidence interval ``(low, high)`` from ``stderr``.
+        """The ``level`` confidence interval ``(low, high)`` from ``stderr`` (plus
+        ``info["systematic_error"]`` where the method reports one).
 
         Scalars come back as Python floats, vectors as arrays of the value's library.
         """
@@ -396,6 +399,9 @@ class Estimate:
         if not isinstance(quantile, float):
             quantile = xp.asarray(quantile, dtype=stderr.dtype, device=backend.device_of(stderr))
         half_width = quantile * backend.stop_gradient(stderr)
+        systematic = self.info.get("systematic_error")
+        if systematic is not None:  # a bias bound (SLQ's quadrature error) widens it
+            half_width = half_width + backend.stop_gradient(systematic)
         low, high = value - half_width, value + half_width
         if value.ndim == 0:
             return float(low), float(high)

@@ -185,7 +185,8 @@ class LinearOperator:
             device = self.device
         if device is None:  # JAX tracers report no device
             device = self.device
-        if not backend.same_device(device, self.device):
+        if self.device is not None and not backend.same_device(device, self.device):
+            # (an operator over JAX tracers, under grad or vmap, has no device to match)
             raise ValueError(
                 f"`{name}` got an array on {device}, operator is {self._describe()}; "
                 "devices are mixed"

@@ -1,0 +1,332 @@
+"""Spectral sums by stochastic Lanczos quadrature: trace_function, logdet, trace_inverse,
+trace_exp. Exactness where the quadrature is exact, accuracy against the probes' variance,
+the guards, real data, and (``stats``) the interval's coverage over hundreds of seeds."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.linalg
+import scipy.sparse as sp
+import scipy.sparse.linalg
+from conftest import numpy_of, rtol_for
+
+import linop_trace as lt
+from linop_trace._spectral import batched_lanczos, lanczos_quadrature
+
+FUNCTIONS = {
+    "log": np.log,
+    "inverse": lambda x: 1 / x,
+    "exp": np.exp,
+    "sqrt": np.sqrt,
+}
+
+
+def spd_matrix(eigenvalues: np.ndarray, seed: int = 0) -> np.ndarray:
+    n = len(eigenvalues)
+    basis = np.linalg.qr(np.random.default_rng(seed).standard_normal((n, n)))[0]
+    return (basis * eigenvalues) @ basis.T
+
+
+def matrix_function(A: np.ndarray, f) -> np.ndarray:
+    values, vectors = np.linalg.eigh(A)
+    return (vectors * f(values)) @ vectors.T
+
+
+def rademacher_sd(F: np.ndarray, num_probes: int) -> float:
+    """Standard deviation of the mean of ``num_probes`` Rademacher quadratic forms
+    z^T F z of a symmetric F: Var(z^T F z) = 2 sum_{i != j} F_ij^2."""
+    off = np.sum(F**2) - np.sum(np.diag(F) ** 2)
+    return float(np.sqrt(2 * off / num_probes))
+
+
+# ------------------------------------------------------------------------ exactness
+@pytest.mark.parametrize("name", ["log", "inverse", "exp", "square"])
+def test_exact_method_sums_f_over_the_eigenvalues(backend, name):
+    eigenvalues = np.linspace(0.5, 3.0, 40)
+    A = spd_matrix(eigenvalues)
+    f = (lambda x: x**2) if name == "square" else name
+    reference = float(np.sum(eigenvalues**2 if name == "square" else FUNCTIONS[name](eigenvalues)))
+    estimate = lt.trace_function(backend.matrix(A), f, method="exact")
+    assert estimate.method == "exact" and estimate.num_matvecs == 40
+    assert float(estimate) == pytest.approx(reference, rel=1e-10)
+    assert float(estimate.stderr) == 0.0
+
+
+@pytest.mark.parametrize("name", ["log", "inverse", "exp"])
+def test_lanczos_over_the_whole_space_is_each_probes_quadratic_form(backend, name):
+    """With n steps (and reorthogonalisation) the quadrature is exact for every probe:
+    each sample is z^T f(A) z, and the quadrature error is reported as zero."""
+    n, num_probes = 12, 4
+    A = spd_matrix(np.linspace(0.5, 2.0, n), seed=1)
+    operator = backend.matrix(A)
+    estimate = lt.trace_function(
+        operator,
+        name,
+        num_matvecs=n * num_probes,
+        lanczos_steps=n,
+        seed=3,
+        reorthogonalize=True,
+    )
+    probes = numpy_of(lt.rademacher(operator, num_probes, seed=3))
+    F = matrix_function(A, FUNCTIONS[name])
+    expected = np.einsum("ij,ik,kj->j", probes, F, probes)
+    assert numpy_of(estimate.info["samples"]) == pytest.approx(expected, rel=1e-9)
+    assert float(estimate) == pytest.approx(expected.mean(), rel=1e-9)
+    assert float(estimate.info["systematic_error"]) == 0.0
+    assert estimate.num_matvecs == n * num_probes
+
+
+def test_gauss_rule_is_exact_for_polynomials_of_degree_2k_minus_1(backend):
+    """k = 2 Lanczos steps integrate x^3 exactly: each sample is z^T A^3 z."""
+    n, num_probes = 60, 5
+    A = spd_matrix(np.linspace(1.0, 2.0, n), seed=2)
+    operator = backend.matrix(A)
+    estimate = lt.trace_function(
+        operator, lambda x: x**3, num_matvecs=2 * num_probes, lanczos_steps=2, seed=5
+    )
+    probes = numpy_of(lt.rademacher(operator, num_probes, seed=5))
+    A3 = A @ A @ A
+    expected = np.einsum("ij,ik,kj->j", probes, A3, probes)
+    assert numpy_of(estimate.info["samples"]) == pytest.approx(expected, rel=1e-9)
+
+
+def test_float32_keeps_its_dtype_and_agrees(dense_backend):
+    A = spd_matrix(np.linspace(1.0, 3.0, 80), seed=4)
+    matrix = dense_backend.asarray(A, np.float32)
+    estimate = lt.logdet(matrix, num_matvecs=200, lanczos_steps=10, seed=0)
+    assert estimate.value.dtype == dense_backend.dtype(np.float32)
+    reference = lt.logdet(dense_backend.asarray(A), num_matvecs=200, lanczos_steps=10, seed=0)
+    # same probes, same coefficients up to float32 rounding of 10 Lanczos steps
+    assert float(estimate) == pytest.approx(float(reference), rel=1e3 * rtol_for(np.float32))
+
+
+# ------------------------------------------------------------------------- accuracy
+@pytest.mark.parametrize("name", ["log", "inverse", "exp", "sqrt"])
+def test_estimate_and_stderr_agree_with_the_probes_variance(name):
+    """Rademacher SLQ with converged quadrature: the error is within 4 theoretical
+    standard deviations (sd = sqrt(2 sum_{i!=j} F_ij^2 / m), F = f(A)), and the reported
+    stderr is within 30% of that sd (with m = 100 probes the sample sd's own relative
+    spread is about 1 / sqrt(2 (m - 1)) = 7%, plus the forms' kurtosis)."""
+    eigenvalues = np.linspace(0.5, 2.5, 200)
+    A = spd_matrix(eigenvalues, seed=6)
+    num_probes = 100
+    estimate = lt.trace_function(A, name, num_matvecs=15 * num_probes, lanczos_steps=15, seed=11)
+    F = matrix_function(A, FUNCTIONS[name])
+    sd = rademacher_sd(F, num_probes)
+    systematic = float(estimate.info["systematic_error"])
+    assert systematic < 1e-6 * sd  # 15 nodes on a condition number of 5: converged
+    assert abs(float(estimate) - np.trace(F)) <= 4 * sd + systematic
+    assert float(estimate.stderr) == pytest.approx(sd, rel=0.3)
+
+
+def test_quadrature_error_bounds_an_undersized_rule():
+    """Too few steps for the spectrum (k = 4, condition number 500): the Gauss rule's
+    own error is far beyond the Monte-Carlo error, and the reported systematic error
+    (Gauss-Radau) bounds it, so the interval still covers."""
+    eigenvalues = 0.01 + 5 * 0.98 ** np.arange(200)
+    A = spd_matrix(eigenvalues, seed=0)
+    truth = float(np.sum(1 / eigenvalues))
+    estimate = lt.trace_inverse(A, num_matvecs=4 * 400, lanczos_steps=4, seed=0)
+    # the bias of 4-node Gauss on this spectrum, per probe, from the dense quadrature
+    bias = abs(float(estimate) - truth)
+    assert bias > 5 * float(estimate.stderr)  # the case is the quadrature's, not the probes'
+    assert float(estimate.info["systematic_error"]) >= bias - 4 * float(estimate.stderr)
+    low, high = estimate.ci()
+    assert low <= truth <= high
+
+
+def test_reorthogonalisation_is_the_default_and_float32_needs_it():
+    """float32 without reorthogonalisation repeats Ritz values (ghosts); with it the
+    nodes of a probe are distinct."""
+    rng = np.random.default_rng(0)
+    n = 400
+    eigenvalues = np.concatenate([np.linspace(1, 2, n - 5), [50, 60, 70, 80, 90]])
+    A = spd_matrix(eigenvalues, seed=3).astype(np.float32)
+    probes = rng.choice([-1.0, 1.0], size=(n, 2)).astype(np.float32)
+    for reorthogonalize, expect_ghosts in ((False, True), (True, False)):
+        alphas, betas = batched_lanczos(lambda X: A @ X, probes, 60, np, reorthogonalize)
+        _, _, nodes, weights = lanczos_quadrature(alphas, betas, lambda xp, x: x, np)
+        top = np.sort(nodes[0])[-10:]
+        ghosts = np.sum(np.abs(np.diff(top)) < 1e-3 * top[1:])
+        assert (ghosts > 0) == expect_ghosts
+    assert lt.logdet(A, num_matvecs=40, lanczos_steps=20, seed=0).info["reorthogonalized"]
+
+
+# --------------------------------------------------------------------------- guards
+def test_indefinite_or_singular_operator_is_refused(backend):
+    indefinite = backend.matrix(np.diag(np.linspace(-1.0, 1.0, 50)))
+    for function in (lt.logdet, lt.trace_inverse):
+        with pytest.raises(ValueError, match="needs a positive definite operator"):
+            float(function(indefinite, num_matvecs=100, lanczos_steps=10, seed=0))
+    singular = backend.matrix(np.diag(np.concatenate([np.zeros(5), np.linspace(1, 2, 45)])))
+    with pytest.raises(ValueError, match="indefinite or singular"):
+        float(lt.logdet(singular, method="exact"))
+    # exp needs no definiteness
+    value = float(lt.trace_exp(indefinite, num_matvecs=100, lanczos_steps=10, seed=0))
+    assert np.isfinite(value)
+
+
+def test_bad_arguments_are_named():
+    A = np.eye(30)
+    with pytest.raises(ValueError, match="unknown function 'cosh'"):
+        lt.trace_function(A, "cosh")
+    with pytest.raises(TypeError, match="f must be a function name or a callable"):
+        lt.trace_function(A, 3)
+    with pytest.raises(ValueError, match="unknown method 'hutchinson'"):
+        lt.trace_function(A, "log", method="hutchinson")
+    with pytest.raises(ValueError, match=r"at least 2 probes of 10 Lanczos steps.*>= 20"):
+        lt.logdet(A, num_matvecs=19, lanczos_steps=10)
+    with pytest.raises(ValueError, match="`lanczos_steps` must be >= 2"):
+        lt.logdet(A, lanczos_steps=1)
+    with pytest.raises(ValueError, match=r"square operator, got shape \(3, 4\)"):
+        lt.logdet(np.ones((3, 4)))
+    with pytest.raises(ValueError, match="spectrum_bounds must be"):
+        lt.logdet(A, spectrum_bounds=(2.0, 1.0), seed=0)
+
+
+def test_non_finite_product_is_named():
+    A = np.eye(30)
+    A[3, 3] = np.nan
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        lt.trace_exp(A, num_matvecs=40, lanczos_steps=5, seed=0)
+
+
+def test_known_spectrum_bounds_are_used():
+    eigenvalues = np.linspace(1.0, 4.0, 100)
+    A = spd_matrix(eigenvalues, seed=8)
+    tight = lt.trace_inverse(A, num_matvecs=60, lanczos_steps=3, seed=0, spectrum_bounds=(1, 4))
+    loose = lt.trace_inverse(A, num_matvecs=60, lanczos_steps=3, seed=0, spectrum_bounds=(0.1, 40))
+    assert float(tight) == float(loose)  # the bounds change the error bar, not the value
+    assert float(loose.info["systematic_error"]) > float(tight.info["systematic_error"])
+    truth = float(np.sum(1 / eigenvalues))
+    # with true bounds, each probe's Gauss and Radau rules bracket its quadratic form
+    assert abs(float(tight) - truth) <= float(tight.info["systematic_error"]) + 4 * float(
+        tight.stderr
+    )
+
+
+# ------------------------------------------------------------------------------ JAX
+def test_jax_estimate_compiles_under_jit_and_agrees():
+    jax = pytest.importorskip("jax")
+    jax.config.update("jax_enable_x64", True)
+    import jax.numpy as jnp
+
+    A = jnp.asarray(spd_matrix(np.linspace(0.5, 2.0, 60)))
+    key = jax.random.key(0)
+    compiled = jax.jit(lambda M, k: lt.logdet(M, num_matvecs=60, lanczos_steps=6, seed=k).value)
+    eager = lt.logdet(A, num_matvecs=60, lanczos_steps=6, seed=key)
+    assert float(compiled(A, key)) == pytest.approx(float(eager), rel=1e-10)
+
+
+# ------------------------------------------------------------------------ real data
+def test_logdet_of_a_2d_poisson_matrix_against_sparse_lu():
+    """The 5-point Laplacian on a 40 x 40 grid (pyamg.gallery.poisson's matrix), log det
+    by sparse LU: the estimate within 4 standard errors plus the quadrature error."""
+    grid = 40
+    one_d = sp.diags([-np.ones(grid - 1), 2 * np.ones(grid), -np.ones(grid - 1)], [-1, 0, 1])
+    A = (sp.kron(one_d, sp.identity(grid)) + sp.kron(sp.identity(grid), one_d)).tocsc()
+    lu = scipy.sparse.linalg.splu(A)
+    truth = float(np.sum(np.log(np.abs(lu.U.diagonal()))))
+    estimate = lt.logdet(A, num_matvecs=40 * 50, lanczos_steps=40, seed=0)
+    error = abs(float(estimate) - truth)
+    assert error <= 4 * float(estimate.stderr) + float(estimate.info["systematic_error"])
+    assert error < 0.01 * abs(truth)
+
+
+def test_logdet_of_an_rbf_kernel_on_digits_against_cholesky():
+    """A GP's kernel matrix: RBF on 500 scikit-learn digits plus noise 0.1 I."""
+    from sklearn.datasets import load_digits
+
+    X = load_digits().data[:500] / 16.0
+    squared = np.sum(X**2, axis=1)
+    distances = squared[:, None] + squared[None, :] - 2 * X @ X.T
+    K = np.exp(-np.maximum(distances, 0) / (2 * 4.0**2)) + 0.1 * np.eye(500)
+    truth = 2 * float(np.sum(np.log(np.diag(scipy.linalg.cholesky(K)))))
+    estimate = lt.logdet(K, num_matvecs=30 * 40, lanczos_steps=30, seed=1)
+    sd = rademacher_sd(matrix_function(K, np.log), 40)
+    assert abs(float(estimate) - truth) <= 4 * sd + float(estimate.info["systematic_error"])
+
+
+@pytest.mark.parametrize("graph", ["karate_club_graph", "les_miserables_graph"])
+def test_estrada_index_of_networkx_graphs_against_expm(graph):
+    nx = pytest.importorskip("networkx")
+    A = nx.to_numpy_array(getattr(nx, graph)(), weight=None)
+    truth = float(np.trace(scipy.linalg.expm(A)))
+    estimate = lt.trace_exp(A, num_matvecs=20 * 60, lanczos_steps=20, seed=2)
+    sd = rademacher_sd(scipy.linalg.expm(A), 60)
+    assert abs(float(estimate) - truth) <= 4 * sd + float(estimate.info["systematic_error"])
+    low, high = estimate.ci()
+    # the interval's width is that of the probes' variance: 2 t_{0.975, 59} sd, within
+    # the sample sd's spread at 60 probes (the matrix exponential of a graph is dominated
+    # by its top eigenvector, so plain SLQ's relative error here is 10-15%)
+    assert (high - low) / (2 * 2.0 * sd) == pytest.approx(1.0, abs=0.4)
+
+
+def test_trace_inverse_at_n_2000_against_a_dense_inverse():
+    rng = np.random.default_rng(3)
+    G = rng.standard_normal((2000, 2000)) / np.sqrt(2000)
+    A = G @ G.T + 0.5 * np.eye(2000)  # Marchenko-Pastur spectrum shifted by 0.5
+    truth = float(np.trace(np.linalg.inv(A)))
+    estimate = lt.trace_inverse(A, num_matvecs=30 * 30, lanczos_steps=30, seed=4)
+    low, high = estimate.ci()
+    assert low <= truth <= high
+    assert (high - low) / truth < 0.05
+
+
+# ---------------------------------------------------------------------- coverage
+@pytest.mark.stats
+@pytest.mark.parametrize("name", ["log", "inverse", "exp"])
+@pytest.mark.parametrize("spectrum", ["flat", "decaying"])
+def test_interval_coverage_over_400_seeds(name, spectrum):
+    """The 95% interval (t-interval of 20 probes plus the quadrature bound) covers the
+    truth in 93-97% of 400 seeds (binomial sd 1.1%), on a flat spectrum (condition 3)
+    and a decaying one (condition ~500, where the quadrature error is not negligible for
+    the inverse)."""
+    n = 200
+    if spectrum == "flat":
+        eigenvalues = np.linspace(1.0, 3.0, n)
+    else:
+        eigenvalues = 0.01 + 5 * 0.98 ** np.arange(n)
+    A = spd_matrix(eigenvalues, seed=0)
+    truth = float(np.sum(FUNCTIONS[name](eigenvalues)))
+    hits = 0
+    for seed in range(400):
+        low, high = lt.trace_function(A, name, num_matvecs=300, lanczos_steps=15, seed=seed).ci()
+        hits += low <= truth <= high
+    assert 0.93 <= hits / 400 <= 0.97
+
+
+# ------------------------------------------------------------------ autodiff operators
+@pytest.mark.parametrize("library", ["torch", "jax"])
+def test_logdet_of_an_autodiff_hessian(library):
+    """The Hessian of f(x) = x^T M x / 2 + sum(x^4) / 4 at x is M + diag(3 x^2): SLQ over
+    Hessian-vector products against the dense log-determinant."""
+    n = 50
+    M = spd_matrix(np.linspace(1.0, 3.0, n), seed=5)
+    x0 = np.random.default_rng(6).standard_normal(n)
+    H = M + np.diag(3 * x0**2)
+    truth = float(np.linalg.slogdet(H)[1])
+    if library == "torch":
+        torch = pytest.importorskip("torch")
+        Mt = torch.tensor(M)
+
+        def f(x):
+            return x @ Mt @ x / 2 + torch.sum(x**4) / 4
+
+        x = torch.tensor(x0)
+    else:
+        jax = pytest.importorskip("jax")
+        jax.config.update("jax_enable_x64", True)
+        import jax.numpy as jnp
+
+        Mj = jnp.asarray(M)
+
+        def f(x):
+            return x @ Mj @ x / 2 + jnp.sum(x**4) / 4
+
+        x = jnp.asarray(x0)
+    estimate = lt.logdet(lt.hessian(f, x), num_matvecs=n * 4, lanczos_steps=n, seed=0)
+    sd = rademacher_sd(matrix_function(H, np.log), 4)
+    assert abs(float(estimate) - truth) <= 4 * sd
+    assert estimate.num_matvecs == n * 4
