@@ -1,0 +1,76 @@
+"""Stochastic Lanczos quadrature against its floor: the products it needs (issue 20).
+
+SLQ with m probes and k Lanczos steps makes k products of an (n, m) block. Its floor is
+those k products alone: ``A @ Q`` with Q the same (n, m) block, k times. Everything above
+that is Lanczos' own work (the three-term recurrence, reorthogonalisation against the
+earlier vectors, O(n m k^2)), the tridiagonal eigenproblems and the statistics.
+
+``TrackSlqOverFloor.track_ratio`` times ``logdet(A, num_matvecs=m k, lanczos_steps=k)``
+and the k products interleaved in one process, best of 7 each, one thread, and returns
+the ratio (target <= 1.2). The operators: a dense SPD matrix at n = 4,000
+(``_common.dense_psd``), where the products dominate, and the 2-d Laplacian plus the
+identity as SciPy CSR at n = 316^2, where a product costs a few flops per entry and
+Lanczos' vector work shows. Each runs with reorthogonalisation (the default while the
+basis fits) and without it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+
+import linop_trace
+
+from ._common import dense_psd, interleaved_best, pin_threads
+
+#: (probes, Lanczos steps).
+SIZES = {"dense 4000": (20, 20), "sparse 2-d Laplacian": (20, 30)}
+
+
+def _operators() -> dict[str, Any]:
+    grid = 316
+    one_d = sp.diags([-np.ones(grid - 1), 2 * np.ones(grid), -np.ones(grid - 1)], [-1, 0, 1])
+    laplacian = sp.kron(one_d, sp.identity(grid)) + sp.kron(sp.identity(grid), one_d)
+    return {
+        "dense 4000": dense_psd(4000),
+        "sparse 2-d Laplacian": (laplacian + sp.identity(grid * grid)).tocsr(),
+    }
+
+
+_operators.timeout = 300  # type: ignore[attr-defined]
+
+
+class TrackSlqOverFloor:
+    """``logdet`` time / the time of its k products of an (n, m) block, interleaved."""
+
+    params = (list(SIZES), [True, False])
+    param_names = ["operator", "reorthogonalize"]
+    timeout = 300
+    setup_cache = staticmethod(_operators)
+
+    def setup(self, operators: dict[str, Any], name: str, reorthogonalize: bool) -> None:
+        pin_threads()
+        A = operators[name]
+        m, k = SIZES[name]
+        n = A.shape[0]
+        block = np.random.default_rng(0).choice([-1.0, 1.0], size=(n, m)) / np.sqrt(n)
+
+        def floor() -> None:
+            for _ in range(k):
+                A @ block
+
+        def estimate() -> Any:
+            return linop_trace.logdet(
+                A, num_matvecs=m * k, lanczos_steps=k, seed=0, reorthogonalize=reorthogonalize
+            ).value
+
+        self.calls = [floor, estimate]
+        estimate()
+
+    def track_ratio(self, operators: dict[str, Any], name: str, reorthogonalize: bool) -> float:
+        floor, estimate = interleaved_best(self.calls)
+        return estimate / floor
+
+    track_ratio.unit = "SLQ time / its products' time"
