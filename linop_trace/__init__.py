@@ -4,6 +4,8 @@ Works on the arrays you already hold (NumPy/SciPy, PyTorch, JAX, CuPy, any array
 library) and keeps their library, dtype and device.
 """
 
+from ._density import SpectralDensity, spectral_density
+from ._eigen import EigenResult, eigenvalues
 from ._estimate import Estimate, EstimateInterrupted
 from ._functions import (
     DEFAULT_MAX_MATVECS,
@@ -26,17 +28,20 @@ __version__ = "0.1.0"
 __all__ = [
     "DEFAULT_MAX_MATVECS",
     "DEFAULT_NUM_MATVECS",
+    "EigenResult",
     "Estimate",
     "EstimateInterrupted",
     "EstimationRequest",
     "Estimator",
     "LinearOperator",
+    "SpectralDensity",
     "aslinearoperator",
     "available_methods",
     "col_sums",
     "computes_exactly",
     "diagonal",
     "divergence",
+    "eigenvalues",
     "frobenius_norm_squared",
     "gaussian",
     "ggn",
@@ -46,6 +51,7 @@ __all__ = [
     "rademacher",
     "register_estimator",
     "row_sums",
+    "spectral_density",
     "sphere",
     "steinhaus",
     "trace",

@@ -308,7 +308,7 @@ def trace_function(
         probes; ``info["systematic_error"]`` the estimated quadrature error, which
         :meth:`~linop_trace.Estimate.ci` adds to the half-width; ``info`` also holds
         ``"lanczos_steps"``, ``"num_probes"``, ``"reorthogonalized"``, and the per-probe
-        ``"samples"``, ``"nodes"`` and ``"weights"``.
+        ``"samples"``, ``"nodes"``, ``"weights"`` and the probes' ``"squared_norms"``.
 
     Raises
     ------
@@ -434,6 +434,7 @@ def _slq(config: _SlqConfig, operator: LinearOperator, seed: Any) -> Estimate:
         "reorthogonalized": config.reorthogonalize,
         "nodes": nodes,
         "weights": weights,
+        "squared_norms": squared_norms,
         "function": name,
     }
     estimate = mean.estimate(matmat.columns, "slq", info=info)

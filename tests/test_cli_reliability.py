@@ -390,6 +390,10 @@ import os, signal, sys, threading, time
 import linop_trace as lt
 from linop_trace.cli import _run, main
 
+# a child of a background job inherits SIGINT ignored (POSIX shells without job control),
+# and Python then installs no KeyboardInterrupt handler: give it the one a terminal has
+signal.signal(signal.SIGINT, signal.default_int_handler)
+
 sent = []
 products = []
 two_products_done = threading.Event()

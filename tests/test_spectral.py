@@ -11,6 +11,7 @@ import scipy.linalg
 import scipy.sparse as sp
 import scipy.sparse.linalg
 from conftest import numpy_of, rtol_for
+from scipy.integrate import trapezoid
 
 import linop_trace as lt
 from linop_trace._spectral import batched_lanczos, lanczos_quadrature
@@ -343,3 +344,144 @@ def test_logdet_of_an_autodiff_hessian(library):
     sd = rademacher_sd(matrix_function(H, np.log), 4)
     assert abs(float(estimate) - truth) <= 4 * sd
     assert estimate.num_matvecs == n * 4
+
+
+# ---------------------------------------------------------------- spectral densities
+def test_density_of_a_diagonal_matrix_over_the_whole_space_is_exact(backend):
+    """Rademacher probes see every eigenvector of a diagonal matrix with weight 1/n, so
+    n Lanczos steps (reorthogonalised) give exactly the eigenvalue distribution."""
+    eigenvalues = np.array([0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 7.0, 8.0, 9.0, 10.0, 12.0])
+    n = len(eigenvalues)
+    density = lt.spectral_density(
+        backend.matrix(np.diag(eigenvalues)),
+        num_matvecs=3 * n,
+        lanczos_steps=n,
+        seed=0,
+        reorthogonalize=True,
+    )
+    values, masses = density.atoms()
+    assert masses.sum() == pytest.approx(1.0, abs=1e-12)
+    points = np.array([0.0, 0.75, 2.5, 6.0, 11.0, 13.0])
+    expected = np.array([np.mean(eigenvalues <= t) for t in points])
+    assert density.cdf(points) == pytest.approx(expected, abs=1e-9)
+    assert density.num_matvecs == 3 * n and density.n == n
+
+
+def test_density_integrates_to_one_and_integrate_matches_trace_function():
+    eigenvalues = np.concatenate([np.linspace(0.0, 1.0, 300), [5.0, 6.0]])
+    A = spd_matrix(eigenvalues, seed=2)
+    density = lt.spectral_density(A, num_matvecs=600, lanczos_steps=30, seed=1)
+    points = density.grid(4096)
+    assert trapezoid(density.density(points), points) == pytest.approx(1.0, abs=1e-3)
+    assert density.cdf([-1.0, 2.0, 7.0]) == pytest.approx([0.0, 300 / 302, 1.0], abs=0.01)
+    squares = density.integrate(lambda x: x**2)
+    reference = lt.trace_function(
+        A, lambda x: x**2, num_matvecs=600, lanczos_steps=30, seed=1
+    )  # the same probes and rules
+    assert float(squares) == pytest.approx(float(reference), rel=1e-12)
+    assert float(squares.stderr) == pytest.approx(float(reference.stderr), rel=1e-12)
+    with pytest.raises(ValueError, match="width must be positive"):
+        density.density(width=0.0)
+
+
+def test_density_of_the_digits_mlp_hessian_against_eigvalsh():
+    """The Hessian of the digits MLP (1,480 parameters; BackPACK's example) from 20
+    probes of 30 Hessian-vector-product steps: Wasserstein-1 distance to the dense
+    eigenvalues below 0.2% of the spectrum's range (measured 0.08%), and below a tenth of
+    that of the best single point (all mass at the mean eigenvalue)."""
+    torch = pytest.importorskip("torch")
+    from scipy.stats import wasserstein_distance
+
+    from linop_trace.autodiff._examples import digits_mlp_problem
+
+    model, loss_fn, (X, y) = digits_mlp_problem(batch_size=256, seed=0, dtype=torch.float64)
+    H = lt.hessian(model, loss_fn, (X, y))
+    eigenvalues = np.linalg.eigvalsh(numpy_of(H.to_dense()))
+    density = lt.spectral_density(H, num_matvecs=600, lanczos_steps=30, seed=0)
+    values, masses = density.atoms()
+    distance = wasserstein_distance(values, eigenvalues, u_weights=masses)
+    spread = eigenvalues[-1] - eigenvalues[0]
+    assert distance < 0.002 * spread
+    assert distance < 0.1 * np.mean(np.abs(eigenvalues - eigenvalues.mean()))
+    # the top eigenvalue is an atom (the extreme Ritz values converge first)
+    assert values.max() == pytest.approx(eigenvalues[-1], rel=1e-8)
+
+
+def test_density_plot_draws_the_smoothed_density(tmp_path):
+    pytest.importorskip("matplotlib", reason="the plot needs matplotlib (optional)")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    density = lt.spectral_density(np.diag(np.linspace(1, 2, 100)), num_matvecs=200, seed=0)
+    ax = density.plot(num=200, log=True)
+    (line,) = ax.get_lines()
+    x, y = line.get_data()
+    assert len(x) == 200 and np.allclose(y, density.density(x))
+    assert ax.get_yscale() == "log"
+    ax.figure.savefig(tmp_path / "density.png")
+    assert (tmp_path / "density.png").stat().st_size > 0
+
+
+def test_density_refuses_bad_operators():
+    with pytest.raises(ValueError, match="square operator"):
+        lt.spectral_density(np.ones((3, 4)))
+    with pytest.raises(ValueError, match="non-empty"):
+        lt.spectral_density(np.zeros((0, 0)))
+
+
+# ---------------------------------------------------------------- extreme eigenvalues
+@pytest.mark.parametrize("which", ["largest", "smallest", "both_ends"])
+def test_extreme_eigenvalues_against_the_known_spectrum(backend, which):
+    eigenvalues = np.concatenate([np.linspace(0.0, 1.0, 190), np.linspace(2.0, 5.0, 10)])
+    A = spd_matrix(eigenvalues - 0.5, seed=4)  # shifted: both ends away from zero
+    result = lt.eigenvalues(
+        backend.matrix(A), k=4, which=which, tol=1e-9, seed=0, return_vectors=True
+    )
+    ordered = np.sort(eigenvalues - 0.5)
+    expected = {
+        "largest": ordered[::-1][:4],
+        "smallest": ordered[:4],
+        "both_ends": np.concatenate([ordered[:2], ordered[-2:]]),
+    }[which]
+    values = numpy_of(result.values)
+    norms = numpy_of(result.residual_norms)
+    assert result.converged and result.num_matvecs <= 2000
+    # each Ritz value lies within its residual norm of an eigenvalue; with converged
+    # residuals (<= 1e-9 * 4.5) and these gaps, of the one expected
+    assert values == pytest.approx(expected, abs=1e-8)
+    assert np.all(norms <= 1e-9 * 4.5 * (1 + 1e-12))
+    vectors = numpy_of(result.vectors)
+    assert np.abs(vectors.T @ vectors - np.eye(4)).max() < 1e-10
+    assert np.linalg.norm(A @ vectors - vectors * values, axis=0) == pytest.approx(norms, abs=1e-12)
+
+
+def test_top_eigenvalues_of_the_digits_mlp_hessian():
+    """The five largest eigenvalues of the digits-MLP Hessian (1,480 parameters) from
+    Hessian-vector products, to tol 1e-8: within the returned residual norms of the
+    dense eigvalsh values."""
+    torch = pytest.importorskip("torch")
+    from linop_trace.autodiff._examples import digits_mlp_problem
+
+    model, loss_fn, (X, y) = digits_mlp_problem(batch_size=256, seed=0, dtype=torch.float64)
+    H = lt.hessian(model, loss_fn, (X, y))
+    top = np.sort(np.linalg.eigvalsh(numpy_of(H.to_dense())))[::-1][:5]
+    result = lt.eigenvalues(H, k=5, tol=1e-8, seed=0)
+    values = numpy_of(result.values)
+    assert result.converged
+    assert np.all(np.abs(values - top) <= numpy_of(result.residual_norms) + 1e-12)
+    assert np.all(numpy_of(result.residual_norms) <= 1e-8 * top[0])
+
+
+def test_eigenvalues_budget_and_arguments():
+    A = np.diag(np.linspace(0.0, 1.0, 400))  # a dense cluster: slow to resolve
+    with pytest.warns(RuntimeWarning, match="raise max_matvecs"):
+        result = lt.eigenvalues(A, k=5, which="smallest", tol=1e-12, max_matvecs=60, seed=0)
+    assert not result.converged and result.num_matvecs <= 60
+    with pytest.raises(ValueError, match="k = 5 eigenvalues asked of an operator of size n = 4"):
+        lt.eigenvalues(np.eye(4), k=5)
+    with pytest.raises(ValueError, match="unknown which='middle'"):
+        lt.eigenvalues(A, which="middle")
+    with pytest.raises(ValueError, match="tol must be a positive number"):
+        lt.eigenvalues(A, tol=0)
+    with pytest.raises(ValueError, match="square operator"):
+        lt.eigenvalues(np.ones((3, 4)))

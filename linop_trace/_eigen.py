@@ -1,0 +1,247 @@
+"""Extreme eigenvalues of self-adjoint operators: restarted block Lanczos.
+
+Each cycle builds a block Krylov basis V = [V_0, A V_0, A^2 V_0, ...] (orthonormalised,
+b columns per block, one ``matmat`` of b columns per block) and keeps the products A V,
+so that the Rayleigh-Ritz step (the eigenpairs of V^H A V) and every Ritz pair's residual
+A x - theta x cost no further product. Converged when each wanted pair's residual norm is
+at most ``tol`` times the largest Ritz value's magnitude; otherwise the cycle restarts from
+its best b Ritz vectors, whose products are already known (a thick restart: the new basis
+contains the old best approximations, so nothing converged is lost).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+from . import _backend as backend
+from ._operators import aslinearoperator, widened
+from ._probes import ProbeSampler
+from ._validation import check_positive_int, check_square
+from .estimators._base import CountingMatmat
+from .estimators._linalg import hermitian_transpose, orthonormal_basis
+
+__all__ = ["EigenResult", "eigenvalues"]
+
+WHICH = ("largest", "smallest", "both_ends")
+
+
+@dataclass
+class EigenResult:
+    """Extreme eigenvalues from :func:`~linop_trace.eigenvalues`.
+
+    Attributes
+    ----------
+    values : array, shape (k,)
+        The eigenvalues, in the operator's library: descending for ``"largest"``,
+        ascending for ``"smallest"`` and ``"both_ends"``.
+    vectors : array of shape (n, k), or None
+        Unit eigenvectors (columns), with ``return_vectors=True``.
+    residual_norms : array, shape (k,)
+        ``||A x - lambda x||`` of each returned pair: a bound on its distance to an eigenvalue.
+    num_matvecs : int
+        Operator columns spent.
+    converged : bool
+        Whether every residual met the tolerance within ``max_matvecs``.
+    cycles : int
+        Restart cycles run.
+    """
+
+    values: Any
+    vectors: Any
+    residual_norms: Any
+    num_matvecs: int
+    converged: bool
+    cycles: int
+
+
+def eigenvalues(
+    A: Any,
+    k: int = 6,
+    which: str = "largest",
+    tol: float = 1e-6,
+    max_matvecs: int | None = None,
+    block_size: int | None = None,
+    basis_blocks: int | None = None,
+    return_vectors: bool = False,
+    seed: Any = None,
+    check_finite: bool = True,
+) -> EigenResult:
+    """The ``k`` extreme eigenvalues of a self-adjoint operator by restarted block Lanczos.
+
+    Parameters
+    ----------
+    A : LinearOperator or matrix
+        Self-adjoint (symmetric or Hermitian): Lanczos assumes it.
+    k : int
+        Number of eigenvalues.
+    which : {"largest", "smallest", "both_ends"}
+        Algebraically largest, smallest, or ceil(k/2) largest and floor(k/2) smallest.
+    tol : float
+        Stop when every returned pair's residual ``||A x - theta x||`` is at most ``tol`` times
+        the largest ``|theta|``. The eigenvalue's error is then at most that residual, and
+        for well-separated eigenvalues about its square over the gap.
+    max_matvecs : int, optional
+        Budget of operator columns (default ``max(1000, 50 k)``, capped at 50 n); when it
+        runs out the result has ``converged=False`` and a ``RuntimeWarning`` says so.
+    block_size : int, optional
+        Columns per block, b (default ``min(k + 2, n)``): each Krylov step is one
+        ``matmat`` of b columns.
+    basis_blocks : int, optional
+        Basis size per cycle in blocks of b columns (default: ``max(6 b, 40)`` columns,
+        at most n). At a restart half the basis (at least the k wanted Ritz vectors) is
+        kept.
+    return_vectors : bool
+        Also return the eigenvectors.
+    seed : int, None, or the library's generator/key
+        For the starting block (Gaussian).
+    check_finite : bool
+        Raise ``FloatingPointError`` when a product is NaN or infinite.
+
+    Returns
+    -------
+    EigenResult
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from linop_trace import eigenvalues
+    >>> A = np.diag(np.arange(1.0, 101.0))
+    >>> result = eigenvalues(A, k=3, seed=0)
+    >>> np.round(result.values, 6).tolist(), result.converged
+    ([100.0, 99.0, 98.0], True)
+    """
+    operator = widened(aslinearoperator(A))
+    n = check_square(operator, "eigenvalues")
+    k = check_positive_int(k, "k")
+    if k > n:
+        raise ValueError(f"k = {k} eigenvalues asked of an operator of size n = {n}")
+    if which not in WHICH:
+        raise ValueError(f"unknown which={which!r}; choose one of {', '.join(WHICH)}")
+    if not (isinstance(tol, (int, float)) and not isinstance(tol, bool) and tol > 0):
+        raise ValueError(f"tol must be a positive number, got {tol!r}")
+    b = min(k + 2, n) if block_size is None else check_positive_int(block_size, "block_size")
+    b = min(b, n)
+    if b < k and which != "both_ends":
+        b = k
+    if basis_blocks is None:
+        columns = max(6 * b, 40)
+    else:
+        columns = check_positive_int(basis_blocks, "basis_blocks", 2) * b
+    columns = max(b, min(columns, n))
+    # Ritz vectors kept at a restart: the wanted ones and as many more as half the basis
+    kept = max(min(k, columns - b), min(columns // 2, columns - b))
+    budget = max(1000, 50 * k) if max_matvecs is None else max_matvecs
+    budget = min(check_positive_int(budget, "max_matvecs"), max(50 * n, b))
+    xp = operator.xp
+    matmat = CountingMatmat(operator, bool(check_finite), None, backend.caller_precision(xp))
+    sampler = ProbeSampler("gaussian", n, xp, operator.dtype, operator.device, seed)
+    start = orthonormal_basis(sampler(b), xp)
+    start_image = matmat(start)
+    direction = start_image
+    cycles = 0
+    while True:
+        cycles += 1
+        basis, images = _krylov_cycle(matmat, start, start_image, direction, columns, budget, xp)
+        values, vectors, ritz_images = _rayleigh_ritz(basis, images, xp)
+        wanted = _wanted(values, k, which, xp)
+        chosen_values = xp.take(values, wanted)
+        chosen_vectors = xp.take(vectors, wanted, axis=1)
+        residuals = xp.take(ritz_images, wanted, axis=1) - chosen_vectors * chosen_values[None, :]
+        norms = xp.sqrt(backend.real_part(xp, backend.column_inner(xp, residuals, residuals)))
+        matmat.check_now()
+        scale = backend.read_float(xp.max(xp.abs(values)))
+        largest = backend.read_float(xp.max(norms))
+        done = largest is not None and scale is not None and largest <= tol * max(scale, 1e-300)
+        exhausted = matmat.columns + b > budget or basis.shape[1] >= n
+        if done or exhausted:
+            break
+        keep = _wanted(values, kept, which, xp)
+        start = xp.take(vectors, keep, axis=1)
+        start_image = xp.take(ritz_images, keep, axis=1)
+        theta = xp.take(values, keep)
+        # the kept vectors' residuals span the one new direction per block column
+        direction = _leading_directions(start_image - start * theta[None, :], b, xp)
+    converged = bool(done)
+    if not converged:
+        warnings.warn(
+            f"eigenvalues: the largest residual is {largest:.3g} after {matmat.columns} "
+            f"products, above tol * |theta|max = {tol * (scale or 0):.3g}; raise max_matvecs "
+            "or basis_blocks, or loosen tol",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    return EigenResult(
+        chosen_values,
+        chosen_vectors if return_vectors else None,
+        norms,
+        matmat.columns,
+        converged,
+        cycles,
+    )
+
+
+def _krylov_cycle(
+    matmat: Any,
+    start: Any,
+    start_image: Any,
+    direction: Any,
+    columns: int,
+    budget: int,
+    xp: Any,
+) -> tuple[Any, Any]:
+    """An orthonormal basis of ``columns`` columns (fewer when the budget runs out) and
+    its image: ``start`` (orthonormal, image known), then blocks grown from
+    ``direction`` (b columns) by the operator, each orthonormalised against all before."""
+    b = direction.shape[1]
+    basis, images = [start], [start_image]
+    current = direction
+    size = start.shape[1]
+    while size + b <= columns and matmat.columns + b <= budget:
+        known = xp.concat(basis, axis=1)
+        block = current
+        for _ in range(2):  # block Gram-Schmidt against every earlier block, twice
+            block = block - known @ (hermitian_transpose(known, xp) @ block)
+        block = orthonormal_basis(block, xp)
+        current = matmat(block)
+        basis.append(block)
+        images.append(current)
+        size += b
+    return xp.concat(basis, axis=1), xp.concat(images, axis=1)
+
+
+def _leading_directions(block: Any, count: int, xp: Any) -> Any:
+    """The ``count`` leading left singular vectors of ``block`` (its numerical range)."""
+    left, _, _ = xp.linalg.svd(block, full_matrices=False)
+    return left[:, :count]
+
+
+def _rayleigh_ritz(basis: Any, images: Any, xp: Any) -> tuple[Any, Any, Any]:
+    """Ritz values (ascending), Ritz vectors and their images from a basis and A basis."""
+    projected = hermitian_transpose(basis, xp) @ images
+    projected = (projected + hermitian_transpose(projected, xp)) / 2
+    values, rotations = xp.linalg.eigh(projected)
+    return values, basis @ rotations, images @ rotations
+
+
+def _wanted(values: Any, count: int, which: str, xp: Any) -> Any:
+    """Indices of the ``count`` wanted Ritz values (``values`` ascending)."""
+    size = values.shape[0]
+    count = min(count, size)
+    device = backend.device_of(values)
+    if which == "largest":
+        return xp.arange(size - 1, size - 1 - count, -1, device=device)
+    if which == "smallest":
+        return xp.arange(count, device=device)
+    return _ends(values, count, xp)
+
+
+def _ends(values: Any, count: int, xp: Any) -> Any:
+    """ceil(count/2) largest and floor(count/2) smallest, ascending."""
+    size = values.shape[0]
+    count = min(count, size)
+    device = backend.device_of(values)
+    low = xp.arange(count // 2, device=device)
+    high = xp.arange(size - (count - count // 2), size, device=device)
+    return xp.concat([low, high])
