@@ -1,0 +1,166 @@
+"""Deflated stochastic Lanczos quadrature (``trace_function(..., method="slq++")``): the
+block Gauss rule of the deflated space is exact where its theory says, the estimate is
+unbiased and beats plain SLQ at equal budget on decaying spectra, every backend, the
+guards, and (``stats``) the interval's coverage over 400 seeds."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import numpy_of
+from test_spectral import FUNCTIONS, spd_matrix
+
+import linop_trace as lt
+from linop_trace._operators import aslinearoperator
+from linop_trace._probes import ProbeSampler
+from linop_trace._spectral import _deflate, deflation_plan
+
+
+def _powers(degree: int):
+    return lambda xp, x: x**degree
+
+
+# ------------------------------------------------------------------------ exactness
+@pytest.mark.parametrize("degree", [3, 5])
+def test_block_rule_is_exact_for_polynomials_of_degree_2_gap_plus_1(backend, degree):
+    """With s block steps and q deflated blocks, A^j Q stays in the Krylov space for
+    j <= s - q, so sum_{i <= qb} f(T)_ii = tr Q^T f(A) Q for polynomials of degree up to
+    2 (s - q) + 1: here s - q = 2, degree 5 (and 3) exactly."""
+    n, b, s, q = 80, 3, 5, 3
+    A = spd_matrix(np.linspace(0.5, 2.0, n), seed=3)
+    operator = aslinearoperator(backend.matrix(A))
+    xp = operator.xp
+    sampler = ProbeSampler("rademacher", n, xp, operator.dtype, operator.device, 0)
+    kept, value, error, ritz = _deflate(operator.matmat, sampler, (b, s, q), _powers(degree), xp)
+    Q = numpy_of(kept)
+    assert Q.shape == (n, q * b)
+    assert Q.T @ Q == pytest.approx(np.eye(q * b), abs=1e-12)
+    expected = np.trace(Q.T @ np.linalg.matrix_power(A, degree) @ Q)
+    assert float(value) == pytest.approx(expected, rel=1e-10)
+    # the rule of s - 1 blocks is exact too up to degree 3: the error estimate vanishes
+    if degree == 3:
+        assert float(error) <= 1e-10 * abs(expected)
+    # Ritz values of the whole space lie in the spectrum
+    assert 0.5 - 1e-12 <= float(numpy_of(ritz).min()) <= float(numpy_of(ritz).max()) <= 2 + 1e-12
+
+
+def test_budget_plan_spends_the_budget_and_names_a_small_one():
+    # a third of 600 to 13 x 15 Krylov columns, the rest to 27 probes of 15 steps
+    assert deflation_plan(600, 15, 1000) == (13, 15, 13, 27)
+    # at most half the dimensions are spent on the Krylov space
+    assert deflation_plan(400, 20, 100) == (2, 20, 18, 18)
+    assert deflation_plan(400, 20, 30) == (1, 15, 13, 19)
+    with pytest.raises(ValueError, match=r"method='slq\+\+'\) needs .* num_matvecs >= 30"):
+        lt.logdet(np.eye(200), method="slq++", num_matvecs=29, lanczos_steps=10)
+
+
+@pytest.mark.parametrize("method", ["slq", "slq++"])
+def test_a_multiple_of_the_identity_has_no_quadrature_error(method):
+    """A = 2 I: every Krylov space is invariant after one step (beta = 0); the rules are
+    exact and the Radau extension adds a node of weight 0 (no singular solve). Plain SLQ
+    with Rademacher probes is exact (|z|^2 = n); after deflation the probes' projected
+    norms |(I - QQ^T) z|^2 vary, so the estimate is exact only in expectation."""
+    est = lt.logdet(2 * np.eye(200), method=method, num_matvecs=60, lanczos_steps=10, seed=0)
+    truth = 200 * np.log(2)
+    assert float(est.info["systematic_error"]) <= 1e-12 * truth
+    if method == "slq":
+        assert float(est) == pytest.approx(truth, rel=1e-12)
+    else:
+        assert abs(float(est) - truth) <= 4 * float(est.stderr)
+
+
+# ------------------------------------------------------------------------- accuracy
+@pytest.mark.parametrize(
+    ("name", "eigenvalues"),
+    [
+        ("log", 1 + 100 * np.arange(1, 401) ** -2.0),  # a kernel-like decay above noise 1
+        ("exp", 5 / np.arange(1, 401)),  # exp of a 1/i decay
+    ],
+)
+def test_deflation_beats_plain_slq_at_equal_budget_on_decaying_spectra(name, eigenvalues):
+    """Root-mean-square errors over 20 seeds at 360 columns: plain SLQ pays the full
+    variance 2 sum_{i != j} F_ij^2 / probes; deflating the top 11 x 8 Krylov directions
+    leaves the tail's (measured: log 0.9 -> 0.01, exp 17 -> 3.5 on this problem)."""
+    A = spd_matrix(eigenvalues, seed=4)
+    truth = float(np.sum(FUNCTIONS[name](eigenvalues)))
+    errors = {"slq": [], "slq++": []}
+    for seed in range(20):
+        for method, sq in errors.items():
+            est = lt.trace_function(
+                A, name, method=method, num_matvecs=360, lanczos_steps=12, seed=seed
+            )
+            assert est.num_matvecs <= 360 and est.method == method
+            sq.append((float(est) - truth) ** 2)
+    rmse = {method: np.sqrt(np.mean(sq)) for method, sq in errors.items()}
+    assert rmse["slq++"] < 0.25 * rmse["slq"], rmse
+
+
+@pytest.mark.parametrize("name", ["log", "exp"])
+def test_deflated_estimate_on_every_backend(backend, name):
+    """Truth within 4 standard errors plus the quadrature error, on every backend."""
+    eigenvalues = 1 + 20 * 0.9 ** np.arange(120)
+    A = spd_matrix(eigenvalues, seed=5)
+    truth = float(np.sum(FUNCTIONS[name](eigenvalues)))
+    est = lt.trace_function(
+        backend.matrix(A), name, method="slq++", num_matvecs=240, lanczos_steps=10, seed=1
+    )
+    # b = 6 columns (60 <= n / 2), s = 10 steps, 8 blocks deflated; 18 probes of 10 steps
+    assert deflation_plan(240, 10, 120) == (6, 10, 8, 18)
+    assert est.method == "slq++" and est.num_matvecs == 240
+    assert est.info["deflated"] == 48
+    bound = 4 * float(est.stderr) + float(est.info["systematic_error"])
+    assert abs(float(est) - truth) <= bound
+
+
+def test_indefinite_operator_is_refused():
+    indefinite = np.diag(np.linspace(-1.0, 1.0, 200))
+    with pytest.raises(ValueError, match="needs a positive definite operator"):
+        float(lt.logdet(indefinite, method="slq++", num_matvecs=300, lanczos_steps=10, seed=0))
+
+
+def test_jax_deflated_estimate_compiles_under_jit_and_agrees():
+    jax = pytest.importorskip("jax")
+    jax.config.update("jax_enable_x64", True)
+    import jax.numpy as jnp
+
+    A = jnp.asarray(spd_matrix(1 + 10 * 0.9 ** np.arange(60)))
+    key = jax.random.key(0)
+
+    def value(M, k):
+        return lt.logdet(M, method="slq++", num_matvecs=120, lanczos_steps=6, seed=k).value
+
+    eager = lt.logdet(A, method="slq++", num_matvecs=120, lanczos_steps=6, seed=key)
+    assert float(jax.jit(value)(A, key)) == pytest.approx(float(eager), rel=1e-10)
+
+
+# ---------------------------------------------------------------------- coverage
+@pytest.mark.stats
+@pytest.mark.parametrize("name", ["log", "exp", "inverse"])
+@pytest.mark.parametrize("spectrum", ["flat", "decaying"])
+def test_deflated_interval_coverage_over_400_seeds(name, spectrum):
+    """The 95% interval (t-interval of the 14 remaining probes, plus the Gauss-Radau
+    bound of their quadrature and the change of the block rule from s - 1 blocks) covers
+    the truth in at least 93% of 400 seeds (binomial sd 1.1%), on the matrices of
+    test_spectral's coverage test, and in at most 97% on the decaying spectrum for log
+    and exp, the spectra deflation is for. Elsewhere it is conservative (measured): on the
+    flat spectrum 97.75% for log and exp (the deflated probes' forms are lighter-tailed
+    than normal: the studentized errors' sd is 1.00 against the t13's 1.08) and 98.25%
+    for the inverse on the decaying spectrum (condition ~500: the block rule's error is
+    estimated by the error of the smaller rule, an overestimate)."""
+    n = 200
+    if spectrum == "flat":
+        eigenvalues = np.linspace(1.0, 3.0, n)
+    else:
+        eigenvalues = 0.01 + 5 * 0.98 ** np.arange(n)
+    A = spd_matrix(eigenvalues, seed=0)
+    truth = float(np.sum(FUNCTIONS[name](eigenvalues)))
+    hits = 0
+    for seed in range(400):
+        est = lt.trace_function(
+            A, name, method="slq++", num_matvecs=300, lanczos_steps=15, seed=seed
+        )
+        low, high = est.ci()
+        hits += low <= truth <= high
+    assert hits / 400 >= 0.93
+    if spectrum == "decaying" and name != "inverse":
+        assert hits / 400 <= 0.97
