@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ from .._functions import (
     row_sums,
     trace,
 )
-from .._operators import aslinearoperator
+from .._operators import LinearOperator, aslinearoperator
 from ..estimators import available_methods, get_estimator
 from . import _run
 from ._errors import EXIT_OK, CliError
@@ -40,7 +41,7 @@ from ._writing import (
     write_vector,
 )
 
-__all__ = ["run_methods", "run_quantity"]
+__all__ = ["fresh_seed", "open_operator", "run_bytes", "run_methods", "run_quantity"]
 
 #: Bytes per entry of a vector printed as JSON (a Python float in a list, then its text).
 JSON_ENTRY_BYTES = 64
@@ -69,7 +70,7 @@ def _planned_matvecs(options: dict[str, Any]) -> int:
     return options["num_matvecs"] or options["max_matvecs"] or DEFAULT_NUM_MATVECS
 
 
-def _run_bytes(declared: Declared, args: argparse.Namespace, quantity: str, plot: bool) -> int:
+def run_bytes(declared: Declared, args: argparse.Namespace, quantity: str, plot: bool) -> int:
     """Memory a run on the matrix ``declared`` takes at its peak (an estimate, from the
     header alone): the larger of reading the file and computing, where computing holds the
     matrix, its copy in the compute dtype, a probe block and its product (columns as the
@@ -94,6 +95,50 @@ def _run_bytes(declared: Declared, args: argparse.Namespace, quantity: str, plot
     return max(declared.reading_bytes(), held + work + vectors)
 
 
+def fresh_seed(seed: int | None) -> int:
+    """``seed``, or a fresh one when none is given (reported, so that a run can be repeated)."""
+    return seed if seed is not None else int(np.random.SeedSequence().generate_state(1)[0] >> 1)
+
+
+def open_operator(
+    args: argparse.Namespace, path: Path, quantity: str, need: Callable[[Declared], int]
+) -> tuple[Any, LinearOperator, dict[str, Any]]:
+    """The matrix file ``path`` as an operator of ``args.backend`` on ``args.device`` in the
+    compute dtype: ``(matrix, operator, fields)``, where ``fields`` describe them for the
+    report. The memory the run needs, ``need(declared)``, is checked from the header
+    before the file is read; every ``quantity`` but ``rowsums`` needs a square matrix."""
+    library = args.backend
+    try:
+        import_library(library)
+    except ImportError as error:
+        raise CliError(str(error)) from None
+
+    declared = declared_matrix(path)
+    if declared is not None:
+        check_memory(path, declared.describe(), need(declared))
+    matrix = load_matrix(path)
+    rows, cols = matrix.shape
+    if quantity != "rowsums" and rows != cols:
+        raise CliError(f"{path}: {quantity} needs a square matrix, got shape ({rows}, {cols})")
+    dtype = args.dtype or default_dtype(matrix)
+    if np.dtype(dtype).kind == "f" and np.iscomplexobj(matrix):
+        raise CliError(
+            f"{path}: the matrix is complex; --dtype {dtype} would drop its imaginary part"
+        )
+    operator = aslinearoperator(to_library(matrix, library, args.device, dtype))
+    fields: dict[str, Any] = {
+        "file": str(path),
+        "description": describe_operator(matrix, operator, library),
+        "n": int(cols),
+        "shape": [int(rows), int(cols)],
+        "backend": library,
+        "device": str(operator.device),
+        "dtype": backend.dtype_name(operator.dtype),
+        "threads": args.threads,
+    }
+    return matrix, operator, fields
+
+
 def run_quantity(args: argparse.Namespace, quantity: str) -> int:
     """``trace``, ``diagonal`` or ``rowsums`` of ``args.file``: every check that needs no
     computing first (method, outputs, memory), then the estimate, its files, its report."""
@@ -112,36 +157,12 @@ def run_quantity(args: argparse.Namespace, quantity: str) -> int:
                 "--plot shows a randomized estimate converging; method 'exact' has nothing to show"
             )
         require_matplotlib()
-    library = args.backend
-    try:
-        import_library(library)
-    except ImportError as error:
-        raise CliError(str(error)) from None
-
-    declared = declared_matrix(path)
-    if declared is not None:
-        need = _run_bytes(declared, args, quantity, figure is not None)
-        check_memory(path, declared.describe(), need)
-    matrix = load_matrix(path)
-    rows, cols = matrix.shape
-    if quantity != "rowsums" and rows != cols:
-        raise CliError(f"{path}: {quantity} needs a square matrix, got shape ({rows}, {cols})")
-    dtype = args.dtype or default_dtype(matrix)
-    if np.dtype(dtype).kind == "f" and np.iscomplexobj(matrix):
-        raise CliError(
-            f"{path}: the matrix is complex; --dtype {dtype} would drop its imaginary part"
-        )
-    operator = aslinearoperator(to_library(matrix, library, args.device, dtype))
-    extra: dict[str, Any] = {
-        "file": str(path),
-        "description": describe_operator(matrix, operator, library),
-        "n": int(cols),
-        "shape": [int(rows), int(cols)],
-        "backend": library,
-        "device": str(operator.device),
-        "dtype": backend.dtype_name(operator.dtype),
-        "threads": args.threads,
-    }
+    _, operator, extra = open_operator(
+        args,
+        path,
+        quantity,
+        lambda declared: run_bytes(declared, args, quantity, figure is not None),
+    )
 
     show_bar = _run.progress_wanted(args.quiet)
     options: dict[str, Any] = {}
@@ -150,11 +171,7 @@ def run_quantity(args: argparse.Namespace, quantity: str) -> int:
     with limited_threads(args.threads):  # this thread's pools: the plot's estimates
         start = time.perf_counter()
         if estimating:
-            seed = (
-                args.seed
-                if args.seed is not None
-                else int(np.random.SeedSequence().generate_state(1)[0] >> 1)
-            )
+            seed = fresh_seed(args.seed)
             extra["seed"] = seed
             options = _estimate_options(args, seed)
             function = trace if quantity == "trace" else diagonal

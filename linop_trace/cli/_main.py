@@ -24,6 +24,7 @@ from ._errors import (
 )
 from ._parser import build_parser
 from ._report import partial_summary
+from ._spectral import run_eigs, run_logdet, run_spectrum
 
 __all__ = ["main"]
 
@@ -32,6 +33,9 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "trace": lambda args: run_quantity(args, "trace"),
     "diagonal": lambda args: run_quantity(args, "diagonal"),
     "rowsums": lambda args: run_quantity(args, "rowsums"),
+    "logdet": run_logdet,
+    "spectrum": run_spectrum,
+    "eigs": run_eigs,
     "demo": run_demo,
     "methods": run_methods,
 }

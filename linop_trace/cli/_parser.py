@@ -7,6 +7,8 @@ import argparse
 import math
 from typing import Any
 
+from .. import _spectral as spectral_sums
+from .._eigen import WHICH
 from .._functions import DEFAULT_MAX_MATVECS, DEFAULT_NUM_MATVECS
 from .._probes import PROBES
 from ..estimators import available_methods, get_estimator
@@ -40,6 +42,16 @@ def _non_negative_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
     if not value >= 0 or not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"expected a non-negative number, got {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0 or not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
     return value
 
 
@@ -142,9 +154,128 @@ def _add_estimation(parser: argparse.ArgumentParser, quantity: str) -> None:
     )
 
 
+def _add_lanczos(parser: argparse.ArgumentParser) -> None:
+    """Options of ``logdet`` and ``spectrum``: the budget and probes of stochastic Lanczos
+    quadrature, and the compute dtype."""
+    steps, probes = spectral_sums.DEFAULT_LANCZOS_STEPS, spectral_sums.DEFAULT_NUM_PROBES
+    parser.add_argument(
+        "--matvecs",
+        type=_positive_int,
+        help=f"budget of operator applications, probes x Lanczos steps, at least 2 probes "
+        f"(default {probes} probes: {probes * steps} at {steps} steps)",
+    )
+    parser.add_argument(
+        "--lanczos-steps",
+        type=_positive_int,
+        metavar="K",
+        help=f"Lanczos steps (quadrature nodes) per probe, at least 2 (default {steps}, at most n)",
+    )
+    parser.add_argument(
+        "--seed", type=int, help="random seed (default: fresh, reported in the output)"
+    )
+    parser.add_argument("--probe", choices=PROBES, help="probe distribution (default rademacher)")
+    parser.add_argument("--block-size", type=_positive_int, help="most columns per operator call")
+    parser.add_argument(
+        "--dtype", choices=DTYPES, help="compute dtype (default: the file's, integers as float64)"
+    )
+
+
+def _add_spectral_commands(commands: Any) -> None:
+    """``logdet``, ``spectrum`` and ``eigs``: Lanczos on a symmetric (Hermitian) matrix."""
+    file_help = "a .npy, .npz, .mtx or .mtx.gz file holding a symmetric (Hermitian) matrix"
+    logdet = commands.add_parser(
+        "logdet",
+        help="log det A of a symmetric positive definite matrix",
+        description="The log-determinant of a symmetric (Hermitian) positive definite matrix "
+        "file by stochastic Lanczos quadrature, with an interval that adds the estimated "
+        "quadrature error to the probes' standard error.",
+    )
+    logdet.add_argument("file", metavar="FILE", help=file_help)
+    _add_common(logdet)
+    # read when the parser is built: a method added to the library is offered here too
+    logdet.add_argument(
+        "--method",
+        choices=spectral_sums.METHODS,
+        default="slq",
+        help="slq: stochastic Lanczos quadrature (default); exact: the eigenvalues of the "
+        "matrix formed from n products (small matrices)",
+    )
+    _add_lanczos(logdet)
+    logdet.add_argument(
+        "--confidence", type=_level, default=0.95, help="level of the interval (default 0.95)"
+    )
+
+    spectrum = commands.add_parser(
+        "spectrum",
+        help="the eigenvalue distribution (spectral density)",
+        description="The eigenvalue distribution of a symmetric (Hermitian) matrix file by "
+        "stochastic Lanczos quadrature: its range, quantiles and a histogram of the "
+        "estimated eigenvalue counts, and with --plot the smoothed density.",
+    )
+    spectrum.add_argument("file", metavar="FILE", help=file_help)
+    _add_common(spectrum)
+    _add_lanczos(spectrum)
+    spectrum.add_argument(
+        "--width",
+        type=_positive_float,
+        help="width of the Gaussian kernel that smooths the density (default: the range of "
+        "the Ritz values / (4 K))",
+    )
+    spectrum.add_argument(
+        "--plot", metavar="FILE.png", help="plot the smoothed density (.png, .pdf or .svg)"
+    )
+    spectrum.add_argument(
+        "--log",
+        action="store_true",
+        help="a logarithmic density axis in the plot, where a few outliers stay visible "
+        "next to the bulk (needs --plot)",
+    )
+
+    eigs = commands.add_parser(
+        "eigs",
+        help="the extreme eigenvalues",
+        description="The k largest, smallest or both-end eigenvalues of a symmetric "
+        "(Hermitian) matrix file by restarted block Lanczos, with their residual norms.",
+    )
+    eigs.add_argument("file", metavar="FILE", help=file_help)
+    _add_common(eigs)
+    eigs.add_argument(
+        "-k", type=_positive_int, default=6, metavar="K", help="number of eigenvalues (default 6)"
+    )
+    eigs.add_argument(
+        "--which",
+        choices=WHICH,
+        default="largest",
+        help="algebraically largest (default), smallest, or ceil(K/2) largest and "
+        "floor(K/2) smallest",
+    )
+    eigs.add_argument(
+        "--tol",
+        type=_positive_float,
+        default=1e-6,
+        help="stop when every residual norm |A x - theta x| <= tol x the largest |Ritz value| "
+        "(default %(default)g)",
+    )
+    eigs.add_argument(
+        "--max-matvecs",
+        type=_positive_int,
+        help="budget of operator applications (default max(1000, 50 K), at most 50 n); a run "
+        "that spends it unconverged says so on stderr",
+    )
+    eigs.add_argument(
+        "--block-size", type=_positive_int, help="columns per Krylov block (default K + 2)"
+    )
+    eigs.add_argument(
+        "--seed", type=int, help="random seed (default: fresh, reported in the output)"
+    )
+    eigs.add_argument(
+        "--dtype", choices=DTYPES, help="compute dtype (default: the file's, integers as float64)"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of ``linop-trace`` (subcommands trace, diagonal, rowsums, demo,
-    methods); the parsed ``command`` names the subcommand.
+    """The argument parser of ``linop-trace`` (subcommands trace, diagonal, rowsums, logdet,
+    spectrum, eigs, demo, methods); the parsed ``command`` names the subcommand.
 
     Examples
     --------
@@ -157,7 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = OneLineParser(
         prog=PROG,
-        description="Trace, diagonal and row sums of a matrix file, with error bars.",
+        description="Trace, diagonal and row sums of a matrix file, with error bars; the "
+        "log-determinant, eigenvalue distribution and extreme eigenvalues of a symmetric one.",
         epilog="Run `linop-trace demo` to see every estimator on a real problem.",
     )
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
@@ -188,6 +320,8 @@ def build_parser() -> argparse.ArgumentParser:
                 help="write the vector to FILE.npy or FILE.csv (with --json the JSON then "
                 'names the file under "output" and leaves out value, stderr and interval)',
             )
+
+    _add_spectral_commands(commands)
 
     demo = commands.add_parser(
         "demo",

@@ -146,6 +146,14 @@ class Result:
                 rows.append(
                     (f"{level} CI", f"[{format_number(interval[0])}, {format_number(interval[1])}]")
                 )
+        if fields.get("systematic_error") is not None:  # SLQ's bound, inside the interval
+            rows.append(
+                (
+                    "quadrature",
+                    f"{format_number(fields['systematic_error'], 4)} (estimated quadrature "
+                    "error, included in the CI)",
+                )
+            )
         reason = None if stderr is None or interval is not None else _no_interval_reason(value)
         if reason is not None:
             rows.append((f"{level} CI", reason))
@@ -156,6 +164,8 @@ class Result:
         )
         matvecs = f"{fields['matvecs']} matvec{'' if fields['matvecs'] == 1 else 's'}"
         rows.append(("method", f"{fields['method']} ({matvecs}{seed})"))
+        if fields.get("lanczos_steps") is not None:
+            rows.append(("lanczos", f"{fields['probes']} probes x {fields['lanczos_steps']} steps"))
         if fields.get("note"):
             rows.append(("note", fields["note"]))
         if fields["converged"] is not None:
