@@ -34,7 +34,7 @@ from ._estimate import DeferredCheck, Estimate
 from ._operators import LinearOperator, aslinearoperator, widened
 from ._probes import ProbeSampler
 from ._stats import sample_mean
-from ._validation import check_positive_int, check_square
+from ._validation import check_positive_int, check_square, check_tolerance
 from .estimators._base import CountingMatmat
 from .estimators._linalg import extend_basis, orthonormal_basis, project_out
 
@@ -55,6 +55,8 @@ __all__ = [
 DEFAULT_LANCZOS_STEPS = 20
 #: Probes when ``num_matvecs`` is not given (the budget is probes x Lanczos steps).
 DEFAULT_NUM_PROBES = 20
+#: Most probes an estimate with ``rtol``/``atol`` runs when ``max_matvecs`` is not given.
+DEFAULT_MAX_PROBES = 200
 METHODS = ("slq", "slq++", "exact")
 #: Share of an ``"slq++"`` budget spent on the block Krylov space that is deflated.
 DEFLATION_SHARE = 1 / 3
@@ -301,6 +303,9 @@ def trace_function(
     num_matvecs: int | None = None,
     lanczos_steps: int | None = None,
     seed: Any = None,
+    rtol: float | None = None,
+    atol: float | None = None,
+    max_matvecs: int | None = None,
     probe: str = "rademacher",
     reorthogonalize: bool = False,
     spectrum_bounds: tuple[float, float] | None = None,
@@ -331,6 +336,15 @@ def trace_function(
         Lanczos steps (quadrature nodes) per probe, at least 2 and at most n; default
         ``DEFAULT_LANCZOS_STEPS``.
     seed : int, None, or the library's generator/key
+    rtol, atol : float, optional
+        Adaptive stopping: after the first ``num_matvecs``, rounds of probes (each as
+        many as all before it) until the 95% interval's half-width, quadrature error
+        included, is at most ``max(atol, rtol * |value|)`` (``converged=True``), or
+        ``max_matvecs`` is spent (``converged=False``). One host read per round; under
+        ``jax.jit`` one round.
+    max_matvecs : int, optional
+        Cap of an adaptive estimate; default ``DEFAULT_MAX_PROBES`` probes. Without a
+        tolerance it is the budget when ``num_matvecs`` is not given.
     probe : {"rademacher", "gaussian", "sphere", "steinhaus"}
     reorthogonalize : bool
         Full reorthogonalisation of each probe's Lanczos vectors against all earlier
@@ -390,9 +404,18 @@ def trace_function(
         return _exact(operator, function, name, positive, block_size, check_finite)
     steps = DEFAULT_LANCZOS_STEPS if lanczos_steps is None else lanczos_steps
     steps = min(check_positive_int(steps, "lanczos_steps", 2), n)
+    check_tolerance(rtol, atol, 0.95)
+    adaptive = rtol is not None or atol is not None
+    if max_matvecs is not None:
+        max_matvecs = check_positive_int(max_matvecs, "max_matvecs")
     if num_matvecs is None:
-        num_matvecs = DEFAULT_NUM_PROBES * steps
+        fixed = max_matvecs if max_matvecs is not None and not adaptive else None
+        num_matvecs = DEFAULT_NUM_PROBES * steps if fixed is None else fixed
     budget = check_positive_int(num_matvecs, "num_matvecs")
+    if max_matvecs is None:
+        max_matvecs = max(budget, DEFAULT_MAX_PROBES * steps) if adaptive else budget
+    elif max_matvecs < budget:
+        raise ValueError(f"`max_matvecs`={max_matvecs} is smaller than `num_matvecs`={budget}")
     deflation = None
     if method == "slq++":
         b, s, q, num_probes = deflation_plan(budget, steps, n)
@@ -429,8 +452,10 @@ def trace_function(
         backend.caller_precision(xp),
         probe,
         deflation,
+        (float(rtol or 0.0), float(atol or 0.0)) if adaptive else None,
+        max_matvecs,
     )
-    if backend.compiles_estimates(xp) and operator.compilable():
+    if backend.compiles_estimates(xp) and operator.compilable() and not adaptive:
         # one compiled program (as trace's); an integer seed becomes its key inside
         seed_argument, is_key = backend.jax_seed(seed)
         program = backend.compiled(_compiled_slq, num_static=2)
@@ -453,6 +478,9 @@ class _SlqConfig:
     probe: str
     #: ``"slq++"``: (block size b, block Krylov steps s, blocks deflated q); else None
     deflation: tuple[int, int, int] | None = None
+    #: (rtol, atol) of an adaptive estimate, else None; its cap of operator columns
+    tolerance: tuple[float, float] | None = None
+    max_matvecs: int = 0
 
 
 def _compiled_slq(config: _SlqConfig, is_key: bool, operator: LinearOperator, seed: Any) -> Any:
@@ -486,7 +514,9 @@ def deflation_plan(budget: int, steps: int, n: int) -> tuple[int, int, int, int]
 
 def _slq(config: _SlqConfig, operator: LinearOperator, seed: Any) -> Estimate:
     """Stochastic Lanczos quadrature: probes, batched Lanczos, Gauss and Gauss-Radau
-    rules, and the estimate with its checks."""
+    rules, and the estimate with its checks. With a tolerance (``config.tolerance``),
+    rounds of probes (each as many as all before it) until the interval's half-width is
+    at most ``max(atol, rtol |value|)`` or the cap ``config.max_matvecs`` is spent."""
     function, name, positive = _resolve_function(config.f)
     if positive:  # Ritz values <= 0 give NaN (no warning); the check names the cause
         function = _on_positive(function)
@@ -497,48 +527,80 @@ def _slq(config: _SlqConfig, operator: LinearOperator, seed: Any) -> Estimate:
     matmat = CountingMatmat(operator, config.check_finite, config.block_size, config.precision)
     sampler = ProbeSampler(config.probe, n, xp, operator.dtype, operator.device, seed)
     checks: tuple[DeferredCheck, ...] = ()
+    kept = None
     offset = None
     offset_error = xp.zeros((), dtype=real, device=operator.device)
     info: dict[str, Any] = {}
-    if config.deflation is None:
-        probes = sampler(config.num_probes)
-    else:
+    if config.deflation is not None:
         kept, offset, offset_error, ritz = _deflate(matmat, sampler, config.deflation, function, xp)
-        # SLQ of the rest: probes with the deflated space projected out, E[z z^H] = I - QQ^H
-        probes = project_out(kept, sampler(config.num_probes), xp)
         info["deflated"] = kept.shape[1]
         info["deflated_trace"] = offset
         if positive:
             checks += (_positive_definite_check(ritz[None, :], name, xp),)
-    squared_norms = backend.real_part(xp, backend.column_inner(xp, probes, probes))
-    alphas, betas = batched_lanczos(matmat, probes, steps, xp, config.reorthogonalize)
     ends = None
     if config.bounds is not None:
         ends = tuple(xp.asarray(end, dtype=real, device=operator.device) for end in config.bounds)
-    values, error, nodes, weights = lanczos_quadrature(alphas, betas, function, xp, ends, positive)
-    samples = squared_norms * values
-    if steps >= n and config.reorthogonalize:  # the whole space: the quadrature is exact
-        systematic = offset_error
-    else:
-        systematic = xp.mean(squared_norms * error) + offset_error
-    mean = sample_mean(samples, xp, offset)
-    info |= {
-        "systematic_error": systematic,
-        "lanczos_steps": steps,
-        "num_probes": config.num_probes,
-        "reorthogonalized": config.reorthogonalize,
-        "nodes": nodes,
-        "weights": weights,
-        "squared_norms": squared_norms,
-        "function": name,
-    }
-    method = "slq" if config.deflation is None else "slq++"
-    estimate = mean.estimate(matmat.columns, method, info=info)
-    checks = matmat.deferred_checks() + checks
-    if positive:
-        checks += (_positive_definite_check(nodes, name, xp),)
-    checks += (_finite_check(samples, name, operator.dtype, xp),)
-    return estimate.with_checks(checks, matmat.columns)
+
+    def probe_round(count: int) -> tuple[Any, ...]:
+        """(samples, their quadrature errors, nodes, weights, squared norms) of ``count``
+        new probes (projected off the deflated space: E[z z^H] = I - QQ^H)."""
+        probes = sampler(count)
+        if kept is not None:
+            probes = project_out(kept, probes, xp)
+        squared_norms = backend.real_part(xp, backend.column_inner(xp, probes, probes))
+        alphas, betas = batched_lanczos(matmat, probes, steps, xp, config.reorthogonalize)
+        values, error, nodes, weights = lanczos_quadrature(
+            alphas, betas, function, xp, ends, positive
+        )
+        return squared_norms * values, squared_norms * error, nodes, weights, squared_norms
+
+    def assemble(rounds: list[tuple[Any, ...]], converged: bool | None) -> Estimate:
+        samples, errors, nodes, weights, squared_norms = (
+            xp.concat(parts, axis=0) for parts in zip(*rounds, strict=True)
+        )
+        if steps >= n and config.reorthogonalize:  # the whole space: the quadrature is exact
+            systematic = offset_error
+        else:
+            systematic = xp.mean(errors) + offset_error
+        mean = sample_mean(samples, xp, offset)
+        info.update(
+            {
+                "systematic_error": systematic,
+                "lanczos_steps": steps,
+                "num_probes": int(samples.shape[0]),
+                "reorthogonalized": config.reorthogonalize,
+                "nodes": nodes,
+                "weights": weights,
+                "squared_norms": squared_norms,
+                "function": name,
+            }
+        )
+        method = "slq" if config.deflation is None else "slq++"
+        estimate = mean.estimate(matmat.columns, method, converged=converged, info=info)
+        all_checks = matmat.deferred_checks() + checks
+        if positive:
+            all_checks += (_positive_definite_check(nodes, name, xp),)
+        all_checks += (_finite_check(samples, name, operator.dtype, xp),)
+        return estimate.with_checks(all_checks, matmat.columns)
+
+    rounds = [probe_round(config.num_probes)]
+    if config.tolerance is None:
+        return assemble(rounds, None)
+    rtol, atol = config.tolerance
+    while True:
+        estimate = assemble(rounds, None)  # raises on a failed check (a host read)
+        if backend.is_tracer(estimate.value):  # under jax.jit: nothing to read, one round
+            return estimate
+        low, high = estimate.ci()
+        if (high - low) / 2 <= max(atol, rtol * abs(float(estimate))):
+            return assemble(rounds, True)
+        count = min(
+            sum(int(part[0].shape[0]) for part in rounds),
+            (config.max_matvecs - matmat.columns) // steps,
+        )
+        if count < 1:
+            return assemble(rounds, False)
+        rounds.append(probe_round(count))
 
 
 def _deflate(

@@ -164,3 +164,38 @@ def test_deflated_interval_coverage_over_400_seeds(name, spectrum):
     assert hits / 400 >= 0.93
     if spectrum == "decaying" and name != "inverse":
         assert hits / 400 <= 0.97
+
+
+# ---------------------------------------------------------------- adaptive stopping
+@pytest.mark.parametrize("method", ["slq", "slq++"])
+def test_tolerance_is_met_by_doubling_rounds_of_probes(backend, method):
+    """rtol: rounds of probes (20, then as many as all before: 40, 80, ...) until the 95%
+    interval's half-width is at most rtol |value|; the truth lies in that interval."""
+    eigenvalues = 1 + 20 * 0.9 ** np.arange(150)
+    A = spd_matrix(eigenvalues, seed=6)
+    truth = float(np.sum(np.log(eigenvalues)))
+    # plain SLQ's probes have sd ~12.6 here (half-width ~5.5 at 20 probes): rtol = 0.04
+    # (a half-width of 2.4) needs about 100; deflation's sd is ~1.4, one round
+    rtol = 0.04
+    est = lt.logdet(backend.matrix(A), method=method, rtol=rtol, lanczos_steps=10, seed=2)
+    low, high = est.ci()
+    assert est.converged is True
+    assert (high - low) / 2 <= rtol * abs(float(est))
+    assert low <= truth <= high
+    if method == "slq":
+        assert est.info["num_probes"] in (80, 160)
+        assert est.num_matvecs == 10 * est.info["num_probes"]
+    else:
+        assert est.info["num_probes"] == deflation_plan(200, 10, 150)[3]  # one round
+
+
+def test_tolerance_out_of_reach_stops_at_the_cap():
+    A = spd_matrix(np.linspace(1.0, 3.0, 200), seed=7)
+    est = lt.logdet(A, rtol=1e-9, lanczos_steps=10, max_matvecs=700, seed=0)
+    # 20 probes, +20, +30 (what the cap leaves): 70 probes of 10 steps
+    assert est.converged is False and est.num_matvecs == 700
+    assert est.info["num_probes"] == 70
+    with pytest.raises(ValueError, match="`rtol` must be a non-negative number"):
+        lt.logdet(A, rtol=-1.0)
+    with pytest.raises(ValueError, match="`max_matvecs`=100 is smaller than `num_matvecs`=200"):
+        lt.logdet(A, atol=1.0, num_matvecs=200, max_matvecs=100)
