@@ -12,6 +12,7 @@ contains the old best approximations, so nothing converged is lost).
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -141,9 +142,25 @@ def eigenvalues(
     start_image = matmat(start)
     direction = start_image
     cycles = 0
+
+    def converged_now(basis: Any, images: Any) -> bool:
+        """Whether the wanted Ritz pairs of a partial basis already meet ``tol`` (checked
+        after every block, so a loose tolerance stops inside the first cycle)."""
+        if basis.shape[1] < k + b:
+            return False
+        values, vectors, ritz_images = _rayleigh_ritz(basis, images, xp)
+        wanted = _wanted(values, k, which, xp)
+        theta = xp.take(values, wanted)
+        residuals = xp.take(ritz_images, wanted, axis=1) - xp.take(vectors, wanted, axis=1) * theta
+        norms = xp.sqrt(backend.real_part(xp, backend.column_inner(xp, residuals, residuals)))
+        numbers = backend.read_floats(xp, [xp.max(norms), xp.max(xp.abs(values))])
+        return numbers is not None and numbers[0] <= tol * max(numbers[1], 1e-300)
+
     while True:
         cycles += 1
-        basis, images = _krylov_cycle(matmat, start, start_image, direction, columns, budget, xp)
+        basis, images = _krylov_cycle(
+            matmat, start, start_image, direction, columns, budget, xp, converged_now
+        )
         values, vectors, ritz_images = _rayleigh_ritz(basis, images, xp)
         wanted = _wanted(values, k, which, xp)
         chosen_values = xp.take(values, wanted)
@@ -190,10 +207,12 @@ def _krylov_cycle(
     columns: int,
     budget: int,
     xp: Any,
+    converged: Callable[[Any, Any], bool] | None = None,
 ) -> tuple[Any, Any]:
-    """An orthonormal basis of ``columns`` columns (fewer when the budget runs out) and
-    its image: ``start`` (orthonormal, image known), then blocks grown from
-    ``direction`` (b columns) by the operator, each orthonormalised against all before."""
+    """An orthonormal basis of ``columns`` columns (fewer when the budget runs out, or
+    once ``converged(basis, images)`` says so after a block) and its image: ``start``
+    (orthonormal, image known), then blocks grown from ``direction`` (b columns) by the
+    operator, each orthonormalised against all before."""
     b = direction.shape[1]
     basis, images = [start], [start_image]
     current = direction
@@ -208,6 +227,8 @@ def _krylov_cycle(
         basis.append(block)
         images.append(current)
         size += b
+        if converged is not None and converged(xp.concat(basis, axis=1), xp.concat(images, axis=1)):
+            break
     return xp.concat(basis, axis=1), xp.concat(images, axis=1)
 
 
