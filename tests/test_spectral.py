@@ -485,3 +485,44 @@ def test_eigenvalues_budget_and_arguments():
         lt.eigenvalues(A, tol=0)
     with pytest.raises(ValueError, match="square operator"):
         lt.eigenvalues(np.ones((3, 4)))
+
+
+# ------------------------------------------------------------------ PyAMG's gallery
+@pytest.mark.parametrize("name", ["poisson", "bar"])
+def test_logdet_of_pyamg_gallery_matrices_against_sparse_lu(name):
+    """SPD matrices as PyAMG builds and ships them: ``poisson((40, 40))`` (the 5-point
+    Laplacian, n = 1600, condition number about 700) and ``load_example("bar")`` (a
+    linear-elasticity bar, n = 600, condition number about 3e4). The other SPD examples
+    are ``airfoil``, ``knot`` and ``unit_cube``; ``unit_square`` is singular (an
+    eigenvalue of -2e-15), ``helmholtz_2D`` indefinite, ``recirc_flow`` not symmetric.
+
+    log det from sparse LU in SuperLU's symmetric mode (the same permutation on rows and
+    columns, pivots on the diagonal), whose pivots U_ii are those of the Cholesky
+    factorisation squared: all positive for an SPD matrix, log det = sum log U_ii
+    (default partial pivoting gives two negative pivots on ``bar``).
+
+    50 probes of 40 steps: the exact value lies in the estimate's own 95% interval.
+    Measured over 200 seeds it did at 95% (poisson) and 98% (bar) of them, so the seed
+    is fixed; seed 1 is one that covers for both. The interval is 1.3% (poisson) and
+    0.75% (bar) of the value wide."""
+    pyamg = pytest.importorskip("pyamg")
+    if name == "poisson":
+        A = pyamg.gallery.poisson((40, 40), format="csr")
+        max_relative_width = 0.02
+    else:
+        A = sp.csr_matrix(pyamg.gallery.load_example(name)["A"])
+        max_relative_width = 0.01
+    lu = scipy.sparse.linalg.splu(
+        A.tocsc(),
+        permc_spec="MMD_AT_PLUS_A",
+        diag_pivot_thresh=0.0,
+        options={"SymmetricMode": True},
+    )
+    assert np.array_equal(lu.perm_r, lu.perm_c)  # a symmetric permutation: P A P^T = L U
+    diagonal = lu.U.diagonal()
+    assert np.all(diagonal > 0)  # SPD
+    truth = float(np.sum(np.log(diagonal)))
+    estimate = lt.logdet(A, num_matvecs=40 * 50, lanczos_steps=40, seed=1)
+    low, high = estimate.ci()
+    assert low <= truth <= high
+    assert (high - low) / abs(truth) < max_relative_width
