@@ -342,6 +342,51 @@ class TrackTimeOverPeer:
     track_ratio.unit = "our time / peer time"
 
 
+class TrackJaxTimeOverMatfree:
+    """Our ``logdet`` on the same JAX arrays as matfree (a dense array, a BCOO matrix) /
+    matfree's jitted estimator, interleaved, best of 5: the libraries' products are the
+    same here, unlike ``TrackTimeOverPeer``'s NumPy / SciPy matrices against matfree's
+    XLA products. Ours runs as its own compiled program, called eagerly (``jax.jit``
+    inside), as a user calls it; plain SLQ."""
+
+    params = (["digits rbf", "poisson 2-d"],)
+    param_names = ["problem"]
+    timeout = 600
+    setup_cache = staticmethod(_problems)
+
+    def setup(self, problems: dict[str, Any], problem: str) -> None:
+        pin_threads()
+        if importlib.util.find_spec("matfree") is None:
+            raise NotImplementedError("matfree is not installed")
+        import jax
+        import jax.numpy as jnp
+
+        jax.config.update("jax_enable_x64", True)
+        A, _ = problems[problem]
+        if sp.issparse(A):
+            from jax.experimental import sparse as jsparse
+
+            matrix = jsparse.BCOO.from_scipy_sparse(sp.coo_matrix(A))
+        else:
+            matrix = jnp.asarray(A)
+        peer = _matfree(A, "logdet")
+
+        def ours() -> float:
+            estimate = linop_trace.logdet(
+                matrix, num_matvecs=PROBES * STEPS, lanczos_steps=STEPS, seed=0
+            )
+            return float(jax.block_until_ready(estimate.value))
+
+        ours()  # compile
+        self.calls = [lambda: peer(0), ours]
+
+    def track_ratio(self, problems: dict[str, Any], problem: str) -> float:
+        peer_time, our_time = interleaved_best(self.calls, repeats=5)
+        return our_time / peer_time
+
+    track_ratio.unit = "our time / matfree's time (both on JAX)"
+
+
 # ------------------------------------------------------------- top-k eigenvalues
 #: Top eigenvalues asked of both.
 TOP = 5
