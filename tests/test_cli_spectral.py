@@ -17,9 +17,10 @@ import numpy as np
 import pytest
 import scipy.io
 import scipy.sparse as sp
+from test_cli import assert_one_line_error, run, run_json
 
 from linop_trace import _spectral as spectral_sums
-from linop_trace.cli import _run, build_parser, main
+from linop_trace.cli import _run, build_parser
 from linop_trace.cli._spectral import check_symmetric
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -30,30 +31,6 @@ NO_MATPLOTLIB = "--plot needs matplotlib, which is not installed"
 
 
 # ------------------------------------------------------------------------- helpers
-
-
-def run(capsys: pytest.CaptureFixture[str], *argv: object) -> tuple[int, str, str]:
-    code = main([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def run_json(capsys: pytest.CaptureFixture[str], *argv: object) -> dict:
-    code, out, err = run(capsys, *argv, "--json")
-    assert code == 0, err
-    assert err == ""
-    return json.loads(out)
-
-
-def assert_one_line_error(code: int, out: str, err: str, *needles: str) -> None:
-    assert code == 2
-    assert out == ""
-    lines = err.splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("linop-trace: error: ")
-    assert "Traceback" not in err
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
 
 
 def dense_spd() -> tuple[np.ndarray, np.ndarray]:
