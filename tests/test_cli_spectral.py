@@ -46,7 +46,8 @@ def dense_spd() -> tuple[np.ndarray, np.ndarray]:
 def sparse_spd() -> tuple[sp.csr_array, np.ndarray]:
     """The shifted 1-d Laplacian tridiag(-1, 2.5, -1): eigenvalues
     0.5 + 2 - 2 cos(j pi / (N + 1)), j = 1..N, in (0.5, 4.5)."""
-    matrix = sp.diags_array([-1.0, 2.5, -1.0], offsets=[-1, 0, 1], shape=(N, N), format="csr")
+    # (sp.diags, not diags_array: SciPy 1.11, the oldest supported, lacks the latter)
+    matrix = sp.csr_array(sp.diags([-1.0, 2.5, -1.0], offsets=[-1, 0, 1], shape=(N, N)))
     j = np.arange(1, N + 1)
     return matrix, np.sort(2.5 - 2 * np.cos(j * np.pi / (N + 1)))
 
@@ -333,7 +334,7 @@ def test_symmetry_is_checked_to_a_relative_tolerance(tmp_path):
 @pytest.mark.parametrize("suffix", [".npy", ".npz"])
 def test_logdet_of_an_indefinite_matrix_is_refused(capsys, tmp_path, suffix):
     matrix, _ = sparse_spd()
-    indefinite = matrix - 2.5 * sp.eye_array(N, format="csr")  # eigenvalues in (-2, 2)
+    indefinite = matrix - 2.5 * sp.csr_array(sp.identity(N))  # eigenvalues in (-2, 2)
     path = write(tmp_path / f"indefinite{suffix}", indefinite)
     code, out, err = run(capsys, "logdet", path, "--seed", "0")
     assert_one_line_error(code, out, err, "needs a positive definite operator", "indefinite")
