@@ -60,17 +60,23 @@ def probe_block_size(operator: Any, limit: int | None = None) -> int:
     100
     """
     xp, device = operator.xp, operator.device
-    block = block_size_for(xp, device, operator.bytes_per_column(), limit)
+    # a data-parallel operator's products are collectives: its ranks size their blocks by
+    # the free memory they agreed on, so that every rank makes the same products
+    free = getattr(operator, "shared_free_memory", None)
+    block = block_size_for(xp, device, operator.bytes_per_column(), limit, free=free)
     if not backend.is_accelerator(device):
         probe_column = max(1, operator.shape[1] * itemsize(xp, operator.dtype))
         block = max(1, min(block, CPU_BLOCK_BYTES // probe_column))
     return block
 
 
-def block_size_for(xp: Any, device: Any, bytes_per_column: int, limit: int | None = None) -> int:
+def block_size_for(
+    xp: Any, device: Any, bytes_per_column: int, limit: int | None = None, free: int | None = None
+) -> int:
     """Columns of ``bytes_per_column`` each that fit in ``MEMORY_FRACTION`` of the free
-    memory of ``device`` (at least 1, at most ``limit``)."""
-    free = backend.free_memory(xp, device)
+    memory of ``device`` (at least 1, at most ``limit``); ``free`` bytes if given."""
+    if free is None:
+        free = backend.free_memory(xp, device)
     if free is None:
         free = FALLBACK_FREE_BYTES
     block = max(1, int(MEMORY_FRACTION * free) // max(1, int(bytes_per_column)))

@@ -95,6 +95,14 @@ def _network_arguments(name: str, f: Any, args: tuple[Any, ...]) -> tuple[Any, A
     )
 
 
+def _no_process_group_for_jax(process_group: Any) -> None:
+    if process_group is not None:
+        raise TypeError(
+            "process_group is a torch.distributed group, for torch models; JAX shards "
+            "its arrays itself (jax.sharding)"
+        )
+
+
 def _check_callable(f: Any, name: str) -> None:
     if not callable(f):
         raise TypeError(f"{name} expects a function (or module) first, got {type(f).__name__}")
@@ -110,6 +118,7 @@ def hessian(
     mode: str = "auto",
     loss_reduction: str | None = None,
     compile: bool = False,
+    process_group: Any = None,
 ) -> AutodiffOperator:
     """The Hessian of a scalar torch or JAX function as a symmetric operator.
 
@@ -166,6 +175,19 @@ def hessian(
         ``vmap(jvp(grad))`` on the digits MLP. The compiled product is not timed against
         the loop under ``mode="auto"``, and ``mode="loop"`` has none to compile. JAX
         products are always compiled.
+    process_group : torch.distributed.ProcessGroup, optional
+        torch network forms only: data parallel over the ranks of this group (for
+        example ``torch.distributed.group.WORLD``), each rank passing its own shard of
+        the data and the same model. The operator is then the Hessian of the loss over
+        the union of the shards: each product sums the ranks' products in one
+        ``all_reduce`` per block, a rank's batches weighted n_b / N for a mean-reduced
+        loss (N, the samples of all ranks, is summed once here) and 1 for a
+        sum-reduced one. Every rank must make the same calls (SPMD): same probes (same
+        ``seed``), so every rank gets the same estimate. A rank whose products raise
+        joins the ``all_reduce`` with a failure flag, so the others raise a
+        RuntimeError naming it instead of waiting; the process group's ``timeout``
+        covers a rank that stops anywhere else. Not with ``differentiable=True``.
+        None (default): one process.
 
     Returns
     -------
@@ -189,6 +211,11 @@ def hessian(
     _check_callable(f, "hessian")
     mode = check_mode(mode, CURVATURE_MODES)
     if len(args) == 1:
+        if process_group is not None:
+            raise TypeError(
+                "process_group needs the network forms hessian(model, loss_fn, data) or "
+                "hessian(apply_fn, params, loss_fn, data), with each rank's shard of data"
+            )
         library = _library("hessian", args[0])
         if library == "torch":
             from ._torch import TorchHessian
@@ -204,10 +231,13 @@ def hessian(
     if library == "torch":
         from ._torch import TorchHessian, network_problem
 
-        problem = network_problem(model, params, loss_fn, data, loss_reduction)
+        problem = network_problem(
+            model, params, loss_fn, data, loss_reduction, process_group, "hessian"
+        )
         return TorchHessian(
             network=problem, differentiable=differentiable, mode=mode, compile=compile
         )
+    _no_process_group_for_jax(process_group)
     from ._jax import JaxHessian
     from ._jax import network_problem as jax_network_problem
 
@@ -222,6 +252,7 @@ def ggn(
     differentiable: bool = False,
     mode: str = "auto",
     loss_reduction: str | None = None,
+    process_group: Any = None,
 ) -> AutodiffOperator:
     """The generalized Gauss-Newton matrix J^T H_loss J of a network's loss over data.
 
@@ -252,6 +283,9 @@ def ggn(
           :func:`hessian` does (``G.route_timing``).
     loss_reduction : {"mean", "sum"}, optional
         As in :func:`hessian`.
+    process_group : torch.distributed.ProcessGroup, optional
+        torch only: data parallel over the ranks of this group, each holding its shard
+        of the data, as in :func:`hessian`.
 
     Returns
     -------
@@ -281,8 +315,11 @@ def ggn(
     if library == "torch":
         from ._torch import TorchGGN, network_problem
 
-        problem = network_problem(model, params, loss_fn, data, loss_reduction)
+        problem = network_problem(
+            model, params, loss_fn, data, loss_reduction, process_group, "ggn"
+        )
         return TorchGGN(problem, differentiable=differentiable, mode=mode)
+    _no_process_group_for_jax(process_group)
     from ._jax import JaxGGN
     from ._jax import network_problem as jax_network_problem
 

@@ -16,12 +16,18 @@ caches); ``mode="auto"`` times both on one block and keeps the faster
 The operators may be shared between threads: the forward-mode products, whose AD levels
 torch keeps per process, hold :data:`_FORWARD_AD_LOCK`, and a forward pass through a
 module with swapped-in parameters holds :data:`_MODULE_CALL_LOCK`.
+
+Data-parallel Hessians and GGNs (``process_group=``) sum each rank's weighted products
+over the ranks with one ``torch.distributed.all_reduce`` per block
+(:class:`_DataParallel`); every rank draws the same probes, so every rank computes the
+same estimate (SPMD).
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -468,6 +474,8 @@ class _NetworkProblem:
         data: Any,
         reduction: str | None,
     ) -> None:
+        #: The ranks sharing the data (set by :func:`network_problem`), or None.
+        self.parallel: _DataParallel | None = None
         if isinstance(model, torch.nn.Module):
             if params is not None:
                 raise TypeError("pass either a module or (apply_fn, params), not both")
@@ -489,6 +497,8 @@ class _NetworkProblem:
             sizes.append(_batch_size(inputs, targets))
         self.reduction = loss_reduction(loss_fn, reduction)
         batch_weights(sizes, self.reduction)  # validates: some batches, some samples
+        #: Samples in the weights n_b / N of a mean-reduced loss: over all ranks' shards
+        #: for a data-parallel problem (set by :func:`network_problem`).
         self.num_samples = sum(sizes)
 
     def batch_terms(self) -> Iterable[tuple[float, Any, Any]]:
@@ -512,6 +522,135 @@ class _NetworkProblem:
         return lambda theta: self.loss_fn(self.apply(self.layout.unflatten(theta), inputs), targets)
 
 
+# ------------------------------------------------------------------ data parallel
+
+
+class _DataParallel:
+    """The ranks of a ``torch.distributed`` process group, each holding a shard of the data.
+
+    :meth:`sum` adds up one block per rank with one ``all_reduce``, with a failure flag per
+    rank packed at the end of the block: a rank whose own part raised still joins the
+    collective (with zeros and its flag set), so the others learn of it there and raise an
+    error that names it, instead of waiting for it in the next collective forever. A rank
+    that dies or stops outside these products is the process group's ``timeout``'s to
+    catch.
+    """
+
+    def __init__(self, group: Any) -> None:
+        import torch.distributed as dist
+
+        if not dist.is_available():
+            raise RuntimeError("process_group needs torch.distributed, which this torch lacks")
+        if not dist.is_initialized():
+            raise RuntimeError(
+                "process_group needs an initialized default process group: call "
+                "torch.distributed.init_process_group first (torchrun sets up its environment)"
+            )
+        self.dist = dist
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.world_size = dist.get_world_size(group)
+        if self.rank < 0:
+            raise ValueError("this process is not a member of `process_group`")
+
+    def device(self, like: torch.device | None = None) -> torch.device:
+        """Where the collectives' tensors live: NCCL needs a GPU, gloo takes the CPU."""
+        if self.dist.get_backend(self.group) == "nccl":
+            if like is not None and like.type == "cuda":
+                return like
+            return torch.device("cuda", torch.cuda.current_device())
+        return like if like is not None else torch.device("cpu")
+
+    def sum(
+        self,
+        local: Callable[[], torch.Tensor],
+        shape: tuple[int, ...],
+        dtype: torch.dtype,
+        device: torch.device,
+        what: str,
+    ) -> torch.Tensor:
+        """The sum over the ranks of ``local()`` (each of ``shape`` and ``dtype``).
+
+        If ``local()`` raises on some ranks, every rank raises: those ranks their own
+        error, the others a RuntimeError naming the failed ranks and their errors.
+        """
+        error: Exception | None = None
+        try:
+            part = local().to(dtype).reshape(-1)
+        except Exception as raised:  # joins the collective first; raised again below
+            error = raised
+            part = torch.zeros(math.prod(shape), dtype=dtype, device=device)
+        flags = torch.zeros(self.world_size, dtype=dtype, device=device)
+        if error is not None:
+            flags[self.rank] = 1
+        packed = torch.cat([part, flags])
+        self.dist.all_reduce(packed, op=self.dist.ReduceOp.SUM, group=self.group)
+        failed = packed[-self.world_size :]
+        if bool(failed.any()):  # one scalar read per block: the flags must be seen here
+            self._raise(failed, error, what)
+        return packed[: -self.world_size].reshape(shape)
+
+    def _raise(self, failed: torch.Tensor, error: Exception | None, what: str) -> None:
+        # every rank saw the flags, so every rank takes part in this second collective
+        messages: list[Any] = [None] * self.world_size
+        own = None if error is None else f"{type(error).__name__}: {error}"
+        self.dist.all_gather_object(messages, own, group=self.group)
+        if error is not None:
+            raise error
+        ranks = [self._global_rank(r) for r in range(self.world_size) if failed[r] != 0]
+        details = "; ".join(
+            f"rank {self._global_rank(r)}: {messages[r]}"
+            for r in range(self.world_size)
+            if failed[r] != 0
+        )
+        raise RuntimeError(
+            f"{what}: rank{'s' if len(ranks) > 1 else ''} "
+            f"{', '.join(map(str, ranks))} of the process group failed on its shard of the "
+            f"data ({details}); rank {self._global_rank(self.rank)} stops too"
+        )
+
+    def _global_rank(self, group_rank: int) -> int:
+        try:
+            return int(self.dist.get_global_rank(self.group, group_rank))
+        except (AttributeError, RuntimeError, ValueError):  # the default group, old torch
+            return group_rank
+
+
+def _data_parallel_problem(
+    parallel: _DataParallel, build: Callable[[], _NetworkProblem], what: str
+) -> _NetworkProblem:
+    """``build()`` on every rank, with the sample count N summed over the ranks.
+
+    One ``all_reduce`` of (local samples, parameters p, p^2): every rank checks that the
+    ranks hold the same number of parameters (sum p = R p and sum p^2 = R p^2 on every
+    rank only if all p agree, by Cauchy-Schwarz), so a mismatch is an error on all ranks
+    rather than a hang in the first product.
+    """
+    built: list[_NetworkProblem] = []
+
+    def local() -> torch.Tensor:
+        problem = build()
+        built.append(problem)
+        size = problem.layout.size
+        return torch.tensor([problem.num_samples, size, size * size], dtype=torch.int64)
+
+    device = parallel.device()
+    totals = parallel.sum(lambda: local().to(device), (3,), torch.int64, device, what)
+    problem = built[0]
+    size, ranks = problem.layout.size, parallel.world_size
+    if int(totals[1]) != ranks * size or int(totals[2]) != ranks * size * size:
+        raise ValueError(
+            f"{what}: the ranks of the process group hold different numbers of parameters "
+            f"(this rank {size}, {int(totals[1])} over {ranks} ranks); every rank needs the "
+            f"same model"
+        )
+    problem.num_samples = int(totals[0])
+    if problem.num_samples == 0:
+        raise ValueError(f"{what}: the ranks' shards of `data` hold no samples")
+    problem.parallel = parallel
+    return problem
+
+
 # ----------------------------------------------------------------------- operators
 
 
@@ -524,6 +663,47 @@ class _TorchOperator(AutodiffOperator):
 
     def _in_own_dtype(self, X: torch.Tensor) -> torch.Tensor:
         return X if X.dtype == self.dtype else X.to(self.dtype)
+
+    @property
+    def shared_free_memory(self) -> int | None:
+        """Data parallel: the least free memory of the ranks' devices when the operator
+        was built, by which every rank sizes its probe blocks
+        (:func:`~linop_trace._blocks.probe_block_size`) so that all make the same
+        products; else None."""
+        return getattr(self, "_shared_free_memory", None)
+
+    def _share_free_memory(self, parallel: _DataParallel | None) -> None:
+        if parallel is None:
+            return
+        import array_api_compat.torch as xp
+
+        free = backend.free_memory(xp, self.device)
+        device = parallel.device(self.device)
+        least = torch.tensor([-1 if free is None else free], dtype=torch.int64, device=device)
+        # a rank that cannot tell (-1) gives the fallback; MIN over ranks: one collective
+        parallel.dist.all_reduce(least, op=parallel.dist.ReduceOp.MIN, group=parallel.group)
+        self._shared_free_memory = None if int(least) < 0 else int(least)
+
+
+def _check_differentiable(parallel: _DataParallel | None, differentiable: bool) -> None:
+    if parallel is not None and differentiable:
+        raise ValueError(
+            "differentiable=True is not supported with a process_group: the products' "
+            "all_reduce is not part of the autograd graph"
+        )
+
+
+def _summed_over_ranks(
+    parallel: _DataParallel | None,
+    local_products: Callable[[torch.Tensor], torch.Tensor],
+    V: torch.Tensor,
+    what: str,
+) -> torch.Tensor:
+    """``local_products(V)``, summed over the ranks of a data-parallel problem."""
+    if parallel is None:
+        return local_products(V)
+    shape = (V.shape[0], V.shape[1])
+    return parallel.sum(lambda: local_products(V), shape, V.dtype, V.device, what)
 
 
 class TorchHessian(_TorchOperator):
@@ -553,9 +733,12 @@ class TorchHessian(_TorchOperator):
                 (weight, network.loss_term(inputs, targets))
                 for weight, inputs, targets in network.batch_terms()
             )
+        self._parallel = None if network is None else network.parallel
+        _check_differentiable(self._parallel, self.differentiable)
         self.theta = theta if self.differentiable else theta.detach()
         self._hvp = _hvp_route(mode, self.differentiable, layout.device, compile)
         self._setup(layout, layout.size, ("symmetric",))
+        self._share_free_memory(self._parallel)
 
     @property
     def mode(self) -> str:
@@ -570,6 +753,9 @@ class TorchHessian(_TorchOperator):
 
     def _matmat(self, X: torch.Tensor) -> torch.Tensor:
         V = self._in_own_dtype(X)
+        return _summed_over_ranks(self._parallel, self._local_products, V, "hessian").to(X.dtype)
+
+    def _local_products(self, V: torch.Tensor) -> torch.Tensor:
         out = None
         with _no_grad_unless(self.differentiable):
             for weight, fn in self._terms():
@@ -577,7 +763,7 @@ class TorchHessian(_TorchOperator):
                 product = product if weight == 1.0 else weight * product
                 out = product if out is None else out + product
         assert out is not None
-        return out.to(X.dtype)
+        return out
 
     def _rmatmat(self, X: torch.Tensor) -> torch.Tensor:
         return self._matmat(X)  # a real Hessian is symmetric
@@ -592,9 +778,11 @@ class TorchGGN(_TorchOperator):
         check_mode(mode, CURVATURE_MODES)
         self.network = network
         self.differentiable = bool(differentiable)
+        _check_differentiable(network.parallel, self.differentiable)
         self.theta = network.theta
         self._product = _ggn_route(mode, self.differentiable, network.layout.device)
         self._setup(network.layout, network.layout.size, ("symmetric", "positive_semidefinite"))
+        self._share_free_memory(network.parallel)
 
     @property
     def mode(self) -> str:
@@ -609,6 +797,10 @@ class TorchGGN(_TorchOperator):
 
     def _matmat(self, X: torch.Tensor) -> torch.Tensor:
         V = self._in_own_dtype(X)
+        parallel = self.network.parallel
+        return _summed_over_ranks(parallel, self._local_products, V, "ggn").to(X.dtype)
+
+    def _local_products(self, V: torch.Tensor) -> torch.Tensor:
         out = None
         with _no_grad_unless(self.differentiable):
             for weight, inputs, targets in self.network.batch_terms():
@@ -621,7 +813,7 @@ class TorchGGN(_TorchOperator):
                 product = product if weight == 1.0 else weight * product
                 out = product if out is None else out + product
         assert out is not None
-        return out.to(X.dtype)
+        return out
 
     def _rmatmat(self, X: torch.Tensor) -> torch.Tensor:
         return self._matmat(X)
@@ -705,6 +897,19 @@ def torch_divergence_jvp_fallback(
 
 
 def network_problem(
-    model: Any, params: Any, loss_fn: Callable, data: Any, reduction: str | None
+    model: Any,
+    params: Any,
+    loss_fn: Callable,
+    data: Any,
+    reduction: str | None,
+    process_group: Any = None,
+    what: str = "hessian",
 ) -> _NetworkProblem:
-    return _NetworkProblem(model, params, loss_fn, data, reduction)
+    """The loss of ``model`` over ``data``; with a ``process_group``, over the union of
+    the ranks' shards of the data (one collective here, on every rank)."""
+    if process_group is None:
+        return _NetworkProblem(model, params, loss_fn, data, reduction)
+    parallel = _DataParallel(process_group)
+    return _data_parallel_problem(
+        parallel, lambda: _NetworkProblem(model, params, loss_fn, data, reduction), what
+    )
