@@ -1,8 +1,10 @@
 """The evidence matrix of linop_trace: tests per backend and Python, oldest deps, lint, docs, bench, gpu.
 
-``nox`` runs the default sessions (every ``tests`` variant, ``stats``, ``oldest`` and ``lint``);
+``nox`` runs the default sessions (every ``tests`` variant, ``stats``, ``oldest``,
+``distributed`` and ``lint``);
 ``nox -l`` lists them all; ``nox -s docs`` and ``nox -s bench`` build the docs and run
-the benchmarks. Arguments after ``--`` go to pytest, e.g. ``nox -s "tests(numpy-3.11)" -- -x -k trace``.
+the benchmarks; ``nox -s distributed`` runs the Dask tests on a local cluster.
+Arguments after ``--`` go to pytest, e.g. ``nox -s "tests(numpy-3.11)" -- -x -k trace``.
 
 Every install passes ``-c constraints.txt`` (the exact torch release; any other pulls a
 multi-GB CUDA build), and each test session installs only its backend's extra, so a
@@ -34,7 +36,7 @@ if hasattr(nox.options, "download_python"):
 # What plain `nox` (the README's test command and .ci/run) runs: the whole test matrix,
 # the statistical tests once, the oldest supported dependencies and lint. docs and bench
 # are asked for by name.
-nox.options.sessions = ["tests", "stats", "oldest", "lint"]
+nox.options.sessions = ["tests", "stats", "oldest", "distributed", "lint"]
 
 #: (backend, Pythons with wheels for it here, extra that brings its library)
 MATRIX = {
@@ -299,6 +301,19 @@ def lint(session: nox.Session) -> None:
     session.run("ruff", "check", *(session.posargs or ["."]))
     session.run("ruff", "format", "--check", *(session.posargs or ["."]))
     session.run("mypy", "linop_trace")
+
+
+@nox.session(python="3.11")
+def distributed(session: nox.Session) -> None:
+    """Dask arrays on a local dask.distributed cluster (tests/test_dask.py: two worker
+    processes of one thread each, started once for the module; about 10 s). Installs
+    ``.[test,dask]``; a default session (about a minute with its install). Arguments go
+    to pytest.
+    """
+    session.install("-c", CONSTRAINTS, "-e", ".[test,dask]")
+    session.env.update(TEST_THREADS)
+    session.env["LINOP_TRACE_BACKENDS"] = "numpy"
+    _pytest(session, "-q", "-p", "no:cacheprovider", "tests/test_dask.py")
 
 
 @nox.session(python=False, default=False)

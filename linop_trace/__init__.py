@@ -20,6 +20,7 @@ from ._functions import (
 from ._operators import LinearOperator, aslinearoperator
 from ._probes import gaussian, rademacher, sphere, steinhaus
 from ._spectral import logdet, trace_exp, trace_function, trace_inverse
+from ._structured import block_diagonal, diagonal_operator, identity, kronecker
 from .autodiff import divergence, ggn, hessian, jacobian  # imports neither torch nor jax
 from .estimators import EstimationRequest, Estimator, available_methods, register_estimator
 
@@ -37,16 +38,20 @@ __all__ = [
     "SpectralDensity",
     "aslinearoperator",
     "available_methods",
+    "block_diagonal",
     "col_sums",
     "computes_exactly",
     "diagonal",
+    "diagonal_operator",
     "divergence",
     "eigenvalues",
     "frobenius_norm_squared",
     "gaussian",
     "ggn",
     "hessian",
+    "identity",
     "jacobian",
+    "kronecker",
     "logdet",
     "rademacher",
     "register_estimator",

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import copy
 import weakref
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import numpy as np
 
 from . import _backend as backend
 from ._blocks import probe_block_size
+from ._decompose import decompose as decompose_expression
 from ._estimate import Estimate, EstimateInterrupted
 from ._operators import LinearOperator, aslinearoperator, widened
 from ._probes import ProbeSampler
@@ -199,10 +201,22 @@ def _remembered_settings(
     return settings
 
 
-def _estimate(quantity: str, A: Any, method: Any, seed: Any, **options: Any) -> Estimate:
+def _estimate(
+    quantity: str, A: Any, method: Any, seed: Any, decompose: bool = True, **options: Any
+) -> Estimate:
     operator = widened(aslinearoperator(A))  # half precisions are estimated in float32
     n = check_square(operator, quantity)
     estimator = get_estimator(method, quantity)
+    if decompose and not isinstance(estimator, Exact):
+        split = decompose_expression(aslinearoperator(A))
+        if split is not None:  # exact terms computed, only the implicit rest estimated
+            return split.estimate(
+                quantity,
+                lambda implicit: _estimate(
+                    quantity, implicit, method, seed, decompose=False, **options
+                ),
+                options["check_finite"],
+            )
     if n == 0:
         xp = operator.xp
         shape = () if quantity == "trace" else (0,)
@@ -216,6 +230,7 @@ def _estimate(quantity: str, A: Any, method: Any, seed: Any, **options: Any) -> 
             "exact",
         )
     settings = _remembered_settings(operator, estimator, quantity, options)
+    backend.check_dask_support(operator.xp, getattr(estimator, "name", "custom"), settings.adaptive)
     if (
         backend.compiles_estimates(operator.xp)
         and not settings.adaptive
@@ -389,7 +404,34 @@ def _finished(estimate: Estimate, request: EstimationRequest) -> Estimate:
         estimate.info["block_sizes"] = sorted(set(retried), reverse=True)
     if request.matmat.scale is not None:  # products were scaled: scale the result back
         estimate = estimate.divided_by(request.matmat.scale)
-    return estimate.with_checks(request.matmat.deferred_checks(), request.columns)
+    estimate = estimate.with_checks(request.matmat.deferred_checks(), request.columns)
+    return _computed_once(estimate) if backend.is_dask_namespace(request.xp) else estimate
+
+
+def _computed_once(estimate: Estimate) -> Estimate:
+    """A Dask estimate with its value, stderr, checks and refinement state computed in
+    one ``dask.compute``: each probe block's product runs once, not once per read. The
+    checks are then run at once (as on NumPy); the values stay Dask arrays."""
+    children, aux = estimate._tree_flatten()
+    *head, checks, state = children
+    parts = {} if state is None else {f.name: getattr(state, f.name) for f in fields(state)}
+    sums = parts.get("sums")
+    kept = [head, parts, {} if sums is None else dict(vars(sums))]
+    leaves: list[Any] = []
+    backend.substitute([kept, checks], leaves.append)
+    computed = iter(backend.compute_together(leaves))
+    kept = backend.substitute(kept, lambda _: backend.in_memory(next(computed)))
+    checks = backend.substitute(checks, lambda _: next(computed))  # NumPy: read for free
+    head, parts, sums_arrays = kept
+    if sums is not None:
+        parts["sums"] = copy.copy(sums)
+        vars(parts["sums"]).update(sums_arrays)
+    settled = type(estimate)._tree_unflatten(
+        aux, (*head, checks, None if state is None else replace(state, **parts))
+    )
+    settled._verify()
+    settled._resume = estimate._resume
+    return settled
 
 
 def _compiled_run(
@@ -419,6 +461,7 @@ def trace(
     max_matvecs: int | None = None,
     block_size: int | None = None,
     check_finite: bool = True,
+    decompose: bool = True,
 ) -> Estimate:
     """Estimate (or compute) the trace of a square operator.
 
@@ -450,6 +493,16 @@ def trace(
         also stays under 64 MiB (larger ones gain nothing there and cost page faults).
     check_finite : bool
         Raise ``FloatingPointError`` when a product is NaN or infinite.
+    decompose : bool
+        Walk the expression first (sums, differences, scalar multiples, Kronecker and
+        block-diagonal operators): the terms known exactly (identities, diagonal
+        operators, stored matrices next to implicit terms, Kronecker products and blocks
+        of such) are computed exactly, and only the sum of the implicit terms is
+        estimated, with the budget, probes, seed and tolerances applying to it alone.
+        ``stderr`` is then the implicit part's, ``info["exact_terms"]`` names the exact
+        terms and ``info["exact_part"]`` holds their value; with nothing implicit the
+        result is exact with 0 products. ``method="exact"`` does not decompose, nor does
+        an expression of stored matrices alone. ``False``: the operator as a black box.
 
     Returns
     -------
@@ -491,6 +544,7 @@ def trace(
         max_matvecs=max_matvecs,
         block_size=block_size,
         check_finite=check_finite,
+        decompose=decompose,
     )
 
 
@@ -506,10 +560,12 @@ def diagonal(
     max_matvecs: int | None = None,
     block_size: int | None = None,
     check_finite: bool = True,
+    decompose: bool = True,
 ) -> Estimate:
     """Estimate (or compute) the main diagonal of a square operator.
 
-    Parameters are those of :func:`trace`; ``value`` and ``stderr`` are vectors.
+    Parameters are those of :func:`trace` (``decompose`` included); ``value`` and
+    ``stderr`` are vectors.
 
     Examples
     --------
@@ -531,6 +587,7 @@ def diagonal(
         max_matvecs=max_matvecs,
         block_size=block_size,
         check_finite=check_finite,
+        decompose=decompose,
     )
 
 
@@ -546,12 +603,14 @@ def computes_exactly(
     """Whether :func:`trace` or :func:`diagonal` with these arguments computes the exact
     value rather than an estimate, answered before any product is made.
 
-    ``method="exact"`` always does. ``"auto"`` does when the operator stores its diagonal
-    (a dense or sparse matrix: it is read, with no product) or when n is at most the
-    budget (``max_matvecs`` with a tolerance, else ``num_matvecs``; the defaults are
-    :data:`DEFAULT_MAX_MATVECS` and :data:`DEFAULT_NUM_MATVECS`). The other methods
-    estimate. The answer is the estimator's own decision, taken on the options as the
-    estimate would validate them.
+    ``method="exact"`` always does; so does any method on an expression whose terms are
+    all known exactly (see ``decompose`` in :func:`trace`), and for a mixed one the
+    answer is that for the sum of its implicit terms. ``"auto"`` does when the operator
+    stores its diagonal (a dense or sparse matrix: it is read, with no product) or when
+    n is at most the budget (``max_matvecs`` with a tolerance, else ``num_matvecs``; the
+    defaults are :data:`DEFAULT_MAX_MATVECS` and :data:`DEFAULT_NUM_MATVECS`). The other
+    methods estimate. The answer is the estimator's own decision, taken on the options
+    as the estimate would validate them.
 
     Parameters
     ----------
@@ -590,6 +649,11 @@ def computes_exactly(
     estimator = get_estimator(method, quantity)
     if n == 0 or isinstance(estimator, Exact):
         return True
+    split = decompose_expression(aslinearoperator(A))
+    if split is not None:  # the exact terms are computed; the decision is the rest's
+        if split.implicit is None:
+            return True
+        operator = widened(split.implicit)
     if not isinstance(estimator, Auto):
         return False
     settings = _settings(
@@ -609,7 +673,13 @@ def computes_exactly(
     return bool(estimator.uses_exact(request))  # auto's own rule, not a copy of it
 
 
-def _sums(A: Any, adjoint: bool, check_finite: bool) -> Estimate:
+def _sums(A: Any, adjoint: bool, check_finite: bool, decompose: bool = False) -> Estimate:
+    if decompose:
+        split = decompose_expression(aslinearoperator(A))
+        if split is not None:  # exact terms read, one product through the implicit rest
+            return split.estimate(
+                "row_sums", lambda implicit: _sums(implicit, False, check_finite), check_finite
+            )
     operator = widened(aslinearoperator(A))
     xp = operator.xp
     rows, cols = operator.shape
@@ -623,8 +693,14 @@ def _sums(A: Any, adjoint: bool, check_finite: bool) -> Estimate:
     return Estimate(value, stderr, counter.columns, "exact", checks=counter.deferred_checks())
 
 
-def row_sums(A: Any, check_finite: bool = True) -> Estimate:
+def row_sums(A: Any, check_finite: bool = True, decompose: bool = True) -> Estimate:
     """Exact row sums ``A @ 1`` with one matvec.
+
+    With ``decompose=True`` (see :func:`trace`) the terms of a sum that are known
+    exactly (identities, diagonal operators, Kronecker and block-diagonal operators of
+    stored factors, stored matrices next to implicit terms) give their row sums without
+    a counted product, and the one product goes through the sum of the implicit terms
+    (none when there are none).
 
     Examples
     --------
@@ -633,7 +709,7 @@ def row_sums(A: Any, check_finite: bool = True) -> Estimate:
     >>> row_sums(np.array([[1.0, 2.0], [3.0, 4.0]])).value
     array([3., 7.])
     """
-    return _sums(A, adjoint=False, check_finite=check_finite)
+    return _sums(A, adjoint=False, check_finite=check_finite, decompose=decompose)
 
 
 def col_sums(A: Any, check_finite: bool = True) -> Estimate:

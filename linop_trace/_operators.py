@@ -1072,4 +1072,5 @@ def aslinearoperator(matrix: Any, *, tags: Iterable[str] = ()) -> LinearOperator
         ) from None
     if matrix.ndim != 2:
         raise ValueError(f"expected a 2-d matrix, got shape {tuple(matrix.shape)}")
+    backend.check_dask_chunks(matrix)  # NumPy chunks only
     return _DenseOperator(matrix, tags)

@@ -111,7 +111,7 @@ class ProbeSampler:
         ``method="exact"``: n matvecs). Longer blocks are dependent with probability
         below s^2 2^-64 and are not checked. JAX decides on the device (a compiled loop);
         torch and CuPy read the check on the host, a device wait for these short blocks
-        only.
+        only; Dask computes the short block's Gram matrix (no product with the operator).
         """
         block = self(num_probes)
         total = int(num_probes) + (0 if existing is None else int(existing.shape[1]))
@@ -124,8 +124,11 @@ class ProbeSampler:
             full = candidate if existing is None else xp.concat([existing, candidate], axis=1)
             # integer entries: the Gram matrix is exact, and singular iff the columns are
             # dependent (its smallest eigenvalue is then 0 up to round-off)
-            values = xp.linalg.eigvalsh(xp.matrix_transpose(full) @ full)
-            return xp.min(values) <= 1e-10 * xp.max(values)
+            gram, space = xp.matrix_transpose(full) @ full, xp
+            if backend.is_dask_array(gram):  # s x s, and dask.array has no eigvalsh
+                gram, space = backend.to_numpy(gram.compute()), backend.numpy_namespace()
+            values = space.linalg.eigvalsh(gram)
+            return space.min(values) <= 1e-10 * space.max(values)
 
         return self.random.redraw_while(block, dependent, REDRAWS, lambda: self(num_probes))
 

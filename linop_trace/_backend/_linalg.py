@@ -16,6 +16,7 @@ from typing import Any
 import array_api_compat
 import numpy as np
 
+from ._dask import is_dask_array
 from ._device import stop_gradient
 
 __all__ = [
@@ -195,7 +196,8 @@ def thin_qr(xp: Any, matrix: Any) -> tuple[Any, Any]:
 
     NumPy arrays go through LAPACK via SciPy on a Fortran-ordered copy (no transposed
     copies inside, about 2x faster than ``numpy.linalg.qr`` for tall-skinny blocks);
-    every other library uses its own ``xp.linalg.qr``. On one host thread
+    every other library uses its own ``xp.linalg.qr`` (Dask's tall-skinny QR on the
+    block's columns made one chunk). On one host thread
     (:func:`one_blas_thread`).
     """
     with one_blas_thread(xp, work=matrix.shape[-2] * matrix.shape[-1] ** 2):
@@ -204,6 +206,8 @@ def thin_qr(xp: Any, matrix: Any) -> tuple[Any, Any]:
 
             copy = np.array(matrix, order="F", copy=True)
             return scipy.linalg.qr(copy, mode="economic", overwrite_a=True, check_finite=False)
+        if is_dask_array(matrix) and matrix.ndim == 2:  # Dask's tsqr: one column chunk
+            matrix = matrix.rechunk({1: -1})
         return xp.linalg.qr(matrix)
 
 

@@ -9,6 +9,7 @@ from typing import Any
 import array_api_compat
 import numpy as np
 
+from ._dask import dask_probe_block, is_dask_namespace
 from ._device import is_tracer, stop_gradient
 from ._identity import namespace_name
 
@@ -20,7 +21,9 @@ class RandomSource:
 
     Built by :func:`make_random_source`; wraps a NumPy ``Generator``, a
     ``torch.Generator`` on the operator's device, a JAX key with a column counter or a
-    CuPy ``Generator``. Libraries without a random module (array_api_strict) draw with a
+    CuPy ``Generator``, or for Dask a key of a counter-based generator by row page
+    (:func:`~linop_trace._backend._dask.dask_probe_block`). Libraries without a random
+    module (array_api_strict) draw with a
     NumPy generator and move the numbers with ``xp.asarray``.
 
     **Column streams.** The draws are ``(n, k)`` probe blocks, and a block's columns are
@@ -68,6 +71,8 @@ class RandomSource:
         kind, state = self._kind, self._state
         n, k = shape
         self.columns += k
+        if kind == "dask":  # counter-based, by row page (see _dask)
+            return dask_probe_block("normal", state, shape, self.columns - k, dtype)
         if kind == "torch":
             import torch
 
@@ -95,6 +100,8 @@ class RandomSource:
         kind, state = self._kind, self._state
         n, k = shape
         self.columns += k
+        if kind == "dask":  # counter-based, by row page (see _dask)
+            return dask_probe_block("rademacher", state, shape, self.columns - k, dtype)
         if kind == "torch":
             import torch
 
@@ -127,6 +134,8 @@ class RandomSource:
         kind, state = self._kind, self._state
         n, k = shape
         self.columns += k
+        if kind == "dask":  # counter-based, by row page (see _dask)
+            return dask_probe_block("uniform", state, shape, self.columns - k, dtype)
         if kind == "torch":
             import torch
 
@@ -318,6 +327,14 @@ def make_random_source(xp: Any, device: Any, seed: Any) -> RandomSource:
             else int(seed.integers(0, 2**63 - 1))
         )
         return RandomSource(xp, device, "cupy", cupy.random.default_rng(entropy))
+    if is_dask_namespace(xp):
+        # a 64-bit key of the page generator: probes depend on (seed, row, column) only
+        if isinstance(seed, (int, np.integer)):
+            page_key = fold_seed(int(seed), 64)
+        else:
+            rng = seed if seed is not None else np.random.default_rng()
+            page_key = int(rng.integers(0, 2**63 - 1))
+        return RandomSource(xp, device, "dask", page_key)
     numpy_generator = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
     kind = "numpy" if array_api_compat.is_numpy_namespace(xp) else "foreign"
     return RandomSource(xp, device, kind, numpy_generator)

@@ -1,0 +1,229 @@
+"""Dask arrays on dask.distributed: lazy products, chunk-independent probes, one compute.
+
+The estimates are checked against the NumPy path run on the same probe values (a NumPy
+random source that draws Dask's page generator), so they agree to round-off.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+da = pytest.importorskip("dask.array")
+distributed = pytest.importorskip("distributed")
+
+import array_api_compat.numpy as np_compat  # noqa: E402
+import dask  # noqa: E402
+
+import linop_trace as lt  # noqa: E402
+from linop_trace._backend import RandomSource, dask_probe_block  # noqa: E402
+
+N = 700  # rows chunked by 250: three chunks, the last one short
+SEED = 3
+
+
+@pytest.fixture(scope="module")
+def client():
+    cluster = distributed.LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+    )
+    with distributed.Client(cluster) as dask_client:
+        yield dask_client
+    cluster.close()
+
+
+@pytest.fixture(scope="module")
+def matrix() -> np.ndarray:
+    rng = np.random.default_rng(0)
+    M = rng.standard_normal((N, N)) / np.sqrt(N)
+    return M + M.T + np.diag(np.linspace(1.0, 3.0, N))
+
+
+def as_dask(M: np.ndarray) -> da.Array:
+    return da.from_array(M, chunks=(250, N))
+
+
+class _DaskProbesInNumPy(RandomSource):
+    """A NumPy random source drawing the values Dask's page generator draws for the
+    same seed: the NumPy path on the Dask estimate's probes."""
+
+    def __init__(self, seed: int) -> None:
+        super().__init__(np_compat, "cpu", "dask", seed)
+
+    def standard_normal(self, shape, dtype):
+        return super().standard_normal(shape, dtype).compute(scheduler="sync")
+
+    def rademacher(self, shape, dtype):
+        return super().rademacher(shape, dtype).compute(scheduler="sync")
+
+    def uniform(self, shape, dtype):
+        return super().uniform(shape, dtype).compute(scheduler="sync")
+
+
+class _Submissions:
+    """Counts the graphs the client runs (``Client.get``: what ``dask.compute`` calls)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.count = 0
+        original = distributed.Client.get
+
+        def counted(client, *args, **kwargs):
+            self.count += 1
+            return original(client, *args, **kwargs)
+
+        monkeypatch.setattr(distributed.Client, "get", counted)
+
+
+# ------------------------------------------------------------------ operator and probes
+def test_operator_keeps_dask_and_builds_a_graph(matrix):
+    import array_api_compat.dask.array as dask_compat
+
+    operator = lt.aslinearoperator(as_dask(matrix))
+    assert operator.xp is dask_compat
+    assert operator.shape == (N, N)
+    probes = da.ones((N, 3), chunks=(250, 3))
+    with dask.config.set(scheduler=_refuse_compute):  # building the product runs nothing
+        image = operator.matmat(probes)
+    assert isinstance(image, da.Array)
+    np.testing.assert_allclose(image.compute(scheduler="sync"), matrix @ np.ones((N, 3)))
+
+
+def _refuse_compute(*args, **kwargs):
+    raise AssertionError("a graph was computed")
+
+
+@pytest.mark.parametrize("kind", ["rademacher", "normal", "uniform"])
+def test_probes_depend_on_seed_and_row_only(kind):
+    n = 9000  # three pages of 4096 rows, the last one short
+    blocks = [
+        dask_probe_block(kind, SEED, (n, 5), 0, np.float64, chunks=chunks).compute(scheduler="sync")
+        for chunks in (1000, 4096, 5000, n)
+    ]
+    for block in blocks[1:]:
+        np.testing.assert_array_equal(block, blocks[0])
+    # columns are a stream: 2 columns and then 3 are the 5 drawn at once
+    first = dask_probe_block(kind, SEED, (n, 2), 0, np.float64).compute(scheduler="sync")
+    then = dask_probe_block(kind, SEED, (n, 3), 2, np.float64).compute(scheduler="sync")
+    np.testing.assert_array_equal(np.concatenate([first, then], axis=1), blocks[0])
+    other = dask_probe_block(kind, SEED + 1, (n, 5), 0, np.float64).compute(scheduler="sync")
+    assert not np.array_equal(other, blocks[0])
+    if kind == "rademacher":
+        assert set(np.unique(blocks[0])) == {-1.0, 1.0}
+
+
+def test_probe_functions_give_dask_blocks(matrix):
+    Z = lt.rademacher(as_dask(matrix), 4, seed=SEED)
+    assert isinstance(Z, da.Array) and Z.shape == (N, 4)
+
+
+# ------------------------------------------------------------------------- estimates
+@pytest.mark.parametrize("method", ["hutchinson", "hutch++", "xtrace"])
+def test_trace_equals_numpy_on_the_same_probes(client, matrix, method):
+    estimate = lt.trace(as_dask(matrix), method=method, num_matvecs=60, seed=SEED, block_size=20)
+    assert isinstance(estimate.value, da.Array)
+    expected = lt.trace(
+        matrix, method=method, num_matvecs=60, seed=_DaskProbesInNumPy(SEED), block_size=20
+    )
+    np.testing.assert_allclose(float(estimate), float(expected), rtol=1e-10)
+    np.testing.assert_allclose(float(estimate.stderr.compute()), float(expected.stderr), rtol=1e-8)
+
+
+def test_hutchinson_by_hand(client, matrix):
+    """The NumPy path aside: the mean of z^T A z over the probes the run draws."""
+    estimate = lt.trace(as_dask(matrix), method="hutchinson", num_matvecs=30, seed=SEED)
+    Z = dask_probe_block("rademacher", SEED, (N, 30), 0, np.float64).compute()
+    samples = np.einsum("ij,ij->j", Z, matrix @ Z)
+    np.testing.assert_allclose(float(estimate), samples.mean(), rtol=1e-12)
+    np.testing.assert_allclose(
+        float(estimate.stderr.compute()), samples.std(ddof=1) / np.sqrt(30), rtol=1e-10
+    )
+
+
+@pytest.mark.parametrize("method", ["hutchinson", "diag++", "xdiag"])
+def test_diagonal_equals_numpy_on_the_same_probes(client, matrix, method):
+    estimate = lt.diagonal(as_dask(matrix), method=method, num_matvecs=60, seed=SEED)
+    expected = lt.diagonal(matrix, method=method, num_matvecs=60, seed=_DaskProbesInNumPy(SEED))
+    np.testing.assert_allclose(estimate.value.compute(), expected.value, rtol=1e-9, atol=1e-12)
+
+
+def test_exact_trace_and_diagonal(client, matrix):
+    A = as_dask(matrix)
+    np.testing.assert_allclose(float(lt.trace(A, method="exact")), np.trace(matrix))
+    np.testing.assert_allclose(lt.diagonal(A, method="exact").value.compute(), np.diag(matrix))
+
+
+@pytest.mark.parametrize("quantity", ["trace", "diagonal"])
+def test_one_compute_for_all_probe_blocks(client, matrix, monkeypatch, quantity):
+    submissions = _Submissions(monkeypatch)
+    run = lt.trace if quantity == "trace" else lt.diagonal
+    estimate = run(as_dask(matrix), method="hutchinson", num_matvecs=40, seed=SEED, block_size=10)
+    assert submissions.count == 1  # four probe blocks, the checks and the error: one graph
+    estimate.value  # noqa: B018 - the finiteness checks were computed with it
+    assert submissions.count == 1
+
+
+def test_each_matrix_chunk_is_read_once(matrix):
+    """Value, stderr and finiteness flags share the products: the matrix's chunks are
+    loaded once for all four probe blocks (synchronous scheduler: counted in process)."""
+    loads = []
+
+    def load(block):
+        if block.size:  # (not Dask's call on an empty block for the result's type)
+            loads.append(block.shape)
+        return block
+
+    A = as_dask(matrix).map_blocks(load, dtype=matrix.dtype)
+    with dask.config.set(scheduler="sync"):
+        estimate = lt.trace(A, method="hutchinson", num_matvecs=40, seed=SEED, block_size=10)
+    assert len(loads) == A.numblocks[0] * A.numblocks[1]
+    np.testing.assert_allclose(
+        float(estimate), float(lt.trace(matrix, "hutchinson", 40, _DaskProbesInNumPy(SEED)))
+    )
+
+
+def test_refine_continues_the_stream(client, matrix):
+    A = as_dask(matrix)
+    first = lt.trace(A, method="hutchinson", num_matvecs=20, seed=SEED)
+    refined = first.refine(A, num_matvecs=20)
+    whole = lt.trace(A, method="hutchinson", num_matvecs=40, seed=SEED)
+    assert refined.num_matvecs == 40
+    np.testing.assert_allclose(float(refined), float(whole), rtol=1e-12)
+
+
+# ---------------------------------------------------------------------------- refusals
+@pytest.mark.parametrize("method", ["xnystrace", "na-hutch++"])
+def test_methods_without_dask_linear_algebra_are_refused(matrix, method):
+    with pytest.raises(NotImplementedError, match="Dask"):
+        lt.trace(as_dask(matrix), method=method, num_matvecs=30, seed=SEED)
+
+
+def test_tolerances_are_refused(matrix):
+    with pytest.raises(NotImplementedError, match="Dask"):
+        lt.trace(as_dask(matrix), method="hutchinson", rtol=0.1, seed=SEED)
+
+
+def test_sparse_chunks_are_refused():
+    import scipy.sparse as sp
+
+    M = sp.eye(20, format="csr")
+    with pytest.raises(TypeError, match="NumPy chunks only"):
+        lt.aslinearoperator(da.from_array(M, chunks=(10, 20), asarray=False))
+
+
+def test_non_finite_products_raise_at_once(client):
+    A = da.from_array(np.full((30, 30), np.nan), chunks=(10, 30))
+    with pytest.raises(FloatingPointError):
+        lt.trace(A, method="hutchinson", num_matvecs=4, seed=SEED)
+
+
+@pytest.mark.parametrize("method", ["xtrace", "xdiag"])
+def test_short_probes_checked_for_independence(method):
+    """Up to 64 rows, Rademacher blocks are redrawn when dependent (Gram matrix in NumPy)."""
+    rng = np.random.default_rng(1)
+    M = rng.standard_normal((40, 40))
+    A = da.from_array(M, chunks=(20, 40))
+    run = lt.trace if method == "xtrace" else lt.diagonal
+    with dask.config.set(scheduler="sync"):
+        estimate = run(A, method=method, num_matvecs=20, seed=SEED)
+    expected = run(M, method=method, num_matvecs=20, seed=_DaskProbesInNumPy(SEED))
+    np.testing.assert_allclose(np.asarray(estimate.value), expected.value, rtol=1e-9)
