@@ -308,3 +308,43 @@ def test_half_precision_exact_part_is_float32():
     est = lt.trace(lt.diagonal_operator(d) + lt.identity(6, like=d))
     assert est.value.dtype == torch.float32 and est.num_matvecs == 0
     assert float(est) == 27.0
+
+
+def _demo(capsys, *argv):
+    import json
+
+    from linop_trace.cli import main
+
+    code = main(["demo", "--matvecs", "20", "--json", *argv])
+    assert code == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_cli_demo_damping_of_a_stored_matrix_is_exact(capsys):
+    """``demo --problem sparse --damping c``: the Laplacian stores its diagonal and c I is
+    an identity, so every method computes the trace exactly, with 0 products."""
+    plain = _demo(capsys, "--problem", "sparse")
+    damped = _demo(capsys, "--problem", "sparse", "--damping", "2.5")
+    assert damped["exact"] == pytest.approx(plain["exact"] + 2.5 * plain["n"], rel=1e-12)
+    for result in damped["results"]:
+        if result["method"] == "exact":
+            continue  # the reference itself: n products
+        assert result["value"] == pytest.approx(damped["exact"], rel=1e-12)
+        assert result["matvecs"] == 0
+
+
+def test_cli_demo_damping_of_a_hessian_is_added_exactly(capsys):
+    """``demo --problem hessian --damping c``: c I's trace is computed exactly and only the
+    Hessian estimated, so every estimate (same seed and budget) is the undamped one plus
+    c n, with the same products."""
+    pytest.importorskip("torch")
+    pytest.importorskip("sklearn")
+    plain = _demo(capsys, "--problem", "hessian")
+    damped = _demo(capsys, "--problem", "hessian", "--damping", "0.5")
+    shift = 0.5 * plain["n"]
+    assert damped["exact"] == pytest.approx(plain["exact"] + shift, rel=1e-5)  # float32
+    for before, after in zip(plain["results"], damped["results"], strict=True):
+        if "value" not in before or before["method"] == "exact":
+            continue
+        assert after["value"] == pytest.approx(before["value"] + shift, rel=1e-5)
+        assert after["matvecs"] == before["matvecs"] == 20

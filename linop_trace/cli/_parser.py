@@ -351,6 +351,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     demo.add_argument(
+        "--damping",
+        type=_non_negative_float,
+        default=0.0,
+        help=(
+            "add damping * I to the matrix (weight decay on a Hessian): its trace is known "
+            "exactly, so the estimators estimate the matrix alone (default 0)"
+        ),
+    )
+    demo.add_argument(
         "--confidence", type=_level, default=0.95, help="level of the intervals (default 0.95)"
     )
     demo.add_argument("--block-size", type=_positive_int, help="most columns per operator call")
