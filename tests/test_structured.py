@@ -348,3 +348,22 @@ def test_cli_demo_damping_of_a_hessian_is_added_exactly(capsys):
             continue
         assert after["value"] == pytest.approx(before["value"] + shift, rel=1e-5)
         assert after["matvecs"] == before["matvecs"] == 20
+
+
+def test_torch_ggn_plus_damping():
+    """A damped GGN of the digits MLP: damping * n exact, the GGN alone estimated (its
+    samples are those of the undamped GGN with the same seed)."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("sklearn")
+    from linop_trace.autodiff._examples import digits_mlp_problem
+
+    model, loss_fn, data = digits_mlp_problem(batch_size=64, seed=0, dtype=torch.float64)
+    G = lt.ggn(model, loss_fn, data)
+    n = G.shape[0]
+    damped = lt.trace(
+        G + 0.01 * lt.identity(n, like=G), method="hutchinson", num_matvecs=30, seed=3
+    )
+    plain = lt.trace(G, method="hutchinson", num_matvecs=30, seed=3)
+    assert damped.num_matvecs == 30
+    assert float(damped) == pytest.approx(float(plain) + 0.01 * n, rel=1e-12)
+    assert float(damped.stderr) == pytest.approx(float(plain.stderr), rel=1e-12)
