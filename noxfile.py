@@ -1,7 +1,7 @@
 """The evidence matrix of linop_trace: tests per backend and Python, oldest deps, lint, docs, bench, gpu.
 
 ``nox`` runs the default sessions (every ``tests`` variant, ``stats``, ``oldest``,
-``distributed`` and ``lint``);
+``distributed``, ``peers`` and ``lint``);
 ``nox -l`` lists them all; ``nox -s docs`` and ``nox -s bench`` build the docs and run
 the benchmarks; ``nox -s distributed`` runs the Dask tests on a local cluster.
 Arguments after ``--`` go to pytest, e.g. ``nox -s "tests(numpy-3.11)" -- -x -k trace``.
@@ -36,7 +36,7 @@ if hasattr(nox.options, "download_python"):
 # What plain `nox` (the README's test command and .ci/run) runs: the whole test matrix,
 # the statistical tests once, the oldest supported dependencies and lint. docs and bench
 # are asked for by name.
-nox.options.sessions = ["tests", "stats", "oldest", "distributed", "lint"]
+nox.options.sessions = ["tests", "stats", "oldest", "distributed", "peers", "lint"]
 
 #: (backend, Pythons with wheels for it here, extra that brings its library)
 MATRIX = {
@@ -314,6 +314,26 @@ def distributed(session: nox.Session) -> None:
     session.env.update(TEST_THREADS)
     session.env["LINOP_TRACE_BACKENDS"] = "numpy"
     _pytest(session, "-q", "-p", "no:cacheprovider", "tests/test_dask.py")
+
+
+#: The peer libraries whose operators ``aslinearoperator`` adapts (tests/test_adapters.py).
+PEER_OPERATOR_LIBRARIES = (
+    "curvlinops-for-pytorch>=3.0",
+    "lineax>=0.0.5",
+    "pylops>=2",
+    "linear_operator",
+)
+
+
+@nox.session(python="3.11")
+def peers(session: nox.Session) -> None:
+    """Operators of curvlinops, lineax, PyLops and GPyTorch's linear_operator through
+    ``aslinearoperator`` (tests/test_adapters.py), with those libraries installed (torch
+    pinned by the constraints, as everywhere). Arguments go to pytest."""
+    session.install("-c", CONSTRAINTS, "-e", ".[test,torch,jax]", *PEER_OPERATOR_LIBRARIES)
+    session.env.update(TEST_THREADS)
+    session.env["LINOP_TRACE_BACKENDS"] = "numpy"
+    _pytest(session, "-q", "-p", "no:cacheprovider", "tests/test_adapters.py")
 
 
 @nox.session(python=False, default=False)

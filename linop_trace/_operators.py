@@ -1021,7 +1021,9 @@ def aslinearoperator(matrix: Any, *, tags: Iterable[str] = ()) -> LinearOperator
     matrix : array, sparse matrix, LinearOperator
         A 2-d dense array of NumPy, torch, JAX, CuPy or any array-API library; a
         sparse matrix of SciPy (arrays and matrices), torch (COO, CSR), JAX
-        (``BCOO``) or cupyx; a :class:`scipy.sparse.linalg.LinearOperator`; or a
+        (``BCOO``) or cupyx; a :class:`scipy.sparse.linalg.LinearOperator`; an
+        operator of curvlinops, lineax, PyLops or linear_operator (GPyTorch), whose
+        products stay in its library (see :ref:`peer-operators`); or a
         :class:`LinearOperator`, returned as it is (with ``tags``: a copy that carries
         its own tags and these).
     tags : iterable of str, optional
@@ -1062,6 +1064,11 @@ def aslinearoperator(matrix: Any, *, tags: Iterable[str] = ()) -> LinearOperator
         return _SparseOperator(matrix, tags)
     if backend.is_scipy_linear_operator(matrix):
         return _ScipyLinearOperator(matrix, tags)
+    from ._adapters import adapt_peer_operator  # curvlinops, lineax, PyLops, linear_operator
+
+    adapted = adapt_peer_operator(matrix, tags)
+    if adapted is not None:
+        return adapted
     try:
         backend.array_namespace(matrix)
     except TypeError:
