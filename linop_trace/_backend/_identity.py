@@ -149,7 +149,21 @@ def device_of(x: Any) -> Any:
         return array_api_compat.device(x.data)
     if _is_cupy_sparse(x):
         return array_api_compat.device(x.data)
-    return array_api_compat.device(x)
+    return _mesh_placement(array_api_compat.device(x))
+
+
+def _mesh_placement(device: Any) -> Any:
+    """A JAX array sharded over a mesh reports its ``NamedSharding``, whose partition
+    spec has the array's rank: arrays of other ranks made ``device=`` it (a 0-d value,
+    a vector) would be refused. Its device is the mesh, replicated (``P()`` fits every
+    rank); other devices are returned as they are."""
+    if not _module_loaded("jax"):
+        return device
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    if isinstance(device, NamedSharding) and len(device.device_set) > 1:
+        return NamedSharding(device.mesh, PartitionSpec(), memory_kind=device.memory_kind)
+    return device
 
 
 def same_device(a: Any, b: Any) -> bool:
