@@ -313,6 +313,10 @@ def make_random_source(xp: Any, device: Any, seed: Any) -> RandomSource:
             key = jax.random.key(int(rng.integers(0, 2**31 - 1)))
         else:
             key = seed
+        if isinstance(device, jax.sharding.NamedSharding) and not is_tracer(key):
+            # an operator over a sharded array: its probes are drawn on its mesh (a key
+            # left on one device would draw the probes there, which the operator refuses)
+            key = jax.device_put(key, device)
         return RandomSource(xp, device, "jax", key)  # (key, columns drawn) once it draws
     if array_api_compat.is_cupy_namespace(xp):
         import cupy
