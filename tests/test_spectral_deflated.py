@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from conftest import numpy_of
-from test_spectral import FUNCTIONS, spd_matrix
+from test_spectral import FUNCTIONS, coverage_over_400_seeds, spd_matrix
 
 import linop_trace as lt
 from linop_trace._operators import aslinearoperator
@@ -147,23 +147,10 @@ def test_deflated_interval_coverage_over_400_seeds(name, spectrum):
     than normal: the studentized errors' sd is 1.00 against the t13's 1.08) and 98.25%
     for the inverse on the decaying spectrum (condition ~500: the block rule's error is
     estimated by the error of the smaller rule, an overestimate)."""
-    n = 200
-    if spectrum == "flat":
-        eigenvalues = np.linspace(1.0, 3.0, n)
-    else:
-        eigenvalues = 0.01 + 5 * 0.98 ** np.arange(n)
-    A = spd_matrix(eigenvalues, seed=0)
-    truth = float(np.sum(FUNCTIONS[name](eigenvalues)))
-    hits = 0
-    for seed in range(400):
-        est = lt.trace_function(
-            A, name, method="slq++", num_matvecs=300, lanczos_steps=15, seed=seed
-        )
-        low, high = est.ci()
-        hits += low <= truth <= high
-    assert hits / 400 >= 0.93
+    coverage = coverage_over_400_seeds(name, spectrum, "slq++")
+    assert coverage >= 0.93
     if spectrum == "decaying" and name != "inverse":
-        assert hits / 400 <= 0.97
+        assert coverage <= 0.97
 
 
 # ---------------------------------------------------------------- adaptive stopping
