@@ -254,7 +254,8 @@ def _estimate(
             raise
         except KeyboardInterrupt as interrupt:  # one program: nothing partial to give
             raise EstimateInterrupted(None) from interrupt
-    random = backend.make_random_source(operator.xp, operator.device, seed)
+    stored = getattr(operator, "matrix", None)  # (a Dask matrix's chunks shape the probes)
+    random = backend.make_random_source(operator.xp, operator.device, seed, like=stored)
     estimate = _run(estimator, quantity, settings, operator, random)
     if estimate._state is not None and not isinstance(seed, (int, np.integer, type(None))):
         # the caller's own generator goes on drawing: keep where the run left it now

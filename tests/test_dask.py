@@ -14,6 +14,7 @@ distributed = pytest.importorskip("distributed")
 
 import array_api_compat.numpy as np_compat  # noqa: E402
 import dask  # noqa: E402
+import scipy.sparse as sp  # noqa: E402
 
 import linop_trace as lt  # noqa: E402
 from linop_trace._backend import RandomSource, dask_probe_block  # noqa: E402
@@ -48,7 +49,7 @@ class _DaskProbesInNumPy(RandomSource):
     same seed: the NumPy path on the Dask estimate's probes."""
 
     def __init__(self, seed: int) -> None:
-        super().__init__(np_compat, "cpu", "dask", seed)
+        super().__init__(np_compat, "cpu", "dask", (seed, None))
 
     def standard_normal(self, shape, dtype):
         return super().standard_normal(shape, dtype).compute(scheduler="sync")
@@ -202,12 +203,13 @@ def test_tolerances_are_refused(matrix):
         lt.trace(as_dask(matrix), method="hutchinson", rtol=0.1, seed=SEED)
 
 
-def test_sparse_chunks_are_refused():
-    import scipy.sparse as sp
+def test_chunks_of_other_libraries_are_refused():
+    class Chunk(np.ndarray):  # not a NumPy array nor a sparse matrix as far as Dask's meta goes
+        pass
 
-    M = sp.eye(20, format="csr")
-    with pytest.raises(TypeError, match="NumPy chunks only"):
-        lt.aslinearoperator(da.from_array(M, chunks=(10, 20), asarray=False))
+    A = da.from_array(np.eye(20).view(Chunk), chunks=(10, 20), asarray=False)
+    with pytest.raises(TypeError, match="NumPy chunks or sparse chunks"):
+        lt.aslinearoperator(A)
 
 
 def test_non_finite_products_raise_at_once(client):
@@ -227,3 +229,127 @@ def test_short_probes_checked_for_independence(method):
         estimate = run(A, method=method, num_matvecs=20, seed=SEED)
     expected = run(M, method=method, num_matvecs=20, seed=_DaskProbesInNumPy(SEED))
     np.testing.assert_allclose(np.asarray(estimate.value), expected.value, rtol=1e-9)
+
+
+# ------------------------------------------------------------------------ sparse chunks
+def banded(n: int) -> sp.csr_matrix:
+    """A symmetric band matrix of half-width 3 with a growing diagonal (CSR)."""
+    rng = np.random.default_rng(5)
+    bands = [rng.standard_normal(n - abs(k)) for k in range(-3, 4)]
+    M = sp.diags(bands, list(range(-3, 4)), format="csr")
+    return (M + M.T + sp.diags(np.linspace(8.0, 12.0, n))).tocsr()
+
+
+def as_sparse_dask(M, chunks=(100, 50)) -> da.Array:
+    return da.from_array(M, chunks=chunks, asarray=False)
+
+
+def test_sparse_chunks_give_a_lazy_sparse_operator():
+    import array_api_compat.dask.array as dask_compat
+
+    M = banded(N)
+    with dask.config.set(scheduler="sync"):
+        operator = lt.aslinearoperator(as_sparse_dask(M))  # counts each block's entries
+    assert operator.xp is dask_compat and operator.shape == (N, N)
+    probes = da.from_array(np.arange(3.0 * N).reshape(N, 3), chunks=(250, 3))
+    with dask.config.set(scheduler=_refuse_compute):  # the products compute nothing
+        image = operator.matmat(probes)
+        adjoint_image = operator.rmatmat(probes)
+    assert isinstance(image, da.Array) and image.chunks[0] == (100,) * 7
+    dense = M.toarray()
+    with dask.config.set(scheduler="sync"):
+        np.testing.assert_allclose(image.compute(), dense @ probes.compute(), rtol=1e-13)
+        np.testing.assert_allclose(adjoint_image.compute(), dense.T @ probes.compute(), rtol=1e-13)
+        np.testing.assert_array_equal(operator.to_dense().compute(), dense)
+
+
+def test_sparse_products_meet_only_the_stored_blocks():
+    """A band of half-width 3 chunked by 100 rows and 50 columns: row block i stores
+    entries in column blocks 2i - 1 .. 2i + 2 only (4 of 14), so the product's tasks
+    read 4 probe chunks each, not 14."""
+    from linop_trace._backend._dask_sparse import nonzero_blocks
+
+    A = lt.aslinearoperator(as_sparse_dask(banded(N)))
+    pattern = nonzero_blocks(A.matrix)
+    assert pattern.shape == (7, 14)
+    assert pattern.sum(axis=1).tolist() == [3, 4, 4, 4, 4, 4, 3]
+    for i in range(7):
+        stored = np.flatnonzero(pattern[i])
+        assert stored.min() >= 2 * i - 1 and stored.max() <= 2 * i + 2
+    probes = da.ones((N, 2), chunks=(N, 2))
+    image = A.matmat(probes)
+    assert len(image.dask.layers[image.name]) == 7 + 12  # a task per row block, 12 halos
+    dependencies = image.dask.get_all_dependencies()
+    for i in range(7):
+        read = dependencies[(image.name, i, 0)]
+        blocks = [key for key in read if key[0] == A.matrix.name]
+        assert len(blocks) == pattern[i].sum()  # the stored blocks only
+        # the corner blocks of the band (3 of their 50 columns) read 3 probe rows, sliced
+        # where the probe chunk is held; the two blocks on the diagonal, whole chunks
+        halos = sorted(key for key in read if key[0].startswith("sparse-blocks-halo"))
+        assert len(halos) == (1 if i in (0, 6) else 2)
+        for key in halos:
+            assert dask.get(image.dask, key).shape == (3, 2)
+        assert len(read) == 2 * len(blocks)
+
+
+def test_sparse_exact_diagonal_and_row_sums_from_the_blocks(client):
+    import linop_trace._backend._dask_sparse as dask_sparse
+
+    M = banded(N)
+    A = as_sparse_dask(M, chunks=(120, 90))  # blocks that cut the diagonal unevenly
+    calls = []
+    original = dask_sparse.dask_sparse_matmat
+    dask_sparse_matmat = lambda *args: calls.append(1) or original(*args)  # noqa: E731
+    import linop_trace._backend._sparse as sparse_module
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sparse_module, "dask_sparse_matmat", dask_sparse_matmat)
+        diagonal = lt.diagonal(A, method="exact")
+        trace = lt.trace(A, method="exact")
+    assert not calls  # no product: the blocks' own diagonals
+    np.testing.assert_array_equal(diagonal.value.compute(), M.diagonal())
+    np.testing.assert_allclose(float(trace), M.diagonal().sum(), rtol=1e-14)
+    np.testing.assert_allclose(
+        lt.row_sums(A).value.compute(), np.asarray(M.sum(axis=1)).ravel(), rtol=1e-13
+    )
+
+
+@pytest.mark.parametrize("method", ["hutchinson", "hutch++", "xtrace"])
+def test_sparse_trace_equals_scipy_on_the_same_probes(client, method):
+    M = banded(N)
+    estimate = lt.trace(as_sparse_dask(M), method=method, num_matvecs=60, seed=SEED, block_size=20)
+    expected = lt.trace(
+        M, method=method, num_matvecs=60, seed=_DaskProbesInNumPy(SEED), block_size=20
+    )
+    np.testing.assert_allclose(float(estimate), float(expected), rtol=1e-10)
+    np.testing.assert_allclose(float(estimate.stderr.compute()), float(expected.stderr), rtol=1e-8)
+
+
+@pytest.mark.parametrize("method", ["hutchinson", "xdiag"])
+def test_sparse_diagonal_equals_scipy_on_the_same_probes(client, method):
+    M = banded(N)
+    estimate = lt.diagonal(as_sparse_dask(M), method=method, num_matvecs=40, seed=SEED)
+    expected = lt.diagonal(M, method=method, num_matvecs=40, seed=_DaskProbesInNumPy(SEED))
+    np.testing.assert_allclose(estimate.value.compute(), expected.value, rtol=1e-9, atol=1e-12)
+
+
+def test_sparse_array_and_pydata_sparse_chunks():
+    """scipy.sparse arrays (csr_array) and pydata ``sparse`` COO chunks give the same
+    products as csr_matrix chunks (pydata's are converted to CSR block by block)."""
+    M = banded(N)
+    Z = np.linspace(-1.0, 1.0, 2 * N).reshape(N, 2)
+    chunked = [as_sparse_dask(sp.csr_array(M))]
+    try:
+        import sparse as pydata_sparse
+    except ImportError:
+        pydata_sparse = None
+    if pydata_sparse is not None:
+        coo = pydata_sparse.COO.from_scipy_sparse(M)
+        chunked.append(da.from_array(coo, chunks=(100, 50), asarray=False))
+    for A in chunked:
+        with dask.config.set(scheduler="sync"):
+            image = lt.aslinearoperator(A).matmat(da.from_array(Z, chunks=(350, 2))).compute()
+        np.testing.assert_allclose(image, M @ Z, rtol=1e-13)
+    if pydata_sparse is None:
+        pytest.skip("pydata sparse is not installed (checked csr_array only)")

@@ -25,6 +25,7 @@ from ._compiled import (  # noqa: F401
 from ._dask import (  # noqa: F401
     DASK_REFUSED,
     PAGE_ROWS,
+    as_dask_block,
     check_dask_chunks,
     check_dask_support,
     compute_together,
@@ -135,6 +136,7 @@ __all__ = [
     "COLUMN_CHUNK_ENTRIES",
     "DASK_REFUSED",
     "PAGE_ROWS",
+    "as_dask_block",
     "check_dask_chunks",
     "check_dask_support",
     "compute_together",

@@ -41,6 +41,11 @@ __all__ = [
 #: Rows per page of the probe generator: a probe's values depend on (seed, page, column).
 PAGE_ROWS = 4096
 
+#: Bytes a probe block's row chunk aims at (a whole number of pages): few enough chunks
+#: that the graph stays small (each chunk is a task in every step of an estimate), small
+#: enough that a worker holds several.
+PROBE_CHUNK_BYTES = 64 * 2**20
+
 
 #: Methods that need linear algebra ``dask.array`` lacks, and what they need.
 DASK_REFUSED = {
@@ -69,16 +74,17 @@ def check_dask_support(xp: Any, method: str, adaptive: bool) -> None:
 
 
 def check_dask_chunks(matrix: Any) -> None:
-    """``TypeError`` for a Dask array whose chunks are not NumPy arrays (scipy.sparse,
-    CuPy): its products are not supported yet. A no-op for other arrays."""
+    """``TypeError`` for a dense Dask array whose chunks are not NumPy arrays (CuPy, ...):
+    its products are not supported. A no-op for other arrays. (Sparse chunks are a sparse
+    matrix: :mod:`._dask_sparse`.)"""
     if not is_dask_array(matrix):
         return
     chunk_type = type(getattr(matrix, "_meta", None))
     if chunk_type is not np.ndarray:
         raise TypeError(
-            "Dask arrays are supported with NumPy chunks only; this one has "
-            f"{chunk_type.__module__}.{chunk_type.__name__} chunks (for scipy.sparse "
-            "chunks, wrap the product: LinearOperator.from_callable(matmat=..., like=...))"
+            "Dask arrays are supported with NumPy chunks or sparse chunks (scipy.sparse, "
+            f"pydata sparse); this one has {chunk_type.__module__}.{chunk_type.__name__} "
+            "chunks (wrap its product: LinearOperator.from_callable(matmat=..., like=...))"
         )
 
 
@@ -96,20 +102,60 @@ def is_dask_array(x: Any) -> bool:
     return bool(array_api_compat.is_dask_array(x))
 
 
-def _page_column(kind: str, key: int, page: int, column: int, rows: int) -> np.ndarray:
-    """Column ``column`` of page ``page``: ``rows`` (the page's length) float64 values."""
-    bits = np.random.Philox(
-        key=np.array([key, page], dtype=np.uint64),
-        counter=np.array([0, 0, column, 0], dtype=np.uint64),
-    )
-    generator = np.random.Generator(bits)
-    if kind == "rademacher":  # one random bit per entry, as the NumPy source draws them
-        words = generator.integers(0, 2**64, size=-(-rows // 64), dtype=np.uint64)
-        unpacked = np.unpackbits(words.view(np.uint8), count=rows, bitorder="little")
-        return 2.0 * unpacked - 1.0
-    if kind == "normal":
-        return generator.standard_normal(rows)
-    return generator.random(rows)  # uniform
+class _PageGenerator:
+    """Draws page p's column j of a stream: NumPy's Philox keyed by ``(key, p)``, its
+    counter at ``(0, 0, j, 0)``. One bit generator is reset for every (page, column):
+    the values of a fresh ``Philox(key=..., counter=...)``, at a tenth of its cost (that
+    constructor also draws OS entropy it does not use)."""
+
+    def __init__(self, kind: str, key: int) -> None:
+        self.kind = kind
+        self.key = key
+        self.bits = np.random.Philox(key=np.array([key, 0], dtype=np.uint64))
+        self.generator = np.random.Generator(self.bits)
+        self._empty = np.zeros(4, dtype=np.uint64)
+
+    def column(self, page: int, column: int, rows: int) -> np.ndarray:
+        """``rows`` (the page's length) float64 values."""
+        self.bits.state = {
+            "bit_generator": "Philox",
+            "state": {
+                "counter": np.array([0, 0, column, 0], dtype=np.uint64),
+                "key": np.array([self.key, page], dtype=np.uint64),
+            },
+            "buffer": self._empty,
+            "buffer_pos": 4,
+            "has_uint32": 0,
+            "uinteger": 0,
+        }
+        if self.kind == "rademacher":  # one random bit per entry, as NumPy's source draws
+            words = self.bits.random_raw(-(-rows // 64))
+            unpacked = np.unpackbits(words.view(np.uint8), count=rows, bitorder="little")
+            return 2.0 * unpacked - 1.0
+        if self.kind == "normal":
+            return self.generator.standard_normal(rows)
+        return self.generator.random(rows)  # uniform
+
+
+def _draw_rows(
+    kind: str, key: int, first_column: int, n: int, dtype: Any, rows: tuple[int, int], k: int
+) -> np.ndarray:
+    """Rows ``rows = (start, stop)`` of columns ``first_column .. + k`` of the stream: the
+    pages they overlap, cut to them."""
+    start, stop = rows
+    out = np.empty((stop - start, k), dtype=dtype)
+    if k == 0:
+        return out
+    pages = _PageGenerator(kind, key)
+    for page in range(start // PAGE_ROWS, -(-stop // PAGE_ROWS)):
+        page_start = page * PAGE_ROWS
+        page_rows = min(PAGE_ROWS, n - page_start)
+        low, high = max(start, page_start), min(stop, page_start + page_rows)
+        columns = np.stack(  # (columns, page rows): written into the chunk's rows at once
+            [pages.column(page, first_column + column, page_rows) for column in range(k)]
+        )
+        out[low - start : high - start] = columns[:, low - page_start : high - page_start].T
+    return out
 
 
 def _probe_chunk(
@@ -122,20 +168,18 @@ def _probe_chunk(
     block_info: dict[Any, Any] | None = None,
 ) -> np.ndarray:
     """One row chunk of a probe block (``map_blocks`` over an empty ``template`` of its
-    shape): the pages it overlaps, cut to its rows."""
+    shape)."""
     assert block_info is not None
     (start, stop), (col_start, col_stop) = block_info[None]["array-location"]
-    out = np.empty((stop - start, col_stop - col_start), dtype=dtype)
-    for page in range(start // PAGE_ROWS, -(-stop // PAGE_ROWS)):
-        page_start = page * PAGE_ROWS
-        page_rows = min(PAGE_ROWS, n - page_start)
-        low, high = max(start, page_start), min(stop, page_start + page_rows)
-        for column in range(col_start, col_stop):
-            values = _page_column(kind, key, page, first_column + column, page_rows)
-            out[low - start : high - start, column - col_start] = values[
-                low - page_start : high - page_start
-            ]
-    return out
+    return _draw_rows(
+        kind, key, first_column + col_start, n, dtype, (start, stop), col_stop - col_start
+    )
+
+
+def _anchored_chunk(anchor: Any, *args: Any) -> np.ndarray:
+    """:func:`_draw_rows`, with a block of the matrix as an argument it does not read: the
+    scheduler runs the task where that block is held (see :func:`dask_probe_block`)."""
+    return _draw_rows(*args)
 
 
 def dask_probe_block(
@@ -145,17 +189,32 @@ def dask_probe_block(
     first_column: int,
     dtype: Any,
     chunks: Any = None,
+    anchor: Any = None,
 ) -> Any:
     """An ``(n, k)`` Dask probe block: columns ``first_column .. first_column + k`` of the
     stream ``key`` (a 64-bit integer), ``kind`` one of ``"rademacher"``, ``"normal"``,
-    ``"uniform"``; real floating ``dtype``. Rows are chunked by ``chunks`` (default: by
-    page), columns in one chunk. Its values do not depend on ``chunks``."""
+    ``"uniform"``; real floating ``dtype``. Its values do not depend on how it is chunked.
+
+    Rows are chunked by ``chunks`` (an int or the chunks' sizes), or else like the columns
+    of ``anchor`` (the operator's Dask matrix, n columns): chunk j is then drawn where the
+    matrix's block of column chunk j and the row chunk that overlaps it most is held (the
+    diagonal block of a square matrix chunked alike both ways), so the product's and the
+    estimate's tasks find their probes in place instead of fetching them from another
+    worker. Otherwise whole pages, about :data:`PROBE_CHUNK_BYTES` a chunk. Columns are
+    one chunk.
+    """
     import dask.array as da
 
     n, k = shape
-    row_chunks = PAGE_ROWS if chunks is None else chunks
     dtype = np.dtype(dtype)
-    template = da.empty((n, k), chunks=(row_chunks, max(k, 1)), dtype=dtype)
+    if anchor is not None and chunks is None and anchor.ndim == 2 and anchor.shape[1] == n:
+        return _anchored_probe_block(kind, key, shape, first_column, dtype, anchor)
+    if isinstance(chunks, tuple) and sum(chunks) != n:
+        chunks = None
+    if chunks is None:
+        pages = max(1, PROBE_CHUNK_BYTES // (PAGE_ROWS * max(k, 1) * dtype.itemsize))
+        chunks = pages * PAGE_ROWS
+    template = da.empty((n, k), chunks=(chunks, max(k, 1)), dtype=dtype)
     return da.map_blocks(
         _probe_chunk,
         template,
@@ -167,6 +226,41 @@ def dask_probe_block(
         dtype=dtype,
         meta=np.empty((0, 0), dtype=dtype),
     )
+
+
+def _anchored_probe_block(
+    kind: str, key: int, shape: tuple[int, int], first_column: int, dtype: Any, anchor: Any
+) -> Any:
+    import dask.array as da
+    from dask.base import tokenize
+    from dask.highlevelgraph import HighLevelGraph
+
+    n, k = shape
+    row_edges = np.concatenate([[0], np.cumsum(anchor.chunks[0])]).tolist()
+    column_edges = np.concatenate([[0], np.cumsum(anchor.chunks[1])]).tolist()
+    name = "probes-" + tokenize(kind, key, shape, first_column, dtype, anchor.name)
+    tasks = {}
+    for j in range(len(anchor.chunks[1])):
+        start, stop = column_edges[j], column_edges[j + 1]
+        overlaps = [
+            min(stop, row_edges[i + 1]) - max(start, row_edges[i])
+            for i in range(len(anchor.chunks[0]))
+        ]
+        i = int(np.argmax(overlaps)) if overlaps else 0
+        tasks[(name, j, 0)] = (
+            _anchored_chunk,
+            (anchor.name, i, j),
+            kind,
+            key,
+            first_column,
+            n,
+            dtype,
+            (start, stop),
+            k,
+        )
+    graph = HighLevelGraph.from_collections(name, tasks, dependencies=[anchor])
+    meta = np.empty((0, 0), dtype=dtype)
+    return da.Array(graph, name, (anchor.chunks[1], (k,)), dtype=dtype, meta=meta)
 
 
 def compute_together(arrays: list[Any]) -> list[np.ndarray]:
@@ -194,3 +288,25 @@ def substitute(tree: Any, leaves: Callable[[Any], Any]) -> Any:
     if isinstance(tree, (list, tuple)):
         return type(tree)(substitute(value, leaves) for value in tree)
     return tree
+
+
+def as_dask_block(block: Any, row_chunks: tuple[int, ...] | None) -> Any:
+    """An ``(n, k)`` NumPy or Dask ``block`` as a Dask array whose rows are cut by
+    ``row_chunks``, the chunks of the matrix they meet in a product (``None``: a Dask
+    block as it is, a NumPy one by probe page like :func:`dask_probe_block`). Columns
+    keep their chunks (a NumPy block: one). Lazy: nothing is computed.
+
+    A Dask block cut otherwise is rechunked here, on purpose: ``matmul`` would cut both
+    operands to the common refinement of their chunks, splitting the ``(m, n)`` matrix's
+    chunks where rechunking the ``(n, k)`` block is enough.
+    """
+    import dask.array as da
+
+    if is_dask_array(block):
+        if row_chunks is None or tuple(block.chunks[0]) == tuple(row_chunks):
+            return block
+        return block.rechunk({0: row_chunks})
+    # a copy: the graph reads the block when it runs, later; the caller's array may have
+    # changed by then (an (n, k) block, the size of the product's image)
+    snapshot = np.array(block, copy=True)
+    return da.from_array(snapshot, chunks=(PAGE_ROWS if row_chunks is None else row_chunks, -1))

@@ -7,6 +7,8 @@ from typing import Any
 
 import array_api_compat
 
+from ._dask_sparse import is_dask_sparse
+
 __all__ = [
     "array_namespace",
     "describe",
@@ -60,7 +62,13 @@ def _is_cupy_sparse(x: Any) -> bool:
 
 def is_sparse(x: Any) -> bool:
     """Whether ``x`` is a sparse matrix of a supported library."""
-    return _is_scipy_sparse(x) or _is_torch_sparse(x) or _is_jax_sparse(x) or _is_cupy_sparse(x)
+    return (
+        _is_scipy_sparse(x)
+        or _is_torch_sparse(x)
+        or _is_jax_sparse(x)
+        or _is_cupy_sparse(x)
+        or is_dask_sparse(x)
+    )
 
 
 def library_name(x: Any) -> str:
@@ -143,7 +151,7 @@ def array_namespace(*arrays: Any) -> Any:
 
 def device_of(x: Any) -> Any:
     """The device that holds ``x``."""
-    if _is_scipy_sparse(x):
+    if _is_scipy_sparse(x) or is_dask_sparse(x):  # (Dask's sparse chunks: host memory)
         return "cpu"
     if _is_jax_sparse(x):
         return array_api_compat.device(x.data)

@@ -9,7 +9,7 @@ from typing import Any
 import array_api_compat
 import numpy as np
 
-from ._dask import dask_probe_block, is_dask_namespace
+from ._dask import dask_probe_block, is_dask_array, is_dask_namespace
 from ._device import is_tracer, stop_gradient
 from ._identity import namespace_name
 
@@ -72,7 +72,8 @@ class RandomSource:
         n, k = shape
         self.columns += k
         if kind == "dask":  # counter-based, by row page (see _dask)
-            return dask_probe_block("normal", state, shape, self.columns - k, dtype)
+            key, matrix = state
+            return dask_probe_block("normal", key, shape, self.columns - k, dtype, anchor=matrix)
         if kind == "torch":
             import torch
 
@@ -101,7 +102,10 @@ class RandomSource:
         n, k = shape
         self.columns += k
         if kind == "dask":  # counter-based, by row page (see _dask)
-            return dask_probe_block("rademacher", state, shape, self.columns - k, dtype)
+            key, matrix = state
+            return dask_probe_block(
+                "rademacher", key, shape, self.columns - k, dtype, anchor=matrix
+            )
         if kind == "torch":
             import torch
 
@@ -135,7 +139,8 @@ class RandomSource:
         n, k = shape
         self.columns += k
         if kind == "dask":  # counter-based, by row page (see _dask)
-            return dask_probe_block("uniform", state, shape, self.columns - k, dtype)
+            key, matrix = state
+            return dask_probe_block("uniform", key, shape, self.columns - k, dtype, anchor=matrix)
         if kind == "torch":
             import torch
 
@@ -159,7 +164,7 @@ class RandomSource:
             copy = torch.Generator(device=self.device)
             copy.set_state(state.get_state())
             return RandomSource(self.xp, self.device, kind, copy, self.columns)
-        if kind == "jax":  # immutable arrays
+        if kind in ("jax", "dask"):  # immutable arrays; (a key, a Dask matrix)
             return RandomSource(self.xp, self.device, kind, state, self.columns)
         import copy as copying
 
@@ -269,13 +274,16 @@ def _jax_programs() -> dict[str, Callable[..., Any]]:
     }
 
 
-def make_random_source(xp: Any, device: Any, seed: Any) -> RandomSource:
+def make_random_source(xp: Any, device: Any, seed: Any, like: Any = None) -> RandomSource:
     """Turn ``seed`` into the library's own generator on ``device``.
 
     ``seed`` is an ``int``, ``None`` (fresh entropy), or the library's own generator:
     a ``numpy.random.Generator`` (NumPy, array_api_strict), a ``torch.Generator``, a
     JAX PRNG key, a ``cupy.random.Generator``. An existing :class:`RandomSource` is
-    returned as it is.
+    returned as it is. ``like``: the operator's stored matrix, if any; a Dask matrix's
+    column chunks become the probe blocks' row chunks, each drawn next to the matrix's
+    blocks that multiply it (:func:`~linop_trace._backend._dask.dask_probe_block`; the
+    values do not depend on the chunks).
     """
     if isinstance(seed, RandomSource):
         return seed
@@ -338,7 +346,8 @@ def make_random_source(xp: Any, device: Any, seed: Any) -> RandomSource:
         else:
             rng = seed if seed is not None else np.random.default_rng()
             page_key = int(rng.integers(0, 2**63 - 1))
-        return RandomSource(xp, device, "dask", page_key)
+        anchor = like if is_dask_array(like) and like.ndim == 2 else None
+        return RandomSource(xp, device, "dask", (page_key, anchor))
     numpy_generator = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
     kind = "numpy" if array_api_compat.is_numpy_namespace(xp) else "foreign"
     return RandomSource(xp, device, kind, numpy_generator)

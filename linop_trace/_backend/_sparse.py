@@ -1,9 +1,19 @@
-"""Sparse matrices of SciPy, torch, JAX (BCOO) and cupyx: products, adjoints, diagonals."""
+"""Sparse matrices of SciPy, torch, JAX (BCOO), cupyx and Dask (sparse chunks): products,
+adjoints, diagonals."""
 
 from __future__ import annotations
 
 from typing import Any
 
+from ._dask_sparse import (
+    dask_sparse_adjoint,
+    dask_sparse_astype,
+    dask_sparse_diagonal,
+    dask_sparse_matmat,
+    dask_sparse_to_dense,
+    is_dask_sparse,
+    prepare_dask_sparse,
+)
 from ._identity import _is_cupy_sparse, _is_jax_sparse, _is_scipy_sparse, _is_torch_sparse
 
 __all__ = [
@@ -20,6 +30,8 @@ def sparse_astype(matrix: Any, dtype: Any) -> Any:
     """A sparse matrix with its values cast to ``dtype`` (no copy if unchanged)."""
     if matrix.dtype == dtype:
         return matrix
+    if is_dask_sparse(matrix):
+        return dask_sparse_astype(matrix, dtype)
     if _is_jax_sparse(matrix):
         return matrix.astype(dtype)
     if _is_torch_sparse(matrix):
@@ -29,6 +41,8 @@ def sparse_astype(matrix: Any, dtype: Any) -> Any:
 
 def sparse_matmat(matrix: Any, block: Any) -> Any:
     """``matrix @ block`` for a sparse matrix and a dense 2-d block of its library."""
+    if is_dask_sparse(matrix):
+        return dask_sparse_matmat(matrix, block)
     if _is_scipy_sparse(matrix) or _is_cupy_sparse(matrix):
         return matrix @ block
     if _is_torch_sparse(matrix):
@@ -42,6 +56,8 @@ def sparse_matmat(matrix: Any, block: Any) -> Any:
 
 def sparse_adjoint(matrix: Any) -> Any:
     """The conjugate transpose of a sparse matrix, in its library and (where it can) format."""
+    if is_dask_sparse(matrix):
+        return dask_sparse_adjoint(matrix)
     if _is_scipy_sparse(matrix) or _is_cupy_sparse(matrix):
         return matrix.conj().T.tocsr()
     if _is_torch_sparse(matrix):
@@ -62,6 +78,8 @@ def sparse_adjoint(matrix: Any) -> Any:
 
 def sparse_to_dense(matrix: Any) -> Any:
     """A dense array of the same library holding the sparse matrix."""
+    if is_dask_sparse(matrix):
+        return dask_sparse_to_dense(matrix)
     if _is_scipy_sparse(matrix):
         return matrix.toarray()
     if _is_cupy_sparse(matrix):
@@ -73,6 +91,8 @@ def sparse_to_dense(matrix: Any) -> Any:
 
 def sparse_diagonal(matrix: Any) -> Any:
     """The main diagonal of a square sparse matrix as a dense 1-d array, O(nnz) work."""
+    if is_dask_sparse(matrix):
+        return dask_sparse_diagonal(matrix)
     if _is_scipy_sparse(matrix) or _is_cupy_sparse(matrix):
         return matrix.diagonal()
     if _is_torch_sparse(matrix):
@@ -96,6 +116,8 @@ def sparse_diagonal(matrix: Any) -> Any:
 
 def prepare_sparse(matrix: Any) -> Any:
     """Normalize a sparse input to a format with fast products (CSR for SciPy/CuPy)."""
+    if is_dask_sparse(matrix):
+        return prepare_dask_sparse(matrix)
     if _is_scipy_sparse(matrix) or _is_cupy_sparse(matrix):
         return matrix.tocsr()
     if _is_torch_sparse(matrix):
