@@ -68,6 +68,25 @@ def main(output: Path) -> None:
         results["failure"] = (type(error).__name__, str(error))
     results["failure_seconds"] = time.perf_counter() - started
 
+    # ranks that draw other probes (other seeds, other budgets): an error on every rank at
+    # the first block, not a sum of products of different probes, nor a hang
+    for name, options in [
+        ("seed_mismatch", {"num_matvecs": NUM_MATVECS, "seed": rank}),
+        ("budget_mismatch", {"num_matvecs": NUM_MATVECS + 5 * rank, "seed": 0}),
+    ]:
+        started = time.perf_counter()
+        try:
+            lt.trace(H, method="hutchinson", **options)
+        except Exception as error:
+            results[name] = (type(error).__name__, str(error), time.perf_counter() - started)
+    results["products_after_mismatch"] = H @ V  # the process group goes on working
+    dtype = torch.float32 if rank == 1 else torch.float64  # same parameters, other dtypes
+    narrow, _, _ = digits_mlp_problem(NUM_SAMPLES, dtype=dtype)
+    try:
+        lt.hessian(narrow, loss_fn, (shard[0].to(dtype), shard[1]), process_group=group) @ V
+    except Exception as error:
+        results["dtype_mismatch"] = (type(error).__name__, str(error))
+
     # different models on the ranks: an error on every rank when the operator is built
     width = 20 if rank == 0 else 21
     other = torch.nn.Sequential(

@@ -5,7 +5,9 @@ MLP, 256 samples split 128/128) serves every test: the ranks' products and estim
 against one process on all 256 samples, in float64 (the two sum the same terms in a
 different order: agreement to a few ulps, RTOL), the ranks' estimates against each
 other (bitwise: both read the same all-reduced products), and the errors when a rank's
-loss raises or the ranks hold different models.
+loss raises, the ranks hold different models, or they draw different probes (other
+seeds, other budgets: caught on the first block by the fingerprints of the blocks, which
+are tested here in one process too).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ torch = pytest.importorskip("torch")
 
 import linop_trace as lt  # noqa: E402
 from linop_trace.autodiff._examples import digits_mlp_problem  # noqa: E402
+from linop_trace.autodiff._torch import _fingerprints_differ, _probe_fingerprint  # noqa: E402
 
 pytestmark = pytest.mark.skipif(
     not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
@@ -134,6 +137,76 @@ def test_a_rank_whose_loss_raises_stops_the_others_with_an_error_naming_it(ranks
     assert "hessian: rank 1 of the process group failed" in message
     assert "ValueError: the loss of rank 1 failed on purpose" in message
     assert ranks[0]["failure_seconds"] < 30  # the gloo timeout of the worker is 60 s
+
+
+def test_ranks_given_different_seeds_fail_on_the_first_block(ranks):
+    for results in ranks:
+        kind, message, seconds = results["seed_mismatch"]
+        assert kind == "ValueError"
+        assert "hessian: the ranks of the process group multiply probe blocks of 20 " in message
+        assert "columns that hold different values" in message
+        assert "were the ranks given the same seed and num_matvecs?" in message
+        assert seconds < 30  # the gloo timeout of the worker is 60 s
+
+
+def test_ranks_given_different_budgets_fail_on_the_first_block(ranks):
+    for rank, results in enumerate(ranks):
+        kind, message, seconds = results["budget_mismatch"]
+        assert kind == "ValueError"
+        assert "probe blocks of different widths, from 20 to 25 columns" in message
+        assert f"(this rank {20 + 5 * rank})" in message
+        assert "were the ranks given the same seed and num_matvecs?" in message
+        assert seconds < 30
+
+
+def test_the_ranks_go_on_after_a_mismatch(ranks):
+    for results in ranks:  # (mode="auto" may have picked another route since: not bitwise)
+        assert_close(results["products_after_mismatch"], results["hessian_products"])
+    assert torch.equal(ranks[0]["products_after_mismatch"], ranks[1]["products_after_mismatch"])
+
+
+def test_ranks_with_models_of_different_dtypes_fail_on_the_first_block(ranks):
+    for rank, results in enumerate(ranks):
+        kind, message = results["dtype_mismatch"]
+        assert kind == "ValueError"
+        assert "probe blocks of different dtypes" in message
+        assert f"(this rank {'float32' if rank == 1 else 'float64'})" in message
+
+
+def fingerprints_differ(*blocks: torch.Tensor) -> bool:
+    """What the ranks holding ``blocks`` decide (as in ``_DataParallel.sum``)."""
+    prints = torch.stack([_probe_fingerprint(block) for block in blocks])
+    return bool(_fingerprints_differ(prints.max(0).values, prints.min(0).values, blocks[0].dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.complex64])
+def test_probe_fingerprints_tell_other_probes_but_not_rounding(dtype):
+    generator = torch.Generator().manual_seed(0)
+    wide = torch.randn(1000, 30, generator=generator, dtype=dtype)
+    V = wide[:, 5:25]  # a strided chunk of a wider block, as CountingMatmat passes on
+    signs = torch.randint(0, 2, V.shape, generator=generator).to(dtype) * 2 - 1
+    rounded = V * (1 + 4 * torch.finfo(dtype).eps * signs)  # a few ulps off in every entry
+    assert not fingerprints_differ(V, V.contiguous(), rounded)
+
+    other = torch.randn(1000, 20, generator=generator, dtype=dtype)
+    prints = torch.stack([_probe_fingerprint(V), _probe_fingerprint(other)])
+    norm = float(prints[0, 2])
+    for weighted in prints[:, 3:].T:  # each weighted sum alone tells the two apart
+        assert abs(float(weighted[0] - weighted[1])) > 1e-3 * norm
+    assert fingerprints_differ(V, other)
+    assert fingerprints_differ(V, V[:, [1, 0, *range(2, 20)]])  # two columns swapped
+    assert fingerprints_differ(V, V.flip(0))  # the rows in reverse
+    assert fingerprints_differ(V, wide[:, 5:24])  # another width
+    assert fingerprints_differ(V, V.to(torch.complex128 if V.is_complex() else torch.bfloat16))
+
+
+def test_rademacher_probes_of_two_seeds_differ_in_their_fingerprints():
+    def rademacher(seed):
+        generator = torch.Generator().manual_seed(seed)
+        return torch.randint(0, 2, (1480, 20), generator=generator).float() * 2 - 1
+
+    assert not fingerprints_differ(rademacher(0), rademacher(0))
+    assert all(fingerprints_differ(rademacher(0), rademacher(seed)) for seed in range(1, 20))
 
 
 def test_ranks_with_different_models_fail_when_the_operator_is_built(ranks):

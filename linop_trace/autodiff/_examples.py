@@ -3,8 +3,8 @@
 BackPACK's example uses a 784-20-10 MLP without biases on an MNIST batch; here the
 same architecture runs on 8 x 8 digit images (64 inputs), so it needs no download:
 Flatten -> Linear(64, 20, bias=False) -> Sigmoid -> Linear(20, 10, bias=False),
-cross-entropy, 20 * 64 + 10 * 20 = 1,480 parameters. Used by the tests, the CLI demo
-and the benchmarks.
+cross-entropy, 20 * 64 + 10 * 20 = 1,480 parameters (``hidden=`` widens it). Used by the
+tests, the CLI demo and the benchmarks.
 """
 
 from __future__ import annotations
@@ -40,7 +40,9 @@ def digits_data(batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
     return images, labels
 
 
-def digits_mlp_problem(batch_size: int = 256, seed: int = 0, dtype: Any = None) -> tuple:
+def digits_mlp_problem(
+    batch_size: int = 256, seed: int = 0, dtype: Any = None, hidden: int = 20
+) -> tuple:
     """``(model, loss_fn, (X, y))``: the torch digits MLP, its loss and one batch.
 
     Parameters
@@ -52,6 +54,9 @@ def digits_mlp_problem(batch_size: int = 256, seed: int = 0, dtype: Any = None) 
         random state is restored afterwards).
     dtype : torch.dtype, optional
         float32 unless given.
+    hidden : int
+        Width of the hidden layer: 20 as in BackPACK's example, (64 + 10) * hidden
+        parameters (a wider one for benchmarks whose products must outweigh overheads).
 
     Examples
     --------
@@ -59,6 +64,8 @@ def digits_mlp_problem(batch_size: int = 256, seed: int = 0, dtype: Any = None) 
     >>> model, loss_fn, (X, y) = digits_mlp_problem(batch_size=8)
     >>> sum(p.numel() for p in model.parameters()), tuple(X.shape)
     (1480, (8, 8, 8))
+    >>> sum(p.numel() for p in digits_mlp_problem(batch_size=8, hidden=256)[0].parameters())
+    18944
     """
     import torch
 
@@ -68,9 +75,9 @@ def digits_mlp_problem(batch_size: int = 256, seed: int = 0, dtype: Any = None) 
         torch.manual_seed(seed)
         model = torch.nn.Sequential(
             torch.nn.Flatten(),
-            torch.nn.Linear(64, 20, bias=False),
+            torch.nn.Linear(64, hidden, bias=False),
             torch.nn.Sigmoid(),
-            torch.nn.Linear(20, 10, bias=False),
+            torch.nn.Linear(hidden, 10, bias=False),
         )
     model = model.to(dtype)
     X = torch.as_tensor(images, dtype=dtype)

@@ -20,7 +20,8 @@ module with swapped-in parameters holds :data:`_MODULE_CALL_LOCK`.
 Data-parallel Hessians and GGNs (``process_group=``) sum each rank's weighted products
 over the ranks with one ``torch.distributed.all_reduce`` per block
 (:class:`_DataParallel`); every rank draws the same probes, so every rank computes the
-same estimate (SPMD).
+same estimate (SPMD). A small collective before it checks that the ranks multiply the
+same probe block (other seeds or budgets on the ranks are an error on the first block).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import functools
 import math
 import threading
 import time
+import zlib
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
@@ -524,16 +526,84 @@ class _NetworkProblem:
 
 # ------------------------------------------------------------------ data parallel
 
+#: Weighted sums in a probe fingerprint, each over its own fixed weights.
+_FINGERPRINT_SUMS = 4
+#: Entries of a probe fingerprint: width, dtype, Frobenius norm, the weighted sums.
+_FINGERPRINT_SIZE = 3 + _FINGERPRINT_SUMS
+#: Ranks' fingerprints within this many units in the last place (of float32, or of
+#: float64 for a float64 block) of the norm agree: blocks that differ in rounding only,
+#: as blocks computed from the same products by other BLAS kernels may, are the same.
+_FINGERPRINT_ULPS = 64
+
+
+def _fixed_weights(length: int, device: torch.device) -> torch.Tensor:
+    """(length, 4) weights in [-1/2, 1/2), the same on every machine: Mueller's 32-bit
+    integer hash of 4 i + t for entry (i, t), in int64 arithmetic (a random generator's
+    draws can depend on the device; neighbouring entries' hashes are unrelated)."""
+    mask = 2**32 - 1
+    index = torch.arange(length, dtype=torch.int64, device=device)[:, None]
+    hashed = (_FINGERPRINT_SUMS * index + torch.arange(_FINGERPRINT_SUMS, device=device)) & mask
+    for _ in range(2):
+        hashed = (((hashed >> 16) ^ hashed) * 0x45D9F3B) & mask  # products below 2^59
+    hashed = (hashed >> 16) ^ hashed
+    return hashed.to(torch.float64) / 2**32 - 0.5
+
+
+def _probe_fingerprint(probes: torch.Tensor) -> torch.Tensor:
+    """What the ranks compare to tell that they multiply the same (n, k) probe block V:
+    float64 ``[k, a code of the dtype, ||V||_F, s_1, ..., s_4]``, with the weighted sums
+    s_t = sum_ij c_ti V_ij d_tj over fixed weights (:func:`_fixed_weights`).
+
+    For blocks drawn from two seeds, s_t differs by about ||V||_F / 8 (the weights have
+    standard deviation 1 / sqrt(12)); rounding moves it by a few units in the last place
+    of ||V||_F. A spread beyond :data:`_FINGERPRINT_ULPS` of them is a different block,
+    which a float32 block escapes with a chance of about 5e-5 per weighted sum, 1e-17 for
+    all four. Costs a float64 copy of the block and its product with a (k, 4) matrix.
+    """
+    rows, columns = (int(size) for size in probes.shape)
+    values = torch.view_as_real(probes) if probes.is_complex() else probes
+    values = values.reshape(rows, -1).to(torch.float64)
+    row_weights = _fixed_weights(rows, values.device)
+    column_weights = _fixed_weights(values.shape[1], values.device)
+    weighted = (row_weights * (values @ column_weights)).sum(dim=0)
+    code = zlib.crc32(str(probes.dtype).encode())  # Python's hash of a str varies by process
+    # filled on the device: a tensor copied from the host would wait for the device
+    header = torch.full((2,), float(columns), dtype=torch.float64, device=values.device)
+    header[1] = code
+    norm = torch.linalg.vector_norm(values).reshape(1)
+    return torch.cat([header, norm, weighted])
+
+
+def _fingerprints_differ(
+    highest: torch.Tensor, lowest: torch.Tensor, dtype: torch.dtype | None
+) -> torch.Tensor:
+    """Whether the ranks multiply different blocks, from the largest and the smallest of
+    their fingerprints (a 0-d bool tensor, left on the device); ``dtype``: the blocks'
+    (None: no blocks, zeros for fingerprints). The width and dtype must be equal, the
+    norm and the weighted sums within :data:`_FINGERPRINT_ULPS` of the norm."""
+    spread = highest - lowest
+    ulps = 0.0
+    if dtype is not None:
+        ulps = _FINGERPRINT_ULPS * min(torch.finfo(dtype).eps, torch.finfo(torch.float32).eps)
+    return (spread[:2] != 0).any() | (spread[2:] > ulps * highest[2]).any()
+
 
 class _DataParallel:
     """The ranks of a ``torch.distributed`` process group, each holding a shard of the data.
 
-    :meth:`sum` adds up one block per rank with one ``all_reduce``, with a failure flag per
-    rank packed at the end of the block: a rank whose own part raised still joins the
-    collective (with zeros and its flag set), so the others learn of it there and raise an
-    error that names it, instead of waiting for it in the next collective forever. A rank
-    that dies or stops outside these products is the process group's ``timeout``'s to
-    catch.
+    :meth:`sum` adds up one block per rank in two collectives. The first is small: a MAX
+    ``all_reduce`` of a failure flag per rank and of the fingerprint of the rank's probe
+    block (:func:`_probe_fingerprint`) and its negation, which gives every rank the same
+    largest and smallest fingerprint, read once on the host. A rank whose own part raised
+    still joins it (its flag set), so the others raise an error that names it instead of
+    waiting for it forever in the next collective; ranks that multiply different probe
+    blocks (other seeds, other budgets) all raise on that block instead of summing
+    products of different probes or waiting in a sum of another size. The second sums the
+    parts; nothing reads it on the host.
+
+    Left to the process group's ``timeout``: a rank that dies or stops outside these
+    products, and a rank whose larger budget makes blocks after the others have finished,
+    when every block before agreed (the same seed, a budget over more than one block).
     """
 
     def __init__(self, group: Any) -> None:
@@ -568,27 +638,63 @@ class _DataParallel:
         dtype: torch.dtype,
         device: torch.device,
         what: str,
+        probes: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The sum over the ranks of ``local()`` (each of ``shape`` and ``dtype``).
 
         If ``local()`` raises on some ranks, every rank raises: those ranks their own
-        error, the others a RuntimeError naming the failed ranks and their errors.
+        error, the others a RuntimeError naming the failed ranks and their errors. If
+        ``probes`` (the block that ``local()`` multiplies) is given and differs between
+        the ranks, every rank raises a ValueError saying what differs.
         """
         error: Exception | None = None
+        fingerprint = torch.zeros(_FINGERPRINT_SIZE, dtype=torch.float64, device=device)
         try:
-            part = local().to(dtype).reshape(-1)
-        except Exception as raised:  # joins the collective first; raised again below
+            if probes is not None:
+                fingerprint = _probe_fingerprint(probes).to(device)
+            part = local().to(dtype).reshape(-1).contiguous()  # summed in place
+        except Exception as raised:  # joins the collectives first; raised again below
             error = raised
             part = torch.zeros(math.prod(shape), dtype=dtype, device=device)
-        flags = torch.zeros(self.world_size, dtype=dtype, device=device)
+        flags = torch.zeros(self.world_size, dtype=torch.float64, device=device)
         if error is not None:
             flags[self.rank] = 1
-        packed = torch.cat([part, flags])
-        self.dist.all_reduce(packed, op=self.dist.ReduceOp.SUM, group=self.group)
-        failed = packed[-self.world_size :]
-        if bool(failed.any()):  # one scalar read per block: the flags must be seen here
-            self._raise(failed, error, what)
-        return packed[: -self.world_size].reshape(shape)
+        # MAX of (fingerprint, -fingerprint): every rank learns its largest and smallest
+        status = torch.cat([fingerprint, -fingerprint, flags])
+        self.dist.all_reduce(status, op=self.dist.ReduceOp.MAX, group=self.group)
+        size = _FINGERPRINT_SIZE
+        highest, lowest, failed = status[:size], -status[size : 2 * size], status[2 * size :]
+        # every rank decides alike from the same status: all raise, or all go on to the sum
+        differs = _fingerprints_differ(highest, lowest, None if probes is None else probes.dtype)
+        if bool(failed.any() | differs):  # the one read on the host per block
+            if bool(failed.any()):
+                self._raise(failed, error, what)
+            assert probes is not None
+            self._raise_disagreement(probes, highest, lowest, what)
+        self.dist.all_reduce(part, op=self.dist.ReduceOp.SUM, group=self.group)
+        return part.reshape(shape)
+
+    def _raise_disagreement(
+        self, probes: torch.Tensor, highest: torch.Tensor, lowest: torch.Tensor, what: str
+    ) -> None:
+        columns = int(probes.shape[1])
+        if highest[1] != lowest[1]:
+            raise ValueError(
+                f"{what}: the ranks of the process group multiply probe blocks of different "
+                f"dtypes (this rank {backend.dtype_name(probes.dtype)}): every rank needs the "
+                "same model"
+            )
+        if highest[0] != lowest[0]:
+            problem = (
+                f"probe blocks of different widths, from {int(lowest[0])} to "
+                f"{int(highest[0])} columns (this rank {columns})"
+            )
+        else:
+            problem = f"probe blocks of {columns} columns that hold different values"
+        raise ValueError(
+            f"{what}: the ranks of the process group multiply {problem}: every rank must "
+            "draw the same probes (were the ranks given the same seed and num_matvecs?)"
+        )
 
     def _raise(self, failed: torch.Tensor, error: Exception | None, what: str) -> None:
         # every rank saw the flags, so every rank takes part in this second collective
@@ -703,7 +809,7 @@ def _summed_over_ranks(
     if parallel is None:
         return local_products(V)
     shape = (V.shape[0], V.shape[1])
-    return parallel.sum(lambda: local_products(V), shape, V.dtype, V.device, what)
+    return parallel.sum(lambda: local_products(V), shape, V.dtype, V.device, what, probes=V)
 
 
 class TorchHessian(_TorchOperator):
