@@ -49,7 +49,8 @@ def probe_block_size(operator: Any, limit: int | None = None) -> int:
     """Columns per operator call for probe blocks: as many as fit in ``MEMORY_FRACTION`` of
     the free memory of the operator's device, at the operator's own bytes per column
     (:meth:`~linop_trace.LinearOperator.bytes_per_column`); on a CPU also at most
-    ``CPU_BLOCK_BYTES`` per probe block; at most ``limit``.
+    ``CPU_BLOCK_BYTES`` per probe block (per row chunk of a Dask matrix's probes, each
+    held by one worker); at most ``limit``.
 
     Examples
     --------
@@ -65,7 +66,9 @@ def probe_block_size(operator: Any, limit: int | None = None) -> int:
     free = getattr(operator, "shared_free_memory", None)
     block = block_size_for(xp, device, operator.bytes_per_column(), limit, free=free)
     if not backend.is_accelerator(device):
-        probe_column = max(1, operator.shape[1] * itemsize(xp, operator.dtype))
+        # (a Dask matrix's probes are held chunk by chunk: the limit is a chunk's)
+        rows = backend.rows_held_together(getattr(operator, "matrix", None), operator.shape[1])
+        probe_column = max(1, rows * itemsize(xp, operator.dtype))
         block = max(1, min(block, CPU_BLOCK_BYTES // probe_column))
     return block
 

@@ -1,14 +1,17 @@
 """Standard test matrices of the randomized trace literature (for tests and benchmarks).
 
 The six spectra of Epperly, Tropp and Webber (2024), Section 5 (after Meyer et al. 2021),
-with Haar-random eigenvectors: ``A = Q diag(lambda) Q^T``.
+with Haar-random eigenvectors: ``A = Q diag(lambda) Q^T``. The 2-D Poisson matrix, block
+by block, for the distributed benchmarks.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
-__all__ = ["SPECTRA", "eigenvalues", "test_matrix"]
+__all__ = ["SPECTRA", "eigenvalues", "poisson_2d_block", "poisson_2d_dask", "test_matrix"]
 
 #: Names accepted by :func:`test_matrix`.
 SPECTRA = ("flat", "poly", "slowexp", "fastexp", "smallstep", "bigstep")
@@ -78,3 +81,58 @@ def test_matrix(spectrum: str, n: int = 1000, seed: int = 0) -> np.ndarray:
 
 # pytest must not collect the builder as a test when it is imported into a test module.
 test_matrix.__test__ = False  # type: ignore[attr-defined]
+
+
+def poisson_2d_block(k: int, rows: tuple[int, int], columns: tuple[int, int]) -> Any:
+    """Rows ``rows[0]:rows[1]`` and columns ``columns[0]:columns[1]`` of the 5-point
+    Laplacian on a ``k x k`` grid (Dirichlet boundary; ``n = k**2``, 4 on the diagonal,
+    -1 to each grid neighbour), as a SciPy CSR matrix. O(rows) work: a block of a huge
+    matrix is built without the rest of it.
+
+    Examples
+    --------
+    >>> from linop_trace._testing import poisson_2d_block
+    >>> poisson_2d_block(3, (0, 9), (0, 9)).toarray()[4].tolist()
+    [0.0, -1.0, 0.0, -1.0, 4.0, -1.0, 0.0, -1.0, 0.0]
+    """
+    import scipy.sparse as sp
+
+    n = k * k
+    (r0, r1), (c0, c1) = rows, columns
+    # the rows whose stencil can reach the columns c0..c1
+    first, stop = max(r0, c0 - k), min(r1, c1 + k)
+    i = np.arange(first, max(first, stop))
+    pieces = []
+    for offset, value, inside in (
+        (0, 4.0, np.ones(i.shape, dtype=bool)),
+        (-1, -1.0, i % k != 0),
+        (1, -1.0, i % k != k - 1),
+        (-k, -1.0, i >= k),
+        (k, -1.0, i < n - k),
+    ):
+        j = i + offset
+        keep = inside & (j >= c0) & (j < c1)
+        pieces.append((i[keep] - r0, j[keep] - c0, np.full(int(keep.sum()), value)))
+    r, c, v = (np.concatenate(part) for part in zip(*pieces))
+    return sp.csr_matrix((v, (r, c)), shape=(r1 - r0, c1 - c0))
+
+
+def _poisson_chunk(k: int, block_info: Any = None) -> Any:
+    (r0, r1), (c0, c1) = block_info[None]["array-location"]
+    return poisson_2d_block(k, (r0, r1), (c0, c1))
+
+
+def poisson_2d_dask(k: int, chunks: int) -> Any:
+    """The 5-point Laplacian on a ``k x k`` grid as a Dask array of SciPy CSR blocks,
+    ``chunks`` rows and columns a block: each block is built by a task (on the workers,
+    never gathered). Persist it to keep it in the workers' memory."""
+    import dask.array as da
+    import scipy.sparse as sp
+
+    return da.map_blocks(
+        _poisson_chunk,
+        k,
+        chunks=da.core.normalize_chunks(chunks, (k * k, k * k)),
+        dtype=np.float64,
+        meta=sp.csr_matrix((0, 0)),
+    )

@@ -99,6 +99,30 @@ def test_cluster_dask_recipe_on_a_local_cluster():
     assert printed["xdiag"]["sum"] == pytest.approx(values.sum(), rel=1e-9)
 
 
+def test_cluster_sparse_recipe_on_a_local_cluster():
+    pytest.importorskip("dask.array")
+    pytest.importorskip("distributed")
+    import dask
+
+    import linop_trace as lt
+
+    printed = run_recipe(["cluster_sparse.py"])
+    recipe = load_recipe("cluster_sparse")
+    n = recipe.K**2  # (the recipe's default grid)
+    assert printed["n"] == n
+    assert printed["exact"] == 4.0 * n  # the stencil's diagonal
+    assert printed["diagonal"] == {"min": 4.0, "max": 4.0}
+    with dask.config.set(scheduler="sync"):  # the same graph in process, same probes
+        A = recipe.laplacian(recipe.K).persist()
+        for method in ("hutchinson", "xtrace"):
+            expected = lt.trace(
+                A, method=method, num_matvecs=recipe.NUM_MATVECS, seed=recipe.PROBE_SEED
+            )
+            assert printed[method]["trace"] == pytest.approx(float(expected.value), rel=1e-10)
+            assert printed[method]["stderr"] == pytest.approx(float(expected.stderr), rel=1e-8)
+            assert_interval(printed[method], printed["exact"])
+
+
 def test_torchrun_recipe_on_two_gloo_ranks():
     torch = pytest.importorskip("torch")
     pytest.importorskip("sklearn")

@@ -33,6 +33,7 @@ from ._dask import (  # noqa: F401
     in_memory,
     is_dask_array,
     is_dask_namespace,
+    rows_held_together,
     substitute,
 )
 from ._device import (  # noqa: F401
@@ -144,6 +145,7 @@ __all__ = [
     "in_memory",
     "is_dask_array",
     "is_dask_namespace",
+    "rows_held_together",
     "substitute",
     "HOST_MEMORY_SECONDS",
     "ONE_THREAD_MIN_WORK",

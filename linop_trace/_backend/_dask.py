@@ -115,8 +115,7 @@ class _PageGenerator:
         self.generator = np.random.Generator(self.bits)
         self._empty = np.zeros(4, dtype=np.uint64)
 
-    def column(self, page: int, column: int, rows: int) -> np.ndarray:
-        """``rows`` (the page's length) float64 values."""
+    def _reset(self, page: int, column: int) -> None:
         self.bits.state = {
             "bit_generator": "Philox",
             "state": {
@@ -128,34 +127,48 @@ class _PageGenerator:
             "has_uint32": 0,
             "uinteger": 0,
         }
+
+    def columns(self, page: int, first: int, k: int, rows: int) -> np.ndarray:
+        """Columns ``first .. first + k`` of page ``page`` (``rows`` long): a ``(k, rows)``
+        array, 0/1 bits (uint8) for Rademacher signs, else float64 values."""
         if self.kind == "rademacher":  # one random bit per entry, as NumPy's source draws
-            words = self.bits.random_raw(-(-rows // 64))
-            unpacked = np.unpackbits(words.view(np.uint8), count=rows, bitorder="little")
-            return 2.0 * unpacked - 1.0
-        if self.kind == "normal":
-            return self.generator.standard_normal(rows)
-        return self.generator.random(rows)  # uniform
+            words = np.empty((k, -(-rows // 64)), dtype=np.uint64)
+            for j in range(k):
+                self._reset(page, first + j)
+                words[j] = self.bits.random_raw(words.shape[1])
+            return np.unpackbits(words.view(np.uint8), axis=1, count=rows, bitorder="little")
+        out = np.empty((k, rows))
+        for j in range(k):
+            self._reset(page, first + j)
+            if self.kind == "normal":
+                self.generator.standard_normal(rows, out=out[j])
+            else:  # uniform
+                self.generator.random(rows, out=out[j])
+        return out
 
 
 def _draw_rows(
     kind: str, key: int, first_column: int, n: int, dtype: Any, rows: tuple[int, int], k: int
 ) -> np.ndarray:
     """Rows ``rows = (start, stop)`` of columns ``first_column .. + k`` of the stream: the
-    pages they overlap, cut to them."""
+    pages they overlap, cut to them. Drawn column by column, ``(k, rows)``, and turned
+    into the ``(rows, k)`` chunk in one pass (Rademacher signs formed in the bytes)."""
     start, stop = rows
-    out = np.empty((stop - start, k), dtype=dtype)
-    if k == 0:
-        return out
-    pages = _PageGenerator(kind, key)
-    for page in range(start // PAGE_ROWS, -(-stop // PAGE_ROWS)):
-        page_start = page * PAGE_ROWS
-        page_rows = min(PAGE_ROWS, n - page_start)
-        low, high = max(start, page_start), min(stop, page_start + page_rows)
-        columns = np.stack(  # (columns, page rows): written into the chunk's rows at once
-            [pages.column(page, first_column + column, page_rows) for column in range(k)]
-        )
-        out[low - start : high - start] = columns[:, low - page_start : high - page_start].T
-    return out
+    values = np.empty((k, stop - start), dtype=np.uint8 if kind == "rademacher" else np.float64)
+    if k:
+        pages = _PageGenerator(kind, key)
+        for page in range(start // PAGE_ROWS, -(-stop // PAGE_ROWS)):
+            page_start = page * PAGE_ROWS
+            page_rows = min(PAGE_ROWS, n - page_start)
+            low, high = max(start, page_start), min(stop, page_start + page_rows)
+            drawn = pages.columns(page, first_column, k, page_rows)
+            values[:, low - start : high - start] = drawn[:, low - page_start : high - page_start]
+    if kind == "rademacher":
+        signs = values.view(np.int8)  # bits 0/1 -> signs -1/+1
+        signs *= 2
+        signs -= 1
+        values = signs
+    return np.ascontiguousarray(values.T, dtype=dtype)
 
 
 def _probe_chunk(
@@ -231,6 +244,7 @@ def dask_probe_block(
 def _anchored_probe_block(
     kind: str, key: int, shape: tuple[int, int], first_column: int, dtype: Any, anchor: Any
 ) -> Any:
+    import dask
     import dask.array as da
     from dask.base import tokenize
     from dask.highlevelgraph import HighLevelGraph
@@ -239,7 +253,7 @@ def _anchored_probe_block(
     row_edges = np.concatenate([[0], np.cumsum(anchor.chunks[0])]).tolist()
     column_edges = np.concatenate([[0], np.cumsum(anchor.chunks[1])]).tolist()
     name = "probes-" + tokenize(kind, key, shape, first_column, dtype, anchor.name)
-    tasks = {}
+    tasks: dict[Any, Any] = {}
     for j in range(len(anchor.chunks[1])):
         start, stop = column_edges[j], column_edges[j + 1]
         overlaps = [
@@ -258,9 +272,43 @@ def _anchored_probe_block(
             (start, stop),
             k,
         )
-    graph = HighLevelGraph.from_collections(name, tasks, dependencies=[anchor])
+    with dask.annotate(priority=-first_column):  # (see dask_probe_block)
+        graph = HighLevelGraph.from_collections(name, tasks, dependencies=[anchor])
     meta = np.empty((0, 0), dtype=dtype)
     return da.Array(graph, name, (anchor.chunks[1], (k,)), dtype=dtype, meta=meta)
+
+
+def rows_held_together(matrix: Any, n: int) -> int:
+    """The most rows of an ``(n, k)`` probe block that one array holds: the largest column
+    chunk of a Dask ``matrix`` (its probes are chunked so, each chunk on its worker), else
+    all ``n``."""
+    if is_dask_array(matrix) and matrix.ndim == 2 and matrix.shape[1] == n:
+        return int(max(matrix.chunks[1], default=n))
+    return n
+
+
+def _chunk_column_inner(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    return np.einsum("ij,ij->j", x, y)[None, :]
+
+
+def dask_column_inner(x: Any, y: Any) -> Any:
+    """``sum_i x[i, j] y[i, j]`` per column of two ``(n, k)`` Dask arrays: NumPy's einsum
+    on each row chunk (no ``(n, k)`` temporary), then the chunks' partial sums added."""
+    import dask.array as da
+
+    dtype = np.result_type(x.dtype, y.dtype)
+    partial = da.blockwise(
+        _chunk_column_inner,
+        "ij",
+        x,
+        "ij",
+        y,
+        "ij",
+        dtype=dtype,
+        adjust_chunks={"i": 1},
+        meta=np.empty((0, 0), dtype=dtype),
+    )
+    return partial.sum(axis=0)
 
 
 def compute_together(arrays: list[Any]) -> list[np.ndarray]:

@@ -190,7 +190,9 @@ def dask_sparse_matmat(matrix: Any, block: Any) -> Any:
     tasks: dict[Any, Any] = {}
     for i, height in enumerate(matrix.chunks[0]):
         for c, width in enumerate(block.chunks[1]):
-            blocks, probes, used = [], [], []
+            blocks: list[Any] = []
+            probes: list[Any] = []
+            used: list[Any] = []
             for j, columns in enumerate(matrix.chunks[1]):
                 first, stop = (int(v) for v in spans[i, j, :2])
                 if stop <= first:
@@ -237,7 +239,7 @@ def dask_sparse_diagonal(matrix: Any) -> Any:
     row_starts = np.concatenate([[0], np.cumsum(matrix.chunks[0])]).tolist()
     col_starts = np.concatenate([[0], np.cumsum(matrix.chunks[1])]).tolist()
     name = "sparse-blocks-diagonal-" + tokenize(matrix)
-    tasks = {}
+    tasks: dict[Any, Any] = {}
     for i in range(len(matrix.chunks[0])):
         r0, r1 = row_starts[i], row_starts[i + 1]
         crossing = [

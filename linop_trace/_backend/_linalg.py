@@ -16,7 +16,7 @@ from typing import Any
 import array_api_compat
 import numpy as np
 
-from ._dask import is_dask_array
+from ._dask import dask_column_inner, is_dask_array
 from ._device import stop_gradient
 
 __all__ = [
@@ -155,6 +155,8 @@ def column_inner(xp: Any, x: Any, y: Any) -> Any:
         x = xp.conj(x)
     if array_api_compat.is_numpy_namespace(xp) and type(x) is np.ndarray:
         return np.einsum("ij,ij->j", x, y)
+    if is_dask_array(x) and x.ndim == 2:  # einsum chunk by chunk
+        return dask_column_inner(x, y)
     if array_api_compat.is_torch_namespace(xp) and x.device.type == "cpu":
         n, k = x.shape
         rows = max(256, COLUMN_CHUNK_ENTRIES // max(k, 1))
