@@ -3,7 +3,7 @@
 ``nox`` runs the default sessions (every ``tests`` variant, ``stats``, ``oldest``,
 ``distributed``, ``peers`` and ``lint``);
 ``nox -l`` lists them all; ``nox -s docs`` and ``nox -s bench`` build the docs and run
-the benchmarks; ``nox -s distributed`` runs the Dask tests on a local cluster.
+the benchmarks; ``nox -s distributed`` runs the scale-out tests (Dask, torchrun, sharded JAX).
 Arguments after ``--`` go to pytest, e.g. ``nox -s "tests(numpy-3.11)" -- -x -k trace``.
 
 Every install passes ``-c constraints.txt`` (the exact torch release; any other pulls a
@@ -232,7 +232,8 @@ def tests(session: nox.Session, backend: str) -> None:
     session.env["LINOP_TRACE_BACKENDS"] = backend
     if backend == "jax":
         session.env["XLA_FLAGS"] = JAX_TEST_XLA_FLAGS
-    _pytest(session, "-q", "-n", WORKERS, "-m", "not stats")
+    ignored = [f"--ignore={path}" for path in DISTRIBUTED_TESTS]  # (the distributed session's)
+    _pytest(session, "-q", "-n", WORKERS, "-m", "not stats", *ignored)
 
 
 @nox.session(python="3.11")
@@ -303,17 +304,30 @@ def lint(session: nox.Session) -> None:
     session.run("mypy", "linop_trace")
 
 
+#: The tests of the scale-out engines, which start their own clusters and process groups.
+DISTRIBUTED_TESTS = (
+    "tests/test_dask.py",
+    "tests/test_dask_faults.py",
+    "tests/test_distributed_torch.py",
+    "tests/test_sharded_jax.py",
+    "tests/test_recipes_distributed.py",
+)
+
+
 @nox.session(python="3.11")
 def distributed(session: nox.Session) -> None:
-    """Dask arrays on a local dask.distributed cluster (tests/test_dask.py: two worker
-    processes of one thread each, started once for the module; about 10 s). Installs
-    ``.[test,dask]``; a default session (about a minute with its install). Arguments go
-    to pytest.
+    """The scale-out engines, each started by its tests: Dask arrays on a
+    ``dask.distributed.LocalCluster`` (two worker processes of one thread each; one test
+    kills a worker mid-estimate), data-parallel Hessians under ``torchrun`` (two gloo
+    ranks), JAX arrays sharded over four host devices, and the recipes of
+    docs/distributed.rst run as the page launches them. Installs
+    ``.[test,dask,torch,jax]``; a default session (about three minutes with its install).
+    Arguments go to pytest.
     """
-    session.install("-c", CONSTRAINTS, "-e", ".[test,dask]")
+    session.install("-c", CONSTRAINTS, "-e", ".[test,dask,torch,jax]")
     session.env.update(TEST_THREADS)
-    session.env["LINOP_TRACE_BACKENDS"] = "numpy"
-    _pytest(session, "-q", "-p", "no:cacheprovider", "tests/test_dask.py")
+    session.env["LINOP_TRACE_BACKENDS"] = "numpy,scipy,torch,jax"
+    _pytest(session, "-q", "-p", "no:cacheprovider", *DISTRIBUTED_TESTS)
 
 
 #: The peer libraries whose operators ``aslinearoperator`` adapts (tests/test_adapters.py).

@@ -15,6 +15,7 @@ from ._blocks import probe_block_size
 from ._decompose import decompose as decompose_expression
 from ._estimate import Estimate, EstimateInterrupted
 from ._operators import LinearOperator, aslinearoperator, widened
+from ._plan import running
 from ._probes import ProbeSampler
 from ._stats import sample_mean
 from ._validation import check_num_matvecs, check_positive_int, check_square, check_tolerance
@@ -367,7 +368,8 @@ class _Continuation:
         request = settings.request(operator, random, name)
         if state.scale is not None:  # the first run's products were scaled: so are these
             request.matmat._tally.scale = state.scale
-        estimate = refiner.refine(self.quantity, request, state)
+        with running(f"refine {self.quantity} {name} {settings!r}"):
+            estimate = refiner.refine(self.quantity, request, state)
         estimate._state = replace(estimate._state, scale=state.scale, drawn=random.columns)
         estimate = _finished(estimate, request)
         estimate = estimate.with_checks((), self.num_matvecs + request.columns)
@@ -382,9 +384,11 @@ def _run(
 ) -> Estimate:
     """The estimator on its request; the result carries the counted columns and the
     deferred finiteness check of every product."""
-    request = settings.request(operator, random, getattr(estimator, "name", "custom"))
+    name = getattr(estimator, "name", "custom")
+    request = settings.request(operator, random, name)
     try:
-        estimate = getattr(estimator, quantity)(request)
+        with running(f"{quantity} {name} {settings!r}"):  # (for data-parallel ranks)
+            estimate = getattr(estimator, quantity)(request)
     except EstimateInterrupted as interrupted:
         partial = interrupted.partial
         if partial is not None:

@@ -73,6 +73,8 @@ def main(output: Path) -> None:
     for name, options in [
         ("seed_mismatch", {"num_matvecs": NUM_MATVECS, "seed": rank}),
         ("budget_mismatch", {"num_matvecs": NUM_MATVECS + 5 * rank, "seed": 0}),
+        # the first blocks agree (10 columns of one seed); the budgets do not
+        ("later_budget_mismatch", {"num_matvecs": 20 + 10 * rank, "seed": 0, "block_size": 10}),
     ]:
         started = time.perf_counter()
         try:

@@ -40,6 +40,7 @@ from torch.func import functional_call, grad, jvp, vmap
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .. import _backend as backend
+from .._plan import plan_code
 from ._common import (
     CURVATURE_MODES,
     AutodiffOperator,
@@ -528,8 +529,10 @@ class _NetworkProblem:
 
 #: Weighted sums in a probe fingerprint, each over its own fixed weights.
 _FINGERPRINT_SUMS = 4
-#: Entries of a probe fingerprint: width, dtype, Frobenius norm, the weighted sums.
-_FINGERPRINT_SIZE = 3 + _FINGERPRINT_SUMS
+#: Entries of a probe fingerprint: width, dtype, the estimate's plan (exact), then the
+#: Frobenius norm and the weighted sums (within rounding).
+_FINGERPRINT_EXACT = 3
+_FINGERPRINT_SIZE = _FINGERPRINT_EXACT + 1 + _FINGERPRINT_SUMS
 #: Ranks' fingerprints within this many units in the last place (of float32, or of
 #: float64 for a float64 block) of the norm agree: blocks that differ in rounding only,
 #: as blocks computed from the same products by other BLAS kernels may, are the same.
@@ -551,8 +554,10 @@ def _fixed_weights(length: int, device: torch.device) -> torch.Tensor:
 
 def _probe_fingerprint(probes: torch.Tensor) -> torch.Tensor:
     """What the ranks compare to tell that they multiply the same (n, k) probe block V:
-    float64 ``[k, a code of the dtype, ||V||_F, s_1, ..., s_4]``, with the weighted sums
-    s_t = sum_ij c_ti V_ij d_tj over fixed weights (:func:`_fixed_weights`).
+    float64 ``[k, a code of the dtype, a code of the running estimate's plan (method,
+    quantity, budget, block size, probe kind, tolerances: :func:`~linop_trace._plan.
+    plan_code`), ||V||_F, s_1, ..., s_4]``, with the weighted sums s_t = sum_ij c_ti V_ij
+    d_tj over fixed weights (:func:`_fixed_weights`).
 
     For blocks drawn from two seeds, s_t differs by about ||V||_F / 8 (the weights have
     standard deviation 1 / sqrt(12)); rounding moves it by a few units in the last place
@@ -568,8 +573,9 @@ def _probe_fingerprint(probes: torch.Tensor) -> torch.Tensor:
     weighted = (row_weights * (values @ column_weights)).sum(dim=0)
     code = zlib.crc32(str(probes.dtype).encode())  # Python's hash of a str varies by process
     # filled on the device: a tensor copied from the host would wait for the device
-    header = torch.full((2,), float(columns), dtype=torch.float64, device=values.device)
+    header = torch.full((3,), float(columns), dtype=torch.float64, device=values.device)
     header[1] = code
+    header[2] = plan_code()
     norm = torch.linalg.vector_norm(values).reshape(1)
     return torch.cat([header, norm, weighted])
 
@@ -579,13 +585,14 @@ def _fingerprints_differ(
 ) -> torch.Tensor:
     """Whether the ranks multiply different blocks, from the largest and the smallest of
     their fingerprints (a 0-d bool tensor, left on the device); ``dtype``: the blocks'
-    (None: no blocks, zeros for fingerprints). The width and dtype must be equal, the
-    norm and the weighted sums within :data:`_FINGERPRINT_ULPS` of the norm."""
+    (None: no blocks, zeros for fingerprints). The width, dtype and plan must be equal,
+    the norm and the weighted sums within :data:`_FINGERPRINT_ULPS` of the norm."""
     spread = highest - lowest
     ulps = 0.0
     if dtype is not None:
         ulps = _FINGERPRINT_ULPS * min(torch.finfo(dtype).eps, torch.finfo(torch.float32).eps)
-    return (spread[:2] != 0).any() | (spread[2:] > ulps * highest[2]).any()
+    exact, norm = _FINGERPRINT_EXACT, highest[_FINGERPRINT_EXACT]
+    return (spread[:exact] != 0).any() | (spread[exact:] > ulps * norm).any()
 
 
 class _DataParallel:
@@ -601,9 +608,10 @@ class _DataParallel:
     products of different probes or waiting in a sum of another size. The second sums the
     parts; nothing reads it on the host.
 
-    Left to the process group's ``timeout``: a rank that dies or stops outside these
-    products, and a rank whose larger budget makes blocks after the others have finished,
-    when every block before agreed (the same seed, a budget over more than one block).
+    The fingerprint also holds a code of the running estimate's plan
+    (:mod:`linop_trace._plan`): ranks that run other methods or budgets fail on their first
+    block, even where that block's probes agree. Left to the process group's ``timeout``:
+    a rank that dies or stops outside these products.
     """
 
     def __init__(self, group: Any) -> None:
@@ -678,6 +686,12 @@ class _DataParallel:
         self, probes: torch.Tensor, highest: torch.Tensor, lowest: torch.Tensor, what: str
     ) -> None:
         columns = int(probes.shape[1])
+        if highest[2] != lowest[2]:
+            raise ValueError(
+                f"{what}: the ranks of the process group run different estimates (another "
+                "method, quantity, num_matvecs, block_size, probe kind or tolerance): every "
+                "rank must make the same call with the same seed"
+            )
         if highest[1] != lowest[1]:
             raise ValueError(
                 f"{what}: the ranks of the process group multiply probe blocks of different "
