@@ -353,3 +353,55 @@ def test_sparse_array_and_pydata_sparse_chunks():
         np.testing.assert_allclose(image, M @ Z, rtol=1e-13)
     if pydata_sparse is None:
         pytest.skip("pydata sparse is not installed (checked csr_array only)")
+
+
+# ------------------------------------------------------------------ workers and graphs
+@pytest.mark.parametrize("method", ["hutchinson", "xtrace"])
+def test_the_same_estimate_in_process_and_on_1_or_8_workers(method):
+    """Probes depend on the seed and the row only: the estimate in this process (the
+    synchronous scheduler), on one worker and on eight (threads: the count is what
+    matters here; tests above run on two worker processes) agrees to round-off, for a
+    matrix chunked in square blocks of 96 rows (probe pages cut across chunks)."""
+    M = banded(N)
+    A = as_sparse_dask(M, chunks=(96, 96))
+    with dask.config.set(scheduler="sync"):
+        expected = lt.trace(A, method=method, num_matvecs=24, seed=SEED)
+        expected = (float(expected), float(expected.stderr.compute()))
+    for workers in (1, 8):
+        cluster = distributed.LocalCluster(
+            n_workers=workers, threads_per_worker=1, processes=False, dashboard_address=":0"
+        )
+        with distributed.Client(cluster):
+            estimate = lt.trace(A, method=method, num_matvecs=24, seed=SEED)
+            got = (float(estimate), float(estimate.stderr.compute()))
+        cluster.close()
+        np.testing.assert_allclose(got, expected, rtol=1e-12)
+
+
+@pytest.mark.parametrize("chunk_rows", [100, 50])
+def test_tasks_per_estimate_grow_with_chunks_and_blocks_only(chunk_rows):
+    """A Hutchinson estimate's graph: at most 10 tasks per (row chunk, probe block) pair
+    plus a few per block and a few in all (the probes, the product, its halos, the
+    column sums and their partial sums, the finiteness checks), not a number that
+    grows with rows or with the pairs of blocks (14 chunks: 341 tasks; a product over
+    every pair of blocks alone would be 14 x 14 x 4 = 784)."""
+    import linop_trace._backend as backend
+
+    captured = []
+    original = backend.compute_together
+
+    def capture(arrays):
+        captured.extend(arrays)
+        return original(arrays)
+
+    A = as_sparse_dask(banded(N), chunks=(chunk_rows, chunk_rows))
+    chunks = A.numblocks[0]
+    with pytest.MonkeyPatch.context() as patch, dask.config.set(scheduler="sync"):
+        patch.setattr(backend, "compute_together", capture)
+        lt.trace(A, method="hutchinson", num_matvecs=40, seed=SEED, block_size=10)
+    graph: dict = {}
+    for collection in dask.optimize(*captured):  # the graph dask.compute runs
+        graph.update(dict(collection.__dask_graph__()))
+    blocks = 4
+    matrix_tasks = chunks * chunks  # the stored matrix's own (here: built) blocks
+    assert len(graph) - matrix_tasks <= 10 * chunks * blocks + 10 * blocks + 20
