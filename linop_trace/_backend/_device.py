@@ -152,6 +152,17 @@ def is_tracer(x: Any) -> bool:
     return not is_concrete(x)
 
 
+def is_lazy(x: Any) -> bool:
+    """Whether ``x`` is a value not computed yet: a JAX tracer, or a Dask array (a graph).
+    A lazy product's finiteness is best read from what it flows into (one pass, fused
+    with the work), not from a pass of its own."""
+    if is_tracer(x):
+        return True
+    if not _module_loaded("dask"):
+        return False
+    return bool(array_api_compat.is_dask_array(x))
+
+
 def finite_flag(xp: Any, x: Any) -> Any:
     """A 0-d boolean array: whether every entry of ``x`` is finite, computed where ``x``
     lives (no read). ``sum(0 * x)`` is 0 for finite entries and NaN otherwise, and never

@@ -139,7 +139,7 @@ class CountingMatmat:
                 tally.scale = scale
         if tally.scale is not None:
             out = out * tally.scale
-        if tally.check_finite and backend.is_tracer(out):
+        if tally.check_finite and backend.is_lazy(out):
             tally.pending.append(out)
         return out
 
@@ -186,8 +186,10 @@ class CountingMatmat:
         ``sum(Z * (A @ Z), axis=0)`` without writing ``A @ Z`` out, faster than the product
         alone: docs/evidence.rst), which a separate check of the product prevents. A
         non-finite entry of ``product`` makes ``result`` non-finite; so does an overflow
-        of ``result`` itself, which the check then reports too. Elsewhere the products
-        were checked as they came (a no-op)."""
+        of ``result`` itself, which the check then reports too. On Dask likewise: the
+        check of ``result`` replaces a pass over the whole product (a quarter of a
+        Hutchinson estimate's work at n = 10^6). Elsewhere the products were checked as
+        they came (a no-op)."""
         tally = self._tally
         for index, pending in enumerate(tally.pending):
             if pending is product:
@@ -238,7 +240,7 @@ class CountingMatmat:
             if backend.reads_are_free(xp):
                 if backend.all_finite(xp, out) is False:
                     raise FloatingPointError(_non_finite_message(int(block.shape[1])))
-            elif not backend.is_tracer(out):  # (traced: flagged in __call__ or covered)
+            elif not backend.is_lazy(out):  # (traced or Dask: flagged in __call__ or covered)
                 tally.flags.append(backend.finite_flag(xp, out))
         return out
 
