@@ -167,9 +167,10 @@ class LinearOperator:
         """Validate a 2-d input block: library, device, shape; return it as a float array.
 
         Dask operators also take NumPy blocks, wrapped as Dask arrays, and cut a Dask
-        block's rows like the matrix they meet (:func:`~linop_trace._backend.as_dask_block`):
+        block's rows like the matrix they meet (:func:`~linop_trace._backend.fit_block`):
         neither computes anything. A Dask block given to an operator of another library
-        is refused, never computed into memory behind the user's back.
+        is refused, never computed into memory behind the user's back
+        (:func:`~linop_trace._backend.mixed_libraries_reason`).
         """
         if isinstance(block, LinearOperator):
             raise TypeError(f"`{name}` got a LinearOperator; use `@` to compose operators")
@@ -180,23 +181,10 @@ class LinearOperator:
                 f"`{name}` got a {type(block).__module__}.{type(block).__name__}, "
                 f"operator is {self._describe()}"
             ) from None
-        to_dask = backend.is_dask_namespace(self.xp)
-        if xp is not self.xp and not (to_dask and backend.is_numpy_namespace(xp)):
-            if backend.is_dask_array(block):
-                remedy = (
-                    "or make the operator from a Dask array (dask.array.from_array(matrix, "
-                    "chunks=...))"
-                    if backend.is_numpy_namespace(self.xp)
-                    else f"and convert it to {self.library}"
-                )
-                raise TypeError(
-                    f"`{name}` got {backend.describe(block)}, operator is {self._describe()}; "
-                    "a Dask block is never computed into memory behind your back: compute "
-                    f"it first (X.compute()) {remedy}"
-                )
+        if xp is not self.xp and not backend.adopts_block(self.xp, xp):
+            reason = backend.mixed_libraries_reason(block, self.xp, self.library)
             raise TypeError(
-                f"`{name}` got {backend.describe(block)}, operator is {self._describe()}; "
-                "arrays of two libraries are mixed"
+                f"`{name}` got {backend.describe(block)}, operator is {self._describe()}; {reason}"
             )
         try:
             device = backend.device_of(block)
@@ -214,21 +202,11 @@ class LinearOperator:
             raise ValueError(
                 f"`{name}` expects an array of shape ({rows}, k), got shape {tuple(block.shape)}"
             )
-        if to_dask:
-            block = backend.as_dask_block(block, self._dask_chunks_met(name))
+        matrix = getattr(self, "matrix", None)  # (a stored matrix's chunks cut Dask blocks)
+        block = backend.fit_block(self.xp, block, matrix, adjoint=name == "rmatmat")
         if not backend.is_float_dtype(self.xp, block.dtype):
             return self.xp.astype(block, self.dtype)
         return block
-
-    def _dask_chunks_met(self, name: str) -> tuple[int, ...] | None:
-        """The chunks of the operator's Dask ``matrix`` that a block's rows meet in
-        ``name``: its column chunks in ``matmat``, its row chunks in ``rmatmat``. ``None``
-        for operators without one (functions; sums and products, whose terms cut the
-        block for themselves)."""
-        matrix: Any = getattr(self, "matrix", None)
-        if not backend.is_dask_array(matrix):
-            return None
-        return tuple(matrix.chunks[1] if name == "matmat" else matrix.chunks[0])
 
     def _result_dtype(self, block: Any) -> Any:
         return self.xp.result_type(self.dtype, block.dtype)
@@ -311,13 +289,7 @@ class LinearOperator:
             xp = None
         if xp is not self.xp:
             what = backend.describe(out) if xp is not None else type(out).__name__
-            computed = ""
-            if backend.is_dask_namespace(self.xp) and isinstance(out, np.ndarray):
-                computed = (
-                    "; the function computed the Dask graph (np.asarray, .compute() or a "
-                    "NumPy function on its block): build the product with dask.array "
-                    "instead, so that the estimate stays one lazy graph"
-                )
+            computed = backend.computed_graph_hint(self.xp, out)
             raise TypeError(f"`{name}` returned {what}, operator is {self._describe()}{computed}")
         if tuple(out.shape) != shape:
             raise ValueError(

@@ -29,13 +29,21 @@ import numpy as np
 __all__ = [
     "DASK_REFUSED",
     "PAGE_ROWS",
+    "adopts_block",
+    "as_dask_block",
     "check_dask_chunks",
     "check_dask_support",
     "compute_together",
+    "computed_graph_hint",
+    "dask_column_inner",
     "dask_probe_block",
+    "fit_block",
     "in_memory",
     "is_dask_array",
     "is_dask_namespace",
+    "mixed_libraries_reason",
+    "rows_held_together",
+    "substitute",
 ]
 
 #: Rows per page of the probe generator: a probe's values depend on (seed, page, column).
@@ -358,3 +366,50 @@ def as_dask_block(block: Any, row_chunks: tuple[int, ...] | None) -> Any:
     # changed by then (an (n, k) block, the size of the product's image)
     snapshot = np.array(block, copy=True)
     return da.from_array(snapshot, chunks=(PAGE_ROWS if row_chunks is None else row_chunks, -1))
+
+
+def adopts_block(operator_xp: Any, block_xp: Any) -> bool:
+    """Whether an operator of ``operator_xp`` takes a block of the other library
+    ``block_xp`` (wrapping it, :func:`fit_block`): a Dask operator takes NumPy blocks."""
+    return is_dask_namespace(operator_xp) and bool(array_api_compat.is_numpy_namespace(block_xp))
+
+
+def mixed_libraries_reason(block: Any, operator_xp: Any, operator_library: str) -> str:
+    """Why a block of another library is refused, with what to do: a Dask block is never
+    computed into memory behind the user's back."""
+    if not is_dask_array(block):
+        return "arrays of two libraries are mixed"
+    remedy = (
+        "or make the operator from a Dask array (dask.array.from_array(matrix, chunks=...))"
+        if array_api_compat.is_numpy_namespace(operator_xp)
+        else f"and convert it to {operator_library}"
+    )
+    return (
+        "a Dask block is never computed into memory behind your back: compute it first "
+        f"(X.compute()) {remedy}"
+    )
+
+
+def fit_block(operator_xp: Any, block: Any, matrix: Any, adjoint: bool) -> Any:
+    """A block for an operator of ``operator_xp`` whose stored matrix (if any) is
+    ``matrix``: for Dask, a Dask array whose rows are cut like the matrix's chunks they
+    meet (its columns', or its rows' for the ``adjoint`` product;
+    :func:`as_dask_block`); other libraries' blocks as they are."""
+    if not is_dask_namespace(operator_xp):
+        return block
+    chunks = None
+    if is_dask_array(matrix):
+        chunks = tuple(matrix.chunks[0] if adjoint else matrix.chunks[1])
+    return as_dask_block(block, chunks)
+
+
+def computed_graph_hint(operator_xp: Any, out: Any) -> str:
+    """For an operator's function that returned NumPy where Dask was due: it computed
+    the graph (empty otherwise)."""
+    if is_dask_namespace(operator_xp) and isinstance(out, np.ndarray):
+        return (
+            "; the function computed the Dask graph (np.asarray, .compute() or a NumPy "
+            "function on its block): build the product with dask.array instead, so that "
+            "the estimate stays one lazy graph"
+        )
+    return ""
