@@ -37,8 +37,8 @@ from ._structured import (
     _DiagonalOperator,
     _IdentityOperator,
     _KroneckerOperator,
+    _OfParts,
     _ZeroOperator,
-    kron_vectors,
 )
 
 __all__ = ["Decomposition", "ExactTerm", "decompose"]
@@ -229,31 +229,16 @@ def _exact_term(coefficient: Any, term: LinearOperator) -> ExactTerm | None:
         return from_diagonal(term._exact_diagonal, term._exact_diagonal)
     if isinstance(term, (_DenseOperator, _SparseOperator)):
         return from_diagonal(term._exact_diagonal, stored_row_sums)
-    if isinstance(term, _KroneckerOperator):
-        factors = [_exact_term(1, factor) for factor in term.factors]
-        if any(rule is None for rule in factors):
-            return None
-        rules = [rule for rule in factors if rule is not None]
-        return ExactTerm(
-            label,
-            lambda: _scaled(
-                coefficient, functools.reduce(lambda a, b: a * b, _each(rules, "trace"))
-            ),
-            lambda: _scaled(coefficient, kron_vectors(xp, _each(rules, "diagonal"))),
-            lambda: _scaled(coefficient, kron_vectors(xp, _each(rules, "row_sums"))),
-        )
-    if isinstance(term, _BlockDiagonalOperator):
-        parts = [_exact_term(1, block) for block in term.blocks]
+    if isinstance(term, _OfParts):  # Kronecker factors, diagonal blocks
+        parts = [_exact_term(1, part) for part in term._parts()]
         if any(rule is None for rule in parts):
             return None
         rules = [rule for rule in parts if rule is not None]
         return ExactTerm(
             label,
-            lambda: _scaled(
-                coefficient, functools.reduce(lambda a, b: a + b, _each(rules, "trace"))
-            ),
-            lambda: _scaled(coefficient, xp.concat(_each(rules, "diagonal"))),
-            lambda: _scaled(coefficient, xp.concat(_each(rules, "row_sums"))),
+            lambda: _scaled(coefficient, term._join_traces(_each(rules, "trace"))),
+            lambda: _scaled(coefficient, term._join(_each(rules, "diagonal"))),
+            lambda: _scaled(coefficient, term._join(_each(rules, "row_sums"))),
         )
     if isinstance(term, _ProductOperator):
         left_d = _diagonal_of_diagonal_kind(term.left)

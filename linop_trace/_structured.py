@@ -7,6 +7,7 @@ larger than its factors or blocks.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -88,7 +89,45 @@ class _DiagonalOperator(LinearOperator):
         return self.diagonal
 
 
-class _KroneckerOperator(LinearOperator):
+class _OfParts(LinearOperator):
+    """An operator made of others (Kronecker factors, diagonal blocks): both products go
+    through ``_apply``, and its diagonal joins the parts' diagonals (``_join``) when every
+    part is square and has one."""
+
+    def _parts(self) -> tuple[LinearOperator, ...]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _apply(self, X: Any, adjoint: bool) -> Any:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _join(self, vectors: list[Any]) -> Any:  # pragma: no cover - abstract
+        """The whole operator's diagonal (or row sums) from the parts'."""
+        raise NotImplementedError
+
+    def _join_traces(self, traces: list[Any]) -> Any:  # pragma: no cover - abstract
+        """The whole operator's trace from the parts' traces."""
+        raise NotImplementedError
+
+    def compilable(self) -> bool:
+        return all(part.compilable() for part in self._parts())
+
+    def _matmat(self, X: Any) -> Any:
+        return self._apply(X, adjoint=False)
+
+    def _rmatmat(self, X: Any) -> Any:
+        return self._apply(X, adjoint=True)
+
+    def _exact_diagonal(self) -> Any | None:
+        parts = self._parts()
+        if any(part.shape[0] != part.shape[1] for part in parts):
+            return None
+        diagonals = [part._exact_diagonal() for part in parts]
+        if any(diagonal is None for diagonal in diagonals):
+            return None
+        return self._join(diagonals)
+
+
+class _KroneckerOperator(_OfParts):
     """``A_1 kron A_2 kron ... kron A_d``, applied by the vec trick: a block X of shape
     (n_1 ... n_d, k) is a tensor (n_1, ..., n_d, k) and each factor multiplies its own
     axis, so a product costs sum_t m_t * n * k / n_t flops and the big matrix is never
@@ -113,9 +152,6 @@ class _KroneckerOperator(LinearOperator):
         super().__init__(shape, dtype, first.xp, first.device, tags)
         self.factors = factors
 
-    def compilable(self) -> bool:
-        return all(factor.compilable() for factor in self.factors)
-
     def _apply(self, X: Any, adjoint: bool) -> Any:
         xp = self.xp
         k = int(X.shape[1])
@@ -133,19 +169,14 @@ class _KroneckerOperator(LinearOperator):
             tensor = xp.permute_dims(image, tuple(int(i) for i in np.argsort(order)))
         return xp.reshape(tensor, (math.prod(dims), k))
 
-    def _matmat(self, X: Any) -> Any:
-        return self._apply(X, adjoint=False)
+    def _parts(self) -> tuple[LinearOperator, ...]:
+        return self.factors
 
-    def _rmatmat(self, X: Any) -> Any:
-        return self._apply(X, adjoint=True)
+    def _join(self, vectors: list[Any]) -> Any:
+        return kron_vectors(self.xp, vectors)
 
-    def _exact_diagonal(self) -> Any | None:
-        if any(factor.shape[0] != factor.shape[1] for factor in self.factors):
-            return None
-        diagonals = [factor._exact_diagonal() for factor in self.factors]
-        if any(diagonal is None for diagonal in diagonals):
-            return None
-        return kron_vectors(self.xp, diagonals)
+    def _join_traces(self, traces: list[Any]) -> Any:
+        return functools.reduce(lambda a, b: a * b, traces)
 
 
 def kron_vectors(xp: Any, vectors: Sequence[Any]) -> Any:
@@ -157,7 +188,7 @@ def kron_vectors(xp: Any, vectors: Sequence[Any]) -> Any:
     return out
 
 
-class _BlockDiagonalOperator(LinearOperator):
+class _BlockDiagonalOperator(_OfParts):
     """``diag(B_1, ..., B_p)``: each block acts on its own slice of rows."""
 
     _data_fields: tuple[str, ...] | None = ("blocks",)
@@ -178,9 +209,6 @@ class _BlockDiagonalOperator(LinearOperator):
         self.row_offsets = tuple(int(i) for i in np.cumsum([0] + [b.shape[0] for b in blocks]))
         self.col_offsets = tuple(int(i) for i in np.cumsum([0] + [b.shape[1] for b in blocks]))
 
-    def compilable(self) -> bool:
-        return all(block.compilable() for block in self.blocks)
-
     def _apply(self, X: Any, adjoint: bool) -> Any:
         offsets = self.row_offsets if adjoint else self.col_offsets
         pieces = []
@@ -189,19 +217,14 @@ class _BlockDiagonalOperator(LinearOperator):
             pieces.append(block.rmatmat(part) if adjoint else block.matmat(part))
         return pieces[0] if len(pieces) == 1 else self.xp.concat(pieces, axis=0)
 
-    def _matmat(self, X: Any) -> Any:
-        return self._apply(X, adjoint=False)
+    def _parts(self) -> tuple[LinearOperator, ...]:
+        return self.blocks
 
-    def _rmatmat(self, X: Any) -> Any:
-        return self._apply(X, adjoint=True)
+    def _join(self, vectors: list[Any]) -> Any:
+        return vectors[0] if len(vectors) == 1 else self.xp.concat(vectors)
 
-    def _exact_diagonal(self) -> Any | None:
-        if any(block.shape[0] != block.shape[1] for block in self.blocks):
-            return None
-        diagonals = [block._exact_diagonal() for block in self.blocks]
-        if any(diagonal is None for diagonal in diagonals):
-            return None
-        return diagonals[0] if len(diagonals) == 1 else self.xp.concat(diagonals)
+    def _join_traces(self, traces: list[Any]) -> Any:
+        return functools.reduce(lambda a, b: a + b, traces)
 
 
 def _namespace_of(like: Any) -> tuple[Any, Any, Any]:
