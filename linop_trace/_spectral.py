@@ -132,7 +132,15 @@ def batched_lanczos(
     q = probes / xp.astype(norms, probes.dtype)
     previous = None
     beta = None
-    basis: list[Any] = []
+    # with reorthogonalisation, every probe's vectors as the rows of one preallocated
+    # (m, steps, n) block (probe-major: one batched matrix-vector product per probe);
+    # concatenating a growing list copied the whole basis at every step (13x slower at
+    # n = 10^5, m = 20, 30 steps)
+    basis = (
+        xp.empty((m, steps, n), dtype=q.dtype, device=backend.device_of(probes))
+        if reorthogonalize
+        else None
+    )
     alphas: list[Any] = []
     betas: list[Any] = []
     eps = float(xp.finfo(real).eps)
@@ -145,8 +153,10 @@ def batched_lanczos(
     work = xp.empty_like(q) if in_place else None
     scratch = xp.empty_like(q) if in_place else None
     for step in range(steps):
-        if reorthogonalize:
-            basis.append(xp.matrix_transpose(q)[:, None, :])  # (m, 1, n): probe-major
+        if basis is not None:
+            basis = backend.with_slot(
+                xp, basis, (slice(None), step, slice(None)), xp.matrix_transpose(q)
+            )
         w = matmat(q)
         alpha = backend.real_part(xp, backend.column_inner(xp, q, w))
         alphas.append(alpha)
@@ -156,13 +166,8 @@ def batched_lanczos(
             w = w - xp.astype(alpha, w.dtype) * q
             if previous is not None:
                 w = w - xp.astype(beta, w.dtype) * previous
-        if reorthogonalize:
-            stacked = xp.concat(basis, axis=1)  # (m, j, n): each probe's vectors as rows
-            conjugated = backend.conj(xp, stacked)
-            for _ in range(2):  # one batched matrix-vector product each way per probe
-                coefficients = conjugated @ xp.matrix_transpose(w)[:, :, None]  # (m, j, 1)
-                correction = xp.matrix_transpose(coefficients) @ stacked  # (m, 1, n)
-                w = w - xp.matrix_transpose(correction[:, 0, :])
+        if basis is not None:
+            w = _reorthogonalized(w, basis[:, : step + 1, :], xp)
         beta = xp.sqrt(backend.real_part(xp, backend.column_inner(xp, w, w)))
         scale = xp.maximum(scale, xp.abs(alpha) + beta)
         live = live & (beta > n * eps * scale)
@@ -188,6 +193,19 @@ def batched_lanczos(
     )
     alpha_array = xp.where(started, alpha_array, alpha_array[:, :1])
     return alpha_array, beta_array
+
+
+def _reorthogonalized(w: Any, stacked: Any, xp: Any) -> Any:
+    """Each column of ``w`` (n, m) made orthogonal to its probe's earlier vectors, the
+    rows of ``stacked[probe]`` (m, j, n): classical Gram-Schmidt twice, each pass one
+    batched matrix-vector product each way per probe, on ``w`` held probe-major."""
+    m, n = stacked.shape[0], stacked.shape[2]
+    conjugated = backend.conj(xp, stacked)
+    rows = xp.reshape(xp.matrix_transpose(w), (m, 1, n))  # (m, 1, n): a probe's vector a row
+    for _ in range(2):
+        coefficients = conjugated @ xp.matrix_transpose(rows)  # (m, j, 1)
+        rows = rows - xp.matrix_transpose(coefficients) @ stacked  # (m, 1, n)
+    return xp.matrix_transpose(xp.reshape(rows, (m, n)))
 
 
 def _three_term_in_place(

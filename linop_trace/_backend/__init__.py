@@ -108,6 +108,7 @@ from ._linalg import (  # noqa: F401
     solve_triangular,
     thin_qr,
     vmap_columns,
+    with_slot,
 )
 from ._memory import (  # noqa: F401
     HOST_MEMORY_SECONDS,
@@ -235,4 +236,5 @@ __all__ = [
     "thin_qr",
     "to_numpy",
     "vmap_columns",
+    "with_slot",
 ]

@@ -277,6 +277,16 @@ def materialized(xp: Any, x: Any) -> Any:
     return jax.lax.optimization_barrier(x)
 
 
+def with_slot(xp: Any, buffer: Any, index: Any, value: Any) -> Any:
+    """``buffer`` with ``buffer[index] = value``: written in place where the library's
+    arrays are mutable, a functional update under JAX (in place once compiled). The
+    caller keeps the returned array."""
+    if array_api_compat.is_jax_namespace(xp):
+        return buffer.at[index].set(value)
+    buffer[index] = value
+    return buffer
+
+
 def solve_triangular(xp: Any, matrix: Any, rhs: Any, *, lower: bool) -> Any:
     """``matrix^{-1} rhs`` for a triangular ``matrix`` (lower or upper): one substitution,
     where a general solve factorizes (LU, pivot search and permutation: under JAX on a CPU
