@@ -248,11 +248,15 @@ class Estimate:
         linear in A for the built-in methods) divided; dof and the samples' shape are
         scale-free, and ``info["auto"]``'s predicted variances go by ``scale**2``."""
         xp = backend.array_namespace(scale)
+        inverses: dict[Any, Any] = {}  # 1 / scale in each real dtype met (exact: 2^e)
 
         def down(x: Any) -> Any:
             dtype = getattr(x, "dtype", None)  # arrays, and NumPy's 0-d results (scalars)
             if dtype is not None and xp.isdtype(dtype, ("real floating", "complex floating")):
-                return x / xp.astype(scale, backend.real_dtype_for(xp, x.dtype))
+                real = backend.real_dtype_for(xp, dtype)
+                if real not in inverses:
+                    inverses[real] = 1 / xp.astype(scale, real)
+                return x * inverses[real]
             return x
 
         info = {key: down(item) for key, item in self.info.items()}

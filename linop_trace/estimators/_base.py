@@ -273,22 +273,28 @@ class CountingMatmat:
 def _power_of_two_scale(xp: Any, product: Any) -> Any:
     """1 where the largest entry of ``product`` lies in a range whose squares and their
     sums neither overflow nor underflow (2^+-(max exponent / 4): 2^+-256 in float64,
-    2^+-32 in float32), and for a product that is zero or not finite; else 2^-e with 2^e
+    2^+-32 in float32), and for a product that is zero or NaN; else 2^-e with 2^e
     <= max|product| < 2^(e+1), which brings the largest entry into [1, 2) exactly (a 0-d
-    real array, computed where the product lives; e clipped so that it is finite)."""
+    real array, computed where the product lives; e clipped so that 2^-e is finite and
+    normal, also where XLA flushes subnormals; an infinite product, which fails its
+    finiteness check, gets 2^-(max exponent - 2)).
+
+    A dozen operations on 0-d arrays, each a kernel launch on a GPU, so written with as
+    few as the rules allow: a zero or NaN maximum reads as 1 (exponent 0) before the
+    logarithm, and one ``where`` keeps the in-range exponents at 0."""
     fixed = backend.stop_gradient(product)
     real = backend.real_dtype_for(xp, product.dtype)
     if not math.prod(fixed.shape):
         return xp.ones((), dtype=real, device=backend.device_of(product))
-    largest = xp.astype(xp.max(xp.abs(fixed)), real)
+    largest = xp.max(xp.abs(fixed))  # (real for complex products too)
     top = int(math.floor(math.log2(float(xp.finfo(real).max))))  # 1023, 127
-    usable = xp.isfinite(largest) & (largest > 0)
-    exponent = xp.floor(xp.log2(xp.where(usable, largest, xp.ones_like(largest))))
-    safe = xp.abs(exponent) <= top // 4
+    exponent = xp.floor(xp.log2(xp.where(largest > 0, largest, xp.ones_like(largest))))
     exponent = xp.where(
-        safe, xp.zeros_like(exponent), xp.clip(exponent, min=float(1 - top), max=float(top - 1))
+        xp.abs(exponent) <= top // 4,
+        xp.zeros_like(exponent),
+        xp.clip(exponent, min=float(2 - top), max=float(top - 2)),
     )
-    return xp.pow(xp.asarray(2.0, dtype=real, device=backend.device_of(largest)), -exponent)
+    return 2.0**-exponent
 
 
 def _non_finite_message(width: int | None = None) -> str:

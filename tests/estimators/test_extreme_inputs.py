@@ -97,3 +97,44 @@ def test_xnystrace_on_a_sketch_that_would_overflow_is_computed_at_unit_scale():
     assert float(estimate) == pytest.approx(5e300, rel=1e-12)
     low, high = estimate.ci()
     assert 0 < high - low < 1e-12 * 5e300
+
+
+@pytest.mark.parametrize(
+    "largest, expected",
+    [
+        (0.0, 1.0),  # a zero product: nothing to scale (later blocks may not be zero)
+        (3.0, 1.0),  # inside 2^+-256: squares and their sums are safe
+        (2.0**255, 1.0),
+        (2.0**257 * 1.5, 2.0**-257),  # 2^e <= max < 2^(e + 1): max * scale in [1, 2)
+        (1e200, 2.0**-664),
+        (1e-200, 2.0**665),
+        (math.nan, 1.0),  # not finite: the product fails its own check
+    ],
+)
+def test_products_are_scaled_by_the_power_of_two_of_their_largest_entry(backend, largest, expected):
+    """The rule of the scale that methods which square products apply (float64): 1 in the
+    safe range and for a zero or NaN product, else 2^-e with 2^e <= max|product| < 2^(e+1),
+    computed on the product's device."""
+    if not backend.float64_supported:
+        pytest.skip(f"{backend.name} has no float64")
+    from linop_trace import _backend as lb
+    from linop_trace.estimators._base import _power_of_two_scale
+
+    values = np.array([[largest * 0.25, -largest], [0.0, largest / 3]])
+    product = backend.asarray(values)
+    xp = lb.array_namespace(product)
+    scale = lb.jit(xp, _power_of_two_scale)(xp, product)
+    assert scale.shape == ()
+    assert float(np.asarray(lb.to_numpy(scale))) == expected
+
+
+def test_an_infinite_product_gets_a_finite_scale(backend):
+    """inf has no exponent to bring to 1: the scale stays finite and non-zero (the product
+    fails its finiteness check; the scale must not turn its finite entries into NaN)."""
+    from linop_trace import _backend as lb
+    from linop_trace.estimators._base import _power_of_two_scale
+
+    product = backend.asarray(np.array([[1.0, math.inf], [2.0, 3.0]]))
+    xp = lb.array_namespace(product)
+    scale = float(np.asarray(lb.to_numpy(lb.jit(xp, _power_of_two_scale)(xp, product))))
+    assert 0 < scale < math.inf
