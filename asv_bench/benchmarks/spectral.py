@@ -9,9 +9,10 @@ earlier vectors, O(n m k^2)), the tridiagonal eigenproblems and the statistics.
 and the k products interleaved in one process, best of 7 each, one thread, and returns
 the ratio (target <= 1.2). The operators: a dense SPD matrix at n = 4,000
 (``_common.dense_psd``), where the products dominate, and the 2-d Laplacian plus the
-identity as SciPy CSR at n = 316^2, where a product costs a few flops per entry and
-Lanczos' vector work shows. Each runs with reorthogonalisation (the default while the
-basis fits) and without it.
+identity as a sparse CSR matrix at n = 316^2, where a product costs a few flops per
+entry and Lanczos' vector work shows. Each runs without reorthogonalisation (the
+default) and with it, on NumPy/SciPy, torch (a ``sparse_csr`` tensor) and JAX (BCOO;
+its floor is the jitted product, called k times, each waited for).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import scipy.sparse as sp
 
 import linop_trace
 
-from ._common import dense_psd, interleaved_best, pin_threads
+from ._common import BACKENDS, dense_psd, get_backend, interleaved_best, pin_threads
 
 #: (probes, Lanczos steps).
 SIZES = {"dense 4000": (20, 20), "sparse 2-d Laplacian": (20, 30)}
@@ -45,31 +46,46 @@ _operators.timeout = 300  # type: ignore[attr-defined]
 class TrackSlqOverFloor:
     """``logdet`` time / the time of its k products of an (n, m) block, interleaved."""
 
-    params = (list(SIZES), [True, False])
-    param_names = ["operator", "reorthogonalize"]
+    params = (list(SIZES), [True, False], BACKENDS)
+    param_names = ["operator", "reorthogonalize", "library"]
     timeout = 300
     setup_cache = staticmethod(_operators)
 
-    def setup(self, operators: dict[str, Any], name: str, reorthogonalize: bool) -> None:
-        pin_threads()
-        A = operators[name]
+    def setup(
+        self, operators: dict[str, Any], name: str, reorthogonalize: bool, library: str
+    ) -> None:
+        pin_threads()  # first: JAX must see one CPU before it creates its client
+        backend = get_backend(library, "cpu")
+        pin_threads()  # (again: torch was just imported)
+        stored = operators[name]
+        A = backend.sparse(stored) if sp.issparse(stored) else backend.dense(stored)
         m, k = SIZES[name]
-        n = A.shape[0]
-        block = np.random.default_rng(0).choice([-1.0, 1.0], size=(n, m)) / np.sqrt(n)
+        n = stored.shape[0]
+        block = backend.dense(np.random.default_rng(0).choice([-1.0, 1.0], size=(n, m)))
+        product = lambda A, Z: A @ Z  # noqa: E731
+        if library == "jax":
+            import jax
+
+            product = jax.jit(product)
 
         def floor() -> None:
             for _ in range(k):
-                A @ block
+                backend.sync(product(A, block))
 
         def estimate() -> Any:
-            return linop_trace.logdet(
-                A, num_matvecs=m * k, lanczos_steps=k, seed=0, reorthogonalize=reorthogonalize
-            ).value
+            return backend.sync(
+                linop_trace.logdet(
+                    A, num_matvecs=m * k, lanczos_steps=k, seed=0, reorthogonalize=reorthogonalize
+                ).value
+            )
 
         self.calls = [floor, estimate]
+        floor()
         estimate()
 
-    def track_ratio(self, operators: dict[str, Any], name: str, reorthogonalize: bool) -> float:
+    def track_ratio(
+        self, operators: dict[str, Any], name: str, reorthogonalize: bool, library: str
+    ) -> float:
         floor, estimate = interleaved_best(self.calls)
         return estimate / floor
 

@@ -58,6 +58,7 @@ from ._device import (  # noqa: F401
     read_floats,
     reads_are_free,
     stop_gradient,
+    writes_in_place,
 )
 from ._dtypes import (  # noqa: F401
     abs2,
@@ -237,4 +238,5 @@ __all__ = [
     "to_numpy",
     "vmap_columns",
     "with_slot",
+    "writes_in_place",
 ]

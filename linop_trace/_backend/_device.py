@@ -34,6 +34,7 @@ __all__ = [
     "read_floats",
     "reads_are_free",
     "stop_gradient",
+    "writes_in_place",
 ]
 
 
@@ -183,6 +184,19 @@ def prefers_whole_arrays(xp: Any, device: Any) -> bool:
     if array_api_compat.is_jax_namespace(xp):
         return True
     return not str(device).lower().startswith("cpu") and str(device) not in ("", "None")
+
+
+def writes_in_place(x: Any) -> bool:
+    """Whether results may be written into existing arrays like ``x`` (``out=``): NumPy
+    arrays, and torch tensors on the CPU that no gradient flows through. A fresh large
+    result there is faulted in page by page, which costs more than the arithmetic of a
+    cheap elementwise pass; GPU allocators reuse their memory, JAX arrays are immutable,
+    and autograd refuses ``out=`` on tensors it records."""
+    if type(x) is np.ndarray:
+        return True
+    if array_api_compat.is_torch_array(x):
+        return x.device.type == "cpu" and not x.requires_grad
+    return False
 
 
 def is_accelerator(device: Any) -> bool:
