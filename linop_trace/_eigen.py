@@ -148,10 +148,13 @@ def eigenvalues(
         after every block, so a loose tolerance stops inside the first cycle)."""
         if basis.shape[1] < k + b:
             return False
-        values, vectors, ritz_images = _rayleigh_ritz(basis, images, xp)
+        # only the k wanted Ritz pairs: their vectors and images are (n, p) @ (p, k)
+        # products, where all of them would be (n, p) @ (p, p)
+        values, rotations = _projected_eigenpairs(basis, images, xp)
         wanted = _wanted(values, k, which, xp)
         theta = xp.take(values, wanted)
-        residuals = xp.take(ritz_images, wanted, axis=1) - xp.take(vectors, wanted, axis=1) * theta
+        chosen = xp.take(rotations, wanted, axis=1)
+        residuals = images @ chosen - (basis @ chosen) * theta
         norms = xp.sqrt(backend.real_part(xp, backend.column_inner(xp, residuals, residuals)))
         numbers = backend.read_floats(xp, [xp.max(norms), xp.max(xp.abs(values))])
         return numbers is not None and numbers[0] <= tol * max(numbers[1], 1e-300)
@@ -238,11 +241,17 @@ def _leading_directions(block: Any, count: int, xp: Any) -> Any:
     return left[:, :count]
 
 
-def _rayleigh_ritz(basis: Any, images: Any, xp: Any) -> tuple[Any, Any, Any]:
-    """Ritz values (ascending), Ritz vectors and their images from a basis and A basis."""
+def _projected_eigenpairs(basis: Any, images: Any, xp: Any) -> tuple[Any, Any]:
+    """Eigenpairs (values ascending) of the operator projected on the basis, V^H A V."""
     projected = hermitian_transpose(basis, xp) @ images
     projected = (projected + hermitian_transpose(projected, xp)) / 2
     values, rotations = xp.linalg.eigh(projected)
+    return values, rotations
+
+
+def _rayleigh_ritz(basis: Any, images: Any, xp: Any) -> tuple[Any, Any, Any]:
+    """Ritz values (ascending), Ritz vectors and their images from a basis and A basis."""
+    values, rotations = _projected_eigenpairs(basis, images, xp)
     return values, basis @ rotations, images @ rotations
 
 
