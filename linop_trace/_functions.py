@@ -177,9 +177,10 @@ def _remembered_settings(
     free = None
     if options.get("block_size") is None:
         free = backend.free_memory(operator.xp, operator.device)
+    structure = operator.settings_identity()  # None: this object only
     try:
         key = (
-            id(operator),
+            id(operator) if structure is None else structure,
             estimator,
             quantity,
             tuple(options.items()),
@@ -190,7 +191,7 @@ def _remembered_settings(
     except TypeError:  # an unhashable plug-in or option: no reuse
         return _settings(operator, estimator, quantity, **options)
     for known, reference, settings in _RECENT_SETTINGS:
-        if known == key and reference() is operator:
+        if known == key and (structure is not None or reference() is operator):
             return settings
     settings = _settings(operator, estimator, quantity, **options)
     try:
@@ -205,11 +206,12 @@ def _remembered_settings(
 def _estimate(
     quantity: str, A: Any, method: Any, seed: Any, decompose: bool = True, **options: Any
 ) -> Estimate:
-    operator = widened(aslinearoperator(A))  # half precisions are estimated in float32
+    given = aslinearoperator(A)
+    operator = widened(given)  # half precisions are estimated in float32
     n = check_square(operator, quantity)
     estimator = get_estimator(method, quantity)
     if decompose and not isinstance(estimator, Exact):
-        split = decompose_expression(aslinearoperator(A))
+        split = decompose_expression(given)
         if split is not None:  # exact terms computed, only the implicit rest estimated
             return split.estimate(
                 quantity,

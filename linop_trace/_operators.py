@@ -153,6 +153,14 @@ class LinearOperator:
 
         return (self.shape[0] + self.shape[1]) * itemsize(self.xp, self.dtype)
 
+    def settings_identity(self) -> Any:
+        """What an estimate's settings (block size, budget cap, probes) depend on in this
+        operator, as a hashable value, where that is its structure alone; ``None`` (the
+        default): the operator object itself, so that settings are reused for the same
+        object only. Dense arrays say so: two of one type, shape, dtype and device get
+        the same settings, so a call on a fresh array (a new operator) reuses them."""
+        return None
+
     def __repr__(self) -> str:
         return (
             f"<{self.shape[0]}x{self.shape[1]} {type(self).__name__} "
@@ -559,6 +567,13 @@ class _DenseOperator(LinearOperator):
         self.matrix = matrix
         self._adjoint: Any = None
         self._cast: dict[Any, Any] = {}
+
+    def settings_identity(self) -> Any:
+        # block sizes come from the shape, dtype and device (bytes per column) alone; a
+        # Dask matrix's also from its chunks
+        if backend.is_dask_array(self.matrix):
+            return None
+        return (type(self), type(self.matrix), self.shape, self.dtype, self.device)
 
     def _matrix_as(self, dtype: Any) -> Any:
         if dtype == self.dtype:

@@ -334,6 +334,30 @@ def test_block_size_follows_the_devices_free_memory(backend, monkeypatch):
     assert widths == [20]
 
 
+def test_settings_are_reused_for_arrays_of_one_structure(backend, monkeypatch):
+    """A call on a fresh dense array (a new operator) reuses the settings of an earlier
+    one of the same type, shape, dtype and device (they depend on nothing else), and a
+    different dtype or shape gets its own: ``_settings`` counted, estimates exact."""
+    from linop_trace import _functions
+
+    made = []
+    original = _functions._settings
+    monkeypatch.setattr(
+        _functions, "_settings", lambda *a, **k: made.append(a[0].shape) or original(*a, **k)
+    )
+    monkeypatch.setattr(_functions, "_RECENT_SETTINGS", [])
+    diagonals = [np.arange(1.0, 31.0) * scale for scale in (1.0, 2.0)]
+    for d in diagonals:  # Rademacher probes are exact on a diagonal matrix
+        estimate = lt.trace(backend.asarray(np.diag(d)), method="hutchinson", seed=0)
+        assert float(numpy_of(estimate.value)) == pytest.approx(d.sum(), rel=1e-12)
+    assert made == [(30, 30)]
+    lt.trace(backend.asarray(np.eye(31)), method="hutchinson", seed=0)
+    assert made == [(30, 30), (31, 31)]
+    if backend.float64_supported:
+        lt.trace(backend.asarray(np.eye(31), dtype=np.float32), method="hutchinson", seed=0)
+        assert made == [(30, 30), (31, 31), (31, 31)]
+
+
 # ------------------------------------------------------- every method, every backend
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", CASES, ids=_ids)

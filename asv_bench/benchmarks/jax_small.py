@@ -44,13 +44,17 @@ BUDGETS = {200: 20, 512: 20, 4000: 100}
 
 PSD = ("symmetric", "positive_semidefinite")
 
-#: label: (quantity, method, operator); operator "plain" (the dense array), "psd" (tagged
-#: symmetric positive semidefinite) or "products only" (behind from_callable).
+#: label: (quantity, method, operator); operator "plain" (the dense array's operator, made
+#: once), "array" (the JAX array itself, as most users pass it: an operator is made at
+#: every call), "psd" (tagged symmetric positive semidefinite) or "products only" (behind
+#: from_callable).
 CASES: dict[str, tuple[str, str, str]] = {
     "hutchinson": ("trace", "hutchinson", "plain"),
+    "hutchinson (the array)": ("trace", "hutchinson", "array"),
     "hutch++": ("trace", "hutch++", "plain"),
     "na-hutch++": ("trace", "na-hutch++", "plain"),
     "xtrace": ("trace", "xtrace", "plain"),
+    "xtrace (the array)": ("trace", "xtrace", "array"),
     "xnystrace": ("trace", "xnystrace", "psd"),
     "auto": ("trace", "auto", "plain"),
     "auto (products only)": ("trace", "auto", "products only"),
@@ -64,6 +68,8 @@ CASES: dict[str, tuple[str, str, str]] = {
 
 def _operator(A: Any, kind: str) -> Any:
     """The estimate's operator over the JAX array ``A`` (see ``CASES``)."""
+    if kind == "array":
+        return A
     if kind == "products only":
         return linop_trace.LinearOperator.from_callable(
             matmat=lambda X: A @ X, shape=A.shape, like=A
