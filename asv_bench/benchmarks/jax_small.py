@@ -57,6 +57,7 @@ CASES: dict[str, tuple[str, str, str]] = {
     "xtrace (the array)": ("trace", "xtrace", "array"),
     "xnystrace": ("trace", "xnystrace", "psd"),
     "auto": ("trace", "auto", "plain"),
+    "hutchinson (products only)": ("trace", "hutchinson", "products only"),
     "auto (products only)": ("trace", "auto", "products only"),
     "diagonal hutchinson": ("diagonal", "hutchinson", "plain"),
     "diag++": ("diagonal", "diag++", "plain"),
