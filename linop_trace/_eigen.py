@@ -142,34 +142,33 @@ def eigenvalues(
     start_image = matmat(start)
     direction = start_image
     cycles = 0
+    # the wanted pairs of the last basis checked inside a cycle: (columns, pairs), reused
+    # when the cycle ends on that basis (no second Rayleigh-Ritz of the same basis)
+    last: tuple[int, tuple[Any, ...]] | None = None
 
     def converged_now(basis: Any, images: Any) -> bool:
         """Whether the wanted Ritz pairs of a partial basis already meet ``tol`` (checked
         after every block, so a loose tolerance stops inside the first cycle)."""
+        nonlocal last
         if basis.shape[1] < k + b:
             return False
-        # only the k wanted Ritz pairs: their vectors and images are (n, p) @ (p, k)
-        # products, where all of them would be (n, p) @ (p, p)
-        values, rotations = _projected_eigenpairs(basis, images, xp)
-        wanted = _wanted(values, k, which, xp)
-        theta = xp.take(values, wanted)
-        chosen = xp.take(rotations, wanted, axis=1)
-        residuals = images @ chosen - (basis @ chosen) * theta
-        norms = xp.sqrt(backend.real_part(xp, backend.column_inner(xp, residuals, residuals)))
+        pairs = _wanted_pairs(basis, images, k, which, xp)
+        last = (basis.shape[1], pairs)
+        values, norms = pairs[0], pairs[4]
         numbers = backend.read_floats(xp, [xp.max(norms), xp.max(xp.abs(values))])
         return numbers is not None and numbers[0] <= tol * max(numbers[1], 1e-300)
 
     while True:
         cycles += 1
+        last = None
         basis, images = _krylov_cycle(
             matmat, start, start_image, direction, columns, budget, xp, converged_now
         )
-        values, vectors, ritz_images = _rayleigh_ritz(basis, images, xp)
-        wanted = _wanted(values, k, which, xp)
-        chosen_values = xp.take(values, wanted)
-        chosen_vectors = xp.take(vectors, wanted, axis=1)
-        residuals = xp.take(ritz_images, wanted, axis=1) - chosen_vectors * chosen_values[None, :]
-        norms = xp.sqrt(backend.real_part(xp, backend.column_inner(xp, residuals, residuals)))
+        if last is not None and last[0] == basis.shape[1]:
+            pairs = last[1]
+        else:
+            pairs = _wanted_pairs(basis, images, k, which, xp)
+        values, rotations, chosen_values, chosen_vectors, norms = pairs
         matmat.check_now()
         scale = backend.read_float(xp.max(xp.abs(values)))
         largest = backend.read_float(xp.max(norms))
@@ -178,8 +177,9 @@ def eigenvalues(
         if done or exhausted:
             break
         keep = _wanted(values, kept, which, xp)
-        start = xp.take(vectors, keep, axis=1)
-        start_image = xp.take(ritz_images, keep, axis=1)
+        kept_rotations = xp.take(rotations, keep, axis=1)
+        start = basis @ kept_rotations
+        start_image = images @ kept_rotations
         theta = xp.take(values, keep)
         # the kept vectors' residuals span the one new direction per block column
         direction = _leading_directions(start_image - start * theta[None, :], b, xp)
@@ -249,10 +249,22 @@ def _projected_eigenpairs(basis: Any, images: Any, xp: Any) -> tuple[Any, Any]:
     return values, rotations
 
 
-def _rayleigh_ritz(basis: Any, images: Any, xp: Any) -> tuple[Any, Any, Any]:
-    """Ritz values (ascending), Ritz vectors and their images from a basis and A basis."""
+def _wanted_pairs(
+    basis: Any, images: Any, count: int, which: str, xp: Any
+) -> tuple[Any, Any, Any, Any, Any]:
+    """``(values, rotations, theta, vectors, norms)``: every Ritz value (ascending) and
+    its rotation from the basis and A basis, and for the ``count`` wanted pairs their
+    values, vectors and residual norms ``||A x - theta x||``. Only the wanted vectors
+    and images are formed, (n, p) @ (p, count) products where all of them would be
+    (n, p) @ (p, p)."""
     values, rotations = _projected_eigenpairs(basis, images, xp)
-    return values, basis @ rotations, images @ rotations
+    wanted = _wanted(values, count, which, xp)
+    theta = xp.take(values, wanted)
+    chosen = xp.take(rotations, wanted, axis=1)
+    vectors = basis @ chosen
+    residuals = images @ chosen - vectors * theta[None, :]
+    norms = xp.sqrt(backend.real_part(xp, backend.column_inner(xp, residuals, residuals)))
+    return values, rotations, theta, vectors, norms
 
 
 def _wanted(values: Any, count: int, which: str, xp: Any) -> Any:
