@@ -90,3 +90,69 @@ def test_describe_names_library_device_dtype():
 def test_to_numpy_round_trip(backend):
     values = np.arange(6.0).reshape(2, 3)
     np.testing.assert_array_equal(numpy_of(backend.matrix(values)), values)
+
+
+def test_finite_flag_is_exact(dense_backend):
+    """The finiteness flag of a block says whether every entry is finite: a NaN or an
+    infinity of either sign anywhere is caught, entries near the largest float (whose sums
+    or differences overflow) are not mistaken for one, and an empty block is finite."""
+    xp = dense_backend.xp
+    for dtype in ("float32", "float64"):
+        big = float(np.finfo(dtype).max) / 2
+        blocks = {
+            "plain": np.arange(12.0).reshape(4, 3),
+            "nan": np.where(np.eye(4, 3) > 0, np.nan, 1.0),
+            "+inf": np.full((4, 3), 2.0) + np.where(np.arange(12).reshape(4, 3) == 7, np.inf, 0),
+            "-inf": np.full((4, 3), 2.0) - np.where(np.arange(12).reshape(4, 3) == 5, np.inf, 0),
+            "huge, both signs": np.array([[big, -big, big], [-big, big, -big]]),
+            "empty": np.zeros((0, 3)),
+        }
+        for label, values in blocks.items():
+            x = dense_backend.asarray(values, dtype=dtype)
+            flag = backend_module.finite_flag(xp, x)
+            assert bool(numpy_of(flag)) == bool(np.all(np.isfinite(values))), (dtype, label)
+
+
+def test_product_written_into_a_given_block(backend):
+    """``_product_into`` gives ``A @ X`` on every backend. Stored NumPy matrices and
+    torch CPU matrices (dense or CSR) write it into the given block (the Lanczos loop's
+    products then fault in no fresh pages); the others return a fresh product."""
+    from linop_trace import aslinearoperator
+
+    rng = np.random.default_rng(0)
+    M = rng.standard_normal((30, 30)) * (rng.random((30, 30)) < 0.2) + np.eye(30)
+    X = rng.standard_normal((30, 4))
+    holders = [backend.matrix(M)]
+    if backend.name == "torch":
+        holders.append(backend.asarray(M).to_sparse_csr())
+    for held in holders:
+        operator = aslinearoperator(held)
+        block = backend.asarray(X, dtype=np.float64)
+        out = backend.xp.zeros((30, 4), dtype=operator.dtype, device=backend.device)
+        result = operator._product_into(block, out)
+        np.testing.assert_allclose(numpy_of(result), M @ X, rtol=1e-12, atol=1e-12)
+        stored_dense = type(held) is np.ndarray
+        torch_cpu = backend.name == "torch"
+        assert (result is out) == (stored_dense or torch_cpu), type(held)
+        wrong = backend.xp.zeros((30, 5), dtype=operator.dtype, device=backend.device)
+        fresh = operator._product_into(block, wrong)  # a block of another shape: not used
+        assert fresh is not wrong
+        np.testing.assert_allclose(numpy_of(fresh), M @ X, rtol=1e-12, atol=1e-12)
+
+
+def test_subtract_scaled_columns_may_write_over_its_input(dense_backend):
+    xp = dense_backend.xp
+    if not backend_module.writes_in_place(dense_backend.asarray(np.ones((2, 2)))):
+        pytest.skip(f"{dense_backend.name} arrays are not written in place")
+    rng = np.random.default_rng(1)
+    w, q = rng.standard_normal((50, 3)), rng.standard_normal((50, 3))
+    scales = np.array([0.5, -2.0, 3.0])
+    expected = w - q * scales
+    W, Q = dense_backend.asarray(w), dense_backend.asarray(q)
+    S = dense_backend.asarray(scales)
+    out = xp.zeros_like(W)
+    result = backend_module.subtract_scaled_columns(xp, W, Q, S, out, xp.zeros_like(Q))
+    np.testing.assert_allclose(numpy_of(result), expected, rtol=1e-14)
+    result = backend_module.subtract_scaled_columns(xp, W, Q, S, W, xp.zeros_like(Q))
+    assert result is W
+    np.testing.assert_allclose(numpy_of(W), expected, rtol=1e-14)

@@ -29,6 +29,7 @@ __all__ = [
     "is_tracer",
     "known_value",
     "prefers_whole_arrays",
+    "product_into",
     "read_bool",
     "read_float",
     "read_floats",
@@ -168,11 +169,22 @@ def finite_flag(xp: Any, x: Any) -> Any:
     """A 0-d boolean array: whether every entry of ``x`` is finite, computed where ``x``
     lives (no read). ``sum(0 * x)`` is 0 for finite entries and NaN otherwise, and never
     overflows, unlike ``sum(x)``; on NumPy the plain sum (one pass, no temporary) decides
-    when it is finite. (On torch's CPU ``all(isfinite(x))``, one operation fewer, takes
-    3.5x as long: 4.4 ms against 1.3 ms for a (10^5, 20) block.)"""
+    when it is finite, and on torch's CPU the least and largest entries (``aminmax``: no
+    temporary). (On torch's CPU ``all(isfinite(x))`` takes 3.5x as long as ``sum(0 * x)``:
+    4.4 ms against 1.3 ms for a (10^5, 20) block.)"""
     x = stop_gradient(x)
     if array_api_compat.is_numpy_namespace(xp):
         return np.bool_(all_finite(xp, x))
+    if array_api_compat.is_torch_array(x) and x.device.type == "cpu" and x.numel():
+        import torch
+
+        # the least and largest entries, in one pass with no (n, k) temporary: 0.43 ms
+        # against 1.4 ms for sum(0 * x) on a (10^5, 20) block, whose fresh temporary is
+        # faulted in page by page where the allocator returned it to the system (SLQ on
+        # a sparse Laplacian: 12 000 page faults a step). Both finite, or a NaN or an
+        # infinity among the entries; the halves' sum cannot overflow.
+        low, high = torch.aminmax(torch.view_as_real(x) if x.is_complex() else x)
+        return torch.isfinite(torch.add(low * 0.5, high, alpha=0.5))
     return xp.isfinite(xp.sum(x * 0))
 
 
@@ -183,6 +195,29 @@ def prefers_whole_arrays(xp: Any, device: Any) -> bool:
     if array_api_compat.is_jax_namespace(xp):
         return True
     return not str(device).lower().startswith("cpu") and str(device) not in ("", "None")
+
+
+def product_into(matrix: Any, block: Any, out: Any) -> Any:
+    """``matrix @ block`` written into ``out`` (an array of the product's shape and dtype,
+    distinct from both factors) and returned, where the library can: a NumPy array, a
+    torch CPU matrix (dense or CSR) with no gradient through it or the block. ``None``
+    where it cannot (the caller makes a fresh product).
+
+    For loops that multiply a block of one shape again and again (Lanczos): a fresh
+    (n, k) result at every step is faulted in page by page wherever the allocator gave the
+    last one back to the system. torch's CSR product of a 2-d Laplacian at n = 10^5 with
+    20 columns took 18 ms instead of 5 ms that way, and SLQ's 30 steps faulted in 1.4 GB."""
+    if not (writes_in_place(block) and writes_in_place(out)):
+        return None
+    if type(matrix) is np.ndarray and type(block) is np.ndarray:
+        return np.matmul(matrix, block, out=out)
+    if array_api_compat.is_torch_array(matrix) and array_api_compat.is_torch_array(block):
+        import torch
+
+        usable = matrix.layout in (torch.strided, torch.sparse_csr) and matrix.ndim == 2
+        if usable and matrix.device == out.device and not matrix.requires_grad:
+            return torch.mm(matrix, block, out=out)
+    return None
 
 
 def writes_in_place(x: Any) -> bool:

@@ -128,8 +128,12 @@ class CountingMatmat:
     def check_finite(self) -> bool:
         return self._tally.check_finite
 
-    def __call__(self, block: Any) -> Any:
-        out = self._in_blocks(block)
+    def __call__(self, block: Any, out: Any = None) -> Any:
+        """``A @ block``, counted and checked. ``out``: an array of the product's shape
+        and dtype that the caller no longer needs, which the product may be written into
+        (see :meth:`LinearOperator._product_into`); use the returned array either way."""
+        buffer = out
+        out = self._in_blocks(block, buffer)
         tally = self._tally
         if tally.unit_scale:
             xp = self._operator.xp
@@ -138,7 +142,10 @@ class CountingMatmat:
             if backend.known_value(xp, scale) != 1.0:  # (NumPy skips a scale of 1)
                 tally.scale = scale
         if tally.scale is not None:
-            out = out * tally.scale
+            if buffer is not None and out is buffer:
+                out = self._operator.xp.multiply(out, tally.scale, out=out)
+            else:
+                out = out * tally.scale
         if tally.check_finite and backend.is_lazy(out):
             tally.pending.append(out)
         return out
@@ -148,7 +155,7 @@ class CountingMatmat:
         """The power of two every product was multiplied by (a 0-d array), or ``None``."""
         return self._tally.scale
 
-    def _in_blocks(self, block: Any) -> Any:
+    def _in_blocks(self, block: Any, buffer: Any = None) -> Any:
         """The product in column chunks of at most the block size; a chunk whose product
         runs out of memory is done again in halves (down to one column), and the narrower
         size holds for the rest of the estimate. Chunks already through are kept, and each
@@ -159,7 +166,7 @@ class CountingMatmat:
         limit = self._tally.block_limit or self.block_size
         if limit is None or width <= limit:
             try:
-                return self._counted(block)
+                return self._counted(block, buffer)
             except Exception as error:
                 if width == 1 or not backend.is_out_of_memory(error):
                     raise
@@ -226,10 +233,15 @@ class CountingMatmat:
             _tally=self._tally,
         )
 
-    def _counted(self, block: Any) -> Any:
+    def _counted(self, block: Any, buffer: Any = None) -> Any:
         operator = self._operator
         with backend.product_precision(operator.xp, self.precision):
-            out = operator.rmatmat(block) if self._is_adjoint else operator.matmat(block)
+            if self._is_adjoint:
+                out = operator.rmatmat(block)
+            elif buffer is not None:
+                out = operator._product_into(block, buffer)
+            else:
+                out = operator.matmat(block)
         tally = self._tally
         tally.calls += 1
         tally.columns += int(block.shape[1])
