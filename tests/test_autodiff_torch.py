@@ -588,6 +588,7 @@ def spied_routes(monkeypatch):
     clock = FakeClock()
     monkeypatch.setattr(_torch, "route_clock", lambda device: clock)
     monkeypatch.setattr(_common, "WARMED_UP", set())  # as in a new process: warm-ups first
+    monkeypatch.setattr(_common, "_CHOSEN_ROUTES", {})  # and no route chosen yet
     calls = {"vectorized": [], "loop": []}
     cost = {"vectorized": 1.0, "loop": 2.0}
     forward_over_reverse = _torch.hvp_forward_over_reverse
@@ -678,6 +679,52 @@ def test_auto_times_the_network_hessian_in_the_first_batch_and_uses_the_choice_f
     # 5 timed vectorized columns); batch 2 already on the loop
     assert calls == {"vectorized": [1, 5], "loop": [1, 1, 8]}
     assert H.mode == LOOP_HVP
+
+
+def test_an_operator_built_again_for_the_same_problem_takes_the_route_timed_for_it(
+    spied_routes,
+):
+    """``hessian(model, loss, batch)`` built again (every step of a training loop, every
+    estimate) takes the choice of the last operator timed over the same model, loss and
+    batch shapes, without timing; another batch shape, another model of the same shapes
+    and a GGN of the same problem are timed on their own."""
+    clock, calls, cost = spied_routes
+    cost["loop"] = 0.5
+    model, X, g = small_network(frozen=False)
+    y = torch.randint(0, 2, (12,), generator=g)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    V = torch.randn(26, 8, dtype=F64, generator=g)
+    reference = module_loss_hessian(model, loss_fn, X, y) @ V
+    first = lt.hessian(model, loss_fn, (X, y))
+    assert_close(first @ V, reference)
+    assert first.mode == LOOP_HVP and not first.route_timing.reused
+    reads = clock.reads
+    calls["vectorized"].clear()
+    calls["loop"].clear()
+
+    again = lt.hessian(model, loss_fn, (X.clone(), y.clone()))  # same shapes, new tensors
+    assert again.route_timing is None  # (nothing computed yet)
+    assert_close(again @ V, reference)
+    assert clock.reads == reads and calls == {"vectorized": [], "loop": [8]}
+    assert again.mode == LOOP_HVP and again.route_timing.reused
+    assert again.route_timing.columns == first.route_timing.columns == 8
+
+    wider = torch.randn(26, 17, dtype=F64, generator=g)  # > 2x the width timed: timed
+    lt.hessian(model, loss_fn, (X, y)) @ wider
+    assert clock.reads > reads
+
+    reads = clock.reads
+    lt.hessian(model, loss_fn, (X[:6], y[:6])) @ V  # another batch shape: timed
+    assert clock.reads > reads
+
+    other, _, _ = small_network(frozen=False)  # another model, the same shapes: timed
+    reads = clock.reads
+    lt.hessian(other, loss_fn, (X, y)) @ V
+    assert clock.reads > reads
+
+    reads = clock.reads
+    lt.ggn(model, loss_fn, (X, y)) @ V  # another product of the same problem: timed
+    assert clock.reads > reads
 
 
 @pytest.mark.parametrize("warm", [False, True])

@@ -161,7 +161,11 @@ def hessian(
           of 4 or more columns (each column computed once, by one of the two; the device
           synchronized for this timing only) and keeps the faster route for later
           products; ``H.route_timing`` holds the measurement, and a block more than
-          twice as wide is timed again. The loop tends to win on wide networks on a CPU,
+          twice as wide is timed again. An operator built again for the same problem (the
+          same function, or the same model and loss, and arguments or batches of the same
+          shapes, dtypes and devices: ``hessian(...)`` at every training step) takes the
+          last choice timed for it (``route_timing.reused``) instead of timing again.
+          The loop tends to win on wide networks on a CPU,
           the vectorized product on GPUs and small networks. JAX does not time (its
           products stay traceable under ``jax.jit``): there ``"auto"`` is the vectorized
           product.

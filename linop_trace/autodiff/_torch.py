@@ -122,6 +122,10 @@ class _Layout:
         self.size = sum(self.sizes)
         self.what = what
 
+    def facts(self) -> tuple[Any, ...]:
+        """What a product's cost depends on in the layout: shapes, dtype, device."""
+        return (tuple(self.shapes), self.dtype, str(self.device))
+
     def flatten(self, structure: Any) -> torch.Tensor:
         leaves, spec = tree_flatten(structure)
         if spec != self.spec:
@@ -315,12 +319,14 @@ def _route(
     loop_name: str,
     loop_products: Callable[..., Callable[[torch.Tensor], torch.Tensor]],
     device: torch.device,
+    signature: Any = None,
 ) -> FallbackChain | FastestRoute:
     """The block product of ``mode``, called as ``route(*problem, V)``.
 
     ``loop_products(*problem)`` builds the loop's graph and returns ``V -> product``.
     ``"auto"`` races the chain forward, reverse, loop against the loop on one block
-    (:class:`FastestRoute`); the other modes are their chain (:func:`_ordered`).
+    (:class:`FastestRoute`; ``signature`` shares the choice between operators over one
+    problem); the other modes are their chain (:func:`_ordered`).
     """
     chain = FallbackChain(
         _ordered(mode, forward, reverse, (loop_name, _looped(loop_products))), what
@@ -334,6 +340,7 @@ def _route(
         _join_columns,
         _synchronizer(device),
         route_clock(device),
+        None if signature is None else ((what, signature[0]), signature[1]),
     )
 
 
@@ -357,14 +364,19 @@ def _looped(
 
 
 def _hvp_route(
-    mode: str, differentiable: bool, device: torch.device, compile: bool = False
+    mode: str,
+    differentiable: bool,
+    device: torch.device,
+    compile: bool = False,
+    signature: Any = None,
 ) -> FallbackChain | FastestRoute:
     """The HVP of ``mode``, called as ``route(fn, theta, V)``."""
     forward = (FORWARD_HVP, _forward_mode(hvp_forward_over_reverse))
     reverse = (REVERSE_HVP, hvp_reverse_over_reverse)
     products = functools.partial(double_backward_products, differentiable=differentiable)
     if not compile:
-        return _route("hessian", mode, forward, reverse, LOOP_HVP, products, device)
+        key = None if signature is None else ((differentiable, signature[0]), signature[1])
+        return _route("hessian", mode, forward, reverse, LOOP_HVP, products, device, key)
     if mode == "loop":
         raise ValueError("compile=True compiles a vectorized HVP; mode='loop' has none")
     # Compiled once per kernel and reused: dynamo guards on the code and the tensor
@@ -380,13 +392,14 @@ def _hvp_route(
 
 
 def _ggn_route(
-    mode: str, differentiable: bool, device: torch.device
+    mode: str, differentiable: bool, device: torch.device, signature: Any = None
 ) -> FallbackChain | FastestRoute:
     """The GGN product of ``mode``, called as ``route(output_fn, loss_of_outputs, theta, V)``."""
     forward = (FORWARD_GGN, functools.partial(ggn_vectorized, jvp_block=_jvp_block))
     reverse = (REVERSE_GGN, functools.partial(ggn_vectorized, jvp_block=_jvp_block_by_double_vjp))
     products = functools.partial(gauss_newton_products, differentiable=differentiable)
-    return _route("ggn", mode, forward, reverse, LOOP_GGN, products, device)
+    key = None if signature is None else ((differentiable, signature[0]), signature[1])
+    return _route("ggn", mode, forward, reverse, LOOP_GGN, products, device, key)
 
 
 def ggn_vectorized(
@@ -479,6 +492,7 @@ class _NetworkProblem:
     ) -> None:
         #: The ranks sharing the data (set by :func:`network_problem`), or None.
         self.parallel: _DataParallel | None = None
+        self.model = model  # (named by signature)
         if isinstance(model, torch.nn.Module):
             if params is not None:
                 raise TypeError("pass either a module or (apply_fn, params), not both")
@@ -503,6 +517,21 @@ class _NetworkProblem:
         #: Samples in the weights n_b / N of a mean-reduced loss: over all ranks' shards
         #: for a data-parallel problem (set by :func:`network_problem`).
         self.num_samples = sum(sizes)
+
+    def signature(self) -> Any:
+        """What a product's cost depends on, for :class:`FastestRoute` to share its choice
+        between operators over this problem: ``(key, objects)``, the parameters' layout and
+        every batch's shapes, dtypes and devices, and the model and the loss (compared by
+        identity); None for data walked anew at every product (a data loader) or split
+        over ranks."""
+        if not isinstance(self.batches, list) or self.parallel is not None:
+            return None
+        batches = []
+        for index, batch in enumerate(self.batches):
+            inputs, targets = check_batch(batch, index)
+            tensors = [*(inputs if isinstance(inputs, (tuple, list)) else (inputs,)), targets]
+            batches.append(tuple((tuple(t.shape), t.dtype, str(t.device)) for t in tensors))
+        return (self.layout.facts(), tuple(batches)), (self.model, self.loss_fn)
 
     def batch_terms(self) -> Iterable[tuple[float, Any, Any]]:
         """``(weight, inputs, targets)`` per batch, in one pass over the data.
@@ -847,16 +876,18 @@ class TorchHessian(_TorchOperator):
             with torch.no_grad():
                 _check_scalar(fn(theta.detach()), "the function")
             self._terms: Callable[[], Iterable[tuple[float, Callable]]] = lambda: [(1.0, fn)]
+            signature: Any = (("function", layout.facts()), (f,))
         else:
             layout, theta = network.layout, network.theta
             self._terms = lambda: (
                 (weight, network.loss_term(inputs, targets))
                 for weight, inputs, targets in network.batch_terms()
             )
+            signature = network.signature()
         self._parallel = None if network is None else network.parallel
         _check_differentiable(self._parallel, self.differentiable)
         self.theta = theta if self.differentiable else theta.detach()
-        self._hvp = _hvp_route(mode, self.differentiable, layout.device, compile)
+        self._hvp = _hvp_route(mode, self.differentiable, layout.device, compile, signature)
         self._setup(layout, layout.size, ("symmetric",))
         self._share_free_memory(self._parallel)
 
@@ -900,7 +931,9 @@ class TorchGGN(_TorchOperator):
         self.differentiable = bool(differentiable)
         _check_differentiable(network.parallel, self.differentiable)
         self.theta = network.theta
-        self._product = _ggn_route(mode, self.differentiable, network.layout.device)
+        self._product = _ggn_route(
+            mode, self.differentiable, network.layout.device, network.signature()
+        )
         self._setup(network.layout, network.layout.size, ("symmetric", "positive_semidefinite"))
         self._share_free_memory(network.parallel)
 
