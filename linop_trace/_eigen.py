@@ -215,24 +215,32 @@ def _krylov_cycle(
     """An orthonormal basis of ``columns`` columns (fewer when the budget runs out, or
     once ``converged(basis, images)`` says so after a block) and its image: ``start``
     (orthonormal, image known), then blocks grown from ``direction`` (b columns) by the
-    operator, each orthonormalised against all before."""
+    operator, each orthonormalised against all before.
+
+    The basis and its image fill two preallocated (n, columns) blocks, and the steps read
+    their leading columns: joining a list of blocks anew at every step (twice more for the
+    convergence check) copied the whole basis three times a block."""
     b = direction.shape[1]
-    basis, images = [start], [start_image]
+    n, size = start.shape[0], start.shape[1]
+    device = backend.device_of(start)
+    basis = xp.empty((n, max(columns, size)), dtype=start.dtype, device=device)
+    images = xp.empty((n, max(columns, size)), dtype=start_image.dtype, device=device)
+    basis = backend.with_slot(xp, basis, (slice(None), slice(0, size)), start)
+    images = backend.with_slot(xp, images, (slice(None), slice(0, size)), start_image)
     current = direction
-    size = start.shape[1]
     while size + b <= columns and matmat.columns + b <= budget:
-        known = xp.concat(basis, axis=1)
+        known = basis[:, :size]
         block = current
         for _ in range(2):  # block Gram-Schmidt against every earlier block, twice
             block = block - known @ (hermitian_transpose(known, xp) @ block)
         block = orthonormal_basis(block, xp)
         current = matmat(block)
-        basis.append(block)
-        images.append(current)
+        basis = backend.with_slot(xp, basis, (slice(None), slice(size, size + b)), block)
+        images = backend.with_slot(xp, images, (slice(None), slice(size, size + b)), current)
         size += b
-        if converged is not None and converged(xp.concat(basis, axis=1), xp.concat(images, axis=1)):
+        if converged is not None and converged(basis[:, :size], images[:, :size]):
             break
-    return xp.concat(basis, axis=1), xp.concat(images, axis=1)
+    return basis[:, :size], images[:, :size]
 
 
 def _leading_directions(block: Any, count: int, xp: Any) -> Any:
