@@ -108,7 +108,12 @@ def sample_mean(samples: Any, xp: Any, offset: Any = None) -> SampleMean:
 
 def mean_and_stderr(samples: Any, xp: Any) -> tuple[Any, Any]:
     """Mean along the first axis and its standard error std(ddof=1)/sqrt(m) (complex: of
-    |s - mean|); the stderr is ``None`` for fewer than two samples."""
+    |s - mean|); the stderr is ``None`` for fewer than two samples. Under JAX one compiled
+    program: eager, its eight operations cost 0.1 ms, a third of a product at n = 512."""
+    return backend.jit(xp, _mean_and_stderr)(xp, samples)
+
+
+def _mean_and_stderr(xp: Any, samples: Any) -> tuple[Any, Any]:
     m = samples.shape[0]
     # each sample over m before the sum: a mean that fits never overflows on the way (20
     # float32 samples of 5e37 sum to 1e39, past the largest float32)
@@ -167,7 +172,18 @@ class RatioSums:
 
     def add_products(self, probes: Any, image: Any, unit_modulus: bool) -> None:
         """One block given as probes Z and image A Z: y = conj(Z) * (A Z), x = |Z|^2 formed
-        row chunk by row chunk on a CPU (no (n, k) temporary beyond the two blocks)."""
+        row chunk by row chunk on a CPU (no (n, k) temporary beyond the two blocks). Under
+        JAX one compiled program (eagerly, a dozen operations would each be a dispatch)."""
+        xp = self.xp
+        if backend.compiles_estimates(xp):
+            added = backend.jit(xp, _with_products, num_static=2)(
+                xp, unit_modulus, self, probes, image
+            )
+            self.__dict__.update(added.__dict__)
+            return
+        self._add_products(probes, image, unit_modulus)
+
+    def _add_products(self, probes: Any, image: Any, unit_modulus: bool) -> None:
         xp = self.xp
         self._accumulate(
             lambda a, b: (
@@ -232,27 +248,31 @@ class RatioSums:
 
     def estimate(self) -> tuple[Any, Any, int]:
         """``(value, stderr, number of probes)``; the stderr is ``None`` below two probes."""
+        value, stderr = backend.jit(self.xp, _ratio_estimate)(self.xp, self)
+        return value, stderr, self.count
+
+    def _estimate(self) -> tuple[Any, Any]:
         xp, k = self.xp, self.count
         if self.unit_modulus:
             delta = self.u / k
             value = self.shift + delta
             if k < 2:
-                return value, None, k
+                return value, None
             # sum |u - delta|^2 = sum |u|^2 - k |delta|^2
             square = self.uu - k * backend.abs2(xp, delta)
             square = xp.maximum(square, xp.zeros_like(square))
-            return value, xp.sqrt(square / ((k - 1) * k)), k
+            return value, xp.sqrt(square / ((k - 1) * k))
         delta = self.u / _cast_to(self.x, self.u.dtype, xp)
         value = self.shift + delta
         if k < 2:
-            return value, None, k
+            return value, None
         square = (
             self.uu
             - 2 * backend.real_part(xp, backend.conj(xp, delta) * self.xu)
             + backend.abs2(xp, delta) * self.xx
         )
         square = xp.maximum(square, xp.zeros_like(square))
-        return value, xp.sqrt(square / (k - 1)) * (math.sqrt(k) / self.x), k
+        return value, xp.sqrt(square / (k - 1)) * (math.sqrt(k) / self.x)
 
     def copy(self) -> RatioSums:
         """An independent copy (the sums are replaced, never changed in place, as blocks
@@ -275,6 +295,19 @@ def _unflatten_sums(aux: tuple[Any, ...], children: tuple[Any, ...]) -> RatioSum
 
 
 backend.register_pytree(RatioSums, _flatten_sums, _unflatten_sums)
+
+
+def _with_products(
+    xp: Any, unit_modulus: bool, sums: RatioSums, probes: Any, image: Any
+) -> RatioSums:
+    """``sums`` with one more block of probes and their image (a new object)."""
+    added = sums.copy()
+    added._add_products(probes, image, unit_modulus)
+    return added
+
+
+def _ratio_estimate(xp: Any, sums: RatioSums) -> tuple[Any, Any]:
+    return sums._estimate()
 
 
 def _running_sum(total: Any, part: Any) -> Any:

@@ -299,6 +299,37 @@ def test_jax_grad_and_vmap_through_an_estimate(jax_setup):
     np.testing.assert_allclose(numpy_of(values), [float(hutchinson(A)), 2 * float(hutchinson(A))])
 
 
+def test_jax_eager_estimate_of_a_callable_runs_its_algebra_compiled(jax_setup):
+    """An operator known only through a Python callable cannot join the compiled program,
+    so its estimate runs eagerly, where each JAX operation is a dispatch of its own (tens
+    of microseconds). The statistics, the column sums and the finiteness flag each run as
+    one compiled program there (compiled once for the shape), the key of an integer seed
+    is made once, and a concrete array is not wrapped in ``stop_gradient``."""
+    jax, jnp = jax_setup
+    from linop_trace import _stats
+    from linop_trace._backend import _compiled, _device, _linalg, _random
+
+    A = jnp.asarray(test_matrix("flat", SIZE, seed=0))
+    operator = lt.LinearOperator.from_callable(matmat=lambda X: A @ X, shape=A.shape, like=A)
+    first = lt.trace(operator, method="hutchinson", num_matvecs=BUDGET, seed=11)
+    helpers = [_stats._mean_and_stderr, _linalg._column_inner, _device._zero_sum_finite]
+    programs = [_compiled._JITTED[helper] for helper in helpers]
+    sizes = [program._cache_size() for program in programs]
+    assert min(sizes) >= 1
+    again = lt.trace(operator, method="hutchinson", num_matvecs=BUDGET, seed=11)
+    assert [program._cache_size() for program in programs] == sizes
+    assert float(again.value) == float(first.value)
+    assert float(again.stderr) == float(first.stderr)
+    # the same key object for the seed; one made inside a trace is not kept
+    assert _random._jax_key(11) is _random._jax_key(11)
+    kept = dict(_random._JAX_KEYS)
+    jax.jit(lambda x: x + jax.random.normal(_random._jax_key(2**40 + 3), ()))(1.0)
+    assert _random._JAX_KEYS == kept
+    # stop_gradient: the array itself when concrete, still a cut under differentiation
+    assert _device.stop_gradient(A) is A
+    assert float(jax.grad(lambda x: _device.stop_gradient(x) * x)(3.0)) == 3.0
+
+
 def test_jax_exact_trace_uses_full_precision_products(jax_setup):
     """The exact walk multiplies at full precision (TF32 is JAX's default on NVIDIA GPUs)."""
     jax, jnp = jax_setup

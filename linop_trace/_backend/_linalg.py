@@ -16,6 +16,7 @@ from typing import Any
 import array_api_compat
 import numpy as np
 
+from ._compiled import jit
 from ._dask import dask_column_inner, is_dask_array
 from ._device import stop_gradient
 
@@ -151,7 +152,14 @@ def column_inner(xp: Any, x: Any, y: Any) -> Any:
     (n, k) temporary where the library allows: NumPy's ``einsum`` (4x faster than
     ``sum(x * y, axis=0)`` at n = 10^5, k = 100), torch on the CPU in row chunks that stay
     in cache (6x faster than one product whose fresh pages are faulted in); JAX fuses the
-    product and the sum, and GPU allocators reuse their memory."""
+    product and the sum (eagerly, one compiled program), and GPU allocators reuse their
+    memory."""
+    if array_api_compat.is_jax_namespace(xp):
+        return jit(xp, _column_inner)(xp, x, y)
+    return _column_inner(xp, x, y)
+
+
+def _column_inner(xp: Any, x: Any, y: Any) -> Any:
     if xp.isdtype(x.dtype, "complex floating"):
         x = xp.conj(x)
     if array_api_compat.is_numpy_namespace(xp) and type(x) is np.ndarray:
