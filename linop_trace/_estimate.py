@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import array_api_compat
 import numpy as np
 
 from . import _backend as backend
@@ -248,18 +249,13 @@ class Estimate:
         linear in A for the built-in methods) divided; dof and the samples' shape are
         scale-free, and ``info["auto"]``'s predicted variances go by ``scale**2``."""
         xp = backend.array_namespace(scale)
-        inverses: dict[Any, Any] = {}  # 1 / scale in each real dtype met (exact: 2^e)
-
-        def down(x: Any) -> Any:
-            dtype = getattr(x, "dtype", None)  # arrays, and NumPy's 0-d results (scalars)
-            if dtype is not None and xp.isdtype(dtype, ("real floating", "complex floating")):
-                real = backend.real_dtype_for(xp, dtype)
-                if real not in inverses:
-                    inverses[real] = 1 / xp.astype(scale, real)
-                return x * inverses[real]
-            return x
-
-        info = {key: down(item) for key, item in self.info.items()}
+        info = dict(self.info)
+        floating = {key: item for key, item in info.items() if _scaled_with(xp, item)}
+        # one compiled program under JAX (eagerly, a dispatch per array otherwise)
+        value, stderr, scaled = backend.jit(xp, _divided)(
+            xp, scale, self._value, self._stderr, floating
+        )
+        info.update(scaled)
         if isinstance(info.get("auto"), dict):
             factor = backend.read_float(scale) if not backend.is_tracer(scale) else None
             info["auto"] = {
@@ -268,8 +264,8 @@ class Estimate:
             }
         return self._carrying(
             Estimate(
-                down(self._value),
-                None if self._stderr is None else down(self._stderr),
+                value,
+                stderr,
                 self.num_matvecs,
                 self.method,
                 self.converged,
@@ -541,3 +537,34 @@ def _whole_number(x: Any) -> int | None:
         return None
     value = float(backend.stop_gradient(x))
     return int(math.floor(value)) if math.isfinite(value) else None
+
+
+def _scaled_with(xp: Any, x: Any) -> bool:
+    """Whether ``x``, an item of an estimate's ``info``, is a floating array (or NumPy's 0-d
+    result) of the library ``xp`` that :meth:`Estimate.divided_by` divides."""
+    dtype = getattr(x, "dtype", None)
+    if dtype is None or not hasattr(x, "shape"):
+        return False
+    if backend.compiles_estimates(xp) and not array_api_compat.is_jax_array(x):
+        return False  # (a NumPy number in a JAX estimate's info stays as it is)
+    return bool(xp.isdtype(dtype, ("real floating", "complex floating")))
+
+
+def _divided(
+    xp: Any, scale: Any, value: Any, stderr: Any, floating: dict[str, Any]
+) -> tuple[Any, Any, dict[str, Any]]:
+    """``value``, ``stderr`` (or ``None``) and the arrays of ``floating`` over ``scale`` (a
+    power of two: multiplied by its inverse, computed once per real dtype, exactly)."""
+    inverses: dict[Any, Any] = {}
+
+    def down(x: Any) -> Any:
+        real = backend.real_dtype_for(xp, x.dtype)
+        if real not in inverses:
+            inverses[real] = 1 / xp.astype(scale, real)
+        return x * inverses[real]
+
+    return (
+        down(value),
+        None if stderr is None else down(stderr),
+        {key: down(item) for key, item in floating.items()},
+    )
