@@ -24,7 +24,13 @@ __all__ = ["DeferredCheck", "Estimate", "edgeworth_quantile", "shape_statistics"
 def shape_statistics(samples: Any, xp: Any) -> tuple[Any, Any]:
     """Unbiased sample skewness G1 and excess kurtosis G2 along the first axis, as arrays
     (NaN where the samples have no spread); ``(None, None)`` for complex samples or fewer
-    than 4. From a stop-gradient copy: the shape only steers the interval."""
+    than 4. From a stop-gradient copy: the shape only steers the interval. Under JAX one
+    compiled program (eagerly, its twenty operations would each be a dispatch, and each
+    compile anew for every sample count of an adaptive run)."""
+    return backend.jit(xp, _shape_statistics)(xp, samples)  # type: ignore[no-any-return]
+
+
+def _shape_statistics(xp: Any, samples: Any) -> tuple[Any, Any]:
     m = int(samples.shape[0])
     if m < 4 or backend.is_complex_dtype(xp, samples.dtype):
         return None, None

@@ -175,11 +175,14 @@ class RatioSums:
         row chunk by row chunk on a CPU (no (n, k) temporary beyond the two blocks). Under
         JAX one compiled program (eagerly, a dozen operations would each be a dispatch)."""
         xp = self.xp
-        if backend.compiles_estimates(xp):
-            added = backend.jit(xp, _with_products, num_static=2)(
-                xp, unit_modulus, self, probes, image
-            )
-            self.__dict__.update(added.__dict__)
+        if backend.compiles_estimates(xp):  # (the count is not the program's: no recompile)
+            first = self.count == 0
+            self.shift, self.u, self.uu, self.x, self.xx, self.xu = backend.jit(
+                xp, _with_products, num_static=3
+            )(xp, unit_modulus, first, self._arrays(), probes, image)
+            if first:
+                self.unit_modulus = unit_modulus
+            self.count += int(probes.shape[1])
             return
         self._add_products(probes, image, unit_modulus)
 
@@ -274,6 +277,9 @@ class RatioSums:
         square = xp.maximum(square, xp.zeros_like(square))
         return value, xp.sqrt(square / (k - 1)) * (math.sqrt(k) / self.x)
 
+    def _arrays(self) -> tuple[Any, ...]:
+        return (self.shift, self.u, self.uu, self.x, self.xx, self.xu)
+
     def copy(self) -> RatioSums:
         """An independent copy (the sums are replaced, never changed in place, as blocks
         are added: the arrays are shared)."""
@@ -298,12 +304,15 @@ backend.register_pytree(RatioSums, _flatten_sums, _unflatten_sums)
 
 
 def _with_products(
-    xp: Any, unit_modulus: bool, sums: RatioSums, probes: Any, image: Any
-) -> RatioSums:
-    """``sums`` with one more block of probes and their image (a new object)."""
-    added = sums.copy()
-    added._add_products(probes, image, unit_modulus)
-    return added
+    xp: Any, unit_modulus: bool, first: bool, arrays: tuple[Any, ...], probes: Any, image: Any
+) -> tuple[Any, ...]:
+    """The sums' arrays with one more block of probes and their image added."""
+    sums = RatioSums(xp)
+    sums.shift, sums.u, sums.uu, sums.x, sums.xx, sums.xu = arrays
+    sums.count = 0 if first else 1  # (only whether it is the first block matters here)
+    sums.unit_modulus = unit_modulus
+    sums._add_products(probes, image, unit_modulus)
+    return sums._arrays()
 
 
 def _ratio_estimate(xp: Any, sums: RatioSums) -> tuple[Any, Any]:

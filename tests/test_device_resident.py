@@ -330,6 +330,37 @@ def test_jax_eager_estimate_of_a_callable_runs_its_algebra_compiled(jax_setup):
     assert float(jax.grad(lambda x: _device.stop_gradient(x) * x)(3.0)) == 3.0
 
 
+def test_jax_eager_adaptive_estimate_compiles_its_draw_once(jax_setup):
+    """An adaptive estimate doubles its block every round. Eagerly, the blocks wider than
+    twice the first are drawn in chunks of the first width (the same columns as one draw:
+    column j's key is fold_in(key, j)), so the threefry program, 0.3 - 1 s to compile on a
+    CPU, compiles for the first width (twice: from a bare key, then from the stream's
+    state) and at most one narrower rest, not once a round (six programs before)."""
+    jax, jnp = jax_setup
+    from linop_trace._backend import _random
+
+    xp = lt.aslinearoperator(jnp.ones((2, 2))).xp
+    chunked = _random.make_random_source(xp, None, 7)
+    whole = _random.make_random_source(xp, None, 7)
+    for draw in ("rademacher", "standard_normal"):
+        first = getattr(chunked, draw)((70, 3), jnp.float64)
+        wide = getattr(chunked, draw)((70, 11), jnp.float64)  # chunks 3, 3, 3, 2
+        same = getattr(whole, draw)((70, 14), jnp.float64)
+        assert bool(jnp.all(jnp.concatenate([first, wide], axis=1) == same))
+        chunked, whole = chunked.snapshot(), whole.snapshot()
+
+    n = 93  # a size no other test draws at: the program's cache entries are this test's
+    A = jnp.asarray(test_matrix("flat", n, seed=2))
+    operator = lt.LinearOperator.from_callable(matmat=lambda X: A @ X, shape=A.shape, like=A)
+    program = _random._jax_programs()["rademacher"]
+    before = program._cache_size()
+    estimate = lt.trace(
+        operator, method="hutchinson", num_matvecs=4, rtol=1e-3, max_matvecs=90, seed=1
+    )
+    assert estimate.num_matvecs == 90  # rounds of 4, 4, 8, 16, 32 and the last 26 columns
+    assert program._cache_size() - before <= 3
+
+
 def test_jax_exact_trace_uses_full_precision_products(jax_setup):
     """The exact walk multiplies at full precision (TF32 is JAX's default on NVIDIA GPUs)."""
     jax, jnp = jax_setup

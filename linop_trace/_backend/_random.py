@@ -58,6 +58,8 @@ class RandomSource:
         self._state = state
         #: Columns drawn from the stream so far.
         self.columns = columns
+        #: JAX: the width of the first draw, in whose chunks wider blocks are drawn.
+        self._unit: int | None = None
 
     @property
     def column_streams(self) -> bool:
@@ -89,8 +91,7 @@ class RandomSource:
             drawn = torch.randn((k, padded), generator=state, dtype=narrow, device=self.device)
             return _transposed(drawn[:, :n], dtype)
         if kind == "jax":
-            self._state, values = _jax_programs()["normal"](self._state, tuple(shape), dtype)
-            return values
+            return self._jax_draw("normal", shape, dtype)
         if kind == "cupy":
             return state.standard_normal(shape, dtype=dtype)
         return self._from_numpy(state.standard_normal((k, n)).T, dtype)
@@ -120,8 +121,7 @@ class RandomSource:
             signs = bits.to(torch.int8).mul_(2).sub_(1)  # +-1 in the bytes, then one copy
             return _transposed(signs, dtype)
         if kind == "jax":
-            self._state, values = _jax_programs()["rademacher"](self._state, tuple(shape), dtype)
-            return values
+            return self._jax_draw("rademacher", shape, dtype)
         if kind == "cupy":
             return (2 * state.integers(0, 2, size=shape) - 1).astype(dtype)
         # One random bit per entry from whole 64-bit words per column: about 8x faster
@@ -149,11 +149,31 @@ class RandomSource:
             drawn = torch.rand((k, n), generator=state, dtype=dtype, device=self.device)
             return _transposed(drawn, dtype)
         if kind == "jax":
-            self._state, values = _jax_programs()["uniform"](self._state, tuple(shape), dtype)
-            return values
+            return self._jax_draw("uniform", shape, dtype)
         if kind == "cupy":
             return state.random(shape, dtype=dtype)
         return self._from_numpy(state.random((k, n)).T, dtype)
+
+    def _jax_draw(self, name: str, shape: tuple[int, int], dtype: Any) -> Any:
+        """A JAX block from the compiled draw ``name``. Eagerly, a block at least twice as
+        wide as this source's first draw comes in chunks of that first width (and a
+        narrower rest), the same columns as one draw (column j's key is ``fold_in(key,
+        j)``): each width is a program of its own, whose threefry takes 0.3 - 1 s to
+        compile on a CPU, and an adaptive estimate doubles its block every round."""
+        program = _jax_programs()[name]
+        n, k = shape
+        unit = self._unit
+        key = self._state[0] if isinstance(self._state, tuple) else self._state
+        if unit is None or k < 2 * unit or is_tracer(key):
+            if unit is None:
+                self._unit = k
+            self._state, values = program(self._state, (n, k), dtype)
+            return values
+        pieces = []
+        for start in range(0, k, unit):
+            self._state, piece = program(self._state, (n, min(unit, k - start)), dtype)
+            pieces.append(piece)
+        return self.xp.concat(pieces, axis=1)
 
     def snapshot(self) -> RandomSource:
         """An independent copy that draws what this source would draw next."""
