@@ -184,3 +184,73 @@ class TimeJaxFloor:
 
     def time_floor(self, matrices: dict[int, np.ndarray], n: int) -> None:
         self.product(self.A, self.Z).block_until_ready()
+
+
+#: What a fresh process runs for :class:`TrackJaxAdaptiveCompiles`: the first adaptive
+#: estimate on a 300 x 300 operator known by a callable, counting XLA's backend compiles
+#: and their seconds (JAX's monitoring events), then printing them as JSON.
+_ADAPTIVE_FIRST_CALL = """
+import json, sys
+import jax
+import jax.monitoring
+import numpy as np
+jax.config.update("jax_enable_x64", True)
+import linop_trace
+from linop_trace._testing import test_matrix
+compiles = []
+def listen(event, seconds, **kwargs):
+    if event == "/jax/core/compile/backend_compile_duration":
+        compiles.append(seconds)
+jax.monitoring.register_event_duration_secs_listener(listen)
+A = jax.numpy.asarray(test_matrix("flat", 300, seed=0))
+operator = linop_trace.LinearOperator.from_callable(matmat=lambda X: A @ X, shape=A.shape, like=A)
+function = getattr(linop_trace, sys.argv[1])
+rtol = {"trace": 2e-3, "diagonal": 5e-2}[sys.argv[1]]
+function(operator, method="hutchinson", num_matvecs=10, rtol=rtol, max_matvecs=5000, seed=0).value
+print(json.dumps({"compiles": len(compiles), "seconds": sum(compiles)}))
+"""
+
+
+class TrackJaxAdaptiveCompiles:
+    """An adaptive estimate under JAX (``rtol=``) cannot be one compiled program: it reads
+    its stopping rule on the host every round, and its block doubles every round. Every
+    new block width and sample count compiles its programs anew, and a program with a
+    threefry draw takes 0.3 - 1 s to compile on a CPU, so the first call is dominated by
+    compilation (9 - 10 s for the trace before the draws came in chunks of the first
+    width). Measured in a fresh process (one per sample): the number of XLA backend
+    compiles of the first ``trace``/``diagonal(..., method="hutchinson", rtol=...)`` on a
+    300 x 300 operator known by a callable, and the seconds they took."""
+
+    params = (["trace", "diagonal"],)
+    param_names = ["quantity"]
+    timeout = 300
+    number = 1
+    repeat = 1
+
+    def setup(self, quantity: str) -> None:
+        import json
+        import os
+        import subprocess
+        import sys
+
+        env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
+        env["XLA_FLAGS"] = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+        done = subprocess.run(
+            [sys.executable, "-c", _ADAPTIVE_FIRST_CALL, quantity],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=280,
+        )
+        self.result = json.loads(done.stdout.strip().splitlines()[-1])
+
+    def track_compiles(self, quantity: str) -> int:
+        return int(self.result["compiles"])
+
+    track_compiles.unit = "XLA compiles in the first call"  # type: ignore[attr-defined]
+
+    def track_compile_seconds(self, quantity: str) -> float:
+        return float(self.result["seconds"])
+
+    track_compile_seconds.unit = "seconds compiling in the first call"  # type: ignore[attr-defined]
