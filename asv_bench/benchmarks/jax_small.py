@@ -228,11 +228,14 @@ class TrackJaxAdaptiveCompiles:
     repeat = 1
 
     def setup(self, quantity: str) -> None:
+        import importlib.util
         import json
         import os
         import subprocess
         import sys
 
+        if importlib.util.find_spec("jax") is None:
+            raise NotImplementedError("jax is not installed")
         env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
         env["XLA_FLAGS"] = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
         done = subprocess.run(
