@@ -156,3 +156,25 @@ def test_callable_operator_over_a_sharded_matrix(mesh_setup):
     reference = lt.trace(operator(plain), method="hutchinson", num_matvecs=BUDGET, seed=key)
     sharded = lt.trace(operator(rows), method="hutchinson", num_matvecs=BUDGET, seed=key)
     _assert_close(sharded.value, reference.value)
+
+
+@needs_mesh
+@pytest.mark.parametrize("quantity", ["trace", "diagonal"])
+def test_adaptive_estimate_over_a_sharded_matrix(mesh_setup, quantity):
+    """An adaptive estimate runs eagerly, its later blocks drawn in chunks of the first
+    width and joined: on the operator's mesh, the same estimate as unsharded."""
+    _, plain, rows = mesh_setup
+    function = getattr(lt, quantity)
+
+    def estimate(matrix):
+        operator = lt.LinearOperator.from_callable(
+            matmat=lambda X: matrix @ X, shape=matrix.shape, like=matrix
+        )
+        return function(
+            operator, method="hutchinson", num_matvecs=4, rtol=1e-4, max_matvecs=40, seed=5
+        )
+
+    reference, sharded = estimate(plain), estimate(rows)
+    assert sharded.num_matvecs == reference.num_matvecs == 40  # blocks of 4, 4, 8, 16, 8
+    _assert_close(sharded.value, reference.value)
+    _assert_close(sharded.stderr, reference.stderr)
