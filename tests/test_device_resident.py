@@ -330,6 +330,38 @@ def test_jax_eager_estimate_of_a_callable_runs_its_algebra_compiled(jax_setup):
     assert float(jax.grad(lambda x: _device.stop_gradient(x) * x)(3.0)) == 3.0
 
 
+def test_jax_array_passed_again_reuses_its_operator_without_holding_it(jax_setup):
+    """``trace(A)`` on the same JAX array again takes the operator's attributes made the
+    first time (JAX arrays are immutable; making them costs 20 us a call), and the array
+    is held by weak reference only: once the caller drops it, nothing keeps it."""
+    import gc
+    import weakref
+
+    jax, jnp = jax_setup
+    from linop_trace import _operators
+
+    A = jnp.asarray(test_matrix("flat", SIZE, seed=0))
+    first = lt.aslinearoperator(A)
+    again = lt.aslinearoperator(A)
+    assert again is not first and again.matrix is A
+    assert again._static_part is first._static_part  # made once, for the array
+    assert vars(again).keys() == vars(first).keys()
+    other = jnp.asarray(test_matrix("flat", SIZE, seed=1))
+    assert lt.aslinearoperator(other)._static_part is not first._static_part
+    estimate = lt.trace(other, method="hutchinson", num_matvecs=BUDGET, seed=0)
+    reference = lt.trace(
+        lt.aslinearoperator(other), method="hutchinson", num_matvecs=BUDGET, seed=0
+    )
+    assert float(estimate.value) == float(reference.value)
+    tagged = lt.aslinearoperator(other, tags=("symmetric",))
+    assert "symmetric" in tagged.tags and not lt.aslinearoperator(other).tags
+    dropped = weakref.ref(other)
+    del other, estimate, reference, tagged
+    gc.collect()
+    assert dropped() is None
+    assert _operators._LAST_JAX_DENSE[0]() is None
+
+
 def test_jax_eager_adaptive_estimate_compiles_its_draw_once(jax_setup):
     """An adaptive estimate doubles its block every round. Eagerly, the blocks wider than
     twice the first are drawn in chunks of the first width (the same columns as one draw:
