@@ -13,7 +13,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import array_api_compat
 import numpy as np
 
 from . import _backend as backend
@@ -551,7 +550,7 @@ def _scaled_with(xp: Any, x: Any) -> bool:
     dtype = getattr(x, "dtype", None)
     if dtype is None or not hasattr(x, "shape"):
         return False
-    if backend.compiles_estimates(xp) and not array_api_compat.is_jax_array(x):
+    if backend.compiles_estimates(xp) and not backend.is_jax_array(x):
         return False  # (a NumPy number in a JAX estimate's info stays as it is)
     return bool(xp.isdtype(dtype, ("real floating", "complex floating")))
 

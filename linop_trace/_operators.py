@@ -13,7 +13,6 @@ import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
-import array_api_compat
 import numpy as np
 
 from . import _backend as backend
@@ -1169,7 +1168,7 @@ def _remember_jax_dense(operator: _DenseOperator) -> None:
     import weakref
 
     matrix = operator.matrix
-    if not array_api_compat.is_jax_array(matrix) or backend.is_tracer(matrix):
+    if not backend.is_jax_array(matrix) or backend.is_tracer(matrix):
         return
     _flatten_operator(operator)  # its static part, made once and shared
     skip = {"matrix", *operator._cache_fields}

@@ -83,6 +83,7 @@ from ._identity import (  # noqa: F401
     describe,
     device_of,
     dtype_name,
+    is_jax_array,
     is_numpy_namespace,
     is_scipy_linear_operator,
     is_sparse,
@@ -140,6 +141,7 @@ from ._transfer import (  # noqa: F401
 )
 
 __all__ = [
+    "is_jax_array",
     "is_numpy_namespace",
     "is_scipy_linear_operator",
     "numpy_namespace",

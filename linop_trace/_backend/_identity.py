@@ -217,6 +217,12 @@ def numpy_namespace() -> Any:
     return np_compat
 
 
+def is_jax_array(x: Any) -> bool:
+    """Whether ``x`` is a JAX array, a tracer under a JAX transformation included. Concrete
+    JAX arrays are immutable: what is derived from one stays valid while it lives."""
+    return array_api_compat.is_jax_array(x)
+
+
 def is_numpy_namespace(xp: Any) -> bool:
     """Whether ``xp`` is NumPy's namespace (array-api-compat's or NumPy itself)."""
     return array_api_compat.is_numpy_namespace(xp)
