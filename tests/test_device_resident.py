@@ -281,6 +281,30 @@ def test_jax_one_compiled_program_per_shape(jax_setup):
     assert program._cache_size() == before
 
 
+def test_jax_integer_seed_is_passed_as_its_kept_key(jax_setup):
+    """An integer seed reaches the compiled estimate as ``jax.random.key(seed)``, made once
+    per seed (a NumPy integer argument takes JAX's slower Python dispatch): the same key
+    object on every call, the estimate that key gives bit for bit, and one program."""
+    jax, jnp = jax_setup
+    from linop_trace import _backend, _functions
+
+    A = jnp.asarray(test_matrix("flat", SIZE, seed=3))
+    argument, is_key = _backend.jax_seed(7)
+    assert is_key
+    assert _backend.jax_seed(7)[0] is argument
+    assert np.array_equal(jax.random.key_data(argument), jax.random.key_data(jax.random.key(7)))
+    by_int = lt.trace(A, method="xtrace", num_matvecs=BUDGET, seed=7)
+    program = _backend.compiled(_functions._compiled_run, num_static=4)
+    size = program._cache_size()
+    by_key = lt.trace(A, method="xtrace", num_matvecs=BUDGET, seed=jax.random.key(7))
+    assert float(by_int.value) == float(by_key.value)
+    assert float(by_int.stderr) == float(by_key.stderr)
+    assert program._cache_size() == size  # the key path: the same program
+    assert float(lt.trace(A, method="xtrace", num_matvecs=BUDGET, seed=8).value) != float(
+        by_int.value
+    )
+
+
 def test_jax_grad_and_vmap_through_an_estimate(jax_setup):
     jax, jnp = jax_setup
     A = jnp.asarray(test_matrix("flat", SIZE, seed=1))
@@ -450,6 +474,38 @@ def test_settings_are_reused_for_arrays_of_one_structure(backend, monkeypatch):
     if backend.float64_supported:
         lt.trace(backend.asarray(np.eye(31), dtype=np.float32), method="hutchinson", seed=0)
         assert made == [(30, 30), (31, 31), (31, 31)]
+
+
+def test_expression_walk_is_skipped_for_a_known_plan(backend, monkeypatch):
+    """The same operator with the same call again skips walking its expression (its plan,
+    no exact terms to split off, is known), a fresh operator walks its own, and an
+    expression with exact terms is split on every call (their values are read anew)."""
+    from linop_trace import _functions
+
+    walks = []
+    original = _functions.decompose_expression
+    monkeypatch.setattr(
+        _functions, "decompose_expression", lambda op: walks.append(op) or original(op)
+    )
+    monkeypatch.setattr(_functions, "_RECENT_SETTINGS", [])
+    d = np.arange(1.0, 31.0)
+    implicit = lt.LinearOperator.from_callable(
+        matmat=lambda X: backend.asarray(np.diag(d)) @ X,
+        shape=(30, 30),
+        like=backend.asarray(np.zeros(1)),
+    )
+    for _ in range(3):  # Rademacher probes are exact on a diagonal matrix
+        estimate = lt.trace(implicit, method="hutchinson", num_matvecs=10, seed=0)
+        assert float(numpy_of(estimate.value)) == pytest.approx(d.sum(), rel=1e-12)
+    assert walks == [implicit]
+    lt.trace(implicit, method="hutchinson", num_matvecs=12, seed=0)  # another call
+    assert len(walks) == 2
+    shifted = implicit + 2.0 * lt.identity(30, like=backend.asarray(np.zeros(1)))
+    for _ in range(2):
+        estimate = lt.trace(shifted, method="hutchinson", num_matvecs=10, seed=0)
+        assert float(numpy_of(estimate.value)) == pytest.approx(d.sum() + 60.0, rel=1e-12)
+        assert "exact_terms" in estimate.info
+    assert walks[2:] == [shifted, shifted]
 
 
 # ------------------------------------------------------- every method, every backend
