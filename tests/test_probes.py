@@ -106,3 +106,25 @@ def test_same_seed_same_probes_in_float32_and_float64(backend, probe):
 def test_steinhaus_needs_complex_operator():
     with pytest.raises(ValueError, match="need a complex operator"):
         lt.steinhaus(np.eye(3), 2)
+
+
+@pytest.mark.parametrize("shape", [(200, 20), (1001, 7), (5, 3)])
+def test_torch_small_rademacher_blocks_are_the_unpacked_bytes(shape, monkeypatch):
+    """On torch's CPU a small Rademacher block looks its random bytes up in a table of
+    signs, a large one unpacks them with shifts and masks: the same signs, bit for bit,
+    so the block's columns do not depend on which way it was drawn."""
+    torch = pytest.importorskip("torch")
+    from linop_trace import _backend
+    from linop_trace._backend import _random
+
+    def draw() -> np.ndarray:
+        source = _backend.make_random_source(torch, torch.device("cpu"), 3)
+        block = source.rademacher(shape, torch.float64)
+        assert block.is_contiguous() and tuple(block.shape) == shape
+        return block.numpy()
+
+    looked_up = draw()
+    monkeypatch.setattr(_random, "SIGN_TABLE_ENTRIES", 0)
+    unpacked = draw()
+    assert np.array_equal(looked_up, unpacked)
+    assert set(np.unique(looked_up)) == {-1.0, 1.0}
