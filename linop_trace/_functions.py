@@ -229,8 +229,8 @@ def _estimate(
     estimator = get_estimator(method, quantity)
     split = decompose and not isinstance(estimator, Exact)
     # the same operator (or a dense array of one structure) with the same call again:
-    # its plan is known (an estimate at n = 512 under JAX spent 40 us, a sixth of its
-    # product, walking the expression and validating the options)
+    # its plan is known (walking the expression took 12 us of an estimate at n = 512
+    # under JAX, 5% of its product, and validating the options more)
     key = _settings_key(operator, estimator, quantity, split, options)
     settings = _recalled_settings(key, operator)
     if settings is None:
