@@ -456,7 +456,7 @@ def test_settings_are_reused_for_arrays_of_one_structure(backend, monkeypatch):
     """A call on a fresh dense array (a new operator) reuses the settings of an earlier
     one of the same type, shape, dtype and device (they depend on nothing else), and a
     different dtype or shape gets its own: ``_settings`` counted, estimates exact."""
-    from linop_trace import _functions
+    from linop_trace import _backend, _functions
 
     made = []
     original = _functions._settings
@@ -464,6 +464,9 @@ def test_settings_are_reused_for_arrays_of_one_structure(backend, monkeypatch):
         _functions, "_settings", lambda *a, **k: made.append(a[0].shape) or original(*a, **k)
     )
     monkeypatch.setattr(_functions, "_RECENT_SETTINGS", [])
+    # the free memory is part of the key (re-read once a second on the host): held fixed,
+    # so that a first call that compiles for seconds does not see another figure
+    monkeypatch.setattr(_backend, "free_memory", lambda xp, device: 10**12)
     diagonals = [np.arange(1.0, 31.0) * scale for scale in (1.0, 2.0)]
     for d in diagonals:  # Rademacher probes are exact on a diagonal matrix
         estimate = lt.trace(backend.asarray(np.diag(d)), method="hutchinson", seed=0)
@@ -480,7 +483,7 @@ def test_expression_walk_is_skipped_for_a_known_plan(backend, monkeypatch):
     """The same operator with the same call again skips walking its expression (its plan,
     no exact terms to split off, is known), a fresh operator walks its own, and an
     expression with exact terms is split on every call (their values are read anew)."""
-    from linop_trace import _functions
+    from linop_trace import _backend, _functions
 
     walks = []
     original = _functions.decompose_expression
@@ -488,6 +491,7 @@ def test_expression_walk_is_skipped_for_a_known_plan(backend, monkeypatch):
         _functions, "decompose_expression", lambda op: walks.append(op) or original(op)
     )
     monkeypatch.setattr(_functions, "_RECENT_SETTINGS", [])
+    monkeypatch.setattr(_backend, "free_memory", lambda xp, device: 10**12)  # (as above)
     d = np.arange(1.0, 31.0)
     implicit = lt.LinearOperator.from_callable(
         matmat=lambda X: backend.asarray(np.diag(d)) @ X,
