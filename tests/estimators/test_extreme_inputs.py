@@ -108,6 +108,7 @@ def test_xnystrace_on_a_sketch_that_would_overflow_is_computed_at_unit_scale():
         (2.0**257 * 1.5, 2.0**-257),  # 2^e <= max < 2^(e + 1): max * scale in [1, 2)
         (1e200, 2.0**-664),
         (1e-200, 2.0**665),
+        (2.0**300 * (1 - 2.0**-52), 2.0**-299),  # just below a power of two: exact
         (math.nan, 1.0),  # not finite: the product fails its own check
     ],
 )
