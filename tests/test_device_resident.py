@@ -352,6 +352,20 @@ def test_jax_eager_estimate_of_a_callable_runs_its_algebra_compiled(jax_setup):
     # stop_gradient: the array itself when concrete, still a cut under differentiation
     assert _device.stop_gradient(A) is A
     assert float(jax.grad(lambda x: _device.stop_gradient(x) * x)(3.0)) == 3.0
+    # the same for the optimization barrier: none dispatched eagerly, one when traced
+    assert _linalg.materialized(operator.xp, A) is A
+    traced = jax.make_jaxpr(lambda x: _linalg.materialized(operator.xp, x))(A)
+    assert "optimization_barrier" in str(traced)
+    # a draw returns its column count, not its key (a key among a program's outputs costs
+    # JAX's dispatch about 20 us a call): the key stays with the source on the host
+    drawn, block = _random._jax_programs()["rademacher"](
+        _random._jax_key(11), None, (7, 3), A.dtype
+    )
+    assert int(drawn) == 3 and block.shape == (7, 3)
+    source = _random.make_random_source(operator.xp, None, 11)
+    source.rademacher((7, 3), A.dtype)
+    key, count = source._state
+    assert key is _random._jax_key(11) and int(count) == 3
 
 
 def test_jax_array_passed_again_reuses_its_operator_without_holding_it(jax_setup):

@@ -18,7 +18,7 @@ import numpy as np
 
 from ._compiled import jit
 from ._dask import dask_column_inner, is_dask_array
-from ._device import stop_gradient
+from ._device import is_tracer, stop_gradient
 
 __all__ = [
     "ONE_THREAD_MIN_WORK",
@@ -272,14 +272,16 @@ def solve(xp: Any, matrix: Any, rhs: Any) -> Any:
 
 def materialized(xp: Any, x: Any) -> Any:
     """``x`` computed as it stands, not folded into its neighbours by XLA
-    (``optimization_barrier``: differentiable and batchable); the identity elsewhere.
+    (``optimization_barrier``: differentiable and batchable) when it is being traced; the
+    identity elsewhere (an eager barrier is a dispatch of its own: 10 us, and nothing to
+    fold into).
 
     Two rewrites of XLA's CPU compiler cost more than they save here: a transpose folded
     into a matrix product makes it a transposed-operand product, which runs at half speed
     (A^H X as (X^H A)^H: 1.9x A @ X at n = 512); and a sum of column sums rewritten as a
     sum over the whole block gives that block a second reader, which stops the product
     from fusing with its column sums (Hutchinson at n = 4000: 1.3x the product)."""
-    if not array_api_compat.is_jax_namespace(xp):
+    if not array_api_compat.is_jax_namespace(xp) or not is_tracer(x):
         return x
     import jax
 
