@@ -1,0 +1,92 @@
+"""The estimators' shared linear algebra: the thin QR of a sketch on every backend, by
+Householder QR below the size where Cholesky QR twice pays, by Cholesky QR twice above it
+(with Householder QR where the block is ill conditioned)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import numpy_of
+
+from linop_trace import _backend as backend_module
+from linop_trace.estimators import _linalg
+
+#: A block just above the Cholesky QR threshold (1100 * 32^2 >= 2^20) and one below it.
+LARGE = (1100, 32)
+SMALL = (512, 10)
+
+
+def _block(shape, condition):
+    """An (n, k) block with singular values from 1 down to 1 / condition."""
+    rng = np.random.default_rng(shape[0] + shape[1])
+    left, _ = np.linalg.qr(rng.standard_normal(shape))
+    right, _ = np.linalg.qr(rng.standard_normal((shape[1], shape[1])))
+    return (left * np.geomspace(1.0, 1.0 / condition, shape[1])) @ right
+
+
+def _check_factors(block, basis, triangular, tolerance):
+    k = block.shape[1]
+    assert basis.shape == block.shape and triangular.shape == (k, k)
+    np.testing.assert_allclose(basis.T @ basis, np.eye(k), atol=tolerance)
+    np.testing.assert_allclose(np.tril(triangular, -1), 0, atol=tolerance)
+    np.testing.assert_allclose(basis @ triangular, block, atol=tolerance * np.abs(block).max())
+
+
+@pytest.mark.parametrize("shape", [SMALL, LARGE])
+@pytest.mark.parametrize("condition", [10.0, 1e12])
+def test_orthonormal_factors_every_backend(dense_backend, shape, condition):
+    """Q orthonormal, R upper triangular, QR the block: well and ill conditioned (where
+    the first Cholesky pass is off by more than 0.1 and Householder QR takes over)."""
+    block = _block(shape, condition)
+    basis, triangular = _linalg.orthonormal_factors(dense_backend.asarray(block), dense_backend.xp)
+    _check_factors(block, numpy_of(basis), numpy_of(triangular), 1e-12)
+
+
+def test_orthonormal_factors_compiled_under_jax():
+    """The same factors inside ``jax.jit`` (the choice above the threshold made on the
+    device with ``lax.cond``), for both sizes and both conditions."""
+    jax = pytest.importorskip("jax", reason="jax is not installed")
+    jax.config.update("jax_enable_x64", True)
+    import jax.numpy as jnp
+
+    from linop_trace._backend import array_namespace
+
+    xp = array_namespace(jnp.ones(2))
+    for shape in (SMALL, LARGE):
+        for condition in (10.0, 1e12):
+            block = _block(shape, condition)
+            basis, triangular = jax.jit(lambda b: _linalg.orthonormal_factors(b, xp))(
+                jnp.asarray(block)
+            )
+            _check_factors(block, np.asarray(basis), np.asarray(triangular), 1e-12)
+
+
+@pytest.mark.parametrize(
+    ("shape", "condition", "householder"),
+    [(SMALL, 10.0, True), (LARGE, 10.0, False), (LARGE, 1e12, True)],
+)
+def test_householder_below_the_threshold_and_for_ill_conditioned_blocks(
+    monkeypatch, shape, condition, householder
+):
+    """NumPy decides on the host: Householder QR for a block below
+    ``CHOLESKY_QR_MIN_WORK`` multiply-adds (without a Cholesky pass) and for an ill
+    conditioned one above it, Cholesky QR twice for a well conditioned one above it."""
+    import array_api_compat.numpy as xp
+
+    calls = {"householder": 0, "cholesky": 0}
+    thin_qr, cholesky_qr2 = backend_module.thin_qr, _linalg._cholesky_qr2
+
+    def counted_qr(*args):
+        calls["householder"] += 1
+        return thin_qr(*args)
+
+    def counted_cholesky(*args):
+        calls["cholesky"] += 1
+        return cholesky_qr2(*args)
+
+    monkeypatch.setattr(backend_module, "thin_qr", counted_qr)
+    monkeypatch.setattr(_linalg, "_cholesky_qr2", counted_cholesky)
+    assert (shape[0] * shape[1] ** 2 >= _linalg.CHOLESKY_QR_MIN_WORK) == (shape == LARGE)
+    _linalg.orthonormal_factors(_block(shape, condition), xp)
+    assert calls["householder"] == int(householder)
+    assert calls["cholesky"] == int(shape == LARGE)
