@@ -323,6 +323,36 @@ def test_jax_grad_and_vmap_through_an_estimate(jax_setup):
     np.testing.assert_allclose(numpy_of(values), [float(hutchinson(A)), 2 * float(hutchinson(A))])
 
 
+def test_jax_fresh_entropy_comes_from_a_pool_of_split_keys(jax_setup):
+    """``seed=None`` takes a key no earlier call got from a pool split off one key of the
+    operating system's entropy (making a key eagerly took 35 us a call, and a NumPy
+    integer seed 30 us of JAX's Python dispatch): one key per estimate, compiled or
+    eager, different estimates; a pool refilled inside a trace is not kept."""
+    jax, jnp = jax_setup
+    from linop_trace._backend import _random
+
+    A = jnp.asarray(test_matrix("flat", SIZE, seed=0))
+    stored = lt.aslinearoperator(A)
+    known_by_callable = lt.LinearOperator.from_callable(
+        matmat=lambda X: A @ X, shape=A.shape, like=A
+    )
+    _random._FRESH_KEYS.clear()
+    _random._fresh_jax_key()  # a new pool: FRESH_KEY_BATCH - 1 keys left
+    (pool,) = _random._FRESH_KEYS.values()
+    assert len(pool) == _random.FRESH_KEY_BATCH - 1
+    for operator in (stored, known_by_callable):
+        before = len(pool)
+        first = lt.trace(operator, method="hutchinson", num_matvecs=BUDGET)
+        second = lt.trace(operator, method="hutchinson", num_matvecs=BUDGET)
+        assert len(pool) == before - 2
+        assert float(first.value) != float(second.value)
+    keys = [jax.random.key_data(_random._fresh_jax_key()) for _ in range(3)]
+    assert len({tuple(int(word) for word in key) for key in keys}) == 3
+    _random._FRESH_KEYS.clear()
+    jax.jit(lambda x: x + jax.random.normal(_random._fresh_jax_key(), ()))(1.0)
+    assert not _random._FRESH_KEYS  # split inside the trace: tracers, not kept
+
+
 def test_jax_eager_estimate_of_a_callable_runs_its_algebra_compiled(jax_setup):
     """An operator known only through a Python callable cannot join the compiled program,
     so its estimate runs eagerly, where each JAX operation is a dispatch of its own (tens
