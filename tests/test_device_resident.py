@@ -608,3 +608,22 @@ def test_every_method_on_every_backend(backend, case):
     low, high = estimate.ci(1 - 1e-6)
     slack = 1e-9 * np.max(np.abs(truth))
     assert np.all(numpy_of(low) - slack <= truth) and np.all(truth <= numpy_of(high) + slack)
+
+
+def test_a_subclass_of_auto_runs_its_own_trace(monkeypatch):
+    """Only the built-in ``auto`` has its exact branch taken ahead of the run: a plug-in
+    subclass's own ``trace`` runs, even where ``auto`` would read the stored diagonal."""
+    from linop_trace.estimators._auto import Auto
+
+    ran = []
+
+    class Logged(Auto):
+        name = "logged-auto"
+
+        def trace(self, request):
+            ran.append(request.n)
+            return super().trace(request)
+
+    A = np.diag(np.arange(1.0, 6.0))
+    estimate = lt.trace(A, method=Logged())
+    assert ran == [5] and estimate.method == "exact" and float(estimate.value) == 15.0
