@@ -341,14 +341,89 @@ def test_jax_auto_on_a_stored_matrix_is_one_compiled_exact_program(jax_setup, mo
     A = jnp.asarray(test_matrix("flat", 37, seed=0))
     estimates = [lt.trace(A), lt.trace(A, seed=3), lt.diagonal(A)]
     assert decided == [1, 1]  # once per plan: trace, then diagonal
-    program = _compiled._PROGRAMS[_functions._compiled_run]
-    assert program._cache_size() >= 1
+    from linop_trace.estimators._exact import Exact
+
+    compiled_exact = [
+        key
+        for key in _compiled._FLAT_PROGRAMS
+        if key[0] is _functions._compiled_run and isinstance(key[1][0], Exact)
+    ]
+    assert len(compiled_exact) >= 2  # trace, diagonal
     for estimate in estimates[:2]:
         assert estimate.method == "exact" and float(estimate.stderr) == 0.0
         assert float(estimate.value) == pytest.approx(float(jnp.trace(A)), rel=1e-13)
     np.testing.assert_array_equal(np.asarray(estimates[2].value), np.asarray(jnp.diagonal(A)))
     callable_only = lt.LinearOperator.from_callable(matmat=lambda X: A @ X, shape=A.shape, like=A)
     assert lt.trace(callable_only, num_matvecs=10, seed=0).method in ("hutchinson", "xtrace")
+
+
+def test_jax_repeated_call_goes_straight_to_its_program(jax_setup, monkeypatch):
+    """The same compiled estimate again (same object, method, options) skips the full
+    path (operator, settings key, plan) and runs the recorded program: the same estimate
+    as the full path, a new seed a new one. Anything the full path's key holds that
+    changed sends the call down the full path again: another object, option or method,
+    the estimator a name stands for, JAX's product precision, the free memory. The record
+    keeps no array alive."""
+    jax, jnp = jax_setup
+    import gc
+    import weakref
+
+    from linop_trace import _functions
+    from linop_trace.estimators import Hutchinson
+
+    full_path = []
+    original = _functions.aslinearoperator
+    monkeypatch.setattr(
+        _functions, "aslinearoperator", lambda A: full_path.append(1) or original(A)
+    )
+    monkeypatch.setattr(_functions, "_LAST_CALLS", {})
+    A = jnp.asarray(test_matrix("flat", SIZE, seed=0))
+    stored = lt.aslinearoperator(A)
+
+    def run(X, method="hutchinson", num_matvecs=8, seed=1):
+        """The estimate, and whether it took the full path."""
+        before = len(full_path)
+        estimate = lt.trace(X, method=method, num_matvecs=num_matvecs, seed=seed)
+        return estimate, len(full_path) - before
+
+    for given in (A, stored):
+        first, ran = run(given)
+        assert ran == 1
+        again, ran = run(given)
+        assert ran == 0 and float(again.value) == float(first.value)
+        other, ran = run(given, seed=2)
+        assert ran == 0 and float(other.value) != float(first.value)
+        _functions._LAST_CALLS.clear()  # the full path's estimate, for that seed
+        fresh, ran = run(given, seed=2)
+        assert ran == 1 and float(fresh.value) == float(other.value)
+        refined = other.refine(given, num_matvecs=8)  # refinable as the full path's
+        assert refined.num_matvecs == 16
+    assert run(A + 0.0)[1] == 1  # another object
+    assert run(A, num_matvecs=10)[1] == 1  # an option
+    assert run(A, method="xtrace", num_matvecs=10)[1] == 1  # the method
+    run(A)
+    with jax.default_matmul_precision("bfloat16"):  # the products' precision
+        assert run(A)[1] == 1
+    assert run(A)[1] == 1
+    monkeypatch.setattr(_functions.backend, "free_memory", lambda xp, device: 2**20)
+    narrow, ran = run(A)  # the free memory (block sizes follow it)
+    assert ran == 1 and float(narrow.value) == pytest.approx(float(first.value), rel=1e-12)
+    lt.register_estimator("repeat-test", Hutchinson(probe="gaussian"))
+    try:
+        run(A, method="repeat-test")
+        lt.register_estimator("repeat-test", Hutchinson(probe="sphere"), overwrite=True)
+        sphere, ran = run(A, method="repeat-test")  # what the name stands for
+        assert ran == 1 and sphere.info["probe"] == "sphere"
+    finally:
+        from linop_trace.estimators import _registry
+
+        _registry._REGISTRY.pop("repeat-test", None)
+    B = jnp.asarray(test_matrix("flat", SIZE, seed=1))
+    gone = weakref.ref(B)
+    lt.trace(B, method="hutchinson", num_matvecs=8, seed=1)
+    del B
+    gc.collect()
+    assert gone() is None
 
 
 def test_jax_fresh_entropy_comes_from_a_pool_of_split_keys(jax_setup):

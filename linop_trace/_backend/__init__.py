@@ -16,6 +16,8 @@ from ._compiled import (  # noqa: F401
     compiled,
     compiles_estimates,
     ensure_pytrees,
+    flat_program,
+    flatten,
     is_array_like,
     jit,
     product_precision,
@@ -58,6 +60,7 @@ from ._device import (  # noqa: F401
     read_float,
     read_floats,
     reads_are_free,
+    start_host_copies,
     stop_gradient,
     writes_in_place,
 )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 from collections.abc import Callable
@@ -16,6 +17,8 @@ __all__ = [
     "compiled",
     "compiles_estimates",
     "ensure_pytrees",
+    "flat_program",
+    "flatten",
     "is_array_like",
     "jit",
     "product_precision",
@@ -133,6 +136,66 @@ def compiled(function: Callable[..., Any], num_static: int) -> Callable[..., Any
                 return function(*args)
 
         program = _PROGRAMS[function] = jax.jit(precise, static_argnums=tuple(range(num_static)))
+    return program
+
+
+class FlatProgram:
+    """``function(*static, *arguments)`` compiled by ``jax.jit`` for one tuple of static
+    arguments and one structure of the dynamic ``arguments``, and called with the
+    arguments' arrays alone (in :func:`flatten` order); it returns the function's result.
+
+    The same program as :func:`compiled`'s, called leaner: ``jax.jit`` given the operator
+    and the Estimate as pytrees, with static arguments, runs its pytree handling (Python
+    callbacks for the operator's structure, the settings' hash and equality) before the
+    program can start, 0.1 of a 512 x 20 product on the CPU (1.17 against 1.06-1.08 of
+    it, the program included). A caller that keeps the program for its plan pays none of
+    that per call. The result is rebuilt after the program is dispatched, while it runs.
+    """
+
+    def __init__(self, function: Callable[..., Any], static: tuple[Any, ...], structure: Any):
+        import jax
+
+        self._result_structure: Any = None
+
+        def flat(*leaves: Any) -> list[Any]:
+            arguments = jax.tree_util.tree_unflatten(structure, leaves)
+            with jax.default_matmul_precision("highest"):
+                result = function(*static, *arguments)
+            outputs, self._result_structure = jax.tree_util.tree_flatten(result)
+            return outputs  # type: ignore[no-any-return]
+
+        self._jitted = jax.jit(flat)
+
+    def __call__(self, *leaves: Any) -> Any:
+        outputs = self._jitted(*leaves)
+        return self._result_structure.unflatten(outputs)
+
+
+_FLAT_PROGRAMS: collections.OrderedDict[Any, FlatProgram] = collections.OrderedDict()
+#: Flat programs kept (least recently made dropped first): each holds its compiled code.
+FLAT_PROGRAMS_KEPT = 64
+
+
+def flatten(tree: Any) -> tuple[list[Any], Any]:
+    """A pytree's arrays and its structure (``jax.tree_util.tree_flatten``)."""
+    import jax
+
+    ensure_pytrees()
+    return jax.tree_util.tree_flatten(tree)  # type: ignore[no-any-return]
+
+
+def flat_program(
+    function: Callable[..., Any], static: tuple[Any, ...], structure: Any
+) -> FlatProgram:
+    """The :class:`FlatProgram` of ``function`` for these static arguments and this
+    structure of the others (from :func:`flatten` of the tuple of them), made once and
+    shared: plans that differ only in what the program does not see share its code."""
+    key = (function, static, structure)
+    program = _FLAT_PROGRAMS.get(key)
+    if program is None:
+        program = _FLAT_PROGRAMS[key] = FlatProgram(function, static, structure)
+        if len(_FLAT_PROGRAMS) > FLAT_PROGRAMS_KEPT:
+            _FLAT_PROGRAMS.popitem(last=False)
     return program
 
 

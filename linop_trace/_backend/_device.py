@@ -35,6 +35,7 @@ __all__ = [
     "read_float",
     "read_floats",
     "reads_are_free",
+    "start_host_copies",
     "stop_gradient",
     "writes_in_place",
 ]
@@ -125,6 +126,17 @@ def read_float(x: Any) -> float | None:
     """``float(x)`` of a real scalar without its gradient, waiting for the device if it must
     (adaptive runs, once per round; estimates read lazily); ``None`` for a tracer."""
     return concrete_float(x)
+
+
+def start_host_copies(arrays: Any) -> None:
+    """Start copying device arrays that the host will read soon (an estimate's
+    finiteness flags) as soon as they are computed: JAX's ``copy_to_host_async``; a no-op
+    for other libraries and for tracers. Read right after its program ends, a JAX array
+    waits for that copy (10-15 us on the CPU after a 200 us program, 0.06 of a 512 x 20
+    product); started at dispatch, the copy is done by the time of the read."""
+    for x in arrays:
+        if array_api_compat.is_jax_array(x) and is_concrete(x):
+            x.copy_to_host_async()
 
 
 def read_bool(x: Any) -> bool:
