@@ -426,6 +426,31 @@ def test_jax_repeated_call_goes_straight_to_its_program(jax_setup, monkeypatch):
     assert gone() is None
 
 
+def test_jax_flat_program_outputs_each_array_once(jax_setup):
+    """A flat program's result is the function's (its structure, its arrays), with one
+    output per distinct array: an array the result holds twice is one output, not a copy
+    of its own; another static argument or structure is another program."""
+    jax, jnp = jax_setup
+    from linop_trace._backend import _compiled
+
+    def function(scale, pair):
+        x, y = pair
+        total = scale * (x + y)
+        return {"total": total, "again": total, "y": y, "count": scale}
+
+    x, y = jnp.arange(3.0), jnp.ones(3)
+    leaves, structure = _compiled.flatten(((x, y),))
+    program = _compiled.flat_program(function, (2.0,), structure)
+    result = program(*leaves)
+    assert set(result) == {"total", "again", "y", "count"}
+    np.testing.assert_array_equal(np.asarray(result["total"]), [2.0, 4.0, 6.0])
+    assert result["again"] is result["total"] and result["count"] == 2.0
+    outputs = program._jitted(*leaves)
+    assert len(outputs) == 3  # total (twice in the result), y, count
+    assert _compiled.flat_program(function, (2.0,), structure) is program
+    assert _compiled.flat_program(function, (3.0,), structure) is not program
+
+
 def test_jax_fresh_entropy_comes_from_a_pool_of_split_keys(jax_setup):
     """``seed=None`` takes a key no earlier call got from a pool split off one key of the
     operating system's entropy (making a key eagerly took 35 us a call, and a NumPy

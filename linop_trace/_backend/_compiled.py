@@ -156,19 +156,33 @@ class FlatProgram:
         import jax
 
         self._result_structure: Any = None
+        self._positions: tuple[int, ...] = ()  # result leaf i is output positions[i]
 
         def flat(*leaves: Any) -> list[Any]:
             arguments = jax.tree_util.tree_unflatten(structure, leaves)
             with jax.default_matmul_precision("highest"):
                 result = function(*static, *arguments)
-            outputs, self._result_structure = jax.tree_util.tree_flatten(result)
-            return outputs  # type: ignore[no-any-return]
+            results, self._result_structure = jax.tree_util.tree_flatten(result)
+            # one output per distinct array: a result that holds an array twice (samples
+            # kept for the interval's shape and for refine) would have it copied into a
+            # buffer of its own, a copy and a buffer per program call
+            outputs: list[Any] = []
+            seen: dict[int, int] = {}
+            positions = []
+            for leaf in results:
+                position = seen.get(id(leaf))
+                if position is None:
+                    position = seen[id(leaf)] = len(outputs)
+                    outputs.append(leaf)
+                positions.append(position)
+            self._positions = tuple(positions)
+            return outputs
 
         self._jitted = jax.jit(flat)
 
     def __call__(self, *leaves: Any) -> Any:
         outputs = self._jitted(*leaves)
-        return self._result_structure.unflatten(outputs)
+        return self._result_structure.unflatten([outputs[i] for i in self._positions])
 
 
 _FLAT_PROGRAMS: collections.OrderedDict[Any, FlatProgram] = collections.OrderedDict()
