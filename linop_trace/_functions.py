@@ -230,57 +230,63 @@ class _Launch:
 
 
 class _LastCall:
-    """The last compiled estimate of a quantity: what the call gave and what it ran. The
-    same call again (the same object, method, options and seed kind: a loop over seeds, a
-    benchmark, a training step) goes straight to its launch.
+    """The last estimate of a quantity: what the call gave and the plan (and, compiled,
+    the launch) it ran. The same call again (the same object, method and options: a loop
+    over seeds, a benchmark, a training step) goes straight to its run.
 
-    Under JAX on the CPU, everything before a program's dispatch delays it, and after
-    the wait for the previous result that Python runs several times slower than when
-    timed alone: the full path (operator, settings key, plan) cost 0.15 of a 512 x 20
-    product. The checks here are what that path's key holds for the same object: the
-    estimator the method names now, JAX's matrix-product precision and the device's
-    free memory (block sizes)."""
+    Everything before a run starts delays it, and after the wait for the previous result
+    that Python runs several times slower than when timed alone: under JAX on the CPU
+    the full path (operator, settings key, plan) cost 0.15 of a 512 x 20 product, and on
+    torch at n = 200 a tenth of a Hutchinson estimate. The checks here are what that
+    path's key holds for the same object: the estimator the method names now, JAX's
+    product precision and the device's free memory (block sizes)."""
 
     __slots__ = (
-        "array_leaf",
         "decompose",
         "estimator",
         "free",
         "given",
+        "is_operator",
         "launch",
         "method",
         "options",
+        "plan",
         "precision",
+        "quantity",
+        "xp_device",
     )
 
     def __init__(
         self,
+        quantity: str,
         given: Any,
         method: Any,
-        estimator: Any,
         decompose: bool,
         options: dict[str, Any],
         operator: LinearOperator,
-        launch: _Launch,
-        array_leaf: bool,
+        plan: _Plan,
+        launch: _Launch | None,
     ) -> None:
+        self.quantity = quantity
         self.given = weakref.ref(given)  # (never keeps the caller's arrays alive)
-        self.method, self.estimator, self.decompose = method, estimator, decompose
+        self.is_operator = given is operator  # else an array the operator was made from
+        self.method, self.decompose = method, decompose
+        self.estimator = get_estimator(method, quantity)
         self.options = dict(options)
+        self.xp_device = (operator.xp, operator.device)
         self.free = (
             backend.free_memory(operator.xp, operator.device)
             if options.get("block_size") is None
             else None
         )
         self.precision = backend.caller_precision(operator.xp)
-        self.launch = launch
-        self.array_leaf = array_leaf  # the operator was made from the array: its one leaf
+        self.plan, self.launch = plan, launch
 
-    def leaves(
+    def repeats(
         self, quantity: str, A: Any, method: Any, decompose: bool, options: dict[str, Any]
-    ) -> list[Any] | None:
-        """The operator's arrays if ``A`` with these arguments repeats the call, else
-        ``None`` (then the full path runs, and records its own call)."""
+    ) -> bool:
+        """Whether ``A`` with these arguments repeats the call (the full path would find
+        the same plan)."""
         if (
             self.given() is not A
             or not (method is self.method or method == self.method)
@@ -288,16 +294,28 @@ class _LastCall:
             or options != self.options
             or get_estimator(method, quantity) is not self.estimator
         ):
-            return None
-        xp, device = self.launch.xp, self.launch.device
+            return False
+        xp, device = self.xp_device
         if backend.caller_precision(xp) != self.precision:
+            return False
+        return self.free is None or backend.free_memory(xp, device) == self.free
+
+    def run(self, A: Any, seed: Any) -> Estimate | None:
+        """The estimate of the repeated call with ``seed``; ``None`` where this seed
+        needs another compiled program (a key where an integer was given, or back)."""
+        launch = self.launch
+        if launch is None:
+            operator = A if self.is_operator else aslinearoperator(A)
+            return _eager(self.quantity, operator, self.plan, seed)
+        seed_argument, is_key = backend.jax_seed(seed)
+        if is_key != launch.is_key:
             return None
-        if self.free is not None and backend.free_memory(xp, device) != self.free:
-            return None
-        return [A] if self.array_leaf else backend.flatten(A)[0]
+        leaves = backend.flatten(A)[0] if self.is_operator else [A]
+        leaves.append(seed_argument)
+        return launch(leaves, seed_argument)
 
 
-#: The last compiled estimate of each quantity (see :class:`_LastCall`).
+#: The last estimate of each quantity (see :class:`_LastCall`).
 _LAST_CALLS: dict[str, _LastCall] = {}
 
 
@@ -307,22 +325,14 @@ def _remember_call(
     method: Any,
     decompose: bool,
     options: dict[str, Any],
-    given: LinearOperator,
     operator: LinearOperator,
-    launch: _Launch,
-    leaves: list[Any],
+    plan: _Plan,
+    launch: _Launch | None,
 ) -> None:
-    """Record a compiled estimate's call for :class:`_LastCall`, where ``A`` is the
-    operator that ran, or an array whose operator's one array it is."""
-    if operator is not given:  # a widened operator: made anew at every call
-        return
-    array_leaf = A is not operator
-    if array_leaf and not (len(leaves) == 2 and leaves[0] is A):
-        return
+    """Record an estimate's call for :class:`_LastCall`."""
     try:
-        estimator = get_estimator(method, quantity)
         _LAST_CALLS[quantity] = _LastCall(
-            A, method, estimator, decompose, options, operator, launch, array_leaf
+            quantity, A, method, decompose, options, operator, plan, launch
         )
     except TypeError:  # not weakly referenceable: no fast repeat
         _LAST_CALLS.pop(quantity, None)
@@ -390,13 +400,10 @@ def _estimate(
     quantity: str, A: Any, method: Any, seed: Any, decompose: bool = True, **options: Any
 ) -> Estimate:
     last = _LAST_CALLS.get(quantity)
-    if last is not None:  # the same compiled estimate again: straight to its program
-        leaves = last.leaves(quantity, A, method, decompose, options)
-        if leaves is not None:
-            seed_argument, is_key = backend.jax_seed(seed)
-            if is_key == last.launch.is_key:
-                leaves.append(seed_argument)
-                return last.launch(leaves, seed_argument)
+    if last is not None and last.repeats(quantity, A, method, decompose, options):
+        repeated = last.run(A, seed)  # the same estimate again: straight to its run
+        if repeated is not None:
+            return repeated
     given = aslinearoperator(A)
     operator = widened(given)  # half precisions are estimated in float32
     n = check_square(operator, quantity)
@@ -446,8 +453,19 @@ def _estimate(
         leaves, structure = backend.flatten((operator, seed_argument))
         launch = plan.launch(quantity, operator, is_key, structure)
         estimate = launch(leaves, seed_argument)
-        _remember_call(quantity, A, method, decompose, options, given, operator, launch, leaves)
-        return estimate
+        if not (A is given or (len(leaves) == 2 and leaves[0] is A)):
+            return estimate  # (a repeat passes the array as the operator's one array)
+    else:
+        launch = None
+        estimate = _eager(quantity, operator, plan, seed)
+    if operator is given:  # (a widened operator is made anew at every call)
+        _remember_call(quantity, A, method, decompose, options, operator, plan, launch)
+    return estimate
+
+
+def _eager(quantity: str, operator: LinearOperator, plan: _Plan, seed: Any) -> Estimate:
+    """The plan's estimate run eagerly (operation by operation) on ``operator``."""
+    settings, estimator = plan.settings, plan.estimator
     stored = getattr(operator, "matrix", None)  # (a Dask matrix's chunks shape the probes)
     random = backend.make_random_source(operator.xp, operator.device, seed, like=stored)
     estimate = _run(estimator, quantity, settings, operator, random)

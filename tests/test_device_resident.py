@@ -372,9 +372,9 @@ def test_jax_repeated_call_goes_straight_to_its_program(jax_setup, monkeypatch):
     from linop_trace.estimators import Hutchinson
 
     full_path = []
-    original = _functions.aslinearoperator
+    original = _functions._settings_key
     monkeypatch.setattr(
-        _functions, "aslinearoperator", lambda A: full_path.append(1) or original(A)
+        _functions, "_settings_key", lambda *args: full_path.append(1) or original(*args)
     )
     monkeypatch.setattr(_functions, "_LAST_CALLS", {})
     A = jnp.asarray(test_matrix("flat", SIZE, seed=0))
@@ -424,6 +424,45 @@ def test_jax_repeated_call_goes_straight_to_its_program(jax_setup, monkeypatch):
     del B
     gc.collect()
     assert gone() is None
+
+
+@pytest.mark.parametrize("library", ["numpy", "torch"])
+def test_eager_repeated_call_goes_straight_to_its_run(library, monkeypatch):
+    """The same eager estimate again (NumPy, torch) skips the full path and runs its
+    recorded plan: the estimate of the full path, a new seed a new one, a generator seed
+    still drawn from; a change of object or option takes the full path."""
+    from linop_trace import _functions
+
+    if library == "torch":
+        torch = pytest.importorskip("torch")
+        A = torch.from_numpy(test_matrix("flat", SIZE, seed=0))
+        generator = torch.Generator().manual_seed(5)
+    else:
+        A = test_matrix("flat", SIZE, seed=0)
+        generator = np.random.default_rng(5)
+    full_path = []
+    original = _functions._settings_key
+    monkeypatch.setattr(
+        _functions, "_settings_key", lambda *args: full_path.append(1) or original(*args)
+    )
+    monkeypatch.setattr(_functions, "_LAST_CALLS", {})
+
+    def run(X, num_matvecs=8, seed=1):
+        before = len(full_path)
+        estimate = lt.trace(X, method="hutch++", num_matvecs=num_matvecs, seed=seed)
+        return float(estimate), len(full_path) - before
+
+    for given in (A, lt.aslinearoperator(A)):
+        first = run(given)
+        assert first[1] == 1
+        assert run(given) == (first[0], 0)
+        other = run(given, seed=2)
+        assert other[1] == 0 and other[0] != first[0]
+        _functions._LAST_CALLS.clear()
+        assert run(given, seed=2) == (other[0], 1)
+        drawn = [run(given, seed=generator) for _ in range(2)]  # the generator moves on
+        assert drawn[1][1] == 0 and drawn[0][0] != drawn[1][0]
+    assert run(A * 1.0)[1] == 1 and run(A, num_matvecs=12)[1] == 1
 
 
 def test_jax_flat_program_outputs_each_array_once(jax_setup):
