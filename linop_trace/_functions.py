@@ -319,25 +319,6 @@ class _LastCall:
 _LAST_CALLS: dict[str, _LastCall] = {}
 
 
-def _remember_call(
-    quantity: str,
-    A: Any,
-    method: Any,
-    decompose: bool,
-    options: dict[str, Any],
-    operator: LinearOperator,
-    plan: _Plan,
-    launch: _Launch | None,
-) -> None:
-    """Record an estimate's call for :class:`_LastCall`."""
-    try:
-        _LAST_CALLS[quantity] = _LastCall(
-            quantity, A, method, decompose, options, operator, plan, launch
-        )
-    except TypeError:  # not weakly referenceable: no fast repeat
-        _LAST_CALLS.pop(quantity, None)
-
-
 #: The last estimates' plans: (key, weak reference to the operator, plan).
 _RECENT_SETTINGS: list[tuple[Any, Any, _Plan]] = []
 _RECENT_LIMIT = 8
@@ -459,7 +440,12 @@ def _estimate(
         launch = None
         estimate = _eager(quantity, operator, plan, seed)
     if operator is given:  # (a widened operator is made anew at every call)
-        _remember_call(quantity, A, method, decompose, options, operator, plan, launch)
+        try:
+            _LAST_CALLS[quantity] = _LastCall(
+                quantity, A, method, decompose, options, operator, plan, launch
+            )
+        except TypeError:  # not weakly referenceable: no repeat shortcut
+            _LAST_CALLS.pop(quantity, None)
     return estimate
 
 
