@@ -418,12 +418,15 @@ def test_jax_repeated_call_goes_straight_to_its_program(jax_setup, monkeypatch):
         from linop_trace.estimators import _registry
 
         _registry._REGISTRY.pop("repeat-test", None)
-    B = jnp.asarray(test_matrix("flat", SIZE, seed=1))
-    gone = weakref.ref(B)
-    lt.trace(B, method="hutchinson", num_matvecs=8, seed=1)
-    del B
-    gc.collect()
-    assert gone() is None
+    for as_operator in (False, True):  # an array, an operator (whose arrays it keeps)
+        B = jnp.asarray(test_matrix("flat", SIZE, seed=1))
+        gone = weakref.ref(B)
+        given = lt.aslinearoperator(B) if as_operator else B
+        lt.trace(given, method="hutchinson", num_matvecs=8, seed=1)
+        assert run(given)[1] == 0
+        del B, given
+        gc.collect()
+        assert gone() is None
 
 
 @pytest.mark.parametrize("library", ["numpy", "torch"])
