@@ -306,4 +306,12 @@ def test_xtrace_estimate_is_differentiable_on_jax():
         return lt.trace(H, method="xtrace", seed=0, num_matvecs=2 * X0.size).value
 
     grad = np.asarray(jax.grad(value)(jnp.asarray(X0)))
-    np.testing.assert_allclose(grad, 24 * X0, rtol=1e-10, atol=0)
+    # at the full budget the estimate is tr(A) up to rounding, and so is its gradient;
+    # the rounding goes through the sketch's QR and the triangular solves, whose
+    # errors grow with the square of the sketch's condition number kappa: relative error
+    # <= 100 kappa^2 eps (measured over seeds 0-5: 0.04 - 9.5 kappa^2 eps, jax 0.10-0.12)
+    H = lt.hessian(lambda v: jnp.sum(v**4), jnp.asarray(X0))
+    kappa = np.linalg.cond(np.asarray(lt.sphere(H, X0.size, seed=0)))
+    rtol = 100 * kappa**2 * np.finfo(np.float64).eps
+    assert rtol < 1e-7  # (a sketch this ill-conditioned would make the check empty)
+    np.testing.assert_allclose(grad, 24 * X0, rtol=rtol, atol=0)
