@@ -20,10 +20,13 @@ positive definite with a flat spectrum, one thread. XNysTrace gets it tagged
 ``("symmetric", "positive_semidefinite")``; the other methods get it untagged. ``auto``
 on the stored array reads the stored diagonal (exact, no products); ``auto (products
 only)`` gets the same matrix behind ``LinearOperator.from_callable``, so it estimates.
+The cases "(a new seed each call)" pass seeds 0, 1, 2, ... as a user's loop does; the
+others pass seed 0 at every call.
 """
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import numpy as np
@@ -51,10 +54,12 @@ PSD = ("symmetric", "positive_semidefinite")
 CASES: dict[str, tuple[str, str, str]] = {
     "hutchinson": ("trace", "hutchinson", "plain"),
     "hutchinson (the array)": ("trace", "hutchinson", "array"),
+    "hutchinson (a new seed each call)": ("trace", "hutchinson", "plain"),
     "hutch++": ("trace", "hutch++", "plain"),
     "na-hutch++": ("trace", "na-hutch++", "plain"),
     "xtrace": ("trace", "xtrace", "plain"),
     "xtrace (the array)": ("trace", "xtrace", "array"),
+    "xtrace (a new seed each call)": ("trace", "xtrace", "plain"),
     "xnystrace": ("trace", "xnystrace", "psd"),
     "auto": ("trace", "auto", "plain"),
     "hutchinson (products only)": ("trace", "hutchinson", "products only"),
@@ -65,6 +70,11 @@ CASES: dict[str, tuple[str, str, str]] = {
     "diagonal auto": ("diagonal", "auto", "plain"),
     "diagonal auto (products only)": ("diagonal", "auto", "products only"),
 }
+
+
+#: Cases whose estimates take seed 0, 1, 2, ... (a loop over seeds, as in a training loop
+#: or a study of the estimator's spread); the others take seed 0 at every call.
+NEW_SEED_EACH_CALL = {case for case in CASES if case.endswith("(a new seed each call)")}
 
 
 def _operator(A: Any, kind: str) -> Any:
@@ -105,6 +115,7 @@ class _JaxAgainstFloor:
         self.operator = _operator(A, kind)
         self.function = getattr(linop_trace, quantity)
         self.method = method
+        self.seeds = itertools.count() if case in NEW_SEED_EACH_CALL else itertools.repeat(0)
         product = jax.jit(lambda A, Z: A @ Z)
         Z = backend.dense(
             2.0 * np.random.default_rng(1).integers(0, 2, size=(n, self.num_matvecs)) - 1.0
@@ -125,7 +136,7 @@ class _JaxAgainstFloor:
 
     def estimate_call(self) -> Any:
         estimate = self.function(
-            self.operator, method=self.method, num_matvecs=self.num_matvecs, seed=0
+            self.operator, method=self.method, num_matvecs=self.num_matvecs, seed=next(self.seeds)
         )
         return sync_estimate(self.backend, estimate)
 
