@@ -232,7 +232,8 @@ class _Launch:
 class _LastCall:
     """The last estimate of a quantity: what the call gave and the plan (and, compiled,
     the launch) it ran. The same call again (the same object, method and options: a loop
-    over seeds, a benchmark, a training step) goes straight to its run.
+    over seeds, a benchmark; or, compiled, a JAX array of the same layout: a training
+    step's new matrix) goes straight to its run.
 
     Everything before a run starts delays it, and after the wait for the previous result
     that Python runs several times slower than when timed alone: under JAX on the CPU
@@ -248,6 +249,7 @@ class _LastCall:
         "given",
         "is_operator",
         "launch",
+        "layout",
         "leaves",
         "method",
         "options",
@@ -275,6 +277,12 @@ class _LastCall:
         # call was 0.07 of a 512 x 20 product); the caller's objects are held weakly
         self.leaves = leaves if self.is_operator else None
         self.given = weakref.ref(given, self._forget)
+        # a compiled call on a JAX array: another array of its layout is the same call
+        # (the next matrix of a training loop; the full path cost it 0.5 of a 512 x 20
+        # product); the program takes the array as its one argument
+        self.layout = (
+            backend.jax_array_layout(given) if launch is not None and not self.is_operator else None
+        )
         self.method, self.decompose = method, decompose
         self.estimator = get_estimator(method, quantity)
         self.options = dict(options)
@@ -296,7 +304,10 @@ class _LastCall:
         """Whether ``A`` with these arguments repeats the call (the full path would find
         the same plan)."""
         if (
-            self.given() is not A
+            (
+                self.given() is not A
+                and (self.layout is None or backend.jax_array_layout(A) != self.layout)
+            )
             or not (method is self.method or method == self.method)
             or decompose != self.decompose
             or options != self.options

@@ -1141,20 +1141,22 @@ def aslinearoperator(matrix: Any, *, tags: Iterable[str] = ()) -> LinearOperator
     return operator
 
 
-#: The last JAX array made an operator of here, held by weak reference, and that
-#: operator's attributes but its matrix. JAX arrays are immutable, so the same array
-#: passed again (``trace(A, ...)`` in a loop, as most users call it) gets the same
-#: operator without its checks: 20 us a call, which cost 0.2x of a Hutchinson estimate's
-#: product at n = 512 with what ran after it.
+#: The layout (:func:`~linop_trace._backend.jax_array_layout`) of the last JAX array made
+#: an operator of here, and that operator's attributes but its matrix. They follow from
+#: the layout alone, and JAX arrays are immutable, so an array of the same layout (the
+#: same array in a loop, or the next one of a training loop) gets its operator without
+#: the checks: 20 us a call for the same array, which cost 0.2x of a Hutchinson
+#: estimate's product at n = 512 with what ran after it, and 45 us for a new array.
 _LAST_JAX_DENSE: list[Any] = []
 
 
 def _known_jax_dense(matrix: Any) -> _DenseOperator | None:
-    """The operator of ``matrix`` if it is the last JAX array made one, else ``None``."""
+    """The operator of ``matrix`` if it is a JAX array with the layout of the last one
+    made an operator, else ``None``."""
     if not _LAST_JAX_DENSE:
         return None
-    reference, attributes = _LAST_JAX_DENSE
-    if reference() is not matrix:
+    layout, attributes = _LAST_JAX_DENSE
+    if type(matrix) is not layout[0] or backend.jax_array_layout(matrix) != layout:
         return None
     operator = object.__new__(_DenseOperator)
     vars(operator).update(attributes)
@@ -1164,13 +1166,12 @@ def _known_jax_dense(matrix: Any) -> _DenseOperator | None:
 
 
 def _remember_jax_dense(operator: _DenseOperator) -> None:
-    """Keep ``operator``'s attributes for its matrix, a concrete JAX array used as given."""
-    import weakref
-
-    matrix = operator.matrix
-    if not backend.is_jax_array(matrix) or backend.is_tracer(matrix):
+    """Keep ``operator``'s attributes for its matrix's layout, a concrete JAX array used
+    as given (not promoted to a floating type)."""
+    layout = backend.jax_array_layout(operator.matrix)
+    if layout is None:
         return
     _flatten_operator(operator)  # its static part, made once and shared
     skip = {"matrix", *operator._cache_fields}
     attributes = {key: value for key, value in vars(operator).items() if key not in skip}
-    _LAST_JAX_DENSE[:] = [weakref.ref(matrix), attributes]
+    _LAST_JAX_DENSE[:] = [layout, attributes]

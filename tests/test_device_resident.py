@@ -396,9 +396,9 @@ def test_jax_repeated_call_goes_straight_to_its_program(jax_setup, monkeypatch):
     """The same compiled estimate again (same object, method, options) skips the full
     path (operator, settings key, plan) and runs the recorded program: the same estimate
     as the full path, a new seed a new one. Anything the full path's key holds that
-    changed sends the call down the full path again: another object, option or method,
-    the estimator a name stands for, JAX's product precision, the free memory. The record
-    keeps no array alive."""
+    changed sends the call down the full path again: another object (but a JAX array of
+    the same layout), option or method, the estimator a name stands for, JAX's product
+    precision, the free memory. The record keeps no array alive."""
     jax, jnp = jax_setup
     import gc
     import weakref
@@ -433,7 +433,19 @@ def test_jax_repeated_call_goes_straight_to_its_program(jax_setup, monkeypatch):
         assert ran == 1 and float(fresh.value) == float(other.value)
         refined = other.refine(given, num_matvecs=8)  # refinable as the full path's
         assert refined.num_matvecs == 16
-    assert run(A + 0.0)[1] == 1  # another object
+    # another JAX array of the same layout (type, shape, dtype, weak typing, sharding):
+    # the same program, the estimate of that array as the full path gives it
+    B = jnp.asarray(test_matrix("poly", SIZE, seed=0))
+    run(A)
+    repeated, ran = run(B)
+    assert ran == 0
+    _functions._LAST_CALLS.clear()
+    assert float(run(B)[0].value) == float(repeated.value) != float(run(A)[0].value)
+    for layout in (A[:-1, :-1], A.astype(jnp.float32), jnp.full(A.shape, 1.0)):
+        run(A)
+        assert run(layout)[1] == 1  # another shape, dtype, weak type
+    run(stored)
+    assert run(lt.aslinearoperator(B))[1] == 1  # another operator object
     assert run(A, num_matvecs=10)[1] == 1  # an option
     assert run(A, method="xtrace", num_matvecs=10)[1] == 1  # the method
     run(A)
@@ -604,9 +616,10 @@ def test_jax_eager_estimate_of_a_callable_runs_its_algebra_compiled(jax_setup):
 
 
 def test_jax_array_passed_again_reuses_its_operator_without_holding_it(jax_setup):
-    """``trace(A)`` on the same JAX array again takes the operator's attributes made the
-    first time (JAX arrays are immutable; making them costs 20 us a call), and the array
-    is held by weak reference only: once the caller drops it, nothing keeps it."""
+    """``trace(A)`` on the same JAX array again, or on another of the same layout, takes
+    the operator's attributes made the first time (they follow from the layout, and JAX
+    arrays are immutable; making them costs 20 - 45 us a call); an array of another
+    layout gets its own. No array is kept: once the caller drops it, nothing holds it."""
     import gc
     import weakref
 
@@ -619,8 +632,14 @@ def test_jax_array_passed_again_reuses_its_operator_without_holding_it(jax_setup
     assert again is not first and again.matrix is A
     assert again._static_part is first._static_part  # made once, for the array
     assert vars(again).keys() == vars(first).keys()
-    other = jnp.asarray(test_matrix("flat", SIZE, seed=1))
-    assert lt.aslinearoperator(other)._static_part is not first._static_part
+    other = jnp.asarray(test_matrix("flat", SIZE, seed=1))  # the same layout
+    assert lt.aslinearoperator(other)._static_part is first._static_part
+    assert lt.aslinearoperator(other).matrix is other
+    for layout in (A[:-1, :-1], A.astype(jnp.float32), jnp.full(A.shape, 1.0)):
+        lt.aslinearoperator(A)
+        made = lt.aslinearoperator(layout)
+        assert made._static_part is not first._static_part  # (its own attributes)
+        assert made.shape == layout.shape and made.dtype == layout.dtype
     estimate = lt.trace(other, method="hutchinson", num_matvecs=BUDGET, seed=0)
     reference = lt.trace(
         lt.aslinearoperator(other), method="hutchinson", num_matvecs=BUDGET, seed=0
@@ -632,7 +651,8 @@ def test_jax_array_passed_again_reuses_its_operator_without_holding_it(jax_setup
     del other, estimate, reference, tagged
     gc.collect()
     assert dropped() is None
-    assert _operators._LAST_JAX_DENSE[0]() is None
+    kept = jax.tree_util.tree_leaves(_operators._LAST_JAX_DENSE)
+    assert not any(isinstance(leaf, jax.Array) for leaf in kept)  # (layouts, attributes)
 
 
 def test_jax_eager_adaptive_estimate_compiles_its_draw_once(jax_setup):

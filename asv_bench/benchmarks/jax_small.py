@@ -21,7 +21,9 @@ positive definite with a flat spectrum, one thread. XNysTrace gets it tagged
 on the stored array reads the stored diagonal (exact, no products); ``auto (products
 only)`` gets the same matrix behind ``LinearOperator.from_callable``, so it estimates.
 The cases "(a new seed each call)" pass seeds 0, 1, 2, ... as a user's loop does; the
-others pass seed 0 at every call.
+others pass seed 0 at every call. "(a new array each call)" passes eight arrays of the
+same shape and dtype in turn (as a training loop passes its next matrix), and its floor
+multiplies the same eight in turn.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ PSD = ("symmetric", "positive_semidefinite")
 CASES: dict[str, tuple[str, str, str]] = {
     "hutchinson": ("trace", "hutchinson", "plain"),
     "hutchinson (the array)": ("trace", "hutchinson", "array"),
+    "hutchinson (a new array each call)": ("trace", "hutchinson", "new array"),
     "hutchinson (a new seed each call)": ("trace", "hutchinson", "plain"),
     "hutch++": ("trace", "hutch++", "plain"),
     "na-hutch++": ("trace", "na-hutch++", "plain"),
@@ -79,7 +82,7 @@ NEW_SEED_EACH_CALL = {case for case in CASES if case.endswith("(a new seed each 
 
 def _operator(A: Any, kind: str) -> Any:
     """The estimate's operator over the JAX array ``A`` (see ``CASES``)."""
-    if kind == "array":
+    if kind in ("array", "new array"):
         return A
     if kind == "products only":
         return linop_trace.LinearOperator.from_callable(
@@ -113,6 +116,10 @@ class _JaxAgainstFloor:
         self.num_matvecs = BUDGETS[n]
         A = backend.dense(matrices[n])
         self.operator = _operator(A, kind)
+        # "new array": eight arrays of A's layout in turn, for the floor too (the next
+        # matrix of a training loop; none is in the cache when its product starts)
+        arrays = [A * (1 + i / 100) for i in range(8)] if kind == "new array" else [A]
+        turns = itertools.cycle(arrays)
         self.function = getattr(linop_trace, quantity)
         self.method = method
         self.seeds = itertools.count() if case in NEW_SEED_EACH_CALL else itertools.repeat(0)
@@ -120,7 +127,8 @@ class _JaxAgainstFloor:
         Z = backend.dense(
             2.0 * np.random.default_rng(1).integers(0, 2, size=(n, self.num_matvecs)) - 1.0
         )
-        self.floor_call = lambda: product(A, Z).block_until_ready()
+        self.floor_call = lambda: product(next(turns), Z).block_until_ready()
+        self.next_operator = (lambda: next(turns)) if kind == "new array" else None
         self.floor_call()  # compile
         self.estimate_call()  # warm up (JAX's per-shape compilation of each operation)
         function, method, budget = self.function, self.method, self.num_matvecs
@@ -135,8 +143,9 @@ class _JaxAgainstFloor:
         self.jitted_call()  # compile
 
     def estimate_call(self) -> Any:
+        operator = self.operator if self.next_operator is None else self.next_operator()
         estimate = self.function(
-            self.operator, method=self.method, num_matvecs=self.num_matvecs, seed=next(self.seeds)
+            operator, method=self.method, num_matvecs=self.num_matvecs, seed=next(self.seeds)
         )
         return sync_estimate(self.backend, estimate)
 

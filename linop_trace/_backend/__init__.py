@@ -90,6 +90,7 @@ from ._identity import (  # noqa: F401
     is_numpy_namespace,
     is_scipy_linear_operator,
     is_sparse,
+    jax_array_layout,
     library_name,
     namespace_name,
     numpy_namespace,

@@ -20,6 +20,7 @@ __all__ = [
     "same_device",
     "is_numpy_namespace",
     "is_scipy_linear_operator",
+    "jax_array_layout",
     "numpy_namespace",
 ]
 
@@ -221,6 +222,20 @@ def is_jax_array(x: Any) -> bool:
     """Whether ``x`` is a JAX array, a tracer under a JAX transformation included. Concrete
     JAX arrays are immutable: what is derived from one stays valid while it lives."""
     return array_api_compat.is_jax_array(x)
+
+
+def jax_array_layout(x: Any) -> tuple[Any, ...] | None:
+    """What a compiled program and an operator of the concrete JAX array ``x`` see of it
+    but its values (its type, shape, dtype, weak typing and sharding), as a tuple that
+    compares equal for arrays that one program serves alike; ``None`` for anything
+    else (a tracer, another library's array)."""
+    if not _module_loaded("jax"):
+        return None
+    import jax
+
+    if not isinstance(x, jax.Array) or isinstance(x, jax.core.Tracer):
+        return None
+    return (type(x), x.shape, x.dtype, x.weak_type, x.sharding)
 
 
 def is_numpy_namespace(xp: Any) -> bool:
