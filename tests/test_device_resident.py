@@ -334,6 +334,10 @@ def test_jax_seeds_of_a_loop_get_their_keys_made_in_a_batch(jax_setup):
         assert float(by_int.value) == float(by_key.value)
     batched = [slot for slot in _random._JAX_KEYS if slot[0] in range(42, 42 + batch)]
     assert len(batched) == batch  # (40, 41, 42: a batch from 42)
+    for seed in range(10**6, 10**6 + 5 * batch):  # the most recently made are kept
+        _random._jax_key(seed)
+    assert len(_random._JAX_KEYS) == _random.JAX_KEYS_KEPT
+    assert (10**6 + 5 * batch - 1) in {slot[0] for slot in _random._JAX_KEYS}
     kept = dict(_random._JAX_KEYS)
     _random._RECENT_SEEDS[:] = [2**40, 2**40 + 1]
     jax.jit(lambda x: x + jax.random.normal(_random._jax_key(2**40 + 2), ()))(1.0)

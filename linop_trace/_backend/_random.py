@@ -481,9 +481,9 @@ def _jax_key(value: int) -> Any:
 
 
 def _keep_key(slot: tuple[int, str, Any], key: Any) -> None:
+    _JAX_KEYS.pop(slot, None)  # (then last: the most recently made)
     _JAX_KEYS[slot] = key
-    _JAX_KEYS.move_to_end(slot)
-    if len(_JAX_KEYS) > JAX_KEYS_KEPT:
+    while len(_JAX_KEYS) > JAX_KEYS_KEPT:
         _JAX_KEYS.popitem(last=False)
 
 
