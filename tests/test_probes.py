@@ -130,6 +130,29 @@ def test_torch_small_rademacher_blocks_are_the_unpacked_bytes(shape, monkeypatch
     assert set(np.unique(looked_up)) == {-1.0, 1.0}
 
 
+def test_jax_threefry_written_out_gives_jax_threefry_words():
+    """The draws' Threefry-2x32, written out so that its rounds fuse (JAX lowers its own to
+    a rolled loop on the CPU), gives the words of ``jax.extend.random.threefry_2x32`` over
+    the counters 0..count-1: odd and even counts, keys with high bits set, compiled."""
+    pytest.importorskip("jax")
+    import jax
+    import jax.extend.random
+    import jax.numpy as jnp
+
+    from linop_trace._backend import _random
+
+    written_out = jax.jit(_random.threefry_2x32, static_argnums=2)
+    rng = np.random.default_rng(5)
+    for count in (1, 2, 3, 16, 511, 512, 4001):
+        for _ in range(3):
+            k0, k1 = (jnp.uint32(word) for word in rng.integers(0, 2**32, size=2))
+            counters = jnp.arange(count, dtype=jnp.uint32)
+            expected = jax.extend.random.threefry_2x32((k0, k1), counters)
+            np.testing.assert_array_equal(
+                np.asarray(written_out(k0, k1, count)), np.asarray(expected)
+            )
+
+
 def test_jax_gaussian_columns_are_standard_normal_from_both_words_of_each_hash():
     """JAX's Gaussian column j comes from the words threefry2x32(fold_in(key, j)) gives
     for the counters 0..n-1, both words of each hash kept (half the hashes of

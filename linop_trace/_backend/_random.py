@@ -292,7 +292,6 @@ def _jax_programs() -> dict[str, Callable[..., Any]]:
     JAX's dispatch about 20 us a call (a typed key array is rebuilt in Python), where the
     whole draw of a 512 x 20 block takes 25 us."""
     import jax
-    import jax.extend.random
     import jax.numpy as jnp
 
     def column_keys(key: Any, drawn: Any, count: int) -> tuple[Any, Any]:
@@ -312,8 +311,7 @@ def _jax_programs() -> dict[str, Callable[..., Any]]:
         if jax.random.key_impl(key) != threefry:
             return jax.random.bits(key, (count,), dtype=jnp.uint32)
         pair = jax.random.key_data(key)
-        counters = jnp.arange(count, dtype=jnp.uint32)
-        return jax.extend.random.threefry_2x32((pair[0], pair[1]), counters)
+        return threefry_2x32(pair[0], pair[1], count)
 
     def normal(key: Any, drawn: Any, shape: tuple[int, int], dtype: Any) -> tuple[Any, Any]:
         n, k = shape
@@ -350,6 +348,38 @@ def _jax_programs() -> dict[str, Callable[..., Any]]:
         name: jax.jit(program, static_argnums=(2, 3))
         for name, program in (("normal", normal), ("rademacher", rademacher), ("uniform", uniform))
     }
+
+
+#: Threefry-2x32's rotations, by group of four rounds (even groups, odd groups).
+THREEFRY_ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
+
+
+def threefry_2x32(k0: Any, k1: Any, count: int) -> Any:
+    """``jax.extend.random.threefry_2x32((k0, k1), arange(count))``, word for word:
+    the counters in two halves (a zero appended to an odd count), each pair hashed
+    by Threefry-2x32 (20 rounds, Salmon et al. 2011), the two halves of the words
+    concatenated. Written out, the 20 rounds fuse into one loop over the words; JAX
+    lowers its own to a rolled loop of five steps on the CPU, each a pass of its
+    own: for 10 Gaussian columns at n = 512, a draw and its product took 1.30 - 1.32
+    of the product alone with JAX's, 1.02 - 1.10 written out."""
+    import jax.numpy as jnp
+
+    odd = count % 2
+    half = (count + odd) // 2
+    counters = jnp.arange(2 * half, dtype=jnp.uint32)
+    if odd:
+        counters = counters.at[-1].set(0)
+    schedule = (k0, k1, k0 ^ k1 ^ jnp.uint32(0x1BD11BDA))
+    x0, x1 = counters[:half] + schedule[0], counters[half:] + schedule[1]
+    for group in range(5):
+        for rotation in THREEFRY_ROTATIONS[group % 2]:
+            x0 = x0 + x1
+            x1 = (x1 << jnp.uint32(rotation)) | (x1 >> jnp.uint32(32 - rotation))
+            x1 = x1 ^ x0
+        x0 = x0 + schedule[(group + 1) % 3]
+        x1 = x1 + schedule[(group + 2) % 3] + jnp.uint32(group + 1)
+    words = jnp.concatenate([x0, x1])
+    return words[:count]
 
 
 def make_random_source(xp: Any, device: Any, seed: Any, like: Any = None) -> RandomSource:
