@@ -133,7 +133,8 @@ def test_torch_small_rademacher_blocks_are_the_unpacked_bytes(shape, monkeypatch
 def test_jax_threefry_written_out_gives_jax_threefry_words():
     """The draws' Threefry-2x32, written out so that its rounds fuse (JAX lowers its own to
     a rolled loop on the CPU), gives the words of ``jax.extend.random.threefry_2x32`` over
-    the counters 0..count-1: odd and even counts, keys with high bits set, compiled."""
+    the counters 0..count-1: odd and even counts, keys with high bits set, compiled; and
+    a Rademacher draw's columns are the bits of their keys' words."""
     pytest.importorskip("jax")
     import jax
     import jax.extend.random
@@ -151,6 +152,17 @@ def test_jax_threefry_written_out_gives_jax_threefry_words():
             np.testing.assert_array_equal(
                 np.asarray(written_out(k0, k1, count)), np.asarray(expected)
             )
+    # a Rademacher column j: bit i % 32 of word i // 32 of column j's key fold_in(key, j)
+    # (the words and the keys each made once, in a pass of their own: ``kept``)
+    key = jax.random.key(2**40 + 9)
+    drawn, signs = _random._jax_programs()["rademacher"](key, None, (100, 7), jnp.float64)
+    for j in range(7):
+        pair = jax.random.key_data(jax.random.fold_in(key, j))
+        words = np.asarray(
+            jax.extend.random.threefry_2x32((pair[0], pair[1]), jnp.arange(4, dtype=jnp.uint32))
+        )
+        bits = (words[np.arange(100) // 32] >> (np.arange(100) % 32).astype(np.uint32)) & 1
+        np.testing.assert_array_equal(np.asarray(signs)[:, j], 2.0 * bits - 1)
 
 
 def test_jax_gaussian_columns_are_standard_normal_from_both_words_of_each_hash():

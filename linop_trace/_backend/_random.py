@@ -294,13 +294,21 @@ def _jax_programs() -> dict[str, Callable[..., Any]]:
     import jax
     import jax.numpy as jnp
 
+    threefry = jax.random.key_impl(jax.random.key(0))  # (the default implementation)
+
     def column_keys(key: Any, drawn: Any, count: int) -> tuple[Any, Any]:
+        """The keys ``fold_in(key, j)`` of columns j = drawn .. drawn + count - 1: for a
+        threefry key, threefry2x32 of the pairs (0, j), written out (as the stream's
+        words, :func:`threefry_2x32`)."""
         drawn = jnp.zeros((), jnp.uint32) if drawn is None else drawn
         index = drawn + jnp.arange(count, dtype=drawn.dtype)
-        keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, index)
+        if jax.random.key_impl(key) != threefry:
+            return drawn + count, jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, index)
+        pair = jax.random.key_data(key)
+        y0, y1 = threefry_2x32_hash(pair[0], pair[1], jnp.zeros_like(index), index)
+        data = kept(jnp.stack([y0, y1], axis=1), pair[0])  # (each read by many words)
+        keys = jax.random.wrap_key_data(data, impl=threefry)
         return drawn + count, keys
-
-    threefry = jax.random.key_impl(jax.random.key(0))  # (the default implementation)
 
     def stream_words(key: Any, count: int) -> Any:
         """``count`` 32-bit words of one column's key: for a threefry key, threefry2x32
@@ -334,6 +342,7 @@ def _jax_programs() -> dict[str, Callable[..., Any]]:
         drawn, keys = column_keys(key, drawn, k)
         words_per_column = -(-n // 32)
         words = jax.vmap(lambda key: stream_words(key, words_per_column))(keys)
+        words = kept(words, words[0, 0])  # (each read for 32 signs)
         bits = (words[:, :, None] >> jnp.arange(32, dtype=jnp.uint32)) & 1
         signs = 2 * bits.reshape(k, -1)[:, :n].astype(dtype) - 1
         return drawn, signs.T
@@ -369,8 +378,32 @@ def threefry_2x32(k0: Any, k1: Any, count: int) -> Any:
     counters = jnp.arange(2 * half, dtype=jnp.uint32)
     if odd:
         counters = counters.at[-1].set(0)
+    x0, x1 = threefry_2x32_hash(k0, k1, counters[:half], counters[half:])
+    words = jnp.concatenate([x0, x1])
+    return words[:count]
+
+
+def kept(words: Any, salt: Any) -> Any:
+    """``words`` (unsigned integers), made in a pass of their own in a compiled program.
+
+    XLA fuses cheap elementwise work into the consumer, and a consumer that reads each
+    element several times then recomputes it at every read: the 20 Threefry rounds of a
+    word read for 32 Rademacher signs ran 32 times, 0.22 - 0.28 of a 512 x 512 x 20
+    product on the CPU (and a column's key hashed again for every word of the column
+    took minutes to compile). An integer division is an operation XLA does not fuse
+    into such a consumer, so the words are divided by 1, a 1 the compiler cannot know
+    (``(salt | 1) // (salt | 1)``, ``salt`` a scalar of the program's)."""
+    one = (salt | 1) // (salt | 1)
+    return words // one
+
+
+def threefry_2x32_hash(k0: Any, k1: Any, x0: Any, x1: Any) -> tuple[Any, Any]:
+    """Threefry-2x32 with key ``(k0, k1)`` of each pair ``(x0[i], x1[i])`` (uint32
+    arrays): 20 rounds of add, rotate and xor, the key injected after every four."""
+    import jax.numpy as jnp
+
     schedule = (k0, k1, k0 ^ k1 ^ jnp.uint32(0x1BD11BDA))
-    x0, x1 = counters[:half] + schedule[0], counters[half:] + schedule[1]
+    x0, x1 = x0 + schedule[0], x1 + schedule[1]
     for group in range(5):
         for rotation in THREEFRY_ROTATIONS[group % 2]:
             x0 = x0 + x1
@@ -378,8 +411,7 @@ def threefry_2x32(k0: Any, k1: Any, count: int) -> Any:
             x1 = x1 ^ x0
         x0 = x0 + schedule[(group + 1) % 3]
         x1 = x1 + schedule[(group + 2) % 3] + jnp.uint32(group + 1)
-    words = jnp.concatenate([x0, x1])
-    return words[:count]
+    return x0, x1
 
 
 def make_random_source(xp: Any, device: Any, seed: Any, like: Any = None) -> RandomSource:
