@@ -469,6 +469,12 @@ class LinearOperator:
             None of them may write into its input: the estimators reuse their probes
             after the product. (On NumPy a function that does is caught by a fingerprint
             of the block and refused with a ``ValueError``.)
+
+            Under JAX, when every function given is compiled by ``jax.jit``, a
+            fixed-budget estimate traces them into its own compiled program, as it does
+            for a stored matrix: the same values, without an eager dispatch per product
+            (a function's arrays closed over are fixed at its first trace, by ``jax.jit``
+            itself). Plain functions run eagerly, called once per block.
         shape : (int, int)
         dtype : dtype, optional
             Defaults to the dtype of ``like`` (integer and bool promoted to the default
@@ -496,7 +502,10 @@ class LinearOperator:
                [2., 2.],
                [3., 3.]])
         """
-        return _CallableOperator(matvec, matmat, rmatvec, rmatmat, shape, dtype, like, tags)
+        functions = [f for f in (matvec, matmat, rmatvec, rmatmat) if f is not None]
+        compiled = bool(functions) and all(backend.is_compiled_function(f) for f in functions)
+        kind = _CompiledCallableOperator if compiled else _CallableOperator
+        return kind(matvec, matmat, rmatvec, rmatmat, shape, dtype, like, tags)
 
 
 def _flatten_operator(operator: LinearOperator) -> tuple[tuple[Any, ...], Any]:
@@ -718,6 +727,14 @@ class _BatchedCallable:
         self.name = name
         self._vmapped = backend.vmap_columns(xp, function)
 
+    def __eq__(self, other: object) -> bool:  # (one structure for one function)
+        if not isinstance(other, _BatchedCallable):
+            return NotImplemented
+        return (self.function, self.xp, self.name) == (other.function, other.xp, other.name)
+
+    def __hash__(self) -> int:
+        return hash((_BatchedCallable, self.function, self.name))
+
     def __call__(self, X: Any) -> Any:
         if self._vmapped is not None:
             try:
@@ -816,6 +833,21 @@ class _CallableOperator(LinearOperator):
         if self._backward is None:
             return super()._rmatmat(X)
         return self._backward(X)
+
+
+class _CompiledCallableOperator(_CallableOperator):
+    """An operator of functions compiled by ``jax.jit``. Their author made them traceable,
+    and their arrays closed over are fixed when they are first traced, so an estimate may
+    trace them into its own program (one compiled program, as for a stored matrix) and
+    compute what their calls would. The functions are the operator's structure: operators
+    of the same functions share the program."""
+
+    _data_fields: tuple[str, ...] | None = ()
+
+    def __init__(self, *arguments: Any) -> None:
+        super().__init__(*arguments)
+        if not backend.compiles_estimates(self.xp):  # (jitted functions, `like` not JAX)
+            self._data_fields = None
 
 
 # ------------------------------------------------------------------------ algebra

@@ -619,6 +619,79 @@ def test_jax_eager_estimate_of_a_callable_runs_its_algebra_compiled(jax_setup):
     assert key is _random._jax_key(11) and int(count) == 3
 
 
+@pytest.mark.parametrize("case", CASES, ids=_ids)
+def test_jax_jitted_functions_join_the_compiled_estimate(jax_setup, case):
+    """An operator of functions compiled by ``jax.jit`` is traced into the estimate's one
+    program: it runs under the transfer guard, its values are those of the same functions
+    called eagerly (each wrapped in a plain function, which keeps the eager path), and a
+    second operator of the same functions runs the same program."""
+    jax, jnp = jax_setup
+    from linop_trace import _functions
+
+    quantity, method, tags = case
+    function = getattr(lt, quantity)
+    A = _jax_matrix(jnp, tags)
+    forward, backward = jax.jit(lambda X: A @ X), jax.jit(lambda X: A.T @ X)
+
+    def operator(matmat, rmatmat):
+        return lt.LinearOperator.from_callable(
+            matmat=matmat, rmatmat=rmatmat, shape=A.shape, like=A, tags=tags
+        )
+
+    key = jax.random.key(5)
+    eager = function(
+        operator(lambda X: forward(X), lambda X: backward(X)),
+        method=method,
+        num_matvecs=BUDGET,
+        seed=key,
+    )
+    assert _functions._LAST_CALLS[quantity].launch is None  # (plain functions: eager)
+    jitted = operator(forward, backward)
+    function(jitted, method=method, num_matvecs=BUDGET, seed=key)  # compiled once
+    with jax.transfer_guard("disallow"):
+        compiled = function(jitted, method=method, num_matvecs=BUDGET, seed=key)
+    launch = _functions._LAST_CALLS[quantity].launch
+    assert launch is not None
+    np.testing.assert_allclose(
+        numpy_of(compiled.value), numpy_of(eager.value), rtol=1e-12, atol=1e-12
+    )
+    if eager.stderr is not None:
+        np.testing.assert_allclose(numpy_of(compiled.stderr), numpy_of(eager.stderr), rtol=1e-9)
+    function(operator(forward, backward), method=method, num_matvecs=BUDGET, seed=key)
+    assert _functions._LAST_CALLS[quantity].launch.program is launch.program
+
+
+def test_jax_jitted_matvec_is_compiled_and_a_plain_function_keeps_eager(jax_setup):
+    """A jitted ``matvec`` (batched by ``jax.vmap``) compiles too, and two operators of it
+    share their structure; one plain function among jitted ones keeps the estimate eager,
+    as does a jitted function with an operator of another library."""
+    jax, jnp = jax_setup
+    from linop_trace import _functions
+
+    A = _jax_matrix(jnp, ())
+    matvec = jax.jit(lambda x: A @ x)
+    first = lt.LinearOperator.from_callable(matvec=matvec, shape=A.shape, like=A)
+    second = lt.LinearOperator.from_callable(matvec=matvec, shape=A.shape, like=A)
+    assert first.compilable() and jax.tree_util.tree_structure(
+        first
+    ) == jax.tree_util.tree_structure(second)
+    estimate = lt.trace(first, method="hutchinson", num_matvecs=BUDGET, seed=1)
+    assert _functions._LAST_CALLS["trace"].launch is not None
+    np.testing.assert_allclose(
+        float(estimate.value),
+        float(lt.trace(A, method="hutchinson", num_matvecs=BUDGET, seed=1).value),
+        rtol=1e-12,
+    )
+    mixed = lt.LinearOperator.from_callable(
+        matmat=jax.jit(lambda X: A @ X), rmatmat=lambda X: A.T @ X, shape=A.shape, like=A
+    )
+    assert not mixed.compilable()
+    lt.trace(mixed, method="hutchinson", num_matvecs=BUDGET, seed=1)
+    assert _functions._LAST_CALLS["trace"].launch is None
+    other = lt.LinearOperator.from_callable(matvec=matvec, shape=(SIZE, SIZE))  # NumPy
+    assert not other.compilable()
+
+
 def test_jax_array_passed_again_reuses_its_operator_without_holding_it(jax_setup):
     """``trace(A)`` on the same JAX array again, or on another of the same layout, takes
     the operator's attributes made the first time (they follow from the layout, and JAX

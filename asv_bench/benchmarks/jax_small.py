@@ -51,8 +51,8 @@ PSD = ("symmetric", "positive_semidefinite")
 
 #: label: (quantity, method, operator); operator "plain" (the dense array's operator, made
 #: once), "array" (the JAX array itself, as most users pass it: an operator is made at
-#: every call), "psd" (tagged symmetric positive semidefinite) or "products only" (behind
-#: from_callable).
+#: every call), "psd" (tagged symmetric positive semidefinite), "products only" (behind
+#: from_callable) or "jitted function" (behind from_callable, the function ``jax.jit``-ed).
 CASES: dict[str, tuple[str, str, str]] = {
     "hutchinson": ("trace", "hutchinson", "plain"),
     "hutchinson (the array)": ("trace", "hutchinson", "array"),
@@ -66,6 +66,8 @@ CASES: dict[str, tuple[str, str, str]] = {
     "xnystrace": ("trace", "xnystrace", "psd"),
     "auto": ("trace", "auto", "plain"),
     "hutchinson (products only)": ("trace", "hutchinson", "products only"),
+    "hutchinson (a jitted function)": ("trace", "hutchinson", "jitted function"),
+    "xtrace (a jitted function)": ("trace", "xtrace", "jitted function"),
     "auto (products only)": ("trace", "auto", "products only"),
     "diagonal hutchinson": ("diagonal", "hutchinson", "plain"),
     "diag++": ("diagonal", "diag++", "plain"),
@@ -87,6 +89,12 @@ def _operator(A: Any, kind: str) -> Any:
     if kind == "products only":
         return linop_trace.LinearOperator.from_callable(
             matmat=lambda X: A @ X, shape=A.shape, like=A
+        )
+    if kind == "jitted function":
+        import jax
+
+        return linop_trace.LinearOperator.from_callable(
+            matmat=jax.jit(lambda X: A @ X), shape=A.shape, like=A
         )
     return linop_trace.aslinearoperator(A, tags=PSD if kind == "psd" else ())
 

@@ -19,6 +19,7 @@ from ._compiled import (  # noqa: F401
     flat_program,
     flatten,
     is_array_like,
+    is_compiled_function,
     jit,
     product_precision,
     register_pytree,

@@ -20,6 +20,7 @@ __all__ = [
     "flat_program",
     "flatten",
     "is_array_like",
+    "is_compiled_function",
     "jit",
     "product_precision",
     "register_pytree",
@@ -61,6 +62,17 @@ def compiles_estimates(xp: Any) -> bool:
     JAX, whose eager operations each cost tens of microseconds and whose compiler fuses
     the passes (its arrays are immutable, so blocks would be copies anyway)."""
     return array_api_compat.is_jax_namespace(xp)
+
+
+def is_compiled_function(function: Any) -> bool:
+    """Whether ``function`` was compiled by ``jax.jit``: a function its author has made
+    traceable (pure, no host reads), whose arrays closed over are fixed when it is first
+    traced. An estimate may then trace it into its own program, with the same result."""
+    if not _module_loaded("jax"):
+        return False
+    import jax
+
+    return isinstance(function, jax.stages.Wrapped)
 
 
 # ---------------------------------------------------------------- JAX compilation
