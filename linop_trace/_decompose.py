@@ -113,14 +113,14 @@ def _shifted(
         estimate._value + exact,
         estimate._stderr,
         estimate.num_matvecs,
-        estimate.method,
+        estimate._method,
         estimate.converged,
         estimate._dof,
-        {**estimate.info, **info},
+        {**estimate._info, **info},
         shape_of=estimate._shape_of,
         checks=estimate._checks + checks,
     )
-    shifted._state = estimate._state
+    shifted._state, shifted._choice = estimate._state, estimate._choice
     inner = estimate._resume
     if inner is not None:
 

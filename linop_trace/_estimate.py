@@ -17,7 +17,14 @@ import numpy as np
 
 from . import _backend as backend
 
-__all__ = ["DeferredCheck", "Estimate", "edgeworth_quantile", "shape_statistics"]
+__all__ = [
+    "Choice",
+    "DeferredCheck",
+    "Estimate",
+    "chosen_estimate",
+    "edgeworth_quantile",
+    "shape_statistics",
+]
 
 
 def shape_statistics(samples: Any, xp: Any) -> tuple[Any, Any]:
@@ -191,10 +198,13 @@ class Estimate:
         self._value = value
         self._stderr = stderr
         self.num_matvecs = int(num_matvecs)
-        self.method = method
+        self._method = method
         self.converged = converged
         self._dof = dof
-        self.info = {} if info is None else dict(info)
+        self._info = {} if info is None else dict(info)
+        # a method chosen on the device (method="auto"): name, info, sample shape and
+        # refinement state are the chosen estimate's, known when first read
+        self._choice: Choice | None = None
         self._shape_of = shape_of
         self._shape: tuple[Any, Any] | None = None
         self._checks = tuple(checks)
@@ -207,7 +217,50 @@ class Estimate:
             self._verify()
 
     # -------------------------------------------------------------- lazy reading
+    @property
+    def method(self) -> str:
+        self._settle()
+        return self._method
+
+    @property
+    def info(self) -> dict:
+        self._settle()
+        return self._info
+
+    def _settle(self) -> None:
+        """Where the method was chosen on the device (see :class:`Choice`): read the
+        choice and take the chosen estimate's name, info, sample shape and refinement
+        state (the value, stderr and dof were selected on the device already). Under a
+        JAX trace the choice has no value: the name stays the chooser's."""
+        choice = self._choice
+        first = self._decide()
+        if choice is None or first is None:
+            return
+        chosen = choice.first if first else choice.second
+        if choice.scale is not None:  # (its info's arrays in the units of A)
+            chosen = chosen.divided_by(choice.scale)
+        self._choice = None
+        self._method = chosen._method
+        self._info = {**chosen._info, **self._info}
+        self._shape_of, self._shape = chosen._shape_of, None
+        if chosen._state is None:  # (the state kept is the other's: nothing to refine)
+            self._state = None
+
+    def _decide(self) -> bool | None:
+        """Whether the first of a :class:`Choice` was chosen, read once (``None``: no
+        choice, or a traced one), its notice given then: what reading the value needs,
+        before the name and info are settled (when asked for)."""
+        choice = self._choice
+        if choice is None or backend.is_tracer(choice.first_chosen):
+            return None
+        if choice.decision is None:
+            choice.decision = backend.read_bool(choice.first_chosen)
+            if not choice.decision and choice.notice is not None:
+                choice.notice(self, choice.first, choice.second)
+        return choice.decision
+
     def _verify(self) -> None:
+        self._decide()
         if not self._verified:
             for check in self._checks:
                 check.run()
@@ -229,6 +282,7 @@ class Estimate:
 
     def _sample_shape(self) -> tuple[Any, Any]:
         """The samples' skewness and kurtosis, computed (on the device) when first asked."""
+        self._settle()
         if self._shape is None:
             samples = self._shape_of
             if samples is None:
@@ -254,25 +308,33 @@ class Estimate:
         linear in A for the built-in methods) divided; dof and the samples' shape are
         scale-free, and ``info["auto"]``'s predicted variances go by ``scale**2``."""
         xp = backend.array_namespace(scale)
-        info = dict(self.info)
+        info = dict(self._info)
         floating = {key: item for key, item in info.items() if _scaled_with(xp, item)}
+        predictions = info.get("auto")
+        squares = (  # predicted variances: arrays where the choice was made on the device
+            {key: item for key, item in predictions.items() if _scaled_with(xp, item)}
+            if isinstance(predictions, dict)
+            else {}
+        )
         # one compiled program under JAX (eagerly, a dispatch per array otherwise)
-        value, stderr, scaled = backend.jit(xp, _divided)(
-            xp, scale, self._value, self._stderr, floating
+        value, stderr, scaled, squares = backend.jit(xp, _divided)(
+            xp, scale, self._value, self._stderr, floating, squares
         )
         info.update(scaled)
-        if isinstance(info.get("auto"), dict):
-            factor = backend.read_float(scale) if not backend.is_tracer(scale) else None
+        if isinstance(predictions, dict):
+            floats = any(isinstance(item, float) for item in predictions.values())
+            factor = backend.read_float(scale) if floats and not backend.is_tracer(scale) else None
             info["auto"] = {
                 key: (item / factor / factor if factor and isinstance(item, float) else item)
-                for key, item in info["auto"].items()
+                for key, item in predictions.items()
             }
-        return self._carrying(
+            info["auto"].update(squares)
+        divided = self._carrying(
             Estimate(
                 value,
                 stderr,
                 self.num_matvecs,
-                self.method,
+                self._method,
                 self.converged,
                 self._dof,
                 info,
@@ -280,6 +342,9 @@ class Estimate:
                 checks=self._checks,
             )
         )
+        if self._choice is not None:
+            divided._choice = self._choice.divided_by(scale)
+        return divided
 
     def with_checks(self, checks: tuple[DeferredCheck, ...], num_matvecs: int) -> Estimate:
         """The same estimate with more checks and the counted ``num_matvecs`` (used by
@@ -289,18 +354,18 @@ class Estimate:
                 self._value,
                 self._stderr,
                 num_matvecs,
-                self.method,
+                self._method,
                 self.converged,
                 self._dof,
-                self.info,
+                self._info,
                 shape_of=self._shape_of,
                 checks=self._checks + tuple(checks),
             )
         )
 
     def _carrying(self, other: Estimate) -> Estimate:
-        """``other`` with this estimate's refinement state and continuation."""
-        other._state, other._resume = self._state, self._resume
+        """``other`` with this estimate's refinement state, continuation and choice."""
+        other._state, other._resume, other._choice = self._state, self._resume, self._choice
         return other
 
     # ------------------------------------------------------------------ refinement
@@ -353,7 +418,8 @@ class Estimate:
         >>> more.num_matvecs, float(more) == float(whole)
         (100, True)
         """
-        if self._resume is None:
+        self._settle()
+        if self._resume is None or self._state is None:
             raise ValueError(
                 f"a {self.method!r} estimate cannot be refined: only Hutchinson's trace and "
                 "diagonal estimates (method='hutchinson', or 'auto' when it ran Hutchinson) "
@@ -451,8 +517,8 @@ class Estimate:
 
     # ---------------------------------------------------- JAX pytree (compiled runs)
     def _tree_flatten(self) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
-        arrays = {key: item for key, item in self.info.items() if backend.is_array_like(item)}
-        static = tuple((key, item) for key, item in self.info.items() if key not in arrays)
+        arrays = {key: item for key, item in self._info.items() if backend.is_array_like(item)}
+        static = tuple((key, item) for key, item in self._info.items() if key not in arrays)
         array_keys = tuple(arrays)
         children = (
             self._value,
@@ -462,10 +528,11 @@ class Estimate:
             tuple(arrays.values()),
             tuple((check.failed, check.evidence) for check in self._checks),
             self._state,
+            self._choice,
         )
         aux = (
             self.num_matvecs,
-            self.method,
+            self._method,
             self.converged,
             None if backend.is_array_like(self._dof) else self._dof,
             array_keys,
@@ -477,22 +544,128 @@ class Estimate:
     @classmethod
     def _tree_unflatten(cls, aux: tuple[Any, ...], children: tuple[Any, ...]) -> Estimate:
         num_matvecs, method, converged, static_dof, array_keys, static, errors = aux
-        value, stderr, dof, shape_of, arrays, checks, state = children
+        value, stderr, dof, shape_of, arrays, checks, state, choice = children
         info = dict(static.items)
         info.update(zip(array_keys, arrays))
         estimate = cls.__new__(cls)
         estimate._value, estimate._stderr = value, stderr
-        estimate.num_matvecs, estimate.method, estimate.converged = num_matvecs, method, converged
+        estimate.num_matvecs, estimate._method, estimate.converged = num_matvecs, method, converged
         estimate._dof = static_dof if dof is None else dof
-        estimate.info = info
+        estimate._info = info
         estimate._shape_of, estimate._shape = shape_of, None
         estimate._checks = tuple(
             DeferredCheck(failed, evidence, error)
             for (failed, evidence), error in zip(checks, errors)
         )
         estimate._verified = False
-        estimate._state, estimate._resume = state, None
+        estimate._state, estimate._resume, estimate._choice = state, None, choice
         return estimate
+
+
+class Choice:
+    """Which of two estimates of one run a method chose on the device (``method="auto"``
+    on torch, JAX and CuPy, where reading the deciding numbers would make the run wait):
+    ``first`` where the 0-d boolean array ``first_chosen`` is true, else ``second``.
+
+    The estimate that carries it (:func:`chosen_estimate`) has the chosen value, stderr
+    and dof (selected on the device); its ``method``, ``info``, sample shape and
+    refinement state are the chosen one's, read when first asked for, as its checks are.
+    ``notice(estimate, first, second)``, when given, runs then if ``second`` was chosen:
+    it may warn, or raise what the first's checks raise. ``scale``: the power of two the
+    two estimates' products were multiplied by (a 0-d array; ``None``: none), undone in
+    the chosen one when it is read (one division, not two, while the run goes on)."""
+
+    def __init__(
+        self,
+        first_chosen: Any,
+        first: Estimate,
+        second: Estimate,
+        notice: Callable[[Estimate, Estimate, Estimate], None] | None = None,
+        scale: Any = None,
+    ) -> None:
+        self.first_chosen = first_chosen
+        self.first, self.second = first, second
+        self.notice = notice
+        self.scale = scale
+        #: The choice read on the host (``None``: not yet).
+        self.decision: bool | None = None
+
+    def divided_by(self, scale: Any) -> Choice:
+        """The same choice between the two estimates of A from those of ``scale * A``."""
+        total = scale if self.scale is None else self.scale * scale
+        return Choice(self.first_chosen, self.first, self.second, self.notice, total)
+
+    def _tree_flatten(self) -> tuple[tuple[Any, ...], Any]:
+        return (self.first_chosen, self.first, self.second, self.scale), self.notice
+
+    @classmethod
+    def _tree_unflatten(cls, notice: Any, children: tuple[Any, ...]) -> Choice:
+        first_chosen, first, second, scale = children
+        return cls(first_chosen, first, second, notice, scale)
+
+
+backend.register_pytree(Choice, Choice._tree_flatten, Choice._tree_unflatten)
+
+
+def chosen_estimate(
+    first_chosen: Any,
+    first: Estimate,
+    second: Estimate,
+    info: dict[str, Any] | None = None,
+    notice: Callable[[Estimate, Estimate, Estimate], None] | None = None,
+    method: str = "auto",
+) -> Estimate:
+    """The estimate of a run that chose between ``first`` and ``second`` on the device
+    (see :class:`Choice`): no read on the host. Its value, stderr and dof are selected
+    where the arrays live; ``info`` holds what both share (added to the chosen one's);
+    ``method`` names the chooser until the choice is read (and under a JAX trace). The
+    two estimates' own checks are not kept: the choice, and ``notice``, stand for them.
+    The refinement state kept is the one estimate's that has one."""
+    xp = backend.array_namespace(first._value)
+    static = tuple(None if backend.is_array_like(e._dof) else e._dof for e in (first, second))
+    arrays = tuple(e._dof if backend.is_array_like(e._dof) else None for e in (first, second))
+    value, stderr, dof = backend.jit(xp, _selected, num_static=2)(
+        xp,
+        static,
+        first_chosen,
+        (first._value, second._value),
+        (first._stderr, second._stderr),
+        arrays,
+    )
+    estimate = Estimate(
+        value, stderr, max(first.num_matvecs, second.num_matvecs), method, dof=dof, info=info
+    )
+    estimate._choice = Choice(first_chosen, first, second, notice)
+    estimate._state = first._state if first._state is not None else second._state
+    return estimate
+
+
+def _selected(
+    xp: Any,
+    static_dofs: tuple[Any, Any],
+    first_chosen: Any,
+    values: tuple[Any, Any],
+    stderrs: tuple[Any, Any],
+    dofs: tuple[Any, Any],
+) -> tuple[Any, Any, Any]:
+    """Value, stderr and dof of the chosen estimate; a missing stderr or dof is NaN (the
+    dof then reads as ``None``: the normal quantile)."""
+    value = xp.where(first_chosen, values[0], values[1])
+    real = backend.real_dtype_for(xp, value.dtype)
+    device = backend.device_of(value)
+
+    def filled(x: Any, number: Any, shape: tuple[int, ...]) -> Any:
+        if x is not None:
+            return xp.astype(x, real)
+        number = math.nan if number is None else float(number)
+        return xp.full(shape, number, dtype=real, device=device)
+
+    stderr = None
+    if stderrs[0] is not None or stderrs[1] is not None:
+        pair = [filled(x, None, value.shape) for x in stderrs]
+        stderr = xp.where(first_chosen, pair[0], pair[1])
+    pair = [filled(x, number, ()) for x, number in zip(dofs, static_dofs)]
+    return value, stderr, xp.where(first_chosen, pair[0], pair[1])
 
 
 class _Static:
@@ -556,10 +729,16 @@ def _scaled_with(xp: Any, x: Any) -> bool:
 
 
 def _divided(
-    xp: Any, scale: Any, value: Any, stderr: Any, floating: dict[str, Any]
-) -> tuple[Any, Any, dict[str, Any]]:
+    xp: Any,
+    scale: Any,
+    value: Any,
+    stderr: Any,
+    floating: dict[str, Any],
+    squares: dict[str, Any],
+) -> tuple[Any, Any, dict[str, Any], dict[str, Any]]:
     """``value``, ``stderr`` (or ``None``) and the arrays of ``floating`` over ``scale`` (a
-    power of two: multiplied by its inverse, computed once per real dtype, exactly)."""
+    power of two: multiplied by its inverse, computed once per real dtype, exactly), and
+    those of ``squares`` (variances) over its square."""
     inverses: dict[Any, Any] = {}
 
     def down(x: Any) -> Any:
@@ -572,4 +751,5 @@ def _divided(
         down(value),
         None if stderr is None else down(stderr),
         {key: down(item) for key, item in floating.items()},
+        {key: down(down(item)) for key, item in squares.items()},
     )

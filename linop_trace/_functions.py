@@ -214,7 +214,10 @@ class _Launch:
         except KeyboardInterrupt as interrupt:  # one program: nothing partial to give
             raise EstimateInterrupted(None) from interrupt
         # its value's first read reads these flags: their copies start now, behind the work
-        backend.start_host_copies([check.failed for check in estimate._checks])
+        flags = [check.failed for check in estimate._checks]
+        if estimate._choice is not None:  # (a choice made on the device is read too)
+            flags.append(estimate._choice.first_chosen)
+        backend.start_host_copies(flags)
         if estimate._state is None:
             return estimate
         xp, device, is_key = self.xp, self.device, self.is_key
@@ -655,7 +658,7 @@ def _computed_once(estimate: Estimate) -> Estimate:
     one ``dask.compute``: each probe block's product runs once, not once per read. The
     checks are then run at once (as on NumPy); the values stay Dask arrays."""
     children, aux = estimate._tree_flatten()
-    *head, checks, state = children
+    *head, checks, state, choice = children
     parts = {} if state is None else {f.name: getattr(state, f.name) for f in fields(state)}
     sums = parts.get("sums")
     kept = [head, parts, {} if sums is None else dict(vars(sums))]
@@ -669,7 +672,7 @@ def _computed_once(estimate: Estimate) -> Estimate:
         parts["sums"] = copy.copy(sums)
         vars(parts["sums"]).update(sums_arrays)
     settled = type(estimate)._tree_unflatten(
-        aux, (*head, checks, None if state is None else replace(state, **parts))
+        aux, (*head, checks, None if state is None else replace(state, **parts), choice)
     )
     settled._verify()
     settled._resume = estimate._resume

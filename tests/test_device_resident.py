@@ -33,6 +33,11 @@ CASES = [
     ("diagonal", "diag++", ("symmetric",)),
     ("diagonal", "xdiag", ()),
     ("diagonal", "xdiag", ("symmetric",)),
+    # auto: exact on a stored matrix; on a callable, Hutchinson or XTrace chosen on the
+    # device (XNysTrace or its fallback with the tag), XDiag for a diagonal
+    ("trace", "auto", ()),
+    ("trace", "auto", ("symmetric", "positive_semidefinite")),
+    ("diagonal", "auto", ()),
 ]
 #: Waits inside torch itself on a CUDA device: its eigendecomposition and pseudo-inverse
 #: (SVD) read their LAPACK status on the host (XNysTrace, NA-Hutch++). No Python-level read
@@ -114,9 +119,13 @@ def _torch_operator(tags, kind="dense", device="cpu"):
 @pytest.mark.parametrize("kind", ["dense", "callable"])
 @pytest.mark.parametrize("case", CASES, ids=_ids)
 def test_torch_fixed_budget_estimate_reads_nothing_on_the_host(
-    no_host_reads, cuda_syncs_fail, torch_device, case, kind
+    no_host_reads, cuda_syncs_fail, torch_device, case, kind, monkeypatch
 ):
     quantity, method, tags = case
+    if method == "auto":  # on a CPU auto reads its choice (free there): the GPU's path
+        from linop_trace.estimators import _auto
+
+        monkeypatch.setattr(_auto, "_chooses_on_host", lambda request, products: False)
     operator, A = _torch_operator(tags, kind, torch_device)
     function = getattr(lt, quantity)
     function(operator, method=method, num_matvecs=BUDGET, seed=0).value  # noqa: B018 - warm-up
@@ -243,8 +252,8 @@ def test_jax_compiled_estimate_raises_on_a_non_finite_product(jax_setup, case):
     samples it flows into (Hutchinson-type methods, so that XLA fuses the product with
     their sum) or on the product itself (the rest): either way a NaN in one entry of A
     raises when the estimate is read, and ``check_finite=False`` returns it. (The exact
-    methods read the stored diagonal, and XNysTrace's own overflow check names the Gram
-    matrix instead.)"""
+    methods, and auto on a stored matrix, read the stored diagonal, and XNysTrace's own
+    overflow check names the Gram matrix instead.)"""
     jax, jnp = jax_setup
     quantity, method, tags = case
     values = test_matrix("poly", SIZE, seed=0)
@@ -254,11 +263,12 @@ def test_jax_compiled_estimate_raises_on_a_non_finite_product(jax_setup, case):
     estimate = function(operator, method=method, num_matvecs=BUDGET, seed=0)
     message = {
         "exact": "diagonal holds non-finite",
+        "auto": "diagonal holds non-finite",  # (exact: the matrix stores its diagonal)
         "xnystrace": "Gram matrix under A overflowed",
     }.get(method, "non-finite.*check_finite=False")
     with pytest.raises(FloatingPointError, match=message):
         estimate.value  # noqa: B018
-    if method in ("exact", "xnystrace"):
+    if method in ("exact", "auto", "xnystrace"):
         return
     quiet = function(operator, method=method, num_matvecs=BUDGET, seed=0, check_finite=False)
     assert not np.all(np.isfinite(numpy_of(quiet.value)))

@@ -68,6 +68,7 @@ CASES: dict[str, tuple[str, str, str]] = {
     "hutchinson (products only)": ("trace", "hutchinson", "products only"),
     "hutchinson (a jitted function)": ("trace", "hutchinson", "jitted function"),
     "xtrace (a jitted function)": ("trace", "xtrace", "jitted function"),
+    "auto (a jitted function)": ("trace", "auto", "jitted function"),
     "auto (products only)": ("trace", "auto", "products only"),
     "diagonal hutchinson": ("diagonal", "hutchinson", "plain"),
     "diag++": ("diagonal", "diag++", "plain"),

@@ -21,6 +21,11 @@ docs/estimators/auto.rst).
 Operators tagged ``"positive_semidefinite"`` get XNysTrace with the whole budget (if
 its products contradict the tag, Hutchinson's estimate from the same products).
 
+Where a read would wait for a device (GPUs) or has no value (a JAX trace), the choice is
+made on the device instead of read: the second half's product is of XTrace's basis or of
+Hutchinson's next probes, selected there; both estimates are completed and one is
+selected (:func:`~linop_trace._estimate.chosen_estimate`).
+
 Diagonal: exact when cheap, else ``"xdiag"`` when registered (looked up at call time),
 the probes are Rademacher or Steinhaus (the default) and the operator has an adjoint
 (XDiag needs A^H); else Diag++ when the operator has an adjoint, else Hutchinson's
@@ -35,7 +40,7 @@ import warnings
 from typing import Any
 
 from .. import _backend as backend
-from .._estimate import Estimate
+from .._estimate import Estimate, chosen_estimate
 from ._base import EstimationRequest, Estimator
 from ._linalg import (
     column_inner,
@@ -125,7 +130,10 @@ class Auto(Estimator):
     and XTrace; from them the variance of each is predicted (see the module docstring)
     and the better one is completed with the other half, reusing every product. The
     result's ``method`` is the method used (``"hutchinson"`` or ``"xtrace"``) and
-    ``info["auto"]`` holds the two predictions. For a diagonal: XDiag when registered
+    ``info["auto"]`` holds the two predictions. On CPU arrays the predictions are read
+    to choose; on a GPU and under a JAX trace the choice is made on the device, with no
+    read (both methods completed from the same products, one selected: see
+    docs/estimators/auto.rst). For a diagonal: XDiag when registered
     and the probes are Rademacher/Steinhaus, else Diag++ (operators with an adjoint),
     else Hutchinson's diagonal estimator; with a tolerance (XDiag has no adaptive
     stopping) Diag++ or Hutchinson from a first budget of 32, as for traces. Estimates
@@ -170,6 +178,17 @@ class Auto(Estimator):
     def __repr__(self) -> str:
         return f"Auto(trace_method={self.trace_method!r}, diagonal_method={self.diagonal_method!r})"
 
+    @property
+    def jit_compatible(self) -> bool:  # type: ignore[override]
+        """Whether a fixed-budget estimate reads nothing on the host: the choice between
+        Hutchinson and XTrace (or XNysTrace and its fallback) is made on the device, so
+        it is, unless a method it hands the work to reads (a fixed method given, or an
+        ``"xdiag"`` registered in place of the built-in one)."""
+        methods = [self.trace_method, self.diagonal_method]
+        if "xdiag" in available_methods("diagonal"):
+            methods.append(get_estimator("xdiag", "diagonal"))
+        return all(getattr(m, "jit_compatible", False) for m in methods if m is not None)
+
     def uses_exact(self, request: EstimationRequest) -> bool:
         """Whether ``request`` is computed exactly: the budget (``max_matvecs`` with a
         tolerance) covers n columns, or the operator stores its diagonal. What
@@ -202,6 +221,8 @@ class Auto(Estimator):
         s = max(2, min(budget // 2, request.n))
         probes = request.probes.independent(s)
         images = request.matmat(probes)
+        if not _chooses_on_host(request, images):
+            return _chosen_on_device(request, budget, probes, images)
         hutch_var, xtrace_var, basis, directions = predict_variances(probes, images, budget, xp)
         choice = {"hutchinson_variance": hutch_var, "xtrace_variance": xtrace_var}
         if xtrace_var < hutch_var:  # False for NaN (no values to compare): Hutchinson
@@ -223,6 +244,14 @@ class Auto(Estimator):
         m = min(request.num_matvecs, request.n)
         probes = request.probes.independent(m)
         images = request.matmat(probes)
+        if not _chooses_on_host(request, images):  # both completed, chosen on the device
+            nystrom = _finishing_builtin("xnystrace").finish_trace(request, probes, images)
+            samples = [column_inner(probes, images, xp)]
+            request = dataclasses.replace(request, num_matvecs=m)
+            hutchinson = _finishing_builtin("hutchinson").finish_trace(request, samples)
+            failed = [check.failed for check in nystrom._checks]
+            passed = ~(failed[0] if len(failed) == 1 else xp.any(xp.stack(failed)))
+            return chosen_estimate(passed, nystrom, hutchinson, notice=_fell_back)
         try:
             estimate = _finishing_builtin("xnystrace").finish_trace(request, probes, images)
             estimate.value  # noqa: B018 - runs its positive-semidefiniteness check
@@ -271,3 +300,76 @@ class Auto(Estimator):
             if method is None:
                 method = builtin("hutchinson")
         return method.diagonal(request)
+
+
+def _chooses_on_host(request: EstimationRequest, products: Any) -> bool:
+    """Whether the choice is read on the host: where the arrays are on the CPU and have
+    values (NumPy, torch, JAX outside a trace; there the read waits for no device, and
+    completing only the chosen method costs less), on Dask (a read computes the graph
+    built so far, once) and in adaptive runs (which read once per round anyway). On an
+    accelerator, and under a JAX trace (where no value can be read: ``jax.jit``, the
+    estimate's own compiled program), both estimates are completed from the same
+    products and the choice is made on the device."""
+    xp = request.xp
+    if request.adaptive or backend.reads_are_free(xp) or backend.is_dask_namespace(xp):
+        return True
+    return not backend.is_tracer(products) and not backend.is_accelerator(request.device)
+
+
+def _chosen_on_device(
+    request: EstimationRequest, budget: int, probes: Any, images: Any
+) -> Estimate:
+    """Auto's trace with no read on the host. The second half of the budget is one
+    product of the same width either way: of XTrace's basis Q where XTrace is predicted
+    better (its last column, for an odd budget, being Hutchinson's next probe, so that the
+    count is that of the host's choice plus that column), else of Hutchinson's next probes
+    (drawn from the stream as the host's choice draws them). Both estimates are then
+    completed from these products, and the prediction selects one on the device: the
+    estimate the host's choice gives, to rounding."""
+    xp = request.xp
+    s = int(probes.shape[1])
+    hutch_var, xtrace_var, use_xtrace, basis, directions = backend.jit(
+        xp, _device_choice, num_static=2
+    )(xp, budget, probes, images)
+    rest = budget - s
+    drawn = [request.probes(width) for width in request.blocks(rest)]
+    fresh = drawn[0] if len(drawn) == 1 else xp.concat(drawn, axis=1)
+    sketch = basis if rest == s else xp.concat([basis, fresh[:, s:]], axis=1)
+    products = request.matmat(xp.where(use_xtrace, sketch, fresh))
+    xtrace = _finishing_builtin("xtrace").finish_trace(
+        request, probes, images, basis, directions, basis_images=products[:, :s]
+    )
+    samples = [xp.concat([column_inner(probes, images, xp), column_inner(fresh, products, xp)])]
+    request = dataclasses.replace(request, num_matvecs=budget)
+    hutchinson = _finishing_builtin("hutchinson").finish_trace(request, samples)
+    info = {"auto": {"hutchinson_variance": hutch_var, "xtrace_variance": xtrace_var}}
+    return chosen_estimate(use_xtrace, xtrace, hutchinson, info=info)
+
+
+def _device_choice(xp: Any, budget: int, probes: Any, images: Any) -> tuple[Any, ...]:
+    """:func:`predict_variances` with the comparison on the device: the two predicted
+    variances, whether XTrace's is the smaller (False for NaN), the basis and the
+    downdate directions."""
+    s = probes.shape[1]
+    spread, rho_mean, basis, directions = _prediction_terms(xp, probes, images)
+    factor = 1.0 if backend.is_complex_dtype(xp, probes.dtype) else 2.0
+    hutch_var = spread / max(s - 1, 1) / budget
+    xtrace_var = factor * rho_mean / s
+    return hutch_var, xtrace_var, xtrace_var < hutch_var, basis, directions
+
+
+def _fell_back(estimate: Estimate, nystrom: Estimate, hutchinson: Estimate) -> None:
+    """XNysTrace's check failed, so the estimate is Hutchinson's from the same products:
+    its error says why (raised where the Gram matrix overflowed, else given as a warning
+    and kept in ``info["auto"]``), as when the choice is made on the host."""
+    try:
+        for check in nystrom._checks:
+            check.run()
+    except ValueError as error:
+        warnings.warn(
+            f"{error}; the operator is tagged positive_semidefinite, so method='auto' "
+            "falls back to Hutchinson's estimate from the same products",
+            RuntimeWarning,
+            stacklevel=5,
+        )
+        estimate._info["auto"] = str(error)

@@ -258,6 +258,7 @@ def xtrace_core(
     images: Any = None,
     basis: Any = None,
     directions: Any = None,
+    basis_images: Any = None,
 ) -> XTraceResult:
     """XTrace with the probe block ``probes`` (n, s): products ``A Omega`` then ``A Q``.
 
@@ -271,7 +272,7 @@ def xtrace_core(
         The improved normalization (rotation-invariant probes only).
     images : array (n, s), optional
         ``A @ probes`` when already multiplied (by ``method="auto"``); then ``basis`` and
-        its ``directions`` may come along too.
+        its ``directions`` may come along too, and ``basis_images`` = ``A @ basis``.
     """
     if images is None:
         images = matmat(probes)
@@ -279,7 +280,8 @@ def xtrace_core(
     if basis is None:
         basis, triangular = orthonormal_factors(images, xp)
         directions = None
-    basis_images = matmat(basis)
+    if basis_images is None:
+        basis_images = matmat(basis)
     estimates, pseudo, value, error = xtrace_estimates(
         probes, images, basis, basis_images, xp, improved, triangular, directions
     )
@@ -364,13 +366,22 @@ class XTrace(ProbeOption):
         basis: Any = None,
         directions: Any = None,
         info: dict | None = None,
+        basis_images: Any = None,
     ) -> Estimate:
-        """XTrace from ``probes`` (and their ``images``, basis and downdate ``directions``
-        where ``method="auto"`` has them already), doubling with a tolerance."""
+        """XTrace from ``probes`` (and their ``images``, basis, downdate ``directions`` and
+        ``basis_images`` = A @ basis where ``method="auto"`` has them already), doubling
+        with a tolerance."""
         xp = request.xp
         improved = request.probes.rotation_invariant
         result = xtrace_core(
-            request.matmat, probes, xp, improved, images=images, basis=basis, directions=directions
+            request.matmat,
+            probes,
+            xp,
+            improved,
+            images=images,
+            basis=basis,
+            directions=directions,
+            basis_images=basis_images,
         )
         converged = None
         if request.adaptive:

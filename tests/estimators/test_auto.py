@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import warnings
+
 import array_api_compat.numpy as npx
 import numpy as np
 import pytest
+from conftest import numpy_of
 
 import linop_trace as lt
 from linop_trace._testing import test_matrix
@@ -258,3 +261,135 @@ def test_adaptive_diagonal_meets_the_tolerance(adjoint, method):
     assert est.quantile(0.95) * np.max(est.stderr) <= 0.1 * np.max(np.abs(est.value))
     est = lt.diagonal(op, rtol=1e-6, max_matvecs=100, seed=0)
     assert est.method == method and est.converged is False and est.num_matvecs == 100
+
+
+def _on_device_and_on_host(backend, monkeypatch, M, budget, tags=()):
+    """The estimate of ``M`` (known by products) with the choice made on the device, and
+    the same run with the choice read on the host, as NumPy makes it."""
+    from linop_trace.estimators import _auto
+
+    A = backend.asarray(M)
+    operator = lt.LinearOperator.from_callable(
+        matmat=lambda X: A @ X, shape=M.shape, like=A, tags=tags
+    )
+    results = []
+    for host in (False, True):  # (the device's path is forced on a CPU, as on a GPU)
+        monkeypatch.setattr(_auto, "_chooses_on_host", lambda request, products, h=host: h)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            estimate = lt.trace(operator, num_matvecs=budget, seed=3)
+            unread = estimate._choice is not None  # (nothing read yet)
+            numbers = (float(estimate.value), float(estimate.stderr), *estimate.ci())
+            results.append((estimate, numbers, [str(w.message) for w in caught], unread))
+    return results
+
+
+@pytest.mark.parametrize(
+    ("spectrum", "budget", "method"),
+    [("flat", 20, "hutchinson"), ("flat", 21, "hutchinson"), ("poly", 20, "xtrace")],
+)
+def test_choice_on_the_device_gives_the_hosts_estimate(
+    backend, monkeypatch, spectrum, budget, method
+):
+    """On a GPU and under a JAX trace the choice is made on the device (no read while
+    the estimate runs): the estimate is the one the host's choice gives, to rounding; its
+    method, info and interval are the chosen method's, read when first asked for."""
+    M = test_matrix(spectrum, 300)
+    (device, numbers, _, unread), (host, host_numbers, _, _) = _on_device_and_on_host(
+        backend, monkeypatch, M, budget
+    )
+    assert unread
+    np.testing.assert_allclose(numbers, host_numbers, rtol=1e-10)
+    assert device.method == host.method == method
+    assert device.dof == host.dof and device.num_matvecs == host.num_matvecs == budget
+    assert sorted(device.info) == sorted(host.info)
+    predictions = {key: float(item) for key, item in device.info["auto"].items()}
+    np.testing.assert_allclose(
+        list(predictions.values()), list(host.info["auto"].values()), rtol=1e-10
+    )
+    if method == "hutchinson":  # shape-corrected interval: the same samples' shape
+        assert device.skewness == pytest.approx(host.skewness, rel=1e-8)
+    else:
+        assert device.skewness is None and host.skewness is None
+
+
+def test_xtrace_chosen_on_the_device_spends_an_odd_budgets_last_column(backend, monkeypatch):
+    """With an odd budget XTrace's second pass is one column narrower than Hutchinson's;
+    on the device both go through one product of Hutchinson's width, so XTrace's
+    estimate (the host's, to rounding) counts that column too."""
+    M = test_matrix("poly", 300)
+    (device, numbers, _, _), (host, host_numbers, _, _) = _on_device_and_on_host(
+        backend, monkeypatch, M, 21
+    )
+    np.testing.assert_allclose(numbers, host_numbers, rtol=1e-10)
+    assert device.method == host.method == "xtrace"
+    assert (device.num_matvecs, host.num_matvecs) == (21, 20)
+
+
+def test_psd_fallback_chosen_on_the_device_warns_when_read(backend, monkeypatch):
+    """XNysTrace's check of the tag decides on the device too: an operator that is not
+    positive semidefinite gets Hutchinson's estimate from the same products, with the
+    host's warning and info, given when the estimate is read."""
+    if backend.name in ("numpy", "scipy", "strict"):
+        pytest.skip("where reads are free checks raise at once: the host reads the choice")
+    M = test_matrix("flat", 300) - 2.5 * np.eye(300)  # eigenvalues in [-1.5, 0.5]
+    tags = ("symmetric", "positive_semidefinite")
+    (device, numbers, warned, _), (host, host_numbers, host_warned, _) = _on_device_and_on_host(
+        backend, monkeypatch, M, 20, tags
+    )
+    np.testing.assert_allclose(numbers, host_numbers, rtol=1e-10)
+    assert device.method == host.method == "hutchinson"
+    assert warned == host_warned and len(warned) == 1 and "falls back" in warned[0]
+    assert device.info["auto"] == host.info["auto"]
+
+
+def test_refine_after_a_choice_on_the_device(backend, monkeypatch):
+    """An estimate whose choice was made on the device refines where it chose Hutchinson
+    (the run's samples are kept) and refuses where it chose XTrace."""
+    from linop_trace.estimators import _auto
+
+    monkeypatch.setattr(_auto, "_chooses_on_host", lambda request, products: False)
+    for spectrum, refinable in (("flat", True), ("poly", False)):
+        A = backend.asarray(test_matrix(spectrum, 300))
+        operator = lt.LinearOperator.from_callable(
+            matmat=lambda X, A=A: A @ X, shape=A.shape, like=A
+        )
+        first = lt.trace(operator, num_matvecs=20, seed=4)
+        assert first._choice is not None
+        if refinable:
+            more = first.refine(operator, num_matvecs=10)
+            assert more.num_matvecs == 30 and more.method == "hutchinson"
+            samples = numpy_of(more.info["samples"])
+            assert samples.shape == (30,)
+            np.testing.assert_array_equal(samples[:20], numpy_of(first.info["samples"]))
+            assert float(more.value) == pytest.approx(samples.mean(), rel=1e-12)
+        else:
+            with pytest.raises(ValueError, match="cannot be refined"):
+                first.refine(operator, num_matvecs=10)
+
+
+def test_the_choice_is_read_on_the_cpu_and_made_on_the_device_under_a_trace(backend):
+    """On the CPU, outside a JAX trace, the choice is read (no device to wait for, and
+    only the chosen method is completed); under ``jax.jit`` it is made on the device, and
+    the estimate is the eager one (before, a trace had no value to choose by)."""
+    M = test_matrix("poly", 300)
+    A = backend.asarray(M)
+    operator = lt.LinearOperator.from_callable(matmat=lambda X: A @ X, shape=M.shape, like=A)
+    eager = lt.trace(operator, num_matvecs=20, seed=1)
+    assert eager._choice is None and eager.method == "xtrace"
+    if backend.name != "jax":
+        return
+    import jax
+
+    def traced(matrix):
+        inner = lt.LinearOperator.from_callable(
+            matmat=lambda X: matrix @ X, shape=M.shape, like=matrix
+        )
+        estimate = lt.trace(inner, num_matvecs=20, seed=1)
+        assert estimate.method == "auto"  # (a traced choice has no value to read)
+        return estimate.value, estimate.stderr
+
+    value, stderr = jax.jit(traced)(A)
+    np.testing.assert_allclose(
+        [float(value), float(stderr)], [float(eager.value), float(eager.stderr)], rtol=1e-10
+    )
