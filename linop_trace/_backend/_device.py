@@ -129,14 +129,22 @@ def read_float(x: Any) -> float | None:
 
 
 def start_host_copies(arrays: Any) -> None:
-    """Start copying device arrays that the host will read soon (an estimate's
-    finiteness flags) as soon as they are computed: JAX's ``copy_to_host_async``; a no-op
-    for other libraries and for tracers. Read right after its program ends, a JAX array
-    waits for that copy (10-15 us on the CPU after a 200 us program, 0.06 of a 512 x 20
-    product); started at dispatch, the copy is done by the time of the read."""
+    """Start copying accelerator arrays that the host will read soon (an estimate's
+    finiteness flags) as soon as they are computed: JAX's ``copy_to_host_async``, so that
+    the read finds the copy done instead of waiting for a transfer after the program.
+
+    A no-op for other libraries, for tracers and for arrays on JAX's CPU, which the host
+    reads in place: there the call queues work of its own beside the program (JAX 0.10:
+    a Hutchinson estimate at n = 512, m = 20 took 1.32-1.35 of a 512 x 20 product with
+    it, 1.26 without; at n = 200, 2.05-2.49 against 1.89-2.13)."""
     for x in arrays:
-        if array_api_compat.is_jax_array(x) and is_concrete(x):
+        if array_api_compat.is_jax_array(x) and is_concrete(x) and not _on_host(x):
             x.copy_to_host_async()
+
+
+def _on_host(x: Any) -> bool:
+    """Whether a concrete JAX array lives on a CPU device (the host's memory)."""
+    return all(device.platform == "cpu" for device in x.devices())
 
 
 def read_bool(x: Any) -> bool:
