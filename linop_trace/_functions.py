@@ -196,7 +196,17 @@ class _Launch:
     """One compiled fixed-budget estimate: called with the operator's arrays and the
     seed, it runs the program and gives the Estimate, refinable where its method says."""
 
-    __slots__ = ("device", "estimator", "facts", "is_key", "program", "quantity", "settings", "xp")
+    __slots__ = (
+        "copies",
+        "device",
+        "estimator",
+        "facts",
+        "is_key",
+        "program",
+        "quantity",
+        "settings",
+        "xp",
+    )
 
     def __init__(
         self, program: Any, is_key: bool, static: tuple[Any, ...], operator: LinearOperator
@@ -205,6 +215,9 @@ class _Launch:
         self.estimator, self.quantity, self.settings, _ = static
         self.facts = _facts(operator)
         self.xp, self.device = operator.xp, operator.device
+        # the flags' host copies are started on accelerators only (see start_host_copies):
+        # on the CPU the per-call test of every flag's device would cost microseconds
+        self.copies = self.device is None or backend.is_accelerator(self.device)
 
     def __call__(self, leaves: list[Any], seed_argument: Any) -> Estimate:
         try:
@@ -214,10 +227,11 @@ class _Launch:
         except KeyboardInterrupt as interrupt:  # one program: nothing partial to give
             raise EstimateInterrupted(None) from interrupt
         # its value's first read reads these flags: their copies start now, behind the work
-        flags = [check.failed for check in estimate._checks]
-        if estimate._choice is not None:  # (a choice made on the device is read too)
-            flags.append(estimate._choice.first_chosen)
-        backend.start_host_copies(flags)
+        if self.copies:
+            flags = [check.failed for check in estimate._checks]
+            if estimate._choice is not None:  # (a choice made on the device is read too)
+                flags.append(estimate._choice.first_chosen)
+            backend.start_host_copies(flags)
         if estimate._state is None:
             return estimate
         xp, device, is_key = self.xp, self.device, self.is_key
