@@ -103,3 +103,61 @@ class TrackSlqOverFloor:
         return estimate / floor
 
     track_ratio.unit = "SLQ time / its products' time"
+
+
+class TrackLanczosStepBound:
+    """The least a Lanczos step can cost over its product, on the sparse operator.
+
+    After its product ``w = A q``, a step needs ``alpha = q^H w``, a sum over all n rows,
+    before it can form ``w - alpha q`` (and ``- beta q_prev``, which a kernel could fold
+    into the product's own pass); so even a kernel that computed ``alpha`` inside the
+    product, and deferred the scaling by 1/beta into the next one, makes one more pass
+    over the block after it: it reads ``w`` and ``q`` and writes ``w``, the bytes of one
+    and a half copies of the block. ``track_ratio`` returns (product + 1.5 copies) /
+    product, the copy and the product (into a reused block, as SLQ's) timed interleaved,
+    best of 7, one thread: a lower bound on SLQ over its floor (``TrackSlqOverFloor``)
+    for any implementation that keeps its vectors in memory. NumPy and torch on the CPU
+    (JAX's floor is its dispatched products; this bound is not its).
+    """
+
+    params = (["numpy", "torch"],)
+    param_names = ["library"]
+    timeout = 300
+    setup_cache = staticmethod(_operators)
+
+    def setup(self, operators: dict[str, Any], library: str) -> None:
+        pin_threads()
+        backend = get_backend(library, "cpu")
+        pin_threads()
+        from linop_trace._backend import product_into
+
+        stored = operators["sparse 2-d Laplacian"]
+        A = backend.sparse(stored)
+        m, _ = SIZES["sparse 2-d Laplacian"]
+        n = stored.shape[0]
+        block = backend.dense(np.random.default_rng(0).choice([-1.0, 1.0], size=(n, m)))
+        buffer = backend.dense(np.zeros((n, m)))
+        copy = backend.dense(np.zeros((n, m)))
+
+        def product() -> None:
+            _into_or_fresh(product_into(A, block, buffer), A, block)
+
+        if library == "torch":
+
+            def copy_block() -> None:
+                copy.copy_(block)
+
+        else:
+
+            def copy_block() -> None:
+                np.copyto(copy, block)
+
+        self.calls = [product, copy_block]
+        product()
+        copy_block()
+
+    def track_ratio(self, operators: dict[str, Any], library: str) -> float:
+        product, copy = interleaved_best(self.calls)
+        return (product + 1.5 * copy) / product
+
+    track_ratio.unit = "(product + one pass of 2 reads and 1 write) / product"
