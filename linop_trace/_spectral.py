@@ -149,6 +149,9 @@ def batched_lanczos(
     # costs its page faults: 3x the arithmetic, measured on a 2-d Laplacian, where the
     # products are as cheap as the vector work)
     in_place = not reorthogonalize and backend.writes_in_place(q)
+    # the products' finiteness is checked once, through the alphas (cover_all below)
+    counting = matmat if isinstance(matmat, CountingMatmat) else None
+    covered = counting is not None and counting.check_finite
     work = xp.empty_like(q) if in_place else None
     scratch = xp.empty_like(q) if in_place else None
     for step in range(steps):
@@ -158,7 +161,10 @@ def batched_lanczos(
             )
         # the product into the block the recurrence writes, where it can (its fresh pages
         # otherwise: torch's CSR products took 3.7x as long, see product_into)
-        w = matmat(q, out=work) if in_place and isinstance(matmat, CountingMatmat) else matmat(q)
+        if counting is not None:
+            w = counting(q, out=work if in_place else None, covered=covered)
+        else:
+            w = matmat(q)
         alpha = backend.real_part(xp, backend.column_inner(xp, q, w))
         alphas.append(alpha)
         writable = in_place and backend.writes_in_place(w)  # (no gradient flows through w)
@@ -186,6 +192,8 @@ def batched_lanczos(
         else:
             previous, q = q, w * inverse
     alpha_array = xp.stack(alphas, axis=1)
+    if counting is not None and covered:
+        counting.cover_all(alpha_array)
     beta_array = xp.stack(betas, axis=1)
     # steps after a column stopped (its couplings are zero from there on): its first
     # Rayleigh quotient on the diagonal
@@ -296,7 +304,32 @@ def lanczos_quadrature(
     For f whose derivatives of orders 2k and 2k + 1 keep their signs on the spectrum (log,
     inverse, exp, sqrt), the Gauss rule and one of the Radau rules bracket
     z^H f(A) z / |z|^2 (Golub and Meurant), so ``error`` bounds the quadrature error
-    when the ends enclose the spectrum."""
+    when the ends enclose the spectrum.
+
+    A probe whose coefficients are not all finite (a non-finite product: its check
+    raises when the estimate is read) gets NaN throughout: its tridiagonal goes to the
+    eigensolver as the identity, since torch's and NumPy's refuse NaN with a LinAlgError
+    of their own, which would name the eigensolver instead of the product."""
+    finite = xp.all(xp.isfinite(alphas), axis=1) & xp.all(xp.isfinite(betas), axis=1)
+    alphas = xp.where(finite[:, None], alphas, xp.ones_like(alphas))
+    betas = xp.where(finite[:, None], betas, xp.zeros_like(betas))
+    values, error, nodes, weights = _quadrature(alphas, betas, function, xp, ends, positive)
+    nan = xp.asarray(math.nan, dtype=values.dtype, device=backend.device_of(values))
+    values, error = xp.where(finite, values, nan), xp.where(finite, error, nan)
+    nodes = xp.where(finite[:, None], nodes, nan)
+    weights = xp.where(finite[:, None], weights, nan)
+    return values, error, nodes, weights
+
+
+def _quadrature(
+    alphas: Any,
+    betas: Any,
+    function: Callable[[Any, Any], Any],
+    xp: Any,
+    ends: tuple[Any, Any] | None,
+    positive: bool,
+) -> tuple[Any, Any, Any, Any]:
+    """:func:`lanczos_quadrature` of finite coefficients."""
     nodes, vectors = xp.linalg.eigh(_tridiagonal(alphas, betas, xp))
     weights = vectors[:, 0, :] ** 2
     values = xp.sum(weights * function(xp, nodes), axis=1)

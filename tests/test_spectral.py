@@ -259,6 +259,58 @@ def test_non_finite_product_is_named():
         lt.trace_exp(A, num_matvecs=40, lanczos_steps=5, seed=0)
 
 
+@pytest.mark.parametrize("step", [0, 3])
+def test_a_non_finite_product_at_any_lanczos_step_is_named(backend, step):
+    """Lanczos checks its products through its coefficients (each alpha_j = q_j^H A q_j
+    takes in every entry of A q_j), not one pass per product: a NaN that the operator
+    returns at one step, in one entry of one column, still raises, on every backend
+    (at once on NumPy, when the value is read elsewhere)."""
+    n, m, steps = 30, 4, 5
+    A = backend.asarray(spd_matrix(np.linspace(1.0, 2.0, n)))
+    calls = []
+
+    def matmat(X):
+        calls.append(1)
+        product = A @ X
+        if len(calls) == step + 1:  # one entry of this step's product
+            mask = np.zeros((n, m))
+            mask[7, 2] = 1.0
+            product = product + backend.asarray(mask) * float("nan")
+        return product
+
+    operator = lt.LinearOperator.from_callable(matmat=matmat, shape=(n, n), like=A)
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        estimate = lt.logdet(operator, num_matvecs=m * steps, lanczos_steps=steps, seed=0)
+        float(estimate)
+    assert len(calls) == steps
+
+
+def test_lanczos_makes_no_pass_over_its_products_to_check_them(monkeypatch):
+    """The finiteness of SLQ's products is read from the (m, k) coefficients once, not
+    from each (n, m) product (a pass that cost a tenth of a cheap sparse product); a
+    product taken unchecked and never covered is an error, not a silent skip."""
+    from linop_trace import _backend
+    from linop_trace.estimators._base import CountingMatmat
+
+    checked_shapes = []
+    original = _backend.all_finite
+
+    def spy(xp, x):
+        checked_shapes.append(tuple(x.shape))
+        return original(xp, x)
+
+    monkeypatch.setattr(_backend, "all_finite", spy)
+    n, m, steps = 200, 6, 8
+    A = sp.diags([-np.ones(n - 1), 3 * np.ones(n), -np.ones(n - 1)], [-1, 0, 1], format="csr")
+    lt.logdet(A, num_matvecs=m * steps, lanczos_steps=steps, seed=0)
+    assert (m, steps) in checked_shapes
+    assert not [shape for shape in checked_shapes if n in shape]
+    matmat = CountingMatmat(lt.aslinearoperator(A))
+    matmat(np.ones((n, 2)), covered=True)
+    with pytest.raises(RuntimeError, match="never covered"):
+        matmat.deferred_checks()
+
+
 def test_known_spectrum_bounds_are_used():
     eigenvalues = np.linspace(1.0, 4.0, 100)
     A = spd_matrix(eigenvalues, seed=8)

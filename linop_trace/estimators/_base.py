@@ -64,6 +64,8 @@ class _Tally:
         # covers them by a result that every entry of theirs flows into
         self.pending: list[Any] = []
         self.covered: list[Any] = []
+        # products a caller took unchecked (``covered=True``), until its cover_all
+        self.uncovered = 0
         # out of memory: the narrower block every later call keeps to, and the widths of
         # the calls that went through after the first retry
         self.block_limit: int | None = None
@@ -128,13 +130,23 @@ class CountingMatmat:
     def check_finite(self) -> bool:
         return self._tally.check_finite
 
-    def __call__(self, block: Any, out: Any = None) -> Any:
+    def __call__(self, block: Any, out: Any = None, *, covered: bool = False) -> Any:
         """``A @ block``, counted and checked. ``out``: an array of the product's shape
         and dtype that the caller no longer needs, which the product may be written into
-        (see :meth:`LinearOperator._product_into`); use the returned array either way."""
+        (see :meth:`LinearOperator._product_into`); use the returned array either way.
+        ``covered``: the caller checks this product through a later result that every
+        entry of it flows into (:meth:`cover_all`), so it is not checked on its own."""
         buffer = out
-        out = self._in_blocks(block, buffer)
         tally = self._tally
+        unchecked = covered and tally.check_finite
+        if unchecked:
+            tally.uncovered += 1
+            tally.check_finite = False  # (for this product's blocks only)
+        try:
+            out = self._in_blocks(block, buffer)
+        finally:
+            if unchecked:
+                tally.check_finite = True
         if tally.unit_scale:
             xp = self._operator.xp
             tally.unit_scale = False  # decided once, at the first product
@@ -146,9 +158,28 @@ class CountingMatmat:
                 out = self._operator.xp.multiply(out, tally.scale, out=out)
             else:
                 out = out * tally.scale
-        if tally.check_finite and backend.is_lazy(out):
+        if tally.check_finite and backend.is_lazy(out) and not unchecked:
             tally.pending.append(out)
         return out
+
+    def cover_all(self, result: Any) -> None:
+        """Check every product taken with ``covered=True`` since the last call through
+        ``result``, which every entry of each of them flows into (Lanczos: the
+        coefficients ``alpha_j = q_j^H A q_j``, into which a NaN or infinite entry of
+        ``A q_j`` brings a NaN or infinity, a zero entry of ``q_j`` included). One pass
+        over the small result instead of one over each product: on a cheap sparse
+        operator a product's own check costs a tenth of the product. Raises at once where
+        reads are free, else the estimate's checks read the flag."""
+        tally = self._tally
+        if not tally.uncovered:
+            return
+        tally.uncovered = 0
+        xp = self._operator.xp
+        if backend.reads_are_free(xp):
+            if backend.all_finite(xp, result) is False:
+                raise _covered_error()
+        else:
+            tally.covered.append(backend.finite_flag(xp, result))
 
     @property
     def scale(self) -> Any:
@@ -266,6 +297,8 @@ class CountingMatmat:
         """The finiteness of the products so far, as checks for the :class:`Estimate`
         (empty where they were checked already, or not asked for)."""
         tally = self._tally
+        if tally.uncovered:  # (a caller that took products unchecked must cover them)
+            raise RuntimeError(f"{tally.uncovered} products were taken unchecked and never covered")
         xp = self._operator.xp
         flags = tally.flags + [backend.finite_flag(xp, out) for out in tally.pending]
         checks = []
