@@ -25,7 +25,7 @@ from .. import _backend as backend
 from .._estimate import Estimate
 from .._stats import SampleMean, sample_mean
 from ._adaptive import Progress, remaining, sample_mean_progress, tolerance_target, until_met
-from ._base import EstimationRequest, Estimator, RefineState, deflation_split
+from ._base import EstimationRequest, Estimator, RefineState, cover, deflation_split
 from ._linalg import column_inner, extend_basis, project_out
 
 __all__ = [
@@ -75,9 +75,17 @@ def hutchpp_core(matmat: Matmat, sketch: Any, residual_probes: Any, xp: Any) -> 
     basis, _ = backend.thin_qr(xp, matmat(sketch))
     width = basis.shape[1]
     deflated = project_out(basis, residual_probes, xp)
-    image = matmat(xp.concat([basis, deflated], axis=1))
-    low_rank_trace = xp.sum(backend.conj(xp, basis) * image[:, :width])
-    samples = column_inner(deflated, image[:, width:], xp)
+    # one product of both, and one column reduction of it: q_j^H A q_j (their sum is the
+    # low-rank trace) and the residual samples g_j'^H A g_j'. The columns' inner products
+    # are the product's only reader, so XLA fuses the two (its CPU dot then takes 0.74x
+    # the product alone), and they carry its finiteness check (dense n = 4000, m = 99
+    # under JAX: 95 ms with the basis' and the samples' parts reduced apart, 81 - 82 ms
+    # so, against 82 ms for a 99-column product and 87 - 90 ms for traceax's Hutch++)
+    block = xp.concat([basis, deflated], axis=1)
+    image = matmat(block)
+    inner = cover(matmat, image, backend.materialized(xp, column_inner(block, image, xp)))
+    low_rank_trace = xp.sum(inner[:width])
+    samples = inner[width:]
     return HutchPlusPlusResult(
         low_rank_trace, sample_mean(samples, xp, offset=low_rank_trace), basis
     )
