@@ -646,6 +646,9 @@ def _run(
     except EstimateInterrupted as interrupted:
         partial = interrupted.partial
         if partial is not None:
+            # a product taken to be checked through a result the interruption cut off:
+            # checked through the partial value (which holds it if the run had used it)
+            request.matmat.cover_all(partial.value)
             partial = _finished(partial, request)
         raise EstimateInterrupted(partial) from interrupted
     except KeyboardInterrupt as interrupt:  # a method without a partial result

@@ -406,6 +406,39 @@ def test_an_interrupted_hutchinson_run_keeps_its_estimate(dense_backend, quantit
         assert low < float(partial) < high
 
 
+def test_an_interruption_between_a_product_and_its_check_keeps_the_estimate(
+    dense_backend, monkeypatch
+):
+    """Ctrl-C after the fourth product, in the column reduction that carries its
+    finiteness check: the partial estimate of the three reduced blocks, not an error
+    about a product left unchecked (the fourth is checked through the partial value)."""
+    from linop_trace.estimators import _hutchinson
+
+    matrix = dense_backend.asarray(test_matrix("flat", 60, seed=0))
+    like = dense_backend.asarray(np.zeros(1))
+    reductions = {"calls": 0}
+    reduce = _hutchinson.column_inner
+
+    def interrupted_fourth(*args):
+        reductions["calls"] += 1
+        if reductions["calls"] == 4:
+            raise KeyboardInterrupt
+        return reduce(*args)
+
+    monkeypatch.setattr(_hutchinson, "column_inner", interrupted_fourth)
+    operator = lt.LinearOperator.from_callable(
+        matmat=lambda X: matrix @ X, shape=(60, 60), like=like
+    )
+    options = {"method": "hutchinson", "seed": 0, "block_size": 8, "probe": "gaussian"}
+    with pytest.raises(lt.EstimateInterrupted) as caught:
+        lt.trace(operator, num_matvecs=80, **options)
+    partial = caught.value.partial
+    assert partial is not None and partial.num_matvecs == 32  # four products were spent
+    monkeypatch.setattr(_hutchinson, "column_inner", reduce)
+    reference = lt.trace(operator, num_matvecs=24, **options)
+    np.testing.assert_allclose(numpy_of(partial.value), numpy_of(reference.value), rtol=1e-12)
+
+
 def test_an_interrupted_sketching_method_says_it_has_no_partial_estimate():
     operator = lt.LinearOperator.from_callable(
         matmat=_Interrupting(test_matrix("flat", 60, seed=0), at=2), shape=(60, 60)

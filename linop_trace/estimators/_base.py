@@ -140,13 +140,14 @@ class CountingMatmat:
         tally = self._tally
         unchecked = covered and tally.check_finite
         if unchecked:
-            tally.uncovered += 1
             tally.check_finite = False  # (for this product's blocks only)
         try:
             out = self._in_blocks(block, buffer)
         finally:
             if unchecked:
                 tally.check_finite = True
+        if unchecked:  # (counted once made: an interrupted product leaves nothing to cover)
+            tally.uncovered += 1
         if tally.unit_scale:
             xp = self._operator.xp
             tally.unit_scale = False  # decided once, at the first product
@@ -215,26 +216,6 @@ class CountingMatmat:
             for start in range(0, width, limit)
         ]
         return self._operator.xp.concat(pieces, axis=1)
-
-    def cover(self, product: Any, result: Any) -> Any:
-        """Let ``result``, which every entry of ``product`` (a block this matmat returned)
-        flows into, carry that product's finiteness check; returns ``result``.
-
-        Under ``jax.jit`` a product with one consumer fuses with it (XLA runs
-        ``sum(Z * (A @ Z), axis=0)`` without writing ``A @ Z`` out, faster than the product
-        alone: docs/evidence.rst), which a separate check of the product prevents. A
-        non-finite entry of ``product`` makes ``result`` non-finite; so does an overflow
-        of ``result`` itself, which the check then reports too. On Dask likewise: the
-        check of ``result`` replaces a pass over the whole product (a quarter of a
-        Hutchinson estimate's work at n = 10^6). Elsewhere the products were checked as
-        they came (a no-op)."""
-        tally = self._tally
-        for index, pending in enumerate(tally.pending):
-            if pending is product:
-                del tally.pending[index]
-                tally.covered.append(backend.finite_flag(self._operator.xp, result))
-                break
-        return result
 
     def adjoint(self, block: Any) -> Any:
         """``A^H @ X``, counted like ``A @ X`` (same ``calls`` and ``columns``).
@@ -371,12 +352,30 @@ def _covered_error() -> Exception:
     )
 
 
-def cover(matmat: Any, product: Any, result: Any) -> Any:
-    """``result``, carrying the finiteness check of ``product`` where ``matmat`` is a
-    :class:`CountingMatmat` (:meth:`CountingMatmat.cover`); plain callables (the cores'
-    reference tests) pass through."""
-    method = getattr(matmat, "cover", None)
-    return result if method is None else method(product, result)
+def covered_product(matmat: Any, block: Any) -> Any:
+    """``matmat(block)``, whose finiteness :func:`cover` checks later through a result
+    that every entry of the product flows into, not by a pass of its own. Under
+    ``jax.jit`` a product with one consumer fuses with it (XLA runs
+    ``sum(Z * (A @ Z), axis=0)`` without writing ``A @ Z`` out, faster than the product
+    alone: docs/evidence.rst), which a separate check of the product prevents; on Dask the
+    check of the result replaces a pass over the whole product (a quarter of a Hutchinson
+    estimate's work at n = 10^6); eagerly (NumPy, torch, CuPy) the pass over each product
+    goes, and on a GPU the kernels that check it. Plain callables (the cores' reference
+    tests) are called as they are."""
+    if isinstance(matmat, CountingMatmat):
+        return matmat(block, covered=True)
+    return matmat(block)
+
+
+def cover(matmat: Any, result: Any) -> Any:
+    """``result``, carrying the finiteness check of the products taken with
+    :func:`covered_product` since the last cover (:meth:`CountingMatmat.cover_all`): a
+    non-finite entry of any of them makes ``result`` non-finite, and so does an overflow
+    of ``result`` itself, which the check then reports too. Plain callables pass
+    through."""
+    if isinstance(matmat, CountingMatmat):
+        matmat.cover_all(result)
+    return result
 
 
 @dataclass

@@ -26,7 +26,7 @@ from .. import _backend as backend
 from .._estimate import Estimate, EstimateInterrupted
 from .._stats import RatioSums, SampleMean, sample_mean
 from ._adaptive import Progress, grow_diagonal, remaining, sample_mean_progress, until_met
-from ._base import EstimationRequest, ProbeOption, RefineState, cover
+from ._base import EstimationRequest, ProbeOption, RefineState, cover, covered_product
 from ._linalg import column_inner
 
 __all__ = [
@@ -42,10 +42,10 @@ Matmat = Callable[[Any], Any]
 
 def hutchinson_samples(matmat: Matmat, probes: Any, xp: Any) -> Any:
     """Per-probe samples z_j^H A z_j for the columns z_j of ``probes`` (one product; the
-    samples carry its finiteness check, so that XLA fuses the product with the sum)."""
-    image = matmat(probes)
-    samples = backend.materialized(xp, column_inner(probes, image, xp))
-    return cover(matmat, image, samples)
+    samples carry its finiteness check, so that XLA fuses the product with the sum and
+    no pass goes over the product to check it)."""
+    image = covered_product(matmat, probes)
+    return cover(matmat, backend.materialized(xp, column_inner(probes, image, xp)))
 
 
 def hutchinson_core(matmat: Matmat, probes: Any, xp: Any) -> SampleMean:
@@ -73,9 +73,8 @@ def diagonal_hutchinson_core(
     its running sums (``sums``, continued, or new), whose ``estimate()`` is the diagonal
     estimate, its entrywise standard error and the number of probes."""
     sums = RatioSums(xp) if sums is None else sums
-    image = matmat(probes)
-    sums.add_products(probes, image, unit_modulus)
-    cover(matmat, image, sums.u)  # every row of the image flows into its row sum
+    sums.add_products(probes, covered_product(matmat, probes), unit_modulus)
+    cover(matmat, sums.u)  # every row of the image flows into its row sum
     return sums
 
 
