@@ -259,6 +259,7 @@ def xtrace_core(
     basis: Any = None,
     directions: Any = None,
     basis_images: Any = None,
+    triangular: Any = None,
 ) -> XTraceResult:
     """XTrace with the probe block ``probes`` (n, s): products ``A Omega`` then ``A Q``.
 
@@ -272,11 +273,12 @@ def xtrace_core(
         The improved normalization (rotation-invariant probes only).
     images : array (n, s), optional
         ``A @ probes`` when already multiplied (by ``method="auto"``); then ``basis`` and
-        its ``directions`` may come along too, and ``basis_images`` = ``A @ basis``.
+        its ``directions`` may come along too, with ``triangular`` (R = Q^H images, upper
+        triangular: the QR factorization the basis came from; else computed), and
+        ``basis_images`` = ``A @ basis``.
     """
     if images is None:
         images = matmat(probes)
-    triangular = None
     if basis is None:
         basis, triangular = orthonormal_factors(images, xp)
         directions = None
@@ -367,10 +369,12 @@ class XTrace(ProbeOption):
         directions: Any = None,
         info: dict | None = None,
         basis_images: Any = None,
+        triangular: Any = None,
     ) -> Estimate:
-        """XTrace from ``probes`` (and their ``images``, basis, downdate ``directions`` and
-        ``basis_images`` = A @ basis where ``method="auto"`` has them already), doubling
-        with a tolerance."""
+        """XTrace from ``probes`` (and their ``images``, basis, downdate ``directions``,
+        ``basis_images`` = A @ basis and the ``triangular`` R = Q^H images of the basis'
+        QR factorization where ``method="auto"`` has them already), doubling with a
+        tolerance."""
         xp = request.xp
         improved = request.probes.rotation_invariant
         result = xtrace_core(
@@ -382,6 +386,7 @@ class XTrace(ProbeOption):
             basis=basis,
             directions=directions,
             basis_images=basis_images,
+            triangular=triangular,
         )
         converged = None
         if request.adaptive:

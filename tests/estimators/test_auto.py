@@ -219,16 +219,16 @@ def test_psd_fallback_has_the_hutchinson_interval():
 
 
 def test_xtrace_choice_orthonormalizes_the_sketch_once(monkeypatch):
-    from linop_trace.estimators import _linalg, _xtrace
+    from linop_trace.estimators import _auto, _xtrace
 
     calls = []
-    original = _linalg.orthonormal_factors
 
     def counted(block, xp):
         calls.append(block.shape[1])
         return original(block, xp)
 
-    monkeypatch.setattr(_linalg, "orthonormal_factors", counted)  # (auto's basis)
+    original = _auto.orthonormal_factors
+    monkeypatch.setattr(_auto, "orthonormal_factors", counted)  # (auto's basis)
     monkeypatch.setattr(_xtrace, "orthonormal_factors", counted)
     M = test_matrix("fastexp", 300)
     est = lt.trace(implicit(M), num_matvecs=60, seed=0)
