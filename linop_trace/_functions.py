@@ -622,12 +622,27 @@ class _Continuation:
         request = settings.request(operator, random, name)
         if state.scale is not None:  # the first run's products were scaled: so are these
             request.matmat._tally.scale = state.scale
-        with running(f"refine {self.quantity} {name} {settings!r}"):
-            estimate = refiner.refine(self.quantity, request, state)
+
+        def finished(estimate: Estimate) -> Estimate:
+            """The run's scale undone, its checks and columns added to the first run's."""
+            estimate = _finished(estimate, request)
+            estimate = estimate.with_checks((), self.num_matvecs + request.columns)
+            estimate._checks = self.checks + estimate._checks
+            return estimate
+
+        try:
+            with running(f"refine {self.quantity} {name} {settings!r}"):
+                estimate = refiner.refine(self.quantity, request, state)
+        except EstimateInterrupted as interrupted:  # as in _run: the partial, finished
+            partial = interrupted.partial
+            if partial is not None:
+                request.matmat.cover_all(partial.value)
+                partial = finished(partial)
+            raise EstimateInterrupted(partial) from interrupted
+        except KeyboardInterrupt as interrupt:
+            raise EstimateInterrupted(None) from interrupt
         estimate._state = replace(estimate._state, scale=state.scale, drawn=random.columns)
-        estimate = _finished(estimate, request)
-        estimate = estimate.with_checks((), self.num_matvecs + request.columns)
-        estimate._checks = self.checks + estimate._checks
+        estimate = finished(estimate)
         return _resumable(
             estimate, self.estimator, self.quantity, self.settings, operator, lambda: random
         )
@@ -754,7 +769,9 @@ def trace(
         so that on a GPU a budget that fits goes through in one call; on a CPU a block
         also stays under 64 MiB (larger ones gain nothing there and cost page faults).
     check_finite : bool
-        Raise ``FloatingPointError`` when a product is NaN or infinite.
+        Raise ``FloatingPointError`` when a product is NaN or infinite (some methods
+        check a product through the sums they form from it, which then also raise
+        when those sums overflow, where the estimate would be NaN).
     decompose : bool
         Walk the expression first (sums, differences, scalar multiples, Kronecker and
         block-diagonal operators): the terms known exactly (identities, diagonal
@@ -1019,7 +1036,9 @@ def frobenius_norm_squared(
     block_size : int, optional
         Most columns per operator call.
     check_finite : bool
-        Raise ``FloatingPointError`` when a product is NaN or infinite.
+        Raise ``FloatingPointError`` when a product is NaN or infinite (some methods
+        check a product through the sums they form from it, which then also raise
+        when those sums overflow, where the estimate would be NaN).
 
     Returns
     -------

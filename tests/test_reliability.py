@@ -439,6 +439,29 @@ def test_an_interruption_between_a_product_and_its_check_keeps_the_estimate(
     np.testing.assert_allclose(numpy_of(partial.value), numpy_of(reference.value), rtol=1e-12)
 
 
+def test_an_interrupted_refine_gives_a_finished_partial_estimate(dense_backend):
+    """Ctrl-C in a refine's third product: the partial estimate is finished as a whole
+    one is (here the products of an operator of entries near 1e-250 were scaled by a
+    power of two, which the partial must undo) and counts the first run's columns."""
+    matrix = dense_backend.asarray(1e-250 * test_matrix("flat", 60, seed=0))
+    like = dense_backend.asarray(np.zeros(1))
+    operator = lt.LinearOperator.from_callable(
+        matmat=lambda X: matrix @ X, shape=(60, 60), like=like
+    )
+    options = {"method": "hutchinson", "seed": 0, "block_size": 8}
+    first = lt.diagonal(operator, num_matvecs=16, **options)
+    interrupting = lt.LinearOperator.from_callable(
+        matmat=_Interrupting(matrix, at=3), shape=(60, 60), like=like
+    )
+    with pytest.raises(lt.EstimateInterrupted) as caught:
+        first.refine(interrupting, num_matvecs=32)
+    partial = caught.value.partial
+    assert partial is not None and partial.num_matvecs == 32  # 16 + two blocks of 8
+    reference = first.refine(operator, num_matvecs=16)  # (a refine draws alike every time)
+    np.testing.assert_allclose(numpy_of(partial.value), numpy_of(reference.value), rtol=1e-12)
+    np.testing.assert_allclose(numpy_of(partial.stderr), numpy_of(reference.stderr), rtol=1e-12)
+
+
 def test_an_interrupted_sketching_method_says_it_has_no_partial_estimate():
     operator = lt.LinearOperator.from_callable(
         matmat=_Interrupting(test_matrix("flat", 60, seed=0), at=2), shape=(60, 60)

@@ -299,6 +299,18 @@ def sparse_rows() -> None:
                         order=order,
                         seconds=best(lambda b=block, c=matrix: c @ b, wait),
                     )
+                # cupyx returns the product in F order (cuSPARSE's column-major SpMM, after
+                # a transposing copy of a C-ordered block): the column reduction then
+                # reads a C-ordered probe block beside an F-ordered product
+                image = matrix @ cupy.asarray(Z, order="F")
+                for order in ("C", "F"):
+                    block = cupy.asarray(Z, order=order)
+                    emit(
+                        kind="sparse_reduction_order",
+                        library=name,
+                        order=order,
+                        seconds=best(lambda b=block, y=image: cupy.sum(b * y, axis=0), wait),
+                    )
         except Exception as error:
             emit(kind="error", library=name, what="sparse", error=repr(error))
 
@@ -352,6 +364,11 @@ def print_tables() -> None:
             )
         if r["kind"] == "sparse_product_order":
             print(f"cupyx CSR @ {r['order']}-ordered block: {1e3 * r['seconds']:.2f} ms")
+        if r["kind"] == "sparse_reduction_order":
+            print(
+                f"column sums of a {r['order']}-ordered block times cupyx's F-ordered "
+                f"product: {1e3 * r['seconds']:.2f} ms"
+            )
         if r["kind"] == "error":
             print("error:", r)
 

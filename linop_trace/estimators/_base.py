@@ -26,6 +26,7 @@ __all__ = [
     "ProbeOption",
     "RefineState",
     "cover",
+    "covered_product",
     "deflation_split",
     "is_self_adjoint",
 ]
@@ -60,8 +61,8 @@ class _Tally:
         self.calls = 0
         self.columns = 0
         self.flags: list[Any] = []
-        # compiled JAX: the products themselves, flagged at the end unless an estimator
-        # covers them by a result that every entry of theirs flows into
+        # lazy products (JAX tracers, Dask) taken without ``covered=True``: flagged at
+        # the end, each by a reduction of its own
         self.pending: list[Any] = []
         self.covered: list[Any] = []
         # products a caller took unchecked (``covered=True``), until its cover_all
