@@ -291,26 +291,20 @@ def sparse_rows() -> None:
             if name == "cupyx-csr":  # does the block's memory order decide the product's time?
                 import cupy
 
-                for order in ("C", "F"):
-                    block = cupy.asarray(Z, order=order)
-                    emit(
-                        kind="sparse_product_order",
-                        library=name,
-                        order=order,
-                        seconds=best(lambda b=block, c=matrix: c @ b, wait),
-                    )
                 # cupyx returns the product in F order (cuSPARSE's column-major SpMM, after
                 # a transposing copy of a C-ordered block): the column reduction then
                 # reads a C-ordered probe block beside an F-ordered product
                 image = matrix @ cupy.asarray(Z, order="F")
                 for order in ("C", "F"):
                     block = cupy.asarray(Z, order=order)
-                    emit(
-                        kind="sparse_reduction_order",
-                        library=name,
-                        order=order,
-                        seconds=best(lambda b=block, y=image: cupy.sum(b * y, axis=0), wait),
-                    )
+                    for kind, work in (
+                        ("sparse_product_order", lambda b=block, c=matrix: c @ b),
+                        (
+                            "sparse_reduction_order",
+                            lambda b=block, y=image: cupy.sum(b * y, axis=0),
+                        ),
+                    ):
+                        emit(kind=kind, library=name, order=order, seconds=best(work, wait))
         except Exception as error:
             emit(kind="error", library=name, what="sparse", error=repr(error))
 
