@@ -101,7 +101,8 @@ def hutchpp_core(matmat: Matmat, sketch: Any, residual_probes: Any, xp: Any) -> 
 def deflated_samples(matmat: Matmat, basis: Any, probes: Any, xp: Any) -> Any:
     """More residual samples ``g'^H A g'``, ``g' = (I - QQ^H) g``, in one product."""
     deflated = project_out(basis, probes, xp)
-    return column_inner(deflated, matmat(deflated), xp)
+    image = covered_product(matmat, deflated)  # (checked through the samples)
+    return cover(matmat, backend.materialized(xp, column_inner(deflated, image, xp)))
 
 
 # ------------------------------------------------------------------------- estimators
