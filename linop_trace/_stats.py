@@ -125,9 +125,10 @@ def _mean_and_stderr(xp: Any, samples: Any) -> tuple[Any, Any]:
     deviation, size = backend.divide_by_largest(
         xp, samples - mean, axis=0 if samples.ndim > 1 else None
     )
-    # sqrt(sum |deviation|^2) as one reduction (torch and CuPy launch one kernel for it,
-    # four for the square, sum, scaling and root)
-    stderr = size * (xp.linalg.vector_norm(deviation, axis=0) * (1.0 / math.sqrt((m - 1) * m)))
+    # (a plain sum of squares, not vector_norm: NumPy 2.5's vector_norm is a dot product,
+    # whose rounding depends on the array's alignment, and the NumPy estimate of a trace is
+    # the same to the bit whatever the block size)
+    stderr = size * xp.sqrt(xp.sum(backend.abs2(xp, deviation), axis=0) * (1.0 / ((m - 1) * m)))
     real = backend.real_dtype_for(xp, samples.dtype)
     if stderr.dtype != real:  # NumPy 1.x: a float32 scalar over an int is float64
         stderr = xp.astype(xp.asarray(stderr), real)
