@@ -11,6 +11,7 @@ contains the old best approximations, so nothing converged is lost).
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from ._operators import aslinearoperator, widened
 from ._probes import ProbeSampler
 from ._validation import check_positive_int, check_square
 from .estimators._base import CountingMatmat
-from .estimators._linalg import hermitian_transpose, orthonormal_basis
+from .estimators._linalg import hermitian_transpose, orthonormal_basis, orthonormal_factors
 
 __all__ = ["EigenResult", "eigenvalues"]
 
@@ -231,9 +232,7 @@ def _krylov_cycle(
     while size + b <= columns and matmat.columns + b <= budget:
         known = basis[:, :size]
         block = current
-        for _ in range(2):  # block Gram-Schmidt against every earlier block, twice
-            block = block - known @ (hermitian_transpose(known, xp) @ block)
-        block = orthonormal_basis(block, xp)
+        block = _orthonormal_against(known, block, xp)
         current = matmat(block)
         basis = backend.with_slot(xp, basis, (slice(None), slice(size, size + b)), block)
         images = backend.with_slot(xp, images, (slice(None), slice(size, size + b)), current)
@@ -241,6 +240,39 @@ def _krylov_cycle(
         if converged is not None and converged(basis[:, :size], images[:, :size]):
             break
     return basis[:, :size], images[:, :size]
+
+
+def _orthonormal_against(known: Any, block: Any, xp: Any) -> Any:
+    """Orthonormal columns spanning ``block`` less its part in range(``known``) (block
+    Gram-Schmidt, twice), orthogonal to ``known``.
+
+    A block (nearly) inside range(known) leaves columns of rounding errors, or exact
+    zeros, once projected: the Krylov space is invariant (A a multiple of I plus a low
+    rank part, or a block exhausted). Their QR normalises them into directions with O(1)
+    components along ``known``, and a basis that is no longer orthonormal gives Ritz
+    values outside the spectrum (0 for I plus rank 2) with tiny residuals. Such a block
+    (a diagonal entry of R below sqrt(eps) of the block's largest column before the
+    projection) is projected and orthonormalised once more: its new columns are then
+    arbitrary unit directions orthogonal to ``known``, which the Krylov method may use
+    as any other (as :func:`~linop_trace.estimators._linalg.extend_basis` does). The test
+    is read on the host (one read per block, as the cycle's convergence check reads);
+    under a JAX trace the second pass always runs."""
+    original = block
+    for _ in range(2):  # block Gram-Schmidt against every earlier block, twice
+        block = block - known @ (hermitian_transpose(known, xp) @ block)
+    block, triangular = orthonormal_factors(block, xp)
+    numbers = backend.read_floats(
+        xp,
+        [
+            xp.min(xp.abs(xp.linalg.diagonal(triangular))),
+            xp.max(backend.column_norms(xp, original)),
+        ],
+    )
+    eps = float(xp.finfo(backend.real_part(xp, triangular).dtype).eps)
+    if numbers is not None and numbers[0] > math.sqrt(eps) * numbers[1]:
+        return block
+    block = block - known @ (hermitian_transpose(known, xp) @ block)
+    return orthonormal_basis(block, xp)
 
 
 def _leading_directions(block: Any, count: int, xp: Any) -> Any:

@@ -569,6 +569,25 @@ def test_extreme_eigenvalues_against_the_known_spectrum(backend, which):
     assert np.linalg.norm(A @ vectors - vectors * values, axis=0) == pytest.approx(norms, abs=1e-12)
 
 
+@pytest.mark.parametrize("which", ["largest", "smallest", "both_ends"])
+def test_extreme_eigenvalues_when_the_krylov_space_is_invariant(backend, which):
+    """I plus a rank-two part, rotated: the block Krylov space of k + 2 start vectors is
+    invariant after one block (three distinct eigenvalues), and the next projected block
+    is rounding errors. Orthonormalised as it stood it carried O(1) components along the
+    basis: the smallest two came out 0 (converged, residuals 1e-15, "unit" vectors of
+    norm 1e-15) and the largest 500 for a norm of 10."""
+    eigenvalues = np.concatenate([np.ones(18), [5.0, 10.0]])
+    A = spd_matrix(eigenvalues, seed=2)
+    result = lt.eigenvalues(backend.matrix(A), k=2, which=which, seed=0, return_vectors=True)
+    expected = {"largest": [10.0, 5.0], "smallest": [1.0, 1.0], "both_ends": [1.0, 10.0]}[which]
+    assert result.converged
+    assert numpy_of(result.values) == pytest.approx(expected, abs=1e-8)
+    vectors = numpy_of(result.vectors)
+    assert np.abs(vectors.T @ vectors - np.eye(2)).max() < 1e-8
+    values = numpy_of(result.values)
+    assert np.all(np.linalg.norm(A @ vectors - vectors * values, axis=0) <= 1e-8)
+
+
 def test_top_eigenvalues_of_the_digits_mlp_hessian():
     """The five largest eigenvalues of the digits-MLP Hessian (1,480 parameters) from
     Hessian-vector products, to tol 1e-8: within the returned residual norms of the
