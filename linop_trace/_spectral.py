@@ -297,8 +297,10 @@ def lanczos_quadrature(
 
     Returns ``(values, error, nodes, weights)``: e_1^T f(T_k) e_1 per probe; per probe
     max |R_end - G| over the two Gauss-Radau rules R at ``ends`` (``(low, high)``,
-    0-d arrays; estimated by :func:`spectrum_ends` when ``None``; with ``positive`` the
-    low end is kept above zero, at least half the smallest Ritz value); and the nodes
+    0-d arrays; estimated by :func:`spectrum_ends` when ``None``, and then with
+    ``positive`` the low end is kept above zero, at least the smallest Ritz value over
+    :data:`LOW_END_DIVISOR`; either end moved outwards off the Ritz values by a relative
+    sqrt(eps)); and the nodes
     (Ritz values) and weights (squared first components, summing to 1), shapes (m, k).
 
     For f whose derivatives of orders 2k and 2k + 1 keep their signs on the spectrum (log,
@@ -321,6 +323,18 @@ def lanczos_quadrature(
     return values, error, nodes, weights
 
 
+#: With ``positive`` and estimated ends, the low end is at least the smallest Ritz value
+#: over this divisor (else the residual bound min(theta - r), often <= 0 for an
+#: ill-conditioned operator, would put the Gauss-Radau node where f is undefined). An
+#: estimate, not a bound: Ritz values approach lambda_min from above, and with few steps
+#: on a wide spectrum the smallest is many times lambda_min. Measured 95% coverage over
+#: 60 seeds, 20 probes (divisor 2 / 10): eigenvalues logspace(-2, 2), n = 100, tr A^-1 at
+#: k = 20 0.58 / 1.00, log det at k = 5 0.02 / 1.00; linspace(1e-3, 1), tr A^-1 at k = 5
+#: 0.00 / 0.77; unchanged where the steps resolve the low end (flat 1..3; 0.01 + 5 x
+#: 0.98^i at k = 20). Known bounds (``spectrum_bounds``) are used as given.
+LOW_END_DIVISOR = 10
+
+
 def _quadrature(
     alphas: Any,
     betas: Any,
@@ -335,10 +349,22 @@ def _quadrature(
     values = xp.sum(weights * function(xp, nodes), axis=1)
     if ends is None:
         low, high = spectrum_ends(alphas, betas, xp)
-    else:
+        if positive:  # (an estimate: see lanczos_quadrature)
+            low = xp.maximum(low, xp.min(nodes) / LOW_END_DIVISOR)
+    else:  # known bounds, as given: a bound raised above lambda_min no longer brackets
         low, high = ends
+    # The fixed node kept off the Ritz values by a relative sqrt(eps): a Ritz value that
+    # converged onto a given end (the exact lambda_max) left a gap theta - end of rounding
+    # size, either sign, and the extended rule a node far outside the spectrum (NaN for
+    # log). Moving an end outwards keeps the bracket; the margin is below any error bound
+    # that matters.
+    margin = math.sqrt(float(xp.finfo(nodes.dtype).eps))
+    top, bottom = xp.max(nodes), xp.min(nodes)
+    high = xp.maximum(high, top + margin * xp.abs(top))
     if positive:
-        low = xp.maximum(low, xp.min(nodes) / 2)
+        low = xp.minimum(low, bottom * (1 - margin))
+    else:
+        low = xp.minimum(low, bottom - margin * xp.maximum(xp.abs(bottom), xp.abs(top)))
     error = xp.maximum(
         xp.abs(_radau_rule(alphas, betas, low, function, xp, (nodes, vectors)) - values),
         xp.abs(_radau_rule(alphas, betas, high, function, xp, (nodes, vectors)) - values),
@@ -492,6 +518,12 @@ def trace_function(
         if not low <= high:
             raise ValueError(
                 f"spectrum_bounds must be (low, high) with low <= high, got {spectrum_bounds}"
+            )
+        if positive and not low > 0:
+            raise ValueError(
+                f"f = {name!r} needs a positive definite operator: spectrum_bounds must have "
+                f"low > 0 (a bound at or below 0 makes the Gauss-Radau error bound "
+                f"infinite), got {spectrum_bounds}"
             )
         spectrum_bounds = (low, high)
     config = _SlqConfig(

@@ -325,6 +325,43 @@ def test_known_spectrum_bounds_are_used():
     )
 
 
+def test_known_bounds_are_used_as_given_and_bracket_every_probe():
+    """Eigenvalues logspace(-2, 2) (condition 1e4), 20 steps: with the exact bounds each
+    probe's Gauss rule and its Gauss-Radau rules bracket the probe's quadratic form
+    (Golub and Meurant), so the per-probe errors bound the quadrature's. The low end was
+    raised to half the smallest Ritz value even when given (above lambda_min: the bracket
+    failed for most probes, and the interval covered 27 of 100 seeds), and a Ritz value
+    converged onto lambda_max = 100 made the error bound NaN (33 of 50 seeds)."""
+    eigenvalues = np.logspace(-2, 2, 100)
+    A = spd_matrix(eigenvalues, seed=1)
+    inverse = matrix_function(A, lambda x: 1 / x)
+    for seed in range(4):
+        estimate = lt.trace_inverse(A, seed=seed, spectrum_bounds=(0.01, 100.0))
+        systematic = float(estimate.info["systematic_error"])
+        assert np.isfinite(systematic)
+        low, high = estimate.ci()
+        assert low <= float(np.sum(1 / eigenvalues)) <= high
+    # per probe, from the Lanczos coefficients: |z^T A^-1 z / |z|^2 - Gauss| <= error
+    probes = np.random.default_rng(0).choice([-1.0, 1.0], size=(100, 20))
+    xp = array_api_compat.numpy
+    alphas, betas = batched_lanczos(lambda X: A @ X, probes, 20, xp, False)
+    ends = (np.asarray(0.01), np.asarray(100.0))
+    values, error, _, _ = lanczos_quadrature(
+        alphas, betas, lambda xp, x: 1 / x, xp, ends, positive=True
+    )
+    exact = np.einsum("ij,ij->j", probes, inverse @ probes) / 100
+    assert np.all(np.isfinite(error))
+    assert np.all(np.abs(exact - values) <= error * (1 + 1e-8))
+
+
+def test_known_bounds_need_a_positive_low_end_for_positive_functions():
+    A = spd_matrix(np.linspace(1.0, 2.0, 20))
+    for f in (lt.logdet, lt.trace_inverse):
+        with pytest.raises(ValueError, match="low > 0"):
+            f(A, seed=0, spectrum_bounds=(0.0, 2.0))
+    lt.trace_exp(A, seed=0, spectrum_bounds=(0.0, 2.0))  # exp is defined everywhere
+
+
 # ------------------------------------------------------------------------------ JAX
 def test_jax_estimate_compiles_under_jit_and_agrees():
     jax = pytest.importorskip("jax")
