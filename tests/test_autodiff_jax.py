@@ -136,6 +136,11 @@ def test_fallback_to_reverse_over_reverse_warns_once():
 
 
 def test_compiled_program_is_reused_across_products_and_operators():
+    """f is traced once per operator built (the arrays it reads from outside its
+    arguments are taken then), and its products compile once per block width for every
+    operator built from it: none at a new point of the same shapes."""
+    from linop_trace.autodiff._jax import _cached_program
+
     calls = []
 
     def f(v):
@@ -144,12 +149,61 @@ def test_compiled_program_is_reused_across_products_and_operators():
 
     x = jnp.arange(1.0, 4.0)
     H = lt.hessian(f, x)
-    traced_at_build = len(calls)
+    assert len(calls) == 1
     H @ jnp.ones((3, 2))
-    traced_once = len(calls)
+    compiled = _cached_program.cache_info().misses
     H @ jnp.zeros((3, 2))
     lt.hessian(f, x + 1.0) @ jnp.ones((3, 2))  # a new point, same function and shapes
-    assert len(calls) == traced_once > traced_at_build
+    assert len(calls) == 2  # the second build's trace; no product traced f again
+    assert _cached_program.cache_info().misses == compiled
+
+
+class _Quadratic:
+    def __init__(self, scale):
+        self.scale = scale
+
+    def loss(self, v):  # Hessian diag(scale)
+        return 0.5 * jnp.sum(self.scale * v**2)
+
+    def field(self, z):  # Jacobian diag(scale), for each row of a batch
+        return self.scale * z
+
+
+def test_operators_take_the_arrays_a_function_reads_when_built():
+    """Arrays a function reads from outside its arguments (here a bound method's
+    attribute) were constants of the compiled programs that every operator built from
+    the function shared: after they changed, a new operator gave the old matrix for the
+    block widths compiled before (trace 6 instead of 60) and the new one for the others."""
+    x, batch = jnp.ones(3), jnp.ones((2, 3))
+    q = _Quadratic(jnp.array([1.0, 2.0, 3.0]))
+    assert float(lt.trace(lt.hessian(q.loss, x), method="exact")) == pytest.approx(6.0)
+    lt.jacobian(q.field, x).to_dense()
+    lt.divergence(q.field, batch, method="exact")
+    H = lt.hessian(q.loss, x)
+    q.scale = jnp.array([10.0, 20.0, 30.0])
+    # built before the change: the old matrix, at every block width
+    assert float(lt.trace(H, method="exact")) == pytest.approx(6.0)
+    assert np.allclose(np.asarray(H @ jnp.ones(3)), [1.0, 2.0, 3.0])
+    H = lt.hessian(q.loss, x)  # built after it: the new matrix
+    assert float(lt.trace(H, method="exact")) == pytest.approx(60.0)
+    assert np.allclose(np.diag(np.asarray(H.to_dense())), [10.0, 20.0, 30.0])
+    assert np.allclose(np.asarray(H @ jnp.ones(3)), [10.0, 20.0, 30.0])
+    J = lt.jacobian(q.field, x)
+    assert np.allclose(np.diag(np.asarray(J.to_dense())), [10.0, 20.0, 30.0])
+    assert np.allclose(np.asarray(J.rmatvec(jnp.ones(3))), [10.0, 20.0, 30.0])
+    divergence = lt.divergence(q.field, batch, method="exact").value
+    assert np.allclose(np.asarray(divergence), [60.0, 60.0])
+    estimate = lt.trace(H, method="hutchinson", num_matvecs=4, seed=0)  # compiled estimate
+    assert float(estimate) == pytest.approx(60.0)  # (diagonal H: Rademacher is exact)
+
+
+def test_hessian_of_a_function_returning_shape_one():
+    """A function returning shape (1,) is accepted as a scalar; its products failed in
+    every mode (grad needs a scalar) and only the torch-like loop got through."""
+    H = lt.hessian(lambda v: jnp.sum(v**3)[None], jnp.array([1.0, 2.0, 3.0]))
+    for mode in ("auto", "forward", "reverse", "loop"):
+        H = lt.hessian(lambda v: jnp.sum(v**3)[None], jnp.array([1.0, 2.0, 3.0]), mode=mode)
+        assert np.allclose(np.asarray(H @ jnp.ones(3)), [6.0, 12.0, 18.0])
 
 
 def test_hessian_rejects_bad_input():

@@ -4,7 +4,10 @@ Each block product is one compiled program, ``jit(vmap(...))`` over the columns 
 block, of a Jacobian-vector product or a forward-over-reverse Hessian-vector product
 ``jvp(grad(f))``. The compiled programs are cached per user function (and mode), with
 the variables and data passed as arguments, so neither repeated products nor new
-operators built from the same function at new points recompile.
+operators built from the same function at new points recompile. A function of ``x``
+(``hessian(f, x)``, ``jacobian``, ``divergence``) is traced once when its operator is
+built: the arrays it reads from outside its arguments are taken then and passed as
+arguments too (:class:`_Pure`), so an operator built after they changed has the new ones.
 
 Hessians and Gauss-Newton matrices also take ``mode="loop"``: the same column function
 under ``lax.map`` instead of ``vmap``, a loop inside the compiled program. ``"auto"`` does
@@ -58,6 +61,50 @@ def _cached_program(builder: Callable[..., Callable], *key: Any) -> Callable:
     return jax.jit(builder(*key))
 
 
+class _Pure:
+    """A user function ``f`` as a pure function ``(consts, *args) -> f(*args)`` of its
+    arguments and of the arrays it reads from outside them (globals, closures, attributes
+    of a bound method's object): ``consts``, hoisted by tracing ``f`` once at ``example``.
+
+    A compiled program traced from ``f`` itself embeds those arrays as constants, and
+    the programs are shared by every operator built from ``f``: an operator built after
+    they changed gave the old matrix for the block widths already compiled and the new
+    one for the others. The consts are now the operators' data (arguments of the
+    programs), taken when the operator is built. Two of these compare equal when they come
+    from the same ``f`` and trace to the same program text (Python numbers ``f`` reads
+    are literals in it, so a changed one makes a new program)."""
+
+    def __init__(self, f: Callable, *example: Any) -> None:
+        # (through a fresh function: JAX caches a trace per function object, and a bound
+        # method compares equal to the next one of the same object, old consts and all)
+        closed, output = jax.make_jaxpr(lambda *args: f(*args), return_shape=True)(*example)
+        self.jaxpr = closed.jaxpr
+        self.consts = list(closed.consts)
+        self.output = output  # (its shapes and dtypes)
+        self.output_tree = jax.tree_util.tree_structure(output)
+        self.function = f
+        self._text = str(closed.jaxpr)
+        self._hash = hash((self._text, self.output_tree))
+
+    def __call__(self, consts: Any, *args: Any) -> Any:
+        from jax.extend.core import ClosedJaxpr, jaxpr_as_fun
+
+        outputs = jaxpr_as_fun(ClosedJaxpr(self.jaxpr, consts))(*jax.tree_util.tree_leaves(args))
+        return jax.tree_util.tree_unflatten(self.output_tree, outputs)
+
+    def __eq__(self, other: object) -> bool:
+        return (
+            isinstance(other, _Pure)
+            and self._hash == other._hash
+            and (self.function is other.function or self.function == other.function)
+            and self._text == other._text
+            and self.output_tree == other.output_tree  # type: ignore[operator]
+        )
+
+    def __hash__(self) -> int:
+        return self._hash
+
+
 # ---------------------------------------------------------------------- HVP kernels
 
 
@@ -85,10 +132,10 @@ def _hvp_block(fn: Callable, theta: Any, V: Any, mode: str, loop: bool) -> Any:
     return _over_columns(column, V, loop)
 
 
-def _function_hvp_builder(f: Callable, mode: str, loop: bool) -> Callable:
-    def program(x: Any, V: Any) -> Any:
+def _function_hvp_builder(f: _Pure, mode: str, loop: bool) -> Callable:
+    def program(consts: Any, x: Any, V: Any) -> Any:
         theta, unravel = ravel_pytree(x)
-        return _hvp_block(lambda t: f(unravel(t)), theta, V, mode, loop)
+        return _hvp_block(lambda t: jnp.reshape(f(consts, unravel(t)), ()), theta, V, mode, loop)
 
     return program
 
@@ -138,12 +185,12 @@ def _network_ggn_builder(apply_fn: Callable, loss_fn: Callable, mode: str, loop:
     return program
 
 
-def _jacobian_builder(f: Callable, mode: str, adjoint: bool) -> Callable:
-    def program(x: Any, V: Any) -> Any:
+def _jacobian_builder(f: _Pure, mode: str, adjoint: bool) -> Callable:
+    def program(consts: Any, x: Any, V: Any) -> Any:
         theta, unravel = ravel_pytree(x)
 
         def fn(t: Any) -> Any:
-            return ravel_pytree(f(unravel(t)))[0]
+            return ravel_pytree(f(consts, unravel(t)))[0]
 
         _, push, pull = _linear_jvp(fn, theta, mode)
         return jax.vmap(pull if adjoint else push, in_axes=1, out_axes=1)(V)
@@ -151,9 +198,9 @@ def _jacobian_builder(f: Callable, mode: str, adjoint: bool) -> Callable:
     return program
 
 
-def _divergence_builder(f: Callable, mode: str) -> Callable:
-    def program(x: Any, Z: Any) -> Any:
-        _, push, _ = _linear_jvp(f, x, mode)
+def _divergence_builder(f: _Pure, mode: str) -> Callable:
+    def program(consts: Any, x: Any, Z: Any) -> Any:
+        _, push, _ = _linear_jvp(lambda y: f(consts, y), x, mode)
         return jax.vmap(push)(Z)
 
     return program
@@ -365,16 +412,20 @@ class JaxHessian(_JaxOperator):
         check_mode(mode, CURVATURE_MODES)
         self.network = network
         self.x = x
+        self._consts: Any = None
         if network is not None:
             self._data_fields = ("network",)
         if network is None:
             assert f is not None
             layout = _Layout(x, "`x`")
-            shape = jnp.shape(jax.eval_shape(f, x))
+            pure = _Pure(f, x)
+            shape = jnp.shape(pure.output)
             if shape not in ((), (1,)):
                 raise ValueError(f"the function must return a scalar, got shape {shape}")
+            self._consts = pure.consts
+            self._data_fields = ("x", "_consts")
             self._hvp = _curvature_chain(
-                lambda m, loop: _program(_function_hvp_builder, f, m, loop),
+                lambda m, loop: _program(_function_hvp_builder, pure, m, loop),
                 mode,
                 (_FORWARD, _REVERSE),
                 (_LOOP_FORWARD, _LOOP_REVERSE),
@@ -401,7 +452,7 @@ class JaxHessian(_JaxOperator):
     def _matmat(self, X: Any) -> Any:
         V = self._in_own_dtype(X)
         if self.network is None:
-            out = self._hvp(self.x, V)
+            out = self._hvp(self._consts, self.x, V)
         else:
             out = _accumulate(self.network, self._hvp, V)
         return out.astype(X.dtype)
@@ -447,7 +498,8 @@ class JaxJacobian(_JaxOperator):
     def __init__(self, f: Callable, x: Any, *, mode: str = "auto") -> None:
         check_mode(mode)
         layout = _Layout(x, "`x`")
-        output = jax.eval_shape(f, x)
+        pure = _Pure(f, x)
+        output = pure.output
         leaves = jax.tree_util.tree_leaves(output)
         if not leaves:
             raise ValueError("`f` returns no arrays")
@@ -460,14 +512,16 @@ class JaxJacobian(_JaxOperator):
         self.x = x
         self._output_treedef = jax.tree_util.tree_structure(output)
         self._output_shapes = [leaf.shape for leaf in leaves]
+        self._consts = pure.consts
+        self._data_fields = ("x", "_consts")
         self._forward = _chain(
-            lambda m: _program(_jacobian_builder, f, m, False),
+            lambda m: _program(_jacobian_builder, pure, m, False),
             mode,
             (_JVP_FORWARD, _JVP_REVERSE),
             "jacobian",
         )
         # the adjoint needs reverse mode only
-        self._adjoint = _program(_jacobian_builder, f, "reverse", True)
+        self._adjoint = _program(_jacobian_builder, pure, "reverse", True)
         self._setup(layout, rows, ())
 
     def unflatten_output(self, vector: Any) -> Any:
@@ -480,10 +534,10 @@ class JaxJacobian(_JaxOperator):
         return jax.tree_util.tree_unflatten(self._output_treedef, pieces)
 
     def _matmat(self, X: Any) -> Any:
-        return self._forward(self.x, self._in_own_dtype(X)).astype(X.dtype)
+        return self._forward(self._consts, self.x, self._in_own_dtype(X)).astype(X.dtype)
 
     def _rmatmat(self, X: Any) -> Any:
-        return self._adjoint(self.x, self._in_own_dtype(X)).astype(X.dtype)
+        return self._adjoint(self._consts, self.x, self._in_own_dtype(X)).astype(X.dtype)
 
 
 # ---------------------------------------------------------------------- divergence
@@ -491,8 +545,10 @@ class JaxJacobian(_JaxOperator):
 
 def jax_divergence_jvp(f: Callable, x: Any, mode: str) -> Callable[[Any], Any]:
     """``Z -> (J Z)`` for a (k, B, d) block of tangents of the batched function ``f``."""
-    program = _program(_divergence_builder, f, mode)
-    return lambda Z: program(x, Z)
+    pure = _Pure(f, x)
+    program = _program(_divergence_builder, pure, mode)
+    consts = pure.consts
+    return lambda Z: program(consts, x, Z)
 
 
 def network_problem(
