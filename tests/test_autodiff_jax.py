@@ -514,3 +514,17 @@ def test_hessian_estimate_is_one_compiled_program_for_every_point():
 def test_autodiff_block_size_allows_for_the_products_workspace():
     H = lt.hessian(lambda x: jnp.sum(x**4), jnp.ones(30))
     assert H.bytes_per_column() == H.COLUMN_FACTOR * 2 * 30 * 8
+
+
+def test_complex_blocks_go_through_by_real_and_imaginary_parts():
+    """A complex block on a real Hessian or Jacobian: H (Re Z) + i H (Im Z). The block was
+    cast to the variables' real dtype, and the imaginary part dropped (H @ (1j v) = 0)."""
+    x = jnp.array([1.0, 2.0, 3.0])
+    H = lt.hessian(lambda v: jnp.sum(v**4) / 4, x)  # diag(3 x^2)
+    Z = jnp.stack([jnp.ones(3) * (1 + 2j), jnp.arange(3.0) * 1j], axis=1)
+    dense = jnp.diag(3 * x**2)
+    assert np.allclose(np.asarray(H @ Z), np.asarray(dense @ Z))
+    J = lt.jacobian(lambda v: jnp.sin(v) * v[0], x)
+    dense_j = jax.jacfwd(lambda v: jnp.sin(v) * v[0])(x)
+    assert np.allclose(np.asarray(J @ Z), np.asarray(dense_j @ Z))
+    assert np.allclose(np.asarray(J.rmatmat(Z)), np.asarray(dense_j.T @ Z))

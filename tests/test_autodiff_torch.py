@@ -830,3 +830,23 @@ def test_compiled_hessian_matches_the_eager_one():
         H = lt.hessian(quartic, x, compile=True)
         assert_close(H.to_dense(), torch.func.hessian(quartic)(x).reshape(6, 6))
     assert H.mode.startswith("torch.compile'd")
+
+
+def test_complex_blocks_go_through_by_real_and_imaginary_parts():
+    """A complex block on a real Hessian or Jacobian: H (Re Z) + i H (Im Z). The block was
+    cast to the variables' real dtype, and the imaginary part dropped (H @ (1j v) = 0)."""
+    x = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
+    H = lt.hessian(lambda v: (v**4).sum() / 4, x)  # diag(3 x^2)
+    Z = torch.stack(
+        [torch.ones(3, dtype=torch.complex128) * (1 + 2j), torch.arange(3.0) * 1j], dim=1
+    )
+    dense = torch.diag(3 * x**2).to(torch.complex128)
+    assert torch.allclose(H @ Z, dense @ Z)
+
+    def f(v):
+        return torch.sin(v) * v[0]
+
+    J = lt.jacobian(f, x)
+    dense_j = torch.autograd.functional.jacobian(f, x).to(torch.complex128)
+    assert torch.allclose(J @ Z, dense_j @ Z)
+    assert torch.allclose(J.rmatmat(Z), dense_j.T @ Z)

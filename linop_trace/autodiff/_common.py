@@ -43,6 +43,11 @@ class AutodiffOperator(LinearOperator):
     [4.0]
     """
 
+    # the products cast a block to the variables' real dtype: a complex block goes through
+    # as its real and imaginary parts (LinearOperator._by_real_parts)
+    _real_products = True
+
+
     #: Moves between the user's structure and the vector (``flatten``, ``unflatten``).
     layout: Any
 
