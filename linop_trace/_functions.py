@@ -125,8 +125,8 @@ def _settings(
     if max_matvecs is not None:
         max_matvecs = check_num_matvecs(max_matvecs, name, minimum)
     if num_matvecs is None:
-        if adaptive:
-            num_matvecs = max(minimum, 2 * minimum)
+        if adaptive:  # a first round of twice the minimum, within a smaller cap
+            num_matvecs = 2 * minimum if max_matvecs is None else min(2 * minimum, max_matvecs)
         else:  # without a tolerance, a cap alone is the budget
             num_matvecs = DEFAULT_NUM_MATVECS if max_matvecs is None else max_matvecs
     num_matvecs = check_num_matvecs(num_matvecs, name, minimum)

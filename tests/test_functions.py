@@ -89,3 +89,14 @@ def test_a_budget_beyond_the_cap_is_refused_at_once(backend, monkeypatch):
     lt.trace(A, method="hutchinson", num_matvecs=4000, seed=0)
     with pytest.raises(ValueError, match=r"max\(100 n, 100\) = 4000"):
         lt.trace(A, method="hutchinson", num_matvecs=4001, seed=0)
+
+
+@pytest.mark.parametrize(("method", "cap"), [("hutchinson", 3), ("diag++", 5)])
+def test_a_tolerance_with_a_small_cap_starts_within_it(method, cap):
+    """With rtol and no num_matvecs, the first round (twice the method's minimum) is kept
+    within max_matvecs: a valid cap below it was refused ("max_matvecs=3 is smaller than
+    num_matvecs=4", a budget the caller never gave)."""
+    A = np.random.default_rng(0).standard_normal((30, 30))
+    estimate = lt.diagonal(A + A.T, method=method, rtol=1e-9, max_matvecs=cap, seed=0)
+    assert estimate.num_matvecs <= cap
+    assert estimate.converged is False

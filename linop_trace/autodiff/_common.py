@@ -47,7 +47,6 @@ class AutodiffOperator(LinearOperator):
     # as its real and imaginary parts (LinearOperator._by_real_parts)
     _real_products = True
 
-
     #: Moves between the user's structure and the vector (``flatten``, ``unflatten``).
     layout: Any
 
