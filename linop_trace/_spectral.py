@@ -579,9 +579,14 @@ def deflation_plan(budget: int, steps: int, n: int) -> tuple[int, int, int, int]
     the n dimensions, by fewer columns, then fewer steps), of which the first q = s - 2 blocks are deflated, and SLQ with
     ``probes`` probes of ``steps`` Lanczos steps on the rest. Raises ``ValueError`` when
     fewer than two probes remain."""
+    half = n // 2
+    if half < 2:  # a space of at least 2 directions, at most half of the n
+        raise ValueError(
+            f"trace_function(method='slq++') deflates at least 2 and at most half of the n "
+            f"dimensions: it needs n >= 4, got n = {n}; use method='slq' or 'exact'"
+        )
     s = steps
     b = max(1, int(budget * DEFLATION_SHARE) // s)
-    half = max(2, n // 2)
     if b * s > half:  # fewer columns first: the depth s is what finds the top
         b = max(1, half // s)
         s = max(2, min(s, half // b))
@@ -630,10 +635,22 @@ def _slq(config: _SlqConfig, operator: LinearOperator, seed: Any) -> Estimate:
         """(samples, their quadrature errors, nodes, weights, squared norms) of ``count``
         new probes (projected off the deflated space: E[z z^H] = I - QQ^H)."""
         probes = sampler(count)
+        start = probes
         if kept is not None:
-            probes = project_out(kept, probes, xp)
+            drawn = probes
+            probes = project_out(kept, drawn, xp)
+            # A probe inside the deflated space (a +-1 vector on a small operator) projects
+            # to 0, and its sample z^H f(A) z is 0 exactly; normalised, it was 0/0 (a
+            # FloatingPointError blaming the operator). Its Lanczos starts from the probe
+            # as drawn (Ritz values in the spectrum, for the positive-definite check) and
+            # its sample weighs nothing.
+            drawn_norms = backend.real_part(xp, backend.column_inner(xp, drawn, drawn))
+            projected_norms = backend.real_part(xp, backend.column_inner(xp, probes, probes))
+            eps = float(xp.finfo(projected_norms.dtype).eps)
+            inside = projected_norms <= eps * drawn_norms
+            start = xp.where(inside[None, :], drawn, probes)
         squared_norms = backend.real_part(xp, backend.column_inner(xp, probes, probes))
-        alphas, betas = batched_lanczos(matmat, probes, steps, xp, config.reorthogonalize)
+        alphas, betas = batched_lanczos(matmat, start, steps, xp, config.reorthogonalize)
         values, error, nodes, weights = lanczos_quadrature(
             alphas, betas, function, xp, ends, positive
         )
