@@ -850,3 +850,39 @@ def test_complex_blocks_go_through_by_real_and_imaginary_parts():
     dense_j = torch.autograd.functional.jacobian(f, x).to(torch.complex128)
     assert torch.allclose(J @ Z, dense_j @ Z)
     assert torch.allclose(J.rmatmat(Z), dense_j.T @ Z)
+
+
+def test_products_leave_a_training_modules_buffers_as_they_were():
+    """BatchNorm in training mode updates its running statistics at every forward pass;
+    the buffers went into the products as the module's own tensors, and three products
+    moved num_batches_tracked from 0 to 3."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 2)
+    ).double()
+    model.train()
+    X, Y = torch.randn(8, 3, dtype=torch.float64), torch.randn(8, 2, dtype=torch.float64)
+    norm = model[1]
+    before = {name: b.clone() for name, b in model.named_buffers()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (auto mode's fallback notices)
+        for make in (lt.hessian, lt.ggn):
+            for mode in ("loop", "auto"):
+                operator = make(model, torch.nn.MSELoss(), (X, Y), mode=mode)
+                for _ in range(3):
+                    operator @ torch.randn(operator.shape[1], dtype=torch.float64)
+    assert int(norm.num_batches_tracked) == 0
+    for name, buffer in model.named_buffers():
+        assert torch.equal(buffer, before[name]), name
+
+
+def test_a_training_module_with_dropout_is_named():
+    model = torch.nn.Sequential(
+        torch.nn.Linear(3, 4), torch.nn.Dropout(0.5), torch.nn.Linear(4, 2)
+    ).double()
+    X, Y = torch.randn(8, 3, dtype=torch.float64), torch.randn(8, 2, dtype=torch.float64)
+    with pytest.warns(UserWarning, match="training mode with dropout"):
+        lt.hessian(model.train(), torch.nn.MSELoss(), (X, Y))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lt.hessian(model.eval(), torch.nn.MSELoss(), (X, Y))

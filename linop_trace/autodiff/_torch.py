@@ -31,6 +31,7 @@ import functools
 import math
 import threading
 import time
+import warnings
 import zlib
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
@@ -463,13 +464,29 @@ class _ModuleParameters:
         if not self.trainable:
             raise ValueError("the module has no parameters with requires_grad=True")
         self.fixed = {name: p.detach() for name, p in named.items() if not p.requires_grad}
-        self.fixed.update(dict(model.named_buffers()))
+        self.buffers = dict(model.named_buffers())
+        if model.training and any(
+            isinstance(module, torch.nn.modules.dropout._DropoutNd) and module.p > 0
+            for module in model.modules()
+        ):
+            warnings.warn(
+                "the module is in training mode with dropout: every product draws new "
+                "dropout masks, so the operator changes from product to product (and is "
+                "not symmetric); call model.eval() first for the curvature of the "
+                "deterministic network",
+                UserWarning,
+                stacklevel=5,
+            )
 
     def apply(self, params: dict[str, torch.Tensor], inputs: Any) -> torch.Tensor:
-        """The module's outputs for ``inputs`` with ``params``, one thread at a time."""
+        """The module's outputs for ``inputs`` with ``params``, one thread at a time. The
+        buffers go in as copies: a module in training mode updates its own in place at
+        every forward pass (BatchNorm's running statistics), and a product must leave the
+        model as it was."""
         arguments = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+        buffers = {name: buffer.clone() for name, buffer in self.buffers.items()}
         with _MODULE_CALL_LOCK:
-            return functional_call(self.model, {**self.fixed, **params}, arguments)
+            return functional_call(self.model, {**self.fixed, **buffers, **params}, arguments)
 
 
 def _batch_size(inputs: Any, targets: Any) -> int:
