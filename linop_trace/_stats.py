@@ -8,7 +8,7 @@ it imports only the backend and the :class:`~linop_trace.Estimate`.
   and kurtosis that correct its t-interval (Hutchinson, Hutch++'s residual samples,
   Frobenius norms, divergences).
 - :class:`RatioSums`: Bekas et al.'s entrywise ratio estimator ``sum y / sum x`` and its
-  delta-method standard error from running sums, O(n) memory however many probe blocks.
+  standard error from running sums, O(n) memory however many probe blocks.
 - :func:`exchangeable_error`: the cross-jackknife error of exchangeable estimates (XTrace,
   XNysTrace) and its Satterthwaite degrees of freedom; :func:`entrywise_exchangeable_error`
   the same entry by entry (XDiag).
@@ -141,13 +141,24 @@ class RatioSums:
 
         d_i ~ sum_j y_ji / sum_j x_ji,   y = conj(z) * (A z),  x = |z|^2,
 
-    with the delta-method standard error sqrt(sum_j |y_ji - d_i x_ji|^2 / (k - 1)) sqrt(k)
-    / sum_j x_ji (for x = 1: the sample std over sqrt(k)). The residual sum is kept about
-    a shift c (the first block's estimate): with u = y - c x and delta = d - c,
-    sum |y - d x|^2 = sum |u|^2 - 2 Re(conj(delta) sum x u) + |delta|^2 sum x^2, which
-    loses nothing to cancellation while delta is small, and is the two-pass sum exactly
-    when all probes came in one block (delta = 0). Unit-modulus probes (Rademacher,
-    Steinhaus: x = 1) keep no x sums (``denominators=None``).
+    and the ratio estimator's standard error
+
+        se_i = sqrt(sum_j |y_ji - d_i x_ji|^2 / x_ji / ((k - 1) sum_j x_ji))
+
+    (for x = 1: the sample std over sqrt(k)). For Gaussian probes it is exact: given the
+    i-th entries z_ji, y_ji = a_ii x_ji + z_ji w_j with w_j = sum_{l != i} a_il z_jl
+    independent N(0, s^2), a regression through the origin with Var(y | x) = s^2 x, whose
+    t-statistic (d_i - a_ii) / se_i is Student-t with k - 1 degrees of freedom. The
+    delta method's sqrt(sum |y - d x|^2 / (k - 1)) sqrt(k) / sum x, used before, weighs
+    every residual alike: its 95% intervals covered 0.87 of Gaussian diagonals at k = 5,
+    0.90 at k = 10 (n = 40, 400 seeds), against 0.95 for Rademacher probes. A probe with
+    x_ji = 0 (y_ji = 0 then) adds nothing to the residual sum.
+
+    The residual sum is kept about a shift c (the first block's estimate): with u = y - c x
+    and delta = d - c, sum |y - d x|^2 / x = sum |u|^2 / x - 2 Re(conj(delta) sum u) +
+    |delta|^2 sum x, which loses nothing to cancellation while delta is small, and is the
+    two-pass sum exactly when all probes came in one block (delta = 0). Unit-modulus
+    probes (Rademacher, Steinhaus: x = 1) keep no x sums (``denominators=None``).
     """
 
     def __init__(self, xp: Any) -> None:
@@ -155,12 +166,10 @@ class RatioSums:
         self.count = 0
         self.shift: Any = None
         self.unit_modulus = True
-        # sums over the probes, per entry: u, |u|^2, and (general probes) x, x^2, x u
+        # sums over the probes, per entry: u, |u|^2 (general probes: |u|^2 / x), and x
         self.u: Any = None
         self.uu: Any = None
         self.x: Any = None
-        self.xx: Any = None
-        self.xu: Any = None
 
     def add(self, numerators: Any, denominators: Any | None) -> None:
         """One block: ``numerators`` y and ``denominators`` x, both (n, k) (x ``None``: ones)."""
@@ -180,9 +189,9 @@ class RatioSums:
         xp = self.xp
         if backend.compiles_estimates(xp):  # (the count is not the program's: no recompile)
             first = self.count == 0
-            self.shift, self.u, self.uu, self.x, self.xx, self.xu = backend.jit(
-                xp, _with_products, num_static=3
-            )(xp, unit_modulus, first, self._arrays(), probes, image)
+            self.shift, self.u, self.uu, self.x = backend.jit(xp, _with_products, num_static=3)(
+                xp, unit_modulus, first, self._arrays(), probes, image
+            )
             if first:
                 self.unit_modulus = unit_modulus
             self.count += int(probes.shape[1])
@@ -221,13 +230,11 @@ class RatioSums:
         self.uu = _running_sum(self.uu, sums[1])
         if not unit_modulus:
             self.x = _running_sum(self.x, sums[2])
-            self.xx = _running_sum(self.xx, sums[3])
-            self.xu = _running_sum(self.xu, sums[4])
         self.count += k
 
     def _chunk_sums(self, y: Any, x: Any, start: int, stop: int, first: bool) -> tuple[Any, ...]:
-        """The shift (first block only: the rows' own estimate) and the sums u, |u|^2 (and
-        x, x^2, x u) of the rows ``start:stop``."""
+        """The shift (first block only: the rows' own estimate) and the sums u, |u|^2 (or,
+        with x, |u|^2 / x and x) of the rows ``start:stop``."""
         xp = self.xp
         if first:
             if x is None:
@@ -243,12 +250,12 @@ class RatioSums:
         else:
             weights = _cast_to(x, y.dtype, xp)
             residual = y - shift[:, None] * weights
+            # |u|^2 / x, 0 where x = 0 (then y = 0 and u = 0)
+            safe = xp.where(x > 0, x, xp.ones_like(x))
             sums = (
                 xp.sum(residual, axis=1),
-                xp.sum(backend.abs2(xp, residual), axis=1),
+                xp.sum(backend.abs2(xp, residual) / safe, axis=1),
                 xp.sum(x, axis=1),
-                xp.sum(x * x, axis=1),
-                xp.sum(weights * residual, axis=1),
             )
         return ((shift,) + sums) if first else sums
 
@@ -272,16 +279,17 @@ class RatioSums:
         value = self.shift + delta
         if k < 2:
             return value, None
+        # sum |u - delta x|^2 / x = sum |u|^2 / x - 2 Re(conj(delta) sum u) + |delta|^2 sum x
         square = (
             self.uu
-            - 2 * backend.real_part(xp, backend.conj(xp, delta) * self.xu)
-            + backend.abs2(xp, delta) * self.xx
+            - 2 * backend.real_part(xp, backend.conj(xp, delta) * self.u)
+            + backend.abs2(xp, delta) * self.x
         )
         square = xp.maximum(square, xp.zeros_like(square))
-        return value, xp.sqrt(square / (k - 1)) * (math.sqrt(k) / self.x)
+        return value, xp.sqrt(square / ((k - 1) * self.x))
 
     def _arrays(self) -> tuple[Any, ...]:
-        return (self.shift, self.u, self.uu, self.x, self.xx, self.xu)
+        return (self.shift, self.u, self.uu, self.x)
 
     def copy(self) -> RatioSums:
         """An independent copy (the sums are replaced, never changed in place, as blocks
@@ -292,14 +300,14 @@ class RatioSums:
 
 
 def _flatten_sums(sums: RatioSums) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
-    children = (sums.shift, sums.u, sums.uu, sums.x, sums.xx, sums.xu)
+    children = (sums.shift, sums.u, sums.uu, sums.x)
     return children, (sums.xp, sums.count, sums.unit_modulus)
 
 
 def _unflatten_sums(aux: tuple[Any, ...], children: tuple[Any, ...]) -> RatioSums:
     sums = RatioSums(aux[0])
     sums.count, sums.unit_modulus = aux[1], aux[2]
-    sums.shift, sums.u, sums.uu, sums.x, sums.xx, sums.xu = children
+    sums.shift, sums.u, sums.uu, sums.x = children
     return sums
 
 
@@ -311,7 +319,7 @@ def _with_products(
 ) -> tuple[Any, ...]:
     """The sums' arrays with one more block of probes and their image added."""
     sums = RatioSums(xp)
-    sums.shift, sums.u, sums.uu, sums.x, sums.xx, sums.xu = arrays
+    sums.shift, sums.u, sums.uu, sums.x = arrays
     sums.count = 0 if first else 1  # (only whether it is the first block matters here)
     sums.unit_modulus = unit_modulus
     sums._add_products(probes, image, unit_modulus)

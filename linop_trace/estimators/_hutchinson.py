@@ -11,7 +11,8 @@ its level.
 
 Diagonal: d_i ~ sum_j conj(z_ji) (A z_j)_i / sum_j |z_ji|^2, a ratio estimator (unbiased for
 Rademacher and unit-modulus probes, whose denominator is the number of probes), with the
-entrywise delta-method standard error of :class:`~linop_trace._stats.RatioSums`.
+entrywise standard error of :class:`~linop_trace._stats.RatioSums` (the ratio estimator's,
+exact for Gaussian probes: a Student-t statistic).
 Per-probe variance of the numerator of entry i (real A): Gaussian probes
 ``sum_j A_ij^2 + A_ii^2``, Rademacher ``sum_{j != i} A_ij^2``.
 """
