@@ -80,7 +80,9 @@ class Exact(Estimator):
         value = xp.sum(diagonal) if quantity == "trace" else diagonal
         real = backend.real_dtype_for(xp, value.dtype)
         stderr = xp.zeros(value.shape, dtype=real, device=backend.device_of(value))
-        return Estimate(value, stderr, request.columns, self.name, checks=checks)
+        # an exact answer meets any tolerance asked for
+        converged = True if request.adaptive else None
+        return Estimate(value, stderr, request.columns, self.name, converged, checks=checks)
 
     def trace(self, request: EstimationRequest) -> Estimate:
         return self._estimate(request, "trace")

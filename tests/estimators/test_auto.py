@@ -401,3 +401,16 @@ def test_the_choice_is_read_on_the_cpu_and_made_on_the_device_under_a_trace(back
     assert float(value) == pytest.approx(float(eager.value), rel=bound)
     spread = (s - 1) * abs(float(eager.value)) / float(eager.stderr)
     assert float(stderr) == pytest.approx(float(eager.stderr), rel=bound * spread)
+
+
+def test_an_exact_answer_under_a_tolerance_has_converged():
+    """auto answers exactly when n <= max_matvecs; with a tolerance asked for, converged
+    is True (it was None, which the docs reserve for runs without a tolerance)."""
+    A = np.random.default_rng(0).standard_normal((50, 50))
+    operator = lt.LinearOperator.from_callable(matmat=lambda X: A @ X, shape=(50, 50))
+    for estimate in (
+        lt.trace(operator, method="auto", rtol=0.01),
+        lt.diagonal(A, method="auto", atol=1.0),
+    ):
+        assert estimate.method == "exact" and estimate.converged is True
+    assert lt.trace(A, method="auto").converged is None
