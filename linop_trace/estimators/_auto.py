@@ -16,7 +16,9 @@ them either method can be completed without wasting a column:
 
 The cheaper prediction wins. Flat spectra keep Hutchinson (XTrace would spend half the
 budget on a sketch that captures nothing); decaying ones get XTrace (measured accuracy:
-docs/estimators/auto.rst).
+docs/estimators/auto.rst). The chosen method reuses the products that chose it, so the
+estimate is not independent of the choice: between the two regimes at small budgets
+Hutchinson's branch is biased low (measured, with its coverage, in that page).
 
 Operators tagged ``"positive_semidefinite"`` get XNysTrace with the whole budget (if
 its products contradict the tag, Hutchinson's estimate from the same products).
