@@ -12,6 +12,7 @@ contains the old best approximations, so nothing converged is lost).
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -121,8 +122,9 @@ def eigenvalues(
         raise ValueError(f"k = {k} eigenvalues asked of an operator of size n = {n}")
     if which not in WHICH:
         raise ValueError(f"unknown which={which!r}; choose one of {', '.join(WHICH)}")
-    if not (isinstance(tol, (int, float)) and not isinstance(tol, bool) and tol > 0):
+    if not (isinstance(tol, numbers.Real) and not isinstance(tol, bool) and tol > 0):
         raise ValueError(f"tol must be a positive number, got {tol!r}")
+    tol = float(tol)  # (NumPy scalars too)
     b = min(k + 2, n) if block_size is None else check_positive_int(block_size, "block_size")
     b = min(b, n)
     if b < k and which != "both_ends":

@@ -653,6 +653,10 @@ def test_eigenvalues_budget_and_arguments():
         lt.eigenvalues(A, which="middle")
     with pytest.raises(ValueError, match="tol must be a positive number"):
         lt.eigenvalues(A, tol=0)
+    with pytest.raises(ValueError, match="tol must be a positive number"):
+        lt.eigenvalues(A, tol=np.nan)
+    # a NumPy scalar is a number (it was refused)
+    assert lt.eigenvalues(np.diag([1.0, 2.0, 3.0]), k=1, tol=np.float32(1e-6), seed=0).converged
     with pytest.raises(ValueError, match="square operator"):
         lt.eigenvalues(np.ones((3, 4)))
 
