@@ -344,9 +344,11 @@ def _quadrature(
     positive: bool,
 ) -> tuple[Any, Any, Any, Any]:
     """:func:`lanczos_quadrature` of finite coefficients."""
-    nodes, vectors = xp.linalg.eigh(_tridiagonal(alphas, betas, xp))
+    tridiagonal = _tridiagonal(alphas, betas, xp)
+    # the value with the gradient of backend.gauss_rule (torch: not through the
+    # eigenvectors), with the nodes and weights for the error bounds and the checks
+    values, nodes, vectors = backend.gauss_rule(xp, tridiagonal, function)
     weights = vectors[:, 0, :] ** 2
-    values = xp.sum(weights * function(xp, nodes), axis=1)
     if ends is None:
         low, high = spectrum_ends(alphas, betas, xp)
         if positive:  # (an estimate: see lanczos_quadrature)

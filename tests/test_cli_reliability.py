@@ -196,6 +196,26 @@ def test_sparse_npz_declaring_a_huge_shape_is_refused_unread(capsys, tmp_path, n
     assert f"{HUGE} x {HUGE}" in line and "available" in line, line
 
 
+@pytest.mark.parametrize("index", [5, 100_000_000, -7])
+@pytest.mark.parametrize("command", ["rowsums", "trace", "diagonal"])
+def test_a_sparse_npz_with_an_index_out_of_range_is_refused(capsys, tmp_path, command, index):
+    """scipy.sparse.load_npz does not check the indices of the file it reads: a CSR file
+    with a column index out of range made the products read outside the arrays (a
+    segmentation fault, or uninitialised memory printed with exit 0)."""
+    path = tmp_path / "bad.npz"
+    np.savez(
+        path,
+        format=np.array(b"csr"),
+        shape=np.array([2, 2]),
+        data=np.ones(2),
+        indices=np.array([0, index]),
+        indptr=np.array([0, 1, 2]),
+    )
+    extra = ["--method", "hutchinson"] if command != "rowsums" else []
+    line = error_line(*run(capsys, command, path, *extra))
+    assert str(path) in line and "not a readable .npz file" in line and "indices" in line, line
+
+
 # ------------------------------------------------- outputs committed together (2)
 
 

@@ -109,6 +109,7 @@ from ._linalg import (  # noqa: F401
     column_norms,
     divide_by_largest,
     frobenius_norm,
+    gauss_rule,
     materialized,
     one_blas_thread,
     row_inner,

@@ -8,6 +8,7 @@ one-thread cap (:func:`one_blas_thread`) around the library's own small host alg
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import threading
 from collections.abc import Callable
@@ -351,3 +352,68 @@ def cholesky(xp: Any, matrix: Any) -> Any:
             factor, info = torch.linalg.cholesky_ex(matrix)
             return torch.where(info == 0, factor, torch.full_like(factor, math.nan))
         return xp.linalg.cholesky(matrix)
+
+
+# ------------------------------------------------------------ Gauss quadrature rules
+def gauss_rule(
+    xp: Any, tridiagonal: Any, function: Callable[[Any, Any], Any]
+) -> tuple[Any, Any, Any]:
+    """``e_1^T f(T) e_1`` for each of the (m, k, k) symmetric matrices ``T`` (the sum of
+    f over the eigenvalues weighted by the squared first components of the eigenvectors),
+    with the eigenvalues and eigenvectors (one ``eigh``; they carry no gradient).
+
+    Its torch gradient is the Daleckii-Krein formula ``U (F o c c^T) U^T`` (c = U^T e_1,
+    F the divided differences of f over the eigenvalues, f' where two are within
+    sqrt(eps) of each other), not the derivative of the eigenvectors, which divides by
+    the gaps between eigenvalues: Lanczos without reorthogonalisation repeats converged
+    Ritz values ("ghosts"), and the gradient of a log-determinant was NaN in every entry
+    through ``eigh``'s own backward pass. The value is the same function of T either
+    way. Under JAX the gradient is still ``eigh``'s (NaN with ghosts; with
+    ``reorthogonalize=True`` it is finite): the rule as a ``jax.custom_vjp`` was tried,
+    and an eager ``jax.grad`` of the estimate then sometimes waited forever on its
+    finiteness check; so, on inspection, did the code before it, intermittently. Until
+    that is understood the JAX path is left as it was."""
+    if array_api_compat.is_torch_namespace(xp) and tridiagonal.requires_grad:
+        return _torch_gauss_rule().apply(tridiagonal, function, xp)
+    nodes, vectors = xp.linalg.eigh(tridiagonal)
+    return xp.sum(vectors[:, 0, :] ** 2 * function(xp, nodes), axis=1), nodes, vectors
+
+
+def _daleckii_krein(xp: Any, nodes: Any, vectors: Any, values: Any, slopes: Any) -> Any:
+    """``U (F o c c^T) U^T`` per matrix: the gradient of e_1^T f(T) e_1 with respect to T
+    (``values`` = f(nodes), ``slopes`` = f'(nodes))."""
+    gaps = nodes[:, :, None] - nodes[:, None, :]
+    rises = values[:, :, None] - values[:, None, :]
+    eps = float(xp.finfo(nodes.dtype).eps)
+    scale = xp.max(xp.abs(nodes), axis=1, keepdims=True)[:, :, None]
+    close = xp.abs(gaps) <= math.sqrt(eps) * scale
+    means = (slopes[:, :, None] + slopes[:, None, :]) / 2
+    divided = xp.where(close, means, rises / xp.where(close, xp.ones_like(gaps), gaps))
+    first = vectors[:, 0, :]
+    inner = divided * first[:, :, None] * first[:, None, :]
+    return vectors @ inner @ xp.matrix_transpose(vectors)
+
+
+@functools.lru_cache(maxsize=1)
+def _torch_gauss_rule() -> Any:
+    import torch
+
+    class GaussRule(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx: Any, tridiagonal: Any, function: Any, xp: Any) -> Any:
+            nodes, vectors = torch.linalg.eigh(tridiagonal)
+            values, slopes = torch.func.jvp(  # (f' of an elementwise f)
+                lambda x: function(xp, x), (nodes,), (torch.ones_like(nodes),)
+            )[:2]
+            ctx.save_for_backward(nodes, vectors, values, slopes)
+            ctx.xp = xp
+            ctx.mark_non_differentiable(nodes, vectors)
+            return torch.sum(vectors[:, 0, :] ** 2 * values, dim=1), nodes, vectors
+
+        @staticmethod
+        def backward(ctx: Any, grad: Any, *_: Any) -> Any:
+            nodes, vectors, values, slopes = ctx.saved_tensors
+            gradient = _daleckii_krein(ctx.xp, nodes, vectors, values, slopes)
+            return gradient * grad[:, None, None], None, None
+
+    return GaussRule

@@ -295,7 +295,13 @@ def _load_npz(path: Path) -> Any:
     with np.load(path, allow_pickle=False) as archive:
         names = list(archive.files)
         if "format" in names and "shape" in names:
-            return sp.load_npz(path)
+            matrix = sp.load_npz(path)
+            # load_npz trusts the file: an index out of range (a corrupt or hand-made
+            # file) made the products read outside the arrays (a segmentation fault, or
+            # uninitialised memory printed with exit 0); the full check refuses it
+            if hasattr(matrix, "check_format"):
+                matrix.check_format(full_check=True)
+            return matrix
         if len(names) != 1:
             listed = ", ".join(names) if names else "none"
             raise CliError(
