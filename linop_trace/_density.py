@@ -179,6 +179,7 @@ def spectral_density(
     0.99
     """
     operator = aslinearoperator(A)
+    backend.refuse_dask(operator.xp, "spectral_density")
     if operator.shape[0] != operator.shape[1]:
         raise ValueError(f"spectral_density needs a square operator, got shape {operator.shape}")
     if operator.shape[0] == 0:

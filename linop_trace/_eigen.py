@@ -116,6 +116,7 @@ def eigenvalues(
     ([100.0, 99.0, 98.0], True)
     """
     operator = widened(aslinearoperator(A))
+    backend.refuse_dask(operator.xp, "eigenvalues")
     n = check_square(operator, "eigenvalues")
     k = check_positive_int(k, "k")
     if k > n:

@@ -589,6 +589,9 @@ class _Continuation:
         name = getattr(refiner, "name", state.method)
         check_tolerance(rtol, atol, self.settings.confidence)
         adaptive = rtol is not None or atol is not None
+        # (a tolerance on Dask is refused here as in the first run: it computed the
+        # graph of every earlier round again, hundreds of computes for one refine)
+        backend.check_dask_support(operator.xp, name, adaptive)
         if adaptive == (num_matvecs is not None):
             raise ValueError(
                 "refine takes num_matvecs (that many more products) or a tolerance "

@@ -473,6 +473,7 @@ def trace_function(
     if positive:  # Ritz values <= 0 give NaN (no warning); the check names the cause
         function = _on_positive(function)
     operator = widened(aslinearoperator(A))
+    backend.refuse_dask(operator.xp, f"trace_function({name!r})")
     n = check_square(operator, f"trace_function({name!r})")
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r} for trace_function; known: {METHODS}")

@@ -201,6 +201,25 @@ def test_methods_without_dask_linear_algebra_are_refused(matrix, method):
 def test_tolerances_are_refused(matrix):
     with pytest.raises(NotImplementedError, match="Dask"):
         lt.trace(as_dask(matrix), method="hutchinson", rtol=0.1, seed=SEED)
+    # refine with a tolerance too (it ran, computing the graph of every earlier round
+    # again: 401 computes for one refine)
+    first = lt.trace(as_dask(matrix), method="hutchinson", num_matvecs=10, seed=SEED)
+    with pytest.raises(NotImplementedError, match="Dask"):
+        first.refine(as_dask(matrix), rtol=0.01, max_matvecs=200)
+
+
+def test_spectral_functions_are_refused_naming_dask(matrix):
+    """They need eigh, which dask.array lacks: an AttributeError from inside them."""
+    A = as_dask(matrix @ matrix.T + np.eye(matrix.shape[0]))
+    for call in (
+        lambda: lt.logdet(A, seed=SEED),
+        lambda: lt.logdet(A, method="exact"),
+        lambda: lt.trace_function(A, "exp", seed=SEED),
+        lambda: lt.spectral_density(A, seed=SEED),
+        lambda: lt.eigenvalues(A, k=2, seed=SEED),
+    ):
+        with pytest.raises(NotImplementedError, match="Dask"):
+            call()
 
 
 def test_chunks_of_other_libraries_are_refused():

@@ -40,6 +40,7 @@ from ._dask import (  # noqa: F401
     is_dask_array,
     is_dask_namespace,
     mixed_libraries_reason,
+    refuse_dask,
     rows_held_together,
     substitute,
 )
@@ -161,6 +162,7 @@ __all__ = [
     "fit_block",
     "mixed_libraries_reason",
     "check_dask_support",
+    "refuse_dask",
     "compute_together",
     "dask_probe_block",
     "in_memory",

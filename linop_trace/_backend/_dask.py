@@ -33,6 +33,7 @@ __all__ = [
     "as_dask_block",
     "check_dask_chunks",
     "check_dask_support",
+    "refuse_dask",
     "compute_together",
     "computed_graph_hint",
     "dask_column_inner",
@@ -78,6 +79,17 @@ def check_dask_support(xp: Any, method: str, adaptive: bool) -> None:
         raise NotImplementedError(
             "rtol/atol (adaptive estimates) are not supported on Dask arrays: every round "
             "would compute the products of all earlier rounds again; give num_matvecs"
+        )
+
+
+def refuse_dask(xp: Any, what: str) -> None:
+    """``NotImplementedError`` naming Dask for ``what`` (a function whose linear algebra
+    ``dask.array`` lacks: a symmetric eigendecomposition); a no-op for other libraries.
+    It was an ``AttributeError`` from inside the function."""
+    if is_dask_namespace(xp):
+        raise NotImplementedError(
+            f"{what} does not run on Dask arrays: it needs a symmetric eigendecomposition "
+            "(linalg.eigh), which dask.array lacks; compute the array into NumPy first"
         )
 
 
