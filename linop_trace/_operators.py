@@ -148,12 +148,6 @@ class LinearOperator:
             if isinstance(getattr(self, name), LinearOperator)
         )
 
-    def product_dtype(self) -> Any:
-        """The dtype the products are computed in: the operator's own, except for a
-        half-precision operator seen in single precision (its products keep the user's
-        precision), whose rounding checks on the products must allow for."""
-        return self.dtype
-
     def bytes_per_column(self) -> int:
         """Memory one column of a block product needs on the operator's device (the input
         column and its image); block sizes divide the device's free memory by it.
@@ -986,9 +980,6 @@ class _WidenedOperator(LinearOperator):
 
     def _narrow(self, X: Any) -> Any:
         return self.xp.astype(X, self.operator.dtype)
-
-    def product_dtype(self) -> Any:
-        return self.operator.product_dtype()
 
     def _matmat(self, X: Any) -> Any:
         return self.xp.astype(self.operator.matmat(self._narrow(X)), X.dtype)

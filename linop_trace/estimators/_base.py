@@ -440,17 +440,6 @@ class EstimationRequest:
         return self.matmat._operator.tags
 
     @property
-    def product_eps(self) -> float:
-        """The machine epsilon of the precision the products are computed in (a
-        half-precision operator's own, though the estimate runs in single precision):
-        what tests of the products' symmetry or sign must allow for."""
-        xp = self.xp
-        dtype = self.matmat._operator.product_dtype()
-        if xp.isdtype(dtype, "complex floating"):
-            dtype = backend.real_dtype_for(xp, dtype)
-        return float(xp.finfo(dtype).eps)
-
-    @property
     def self_adjoint(self) -> bool:
         """Whether the tags say ``A^H = A`` (then :meth:`adjoint` is the forward product)."""
         return is_self_adjoint(self.matmat._operator)

@@ -72,11 +72,11 @@ class XNysTraceResult:
     psd_check: DeferredCheck
 
 
-def _sketch_pieces(xp: Any, probes: Any, images: Any, eps: float) -> tuple[Any, ...]:
+def _sketch_pieces(xp: Any, probes: Any, images: Any) -> tuple[Any, ...]:
     """The m x m pieces of the sketch and the PSD evidence, before any (n, m) temporary.
 
     Returns ``core`` = Omega^H Y, ``gram`` = Omega^H Omega, the shift ``nu`` = eps |Y|_F
-    (eps that of the products' precision: a round-off-level constant of the algorithm: no gradient through it), the
+    (a round-off-level constant of the algorithm: no gradient through it), the
     eigendecomposition ``lam, vec`` of the shifted core Omega^H (Y + nu Omega), and
     ``evidence``: max|core|, max|core - core^H|, min Re(w_i^H A w_i), max|lam|, min lam
     (cut from the gradient; read by the check :func:`_psd_failed` builds).
@@ -84,6 +84,7 @@ def _sketch_pieces(xp: Any, probes: Any, images: Any, eps: float) -> tuple[Any, 
     ph = hermitian_transpose(probes, xp)
     core = ph @ images
     gram = ph @ probes
+    eps = float(xp.finfo(backend.real_part(xp, core).dtype).eps)
     nu = eps * backend.stop_gradient(backend.frobenius_norm(xp, images))
     core_nu = core + as_dtype(nu, core.dtype, xp) * gram
     core_nu = (core_nu + hermitian_transpose(core_nu, xp)) / 2
@@ -148,11 +149,7 @@ def _psd_exception(
 
 
 def xnystrace_estimates(
-    probes: Any,
-    images: Any,
-    xp: Any,
-    improved: bool = True,
-    product_eps: float | None = None,
+    probes: Any, images: Any, xp: Any, improved: bool = True
 ) -> XNysTraceResult:
     """The XNysTrace leave-one-out estimates t_i and pseudo-values p_i from Y = A Omega.
 
@@ -168,18 +165,13 @@ def xnystrace_estimates(
     xp : namespace
     improved : bool
         The improved normalization (rotation-invariant probes only).
-    product_eps : float, optional
-        The machine epsilon of the products' own precision, when coarser than the
-        probes' (a half-precision operator): the tests of symmetry and sign allow for it.
     """
     eps = float(xp.finfo(backend.real_part(xp, probes).dtype).eps)
-    if product_eps is not None:
-        eps = max(eps, product_eps)
-    program = backend.jit(xp, _estimates_and_error, num_static=3)
+    program = backend.jit(xp, _estimates_and_error, num_static=2)
     n, m = probes.shape
     with backend.one_blas_thread(xp, work=n * m * m):  # the library's own algebra only
         value, error, estimates, pseudo, evidence, min_eigenvalue = program(
-            xp, improved, eps, probes, images
+            xp, improved, probes, images
         )
     check = DeferredCheck(
         _psd_failed(xp, evidence, eps), tuple(evidence[i] for i in range(5)), _not_psd_error(eps)
@@ -187,14 +179,12 @@ def xnystrace_estimates(
     return XNysTraceResult(value, error, estimates, pseudo, min_eigenvalue, check)
 
 
-def _estimates_and_error(
-    xp: Any, improved: bool, eps: float, probes: Any, images: Any
-) -> tuple[Any, ...]:
-    """Sketch, algebra and error terms (compiled as one program under JAX; ``eps`` that
-    of the products' precision). The zero operator on the probes' span (A Omega = 0) gets
-    exact zeros with m - 1 dofs."""
+def _estimates_and_error(xp: Any, improved: bool, probes: Any, images: Any) -> tuple[Any, ...]:
+    """Sketch, algebra and error terms (compiled as one program under JAX). The zero
+    operator on the probes' span (A Omega = 0) gets exact zeros with m - 1 dofs."""
     n, m = probes.shape
-    core, gram, nu, lam, vec, evidence = _sketch_pieces(xp, probes, images, eps)
+    core, gram, nu, lam, vec, evidence = _sketch_pieces(xp, probes, images)
+    eps = float(xp.finfo(backend.real_part(xp, probes).dtype).eps)
     top, low = evidence[3], evidence[4]
     zero = top == 0
     floor = xp.where(zero, xp.ones_like(top), eps * top)
@@ -308,14 +298,10 @@ def _leave_one_out_estimates(
 
 
 def xnystrace_core(
-    matmat: Callable[[Any], Any],
-    probes: Any,
-    xp: Any,
-    improved: bool = True,
-    product_eps: float | None = None,
+    matmat: Callable[[Any], Any], probes: Any, xp: Any, improved: bool = True
 ) -> XNysTraceResult:
     """XNysTrace with the probe block ``probes`` (n, m): one product ``A Omega``."""
-    return xnystrace_estimates(probes, matmat(probes), xp, improved, product_eps)
+    return xnystrace_estimates(probes, matmat(probes), xp, improved)
 
 
 class XNysTrace(ProbeOption):
@@ -366,10 +352,7 @@ class XNysTrace(ProbeOption):
         m = min(request.num_matvecs, request.n)
         probes = request.probes.independent(m)
         improved = request.probes.rotation_invariant
-        return self._estimate(
-            request,
-            xnystrace_core(request.matmat, probes, request.xp, improved, request.product_eps),
-        )
+        return self._estimate(request, xnystrace_core(request.matmat, probes, request.xp, improved))
 
     def finish_trace(
         self, request: EstimationRequest, probes: Any, images: Any, info: dict | None = None
@@ -377,9 +360,7 @@ class XNysTrace(ProbeOption):
         """The estimate from probes already multiplied (``images = A @ probes``)."""
         improved = request.probes.rotation_invariant
         return self._estimate(
-            request,
-            xnystrace_estimates(probes, images, request.xp, improved, request.product_eps),
-            info,
+            request, xnystrace_estimates(probes, images, request.xp, improved), info
         )
 
     def _estimate(
