@@ -246,40 +246,55 @@ def _rule(alphas: Any, betas: Any, function: Callable[[Any, Any], Any], xp: Any)
     return xp.sum(vectors[:, 0, :] ** 2 * function(xp, nodes), axis=1)
 
 
-def _radau_rule(
+def _radau_rules(
     alphas: Any,
     betas: Any,
-    end: Any,
+    ends: tuple[Any, Any],
     function: Callable[[Any, Any], Any],
     xp: Any,
     decomposition: tuple[Any, Any],
-) -> Any:
-    """The (k+1)-point Gauss-Radau rule with one node fixed at ``end`` (a 0-d array): T_k
-    extended by the last coupling beta_k and the diagonal entry
+) -> tuple[Any, Any]:
+    """The (k+1)-point Gauss-Radau rules with one node fixed at each of ``ends`` (0-d
+    arrays): T_k extended by the last coupling beta_k and the diagonal entry
     phi = end + beta_k^2 e_k^T (T_k - end I)^-1 e_k, which makes ``end`` an eigenvalue.
 
     e_k^T (T_k - end I)^-1 e_k = sum_i u_ki^2 / (theta_i - end) from T_k's eigenpairs
     ``decomposition`` (no solve: T_k - end I is singular when the Krylov space is
     invariant, e.g. A = c I, where beta_k = 0 and the extension adds a node of weight 0;
-    a Ritz value at ``end`` then contributes nothing)."""
+    a Ritz value at ``end`` then contributes nothing).
+
+    Both rules' matrices go to one batched ``eigh``: under JAX on the CPU, two batched
+    eigensolvers that a program can run at once each wait on the thread pool that the
+    other holds (jaxlib 0.10, LAPACK's batches split over the intra-op pool: a program
+    of a log-determinant's gradient hung, intermittently, on a two-core machine)."""
     nodes, vectors = decomposition
     last = betas[:, -1]
-    gap = nodes - end
-    safe = xp.where(gap == 0, xp.ones_like(gap), gap)
-    delta = xp.sum(xp.where(gap == 0, xp.zeros_like(gap), vectors[:, -1, :] ** 2 / safe), axis=1)
-    phi = end + last**2 * delta
-    extended_alphas = xp.concat([alphas, phi[:, None]], axis=1)
-    extended_betas = xp.concat([betas, xp.zeros_like(last)[:, None]], axis=1)
-    return _rule(extended_alphas, extended_betas, function, xp)
+    m = alphas.shape[0]
+    extended_alphas, extended_betas = [], []
+    for end in ends:
+        gap = nodes - end
+        safe = xp.where(gap == 0, xp.ones_like(gap), gap)
+        delta = xp.sum(
+            xp.where(gap == 0, xp.zeros_like(gap), vectors[:, -1, :] ** 2 / safe), axis=1
+        )
+        phi = end + last**2 * delta
+        extended_alphas.append(xp.concat([alphas, phi[:, None]], axis=1))
+        extended_betas.append(xp.concat([betas, xp.zeros_like(last)[:, None]], axis=1))
+    rules = _rule(
+        xp.concat(extended_alphas, axis=0), xp.concat(extended_betas, axis=0), function, xp
+    )
+    return rules[:m], rules[m:]
 
 
-def spectrum_ends(alphas: Any, betas: Any, xp: Any) -> tuple[Any, Any]:
-    """Estimated ends of the spectrum from every probe's Ritz pairs: min (theta - r) and
-    max (theta + r) over the Ritz values theta with residual norms r = beta_k |u_k|
-    (each [theta - r, theta + r] holds an eigenvalue; the extreme Ritz values converge
-    first)."""
+def spectrum_ends(
+    alphas: Any, betas: Any, xp: Any, decomposition: tuple[Any, Any]
+) -> tuple[Any, Any]:
+    """Estimated ends of the spectrum from every probe's Ritz pairs ``decomposition``
+    (the eigenpairs of its tridiagonal): min (theta - r) and max (theta + r) over the
+    Ritz values theta with residual norms r = beta_k |u_k| (each [theta - r, theta + r]
+    holds an eigenvalue; the extreme Ritz values converge first)."""
     k = alphas.shape[1]
-    nodes, vectors = xp.linalg.eigh(_tridiagonal(alphas, betas, xp))
+    nodes, vectors = decomposition
     residuals = xp.abs(betas[:, k - 1 : k] * vectors[:, k - 1, :])
     return xp.min(nodes - residuals), xp.max(nodes + residuals)
 
@@ -350,7 +365,7 @@ def _quadrature(
     values, nodes, vectors = backend.gauss_rule(xp, tridiagonal, function)
     weights = vectors[:, 0, :] ** 2
     if ends is None:
-        low, high = spectrum_ends(alphas, betas, xp)
+        low, high = spectrum_ends(alphas, betas, xp, (nodes, vectors))
         if positive:  # (an estimate: see lanczos_quadrature)
             low = xp.maximum(low, xp.min(nodes) / LOW_END_DIVISOR)
     else:  # known bounds, as given: a bound raised above lambda_min no longer brackets
@@ -367,10 +382,8 @@ def _quadrature(
         low = xp.minimum(low, bottom * (1 - margin))
     else:
         low = xp.minimum(low, bottom - margin * xp.maximum(xp.abs(bottom), xp.abs(top)))
-    error = xp.maximum(
-        xp.abs(_radau_rule(alphas, betas, low, function, xp, (nodes, vectors)) - values),
-        xp.abs(_radau_rule(alphas, betas, high, function, xp, (nodes, vectors)) - values),
-    )
+    at_low, at_high = _radau_rules(alphas, betas, (low, high), function, xp, (nodes, vectors))
+    error = xp.maximum(xp.abs(at_low - values), xp.abs(at_high - values))
     return values, error, nodes, weights
 
 
