@@ -972,7 +972,8 @@ def _sums(A: Any, adjoint: bool, check_finite: bool, decompose: bool = False) ->
     value = counter(ones)[:, 0]
     real = backend.real_dtype_for(xp, operator.dtype)
     stderr = xp.zeros(value.shape, dtype=real, device=operator.device)
-    return Estimate(value, stderr, counter.columns, "exact", checks=counter.deferred_checks())
+    estimate = Estimate(value, stderr, counter.columns, "exact", checks=counter.deferred_checks())
+    return _computed_once(estimate) if backend.is_dask_namespace(xp) else estimate
 
 
 def row_sums(A: Any, check_finite: bool = True, decompose: bool = True) -> Estimate:
@@ -1089,4 +1090,5 @@ def frobenius_norm_squared(
     # the samples |A z|^2 are skewed: the interval is Hutchinson's shape-corrected t one
     info = {"probe": sampler.kind}
     estimate = sample_mean(drawn, xp).estimate(counter.columns, "hutchinson", info=info)
-    return estimate.with_checks(counter.deferred_checks(), counter.columns)
+    estimate = estimate.with_checks(counter.deferred_checks(), counter.columns)
+    return _computed_once(estimate) if backend.is_dask_namespace(xp) else estimate

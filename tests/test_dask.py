@@ -182,6 +182,42 @@ def test_each_matrix_chunk_is_read_once(matrix):
     )
 
 
+@pytest.mark.parametrize("function", ["row_sums", "col_sums", "frobenius_norm_squared"])
+def test_exact_sums_and_frobenius_norm_compute_their_product_once(matrix, function):
+    """Their estimates' value, stderr and finiteness flags are computed in one graph, as
+    the trace's are: the matrix's chunks are loaded once, and reading the value, the
+    stderr and the interval loads nothing more (each read computed the product again:
+    64 - 80 block computes for four reads)."""
+    loads = []
+
+    def load(block):
+        if block.size:
+            loads.append(block.shape)
+        return block
+
+    A = as_dask(matrix).map_blocks(load, dtype=matrix.dtype)
+    options = {"num_matvecs": 20, "seed": SEED} if function == "frobenius_norm_squared" else {}
+    with dask.config.set(scheduler="sync"):
+        estimate = getattr(lt, function)(A, **options)
+        chunks = A.numblocks[0] * A.numblocks[1]
+        assert len(loads) == chunks
+        for _ in range(2):
+            low, high = estimate.ci()
+            estimate.value.compute(), estimate.stderr.compute(), np.asarray(low)  # noqa: B018
+        assert len(loads) == chunks
+    if function == "frobenius_norm_squared":
+        expected = lt.frobenius_norm_squared(
+            matrix, probe=None, **{**options, "seed": _DaskProbesInNumPy(SEED)}
+        )
+        np.testing.assert_allclose(float(estimate), float(expected), rtol=1e-12)
+    else:
+        axis = 0 if function == "col_sums" else 1
+        # a sum of N terms in another order: rounding within N eps sum |a_ij|
+        bound = N * np.finfo(float).eps * np.abs(matrix).sum(axis=axis)
+        error = np.abs(np.asarray(estimate.value) - matrix.sum(axis=axis))
+        assert np.all(error <= bound)
+
+
 def test_refine_continues_the_stream(client, matrix):
     A = as_dask(matrix)
     first = lt.trace(A, method="hutchinson", num_matvecs=20, seed=SEED)
