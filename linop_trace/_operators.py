@@ -712,8 +712,10 @@ class _ScipyLinearOperator(LinearOperator):
         self.operator = operator
         # SciPy's LinearOperator(shape, matvec=...) keeps a missing rmatvec as None and
         # fails with "'NoneType' object is not callable" when asked for A^H x
+        # (one built with rmatmat= alone has an adjoint: SciPy's rmatmat uses it)
         self._has_adjoint = (
             getattr(operator, "_CustomLinearOperator__rmatvec_impl", True) is not None
+            or getattr(operator, "_CustomLinearOperator__rmatmat_impl", None) is not None
         )
 
     def _matmat(self, X: Any) -> Any:
@@ -915,6 +917,12 @@ class _ScaledOperator(LinearOperator):
 
     def __init__(self, operator: LinearOperator, scalar: Any) -> None:
         xp = operator.xp
+        if isinstance(scalar, np.generic):
+            # a NumPy scalar as the Python number it holds: np.complex64 is no ``complex``
+            # (its adjoint kept c instead of conj(c)), and NumPy scalars are not weakly
+            # typed (np.float64(2) widened a float32 operator's products, and left
+            # array_api_strict's for NumPy's)
+            scalar = scalar.item()
         if isinstance(scalar, numbers.Number):
             is_complex = isinstance(scalar, complex) and scalar.imag != 0
             dtype = backend.complex_dtype_for(xp, operator.dtype) if is_complex else operator.dtype
@@ -1161,6 +1169,10 @@ def aslinearoperator(matrix: Any, *, tags: Iterable[str] = ()) -> LinearOperator
             return matrix
         tagged = copy.copy(matrix)
         tagged.tags = matrix.tags | added
+        # (the copy's compiled structure is made anew: the one an estimate kept on the
+        # original holds the original's tags, and a JAX estimate refused a tag just added)
+        vars(tagged).pop("_static_part", None)
+        tagged._reset_caches()  # (an adjoint made with the old tags, too)
         return tagged
     if not tags:
         known = _known_jax_dense(matrix)

@@ -42,6 +42,14 @@ def _check_against_dense(peer, dense, tags):
     assert estimate.num_matvecs == 12
     np.testing.assert_allclose(float(estimate), float(reference), rtol=1e-10, atol=1e-10)
     np.testing.assert_allclose(float(estimate.stderr), float(reference.stderr), rtol=1e-8)
+    # a complex block on the real operator: both parts go through (the imaginary part
+    # was dropped: A @ (1j v) gave 0)
+    rng = np.random.default_rng(1)
+    V = rng.standard_normal((N, 2)) + 1j * rng.standard_normal((N, 2))
+    block = A.xp.asarray(V, device=A.device)
+    atol = 1e3 * np.finfo(M.dtype).eps * np.abs(M).sum(axis=1).max()  # (M's precision)
+    np.testing.assert_allclose(_as_numpy(A @ block), M @ V, atol=atol)
+    np.testing.assert_allclose(_as_numpy(A.H @ block), M.T @ V, atol=atol)
 
 
 def test_importing_linop_trace_imports_no_peer():

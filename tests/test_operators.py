@@ -320,3 +320,80 @@ def test_single_precision_stays_single():
     assert est.value.dtype == np.complex64 and est.stderr.dtype == np.float32
     empty = lt.trace(aslinearoperator(np.zeros((0, 0), dtype=np.complex128)))
     assert np.asarray(empty.stderr).dtype == np.float64
+
+
+# ------------------------------------------------- NumPy scalars, tags, peers' layouts
+def test_numpy_scalars_scale_as_the_python_numbers_they_hold():
+    """np.complex64 is no ``complex``: the adjoint of c A kept c instead of conj(c) and
+    the Hermitian tag survived; np.float64 widened a float32 operator's products (NumPy
+    scalars are not weakly typed)."""
+    M = np.array([[1.0, 2.0], [3.0, 4.0]])
+    B = np.complex64(1 + 2j) * aslinearoperator(M)
+    np.testing.assert_allclose(B.H.to_dense(), np.conj(1 + 2j) * M.T)
+    np.testing.assert_allclose(lt.col_sums(B).value, (1 + 2j) * M.sum(axis=0))
+    H = aslinearoperator(M + M.T, tags=("hermitian",))
+    assert "hermitian" not in (np.complex64(1j) * H).tags
+    M32 = M.astype(np.float32)
+    for scalar in (np.float64(2.0), np.float32(2.0)):
+        C = scalar * aslinearoperator(M32)
+        assert C.dtype == np.float32
+        assert (C @ np.ones((2, 1), dtype=np.float32)).dtype == np.float32
+        assert lt.trace(C, method="exact").value.dtype == np.float32
+
+
+def test_numpy_scalar_on_array_api_strict_stays_in_its_library():
+    xps = pytest.importorskip("array_api_strict")
+    A = aslinearoperator(xps.asarray([[1.0, 2.0], [3.0, 4.0]]))
+    B = np.float64(2.0) * A
+    product = B @ xps.ones((2, 1), dtype=xps.float64)
+    assert type(product) is type(A @ xps.ones((2, 1), dtype=xps.float64))
+    assert float(lt.trace(B, method="exact").value) == 10.0
+
+
+def test_tags_added_after_a_compiled_estimate_are_seen():
+    """aslinearoperator(op, tags=...) copies op; the copy kept the compiled structure an
+    estimate had stored on op, with op's tags, and NA-Hutch++ refused the tag just added."""
+    jax = pytest.importorskip("jax")
+    jax.config.update("jax_enable_x64", True)
+    import jax.numpy as jnp
+
+    M = random_matrix((6, 6), np.float64)
+    S = jnp.asarray(M + M.T)
+    C = LinearOperator.from_callable(matmat=jax.jit(lambda X: S @ X), shape=(6, 6), like=S)
+    lt.trace(C, method="hutchinson", num_matvecs=6, seed=0)
+    tagged = aslinearoperator(C, tags="symmetric")
+    fresh = aslinearoperator(
+        LinearOperator.from_callable(matmat=jax.jit(lambda X: S @ X), shape=(6, 6), like=S),
+        tags="symmetric",
+    )
+    key = jax.random.key(1)
+    value = lt.trace(tagged, method="na-hutch++", num_matvecs=6, seed=key).value
+    assert float(value) == pytest.approx(float(lt.trace(fresh, "na-hutch++", 6, key).value))
+
+
+def test_scipy_operator_with_rmatmat_alone_has_an_adjoint():
+    spla = pytest.importorskip("scipy.sparse.linalg")
+    M = np.array([[1.0, 2.0, 0.0], [3.0, 4.0, 5.0]])
+    L = spla.LinearOperator(M.shape, matvec=lambda x: M @ x, rmatmat=lambda X: M.T @ X)
+    np.testing.assert_allclose(lt.col_sums(L).value, M.sum(axis=0))
+    np.testing.assert_allclose(aslinearoperator(L).H.to_dense(), M.T)
+
+
+@pytest.mark.parametrize("layout", ["bcsr", "n_batch", "n_dense"])
+def test_jax_sparse_layouts_become_plain_bcoo(layout):
+    """A BCSR, or a BCOO with batch or dense dimensions, gave right products and crashed
+    the exact trace, diagonal and row sums."""
+    jax = pytest.importorskip("jax")
+    jax.config.update("jax_enable_x64", True)
+    import jax.numpy as jnp
+    from jax.experimental import sparse as jsparse
+
+    R = np.array([[1.0, 0.0, 2.0], [0.0, 3.0, 0.0], [4.0, 0.0, 5.0]])
+    S = {
+        "bcsr": lambda: jsparse.BCSR.fromdense(jnp.asarray(R)),
+        "n_batch": lambda: jsparse.BCOO.fromdense(jnp.asarray(R), n_batch=1),
+        "n_dense": lambda: jsparse.BCOO.fromdense(jnp.asarray(R), n_dense=1),
+    }[layout]()
+    assert float(lt.trace(S, method="exact").value) == 9.0
+    np.testing.assert_array_equal(np.asarray(lt.diagonal(S, method="exact").value), np.diag(R))
+    np.testing.assert_array_equal(np.asarray(lt.row_sums(S).value), R.sum(axis=1))

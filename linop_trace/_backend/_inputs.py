@@ -6,6 +6,8 @@ from typing import Any
 
 import numpy as np
 
+from ._identity import _is_jax_sparse
+
 __all__ = ["plain_array", "plain_matrix"]
 
 
@@ -27,7 +29,13 @@ def plain_matrix(matrix: Any) -> Any:
     """A NumPy matrix given to :func:`~linop_trace.aslinearoperator` as a plain ``ndarray``: an
     ``np.matrix`` as its array, a masked array without masked entries as its data; a
     masked array with masked entries is refused (a trace or diagonal of a matrix with
-    missing entries is not defined, and its data under the mask is arbitrary)."""
+    missing entries is not defined, and its data under the mask is arbitrary).
+
+    A JAX sparse matrix becomes a BCOO without batch or dense dimensions (the layout
+    the sparse kernels read: a BCSR, or a BCOO with ``n_batch`` or ``n_dense`` above 0,
+    gave right products and crashed the exact trace and diagonal)."""
+    if _is_jax_sparse(matrix):
+        return _plain_bcoo(matrix)
     if not isinstance(matrix, np.ndarray) or type(matrix) is np.ndarray:
         return matrix
     if isinstance(matrix, np.ma.MaskedArray):
@@ -39,3 +47,18 @@ def plain_matrix(matrix: Any) -> Any:
             )
         return np.asarray(matrix.data)
     return np.asarray(matrix)
+
+
+def _plain_bcoo(matrix: Any) -> Any:
+    from jax.experimental import sparse as jsparse
+
+    if not isinstance(matrix, jsparse.BCOO):
+        if not hasattr(matrix, "to_bcoo"):
+            raise TypeError(
+                f"JAX sparse matrices are taken as BCOO or BCSR, got {type(matrix).__name__}: "
+                "convert it with jax.experimental.sparse.BCOO.fromdense or its to_bcoo()"
+            )
+        matrix = matrix.to_bcoo()
+    if matrix.n_batch or matrix.n_dense:
+        matrix = jsparse.bcoo_update_layout(matrix, n_batch=0, n_dense=0)
+    return matrix
