@@ -414,6 +414,33 @@ def test_jax_quadrature_runs_its_batched_eigensolvers_one_after_the_other():
             assert _primitive_count(jaxpr, "eigh") == 2
 
 
+def test_jax_logdet_second_derivative_agrees_with_differences_of_the_gradient():
+    """The gradient's rule (Daleckii-Krein) is a differentiable function of the Lanczos
+    matrices: forward over reverse gives the derivative of the gradient (with the
+    eigenpairs held fixed it read -4.31 where the gradient's difference is -4.63).
+    Central differences of the gradient: error ~ h^2 (~1e-8 here) plus eps / h."""
+    jax = pytest.importorskip("jax")
+    jax.config.update("jax_enable_x64", True)
+    import jax.numpy as jnp
+
+    rng = np.random.default_rng(4)
+    n = 20
+    M = rng.standard_normal((n, n))
+    A = jnp.asarray(M @ M.T / n + 0.5 * np.eye(n))
+    V = rng.standard_normal((n, n))
+    V = jnp.asarray((V + V.T) / 20)
+    key = jax.random.key(0)
+
+    def f(t):
+        return lt.logdet(A + t * V, num_matvecs=20, lanczos_steps=5, seed=key).value
+
+    t0, h = 0.2, 1e-4
+    second = float(jax.hessian(f)(t0))
+    gradient = jax.grad(f)
+    differences = float((gradient(t0 + h) - gradient(t0 - h)) / (2 * h))
+    assert second == pytest.approx(differences, rel=1e-6)
+
+
 def test_jax_logdet_gradient_does_not_hang():
     """The case that hung (above), run in a process of its own with a time limit:
     twelve eager gradients of a log-determinant on a matrix with three outliers."""
