@@ -269,12 +269,25 @@ class Estimate:
     @property
     def value(self) -> Any:
         self._verify()
-        return self._value
+        return self._poisoned(self._value)
 
     @property
     def stderr(self) -> Any:
         self._verify()
-        return self._stderr
+        return self._poisoned(self._stderr)
+
+    def _poisoned(self, x: Any) -> Any:
+        """``x`` read under a JAX trace, NaN where a check failed: the checks raise when an
+        Estimate is read outside ``jax.jit``, but a function that returns only the value
+        returned garbage (XNysTrace on an indefinite matrix: 5.5e16) without them."""
+        if x is None or not self._checks or not backend.is_tracer(x):
+            return x
+        flags = [check.failed for check in self._checks if backend.is_tracer(check.failed)]
+        if not flags:
+            return x
+        xp = backend.array_namespace(x)
+        failed = flags[0] if len(flags) == 1 else xp.any(xp.stack(flags))
+        return xp.where(failed, xp.asarray(math.nan, dtype=x.dtype), x)
 
     @property
     def dof(self) -> int | None:
@@ -419,6 +432,13 @@ class Estimate:
         (100, True)
         """
         self._settle()
+        if self._resume is None and self._state is not None:  # (rebuilt from its arrays)
+            raise ValueError(
+                f"this {self.method!r} estimate came out of a JAX transformation (jax.jit, "
+                "jax.vmap) or was rebuilt from its arrays, which keep the samples but not "
+                "the operator's probe stream; run the estimate eagerly to refine it, or "
+                "run it again with a larger num_matvecs"
+            )
         if self._resume is None or self._state is None:
             raise ValueError(
                 f"a {self.method!r} estimate cannot be refined: only Hutchinson's trace and "
@@ -442,6 +462,15 @@ class Estimate:
         from scipy import stats
 
         tail = 0.5 + level / 2
+        if backend.is_tracer(self._dof) or any(
+            backend.is_tracer(x) for x in self._sample_shape() if x is not None
+        ):
+            raise ValueError(
+                "the interval's quantile needs the estimate's degrees of freedom and its "
+                "samples' shape as numbers, which a JAX transformation (jax.jit, jax.vmap) "
+                "does not have: return the Estimate from the transformed function and "
+                "call ci() or quantile() on it outside"
+            )
         dof = self.dof
         if dof is None:
             return float(stats.norm.ppf(tail))

@@ -33,6 +33,7 @@ from ._operators import LinearOperator, aslinearoperator, widened
 from ._probes import ProbeSampler
 from ._stats import sample_mean
 from ._validation import check_positive_int, check_square, check_tolerance
+from .estimators._adaptive import traced_tolerance_error
 from .estimators._base import CountingMatmat
 from .estimators._linalg import extend_basis, orthonormal_basis, project_out
 
@@ -707,8 +708,8 @@ def _slq(config: _SlqConfig, operator: LinearOperator, seed: Any) -> Estimate:
     rtol, atol = config.tolerance
     while True:
         estimate = assemble(rounds, None)  # raises on a failed check (a host read)
-        if backend.is_tracer(estimate.value):  # under jax.jit: nothing to read, one round
-            return estimate
+        if backend.is_tracer(estimate.value):  # under jax.jit: nothing to read
+            raise traced_tolerance_error()
         low, high = estimate.ci()
         if (high - low) / 2 <= max(atol, rtol * abs(float(estimate))):
             return assemble(rounds, True)

@@ -268,6 +268,16 @@ def test_jax_compiled_estimate_raises_on_a_non_finite_product(jax_setup, case):
     }.get(method, "non-finite.*check_finite=False")
     with pytest.raises(FloatingPointError, match=message):
         estimate.value  # noqa: B018
+    # a function that returns only the value has no check to run after it: the value read
+    # inside the trace is NaN where a check failed (it was the raw estimate)
+    traced = jax.jit(
+        lambda matrix: (
+            function(
+                lt.aslinearoperator(matrix, tags=tags), method=method, num_matvecs=BUDGET, seed=0
+            ).value
+        )
+    )(jnp.asarray(values))
+    assert np.all(np.isnan(numpy_of(traced)))
     if method in ("exact", "auto", "xnystrace"):
         return
     quiet = function(operator, method=method, num_matvecs=BUDGET, seed=0, check_finite=False)
@@ -352,6 +362,54 @@ def test_jax_seeds_of_a_loop_get_their_keys_made_in_a_batch(jax_setup):
     _random._RECENT_SEEDS[:] = [2**40, 2**40 + 1]
     jax.jit(lambda x: x + jax.random.normal(_random._jax_key(2**40 + 2), ()))(1.0)
     assert _random._JAX_KEYS == kept
+
+
+def test_jax_traced_intervals_and_tolerances_are_refused_not_approximated(jax_setup):
+    """Inside jax.jit the interval's degrees of freedom and the samples' shape have no
+    values: quantile() fell back to the normal quantile (XTrace: 1.96 for 2.57, 24%
+    narrower) and rtol stopped after the first round (4 products, converged=False, a
+    value 30 for 0.8); both now raise. Outside, the Estimate the function returns gives
+    the eager interval."""
+    jax, jnp = jax_setup
+    A = jnp.asarray(test_matrix("poly", SIZE, seed=0))
+    key = jax.random.key(2)
+
+    def run(matrix, key):
+        return lt.trace(matrix, method="xtrace", num_matvecs=BUDGET, seed=key)
+
+    with pytest.raises(ValueError, match="JAX transformation"):
+        jax.jit(lambda matrix, key: run(matrix, key).quantile())(A, key)
+    returned = jax.jit(run)(A, key)
+    assert returned.quantile() == pytest.approx(run(A, key).quantile(), rel=1e-12)
+    assert returned.ci() == pytest.approx(run(A, key).ci(), rel=1e-10)
+    for method in ("hutchinson", "hutch++"):
+        with pytest.raises(ValueError, match="rtol/atol"):
+            jax.jit(lambda matrix, m=method: lt.trace(matrix, method=m, rtol=0.05, seed=key).value)(
+                A
+            )
+    with pytest.raises(ValueError, match="rtol/atol"):
+        jax.jit(lambda matrix: lt.diagonal(matrix, method="hutchinson", rtol=0.05).value)(A)
+    with pytest.raises(ValueError, match="JAX transformation"):
+        jax.jit(lambda m: lt.trace(m, method="hutchinson", num_matvecs=BUDGET, seed=key))(A).refine(
+            A, num_matvecs=BUDGET
+        )
+
+
+def test_jax_integer_array_seed_is_the_int_seed(jax_setup):
+    """A 0-d integer JAX array (a jit argument, a vmapped seed) is the seed it holds, as a
+    Python int is; it was taken as key data and refused."""
+    jax, jnp = jax_setup
+    A = jnp.asarray(test_matrix("flat", SIZE, seed=1))
+
+    def hutchinson(seed):
+        return lt.trace(A, method="xtrace", num_matvecs=BUDGET, seed=seed).value
+
+    expected = [float(hutchinson(seed)) for seed in range(3)]
+    assert float(hutchinson(jnp.asarray(1))) == pytest.approx(expected[1], rel=1e-12)
+    assert float(jax.jit(hutchinson)(2)) == pytest.approx(expected[2], rel=1e-12)
+    np.testing.assert_allclose(numpy_of(jax.vmap(hutchinson)(jnp.arange(3))), expected, rtol=1e-12)
+    with pytest.raises(TypeError, match="0-d integer"):
+        hutchinson(jnp.ones(3))
 
 
 def test_jax_grad_and_vmap_through_an_estimate(jax_setup):

@@ -460,6 +460,8 @@ def make_random_source(xp: Any, device: Any, seed: Any, like: Any = None) -> Ran
             key = _fresh_jax_key()
         elif isinstance(seed, np.random.Generator):
             key = jax.random.key(int(seed.integers(0, 2**31 - 1)))
+        elif array_api_compat.is_jax_array(seed) and _is_integer_jax_seed(seed):
+            key = jax.random.key(seed)
         else:
             key = seed
         if isinstance(device, jax.sharding.NamedSharding) and not is_tracer(key):
@@ -634,6 +636,8 @@ def jax_seed(seed: Any) -> tuple[Any, bool]:
     elif isinstance(seed, np.random.Generator):
         value = int(seed.integers(0, 2**31 - 1))
     elif array_api_compat.is_jax_array(seed):
+        if _is_integer_jax_seed(seed):  # (a jit argument, a vmapped seed): its key inside
+            return seed, False
         return seed, True
     else:
         raise TypeError(
@@ -646,6 +650,24 @@ def jax_seed(seed: Any) -> tuple[Any, bool]:
     if value < 2**31 or (wide and value < 2**63):
         return np.int64(value) if wide else np.int32(value), False
     return jax.random.key(value), True
+
+
+def _is_integer_jax_seed(seed: Any) -> bool:
+    """Whether a JAX array is an integer seed, a 0-d array of an integer dtype (taken as
+    ``jax.random.key(seed)``, as a Python int is), rather than a key (typed, or the raw
+    uint32 pair of ``jax.random.PRNGKey``); other arrays are refused."""
+    import jax
+
+    if jax.dtypes.issubdtype(seed.dtype, jax.dtypes.prng_key):
+        return False
+    if seed.ndim == 0 and jax.numpy.issubdtype(seed.dtype, jax.numpy.integer):
+        return True
+    if seed.ndim >= 1 and seed.dtype == jax.numpy.uint32:
+        return False  # raw key data
+    raise TypeError(
+        "a JAX seed must be a key (jax.random.key), raw key data (jax.random.PRNGKey) or "
+        f"a 0-d integer array, got an array of shape {tuple(seed.shape)} and dtype {seed.dtype}"
+    )
 
 
 def jax_key_of(seed: Any) -> Any:

@@ -81,11 +81,21 @@ def until_met(
         request.matmat.check_now()
         progress = measure()
         if not progress.decidable:
-            return False
+            raise traced_tolerance_error()
         if progress.met(request):
             return True
         if not grow():
             return False
+
+
+def traced_tolerance_error() -> ValueError:
+    """A tolerance where the estimate has no values to read each round (under
+    ``jax.jit`` or ``jax.vmap``): it stopped after its first round, silently."""
+    return ValueError(
+        "rtol/atol decide after each round from the estimate's values, which a JAX "
+        "transformation (jax.jit, jax.vmap) does not have: pass num_matvecs for a fixed "
+        "budget inside it, or run the adaptive estimate outside it"
+    )
 
 
 def remaining(request: EstimationRequest) -> int:

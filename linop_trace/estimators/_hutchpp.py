@@ -24,7 +24,14 @@ from typing import Any
 from .. import _backend as backend
 from .._estimate import Estimate
 from .._stats import SampleMean, sample_mean
-from ._adaptive import Progress, remaining, sample_mean_progress, tolerance_target, until_met
+from ._adaptive import (
+    Progress,
+    remaining,
+    sample_mean_progress,
+    tolerance_target,
+    traced_tolerance_error,
+    until_met,
+)
 from ._base import (
     EstimationRequest,
     Estimator,
@@ -332,9 +339,11 @@ class HutchPlusPlus(Estimator):
 
         request.matmat.check_now()
         first = measure()
+        if not first.decidable:
+            raise traced_tolerance_error()
         converged = first.met(request)
         needed: float | None = math.inf
-        if first.decidable and not converged:
+        if not converged:
             needed = self._grow_sketch(state, request, n, cap, residual_size)
             samples = [state.samples]
             # the samples that steered the growth go into the sketch (no product
