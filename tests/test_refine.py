@@ -208,3 +208,61 @@ def test_a_refined_diagonal_keeps_the_scale_of_its_products():
     assert np.all(np.isfinite(refined.stderr)) and np.all(refined.stderr > 0)
     np.testing.assert_allclose(refined.value, whole.value, rtol=1e-12)
     np.testing.assert_allclose(refined.stderr, whole.stderr, rtol=1e-12)
+
+
+def _counting(M):
+    calls = []
+
+    def matmat(X):
+        calls.append(X.shape[1])
+        return M @ X
+
+    operator = lt.LinearOperator.from_callable(matmat=matmat, rmatmat=matmat, shape=M.shape)
+    return operator, calls
+
+
+@pytest.mark.parametrize(
+    ("quantity", "method"),
+    [("trace", "hutchinson"), ("diagonal", "hutchinson"), ("trace", "hutch++")],
+)
+def test_refine_with_a_cap_already_spent_spends_nothing(quantity, method):
+    """max_matvecs is the most products in all, the first run's included: at or below
+    them the refine has none to spend (it spent as many again: 30 -> 60)."""
+    M = test_matrix("flat", N, seed=0)
+    operator, calls = _counting(M)
+    first = getattr(lt, quantity)(operator, method=method, num_matvecs=30, seed=1)
+    spent = sum(calls)
+    for cap in (20, 30):
+        refined = first.refine(operator, atol=1e-6, max_matvecs=cap)
+        assert refined.num_matvecs == 30
+        assert sum(calls) == spent
+        assert refined.converged is False
+
+
+@pytest.mark.parametrize(
+    ("quantity", "method", "options"),
+    [
+        ("trace", "hutchinson", {"rtol": 0.01}),
+        ("diagonal", "hutchinson", {"rtol": 0.1}),
+        ("diagonal", "diag++", {"rtol": 0.1}),
+        ("trace", "hutch++", None),  # (its residual phase, refined)
+    ],
+)
+def test_adaptive_estimate_does_not_depend_on_the_block_size(quantity, method, options):
+    """Each round doubles the samples, in blocks of at most block_size: a round cut to one
+    block moved the stopping points (NumPy, trace Hutchinson: 64 products at the default
+    block size, 48 at 16, with another value)."""
+    A = test_matrix("flat", 300, seed=0)
+    function = getattr(lt, quantity)
+    runs = []
+    for size in (None, 16):
+        if options is None:
+            first = function(A, method=method, num_matvecs=30, seed=1, block_size=size)
+            runs.append(first.refine(A, rtol=0.004, max_matvecs=2000))
+        else:
+            runs.append(
+                function(A, method=method, seed=1, max_matvecs=2000, block_size=size, **options)
+            )
+    assert runs[0].num_matvecs == runs[1].num_matvecs < 2000
+    np.testing.assert_allclose(runs[0].value, runs[1].value, rtol=1e-12)
+    np.testing.assert_allclose(runs[0].stderr, runs[1].stderr, rtol=1e-9)

@@ -159,7 +159,8 @@ def grow_diagonal(
         left = remaining(request)
         if left <= 0:
             return False
-        draw(min(sums.count, left, request.block_size))
+        for width in request.blocks(min(sums.count, left)):  # (doubling, in blocks)
+            draw(width)
         return True
 
     return until_met(request, measure, grow)

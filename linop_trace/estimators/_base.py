@@ -480,8 +480,9 @@ class EstimationRequest:
 
     @property
     def cap(self) -> int:
-        """The most columns the estimate may spend in all."""
-        return self.max_matvecs or self.num_matvecs
+        """The most columns the estimate may spend in all (a refine's ``max_matvecs`` of
+        0 is none more: ``or`` read it as unset, and the refine spent as many again)."""
+        return self.num_matvecs if self.max_matvecs is None else self.max_matvecs
 
     def blocks(self, total: int) -> list[int]:
         """Split ``total`` columns into block widths of at most ``block_size``."""

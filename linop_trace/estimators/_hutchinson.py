@@ -163,8 +163,10 @@ class Hutchinson(ProbeOption):
                 if left <= 0:
                     return False
                 count = sum(int(block.shape[0]) for block in samples)
-                width = min(max(count, 1), left, request.block_size)
-                samples.append(hutchinson_samples(request.matmat, request.probes(width), xp))
+                # a round doubles the samples whatever the block size (a round cut to one
+                # block made the stopping points, so the estimate, depend on it)
+                for width in request.blocks(min(max(count, 1), left)):
+                    samples.append(hutchinson_samples(request.matmat, request.probes(width), xp))
                 return True
 
             try:

@@ -295,7 +295,8 @@ class HutchPlusPlus(Estimator):
                 if left <= 0:
                     return False
                 count = sum(int(block.shape[0]) for block in samples)
-                draw(min(count, left, request.block_size))
+                for width in request.blocks(min(count, left)):  # (doubling, in blocks)
+                    draw(width)
                 return True
 
             converged = until_met(request, measure, grow)
