@@ -157,8 +157,8 @@ def _settings(
         max_matvecs,
         bool(check_finite),
         backend.caller_precision(operator.xp),
-        # fixed budgets only: a tolerance is in the caller's units
-        quantity in getattr(estimator, "unit_scaled", ()) and not adaptive,
+        # (an atol is in the caller's units: the stopping rule scales it with the products)
+        quantity in getattr(estimator, "unit_scaled", ()),
     )
 
 

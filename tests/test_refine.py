@@ -266,3 +266,34 @@ def test_adaptive_estimate_does_not_depend_on_the_block_size(quantity, method, o
     assert runs[0].num_matvecs == runs[1].num_matvecs < 2000
     np.testing.assert_allclose(runs[0].value, runs[1].value, rtol=1e-12)
     np.testing.assert_allclose(runs[0].stderr, runs[1].stderr, rtol=1e-9)
+
+
+@pytest.mark.parametrize(
+    ("quantity", "method", "rtol"),
+    [
+        ("trace", "xtrace", 0.01),
+        ("trace", "hutch++", 0.01),
+        ("diagonal", "hutchinson", 0.1),
+        ("diagonal", "diag++", 0.1),
+    ],
+)
+def test_adaptive_estimate_is_the_same_at_any_power_of_two_scale(quantity, method, rtol):
+    """Adaptive runs get the power-of-two scaling of their products that fixed budgets
+    get (and atol is scaled with it): at 2^-75 the float32 diagonal's squares underflowed
+    (stderr 0, 'converged' after 4 products) and at 2^75 they overflowed (NaN stderr,
+    the whole cap spent); Hutch++'s sketch norms overflowed too. Scaled by a power of
+    two, the run is the same run, to float32 rounding of the stopping quantities."""
+    A = test_matrix("flat", 100, seed=0).astype(np.float32)
+    function = getattr(lt, quantity)
+    reference = function(A, method=method, rtol=rtol, seed=1)
+    for power in (-75, 75):
+        scale = np.float32(2.0**power)
+        run = function(A * scale, method=method, rtol=rtol, seed=1)
+        assert run.num_matvecs == reference.num_matvecs
+        assert run.converged
+        np.testing.assert_allclose(
+            numpy_of(run.value) / scale, numpy_of(reference.value), rtol=1e-5, atol=1e-6
+        )
+    atol_run = function(A * np.float32(2.0**75), method=method, atol=float(2.0**75) * 0.05, seed=1)
+    atol_reference = function(A, method=method, atol=0.05, seed=1)
+    assert atol_run.num_matvecs == atol_reference.num_matvecs

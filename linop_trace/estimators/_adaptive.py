@@ -30,8 +30,14 @@ __all__ = [
 
 
 def tolerance_target(request: EstimationRequest, magnitude: float) -> float:
-    """The half-width an adaptive estimate must reach: ``max(atol, rtol * magnitude)``."""
-    return max(request.atol or 0.0, (request.rtol or 0.0) * magnitude)
+    """The half-width an adaptive estimate must reach: ``max(atol, rtol * magnitude)``,
+    ``atol`` in the units of the products, which may have been scaled by a power of two
+    (``magnitude`` is in them already)."""
+    atol = request.atol or 0.0
+    scale = request.matmat.scale
+    if atol and scale is not None:
+        atol *= backend.read_float(scale) or 1.0  # (a power of two: never 0)
+    return max(atol, (request.rtol or 0.0) * magnitude)
 
 
 @dataclass(frozen=True)

@@ -520,10 +520,19 @@ def _residual_mean(low_rank_trace: Any, samples: list[Any], xp: Any) -> SampleMe
 
 
 def _mean_square_norm(block: Any, xp: Any) -> float | None:
-    """``mean_j ||block_j||^2`` read as a float (``None`` without a value: JAX jit)."""
+    """``mean_j ||block_j||^2`` read as a float (``None`` without a value: JAX jit), its
+    squares taken over the largest modulus and the scale put back in Python's float64
+    (float32 products of 2^70 overflowed their squares, and the adaptive run moved)."""
     if int(block.shape[1]) == 0:
         return None
-    return backend.read_float(xp.sum(backend.abs2(xp, block)) / block.shape[1])
+    peak = xp.max(xp.abs(block))
+    scaled = block / xp.where(peak > 0, peak, xp.ones_like(peak))
+    numbers = backend.read_floats(xp, [xp.sum(backend.abs2(xp, scaled)), peak])
+    if numbers is None:
+        return None
+    ratio, largest = numbers
+    largest = largest if largest > 0 else 1.0
+    return ratio * largest * largest / int(block.shape[1])  # (inf, not OverflowError)
 
 
 def _needed_probes(
@@ -540,4 +549,5 @@ def _needed_probes(
         return None
     magnitude, spread = numbers
     target = tolerance_target(request, magnitude)
-    return predicted_residual_probes(spread**2 * result.count, target, request.confidence)
+    # (spread * spread: inf, where spread**2 raised an OverflowError on Python floats)
+    return predicted_residual_probes(spread * spread * result.count, target, request.confidence)

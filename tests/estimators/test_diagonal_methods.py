@@ -15,7 +15,7 @@ from scipy import stats
 
 import linop_trace as lt
 from linop_trace._testing import test_matrix
-from linop_trace.estimators import DiagPlusPlus, XDiag
+from linop_trace.estimators import DiagPlusPlus, EstimationRequest, XDiag
 from linop_trace.estimators._adaptive import Progress, grow_diagonal
 
 
@@ -203,6 +203,7 @@ def test_adaptive_meets_the_tolerance(method):
 
 def _request(rtol=None, atol=None, confidence=0.95, **more):
     """The fields of an EstimationRequest that the stopping rule reads."""
+    more.setdefault("matmat", SimpleNamespace(scale=None))  # (products not scaled)
     return SimpleNamespace(rtol=rtol, atol=atol, confidence=confidence, **more)
 
 
@@ -236,10 +237,11 @@ def test_diagonal_growth_tests_the_interval_with_probes_minus_one_dof():
         sums.count += width
         counter.columns += width
 
-    counter = SimpleNamespace(columns=4, check_now=lambda: None)
+    counter = SimpleNamespace(columns=4, check_now=lambda: None, scale=None)
 
     class Request(SimpleNamespace):
         columns = property(lambda self: self.matmat.columns)
+        blocks = EstimationRequest.blocks
 
     request = Request(
         rtol=None, atol=target, confidence=0.95, cap=100, block_size=64, matmat=counter, xp=npx
