@@ -115,7 +115,7 @@ def test_a_refined_adaptive_run_is_the_adaptive_run_of_the_tighter_tolerance(bac
     _skip_block_draws(backend)
     function = getattr(lt, quantity)
     A = _matrix(backend)
-    options = {"method": "hutchinson", "seed": 2, "max_matvecs": 2000}
+    options = {"method": "hutchinson", "seed": 2, "max_matvecs": 2000, "num_matvecs": 4}
     loose = function(A, rtol=0.3, **options)
     refined = loose.refine(A, rtol=0.05, max_matvecs=2000)
     tight = function(A, rtol=0.05, **options)
