@@ -199,7 +199,7 @@ class Auto(Estimator):
         tolerance) covers n columns, or the operator stores its diagonal. What
         :func:`~linop_trace.computes_exactly` answers."""
         budget = request.max_matvecs if request.adaptive else request.num_matvecs
-        return request.n <= (budget or 0) or request.stored_diagonal() is not None
+        return request.n <= (budget or 0) or request.has_stored_diagonal()
 
     def _check_budget(self, request: EstimationRequest) -> None:
         """Estimates need two columns for an error bar (as ``method="hutchinson"``)."""

@@ -468,6 +468,10 @@ class EstimationRequest:
         them), at no product; ``None`` when it has none."""
         return self.matmat._operator._exact_diagonal()
 
+    def has_stored_diagonal(self) -> bool:
+        """Whether :meth:`stored_diagonal` has one (without computing it)."""
+        return self.matmat._operator._stores_diagonal()  # type: ignore[no-any-return]
+
     # ------------------------------------------------------------------- the budget
     @property
     def columns(self) -> int:
