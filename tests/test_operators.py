@@ -397,3 +397,14 @@ def test_jax_sparse_layouts_become_plain_bcoo(layout):
     assert float(lt.trace(S, method="exact").value) == 9.0
     np.testing.assert_array_equal(np.asarray(lt.diagonal(S, method="exact").value), np.diag(R))
     np.testing.assert_array_equal(np.asarray(lt.row_sums(S).value), R.sum(axis=1))
+
+
+def test_non_numeric_matrices_are_refused():
+    """Integer and bool matrices are promoted to float; a datetime64 one was too."""
+    for M in (
+        np.array([[1, 2], [3, 4]], dtype="datetime64[D]"),
+        np.array([[1, 2], [3, 4]], dtype="timedelta64[s]"),
+    ):
+        with pytest.raises(TypeError, match="numeric matrix"):
+            aslinearoperator(M)
+    assert float(lt.trace(np.arange(4).reshape(2, 2), method="exact").value) == 3.0

@@ -51,9 +51,18 @@ def default_float_dtype(xp: Any, device: Any = None) -> Any:
 
 
 def promote_to_float(xp: Any, dtype: Any, device: Any = None) -> Any:
-    """Integer and bool dtypes become the default float; float and complex stay as they are."""
+    """Integer and bool dtypes become the default float; float and complex stay as they are;
+    any other (dates, times, strings, objects) is refused: it was taken as float64."""
     if is_float_dtype(xp, dtype):
         return dtype
+    try:
+        numeric = bool(xp.isdtype(dtype, ("integral", "bool")))
+    except (TypeError, ValueError):
+        numeric = False
+    if not numeric:
+        raise TypeError(
+            f"expected a numeric matrix (float, complex, integer or bool), got dtype {dtype}"
+        )
     return default_float_dtype(xp, device)
 
 
