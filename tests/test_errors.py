@@ -200,3 +200,13 @@ def test_autodiff_fallback_reports_the_first_failure():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # remembered: no second attempt, no second warning
         assert working.mode == "reverse" and working(4.0) == 8.0
+
+
+def test_a_key_of_another_library_names_the_operators_library():
+    """from_callable without like= makes a NumPy operator; a JAX key then got a message
+    about NumPy generators only."""
+    jax = pytest.importorskip("jax")
+    A = np.eye(3)
+    operator = lt.LinearOperator.from_callable(matmat=lambda X: A @ X, shape=(3, 3))
+    with pytest.raises(TypeError, match="like="):
+        lt.trace(operator, method="hutchinson", num_matvecs=4, seed=jax.random.key(0))

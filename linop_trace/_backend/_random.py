@@ -429,9 +429,19 @@ def make_random_source(xp: Any, device: Any, seed: Any, like: Any = None) -> Ran
         return seed
     if seed is not None and not isinstance(seed, (int, np.integer, np.random.Generator)):
         if not _is_native_generator(xp, seed):
+            from ._identity import library_name
+
+            other = library_name(seed) if hasattr(seed, "shape") else None
+            hint = (
+                f" (the operator is {namespace_name(xp)}'s: an operator made with "
+                "LinearOperator.from_callable is NumPy's unless like= gives an array of "
+                "its library)"
+                if other not in (None, "unknown", namespace_name(xp))
+                else ""
+            )
             raise TypeError(
                 f"seed must be an int, None or a {namespace_name(xp)} generator/key, "
-                f"got {type(seed).__module__}.{type(seed).__name__}"
+                f"got {type(seed).__module__}.{type(seed).__name__}{hint}"
             )
     if isinstance(seed, bool):
         raise TypeError("seed must be an int, None or a generator, got a bool")
