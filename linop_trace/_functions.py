@@ -82,6 +82,9 @@ class _Settings:
     check_finite: bool
     product_precision: str | None = None
     unit_scale: bool = False
+    #: Whether the caller gave ``block_size`` (else a refine sizes its blocks anew for its
+    #: own budget: one inherited from a first run of 8 columns cut 248 more into 31 calls)
+    block_size_given: bool = False
 
     @property
     def adaptive(self) -> bool:
@@ -143,6 +146,7 @@ def _settings(
     elif max_matvecs < num_matvecs:
         raise ValueError(f"`max_matvecs`={max_matvecs} is smaller than `num_matvecs`={num_matvecs}")
     _check_budget_cap(operator, name, max(num_matvecs, max_matvecs))
+    given_block_size = block_size is not None
     if block_size is None:
         block_size = probe_block_size(operator, limit=max(max_matvecs, 1))
     else:
@@ -167,6 +171,7 @@ def _settings(
         backend.caller_precision(operator.xp),
         # (an atol is in the caller's units: the stopping rule scales it with the products)
         quantity in getattr(estimator, "unit_scaled", ()),
+        given_block_size,
     )
 
 
@@ -626,6 +631,9 @@ class _Continuation:
             max_matvecs=max(total - self.num_matvecs, 0),
             unit_scale=False,
         )
+        if not settings.block_size_given:  # (blocks for this run's budget; same columns)
+            limit = max(settings.max_matvecs, more, 1)
+            settings = replace(settings, block_size=probe_block_size(operator, limit=limit))
         random = self.source()
         if random.columns < state.drawn:  # compiled JAX: the stream's start; skip ahead
             random = random.skipped(state.drawn - random.columns)

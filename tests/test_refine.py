@@ -297,3 +297,21 @@ def test_adaptive_estimate_is_the_same_at_any_power_of_two_scale(quantity, metho
     atol_run = function(A * np.float32(2.0**75), method=method, atol=float(2.0**75) * 0.05, seed=1)
     atol_reference = function(A, method=method, atol=0.05, seed=1)
     assert atol_run.num_matvecs == atol_reference.num_matvecs
+
+
+def test_a_refine_sizes_its_blocks_for_its_own_budget():
+    """The first run's default block (capped by its 8 columns) was inherited: 248 more
+    columns in 31 calls. A refine now sizes its blocks for its own budget, one call a
+    doubling round, unless the caller gave block_size."""
+    M = test_matrix("flat", 300, seed=0)
+    operator, calls = _counting(M)
+    first = lt.trace(operator, method="hutchinson", num_matvecs=8, seed=1)
+    del calls[:]
+    refined = first.refine(operator, rtol=0.01, max_matvecs=2000)
+    rounds = int(np.log2(refined.num_matvecs // 8))
+    assert len(calls) == rounds and sum(calls) == refined.num_matvecs - 8
+    given = lt.trace(operator, method="hutchinson", num_matvecs=8, seed=1, block_size=8)
+    del calls[:]
+    again = given.refine(operator, rtol=0.01, max_matvecs=2000)
+    assert max(calls) == 8
+    assert float(again) == float(refined) and again.num_matvecs == refined.num_matvecs
