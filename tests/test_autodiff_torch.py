@@ -886,3 +886,27 @@ def test_a_training_module_with_dropout_is_named():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         lt.hessian(model.eval(), torch.nn.MSELoss(), (X, Y))
+
+
+@pytest.mark.parametrize("mode", ["loop", "auto", "forward"])
+def test_products_under_inference_mode_are_the_products(mode):
+    """torch.enable_grad does not leave torch.inference_mode: the loop route recorded no
+    graph and its products were zeros (tr 0.0 for 14.25; auto then kept the loop)."""
+    f = lambda v: (v**4).sum() / 12  # noqa: E731 - H = diag(v^2)
+    x = torch.tensor([1.0, -2.0, 0.5, 3.0], dtype=torch.float64)
+    H = lt.hessian(f, x, mode=mode)
+    with torch.inference_mode():
+        product = H @ torch.eye(4, dtype=torch.float64)
+    torch.testing.assert_close(product, torch.diag(x**2), rtol=1e-12, atol=0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
+    model = model.double()
+    X, y = torch.randn(10, 4, dtype=torch.float64), torch.randint(0, 3, (10,))
+    loss = torch.nn.CrossEntropyLoss()
+    references = [
+        lt.trace(build(model, loss, (X, y), mode="forward"), method="exact").value
+        for build in (lt.hessian, lt.ggn)
+    ]
+    with torch.inference_mode():
+        for build, reference in zip((lt.hessian, lt.ggn), references):
+            value = lt.trace(build(model, loss, (X, y), mode=mode), method="exact").value
+            torch.testing.assert_close(value, reference, rtol=1e-10, atol=1e-12)

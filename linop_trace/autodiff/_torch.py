@@ -33,7 +33,7 @@ import threading
 import time
 import warnings
 import zlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
 
 import torch
@@ -191,7 +191,7 @@ def double_backward_products(
     ``differentiable`` the columns keep their own graph (``create_graph``), so they can be
     backpropagated to ``theta`` (if it requires grad) and to the tensors ``fn`` captures.
     """
-    with torch.enable_grad():
+    with _recording():
         variable = _variable(theta, differentiable)
         gradient = _gradient(fn(variable), variable, None, create_graph=True)
     return _column_loop(_pullback_of(gradient, variable, differentiable), variable.numel())
@@ -209,7 +209,7 @@ def gauss_newton_products(
     built once, at u = 0), H_loss (J v) by double backward in output space, and J^T of that
     by one more backward pass: three backward passes, no forward mode.
     """
-    with torch.enable_grad():
+    with _recording():
         variable = _variable(theta, differentiable)
         outputs = output_fn(variable)
         probe = torch.zeros_like(outputs, requires_grad=True)
@@ -221,10 +221,23 @@ def gauss_newton_products(
     return _column_loop(lambda v: vjp_of(loss_hvp_of(jvp_of(v))), variable.numel())
 
 
+@contextlib.contextmanager
+def _recording() -> Iterator[None]:
+    """Autograd recording on, inside ``torch.no_grad`` and ``torch.inference_mode`` too:
+    ``enable_grad`` alone does not leave inference mode, where no graph was recorded and
+    the loop route's products came back as zeros (``mode="auto"`` then kept the loop,
+    which its timing found cheapest)."""
+    with torch.inference_mode(False), torch.enable_grad():
+        yield
+
+
 def _variable(theta: torch.Tensor, differentiable: bool) -> torch.Tensor:
-    """``theta`` itself where its graph is wanted, else a detached leaf to differentiate."""
+    """``theta`` itself where its graph is wanted, else a detached leaf to differentiate
+    (a copy of a tensor made under inference mode, which autograd cannot record)."""
     if differentiable and theta.requires_grad:
         return theta
+    if theta.is_inference():
+        return theta.clone().requires_grad_()
     return theta.detach().requires_grad_()
 
 
@@ -252,7 +265,7 @@ def _pullback_of(
     """``w -> (d output / d variable)^T w`` by a backward pass through output's kept graph."""
 
     def pullback(w: torch.Tensor) -> torch.Tensor:
-        with torch.enable_grad():
+        with _recording():
             return _gradient(output, variable, w.reshape(output.shape), differentiable)
 
     return pullback
