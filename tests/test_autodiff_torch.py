@@ -910,3 +910,34 @@ def test_products_under_inference_mode_are_the_products(mode):
         for build, reference in zip((lt.hessian, lt.ggn), references):
             value = lt.trace(build(model, loss, (X, y), mode=mode), method="exact").value
             torch.testing.assert_close(value, reference, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("mode", ["auto", "forward", "reverse", "loop"])
+def test_differentiable_network_hessian_backpropagates_to_the_parameters(mode):
+    """tr(H) of a module's loss, with differentiable=True, has the gradient of the dense
+    Hessian's trace with respect to the parameters (Hessian-trace regularisation). The
+    parameters were detached: backward() filled no .grad (or the value had no graph)."""
+    from torch.func import functional_call
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
+    model = model.double()
+    X, y = torch.randn(10, 4, dtype=torch.float64), torch.randint(0, 3, (10,))
+    loss = torch.nn.CrossEntropyLoss()
+    parameters = dict(model.named_parameters())
+    sizes = [p.numel() for p in parameters.values()]
+
+    def loss_of(flat):
+        pieces = torch.split(flat, sizes)
+        shaped = {n: s.reshape(p.shape) for (n, p), s in zip(parameters.items(), pieces)}
+        return loss(functional_call(model, shaped, (X,)), y)
+
+    flat = torch.cat([p.reshape(-1) for p in parameters.values()])
+    reference = torch.trace(torch.func.hessian(loss_of)(flat))
+    expected = torch.autograd.grad(reference, list(parameters.values()))
+    value = lt.trace(lt.hessian(model, loss, (X, y), differentiable=True, mode=mode), "exact")
+    value.value.backward()
+    for parameter, gradient in zip(model.parameters(), expected):
+        torch.testing.assert_close(parameter.grad, gradient, rtol=1e-10, atol=1e-12)
+    plain = lt.trace(lt.hessian(model, loss, (X, y), mode=mode), method="exact").value
+    assert not plain.requires_grad

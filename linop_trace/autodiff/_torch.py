@@ -535,7 +535,9 @@ class _NetworkProblem:
             structure = params
             self.apply = model
         self.layout = _Layout(structure, "the parameters")
-        self.theta = self.layout.flatten(structure).detach()
+        # (the parameters' graph kept: a differentiable Hessian or GGN backpropagates to
+        # them, the Hessian's own variables; they detach it otherwise)
+        self.theta = self.layout.flatten(structure)
         self.loss_fn = loss_fn
         self.batches, _ = split_data(data, lambda a: isinstance(a, torch.Tensor))
         sizes = []
@@ -960,7 +962,7 @@ class TorchGGN(_TorchOperator):
         self.network = network
         self.differentiable = bool(differentiable)
         _check_differentiable(network.parallel, self.differentiable)
-        self.theta = network.theta
+        self.theta = network.theta if self.differentiable else network.theta.detach()
         self._product = _ggn_route(
             mode, self.differentiable, network.layout.device, network.signature()
         )
