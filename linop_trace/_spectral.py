@@ -177,7 +177,12 @@ def batched_lanczos(
                 w = w - xp.astype(beta, w.dtype) * previous
         if basis is not None:
             w = _reorthogonalized(w, basis[:, : step + 1, :], xp)
-        beta = xp.sqrt(backend.real_part(xp, backend.column_inner(xp, w, w)))
+        # the norm with a zero gradient at zero: an exhausted Krylov space (A = 2 I) leaves
+        # w = 0 exactly, and sqrt's derivative there made the whole gradient NaN
+        squared = backend.real_part(xp, backend.column_inner(xp, w, w))
+        positive = squared > 0
+        root = xp.sqrt(xp.where(positive, squared, xp.ones_like(squared)))
+        beta = xp.where(positive, root, xp.zeros_like(squared))
         scale = xp.maximum(scale, xp.abs(alpha) + beta)
         live = live & (beta > n * eps * scale)
         beta = xp.where(live, beta, xp.zeros_like(beta))
