@@ -291,7 +291,7 @@ def _split(
     implicit: list[LinearOperator] = []
     structured = False
     for coefficient, term in _terms(operator, 1):
-        structured = structured or isinstance(term, _STRUCTURED)
+        structured = structured or _is_structured(term)
         rule = _exact_term(coefficient, term)
         if rule is not None:
             exact.append(rule)
@@ -306,6 +306,17 @@ def _split(
                 continue
         implicit.append(term if _is_one(coefficient) else _ScaledOperator(term, coefficient))
     return exact, implicit, structured
+
+
+def _is_structured(term: LinearOperator) -> bool:
+    """A structured operator, or a product with one as a factor (``D @ A`` with a diagonal
+    ``D``: exact by its rule, and no stored matrix alone; ``trace(D @ A)`` ran Hutchinson
+    where ``trace(I + D @ A)`` was exact)."""
+    if isinstance(term, _STRUCTURED):
+        return True
+    if isinstance(term, _ProductOperator):
+        return _is_structured(term.left) or _is_structured(term.right)
+    return False
 
 
 def _split_blocks(
