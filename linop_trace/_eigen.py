@@ -87,7 +87,8 @@ def eigenvalues(
         for well-separated eigenvalues about its square over the gap.
     max_matvecs : int, optional
         Budget of operator columns (default ``max(1000, 50 k)``, capped at 50 n); when it
-        runs out the result has ``converged=False`` and a ``RuntimeWarning`` says so.
+        runs out the result has ``converged=False`` and a ``RuntimeWarning`` says so. The
+        first block is always made whole: a cap below ``block_size`` spends one block.
     block_size : int, optional
         Columns per block, b (default ``min(k + 2, n)``): each Krylov step is one
         ``matmat`` of b columns.

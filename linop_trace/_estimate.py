@@ -393,13 +393,14 @@ class Estimate:
     ) -> Estimate:
         """This estimate continued with more probes, without redoing the products it has.
 
-        The new probes continue the random stream of the run, so the result is the
-        estimate that one run of the total budget with the same seed gives: bit for bit
-        for a trace on NumPy when every block has at least 8 columns (OpenBLAS computes
-        narrower products by other kernels, rounded differently), to rounding for a
-        diagonal (its running sums are added block by block) and elsewhere (torch on
-        CUDA and CuPy draw probes by the block, see ``docs/backends.rst``). This estimate
-        is left as it is; refine it again for the same result.
+        The new probes continue the random stream of the run. For Hutchinson's trace and
+        diagonal the result is the estimate that one run of the total budget with the
+        same seed gives, to rounding (a BLAS may round a narrower product differently:
+        OpenBLAS's SkylakeX kernel differs by about 5e-15 relative below 20 columns;
+        torch on CUDA and CuPy draw probes by the block, see ``docs/backends.rst``).
+        Hutch++ keeps its sketch and adds residual probes: one run of the total budget
+        would size its sketch for that budget instead. This estimate is left as it is;
+        refine it again for the same result.
 
         Hutchinson's trace and diagonal estimates refine (``method="auto"`` ones too, when
         it ran Hutchinson), fixed or adaptive, and Hutch++'s residual phase (its sketch
