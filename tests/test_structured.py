@@ -331,6 +331,14 @@ def test_cli_demo_damping_of_a_stored_matrix_is_exact(capsys):
             continue  # the reference itself: n products
         assert result["value"] == pytest.approx(damped["exact"], rel=1e-12)
         assert result["matvecs"] == 0
+    # the table: each exact result's interval covers the reference (to rounding; they
+    # read "covers no", their zero-width intervals 1e-16 off the reference's rounding)
+    from linop_trace.cli import main
+
+    assert main(["demo", "--matvecs", "20", "--problem", "sparse", "--damping", "0.1"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()]
+    covers = [row[4] for row in rows if row and row[0] in ("hutchinson", "hutch++", "xtrace")]
+    assert covers == ["yes", "yes", "yes"]
 
 
 def test_cli_demo_damping_of_a_hessian_is_added_exactly(capsys):
