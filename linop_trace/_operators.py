@@ -659,7 +659,7 @@ class _DenseOperator(LinearOperator):
 
     def to_dense(self, block_size: int | None = None) -> Any:
         """A copy of the matrix (writing into it leaves the operator as it is)."""
-        return self.xp.asarray(self.matrix, copy=True)
+        return backend.copied(self.xp, self.matrix)
 
     def _exact_diagonal(self) -> Any:
         n = min(self.shape)

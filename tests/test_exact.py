@@ -146,3 +146,21 @@ def test_estimate_interface():
     z = stats.norm.ppf(0.995)
     assert normal.ci(0.99) == pytest.approx((1 - 2 * z, 1 + 2 * z), rel=1e-12)
     assert "method='exact'" in repr(est)
+
+
+def test_torch_exact_walk_keeps_the_graph_without_a_warning():
+    """The exact identity walk copied each diagonal piece with torch.asarray(copy=True),
+    which warns that it follows requires_grad only from torch 2.13 on (it dropped the
+    graph before); clone keeps it on every supported torch."""
+    import warnings
+
+    torch = pytest.importorskip("torch")
+    W = torch.randn(6, 6, dtype=torch.float64, requires_grad=True)
+    operator = lt.LinearOperator.from_callable(matmat=lambda X: W @ X, shape=(6, 6), like=W)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        value = lt.trace(operator, method="exact").value
+        diagonal = lt.diagonal(operator, method="exact").value
+    value.backward()
+    torch.testing.assert_close(W.grad, torch.eye(6, dtype=torch.float64))
+    assert diagonal.requires_grad

@@ -23,6 +23,7 @@ __all__ = [
     "all_finite",
     "can_branch",
     "concrete_float",
+    "copied",
     "concrete_floats",
     "device_cond",
     "finite_flag",
@@ -312,3 +313,12 @@ def device_cond(
 def can_branch(xp: Any) -> bool:
     """Whether :func:`device_cond` works for this library (host libraries and JAX)."""
     return reads_are_free(xp) or array_api_compat.is_jax_namespace(xp)
+
+
+def copied(xp: Any, x: Any) -> Any:
+    """A copy of ``x`` that keeps its autograd graph: torch's ``clone`` (its ``asarray``
+    with ``copy=True`` warns that it will follow the input's ``requires_grad`` only from
+    torch 2.13 on, and dropped the graph before), ``xp.asarray(x, copy=True)`` elsewhere."""
+    if array_api_compat.is_torch_array(x):
+        return x.clone()
+    return xp.asarray(x, copy=True)

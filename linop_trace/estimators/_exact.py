@@ -36,7 +36,7 @@ def exact_diagonal(request: EstimationRequest) -> tuple[Any, tuple[DeferredCheck
         identity = xp.eye(n, width, k=-start, dtype=request.dtype, device=request.device)
         image = walk(identity)
         # copy: the diagonal is a view that would keep the whole (n, width) image alive
-        pieces.append(xp.asarray(xp.linalg.diagonal(image[start : start + width, :]), copy=True))
+        pieces.append(backend.copied(xp, xp.linalg.diagonal(image[start : start + width, :])))
     return (pieces[0] if len(pieces) == 1 else xp.concat(pieces)), ()
 
 
