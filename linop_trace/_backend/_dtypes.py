@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 __all__ = [
     "abs2",
     "complex_dtype_for",
@@ -53,12 +55,19 @@ def default_float_dtype(xp: Any, device: Any = None) -> Any:
 def promote_to_float(xp: Any, dtype: Any, device: Any = None) -> Any:
     """Integer and bool dtypes become the default float; float and complex stay as they are;
     any other (dates, times, strings, objects) is refused: it was taken as float64."""
-    if is_float_dtype(xp, dtype):
-        return dtype
-    try:
-        numeric = bool(xp.isdtype(dtype, ("integral", "bool")))
-    except (TypeError, ValueError):
+    try:  # (NumPy's kinds: older array-API layers take dates for numbers)
+        kind = np.dtype(dtype).kind
+    except TypeError:
+        kind = None
+    if kind is not None and kind in "mMOSU":
         numeric = False
+    elif is_float_dtype(xp, dtype):
+        return dtype
+    else:
+        try:
+            numeric = bool(xp.isdtype(dtype, ("integral", "bool")))
+        except (TypeError, ValueError):
+            numeric = False
     if not numeric:
         raise TypeError(
             f"expected a numeric matrix (float, complex, integer or bool), got dtype {dtype}"
