@@ -45,7 +45,8 @@ def _check_against_dense(peer, dense, tags):
     # a complex block on the real operator: both parts go through (the imaginary part
     # was dropped: A @ (1j v) gave 0)
     rng = np.random.default_rng(1)
-    V = rng.standard_normal((N, 2)) + 1j * rng.standard_normal((N, 2))
+    n = M.shape[1]
+    V = rng.standard_normal((n, 2)) + 1j * rng.standard_normal((n, 2))
     block = A.xp.asarray(V, device=A.device)
     atol = 1e3 * np.finfo(M.dtype).eps * np.abs(M).sum(axis=1).max()  # (M's precision)
     np.testing.assert_allclose(_as_numpy(A @ block), M @ V, atol=atol)
