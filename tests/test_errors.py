@@ -210,3 +210,16 @@ def test_a_key_of_another_library_names_the_operators_library():
     operator = lt.LinearOperator.from_callable(matmat=lambda X: A @ X, shape=(3, 3))
     with pytest.raises(TypeError, match="like="):
         lt.trace(operator, method="hutchinson", num_matvecs=4, seed=jax.random.key(0))
+
+
+def test_torch_meta_tensors_and_block_sparse_layouts_are_refused_by_name():
+    """A meta tensor failed deep inside (torch.Generator on 'meta'), a BSR tensor with
+    torch's own conversion error."""
+    torch = pytest.importorskip("torch")
+    with pytest.raises(TypeError, match="'meta' device"):
+        lt.trace(torch.empty(4, 4, device="meta"), method="exact")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (torch: BSR support is in beta)
+        block_sparse = torch.eye(4).to_sparse_bsr((2, 2))
+    with pytest.raises(TypeError, match="sparse_bsr"):
+        lt.trace(block_sparse, method="exact")

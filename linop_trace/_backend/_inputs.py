@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from ._identity import _is_jax_sparse
+from ._identity import _is_jax_sparse, _module_loaded
 
 __all__ = ["plain_array", "plain_matrix"]
 
@@ -36,6 +36,8 @@ def plain_matrix(matrix: Any) -> Any:
     gave right products and crashed the exact trace and diagonal)."""
     if _is_jax_sparse(matrix):
         return _plain_bcoo(matrix)
+    if _module_loaded("torch"):
+        _check_torch_matrix(matrix)
     if not isinstance(matrix, np.ndarray) or type(matrix) is np.ndarray:
         return matrix
     if isinstance(matrix, np.ma.MaskedArray):
@@ -62,3 +64,23 @@ def _plain_bcoo(matrix: Any) -> Any:
     if matrix.n_batch or matrix.n_dense:
         matrix = jsparse.bcoo_update_layout(matrix, n_batch=0, n_dense=0)
     return matrix
+
+
+def _check_torch_matrix(matrix: Any) -> None:
+    """Refuse torch tensors no product can run on, naming why: the ``meta`` device (no
+    values: the estimate failed deep inside, in the random generator), and the block
+    sparse layouts (BSR, BSC: torch's own conversion error)."""
+    import torch
+
+    if not isinstance(matrix, torch.Tensor):
+        return
+    if matrix.device.type == "meta":
+        raise TypeError(
+            "the matrix is a torch tensor on the 'meta' device, which holds no values: "
+            "materialize it on a real device first"
+        )
+    if matrix.layout in (torch.sparse_bsr, torch.sparse_bsc):
+        raise TypeError(
+            f"torch's {matrix.layout} layout is not supported: convert the matrix with "
+            ".to_sparse_coo() or .to_sparse_csr() (COO, CSR and CSC are)"
+        )

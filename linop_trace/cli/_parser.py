@@ -197,8 +197,9 @@ def _add_spectral_commands(commands: Any) -> None:
         "--method",
         choices=spectral_sums.METHODS,
         default="slq",
-        help="slq: stochastic Lanczos quadrature (default); exact: the eigenvalues of the "
-        "matrix formed from n products (small matrices)",
+        help="slq: stochastic Lanczos quadrature (default); slq++: deflated SLQ, for "
+        "decaying spectra (a block Krylov space of the top takes a third of the budget); "
+        "exact: the eigenvalues of the matrix formed from n products (small matrices)",
     )
     _add_lanczos(logdet)
     logdet.add_argument(
