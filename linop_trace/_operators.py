@@ -929,12 +929,9 @@ class _ScaledOperator(LinearOperator):
 
     def __init__(self, operator: LinearOperator, scalar: Any) -> None:
         xp = operator.xp
-        if isinstance(scalar, np.generic):
-            # a NumPy scalar as the Python number it holds: np.complex64 is no ``complex``
-            # (its adjoint kept c instead of conj(c)), and NumPy scalars are not weakly
-            # typed (np.float64(2) widened a float32 operator's products, and left
-            # array_api_strict's for NumPy's)
-            scalar = scalar.item()
+        # (a NumPy scalar as its Python number: np.complex64(c)'s adjoint kept c, and
+        # np.float64(2) widened a float32 operator's products)
+        scalar = backend.python_number(scalar)
         if isinstance(scalar, numbers.Number):
             is_complex = isinstance(scalar, complex) and scalar.imag != 0
             dtype = backend.complex_dtype_for(xp, operator.dtype) if is_complex else operator.dtype

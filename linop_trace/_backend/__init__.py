@@ -76,6 +76,7 @@ from ._dtypes import (  # noqa: F401
     is_float_dtype,
     is_half_precision,
     promote_to_float,
+    python_number,
     real_dtype_for,
     real_part,
 )
@@ -230,6 +231,7 @@ __all__ = [
     "prepare_sparse",
     "product_precision",
     "promote_to_float",
+    "python_number",
     "read_bool",
     "read_float",
     "read_floats",

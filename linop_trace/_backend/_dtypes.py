@@ -8,6 +8,7 @@ import numpy as np
 
 __all__ = [
     "abs2",
+    "python_number",
     "complex_dtype_for",
     "conj",
     "default_float_dtype",
@@ -99,3 +100,10 @@ def is_half_precision(xp: Any, dtype: Any) -> bool:
     except (TypeError, ValueError):
         return False
     return False
+
+
+def python_number(x: Any) -> Any:
+    """A NumPy scalar as the Python number it holds (others as they are): np.complex64 is
+    no ``complex``, and NumPy scalars are not weakly typed (np.float64(2) times a float32
+    array of any library is float64, and times an array_api_strict array is NumPy's)."""
+    return x.item() if isinstance(x, np.generic) else x
