@@ -159,6 +159,9 @@ class Estimate:
     skewness, kurtosis : float or None
         Of the samples whose mean ``value`` is, when the interval is shape-corrected
         (Hutchinson-type estimates, see :meth:`quantile`).
+    confidence : float
+        The level :meth:`ci` and :meth:`quantile` use when not given one: the
+        ``confidence`` of the call that made the estimate (0.95 by default).
     info : dict
         Method-specific extras (e.g. the plain XTrace error estimate). Where it holds
         ``"systematic_error"`` (stochastic Lanczos quadrature's estimated quadrature
@@ -209,6 +212,7 @@ class Estimate:
         self._shape: tuple[Any, Any] | None = None
         self._checks = tuple(checks)
         self._verified = False
+        self.confidence = 0.95
         # what refine() continues from (set by the estimator) and the continuation itself
         # (set by trace/diagonal): None for estimates that cannot be refined
         self._state: Any = None
@@ -377,8 +381,10 @@ class Estimate:
         )
 
     def _carrying(self, other: Estimate) -> Estimate:
-        """``other`` with this estimate's refinement state, continuation and choice."""
+        """``other`` with this estimate's refinement state, continuation, choice and
+        confidence level."""
         other._state, other._resume, other._choice = self._state, self._resume, self._choice
+        other.confidence = self.confidence
         return other
 
     # ------------------------------------------------------------------ refinement
@@ -447,17 +453,22 @@ class Estimate:
                 "and Hutch++'s residual phase keep what refining needs; run the method "
                 "again with a larger num_matvecs"
             )
-        return self._resume(A, num_matvecs, rtol, atol, max_matvecs, self._state)
+        refined = self._resume(A, num_matvecs, rtol, atol, max_matvecs, self._state)
+        refined.confidence = self.confidence
+        return refined
 
     # ------------------------------------------------------------------ intervals
-    def quantile(self, level: float = 0.95) -> Any:
-        """The two-sided quantile that :meth:`ci` multiplies the standard error by.
+    def quantile(self, level: float | None = None) -> Any:
+        """The two-sided quantile that :meth:`ci` multiplies the standard error by, at
+        ``level`` (by default :attr:`confidence`, the level the estimate was asked for).
 
         Student-t with ``dof`` degrees of freedom (normal without), corrected to second
         order for the samples' skewness and kurtosis where the estimate carries them
         (:func:`~linop_trace._stats.edgeworth_quantile`). A float, or a NumPy
         array for an estimate whose entries have shapes of their own.
         """
+        if level is None:
+            level = self.confidence
         if not 0 < level < 1:
             raise ValueError(f"confidence level must lie in (0, 1), got {level}")
         from scipy import stats
@@ -481,9 +492,11 @@ class Estimate:
             return base
         return edgeworth_quantile(base, level, dof + 1, skewness, kurtosis)
 
-    def ci(self, level: float = 0.95) -> tuple[Any, Any]:
+    def ci(self, level: float | None = None) -> tuple[Any, Any]:
         """The ``level`` confidence interval ``(low, high)`` from ``stderr`` (plus
-        ``info["systematic_error"]`` where the method reports one).
+        ``info["systematic_error"]`` where the method reports one); by default at
+        :attr:`confidence`, the level the estimate was asked for (``trace(...,
+        confidence=0.99)`` gives a 99% interval, as its tolerance was met at 99%).
 
         Scalars come back as Python floats, vectors as arrays of the value's library.
         """
@@ -568,12 +581,13 @@ class Estimate:
             array_keys,
             _Static(static),
             tuple(check.error for check in self._checks),
+            self.confidence,
         )
         return children, aux
 
     @classmethod
     def _tree_unflatten(cls, aux: tuple[Any, ...], children: tuple[Any, ...]) -> Estimate:
-        num_matvecs, method, converged, static_dof, array_keys, static, errors = aux
+        num_matvecs, method, converged, static_dof, array_keys, static, errors, confidence = aux
         value, stderr, dof, shape_of, arrays, checks, state, choice = children
         info = dict(static.items)
         info.update(zip(array_keys, arrays))
@@ -588,6 +602,7 @@ class Estimate:
             for (failed, evidence), error in zip(checks, errors)
         )
         estimate._verified = False
+        estimate.confidence = confidence
         estimate._state, estimate._resume, estimate._choice = state, None, choice
         return estimate
 

@@ -832,7 +832,8 @@ def trace(
     >>> float(est)  # Rademacher probes are exact on a diagonal matrix
     20100.0
     """
-    return _estimate(
+    check_tolerance(rtol, atol, confidence)  # (the empty and exact runs need no settings)
+    estimate = _estimate(
         "trace",
         A,
         method,
@@ -847,6 +848,8 @@ def trace(
         check_finite=check_finite,
         decompose=decompose,
     )
+    estimate.confidence = float(confidence)
+    return estimate
 
 
 def diagonal(
@@ -875,7 +878,8 @@ def diagonal(
     >>> diagonal(np.array([[1.0, 2.0], [3.0, 4.0]]), method="exact").value
     array([1., 4.])
     """
-    return _estimate(
+    check_tolerance(rtol, atol, confidence)  # (the empty and exact runs need no settings)
+    estimate = _estimate(
         "diagonal",
         A,
         method,
@@ -890,6 +894,8 @@ def diagonal(
         check_finite=check_finite,
         decompose=decompose,
     )
+    estimate.confidence = float(confidence)
+    return estimate
 
 
 def computes_exactly(

@@ -395,6 +395,22 @@ def test_jax_traced_intervals_and_tolerances_are_refused_not_approximated(jax_se
         )
 
 
+def test_jax_estimate_returned_from_jit_keeps_its_confidence(jax_setup):
+    """The level ``ci()`` uses by default is the call's ``confidence``, through ``jax.jit``
+    (the Estimate's pytree) as eagerly."""
+    jax, jnp = jax_setup
+    A = jnp.asarray(test_matrix("poly", SIZE, seed=0))
+    key = jax.random.key(2)
+    run = jax.jit(
+        lambda matrix, key: lt.trace(
+            matrix, method="hutchinson", num_matvecs=BUDGET, seed=key, confidence=0.99
+        )
+    )
+    returned = run(A, key)
+    assert returned.confidence == 0.99
+    assert returned.ci() == returned.ci(0.99) != returned.ci(0.95)
+
+
 def test_jax_integer_array_seed_is_the_int_seed(jax_setup):
     """A 0-d integer JAX array (a jit argument, a vmapped seed) is the seed it holds, as a
     Python int is; it was taken as key data and refused."""

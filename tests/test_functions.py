@@ -39,6 +39,25 @@ def test_bad_tolerance_and_confidence():
         lt.trace(np.eye(200), method="exact", rtol=0.1)
 
 
+def test_the_interval_defaults_to_the_calls_confidence(backend):
+    """``ci()`` gave a 95% interval after ``confidence=0.99`` (the level the adaptive run
+    met its tolerance at), and an empty operator took ``confidence=7``."""
+    A = backend.matrix(test_matrix("flat", 60, seed=0))
+    for quantity in (lt.trace, lt.diagonal):
+        est = quantity(A, method="hutchinson", num_matvecs=20, seed=0, confidence=0.99)
+        assert est.confidence == 0.99
+        assert np.allclose(np.asarray(est.ci()), np.asarray(est.ci(0.99)))
+        assert est.quantile() == est.quantile(0.99) > est.quantile(0.95)
+        refined = est.refine(A, num_matvecs=10)
+        assert refined.confidence == 0.99
+        assert refined.quantile() == refined.quantile(0.99)
+        assert quantity(A, method="hutchinson", num_matvecs=20, seed=0).confidence == 0.95
+    with pytest.raises(ValueError, match=r"`confidence` must lie in \(0, 1\), got 7"):
+        lt.trace(backend.matrix(np.zeros((0, 0))), confidence=7)
+    with pytest.raises(ValueError, match=r"`confidence` must lie in \(0, 1\)"):
+        lt.diagonal(A, method="exact", confidence=1.5)
+
+
 @pytest.mark.parametrize("name", ["rtol", "atol"])
 def test_a_bool_is_not_a_tolerance(name):
     """``rtol=True`` was taken as a tolerance of 1."""
