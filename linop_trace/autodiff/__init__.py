@@ -155,8 +155,10 @@ def hessian(
           double-backward pass through it per column (``torch.autograd``). JAX:
           ``lax.map`` instead of ``vmap`` in the compiled program.
         - ``"auto"``: forward-over-reverse, falling back (with one warning) to
-          reverse-over-reverse where the function has no forward-mode rules; an error
-          that says nothing about the function (out of memory, an interrupt) propagates
+          reverse-over-reverse where forward mode fails on the function (an operation
+          without a forward-mode rule, or one torch cannot run forward over reverse:
+          torch 2.13 raises "ZeroTensors are immutable" there for ``mse_loss``; the
+          warning quotes the error); an error that says nothing about the function (out of memory, an interrupt) propagates
           and switches no route. torch also times the loop against it on the first block
           of 4 or more columns (each column computed once, by one of the two; the device
           synchronized for this timing only) and keeps the faster route for later
