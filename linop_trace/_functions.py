@@ -989,16 +989,31 @@ def _sums(A: Any, adjoint: bool, check_finite: bool, decompose: bool = False) ->
             )
     operator = widened(aslinearoperator(A))
     xp = operator.xp
+    if backend.compiles_estimates(xp) and operator.compilable():
+        # one compiled program, as an estimate's: the column of ones is made on the device
+        # (made eagerly, JAX shipped its fill value from the host), beside the product
+        program = backend.compiled(_sums_of, num_static=3)
+        precision = backend.caller_precision(xp)
+        return program(adjoint, check_finite, precision, operator)  # type: ignore[no-any-return]
+    estimate = _sums_of(adjoint, check_finite, None, operator)
+    return _computed_once(estimate) if backend.is_dask_namespace(xp) else estimate
+
+
+def _sums_of(
+    adjoint: bool, check_finite: bool, precision: str | None, operator: LinearOperator
+) -> Estimate:
+    """Row sums (column sums with ``adjoint``) of ``operator``: one product with ones,
+    at the matrix-product ``precision`` of the caller (JAX)."""
+    xp = operator.xp
     rows, cols = operator.shape
     target = operator.T if adjoint else operator
-    counter = CountingMatmat(target, check_finite)
+    counter = CountingMatmat(target, check_finite, precision=precision)
     length = rows if adjoint else cols
     ones = xp.ones((length, 1), dtype=operator.dtype, device=operator.device)
     value = counter(ones)[:, 0]
     real = backend.real_dtype_for(xp, operator.dtype)
     stderr = xp.zeros(value.shape, dtype=real, device=operator.device)
-    estimate = Estimate(value, stderr, counter.columns, "exact", checks=counter.deferred_checks())
-    return _computed_once(estimate) if backend.is_dask_namespace(xp) else estimate
+    return Estimate(value, stderr, counter.columns, "exact", checks=counter.deferred_checks())
 
 
 def row_sums(A: Any, check_finite: bool = True, decompose: bool = True) -> Estimate:

@@ -395,6 +395,21 @@ def test_jax_traced_intervals_and_tolerances_are_refused_not_approximated(jax_se
         )
 
 
+def test_jax_row_and_column_sums_make_their_ones_on_the_device(jax_setup):
+    """``row_sums``/``col_sums`` of a JAX array shipped their column of ones (its fill
+    value) from the host: under ``jax.transfer_guard("disallow")`` they raised."""
+    jax, jnp = jax_setup
+    values = test_matrix("poly", SIZE, seed=0) + np.triu(np.ones((SIZE, SIZE)))
+    A = jnp.asarray(values)
+    lt.row_sums(A), lt.col_sums(A)  # compiled once
+    with jax.transfer_guard("disallow"):
+        rows, cols = lt.row_sums(A), lt.col_sums(A)
+    np.testing.assert_allclose(numpy_of(rows.value), values.sum(axis=1), rtol=1e-13)
+    np.testing.assert_allclose(numpy_of(cols.value), values.sum(axis=0), rtol=1e-13)
+    assert rows.num_matvecs == cols.num_matvecs == 1
+    assert not np.any(numpy_of(rows.stderr))
+
+
 def test_jax_estimate_returned_from_jit_keeps_its_confidence(jax_setup):
     """The level ``ci()`` uses by default is the call's ``confidence``, through ``jax.jit``
     (the Estimate's pytree) as eagerly."""
