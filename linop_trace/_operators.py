@@ -631,11 +631,20 @@ class _DenseOperator(LinearOperator):
         return (type(self), type(self.matrix), self.shape, self.dtype, self.device)
 
     def _matrix_as(self, dtype: Any) -> Any:
+        """The matrix in ``dtype``: a cast kept while the matrix is unchanged (torch's
+        version counter; JAX's arrays cannot change), cast again at every call where a
+        write would leave no trace (NumPy: a kept cast read stale values after
+        ``A[...] = ...``)."""
         if dtype == self.dtype:
             return self.matrix
-        if dtype not in self._cast:
-            self._cast[dtype] = self.xp.astype(self.matrix, dtype)
-        return self._cast[dtype]
+        stamp = backend.mutation_stamp(self.matrix)
+        kept = self._cast.get(dtype)
+        if kept is not None and stamp is not None and kept[0] == stamp:
+            return kept[1]
+        cast = self.xp.astype(self.matrix, dtype)
+        if stamp is not None:
+            self._cast[dtype] = (stamp, cast)
+        return cast
 
     def _matmat(self, X: Any) -> Any:
         return self._matrix_as(X.dtype) @ X
@@ -665,7 +674,9 @@ class _DenseOperator(LinearOperator):
         n = min(self.shape)
         if n == 0:
             return self.xp.zeros((0,), dtype=self.dtype, device=self.device)
-        return self.xp.linalg.diagonal(self.matrix)
+        # a view of the caller's matrix would be the estimate's value (an in-place edit of
+        # either would change the other)
+        return backend.owned(self.xp, self.xp.linalg.diagonal(self.matrix))
 
 
 class _SparseOperator(LinearOperator):
@@ -692,9 +703,16 @@ class _SparseOperator(LinearOperator):
         return self._matmat(X) if written is None else written
 
     def _rmatmat(self, X: Any) -> Any:
-        if self._adjoint is None:
-            self._adjoint = backend.sparse_adjoint(self.matrix)
-        return backend.sparse_matmat(backend.sparse_astype(self._adjoint, X.dtype), X)
+        """A^H X through the adjoint in its own sparse format, kept while the matrix is
+        unchanged (see :meth:`_DenseOperator._matrix_as`)."""
+        stamp = backend.mutation_stamp(self.matrix)
+        kept = self._adjoint
+        if kept is not None and stamp is not None and kept[0] == stamp:
+            adjoint = kept[1]
+        else:
+            adjoint = backend.sparse_adjoint(self.matrix)
+            self._adjoint = None if stamp is None else (stamp, adjoint)
+        return backend.sparse_matmat(backend.sparse_astype(adjoint, X.dtype), X)
 
     def to_dense(self, block_size: int | None = None) -> Any:
         return backend.sparse_to_dense(self.matrix)

@@ -86,7 +86,7 @@ class _DiagonalOperator(LinearOperator):
         return _conj(self.xp, self.xp.astype(self.diagonal, X.dtype))[:, None] * X
 
     def _exact_diagonal(self) -> Any:
-        return self.diagonal
+        return backend.owned(self.xp, self.diagonal)  # (not the caller's own array)
 
 
 class _OfParts(LinearOperator):

@@ -408,3 +408,54 @@ def test_non_numeric_matrices_are_refused():
         with pytest.raises(TypeError, match="numeric matrix"):
             aslinearoperator(M)
     assert float(lt.trace(np.arange(4).reshape(2, 2), method="exact").value) == 3.0
+
+
+# ----------------------------------------------------------------- the caller's data
+def test_exact_diagonal_shares_no_memory_with_the_callers_matrix():
+    """The exact diagonal of a stored matrix (the default method) was a view of it: a
+    torch in-place edit of the result wrote into the caller's matrix, a later write into
+    a NumPy matrix changed a result already returned, and a diagonal operator's diagonal
+    and row sums were the caller's vector itself."""
+    torch = pytest.importorskip("torch")
+    T = torch.arange(9.0, dtype=torch.float64).reshape(3, 3)
+    lt.diagonal(T).value.zero_()
+    assert T.diagonal().tolist() == [0.0, 4.0, 8.0]
+    A = np.arange(9.0).reshape(3, 3)
+    d = lt.diagonal(A, method="exact").value
+    A[0, 0] = 100.0
+    assert d.tolist() == [0.0, 4.0, 8.0]
+    for vector in (torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64), np.array([1.0, 2.0, 3.0])):
+        D = lt.diagonal_operator(vector)
+        for result in (lt.diagonal(D, method="exact").value, lt.row_sums(D).value):
+            assert not np.shares_memory(np.asarray(result), np.asarray(vector))
+            assert np.asarray(result).tolist() == [1.0, 2.0, 3.0]
+
+
+def test_an_operator_follows_in_place_writes_to_its_matrix():
+    """An operator kept its matrix's adjoint (sparse) and its cast to another dtype
+    (dense) from the first product: after an in-place write to the matrix, A^H X and a
+    complex A X read the old values while A X read the new ones."""
+    import scipy.sparse as sp
+
+    torch = pytest.importorskip("torch")
+    S = sp.csr_matrix(np.arange(1.0, 10.0).reshape(3, 3))
+    op = aslinearoperator(S)
+    lt.col_sums(op)
+    S.data *= 10
+    np.testing.assert_array_equal(lt.col_sums(op).value, [120.0, 150.0, 180.0])
+    N = np.diag([1.0, 2.0, 3.0])
+    op = aslinearoperator(N)
+    ones = np.ones((3, 1), dtype=complex)
+    op @ ones
+    N *= 2
+    np.testing.assert_array_equal((op @ ones).ravel(), [2.0, 4.0, 6.0])
+    for T in (
+        torch.diag(torch.arange(1.0, 4.0, dtype=torch.float64)),
+        torch.diag(torch.arange(1.0, 4.0, dtype=torch.float64)).to_sparse_csr(),
+    ):
+        op = aslinearoperator(T)
+        ones = torch.ones(3, 1, dtype=torch.complex128)
+        op @ ones, lt.col_sums(op)
+        T.mul_(10)
+        assert (op @ ones).real.ravel().tolist() == [10.0, 20.0, 30.0]
+        assert lt.col_sums(op).value.tolist() == [10.0, 20.0, 30.0]

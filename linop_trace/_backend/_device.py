@@ -24,6 +24,8 @@ __all__ = [
     "can_branch",
     "concrete_float",
     "copied",
+    "mutation_stamp",
+    "owned",
     "concrete_floats",
     "device_cond",
     "finite_flag",
@@ -322,3 +324,28 @@ def copied(xp: Any, x: Any) -> Any:
     if array_api_compat.is_torch_array(x):
         return x.clone()
     return xp.asarray(x, copy=True)
+
+
+def owned(xp: Any, x: Any) -> Any:
+    """``x`` as an array that shares no memory with the caller's: a copy (:func:`copied`)
+    where arrays can be written in place, ``x`` itself where they cannot (JAX arrays and
+    tracers, Dask's lazy arrays: no copy to dispatch). For results that are views of the
+    caller's data, such as a stored matrix's diagonal."""
+    if array_api_compat.is_jax_array(x) or array_api_compat.is_dask_array(x):
+        return x
+    return copied(xp, x)
+
+
+def mutation_stamp(x: Any) -> Any:
+    """What changes when ``x`` is written in place, so that a value derived from it (a
+    cast copy, an adjoint) can be kept while the stamp is the same: torch's version
+    counter; a constant for arrays that cannot be written (JAX, Dask); ``None`` (keep
+    nothing derived) for the others, whose writes leave no trace (NumPy, SciPy, CuPy)."""
+    if array_api_compat.is_torch_array(x):
+        return x._version
+    if array_api_compat.is_jax_array(x) or array_api_compat.is_dask_array(x):
+        return 0
+    module = type(x).__module__
+    if module.startswith(("jax", "dask")):  # (sparse: BCOO, Dask arrays of sparse chunks)
+        return 0
+    return None

@@ -58,7 +58,11 @@ def sparse_adjoint(matrix: Any) -> Any:
     """The conjugate transpose of a sparse matrix, in its library and (where it can) format."""
     if is_dask_sparse(matrix):
         return dask_sparse_adjoint(matrix)
-    if _is_scipy_sparse(matrix) or _is_cupy_sparse(matrix):
+    if _is_scipy_sparse(matrix):
+        # the transpose of CSR is CSC over the same arrays (no conversion: CSR's took half
+        # a 20-column product at n = 10^5, 10 entries per row; CSC's product is as fast)
+        return matrix.conj().T
+    if _is_cupy_sparse(matrix):
         return matrix.conj().T.tocsr()
     if _is_torch_sparse(matrix):
         import torch
