@@ -8,6 +8,7 @@ host only when the user reads the estimate, so computing one never waits for a d
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -533,10 +534,41 @@ class Estimate:
         return np.asarray(value, dtype=dtype)
 
     def __float__(self) -> float:
-        return float(backend.stop_gradient(self.value))
+        value = backend.stop_gradient(self.value)
+        if backend.is_complex_dtype(backend.array_namespace(value), value.dtype):
+            # (NumPy dropped the imaginary part with a warning, torch spoke of overflow)
+            raise TypeError(
+                "float() of a complex estimate: use complex(estimate), or the real part "
+                "of its value"
+            )
+        return float(value)
 
     def __complex__(self) -> complex:
-        return complex(self.value)
+        return complex(backend.stop_gradient(self.value))
+
+    # ------------------------------------------------------------ copies and pickles
+    def __getstate__(self) -> dict[str, Any]:
+        """The estimate's state for ``pickle``: its checks run (a failed one raises here,
+        as reading the value would) and a choice made on the device read first; without
+        the continuation that :meth:`refine` needs (it holds the run's probe stream), so
+        an unpickled estimate is not refinable."""
+        self._verify()
+        self._settle()
+        state = dict(self.__dict__)
+        state.update(_resume=None, _checks=(), _choice=None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Estimate:
+        """A deep copy that refines as this estimate does (it shares the continuation,
+        which leaves the estimate it refines as it is)."""
+        duplicate = type(self).__new__(type(self))
+        memo[id(self)] = duplicate
+        duplicate.__dict__.update(copy.deepcopy(self.__getstate__(), memo))
+        duplicate._resume = self._resume
+        return duplicate
 
     def __repr__(self) -> str:
         def short(x: Any) -> str:

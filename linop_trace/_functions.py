@@ -745,6 +745,21 @@ def _compiled_run(
     return _run(estimator, quantity, settings, operator, random)
 
 
+def _at_confidence(quantity: str, A: Any, method: Any, seed: Any, **options: Any) -> Estimate:
+    """:func:`_estimate` with the call's ``confidence`` as the level of the estimate's
+    intervals (:attr:`Estimate.confidence`), the partial one of an interrupt included."""
+    confidence = options["confidence"]
+    check_tolerance(options["rtol"], options["atol"], confidence)  # (empty, exact runs too)
+    try:
+        estimate = _estimate(quantity, A, method, seed, **options)
+    except EstimateInterrupted as interrupted:
+        if interrupted.partial is not None:
+            interrupted.partial.confidence = float(confidence)
+        raise
+    estimate.confidence = float(confidence)
+    return estimate
+
+
 def trace(
     A: Any,
     method: Any = "auto",
@@ -832,8 +847,7 @@ def trace(
     >>> float(est)  # Rademacher probes are exact on a diagonal matrix
     20100.0
     """
-    check_tolerance(rtol, atol, confidence)  # (the empty and exact runs need no settings)
-    estimate = _estimate(
+    return _at_confidence(
         "trace",
         A,
         method,
@@ -848,8 +862,6 @@ def trace(
         check_finite=check_finite,
         decompose=decompose,
     )
-    estimate.confidence = float(confidence)
-    return estimate
 
 
 def diagonal(
@@ -878,8 +890,7 @@ def diagonal(
     >>> diagonal(np.array([[1.0, 2.0], [3.0, 4.0]]), method="exact").value
     array([1., 4.])
     """
-    check_tolerance(rtol, atol, confidence)  # (the empty and exact runs need no settings)
-    estimate = _estimate(
+    return _at_confidence(
         "diagonal",
         A,
         method,
@@ -894,8 +905,6 @@ def diagonal(
         check_finite=check_finite,
         decompose=decompose,
     )
-    estimate.confidence = float(confidence)
-    return estimate
 
 
 def computes_exactly(

@@ -171,6 +171,16 @@ class RatioSums:
         self.uu: Any = None
         self.x: Any = None
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Without the namespace (a module: neither pickled nor deep-copied), which the
+        sums' arrays give back (:meth:`__setstate__`)."""
+        return {**self.__dict__, "xp": None}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        if self.u is not None:
+            self.xp = backend.array_namespace(self.u)
+
     def add(self, numerators: Any, denominators: Any | None) -> None:
         """One block: ``numerators`` y and ``denominators`` x, both (n, k) (x ``None``: ones)."""
         self._accumulate(

@@ -7,6 +7,7 @@ import time
 
 import numpy as np
 import pytest
+from conftest import numpy_of
 
 import linop_trace as lt
 from linop_trace._testing import test_matrix
@@ -119,3 +120,43 @@ def test_a_tolerance_with_a_small_cap_starts_within_it(method, cap):
     estimate = lt.diagonal(A + A.T, method=method, rtol=1e-9, max_matvecs=cap, seed=0)
     assert estimate.num_matvecs <= cap
     assert estimate.converged is False
+
+
+def test_estimates_deep_copy_and_pickle(backend):
+    """A refinable estimate could be neither deep-copied nor pickled (its diagonal sums
+    held the array module, its continuation a local function); ``float`` of a complex
+    estimate dropped the imaginary part on NumPy (a warning) and spoke of overflow on
+    torch."""
+    import copy
+    import pickle
+
+    values = test_matrix("flat", 40, seed=0)
+    A = backend.matrix(values)
+    try:
+        pickle.loads(pickle.dumps(A))
+    except Exception:
+        pytest.skip(f"{backend.name} arrays do not pickle")
+    for quantity, method in [
+        (lt.trace, "hutchinson"),
+        (lt.trace, "hutch++"),
+        (lt.diagonal, "hutchinson"),
+        (lt.trace, "xtrace"),
+        (lt.diagonal, "xdiag"),
+    ]:
+        est = quantity(A, method=method, num_matvecs=20, seed=0)
+        duplicate, unpickled = copy.deepcopy(est), pickle.loads(pickle.dumps(est))
+        for other in (duplicate, unpickled):
+            np.testing.assert_array_equal(numpy_of(other.value), numpy_of(est.value))
+            np.testing.assert_array_equal(numpy_of(other.stderr), numpy_of(est.stderr))
+            assert other.num_matvecs == est.num_matvecs and other.method == est.method
+        if method in ("hutchinson", "hutch++"):
+            np.testing.assert_array_equal(
+                numpy_of(duplicate.refine(A, num_matvecs=10).value),
+                numpy_of(est.refine(A, num_matvecs=10).value),
+            )
+            with pytest.raises(ValueError, match="rebuilt from its arrays"):
+                unpickled.refine(A, num_matvecs=10)
+    complex_estimate = lt.trace(backend.matrix(values * (1 + 1j)), method="exact")
+    with pytest.raises(TypeError, match="complex estimate: use complex"):
+        float(complex_estimate)
+    assert complex(complex_estimate) == pytest.approx(np.trace(values) * (1 + 1j))

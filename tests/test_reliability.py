@@ -372,6 +372,23 @@ class _Interrupting:
 
 
 @pytest.mark.parametrize("quantity", ["trace", "diagonal"])
+def test_an_interrupted_runs_partial_estimate_has_the_calls_confidence(quantity):
+    """The partial estimate of an interrupted run gives its interval at the call's
+    ``confidence`` (it gave 95% after ``confidence=0.99``; the CLI printed that)."""
+    matrix = test_matrix("flat", 60, seed=0)
+    interrupting = lt.LinearOperator.from_callable(
+        matmat=_Interrupting(matrix, at=4), shape=(60, 60)
+    )
+    with pytest.raises(lt.EstimateInterrupted) as caught:
+        getattr(lt, quantity)(
+            interrupting, method="hutchinson", num_matvecs=80, block_size=8, confidence=0.99
+        )
+    partial = caught.value.partial
+    assert partial.confidence == 0.99
+    assert partial.quantile() == partial.quantile(0.99)
+
+
+@pytest.mark.parametrize("quantity", ["trace", "diagonal"])
 @pytest.mark.parametrize("adaptive", [False, True])
 def test_an_interrupted_hutchinson_run_keeps_its_estimate(dense_backend, quantity, adaptive):
     """Ctrl-C in the fourth product: an ``EstimateInterrupted`` (a KeyboardInterrupt)
