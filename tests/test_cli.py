@@ -881,6 +881,34 @@ def test_not_a_numeric_matrix(capsys, tmp_path, content, needle):
     assert_one_line_error(*run(capsys, "trace", path), needle)
 
 
+def test_a_file_named_npz_that_is_no_zip_archive_is_named_so(capsys, tmp_path):
+    """A text file named .npz was refused as "pickled (object) data" (pointing at unsafe
+    loading), a .npy file under that name with "'numpy.ndarray' object does not support
+    the context manager protocol"."""
+    path = tmp_path / "matrix.npz"
+    path.write_text("1 2\n3 4\n")
+    code, out, err = run(capsys, "trace", path)
+    assert_one_line_error(code, out, err, str(path), "not a zip archive", "b'1 2\\n3 4\\n'")
+    assert "pickle" not in err
+    np.save(tmp_path / "array.npy", np.eye(3))
+    (tmp_path / "array.npy").rename(path)
+    code, out, err = run(capsys, "trace", path)
+    assert_one_line_error(code, out, err, "not a zip archive", "a NumPy .npy file")
+    assert "context manager" not in err
+    path.write_bytes(b"")
+    assert_one_line_error(*run(capsys, "trace", path), "not a zip archive", "is empty")
+
+
+def test_a_level_prints_with_its_digits(capsys, tmp_path):
+    """``--confidence 0.999999999`` was labelled "100% CI" (``:g`` keeps six digits)."""
+    path = tmp_path / "m.npy"
+    np.save(path, np.diag(np.arange(1.0, 41.0)) + 0.1)
+    code, out, err = run(
+        capsys, "trace", path, "--method", "hutchinson", "--confidence", "0.999999999"
+    )
+    assert code == 0 and "99.9999999%" in out and "100%" not in out
+
+
 def test_object_array_is_refused_without_unpickling(capsys, tmp_path):
     path = tmp_path / "obj.npy"
     np.save(path, np.array([[1, None], [None, 2]], dtype=object), allow_pickle=True)
@@ -1115,6 +1143,18 @@ def test_demo_on_the_sparse_matrix(capsys):
         )
         if record["stderr"] is not None:
             assert abs(record["value"] - exact) <= 5 * record["stderr"]
+
+
+def test_demo_damping_on_the_sparse_matrix_still_estimates_the_matrix(capsys):
+    """With ``--damping`` the sparse matrix plus the identity (both stored) was computed
+    exactly whole: every method read "exact", 0 matvecs, zero error."""
+    result = run_json(
+        capsys, "demo", "--problem", "sparse", "--damping", "5", "--matvecs", "20", "--seed", "0"
+    )
+    assert result["exact"] == 24770.0 + 5 * 1797
+    estimated = [r for r in result["results"][1:] if "error" not in r]
+    assert estimated and all(r["matvecs"] == 20 for r in estimated)
+    assert all(r["relative_error"] > 0 for r in estimated)
 
 
 def test_demo_text_table(capsys):

@@ -407,6 +407,15 @@ def test_an_interrupted_trace_prints_its_partial_estimate_and_exits_130(
     assert "interrupted; partial estimate from 8 products: 820" in err
     assert "95% interval" in err
 
+    def interrupted_at_its_level(A, **options):  # (as trace gives it: at the call's level)
+        partial = real_trace(A, method="hutchinson", num_matvecs=8, seed=0)
+        partial.confidence = options["confidence"]
+        raise lt.EstimateInterrupted(partial)
+
+    monkeypatch.setattr(_commands, "trace", interrupted_at_its_level)
+    code = main(["trace", str(path), "--method", "hutchinson", "--confidence", "0.99"])
+    assert code == 130 and "99% interval" in capsys.readouterr().err
+
 
 _STOP_CHILD = """
 import os, signal, sys, threading, time

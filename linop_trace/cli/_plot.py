@@ -15,7 +15,7 @@ from .._operators import LinearOperator
 from .._stats import sample_mean
 from ..estimators import get_estimator
 from ._errors import CliError
-from ._report import format_number, interval_of
+from ._report import format_number, interval_of, level_text
 from ._writing import Staged
 
 __all__ = ["budget_curve", "plot", "require_matplotlib", "sample_curve"]
@@ -135,7 +135,7 @@ def plot(
     # a bare Figure (no pyplot): no GUI backend, no global state in the caller's process
     from matplotlib.figure import Figure
 
-    level = f"{100 * options['confidence']:g}%"
+    level = level_text(options["confidence"])
     figure = Figure(figsize=(7, 4.5))
     axes = figure.subplots()
     exact = None if estimate.method == "exact" else _exact_for_plot(quantity, operator)

@@ -26,6 +26,8 @@ MTX_HEADER_LIMIT = 1 << 20
 INDEX_BYTES = 8
 #: The first bytes of every NumPy .npy file (``numpy.lib.format.MAGIC_PREFIX``).
 NPY_MAGIC = b"\x93NUMPY"
+#: What a .npz file starts with: the local file header of a zip archive.
+ZIP_MAGIC = b"PK\x03\x04"
 #: Bytes of the start of a file shown when it is not the format its name says.
 SHOWN_START = 16
 
@@ -292,6 +294,17 @@ def _check_npy_magic(path: Path) -> None:
 def _load_npz(path: Path) -> Any:
     import scipy.sparse as sp
 
+    # np.load reads the contents, not the name: a text file was "pickled (object) data",
+    # a .npy file under this name an array without a context manager
+    with open(path, "rb") as file:
+        start = file.read(SHOWN_START)
+    if not start.startswith(ZIP_MAGIC):
+        kind = "a NumPy .npy file" if start.startswith(NPY_MAGIC) else f"it starts with {start!r}"
+        found = kind if start else "the file is empty"
+        raise CliError(
+            f"{path}: not a readable .npz file (not a zip archive as numpy.savez and "
+            f"scipy.sparse.save_npz write: no header {ZIP_MAGIC!r}; {found})"
+        )
     with np.load(path, allow_pickle=False) as archive:
         names = list(archive.files)
         if "format" in names and "shape" in names:

@@ -138,7 +138,7 @@ class Result:
         the first SHOWN_ENTRIES entries of a vector not written to a file."""
         fields, value, stderr, interval = self.fields, self.value, self.stderr, self.interval
         rows = [("file", f"{fields['file']} ({fields['description']})")]
-        level = f"{100 * fields['confidence']:g}%"
+        level = level_text(fields["confidence"])
         if value.ndim == 0:
             rows.append((fields["quantity"], format_number(value)))
             rows.append(("stderr", "n/a" if stderr is None else format_number(stderr, 4)))
@@ -217,6 +217,12 @@ def describe_operator(matrix: Any, operator: LinearOperator, library: str) -> st
     return f"{rows} x {cols} {kind}; {where}"
 
 
+def level_text(confidence: float) -> str:
+    """A confidence level as a percentage, with the digits it has (``:g`` printed
+    0.999999999 as "100%")."""
+    return f"{100 * confidence:.10g}%"
+
+
 def partial_summary(interrupt: BaseException) -> str:
     """What an interrupted estimate had: the partial value with its interval for a trace,
     the size of a partial diagonal (not written: its outputs are not committed)."""
@@ -225,10 +231,11 @@ def partial_summary(interrupt: BaseException) -> str:
         return ""
     value = partial.value
     if getattr(value, "ndim", 0) == 0:
-        low, high = partial.ci()
+        low, high = partial.ci()  # (at the run's --confidence)
         return (
             f"; partial estimate from {partial.num_matvecs} products: {float(value):.8g} "
-            f"+- {float(partial.stderr):.3g} (95% interval {low:.8g} to {high:.8g})"
+            f"+- {float(partial.stderr):.3g} ({level_text(partial.confidence)} interval "
+            f"{low:.8g} to {high:.8g})"
         )
     return (
         f"; a partial {partial.method} estimate of {int(value.shape[0])} entries from "
