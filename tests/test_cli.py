@@ -1145,18 +1145,6 @@ def test_demo_on_the_sparse_matrix(capsys):
             assert abs(record["value"] - exact) <= 5 * record["stderr"]
 
 
-def test_demo_damping_on_the_sparse_matrix_still_estimates_the_matrix(capsys):
-    """With ``--damping`` the sparse matrix plus the identity (both stored) was computed
-    exactly whole: every method read "exact", 0 matvecs, zero error."""
-    result = run_json(
-        capsys, "demo", "--problem", "sparse", "--damping", "5", "--matvecs", "20", "--seed", "0"
-    )
-    assert result["exact"] == 24770.0 + 5 * 1797
-    estimated = [r for r in result["results"][1:] if "error" not in r]
-    assert estimated and all(r["matvecs"] == 20 for r in estimated)
-    assert all(r["relative_error"] > 0 for r in estimated)
-
-
 def test_demo_text_table(capsys):
     code, out, err = run(capsys, "demo", "--problem", "sparse", "--matvecs", "30")
     assert code == 0

@@ -139,29 +139,12 @@ def _estimates(
     return float(np.real(backend.to_numpy(exact.value))), rows
 
 
-def _behind_products(operator: LinearOperator) -> LinearOperator:
-    """``operator`` known only through its products (same library, dtype, device, tags)."""
-    xp = operator.xp
-    like = xp.zeros((1,), dtype=operator.dtype, device=operator.device)
-    return LinearOperator.from_callable(
-        matmat=operator.matmat,
-        rmatmat=operator.rmatmat,
-        shape=operator.shape,
-        like=like,
-        tags=operator.tags,
-    )
-
-
 def run_demo(args: argparse.Namespace) -> int:
     """``linop-trace demo``: the table (or JSON) of every method against the exact trace."""
     description, operator = _demo_problem(args)
     damping = getattr(args, "damping", 0.0)
-    if damping:  # known exactly: every estimator estimates the matrix alone
-        if operator._stores_diagonal():
-            # a stored matrix plus the identity is computed exactly whole (both diagonals
-            # are stored): every method read "exact" at 0 matvecs. Behind its products,
-            # the matrix is what the estimators estimate, as the Hessian is
-            operator = _behind_products(operator)
+    if damping:  # known exactly: the estimators estimate the matrix alone (a stored one,
+        # whose diagonal is stored too, is then exact: docs/operators/algebra.rst)
         operator = operator + damping * identity(operator.shape[0], like=operator)
         description += f", plus {damping:g} I (damping: its trace is computed exactly)"
     with limited_threads(args.threads):
