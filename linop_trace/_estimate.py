@@ -364,6 +364,31 @@ class Estimate:
             divided._choice = self._choice.divided_by(scale)
         return divided
 
+    def real_part(self) -> Estimate:
+        """The estimate of a quantity known to be real (a Hermitian operator's trace or
+        diagonal): the real part of the value and of the samples (their imaginary part
+        is round-off, or noise of zero mean that the estimator left out of the stderr);
+        the stderr, dof and info as they are. The estimate itself where it is real."""
+        xp = backend.array_namespace(self._value)
+        if not backend.is_complex_dtype(xp, self._value.dtype):
+            return self
+        samples = self._shape_of
+        if samples is not None and backend.is_complex_dtype(xp, samples.dtype):
+            samples = backend.real_part(xp, samples)
+        return self._carrying(
+            Estimate(
+                backend.real_part(xp, self._value),
+                self._stderr,
+                self.num_matvecs,
+                self._method,
+                self.converged,
+                self._dof,
+                self._info,
+                shape_of=samples,
+                checks=self._checks,
+            )
+        )
+
     def with_checks(self, checks: tuple[DeferredCheck, ...], num_matvecs: int) -> Estimate:
         """The same estimate with more checks and the counted ``num_matvecs`` (used by
         :func:`~linop_trace.trace` and :func:`~linop_trace.diagonal` on every result)."""

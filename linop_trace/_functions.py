@@ -695,6 +695,8 @@ def _run(
 def _finished(estimate: Estimate, request: EstimationRequest) -> Estimate:
     """An estimator's result with what the whole run says: the block sizes after an out
     of memory, the scale of the products undone, the deferred checks and the columns."""
+    if request.real_valued:  # (a Hermitian operator: its trace and diagonal are real)
+        estimate = estimate.real_part()
     retried = request.matmat.retried_widths
     if retried:  # a product ran out of memory: the narrower blocks that followed
         estimate.info["block_sizes"] = sorted(set(retried), reverse=True)

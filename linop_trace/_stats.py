@@ -161,11 +161,15 @@ class RatioSums:
     probes (Rademacher, Steinhaus: x = 1) keep no x sums (``denominators=None``).
     """
 
-    def __init__(self, xp: Any) -> None:
+    def __init__(self, xp: Any, real: bool = False) -> None:
         self.xp = xp
         self.count = 0
         self.shift: Any = None
         self.unit_modulus = True
+        #: Keep the real part of the numerators y: for a Hermitian operator, whose
+        #: diagonal is real, the imaginary part of y is noise of zero mean (the estimate
+        #: and its stderr are then those of the real part).
+        self.real = real
         # sums over the probes, per entry: u, |u|^2 (general probes: |u|^2 / x), and x
         self.u: Any = None
         self.uu: Any = None
@@ -183,6 +187,8 @@ class RatioSums:
 
     def add(self, numerators: Any, denominators: Any | None) -> None:
         """One block: ``numerators`` y and ``denominators`` x, both (n, k) (x ``None``: ones)."""
+        if self.real:
+            numerators = backend.real_part(self.xp, numerators)
         self._accumulate(
             lambda a, b: (
                 numerators[a:b, :],
@@ -199,8 +205,8 @@ class RatioSums:
         xp = self.xp
         if backend.compiles_estimates(xp):  # (the count is not the program's: no recompile)
             first = self.count == 0
-            self.shift, self.u, self.uu, self.x = backend.jit(xp, _with_products, num_static=3)(
-                xp, unit_modulus, first, self._arrays(), probes, image
+            self.shift, self.u, self.uu, self.x = backend.jit(xp, _with_products, num_static=4)(
+                xp, unit_modulus, first, self.real, self._arrays(), probes, image
             )
             if first:
                 self.unit_modulus = unit_modulus
@@ -210,9 +216,14 @@ class RatioSums:
 
     def _add_products(self, probes: Any, image: Any, unit_modulus: bool) -> None:
         xp = self.xp
+
+        def numerators(a: int, b: int) -> Any:
+            y = backend.conj(xp, probes[a:b, :]) * image[a:b, :]
+            return backend.real_part(xp, y) if self.real else y
+
         self._accumulate(
             lambda a, b: (
-                backend.conj(xp, probes[a:b, :]) * image[a:b, :],
+                numerators(a, b),
                 None if unit_modulus else backend.abs2(xp, probes[a:b, :]),
             ),
             probes,
@@ -304,18 +315,18 @@ class RatioSums:
     def copy(self) -> RatioSums:
         """An independent copy (the sums are replaced, never changed in place, as blocks
         are added: the arrays are shared)."""
-        other = RatioSums(self.xp)
+        other = RatioSums(self.xp, self.real)
         other.__dict__.update(self.__dict__)
         return other
 
 
 def _flatten_sums(sums: RatioSums) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
     children = (sums.shift, sums.u, sums.uu, sums.x)
-    return children, (sums.xp, sums.count, sums.unit_modulus)
+    return children, (sums.xp, sums.count, sums.unit_modulus, sums.real)
 
 
 def _unflatten_sums(aux: tuple[Any, ...], children: tuple[Any, ...]) -> RatioSums:
-    sums = RatioSums(aux[0])
+    sums = RatioSums(aux[0], aux[3])
     sums.count, sums.unit_modulus = aux[1], aux[2]
     sums.shift, sums.u, sums.uu, sums.x = children
     return sums
@@ -325,10 +336,16 @@ backend.register_pytree(RatioSums, _flatten_sums, _unflatten_sums)
 
 
 def _with_products(
-    xp: Any, unit_modulus: bool, first: bool, arrays: tuple[Any, ...], probes: Any, image: Any
+    xp: Any,
+    unit_modulus: bool,
+    first: bool,
+    real: bool,
+    arrays: tuple[Any, ...],
+    probes: Any,
+    image: Any,
 ) -> tuple[Any, ...]:
     """The sums' arrays with one more block of probes and their image added."""
-    sums = RatioSums(xp)
+    sums = RatioSums(xp, real)
     sums.shift, sums.u, sums.uu, sums.x = arrays
     sums.count = 0 if first else 1  # (only whether it is the first block matters here)
     sums.unit_modulus = unit_modulus

@@ -445,6 +445,14 @@ class EstimationRequest:
         return is_self_adjoint(self.matmat._operator)
 
     @property
+    def real_valued(self) -> bool:
+        """Whether the trace and diagonal are real although the operator is complex: it
+        is tagged Hermitian. Estimators may keep the real part of their samples (for a
+        diagonal the imaginary part is noise of zero mean); every estimate of such an
+        operator is returned real (:func:`~linop_trace.trace` takes the real part)."""
+        return self.self_adjoint and backend.is_complex_dtype(self.xp, self.dtype)
+
+    @property
     def has_adjoint(self) -> bool:
         """Whether ``A^H X`` is available: self-adjoint tags, or an ``rmatmat`` that accepts
         an empty block (nothing is counted or computed)."""

@@ -199,7 +199,7 @@ class DiagPlusPlus(Estimator):
             unit_modulus,
             self.two_sided,
         )
-        sums = RatioSums(xp)
+        sums = RatioSums(xp, request.real_valued)
         sums.add(numerators, denominators)
 
         def draw(width: int) -> None:

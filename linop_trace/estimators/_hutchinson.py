@@ -211,7 +211,7 @@ class Hutchinson(ProbeOption):
         >>> bool(np.all(np.abs(est.value - np.diag(A)) < 5 * est.stderr))
         True
         """
-        return self._continued_diagonal(request, RatioSums(request.xp))
+        return self._continued_diagonal(request, RatioSums(request.xp, request.real_valued))
 
     def refine(self, quantity: str, request: EstimationRequest, state: RefineState) -> Estimate:
         """The trace or diagonal continued from ``state``: the samples (sums) kept, more

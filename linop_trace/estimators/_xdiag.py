@@ -313,6 +313,7 @@ def xdiag_core(
     xp: Any,
     two_sided: bool | None = None,
     samples: bool = False,
+    real: bool = False,
 ) -> XDiagResult:
     """XDiag with its honest entrywise error estimate: two products (``A Omega``, then
     ``A^H Q``), then pure array algebra.
@@ -333,6 +334,10 @@ def xdiag_core(
     samples : bool
         Also return the (n, s) estimates d^(i) and their pseudo-values (``False``, as
         :class:`XDiag` runs it: only what they give, without keeping two (n, s) arrays).
+    real : bool
+        Keep the real part of every d^(i) and pseudo-value (a Hermitian A: its diagonal
+        is real, and the imaginary parts are noise of zero mean that would enter the
+        error estimate).
 
     Examples
     --------
@@ -352,8 +357,8 @@ def xdiag_core(
     elif two_sided and adjoint is not None:
         raise ValueError("two-sided XDiag needs a self-adjoint operator (adjoint=None)")
     basis, triangular, adjoint_basis = _products_and_factors(matmat, adjoint, probes, xp)
-    return backend.jit(xp, _xdiag_from_products, num_static=3)(
-        xp, bool(two_sided), samples, probes, basis, triangular, adjoint_basis
+    return backend.jit(xp, _xdiag_from_products, num_static=4)(
+        xp, bool(two_sided), samples, bool(real), probes, basis, triangular, adjoint_basis
     )
 
 
@@ -361,6 +366,7 @@ def _xdiag_from_products(
     xp: Any,
     two_sided: bool,
     samples: bool,
+    real: bool,
     probes: Any,
     basis: Any,
     triangular: Any,
@@ -386,12 +392,12 @@ def _xdiag_from_products(
     errors = count >= ERROR_PROBES
     if n <= rows or backend.prefers_whole_arrays(xp, backend.device_of(probes)):
         whole = _estimate_rows(
-            xp, two_sided, downdates, probes, basis, adjoint_basis, step, 0, samples
+            xp, two_sided, downdates, probes, basis, adjoint_basis, step, 0, samples, real
         )
         dof_rows = [whole.dof_rows] if whole.dof_rows is not None else []
     else:
         whole, dof_rows = _estimate_rows_in_chunks(
-            xp, two_sided, downdates, probes, basis, adjoint_basis, step, samples, rows
+            xp, two_sided, downdates, probes, basis, adjoint_basis, step, samples, rows, real
         )
     dof = None
     if errors:
@@ -422,11 +428,13 @@ def _estimate_rows_in_chunks(
     step: int,
     samples: bool,
     rows: int,
+    real_values: bool,
 ) -> tuple[_RowsEstimate, list[Any]]:
     """:func:`_estimate_rows` over blocks of ``rows`` rows, written into whole arrays."""
     n, count = probes.shape
     dtype, device = probes.dtype, backend.device_of(probes)
     real = backend.real_dtype_for(xp, dtype)
+    dtype = real if real_values else dtype
     errors = count >= ERROR_PROBES
     out = _RowsEstimate(
         xp.empty((n,), dtype=dtype, device=device), xp.empty((n,), dtype=dtype, device=device)
@@ -451,6 +459,7 @@ def _estimate_rows_in_chunks(
             step,
             (-start) % step,
             samples,
+            real_values,
         )
         for name in fields:
             getattr(out, name)[start:stop, ...] = getattr(block, name)
@@ -469,6 +478,7 @@ def _estimate_rows(
     step: int,
     first: int,
     samples: bool,
+    real: bool = False,
 ) -> _RowsEstimate:
     """Estimates, error estimates (and with ``samples`` the (n, s) estimates and
     pseudo-values) of a block of rows (entries); the products for the dofs of the rows
@@ -485,6 +495,9 @@ def _estimate_rows(
         parts = _row_pieces(xp, downdates, probes, basis, adjoint_basis)
         pairs, constant = _pair_sums(parts, downdates, xp)
     update, low = parts.update, parts.low_rank_diagonal
+    if real:  # (a Hermitian A: the imaginary parts are noise of zero mean)
+        update, low, pairs = (backend.real_part(xp, x) for x in (update, low, pairs))
+        constant = None if constant is None else backend.real_part(xp, constant)
     count = update.shape[1]
     update_mean = xp.mean(update, axis=1)
     out = _RowsEstimate(low, low + update_mean)
@@ -569,7 +582,12 @@ class XDiag(Estimator):
             )
         count = min(request.num_matvecs // 2, request.n)  # s <= n, like XTrace
         result = xdiag_core(
-            request.matmat, adjoint, request.probes.independent(count), xp, self.two_sided
+            request.matmat,
+            adjoint,
+            request.probes.independent(count),
+            xp,
+            self.two_sided,
+            real=request.real_valued,
         )
         return Estimate(
             result.value,

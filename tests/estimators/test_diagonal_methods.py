@@ -58,6 +58,61 @@ def test_complex_low_rank_is_exact_every_backend(backend):
         np.testing.assert_allclose(complex(est), np.trace(A), rtol=1e-11)
 
 
+def _hermitian(n: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    C = rng.standard_normal((n, n)) + 1j * rng.standard_normal((n, n))
+    return C + C.conj().T
+
+
+def test_a_hermitian_operators_estimates_are_real(backend):
+    """A complex operator tagged Hermitian has a real trace and diagonal: its estimates
+    were complex (the diagonal's imaginary part as large as the error), and ``ci()``
+    refused them. Now real, every method: Hutchinson's diagonal is the real part of the
+    untagged estimate from the same products, its stderr that of the real part alone."""
+    A = _hermitian(40, 0)
+    tagged = lt.aslinearoperator(backend.matrix(A), tags=("hermitian",))
+    real = np.asarray(numpy_of(backend.matrix(np.ones(1)))).dtype  # (float32 or float64)
+    for quantity, method in [
+        ("trace", "hutchinson"),
+        ("trace", "hutch++"),
+        ("trace", "xtrace"),
+        ("trace", "exact"),
+        ("diagonal", "hutchinson"),
+        ("diagonal", "diag++"),
+        ("diagonal", "xdiag"),
+        ("diagonal", "exact"),
+    ]:
+        est = getattr(lt, quantity)(tagged, method=method, num_matvecs=30, seed=0)
+        assert numpy_of(est.value).dtype == real, (quantity, method)
+        low, high = est.ci()
+        assert np.all(numpy_of(low) <= numpy_of(high))
+    plain = lt.aslinearoperator(backend.matrix(A))
+    general = lt.diagonal(plain, method="hutchinson", num_matvecs=30, seed=0)
+    hermitian = lt.diagonal(tagged, method="hutchinson", num_matvecs=30, seed=0)
+    np.testing.assert_allclose(
+        numpy_of(hermitian.value), numpy_of(general.value).real, rtol=1e-10, atol=1e-10
+    )
+    assert np.all(numpy_of(hermitian.stderr) < numpy_of(general.stderr))
+
+
+@pytest.mark.stats
+@pytest.mark.parametrize("method", ["hutchinson", "diag++", "xdiag"])
+def test_a_hermitian_operators_diagonal_intervals_cover(method):
+    """Fraction of (entry, seed) pairs whose 95 % interval covers d_i for a complex
+    Hermitian 40 x 40 matrix at m = 30, 300 seeds: measured 0.950 (hutchinson), 0.950
+    (diag++), 0.955 (xdiag); with the imaginary noise in the stderr it was 0.99. The
+    seeds' mean fraction has a standard error of about 0.0015: [0.935, 0.965] is ten of
+    them from 0.95."""
+    A = _hermitian(40, 0)
+    operator = lt.aslinearoperator(A, tags=("hermitian",))
+    d = np.diag(A).real
+    fractions = []
+    for seed in range(300):
+        low, high = lt.diagonal(operator, method=method, num_matvecs=30, seed=seed).ci(0.95)
+        fractions.append(np.mean((low <= d) & (d <= high)))
+    assert 0.935 <= np.mean(fractions) <= 0.965, np.mean(fractions)
+
+
 # -------------------------------------------------------------------- statistics
 @pytest.mark.stats
 @pytest.mark.parametrize("symmetric", [False, True], ids=["general", "two-sided"])
