@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import _backend as backend
-from ._estimate import DeferredCheck, Estimate
+from ._estimate import DeferredCheck, Estimate, EstimateInterrupted
 from ._operators import (
     LinearOperator,
     _AdjointOperator,
@@ -93,11 +93,27 @@ class Decomposition:
         xp = self.operator.xp
         checks = _finite_checks(xp, exact, check_finite)
         info = {"exact_terms": self.labels, "exact_part": exact}
+        # a Hermitian sum has a real trace and diagonal (the implicit part's estimate is
+        # real already; the exact part's imaginary part is round-off)
+        real = quantity != "row_sums" and self.operator._has_real_diagonal()
         if self.implicit is None:
-            real = backend.real_dtype_for(xp, exact.dtype)
-            stderr = xp.zeros(exact.shape, dtype=real, device=self.operator.device)
-            return Estimate(exact, stderr, 0, "exact", info=info, checks=checks)
-        return _shifted(estimate_implicit(self.implicit), exact, info, checks, self.implicit)
+            stderr = xp.zeros(
+                exact.shape,
+                dtype=backend.real_dtype_for(xp, exact.dtype),
+                device=self.operator.device,
+            )
+            whole = Estimate(exact, stderr, 0, "exact", info=info, checks=checks)
+            return whole.real_part() if real else whole
+        try:
+            estimate = estimate_implicit(self.implicit)
+        except EstimateInterrupted as interrupted:  # the partial estimate of the whole
+            partial = interrupted.partial
+            if partial is not None:
+                partial = _shifted(partial, exact, info, checks, self.implicit)
+                partial = partial.real_part() if real else partial
+            raise EstimateInterrupted(partial) from interrupted
+        shifted = _shifted(estimate, exact, info, checks, self.implicit)
+        return shifted.real_part() if real else shifted
 
 
 def _shifted(

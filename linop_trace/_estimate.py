@@ -375,7 +375,7 @@ class Estimate:
         samples = self._shape_of
         if samples is not None and backend.is_complex_dtype(xp, samples.dtype):
             samples = backend.real_part(xp, samples)
-        return self._carrying(
+        real = self._carrying(
             Estimate(
                 backend.real_part(xp, self._value),
                 self._stderr,
@@ -388,6 +388,9 @@ class Estimate:
                 checks=self._checks,
             )
         )
+        if self._choice is not None:  # (the chosen one's samples give the interval's shape)
+            real._choice = self._choice.real_part()
+        return real
 
     def with_checks(self, checks: tuple[DeferredCheck, ...], num_matvecs: int) -> Estimate:
         """The same estimate with more checks and the counted ``num_matvecs`` (used by
@@ -479,7 +482,12 @@ class Estimate:
                 "and Hutch++'s residual phase keep what refining needs; run the method "
                 "again with a larger num_matvecs"
             )
-        refined = self._resume(A, num_matvecs, rtol, atol, max_matvecs, self._state)
+        try:
+            refined = self._resume(A, num_matvecs, rtol, atol, max_matvecs, self._state)
+        except EstimateInterrupted as interrupted:  # (its partial at this level too)
+            if interrupted.partial is not None:
+                interrupted.partial.confidence = self.confidence
+            raise
         refined.confidence = self.confidence
         return refined
 
@@ -586,6 +594,12 @@ class Estimate:
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
 
+    def __copy__(self) -> Estimate:
+        """A shallow copy, refinable as this estimate is (nothing is run or read)."""
+        duplicate = type(self).__new__(type(self))
+        duplicate.__dict__.update(self.__dict__)
+        return duplicate
+
     def __deepcopy__(self, memo: dict[int, Any]) -> Estimate:
         """A deep copy that refines as this estimate does (it shares the continuation,
         which leaves the estimate it refines as it is)."""
@@ -617,15 +631,38 @@ class Estimate:
 
     # ---------------------------------------------------- JAX pytree (compiled runs)
     def _tree_flatten(self) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
-        arrays = {key: item for key, item in self._info.items() if backend.is_array_like(item)}
-        static = tuple((key, item) for key, item in self._info.items() if key not in arrays)
+        is_array = backend.is_array_like
+        arrays = {key: item for key, item in self._info.items() if is_array(item)}
+        # dicts of arrays (auto's predicted variances, made on the device): their arrays
+        # are children too (in the static part they leaked tracers out of a program)
+        nested = {
+            key: item
+            for key, item in self._info.items()
+            if isinstance(item, dict) and any(is_array(part) for part in item.values())
+        }
+        static = tuple(
+            (key, item)
+            for key, item in self._info.items()
+            if key not in arrays and key not in nested
+        )
         array_keys = tuple(arrays)
+        nested_keys = tuple(
+            (
+                key,
+                tuple(name for name, part in item.items() if is_array(part)),
+                _Static(tuple((name, part) for name, part in item.items() if not is_array(part))),
+            )
+            for key, item in nested.items()
+        )
         children = (
             self._value,
             self._stderr,
             self._dof if backend.is_array_like(self._dof) else None,
             self._shape_of,
             tuple(arrays.values()),
+            tuple(
+                tuple(part for part in item.values() if is_array(part)) for item in nested.values()
+            ),
             tuple((check.failed, check.evidence) for check in self._checks),
             self._state,
             self._choice,
@@ -635,7 +672,7 @@ class Estimate:
             self._method,
             self.converged,
             None if backend.is_array_like(self._dof) else self._dof,
-            array_keys,
+            (array_keys, nested_keys),
             _Static(static),
             tuple(check.error for check in self._checks),
             self.confidence,
@@ -644,10 +681,13 @@ class Estimate:
 
     @classmethod
     def _tree_unflatten(cls, aux: tuple[Any, ...], children: tuple[Any, ...]) -> Estimate:
-        num_matvecs, method, converged, static_dof, array_keys, static, errors, confidence = aux
-        value, stderr, dof, shape_of, arrays, checks, state, choice = children
+        num_matvecs, method, converged, static_dof, keys, static, errors, confidence = aux
+        value, stderr, dof, shape_of, arrays, nested, checks, state, choice = children
+        array_keys, nested_keys = keys
         info = dict(static.items)
         info.update(zip(array_keys, arrays))
+        for (key, names, rest), parts in zip(nested_keys, nested):
+            info[key] = {**dict(rest.items), **dict(zip(names, parts))}
         estimate = cls.__new__(cls)
         estimate._value, estimate._stderr = value, stderr
         estimate.num_matvecs, estimate._method, estimate.converged = num_matvecs, method, converged
@@ -691,6 +731,16 @@ class Choice:
         self.scale = scale
         #: The choice read on the host (``None``: not yet).
         self.decision: bool | None = None
+
+    def real_part(self) -> Choice:
+        """The same choice between the real parts of the two estimates."""
+        return Choice(
+            self.first_chosen,
+            self.first.real_part(),
+            self.second.real_part(),
+            self.notice,
+            self.scale,
+        )
 
     def divided_by(self, scale: Any) -> Choice:
         """The same choice between the two estimates of A from those of ``scale * A``."""

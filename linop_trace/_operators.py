@@ -457,6 +457,11 @@ class LinearOperator:
         """The diagonal when the structure gives it cheaply (dense, sparse, sums), else None."""
         return None
 
+    def _has_real_diagonal(self) -> bool:
+        """Whether the trace and diagonal are real although the dtype is complex: a complex
+        operator tagged ``"hermitian"`` (its estimates are returned real)."""
+        return "hermitian" in self.tags and backend.is_complex_dtype(self.xp, self.dtype)
+
     def _stores_diagonal(self) -> bool:
         """Whether :meth:`_exact_diagonal` gives the diagonal, without computing it where
         that costs a pass (a sparse matrix's: ``method="auto"`` asked on every call, and a

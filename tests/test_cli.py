@@ -907,6 +907,18 @@ def test_a_level_prints_with_its_digits(capsys, tmp_path):
         capsys, "trace", path, "--method", "hutchinson", "--confidence", "0.999999999"
     )
     assert code == 0 and "99.9999999%" in out and "100%" not in out
+    code, out, err = run(
+        capsys, "trace", path, "--method", "hutchinson", "--confidence", "0.99999999999"
+    )
+    assert code == 0 and "99.999999999%" in out
+
+
+def test_an_npz_archive_without_arrays_is_read_as_one(capsys, tmp_path):
+    """``numpy.savez(path)`` with no arrays writes a zip archive without files (its end
+    record first): it is an archive, and holds no matrix."""
+    path = tmp_path / "empty.npz"
+    np.savez(path)
+    assert_one_line_error(*run(capsys, "trace", path), "found 0 arrays")
 
 
 def test_object_array_is_refused_without_unpickling(capsys, tmp_path):

@@ -416,6 +416,16 @@ def test_an_interrupted_trace_prints_its_partial_estimate_and_exits_130(
     code = main(["trace", str(path), "--method", "hutchinson", "--confidence", "0.99"])
     assert code == 130 and "99% interval" in capsys.readouterr().err
 
+    def interrupted_complex(A, **options):  # (no interval for a complex value: the
+        # summary raised "a confidence interval needs a real value" instead)
+        partial = real_trace(A * (1 + 1j), method="hutchinson", num_matvecs=8, seed=0)
+        raise lt.EstimateInterrupted(partial)
+
+    monkeypatch.setattr(_commands, "trace", interrupted_complex)
+    code = main(["trace", str(path), "--method", "hutchinson"])
+    err = capsys.readouterr().err
+    assert code == 130 and "partial estimate from 8 products: 820+820j" in err
+
 
 _STOP_CHILD = """
 import os, signal, sys, threading, time

@@ -426,6 +426,39 @@ def test_jax_estimate_returned_from_jit_keeps_its_confidence(jax_setup):
     assert returned.ci() == returned.ci(0.99) != returned.ci(0.95)
 
 
+def test_jax_auto_estimates_pickle_and_keep_their_shape(jax_setup):
+    """A compiled ``auto`` trace (its choice made on the device) leaked tracers through
+    ``info["auto"]``, a dict of arrays kept in the Estimate's static part: pickle and
+    deepcopy failed. A Hermitian operator's compiled auto estimate lost its samples'
+    skewness (the choice's estimates stayed complex), so its interval was the eager one's
+    without the shape correction."""
+    import copy
+    import pickle
+
+    jax, jnp = jax_setup
+    rng = np.random.default_rng(0)
+    C = rng.standard_normal((60, 60)) + 1j * rng.standard_normal((60, 60))
+    for values, tags in [(np.diag(np.arange(1.0, 61.0)), ()), (C + C.conj().T, ("hermitian",))]:
+        A = jnp.asarray(values)
+        estimates = []
+        for matmat in (jax.jit(lambda X, A=A: A @ X), lambda X, A=A: A @ X):
+            op = lt.LinearOperator.from_callable(matmat=matmat, shape=(60, 60), like=A, tags=tags)
+            estimates.append(lt.trace(op, method="auto", num_matvecs=30, seed=0))
+        compiled, eager = estimates
+        assert compiled.method == eager.method
+        assert not any(_is_tracer(value) for value in compiled.info["auto"].values())
+        np.testing.assert_allclose(compiled.ci(), eager.ci(), rtol=1e-9)
+        assert compiled.skewness == pytest.approx(eager.skewness, rel=1e-9)
+        for duplicate in (copy.deepcopy(compiled), pickle.loads(pickle.dumps(compiled))):
+            assert float(duplicate) == float(compiled)
+
+
+def _is_tracer(value):
+    from linop_trace import _backend
+
+    return _backend.is_tracer(value)
+
+
 def test_jax_integer_array_seed_is_the_int_seed(jax_setup):
     """A 0-d integer JAX array (a jit argument, a vmapped seed) is the seed it holds, as a
     Python int is; it was taken as key data and refused."""

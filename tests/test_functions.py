@@ -145,6 +145,8 @@ def test_estimates_deep_copy_and_pickle(backend):
     ]:
         est = quantity(A, method=method, num_matvecs=20, seed=0)
         duplicate, unpickled = copy.deepcopy(est), pickle.loads(pickle.dumps(est))
+        if est._resume is not None:  # (a shallow copy refines, as before __getstate__)
+            assert copy.copy(est).refine(A, num_matvecs=2).num_matvecs == est.num_matvecs + 2
         for other in (duplicate, unpickled):
             np.testing.assert_array_equal(numpy_of(other.value), numpy_of(est.value))
             np.testing.assert_array_equal(numpy_of(other.stderr), numpy_of(est.stderr))

@@ -459,3 +459,19 @@ def test_an_operator_follows_in_place_writes_to_its_matrix():
         T.mul_(10)
         assert (op @ ones).real.ravel().tolist() == [10.0, 20.0, 30.0]
         assert lt.col_sums(op).value.tolist() == [10.0, 20.0, 30.0]
+
+
+def test_inference_mode_tensors_keep_their_adjoint_and_casts():
+    """Tensors made under ``torch.inference_mode`` count no versions: reading one for the
+    kept adjoint or cast raised "Inference tensors do not track version counter"."""
+    torch = pytest.importorskip("torch")
+    with torch.inference_mode():
+        A = torch.randn(20, 20, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+        S = A.to_sparse_csr()
+    np.testing.assert_allclose(lt.col_sums(S).value.numpy(), A.sum(0).numpy(), rtol=1e-12)
+    est = lt.diagonal(S, method="xdiag", num_matvecs=10, seed=0, decompose=False)
+    assert est.value.shape == (20,)
+    ones = torch.ones(20, 2, dtype=torch.complex128)
+    np.testing.assert_allclose(
+        aslinearoperator(A).matmat(ones).real.numpy(), (A @ ones.real).numpy(), rtol=1e-12
+    )

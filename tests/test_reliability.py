@@ -386,6 +386,38 @@ def test_an_interrupted_runs_partial_estimate_has_the_calls_confidence(quantity)
     partial = caught.value.partial
     assert partial.confidence == 0.99
     assert partial.quantile() == partial.quantile(0.99)
+    # an interrupted refine: its partial at the estimate's level too
+    first = getattr(lt, quantity)(
+        lt.LinearOperator.from_callable(matmat=lambda X: matrix @ X, shape=(60, 60)),
+        method="hutchinson",
+        num_matvecs=8,
+        block_size=8,  # (refine's blocks too)
+        confidence=0.8,
+        seed=0,
+    )
+    with pytest.raises(lt.EstimateInterrupted) as caught:
+        first.refine(
+            lt.LinearOperator.from_callable(matmat=_Interrupting(matrix, at=2), shape=(60, 60)),
+            num_matvecs=80,
+        )
+    assert caught.value.partial.confidence == 0.8
+
+
+def test_an_interrupted_sums_partial_estimate_has_its_exact_part():
+    """The partial estimate of an interrupted ``A + 5 I`` was the implicit part's alone
+    (-4.2 for about 246): now the exact part is added, as to the whole estimate."""
+    matrix = test_matrix("flat", 60, seed=0)
+    interrupting = lt.LinearOperator.from_callable(
+        matmat=_Interrupting(matrix, at=4), shape=(60, 60)
+    )
+    shifted = interrupting + 5 * lt.identity(60)
+    with pytest.raises(lt.EstimateInterrupted) as caught:
+        lt.trace(shifted, method="hutchinson", num_matvecs=80, block_size=8, seed=0)
+    partial = caught.value.partial
+    assert partial.num_matvecs == 24
+    plain = lt.LinearOperator.from_callable(matmat=lambda X: matrix @ X, shape=(60, 60))
+    reference = lt.trace(plain, method="hutchinson", num_matvecs=24, block_size=8, seed=0)
+    assert float(partial) == pytest.approx(float(reference) + 300, rel=1e-12)
 
 
 @pytest.mark.parametrize("quantity", ["trace", "diagonal"])

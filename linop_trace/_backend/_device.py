@@ -342,7 +342,10 @@ def mutation_stamp(x: Any) -> Any:
     counter; a constant for arrays that cannot be written (JAX, Dask); ``None`` (keep
     nothing derived) for the others, whose writes leave no trace (NumPy, SciPy, CuPy)."""
     if array_api_compat.is_torch_array(x):
-        return x._version
+        try:
+            return x._version
+        except RuntimeError:  # (tensors made under inference_mode count no versions)
+            return None
     if array_api_compat.is_jax_array(x) or array_api_compat.is_dask_array(x):
         return 0
     module = type(x).__module__

@@ -26,8 +26,10 @@ MTX_HEADER_LIMIT = 1 << 20
 INDEX_BYTES = 8
 #: The first bytes of every NumPy .npy file (``numpy.lib.format.MAGIC_PREFIX``).
 NPY_MAGIC = b"\x93NUMPY"
-#: What a .npz file starts with: the local file header of a zip archive.
+#: What a .npz file starts with: the local file header of a zip archive (or, for an
+#: archive without files, its end record).
 ZIP_MAGIC = b"PK\x03\x04"
+EMPTY_ZIP_MAGIC = b"PK\x05\x06"
 #: Bytes of the start of a file shown when it is not the format its name says.
 SHOWN_START = 16
 
@@ -298,7 +300,7 @@ def _load_npz(path: Path) -> Any:
     # a .npy file under this name an array without a context manager
     with open(path, "rb") as file:
         start = file.read(SHOWN_START)
-    if not start.startswith(ZIP_MAGIC):
+    if not start.startswith((ZIP_MAGIC, EMPTY_ZIP_MAGIC)):
         kind = "a NumPy .npy file" if start.startswith(NPY_MAGIC) else f"it starts with {start!r}"
         found = kind if start else "the file is empty"
         raise CliError(

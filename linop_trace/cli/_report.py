@@ -219,8 +219,8 @@ def describe_operator(matrix: Any, operator: LinearOperator, library: str) -> st
 
 def level_text(confidence: float) -> str:
     """A confidence level as a percentage, with the digits it has (``:g`` printed
-    0.999999999 as "100%")."""
-    return f"{100 * confidence:.10g}%"
+    0.999999999 as "100%"; 15 significant digits drop only the product's round-off)."""
+    return f"{100 * confidence:.15g}%"
 
 
 def partial_summary(interrupt: BaseException) -> str:
@@ -230,6 +230,13 @@ def partial_summary(interrupt: BaseException) -> str:
     if partial is None:
         return ""
     value = partial.value
+    if getattr(value, "ndim", 0) == 0 and backend.is_complex_dtype(
+        backend.array_namespace(value), value.dtype
+    ):  # (no interval for a complex value)
+        return (
+            f"; partial estimate from {partial.num_matvecs} products: "
+            f"{complex(partial):.8g} +- {float(partial.stderr):.3g}"
+        )
     if getattr(value, "ndim", 0) == 0:
         low, high = partial.ci()  # (at the run's --confidence)
         return (

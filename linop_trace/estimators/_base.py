@@ -450,7 +450,7 @@ class EstimationRequest:
         is tagged Hermitian. Estimators may keep the real part of their samples (for a
         diagonal the imaginary part is noise of zero mean); every estimate of such an
         operator is returned real (:func:`~linop_trace.trace` takes the real part)."""
-        return self.self_adjoint and backend.is_complex_dtype(self.xp, self.dtype)
+        return bool(self.matmat._operator._has_real_diagonal())
 
     @property
     def has_adjoint(self) -> bool:

@@ -95,6 +95,29 @@ def test_a_hermitian_operators_estimates_are_real(backend):
     assert np.all(numpy_of(hermitian.stderr) < numpy_of(general.stderr))
 
 
+def test_a_hermitian_sum_with_exact_terms_is_real(backend):
+    """A Hermitian operator plus exact terms (``H + 2 I``: the sum is Hermitian) gave a
+    complex estimate (the exact part added after the implicit part's real one), and so
+    did a sum of exact terms alone."""
+    A = _hermitian(40, 1)
+    matrix = backend.matrix(A)
+    H = lt.aslinearoperator(matrix, tags=("hermitian",))
+    shifted = H + 2 * lt.identity(40, like=H)
+    for quantity, method, reference in [
+        (lt.trace, "hutchinson", np.trace(A).real + 80),
+        (lt.trace, "auto", np.trace(A).real + 80),
+        (lt.diagonal, "hutchinson", np.diag(A).real + 2),
+        (lt.diagonal, "auto", np.diag(A).real + 2),
+    ]:
+        est = quantity(shifted, method=method, num_matvecs=30, seed=0)
+        assert not np.iscomplexobj(numpy_of(est.value)), (quantity, method)
+        low, high = est.ci()
+        assert np.all(numpy_of(low) <= numpy_of(high))
+        if method == "auto":  # (auto on stored matrices: exact)
+            np.testing.assert_allclose(numpy_of(est.value), reference, rtol=1e-10)
+    assert np.iscomplexobj(numpy_of(lt.row_sums(shifted).value))  # (row sums stay complex)
+
+
 @pytest.mark.stats
 @pytest.mark.parametrize("method", ["hutchinson", "diag++", "xdiag"])
 def test_a_hermitian_operators_diagonal_intervals_cover(method):
