@@ -860,7 +860,7 @@ class _CallableOperator(LinearOperator):
         else:
             xp = backend.array_namespace(like)
             device = backend.device_of(like)
-            dtype = like.dtype if dtype is None else dtype
+            dtype = like.dtype if dtype is None else backend.dtype_of_library(xp, dtype)
         dtype = backend.promote_to_float(xp, dtype, device)
         super().__init__((shape[0], shape[1]), dtype, xp, device, tags)  # (checks the ints)
         self._forward = self._block_function(matvec, matmat, "matvec", "matmat")
@@ -1001,7 +1001,13 @@ class _ScaledOperator(LinearOperator):
 
     def _exact_diagonal(self) -> Any | None:
         diagonal = self.operator._exact_diagonal()
-        return None if diagonal is None else self.scalar * diagonal
+        if diagonal is None:
+            return None
+        # in the operator's dtype first: the library's own rule for a 0-d array times a
+        # half-precision vector keeps float16 (torch, JAX's weak types), which overflowed
+        # where the operator (float32 by the array API's rule) is widened; a complex
+        # scalar made torch's complex32, which has no kernels
+        return self.scalar * self.xp.astype(diagonal, self.dtype)
 
 
 class _WidenedOperator(LinearOperator):

@@ -475,3 +475,61 @@ def test_inference_mode_tensors_keep_their_adjoint_and_casts():
     np.testing.assert_allclose(
         aslinearoperator(A).matmat(ones).real.numpy(), (A @ ones.real).numpy(), rtol=1e-12
     )
+
+
+def test_a_scaled_half_precision_operator_is_estimated_in_single_precision():
+    """``torch.tensor(2.0) * A`` with A float16 is float32 by the array API's rule, but
+    its exact diagonal stayed float16 (torch's rule for a 0-d tensor): a trace of 2e5
+    read ``inf``. ``2j * A`` was complex128 for float16 and crashed torch's exact path
+    (complex32 has no kernels)."""
+    torch = pytest.importorskip("torch")
+    A = torch.diag(torch.full((100,), 1000.0)).half()
+    op = torch.tensor(2.0) * aslinearoperator(A)
+    for method in ("exact", "auto"):
+        est = lt.trace(op, method=method)
+        assert est.value.dtype == torch.float32 and float(est) == 2e5
+    assert lt.diagonal(op, method="exact").value.dtype == torch.float32
+    wide = torch.tensor(2.0, dtype=torch.float64) * aslinearoperator(torch.eye(5))
+    assert lt.trace(wide, method="exact").value.dtype == torch.float64  # (the operator's)
+    for matrix in (np.eye(8, dtype=np.float16), torch.eye(8, dtype=torch.float16)):
+        op = 2j * aslinearoperator(matrix)
+        for method in ("exact", "hutchinson"):
+            est = lt.trace(op, method=method, num_matvecs=4, seed=0)
+            assert complex(est) == 16j
+            assert str(est.value.dtype).endswith("complex64")
+
+
+def test_torch_compressed_half_precision_matrices_multiply():
+    """torch's CPU kernels for CSR have no float16/bfloat16: every randomized method and
+    ``row_sums`` of such a matrix crashed ("addmm_out_sparse_csr_impl_mkl" not
+    implemented for 'Half'); the product now runs in float32, rounded back."""
+    torch = pytest.importorskip("torch")
+    n = 50
+    dense = torch.diag(torch.full((n,), 2.0)) - torch.diag(torch.ones(n - 1), 1)
+    for dtype in (torch.float16, torch.bfloat16):
+        A = dense.to(dtype).to_sparse_csr()
+        assert lt.row_sums(A).value.tolist() == dense.sum(1).tolist()
+        for method in ("hutchinson", "xtrace"):
+            est = lt.trace(A, method=method, num_matvecs=10, seed=0)
+            assert est.value.dtype == torch.float32 and np.isfinite(float(est))
+
+
+def test_a_foreign_dtype_for_a_callable_is_named():
+    """``from_callable(like=<torch tensor>, dtype=np.float64)`` raised an AttributeError
+    about ``is_floating_point``."""
+    torch = pytest.importorskip("torch")
+    T = torch.eye(4, dtype=torch.float64)
+    for dtype in (np.float64, "float64", float):
+        with pytest.raises(TypeError, match="is not a dtype of torch, the library of `like`"):
+            LinearOperator.from_callable(matmat=lambda X: T @ X, shape=(4, 4), like=T, dtype=dtype)
+    op = LinearOperator.from_callable(
+        matmat=lambda X: T @ X, shape=(4, 4), like=T, dtype=torch.float32
+    )
+    assert op.dtype == torch.float32
+    A = np.eye(3)
+    assert (
+        LinearOperator.from_callable(
+            matmat=lambda X: A @ X, shape=(3, 3), like=A, dtype="float32"
+        ).dtype
+        == np.float32
+    )

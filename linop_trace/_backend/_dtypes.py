@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import array_api_compat
 import numpy as np
+
+from ._identity import namespace_name
 
 __all__ = [
     "abs2",
@@ -12,6 +15,7 @@ __all__ = [
     "complex_dtype_for",
     "conj",
     "default_float_dtype",
+    "dtype_of_library",
     "is_complex_dtype",
     "is_float_dtype",
     "is_half_precision",
@@ -77,10 +81,30 @@ def promote_to_float(xp: Any, dtype: Any, device: Any = None) -> Any:
 
 
 def complex_dtype_for(xp: Any, dtype: Any) -> Any:
-    """The complex dtype with the precision of a real floating ``dtype``."""
+    """The complex dtype with the precision of a real floating ``dtype``: complex64 for
+    float32 and the half precisions (whose complex products the libraries lack, and
+    which are estimated in single precision), complex128 for float64."""
     if xp.isdtype(dtype, "complex floating"):
         return dtype
-    return xp.complex64 if dtype == xp.float32 else xp.complex128
+    return xp.complex64 if dtype == xp.float32 or is_half_precision(xp, dtype) else xp.complex128
+
+
+def dtype_of_library(xp: Any, dtype: Any) -> Any:
+    """``dtype`` as a dtype of the library ``xp`` (NumPy and JAX take what ``np.dtype``
+    takes: names, NumPy types), or ``TypeError`` naming it (torch's ``isdtype`` failed on a
+    NumPy dtype with an ``AttributeError`` about ``is_floating_point``)."""
+    kinds = ("bool", "integral", "real floating", "complex floating")
+    try:
+        if array_api_compat.is_numpy_namespace(xp) or array_api_compat.is_jax_namespace(xp):
+            dtype = np.dtype(dtype)
+        if xp.isdtype(dtype, kinds):
+            return dtype
+    except Exception:
+        pass
+    raise TypeError(
+        f"`dtype`={dtype!r} is not a dtype of {namespace_name(xp)}, the library of `like`; "
+        f"pass one of its dtypes (such as like.dtype)"
+    )
 
 
 def real_dtype_for(xp: Any, dtype: Any) -> Any:

@@ -48,9 +48,17 @@ def sparse_matmat(matrix: Any, block: Any) -> Any:
     if _is_torch_sparse(matrix):
         import torch
 
-        return (
-            torch.sparse.mm(matrix, block) if matrix.layout == torch.sparse_coo else matrix @ block
-        )
+        if matrix.layout == torch.sparse_coo:
+            return torch.sparse.mm(matrix, block)
+        half = {torch.float16: torch.float32, torch.bfloat16: torch.float32}
+        half[torch.complex32] = torch.complex64
+        if matrix.device.type == "cpu" and matrix.dtype in half:
+            # torch's CPU kernels for compressed layouts have no half precision ("addmm_out_
+            # sparse_csr_impl_mkl" not implemented for 'Half'): in single precision, each
+            # entry rounded back, as a half-precision product rounds it
+            wide = half[matrix.dtype]
+            return (matrix.to(wide) @ block.to(wide)).to(block.dtype)
+        return matrix @ block
     return matrix @ block
 
 
