@@ -141,7 +141,12 @@ def eigenvalues(
     budget = max(1000, 50 * k) if max_matvecs is None else max_matvecs
     budget = min(check_positive_int(budget, "max_matvecs"), max(50 * n, b))
     xp = operator.xp
-    matmat = CountingMatmat(operator, bool(check_finite), None, backend.caller_precision(xp))
+    # products scaled by a power of two where A's entries are far from 1 (the residuals'
+    # squares underflowed at 1e-25 in float32: "converged" with 7% errors; overflowed at
+    # 1e30); values and residual norms are scaled back at the end, exactly
+    matmat = CountingMatmat(
+        operator, bool(check_finite), None, backend.caller_precision(xp), unit_scale=True
+    )
     sampler = ProbeSampler("gaussian", n, xp, operator.dtype, operator.device, seed)
     start = orthonormal_basis(sampler(b), xp)
     start_image = matmat(start)
@@ -163,6 +168,8 @@ def eigenvalues(
         numbers = backend.read_floats(xp, [xp.max(norms), xp.max(xp.abs(values))])
         return numbers is not None and numbers[0] <= tol * max(numbers[1], 1e-300)
 
+    largest: float | None = None
+    scale: float | None = None
     while True:
         cycles += 1
         last = None
@@ -189,6 +196,13 @@ def eigenvalues(
         # the kept vectors' residuals span the one new direction per block column
         direction = _leading_directions(start_image - start * theta[None, :], b, xp)
     converged = bool(done)
+    units = matmat.scale  # (the products' power of two: A's own units back)
+    if units is not None:
+        chosen_values = chosen_values / xp.astype(units, chosen_values.dtype)
+        norms = norms / xp.astype(units, norms.dtype)
+        factor = backend.read_float(units)
+        if factor and largest is not None and scale is not None:
+            largest, scale = largest / factor, scale / factor
     if not converged:
         warnings.warn(
             f"eigenvalues: the largest residual is {largest:.3g} after {matmat.columns} "

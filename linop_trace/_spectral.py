@@ -283,7 +283,7 @@ def _radau_rules(
         delta = xp.sum(
             xp.where(gap == 0, xp.zeros_like(gap), vectors[:, -1, :] ** 2 / safe), axis=1
         )
-        phi = end + last**2 * delta
+        phi = end + last * (last * delta)  # (last**2 overflowed at |A| ~ 1e20 in float32)
         extended_alphas.append(xp.concat([alphas, phi[:, None]], axis=1))
         extended_betas.append(xp.concat([betas, xp.zeros_like(last)[:, None]], axis=1))
     rules = _rule(
@@ -636,7 +636,12 @@ def _slq(config: _SlqConfig, operator: LinearOperator, seed: Any) -> Estimate:
     n = operator.shape[0]
     real = backend.real_dtype_for(xp, operator.dtype)
     steps = config.steps
-    matmat = CountingMatmat(operator, config.check_finite, config.block_size, config.precision)
+    # products scaled by a power of two where A's entries are far from 1: the Lanczos
+    # couplings' squares under- or overflowed (float32 at 1e20: the Krylov space stopped
+    # early, 20 stderr off); its coefficients are scaled back, exactly, before f
+    matmat = CountingMatmat(
+        operator, config.check_finite, config.block_size, config.precision, unit_scale=True
+    )
     sampler = ProbeSampler(config.probe, n, xp, operator.dtype, operator.device, seed)
     checks: tuple[DeferredCheck, ...] = ()
     kept = None
@@ -673,6 +678,9 @@ def _slq(config: _SlqConfig, operator: LinearOperator, seed: Any) -> Estimate:
             start = xp.where(inside[None, :], drawn, probes)
         squared_norms = backend.real_part(xp, backend.column_inner(xp, probes, probes))
         alphas, betas = batched_lanczos(matmat, start, steps, xp, config.reorthogonalize)
+        # the recurrence ran on the scaled products, the quadrature runs in A's units
+        # (the eigensolvers scale a tridiagonal into range themselves)
+        alphas, betas = _in_units_of_a(matmat, alphas, betas, xp=xp)
         values, error, nodes, weights = lanczos_quadrature(
             alphas, betas, function, xp, ends, positive
         )
@@ -727,6 +735,16 @@ def _slq(config: _SlqConfig, operator: LinearOperator, seed: Any) -> Estimate:
         rounds.append(probe_round(count))
 
 
+def _in_units_of_a(matmat: Any, *arrays: Any, xp: Any) -> tuple[Any, ...]:
+    """``arrays`` (linear in the products) divided by the power of two the counted
+    products were multiplied by (:class:`~linop_trace.estimators.CountingMatmat`'s
+    ``unit_scale``; as they are where there was none)."""
+    scale = getattr(matmat, "scale", None)
+    if scale is None:
+        return arrays
+    return tuple(x / xp.astype(scale, x.dtype) for x in arrays)
+
+
 def _deflate(
     matmat: Callable[[Any], Any],
     sampler: ProbeSampler,
@@ -763,6 +781,7 @@ def _deflate(
     basis = xp.concat(blocks, axis=1)
     projected = backend.conj(xp, xp.matrix_transpose(basis)) @ xp.concat(images, axis=1)
     projected = (projected + backend.conj(xp, xp.matrix_transpose(projected))) / 2
+    (projected,) = _in_units_of_a(matmat, projected, xp=xp)  # (see probe_round)
     kept = q * b
 
     def deflated_trace(matrix: Any) -> tuple[Any, Any]:
