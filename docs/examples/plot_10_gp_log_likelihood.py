@@ -145,10 +145,10 @@ fig.tight_layout()
 # * The quadratic term is exact to the solver's tolerance: CG took 39 products at length
 #   scale 5 and agrees with Cholesky to the printed digits.
 # * The log-determinant carries the whole error bar. With 1,000 products the interval's
-#   half-width is 2 to 3.6 in log p(y), all of it the probes' variance: the quadrature
-#   error is below 1e-9 at length scale 5. In this run 11 of the 12 intervals cover the
-#   Cholesky value; the one at length scale 1 misses by 0.14, about what a 95% interval
-#   does once in twenty.
+#   half-width is 1.8 to 3.6 in log p(y), all of it the probes' variance: the quadrature
+#   error is a few 1e-9 at length scale 5 (3.4e-9 in this run). In this run 11 of the
+#   12 intervals cover the Cholesky value; the one at length scale 1 misses by 0.14,
+#   about what a 95% interval does once in twenty.
 # * Near its maximum the likelihood changes by 1 to 3 per grid step, comparable to the
 #   error bar, so independent estimates per length scale could misplace the maximum.
 #   Using the same probes at every length scale correlates the errors: here every
