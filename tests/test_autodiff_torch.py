@@ -941,3 +941,38 @@ def test_differentiable_network_hessian_backpropagates_to_the_parameters(mode):
         torch.testing.assert_close(parameter.grad, gradient, rtol=1e-10, atol=1e-12)
     plain = lt.trace(lt.hessian(model, loss, (X, y), mode=mode), method="exact").value
     assert not plain.requires_grad
+
+
+def test_a_one_element_output_and_an_empty_block_keep_the_vectorized_route():
+    """A function returning shape (1,) passed the scalar check, but torch.func.grad
+    refused it: every vectorized route failed and the operator fell back to the loop, with
+    warnings that blamed the function (``mode="forward"`` raised). A block of no columns
+    made vmap raise an IndexError, taken for the function's fault: a warning, and the
+    slower route kept for good."""
+    import warnings
+
+    from linop_trace import ggn, hessian, jacobian
+
+    x = torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64)
+    eye = torch.eye(3, dtype=torch.float64)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+    model = model.double()
+    data = (torch.randn(10, 3, dtype=torch.float64), torch.randint(0, 2, (10,)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # (a fallback warns)
+        for mode in ("auto", "forward", "reverse"):
+            H = hessian(lambda v: (v**3).sum().reshape(1), x, mode=mode)
+            torch.testing.assert_close(H @ eye, torch.diag(6 * x))
+            assert "loop" not in H.mode
+        for operator in (
+            hessian(model, torch.nn.CrossEntropyLoss(), data),
+            hessian(model, torch.nn.CrossEntropyLoss(), data, mode="forward"),
+            ggn(model, torch.nn.CrossEntropyLoss(), data),
+        ):
+            route = operator.mode
+            assert (operator @ torch.zeros(26, 0, dtype=torch.float64)).shape == (26, 0)
+            assert operator.mode == route
+        J = jacobian(lambda v: v**3, x)
+        assert (J @ torch.zeros(3, 0, dtype=torch.float64)).shape == (3, 0)
+        torch.testing.assert_close(J @ eye, torch.diag(3 * x**2))

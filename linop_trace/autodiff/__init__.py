@@ -134,7 +134,10 @@ def hessian(
     With ``data`` one ``(inputs, targets)`` batch or an iterable of batches, the operator
     is the Hessian of the loss over all of the data: batch b enters with weight n_b / N
     for a mean-reduced loss (so it equals the Hessian on the concatenated data), 1 for a
-    sum-reduced one.
+    sum-reduced one. A loss whose mean divides by something else than the batch's
+    samples (``CrossEntropyLoss(weight=...)`` divides by the summed class weights, and
+    ``ignore_index`` drops samples) is not the concatenated data's loss when split so:
+    pass such data as one batch, or use ``reduction="sum"`` and scale.
 
     Parameters
     ----------

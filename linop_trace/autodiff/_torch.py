@@ -157,6 +157,15 @@ def _check_scalar(value: Any, what: str) -> None:
         raise ValueError(f"{what} must return a scalar tensor, got shape {shape}")
 
 
+def _as_scalar(value: Any) -> Any:
+    """A one-element tensor as a 0-d one (``torch.func.grad`` refuses shape (1,), which
+    the scalar check accepts: every vectorized route failed and the operator fell back to
+    the loop, with warnings that blamed the function); anything else as it is."""
+    if isinstance(value, torch.Tensor) and value.ndim and value.numel() == 1:
+        return value.reshape(())
+    return value
+
+
 def _vjp(fn: Callable, primal: torch.Tensor) -> tuple[Any, Callable]:
     """``(fn(primal), pullback)`` (torch.func.vjp without auxiliary outputs)."""
     result = torch.func.vjp(fn, primal)
@@ -461,7 +470,7 @@ def _function_objective(f: Callable, x: Any) -> tuple[_Layout, Callable, torch.T
     layout = _Layout(x, "`x`")
 
     def fn(theta: torch.Tensor) -> torch.Tensor:
-        return f(layout.unflatten(theta))
+        return _as_scalar(f(layout.unflatten(theta)))
 
     theta = layout.flatten(x)
     return layout, fn, theta
@@ -583,7 +592,9 @@ class _NetworkProblem:
         return lambda outputs: self.loss_fn(outputs, targets)
 
     def loss_term(self, inputs: Any, targets: Any) -> Callable[[torch.Tensor], torch.Tensor]:
-        return lambda theta: self.loss_fn(self.apply(self.layout.unflatten(theta), inputs), targets)
+        return lambda theta: _as_scalar(
+            self.loss_fn(self.apply(self.layout.unflatten(theta), inputs), targets)
+        )
 
 
 # ------------------------------------------------------------------ data parallel
@@ -835,6 +846,13 @@ def _data_parallel_problem(
 # ----------------------------------------------------------------------- operators
 
 
+def _no_columns(operator: Any, X: torch.Tensor) -> torch.Tensor:
+    """The product with a block of no columns: vmap over zero columns raised an IndexError
+    that the route chain took for the function's fault (a warning, and the slower route
+    kept for good)."""
+    return X.new_zeros((operator.shape[0], 0))
+
+
 class _TorchOperator(AutodiffOperator):
     def _setup(self, layout: _Layout, rows: int, tags: tuple[str, ...]) -> None:
         import array_api_compat.torch as xp
@@ -935,6 +953,8 @@ class TorchHessian(_TorchOperator):
         return getattr(self._hvp, "timing", None)
 
     def _matmat(self, X: torch.Tensor) -> torch.Tensor:
+        if not X.shape[1]:
+            return _no_columns(self, X)
         V = self._in_own_dtype(X)
         return _summed_over_ranks(self._parallel, self._local_products, V, "hessian").to(X.dtype)
 
@@ -981,6 +1001,8 @@ class TorchGGN(_TorchOperator):
         return getattr(self._product, "timing", None)
 
     def _matmat(self, X: torch.Tensor) -> torch.Tensor:
+        if not X.shape[1]:
+            return _no_columns(self, X)
         V = self._in_own_dtype(X)
         parallel = self.network.parallel
         return _summed_over_ranks(parallel, self._local_products, V, "ggn").to(X.dtype)
@@ -1037,6 +1059,8 @@ class TorchJacobian(_TorchOperator):
         return self.output_layout.unflatten(vector)
 
     def _matmat(self, X: torch.Tensor) -> torch.Tensor:
+        if not X.shape[1]:
+            return _no_columns(self, X)
         V = self._in_own_dtype(X)
         with _no_grad_unless(self.differentiable):
             out = self._jvp(self.fn, self.theta, V)
