@@ -303,8 +303,14 @@ def _projected_eigenpairs(basis: Any, images: Any, xp: Any) -> tuple[Any, Any]:
     """Eigenpairs (values ascending) of the operator projected on the basis, V^H A V."""
     projected = hermitian_transpose(basis, xp) @ images
     projected = (projected + hermitian_transpose(projected, xp)) / 2
-    values, rotations = xp.linalg.eigh(projected)
-    return values, rotations
+    # a non-finite product (its check raises when read: at once on NumPy, at the cycle's
+    # end where checks wait for the device) must not reach the eigensolver, whose own
+    # LinAlgError (torch) named it instead of the product; NaN values fail the check
+    finite = xp.all(xp.isfinite(projected))
+    safe = xp.where(finite, projected, xp.zeros_like(projected))
+    values, rotations = xp.linalg.eigh(safe)
+    nan = xp.asarray(math.nan, dtype=values.dtype, device=backend.device_of(values))
+    return xp.where(finite, values, nan), rotations
 
 
 def _wanted_pairs(

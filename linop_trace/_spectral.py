@@ -776,6 +776,11 @@ def _deflate(
             # has new directions, new ones where the space is invariant (A = c I), whose
             # projected rounding errors lie along the basis and cannot extend it
             norms = xp.sqrt(backend.real_part(xp, backend.column_inner(xp, image, image)))
+            # a zero image (A = 0 on the block) gets jitter of unit size (the products are
+            # scaled to about 1): with none, the next block was 0, its QR a repeated unit
+            # vector, and the "projection" off the basis added to the probes (tr exp(0)
+            # read 131.66 for 30)
+            norms = xp.where(norms > 0, norms, xp.ones_like(norms))
             jitter = sampler(b) * xp.astype(norms * (100 * eps / math.sqrt(n)), image.dtype)
             blocks.append(extend_basis(xp.concat(blocks, axis=1), image + jitter, xp))
     basis = xp.concat(blocks, axis=1)
