@@ -347,19 +347,7 @@ class Estimate:
                 for key, item in predictions.items()
             }
             info["auto"].update(squares)
-        divided = self._carrying(
-            Estimate(
-                value,
-                stderr,
-                self.num_matvecs,
-                self._method,
-                self.converged,
-                self._dof,
-                info,
-                shape_of=self._shape_of,
-                checks=self._checks,
-            )
-        )
+        divided = self._replaced(value=value, stderr=stderr, info=info)
         if self._choice is not None:
             divided._choice = self._choice.divided_by(scale)
         return divided
@@ -375,19 +363,7 @@ class Estimate:
         samples = self._shape_of
         if samples is not None and backend.is_complex_dtype(xp, samples.dtype):
             samples = backend.real_part(xp, samples)
-        real = self._carrying(
-            Estimate(
-                backend.real_part(xp, self._value),
-                self._stderr,
-                self.num_matvecs,
-                self._method,
-                self.converged,
-                self._dof,
-                self._info,
-                shape_of=samples,
-                checks=self._checks,
-            )
-        )
+        real = self._replaced(value=backend.real_part(xp, self._value), shape_of=samples)
         if self._choice is not None:  # (the chosen one's samples give the interval's shape)
             real._choice = self._choice.real_part()
         return real
@@ -395,17 +371,35 @@ class Estimate:
     def with_checks(self, checks: tuple[DeferredCheck, ...], num_matvecs: int) -> Estimate:
         """The same estimate with more checks and the counted ``num_matvecs`` (used by
         :func:`~linop_trace.trace` and :func:`~linop_trace.diagonal` on every result)."""
+        return self._replaced(num_matvecs=num_matvecs, checks=self._checks + tuple(checks))
+
+    def _replaced(self, **changes: Any) -> Estimate:
+        """A new estimate with ``changes`` (``value``, ``stderr``, ``num_matvecs``,
+        ``info``, ``shape_of``, ``checks``) and the rest of this one: its method,
+        convergence, dof and (:meth:`_carrying`) refinement state, choice and level."""
+        fields = {
+            "value": self._value,
+            "stderr": self._stderr,
+            "num_matvecs": self.num_matvecs,
+            "info": self._info,
+            "shape_of": self._shape_of,
+            "checks": self._checks,
+        }
+        unknown = set(changes) - set(fields)
+        if unknown:
+            raise TypeError(f"an Estimate has no field {sorted(unknown)}")
+        fields.update(changes)
         return self._carrying(
             Estimate(
-                self._value,
-                self._stderr,
-                num_matvecs,
+                fields["value"],
+                fields["stderr"],
+                fields["num_matvecs"],
                 self._method,
                 self.converged,
                 self._dof,
-                self._info,
-                shape_of=self._shape_of,
-                checks=self._checks + tuple(checks),
+                fields["info"],
+                shape_of=fields["shape_of"],
+                checks=fields["checks"],
             )
         )
 
