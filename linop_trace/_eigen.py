@@ -198,8 +198,7 @@ def eigenvalues(
     converged = bool(done)
     units = matmat.scale  # (the products' power of two: A's own units back)
     if units is not None:
-        chosen_values = chosen_values / xp.astype(units, chosen_values.dtype)
-        norms = norms / xp.astype(units, norms.dtype)
+        chosen_values, norms = matmat.in_operator_units(chosen_values, norms)
         factor = backend.read_float(units)
         if factor and largest is not None and scale is not None:
             largest, scale = largest / factor, scale / factor

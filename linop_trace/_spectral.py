@@ -680,7 +680,7 @@ def _slq(config: _SlqConfig, operator: LinearOperator, seed: Any) -> Estimate:
         alphas, betas = batched_lanczos(matmat, start, steps, xp, config.reorthogonalize)
         # the recurrence ran on the scaled products, the quadrature runs in A's units
         # (the eigensolvers scale a tridiagonal into range themselves)
-        alphas, betas = _in_units_of_a(matmat, alphas, betas, xp=xp)
+        alphas, betas = matmat.in_operator_units(alphas, betas)
         values, error, nodes, weights = lanczos_quadrature(
             alphas, betas, function, xp, ends, positive
         )
@@ -735,16 +735,6 @@ def _slq(config: _SlqConfig, operator: LinearOperator, seed: Any) -> Estimate:
         rounds.append(probe_round(count))
 
 
-def _in_units_of_a(matmat: Any, *arrays: Any, xp: Any) -> tuple[Any, ...]:
-    """``arrays`` (linear in the products) divided by the power of two the counted
-    products were multiplied by (:class:`~linop_trace.estimators.CountingMatmat`'s
-    ``unit_scale``; as they are where there was none)."""
-    scale = getattr(matmat, "scale", None)
-    if scale is None:
-        return arrays
-    return tuple(x / xp.astype(scale, x.dtype) for x in arrays)
-
-
 def _deflate(
     matmat: Callable[[Any], Any],
     sampler: ProbeSampler,
@@ -786,7 +776,8 @@ def _deflate(
     basis = xp.concat(blocks, axis=1)
     projected = backend.conj(xp, xp.matrix_transpose(basis)) @ xp.concat(images, axis=1)
     projected = (projected + backend.conj(xp, xp.matrix_transpose(projected))) / 2
-    (projected,) = _in_units_of_a(matmat, projected, xp=xp)  # (see probe_round)
+    if isinstance(matmat, CountingMatmat):  # (see probe_round)
+        (projected,) = matmat.in_operator_units(projected)
     kept = q * b
 
     def deflated_trace(matrix: Any) -> tuple[Any, Any]:

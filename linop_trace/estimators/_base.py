@@ -188,6 +188,15 @@ class CountingMatmat:
         """The power of two every product was multiplied by (a 0-d array), or ``None``."""
         return self._tally.scale
 
+    def in_operator_units(self, *arrays: Any) -> tuple[Any, ...]:
+        """``arrays``, linear in the products, divided by :attr:`scale` (exactly: a power
+        of two) back into the operator's units; as they are where there was none."""
+        scale = self._tally.scale
+        if scale is None:
+            return arrays
+        xp = self._operator.xp
+        return tuple(x / xp.astype(scale, x.dtype) for x in arrays)
+
     def _in_blocks(self, block: Any, buffer: Any = None) -> Any:
         """The product in column chunks of at most the block size; a chunk whose product
         runs out of memory is done again in halves (down to one column), and the narrower
