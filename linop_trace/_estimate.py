@@ -109,6 +109,14 @@ class DeferredCheck:
             raise self.error(*numbers)
 
 
+def _deferred_check(failed: Any, evidence: tuple[Any, ...], error: Any) -> DeferredCheck:
+    """``DeferredCheck(failed, evidence, error)`` without the frozen dataclass's
+    ``__init__`` (one ``object.__setattr__`` per field): made for every compiled result."""
+    check = object.__new__(DeferredCheck)
+    check.__dict__.update(failed=failed, evidence=evidence, error=error)
+    return check
+
+
 class EstimateInterrupted(KeyboardInterrupt):
     """A :class:`KeyboardInterrupt` (Ctrl-C) during :func:`~linop_trace.trace` or
     :func:`~linop_trace.diagonal`, carrying what the completed probe blocks give.
@@ -675,26 +683,37 @@ class Estimate:
 
     @classmethod
     def _tree_unflatten(cls, aux: tuple[Any, ...], children: tuple[Any, ...]) -> Estimate:
+        # (every compiled estimate's result goes through here: its fields are set in one
+        # update, and the info dict is built only from the parts it has)
         num_matvecs, method, converged, static_dof, keys, static, errors, confidence = aux
         value, stderr, dof, shape_of, arrays, nested, checks, state, choice = children
         array_keys, nested_keys = keys
         info = dict(static.items)
-        info.update(zip(array_keys, arrays))
+        if array_keys:
+            info.update(zip(array_keys, arrays))
         for (key, names, rest), parts in zip(nested_keys, nested):
             info[key] = {**dict(rest.items), **dict(zip(names, parts))}
         estimate = cls.__new__(cls)
-        estimate._value, estimate._stderr = value, stderr
-        estimate.num_matvecs, estimate._method, estimate.converged = num_matvecs, method, converged
-        estimate._dof = static_dof if dof is None else dof
-        estimate._info = info
-        estimate._shape_of, estimate._shape = shape_of, None
-        estimate._checks = tuple(
-            DeferredCheck(failed, evidence, error)
-            for (failed, evidence), error in zip(checks, errors)
+        estimate.__dict__.update(
+            _value=value,
+            _stderr=stderr,
+            num_matvecs=num_matvecs,
+            _method=method,
+            converged=converged,
+            _dof=static_dof if dof is None else dof,
+            _info=info,
+            _choice=choice,
+            _shape_of=shape_of,
+            _shape=None,
+            _checks=tuple(
+                _deferred_check(failed, evidence, error)
+                for (failed, evidence), error in zip(checks, errors)
+            ),
+            _verified=False,
+            confidence=confidence,
+            _state=state,
+            _resume=None,
         )
-        estimate._verified = False
-        estimate.confidence = confidence
-        estimate._state, estimate._resume, estimate._choice = state, None, choice
         return estimate
 
 

@@ -22,7 +22,7 @@ from ._validation import check_num_matvecs, check_positive_int, check_square, ch
 from .estimators._auto import Auto
 from .estimators._base import CountingMatmat, EstimationRequest, Estimator
 from .estimators._exact import Exact
-from .estimators._registry import get_estimator
+from .estimators._registry import get_estimator, registered
 
 __all__ = [
     "DEFAULT_MAX_MATVECS",
@@ -341,7 +341,8 @@ class _LastCall:
             or not (method is self.method or method == self.method)
             or decompose != self.decompose
             or options != self.options
-            or get_estimator(method, quantity) is not self.estimator
+            or (registered(method) if isinstance(method, str) else get_estimator(method, quantity))
+            is not self.estimator
         ):
             return False
         xp, device = self.xp_device
@@ -432,7 +433,7 @@ def _remember_settings(
 
 
 def _estimate(
-    quantity: str, A: Any, method: Any, seed: Any, decompose: bool = True, **options: Any
+    quantity: str, A: Any, method: Any, seed: Any, decompose: bool, options: dict[str, Any]
 ) -> Estimate:
     last = _LAST_CALLS.get(quantity)
     if last is not None and last.repeats(quantity, A, method, decompose, options):
@@ -455,9 +456,7 @@ def _estimate(
             if parts is not None:  # exact terms computed, only the implicit rest estimated
                 return parts.estimate(
                     quantity,
-                    lambda implicit: _estimate(
-                        quantity, implicit, method, seed, decompose=False, **options
-                    ),
+                    lambda implicit: _estimate(quantity, implicit, method, seed, False, options),
                     options["check_finite"],
                 )
         if n == 0:
@@ -747,13 +746,15 @@ def _compiled_run(
     return _run(estimator, quantity, settings, operator, random)
 
 
-def _at_confidence(quantity: str, A: Any, method: Any, seed: Any, **options: Any) -> Estimate:
+def _at_confidence(
+    quantity: str, A: Any, method: Any, seed: Any, decompose: bool, options: dict[str, Any]
+) -> Estimate:
     """:func:`_estimate` with the call's ``confidence`` as the level of the estimate's
     intervals (:attr:`Estimate.confidence`), the partial one of an interrupt included."""
     confidence = options["confidence"]
     check_tolerance(options["rtol"], options["atol"], confidence)  # (empty, exact runs too)
     try:
-        estimate = _estimate(quantity, A, method, seed, **options)
+        estimate = _estimate(quantity, A, method, seed, decompose, options)
     except EstimateInterrupted as interrupted:
         if interrupted.partial is not None:
             interrupted.partial.confidence = float(confidence)
@@ -849,21 +850,17 @@ def trace(
     >>> float(est)  # Rademacher probes are exact on a diagonal matrix
     20100.0
     """
-    return _at_confidence(
-        "trace",
-        A,
-        method,
-        seed,
-        num_matvecs=num_matvecs,
-        probe=probe,
-        rtol=rtol,
-        atol=atol,
-        confidence=confidence,
-        max_matvecs=max_matvecs,
-        block_size=block_size,
-        check_finite=check_finite,
-        decompose=decompose,
-    )
+    options = {
+        "num_matvecs": num_matvecs,
+        "probe": probe,
+        "rtol": rtol,
+        "atol": atol,
+        "confidence": confidence,
+        "max_matvecs": max_matvecs,
+        "block_size": block_size,
+        "check_finite": check_finite,
+    }
+    return _at_confidence("trace", A, method, seed, decompose, options)
 
 
 def diagonal(
@@ -892,21 +889,17 @@ def diagonal(
     >>> diagonal(np.array([[1.0, 2.0], [3.0, 4.0]]), method="exact").value
     array([1., 4.])
     """
-    return _at_confidence(
-        "diagonal",
-        A,
-        method,
-        seed,
-        num_matvecs=num_matvecs,
-        probe=probe,
-        rtol=rtol,
-        atol=atol,
-        confidence=confidence,
-        max_matvecs=max_matvecs,
-        block_size=block_size,
-        check_finite=check_finite,
-        decompose=decompose,
-    )
+    options = {
+        "num_matvecs": num_matvecs,
+        "probe": probe,
+        "rtol": rtol,
+        "atol": atol,
+        "confidence": confidence,
+        "max_matvecs": max_matvecs,
+        "block_size": block_size,
+        "check_finite": check_finite,
+    }
+    return _at_confidence("diagonal", A, method, seed, decompose, options)
 
 
 def computes_exactly(

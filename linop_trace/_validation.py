@@ -35,6 +35,8 @@ def check_num_matvecs(num_matvecs: Any, method: str, minimum: int) -> int:
 
 
 def check_tolerance(rtol: Any, atol: Any, confidence: Any) -> None:
+    if rtol is None and atol is None and type(confidence) is float and 0 < confidence < 1:
+        return  # (the common call, checked at every estimate)
     for name, value in (("rtol", rtol), ("atol", atol)):
         if value is not None and (
             isinstance(value, bool) or not isinstance(value, numbers.Real) or not float(value) >= 0

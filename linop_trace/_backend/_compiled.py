@@ -109,7 +109,17 @@ def register_pytree_dataclass(cls: type) -> type:
     def unflatten(aux: tuple[Any, ...], children: tuple[Any, ...]) -> Any:
         return cls(**dict(zip(names, children)), **dict(zip(static, aux)))
 
-    register_pytree(cls, flatten, unflatten)
+    def unflatten_fields(aux: tuple[Any, ...], children: tuple[Any, ...]) -> Any:
+        # the fields set as they are (no __init__: a frozen dataclass sets each through
+        # object.__setattr__, 2 us of every compiled estimate's result on the CPU)
+        value: Any = object.__new__(cls)
+        fields = value.__dict__
+        fields.update(zip(names, children))
+        fields.update(zip(static, aux))
+        return value
+
+    plain = not hasattr(cls, "__post_init__") and not hasattr(cls, "__slots__")
+    register_pytree(cls, flatten, unflatten_fields if plain else unflatten)
     return cls
 
 

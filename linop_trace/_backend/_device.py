@@ -65,11 +65,16 @@ def stop_gradient(x: Any) -> Any:
 
 def is_concrete(x: Any) -> bool:
     """Whether ``x`` has a value now (False for an abstract JAX tracer, e.g. under ``jit``)."""
-    if not _module_loaded("jax"):
-        return True
-    import jax
+    if not _TRACER:  # (JAX's tracer class, looked up once JAX is loaded)
+        if not _module_loaded("jax"):
+            return True
+        import jax
 
-    return not isinstance(x, jax.core.Tracer)
+        _TRACER.append(jax.core.Tracer)
+    return not isinstance(x, _TRACER[0])
+
+
+_TRACER: list[type] = []
 
 
 def all_finite(xp: Any, x: Any) -> bool | None:

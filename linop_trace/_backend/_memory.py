@@ -14,6 +14,11 @@ def free_memory(xp: Any, device: Any) -> int | None:
 
     CUDA devices report their own free memory (torch, CuPy, JAX's memory statistics); on
     the CPU it is the memory the operating system reports available."""
+    try:
+        if (xp, device) in _HOST_FIGURE:
+            return host_free_memory()
+    except TypeError:  # (an unhashable device)
+        pass
     text = str(device).lower()
     try:
         if array_api_compat.is_torch_namespace(xp) and text.startswith("cuda"):
@@ -33,8 +38,17 @@ def free_memory(xp: Any, device: Any) -> int | None:
             if stats and "bytes_limit" in stats:
                 return int(stats["bytes_limit"] - stats.get("bytes_in_use", 0))
     except Exception:  # a device that cannot say: fall back to the host's figure
+        return host_free_memory()
+    try:
+        _HOST_FIGURE.add((xp, device))
+    except TypeError:
         pass
     return host_free_memory()
+
+
+#: (library, device) pairs whose free memory is the host's (CPU devices): known after
+#: the first question, so that later ones (at every repeated estimate) skip the tests.
+_HOST_FIGURE: set[tuple[Any, Any]] = set()
 
 
 _HOST_MEMORY: list[float] = []

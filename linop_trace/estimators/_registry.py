@@ -74,6 +74,13 @@ def _supports(estimator: Any, quantity: str) -> bool:
     return callable(getattr(estimator, quantity, None))
 
 
+def registered(name: str) -> Estimator | None:
+    """The estimator registered as ``name`` now (``None``: none), with no checks: for a
+    caller that resolved the name with :func:`get_estimator` before and asks whether it
+    still names the same object."""
+    return _REGISTRY.get(name.lower())
+
+
 def get_estimator(method: Any, quantity: str) -> Any:
     """Resolve a name or an estimator object; unknown names list the known ones."""
     if isinstance(method, str):
