@@ -223,3 +223,31 @@ def test_torch_meta_tensors_and_block_sparse_layouts_are_refused_by_name():
         block_sparse = torch.eye(4).to_sparse_bsr((2, 2))
     with pytest.raises(TypeError, match="sparse_bsr"):
         lt.trace(block_sparse, method="exact")
+
+
+TRACE_METHODS = ["hutchinson", "hutch++", "na-hutch++", "xtrace", "xnystrace", "auto"]
+DIAGONAL_METHODS = ["hutchinson", "diag++", "xdiag", "auto"]
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+@pytest.mark.parametrize(
+    "quantity, method",
+    [("trace", m) for m in TRACE_METHODS] + [("diagonal", m) for m in DIAGONAL_METHODS],
+)
+def test_every_method_names_a_non_finite_product(dense_backend, quantity, method, bad):
+    """A non-finite product raises a FloatingPointError that says so, whatever linear
+    algebra the method runs on it first. XNysTrace on torch raised torch's LinAlgError
+    ("linalg.eigh: The algorithm failed to converge"): its products are checked when the
+    estimate is read, and the eigendecomposition of their sketch ran before that."""
+    values = np.diag(np.linspace(1.0, 2.0, 40))
+    values[3, 9] = values[9, 3] = bad  # (symmetric: the tags below stay true)
+    like = dense_backend.asarray(values)
+    A = LinearOperator.from_callable(
+        matmat=lambda X: like @ X,
+        shape=(40, 40),
+        like=like,
+        tags=("symmetric", "positive_semidefinite"),
+    )
+    function = getattr(lt, quantity)
+    with pytest.raises(FloatingPointError, match="non-finite|overflowed"):
+        function(A, method=method, num_matvecs=20, seed=0).value  # noqa: B018

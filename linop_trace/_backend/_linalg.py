@@ -27,6 +27,7 @@ __all__ = [
     "column_inner",
     "column_norms",
     "divide_by_largest",
+    "finite_entries",
     "frobenius_norm",
     "materialized",
     "one_blas_thread",
@@ -339,6 +340,15 @@ def solve_triangular(xp: Any, matrix: Any, rhs: Any, *, lower: bool) -> Any:
 
             return scipy.linalg.solve_triangular(matrix, rhs, lower=lower, check_finite=False)
         return solve(xp, matrix, rhs)
+
+
+def finite_entries(xp: Any, matrix: Any) -> Any:
+    """``matrix`` with its non-finite entries set to 0: the input of a decomposition that
+    raises on them (torch's ``eigh`` and SVD: "failed to converge") where the products it
+    came from are checked only when the estimate is read (torch, JAX, CuPy), so that the
+    check, not the decomposition, says what went wrong (a non-finite product). Where
+    products are checked at once (NumPy) no such entry gets here."""
+    return xp.where(xp.isfinite(matrix), matrix, xp.zeros_like(matrix))
 
 
 def cholesky(xp: Any, matrix: Any) -> Any:

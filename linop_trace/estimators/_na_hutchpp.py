@@ -82,7 +82,11 @@ def na_hutchpp_core(
         right_image, probe_image = image[:, :r], image[:, r:]
         adjoint_left = adjoint(left_sketch)
     left_image = hermitian_transpose(adjoint_left, xp)  # W = S^H A, (l, n)
-    core = xp.linalg.pinv(hermitian_transpose(left_sketch, xp) @ right_image)  # (r, l)
+    # (r, l); a non-finite product is reported by its check when the estimate is read,
+    # so the SVD inside pinv must not raise on it first
+    core = xp.linalg.pinv(
+        backend.finite_entries(xp, hermitian_transpose(left_sketch, xp) @ right_image)
+    )
     low_rank_trace = xp.sum(core * xp.matrix_transpose(left_image @ right_image))
     # diag(G^H Z core W G) without the g x g matrix
     left_factor = (hermitian_transpose(residual_probes, xp) @ right_image) @ core  # (g, l)

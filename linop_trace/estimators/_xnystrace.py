@@ -88,7 +88,9 @@ def _sketch_pieces(xp: Any, probes: Any, images: Any) -> tuple[Any, ...]:
     nu = eps * backend.stop_gradient(backend.frobenius_norm(xp, images))
     core_nu = core + as_dtype(nu, core.dtype, xp) * gram
     core_nu = (core_nu + hermitian_transpose(core_nu, xp)) / 2
-    lam, vec = xp.linalg.eigh(core_nu)
+    # (a non-finite product fails the check below, read with the estimate: eigh must not
+    # raise first)
+    lam, vec = xp.linalg.eigh(backend.finite_entries(xp, core_nu))
     fixed = backend.stop_gradient(core)
     evidence = xp.stack(
         [
