@@ -60,7 +60,7 @@ from .. import _backend as backend
 from .._estimate import Estimate
 from .._stats import ExchangeableError, exchangeable_error, exchangeable_estimate
 from ._adaptive import Progress, remaining, until_met
-from ._base import EstimationRequest, ProbeOption
+from ._base import EstimationRequest, ProbeOption, cover, covered_product
 from ._linalg import (
     as_dtype,
     column_inner,
@@ -171,7 +171,11 @@ def _leave_one_out_estimates(
     the downdate directions (JAX compiles it as one program)."""
     n, s = probes.shape
     ctype = probes.dtype
-    qh = hermitian_transpose(basis, xp)
+    probes = backend.materialized(xp, probes)
+    # Q^H in a row-major array of its own: XLA's CPU products with a transposed operand
+    # (contracting the leading axis of both) ran the three n-long products below at twice
+    # the time (n = 512, s = 10)
+    qh = backend.materialized(xp, hermitian_transpose(basis, xp))
     h = qh @ basis_images  # Q^H A Q
     w = qh @ probes  # Q^H Omega
     t = hermitian_transpose(basis_images, xp) @ probes  # (A Q)^H Omega: column j is Q^H A^H w_j
@@ -277,16 +281,20 @@ def xtrace_core(
         triangular: the QR factorization the basis came from; else computed), and
         ``basis_images`` = ``A @ basis``.
     """
+    # the products are checked through the value, not each by a pass of its own: a
+    # non-finite entry of Y makes its QR's Q non-finite from that column on, and one of
+    # Y or of A Q then reaches tr(Q^H A Q), a term of every t_i
     if images is None:
-        images = matmat(probes)
+        images = covered_product(matmat, probes)
     if basis is None:
         basis, triangular = orthonormal_factors(images, xp)
         directions = None
     if basis_images is None:
-        basis_images = matmat(basis)
+        basis_images = covered_product(matmat, basis)
     estimates, pseudo, value, error = xtrace_estimates(
         probes, images, basis, basis_images, xp, improved, triangular, directions
     )
+    cover(matmat, value)
     return XTraceResult(value, error, estimates, pseudo, probes, images, basis, basis_images)
 
 
@@ -295,9 +303,9 @@ def _with_more_probes(
 ) -> XTraceResult:
     """XTrace with ``fresh`` probes added: every earlier product is reused (the basis is
     extended, never recomputed)."""
-    fresh_images = matmat(fresh)
+    fresh_images = covered_product(matmat, fresh)
     new_basis = extend_basis(result.basis, fresh_images, xp)
-    new_images = matmat(new_basis)
+    new_images = covered_product(matmat, new_basis)
     probes = xp.concat([result.probes, fresh], axis=1)
     images = xp.concat([result.images, fresh_images], axis=1)
     basis = xp.concat([result.basis, new_basis], axis=1)
@@ -305,6 +313,7 @@ def _with_more_probes(
     estimates, pseudo, value, error = xtrace_estimates(
         probes, images, basis, basis_images, xp, improved
     )
+    cover(matmat, value)  # (as in xtrace_core: the new columns reach tr(Q^H A Q))
     return XTraceResult(value, error, estimates, pseudo, probes, images, basis, basis_images)
 
 
