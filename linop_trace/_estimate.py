@@ -92,8 +92,9 @@ def edgeworth_quantile(t_quantile: Any, level: float, m: int, skewness: Any, kur
 class DeferredCheck:
     """A check of an estimate that needs a value from the device, run when it is read.
 
-    ``failed`` is a 0-d boolean array (True: raise); ``evidence`` holds arrays whose
-    values the message needs; ``error(*numbers)`` builds the exception from them.
+    ``failed`` is a 0-d boolean array (True: raise); ``evidence`` holds arrays (0-d, or
+    vectors of several numbers) whose values the message needs; ``error(*numbers)``
+    builds the exception from their entries, in order.
     """
 
     failed: Any
@@ -105,7 +106,12 @@ class DeferredCheck:
         if backend.is_tracer(self.failed):
             return  # under jax.jit, grad, vmap: no value to check
         if backend.read_bool(self.failed):
-            numbers = [backend.read_float(x) for x in self.evidence]
+            numbers: list[Any] = []
+            for x in self.evidence:  # (0-d arrays, or vectors of several numbers)
+                if x.ndim == 0:
+                    numbers.append(backend.read_float(x))
+                else:
+                    numbers.extend(backend.concrete_floats(x) or [])
             raise self.error(*numbers)
 
 

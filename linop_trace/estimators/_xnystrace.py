@@ -39,7 +39,7 @@ from typing import Any
 from .. import _backend as backend
 from .._estimate import DeferredCheck, Estimate
 from .._stats import ExchangeableError, exchangeable_error, exchangeable_estimate
-from ._base import EstimationRequest, ProbeOption
+from ._base import EstimationRequest, ProbeOption, cover, covered_product
 from ._linalg import as_dtype, hermitian_transpose
 
 __all__ = ["XNysTrace", "XNysTraceResult", "xnystrace_core", "xnystrace_estimates"]
@@ -175,9 +175,8 @@ def xnystrace_estimates(
         value, error, estimates, pseudo, evidence, min_eigenvalue = program(
             xp, improved, probes, images
         )
-    check = DeferredCheck(
-        _psd_failed(xp, evidence, eps), tuple(evidence[i] for i in range(5)), _not_psd_error(eps)
-    )
+    # (the evidence as one array: one output of JAX's compiled estimate, not five)
+    check = DeferredCheck(_psd_failed(xp, evidence, eps), (evidence,), _not_psd_error(eps))
     return XNysTraceResult(value, error, estimates, pseudo, min_eigenvalue, check)
 
 
@@ -302,8 +301,13 @@ def _leave_one_out_estimates(
 def xnystrace_core(
     matmat: Callable[[Any], Any], probes: Any, xp: Any, improved: bool = True
 ) -> XNysTraceResult:
-    """XNysTrace with the probe block ``probes`` (n, m): one product ``A Omega``."""
-    return xnystrace_estimates(probes, matmat(probes), xp, improved)
+    """XNysTrace with the probe block ``probes`` (n, m): one product ``A Omega``, checked
+    through the sketch's evidence rather than by a pass of its own: a non-finite entry
+    of Y makes max |Omega^H Y|, its first entry, non-finite."""
+    result = xnystrace_estimates(probes, covered_product(matmat, probes), xp, improved)
+    (evidence,) = result.psd_check.evidence
+    cover(matmat, evidence)
+    return result
 
 
 class XNysTrace(ProbeOption):
