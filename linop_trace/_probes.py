@@ -75,7 +75,14 @@ class ProbeSampler:
         the improved normalization of XTrace and XNysTrace needs to be unbiased."""
         return self.kind in ROTATION_INVARIANT
 
-    def __call__(self, num_probes: int) -> Any:
+    def __call__(self, num_probes: int, *, any_length: bool = False) -> Any:
+        """A block of ``num_probes`` probes (columns). ``any_length``: the caller's result
+        depends on each probe's direction only (XTrace and XNysTrace with the improved
+        normalization, which rescales every probe's part outside the sketch to a fixed
+        length, and whose sketches see the span of the probes), so sphere probes come as
+        the Gaussian columns they are rescaled from: the same directions, without the
+        pass that computes the column norms and rescales (a tenth of XTrace's own work at
+        n = 512 under JAX). Other kinds are unaffected."""
         shape = (self.n, int(num_probes))
         xp = self.xp
         kind = self.kind
@@ -87,11 +94,13 @@ class ProbeSampler:
         if kind == "rademacher":
             return self.random.rademacher(shape, self.dtype)
         block = self._gaussian(shape)
-        if kind == "gaussian":
+        if kind == "gaussian" or any_length:
             return block
         return backend.jit(xp, _onto_sphere)(xp, block)
 
-    def independent(self, num_probes: int, existing: Any = None) -> Any:
+    def independent(
+        self, num_probes: int, existing: Any = None, *, any_length: bool = False
+    ) -> Any:
         """A block like ``self(num_probes)`` whose columns, with those of ``existing``, are
         linearly independent: what the exchangeable estimators (XTrace, XNysTrace, XDiag)
         need, since each probe must add a direction to the others' sketch.
@@ -113,7 +122,7 @@ class ProbeSampler:
         torch and CuPy read the check on the host, a device wait for these short blocks
         only; Dask computes the short block's Gram matrix (no product with the operator).
         """
-        block = self(num_probes)
+        block = self(num_probes, any_length=any_length)
         total = int(num_probes) + (0 if existing is None else int(existing.shape[1]))
         short = self.n <= SHORT_PROBES and self.n - total >= MARGIN
         if self.kind != "rademacher" or self.complex or not short:

@@ -356,8 +356,9 @@ class XNysTrace(ProbeOption):
 
     def trace(self, request: EstimationRequest) -> Estimate:
         m = min(request.num_matvecs, request.n)
-        probes = request.probes.independent(m)
         improved = request.probes.rotation_invariant
+        # (the improved normalization sees each probe's direction only: see _probes)
+        probes = request.probes.independent(m, any_length=improved)
         return self._estimate(request, xnystrace_core(request.matmat, probes, request.xp, improved))
 
     def finish_trace(

@@ -367,7 +367,10 @@ class XTrace(ProbeOption):
 
     def trace(self, request: EstimationRequest) -> Estimate:
         num_probes = min(request.num_matvecs // 2, request.n)
-        return self.finish_trace(request, request.probes.independent(num_probes))
+        # (the improved normalization sees each probe's direction only: see _probes)
+        improved = request.probes.rotation_invariant
+        probes = request.probes.independent(num_probes, any_length=improved)
+        return self.finish_trace(request, probes)
 
     def finish_trace(
         self,
@@ -419,7 +422,7 @@ class XTrace(ProbeOption):
                 more = min(s, remaining(request) // 2, request.n - s)
                 if more < 1:
                     return False
-                fresh = request.probes.independent(more, result.probes)
+                fresh = request.probes.independent(more, result.probes, any_length=improved)
                 result = _with_more_probes(result, request.matmat, fresh, xp, improved)
                 return True
 

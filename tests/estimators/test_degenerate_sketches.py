@@ -110,8 +110,8 @@ def _first_draw_dependent(sampler: ProbeSampler) -> ProbeSampler:
     plain_call = ProbeSampler.__call__
     state = {"first": True}
 
-    def call(self, num_probes):
-        block = plain_call(self, num_probes)
+    def call(self, num_probes, **options):
+        block = plain_call(self, num_probes, **options)
         if state.pop("first", False):
             xp = self.xp
             block = xp.concat([block[:, :1], -block[:, :1], block[:, 2:]], axis=1)
@@ -144,8 +144,8 @@ def test_independent_extends_an_existing_block():
     plain_call = ProbeSampler.__call__
     state = {"first": True}
 
-    def call(self, num_probes):
-        block = plain_call(self, num_probes)
+    def call(self, num_probes, **options):
+        block = plain_call(self, num_probes, **options)
         if state.pop("first", False):
             block[:, 2] = -existing[:, 3]
         return block
@@ -186,9 +186,9 @@ def test_independent_gives_up_after_redraws():
     draws = []
     plain_call = ProbeSampler.__call__
 
-    def counting(self, num_probes):
+    def counting(self, num_probes, **options):
         draws.append(num_probes)
-        return plain_call(self, num_probes)
+        return plain_call(self, num_probes, **options)
 
     sampler.__class__ = type("Counting", (ProbeSampler,), {"__call__": counting})
     block = sampler.independent(1, np.ones((16, 2)))
@@ -237,8 +237,8 @@ def test_estimators_use_independent_probes_on_short_operators(monkeypatch):
     ]:
         state = {"first": True}
 
-        def call(self, num_probes, state=state):
-            block = plain_call(self, num_probes)
+        def call(self, num_probes, state=state, **options):
+            block = plain_call(self, num_probes, **options)
             if state.pop("first", False):
                 block[:, 1] = block[:, 0]
             return block

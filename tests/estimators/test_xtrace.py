@@ -315,3 +315,32 @@ def test_xtrace_estimate_is_differentiable_on_jax():
     rtol = 100 * kappa**2 * np.finfo(np.float64).eps
     assert rtol < 1e-7  # (a sketch this ill-conditioned would make the check empty)
     np.testing.assert_allclose(grad, 24 * X0, rtol=rtol, atol=0)
+
+
+@pytest.mark.parametrize("method", ["xtrace", "xnystrace"])
+def test_sphere_estimates_are_those_of_the_normalized_probes(method):
+    """With the improved normalization XTrace and XNysTrace see each probe's direction
+    only, so their sphere probes are drawn as the Gaussian columns the sphere's are
+    rescaled from (one pass fewer): the estimate, its pseudo-values and its error bar are
+    those of the rescaled probes, to rounding."""
+    from linop_trace._probes import ProbeSampler
+    from linop_trace.estimators._xnystrace import xnystrace_core
+    from linop_trace.estimators._xtrace import xtrace_core
+
+    n, budget, seed = 120, 24, 5
+    A = test_matrix("poly", n, seed=2)
+    sampler = ProbeSampler("sphere", n, npx, np.float64, "cpu", seed)
+    if method == "xtrace":
+        probes = sampler(budget // 2)
+        reference = xtrace_core(lambda X: A @ X, probes, npx)
+    else:
+        probes = sampler(budget)
+        reference = xnystrace_core(lambda X: A @ X, probes, npx)
+    np.testing.assert_allclose(np.linalg.norm(probes, axis=0), math.sqrt(n), rtol=1e-14)
+    operator = lt.aslinearoperator(A, tags=("symmetric", "positive_semidefinite"))
+    est = lt.trace(operator, method=method, num_matvecs=budget, seed=seed)
+    assert est.info["probe"] == "sphere" and est.info["normalization"] == "improved"
+    np.testing.assert_allclose(est.value, reference.value, rtol=1e-12)
+    np.testing.assert_allclose(est.info["estimates"], reference.estimates, rtol=1e-12)
+    np.testing.assert_allclose(est.info["pseudo_values"], reference.pseudo_values, rtol=1e-12)
+    np.testing.assert_allclose(est.stderr, reference.error.stderr, rtol=1e-10)
