@@ -24,6 +24,7 @@ def to_numpy(x: Any) -> np.ndarray:
     if array_api_compat.is_numpy_array(x):
         return np.asarray(x)
     if array_api_compat.is_jax_array(x):
+        x.block_until_ready()  # (then viewed: see read_bool)
         return np.asarray(x)
     # array_api_strict and other libraries: via DLPack, then the buffer protocol.
     try:
