@@ -279,11 +279,13 @@ class Estimate:
         return choice.decision
 
     def _verify(self) -> None:
-        self._decide()
+        # the checks first (a chosen estimate's are its products'): a non-finite product
+        # is named as such, not by the notice of the choice it spoiled
         if not self._verified:
             for check in self._checks:
                 check.run()
             self._verified = True
+        self._decide()
 
     @property
     def value(self) -> Any:
@@ -382,10 +384,15 @@ class Estimate:
             real._choice = self._choice.real_part()
         return real
 
-    def with_checks(self, checks: tuple[DeferredCheck, ...], num_matvecs: int) -> Estimate:
+    def with_checks(
+        self, checks: tuple[DeferredCheck, ...], num_matvecs: int, *, first: bool = False
+    ) -> Estimate:
         """The same estimate with more checks and the counted ``num_matvecs`` (used by
-        :func:`~linop_trace.trace` and :func:`~linop_trace.diagonal` on every result)."""
-        return self._replaced(num_matvecs=num_matvecs, checks=self._checks + tuple(checks))
+        :func:`~linop_trace.trace` and :func:`~linop_trace.diagonal` on every result).
+        ``first``: the new checks run before the estimate's own (the products' finiteness,
+        whose failure makes the others fail too, with a message about a consequence)."""
+        combined = tuple(checks) + self._checks if first else self._checks + tuple(checks)
+        return self._replaced(num_matvecs=num_matvecs, checks=combined)
 
     def _replaced(self, **changes: Any) -> Estimate:
         """A new estimate with ``changes`` (``value``, ``stderr``, ``num_matvecs``,

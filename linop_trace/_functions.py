@@ -701,7 +701,9 @@ def _finished(estimate: Estimate, request: EstimationRequest) -> Estimate:
         estimate.info["block_sizes"] = sorted(set(retried), reverse=True)
     if request.matmat.scale is not None:  # products were scaled: scale the result back
         estimate = estimate.divided_by(request.matmat.scale)
-    estimate = estimate.with_checks(request.matmat.deferred_checks(), request.columns)
+    # (the products' checks first: a non-finite product is named as such, not by what it
+    # made of XNysTrace's sketch, "overflowed")
+    estimate = estimate.with_checks(request.matmat.deferred_checks(), request.columns, first=True)
     return _computed_once(estimate) if backend.is_dask_namespace(request.xp) else estimate
 
 

@@ -238,7 +238,8 @@ def test_every_method_names_a_non_finite_product(dense_backend, quantity, method
     """A non-finite product raises a FloatingPointError that says so, whatever linear
     algebra the method runs on it first. XNysTrace on torch raised torch's LinAlgError
     ("linalg.eigh: The algorithm failed to converge"): its products are checked when the
-    estimate is read, and the eigendecomposition of their sketch ran before that."""
+    estimate is read, and the eigendecomposition of their sketch ran before that; then
+    its own check, run first, blamed an overflow and advised rescaling the operator."""
     values = np.diag(np.linspace(1.0, 2.0, 40))
     values[3, 9] = values[9, 3] = bad  # (symmetric: the tags below stay true)
     like = dense_backend.asarray(values)
@@ -249,5 +250,34 @@ def test_every_method_names_a_non_finite_product(dense_backend, quantity, method
         tags=("symmetric", "positive_semidefinite"),
     )
     function = getattr(lt, quantity)
-    with pytest.raises(FloatingPointError, match="non-finite|overflowed"):
+    with pytest.raises(FloatingPointError, match="matmat returned non-finite values"):
         function(A, method=method, num_matvecs=20, seed=0).value  # noqa: B018
+
+
+@pytest.mark.parametrize("rtol", [None, 1e-9])
+def test_xtrace_stops_at_a_non_finite_product_where_reads_are_free(dense_backend, rtol):
+    """XTrace applies the operator to the basis of its first products (and, growing, of
+    each new block's): a non-finite product must stop the run there, not reach a function
+    that refuses NaN input with an error of its own (NumPy, array_api_strict; where checks
+    are deferred to the read, the operator does get the NaN block, as before)."""
+    if not lt._backend.reads_are_free(dense_backend.xp):
+        pytest.skip("checks are read with the estimate on this backend")
+    bad_call = 1 if rtol is None else 3
+    calls = []
+    M = np.diag(np.linspace(1.0, 2.0, 40))
+
+    def matmat(X):
+        values = np.asarray(lt._backend.to_numpy(X))
+        if not np.all(np.isfinite(values)):
+            raise ValueError("this operator refuses non-finite input")
+        calls.append(values.shape[1])
+        out = M @ values
+        if len(calls) == bad_call:
+            out[0, 0] = np.inf
+        return dense_backend.asarray(out)
+
+    like = dense_backend.asarray(M)
+    A = LinearOperator.from_callable(matmat=matmat, shape=(40, 40), like=like)
+    with pytest.raises(FloatingPointError, match="matmat returned non-finite values"):
+        lt.trace(A, method="xtrace", num_matvecs=8, seed=0, rtol=rtol).value  # noqa: B018
+    assert len(calls) == bad_call

@@ -162,7 +162,8 @@ def read_bool(x: Any) -> bool:
     ``block_until_ready``: the view of an array not computed yet waits longer (every
     estimate reads its checks so: 4-5 us of a 512 x 20 product's 256 on the CPU)."""
     if array_api_compat.is_jax_array(x):
-        x.block_until_ready()
+        if is_concrete(x):  # (a tracer raises JAX's own error below)
+            x.block_until_ready()
         return bool(np.asarray(x))
     return bool(x)
 

@@ -24,7 +24,8 @@ def to_numpy(x: Any) -> np.ndarray:
     if array_api_compat.is_numpy_array(x):
         return np.asarray(x)
     if array_api_compat.is_jax_array(x):
-        x.block_until_ready()  # (then viewed: see read_bool)
+        if hasattr(x, "block_until_ready"):  # (then viewed: see read_bool; not a tracer)
+            x.block_until_ready()
         return np.asarray(x)
     # array_api_strict and other libraries: via DLPack, then the buffer protocol.
     try:

@@ -265,6 +265,9 @@ class Auto(Estimator):
             failed = [check.failed for check in nystrom._checks]
             passed = ~(failed[0] if len(failed) == 1 else xp.any(xp.stack(failed)))
             return chosen_estimate(passed, nystrom, hutchinson, notice=_fell_back)
+        # a non-finite product is named as such, before XNysTrace's check (which would
+        # read it as an overflow of its sketch) or a fallback on it
+        request.matmat.check_now()
         try:
             estimate = _finishing_builtin("xnystrace").finish_trace(request, probes, images)
             estimate.value  # noqa: B018 - runs its positive-semidefiniteness check

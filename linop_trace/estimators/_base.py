@@ -362,7 +362,7 @@ def _covered_error() -> Exception:
     )
 
 
-def covered_product(matmat: Any, block: Any) -> Any:
+def covered_product(matmat: Any, block: Any, *, feeds_products: bool = False) -> Any:
     """``matmat(block)``, whose finiteness :func:`cover` checks later through a result
     that every entry of the product flows into, not by a pass of its own. Under
     ``jax.jit`` a product with one consumer fuses with it (XLA runs
@@ -371,8 +371,15 @@ def covered_product(matmat: Any, block: Any) -> Any:
     check of the result replaces a pass over the whole product (a quarter of a Hutchinson
     estimate's work at n = 10^6); eagerly (NumPy, torch, CuPy) the pass over each product
     goes, and on a GPU the kernels that check it. Plain callables (the cores' reference
-    tests) are called as they are."""
+    tests) are called as they are.
+
+    ``feeds_products``: the operator is later applied to what this product becomes
+    (XTrace's basis of it). Where reads are free (NumPy) such a product is checked at
+    once, so that a non-finite one stops the run before the operator gets a NaN block
+    (which a function that checks its input refuses with an error of its own)."""
     if isinstance(matmat, CountingMatmat):
+        if feeds_products and backend.reads_are_free(matmat._operator.xp):
+            return matmat(block)
         return matmat(block, covered=True)
     return matmat(block)
 

@@ -285,7 +285,7 @@ def xtrace_core(
     # non-finite entry of Y makes its QR's Q non-finite from that column on, and one of
     # Y or of A Q then reaches tr(Q^H A Q), a term of every t_i
     if images is None:
-        images = covered_product(matmat, probes)
+        images = covered_product(matmat, probes, feeds_products=True)
     if basis is None:
         basis, triangular = orthonormal_factors(images, xp)
         directions = None
@@ -303,7 +303,7 @@ def _with_more_probes(
 ) -> XTraceResult:
     """XTrace with ``fresh`` probes added: every earlier product is reused (the basis is
     extended, never recomputed)."""
-    fresh_images = covered_product(matmat, fresh)
+    fresh_images = covered_product(matmat, fresh, feeds_products=True)
     new_basis = extend_basis(result.basis, fresh_images, xp)
     new_images = covered_product(matmat, new_basis)
     probes = xp.concat([result.probes, fresh], axis=1)
