@@ -748,6 +748,25 @@ def _compiled_run(
     return _run(estimator, quantity, settings, operator, random)
 
 
+def _call_options(*values: Any) -> dict[str, Any]:
+    """The options of a :func:`trace` or :func:`diagonal` call, by name (one dict, passed on
+    as it is: the keyword round trips cost a repeated estimate's path microseconds)."""
+    return dict(zip(_OPTION_NAMES, values))
+
+
+#: The options of :func:`trace` and :func:`diagonal`, in :func:`_call_options`'s order.
+_OPTION_NAMES = (
+    "num_matvecs",
+    "probe",
+    "rtol",
+    "atol",
+    "confidence",
+    "max_matvecs",
+    "block_size",
+    "check_finite",
+)
+
+
 def _at_confidence(
     quantity: str, A: Any, method: Any, seed: Any, decompose: bool, options: dict[str, Any]
 ) -> Estimate:
@@ -852,16 +871,9 @@ def trace(
     >>> float(est)  # Rademacher probes are exact on a diagonal matrix
     20100.0
     """
-    options = {
-        "num_matvecs": num_matvecs,
-        "probe": probe,
-        "rtol": rtol,
-        "atol": atol,
-        "confidence": confidence,
-        "max_matvecs": max_matvecs,
-        "block_size": block_size,
-        "check_finite": check_finite,
-    }
+    options = _call_options(
+        num_matvecs, probe, rtol, atol, confidence, max_matvecs, block_size, check_finite
+    )
     return _at_confidence("trace", A, method, seed, decompose, options)
 
 
@@ -891,16 +903,9 @@ def diagonal(
     >>> diagonal(np.array([[1.0, 2.0], [3.0, 4.0]]), method="exact").value
     array([1., 4.])
     """
-    options = {
-        "num_matvecs": num_matvecs,
-        "probe": probe,
-        "rtol": rtol,
-        "atol": atol,
-        "confidence": confidence,
-        "max_matvecs": max_matvecs,
-        "block_size": block_size,
-        "check_finite": check_finite,
-    }
+    options = _call_options(
+        num_matvecs, probe, rtol, atol, confidence, max_matvecs, block_size, check_finite
+    )
     return _at_confidence("diagonal", A, method, seed, decompose, options)
 
 
