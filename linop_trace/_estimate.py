@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -105,6 +105,14 @@ class DeferredCheck:
         """Read the flag (and the evidence) and raise; a no-op for abstract JAX values."""
         if backend.is_tracer(self.failed):
             return  # under jax.jit, grad, vmap: no value to check
+        if getattr(self.failed, "ndim", 0):  # a batch of estimates (returned by jax.vmap)
+            failing = np.argwhere(np.asarray(backend.to_numpy(self.failed)))
+            if not len(failing):
+                return
+            at = tuple(int(i) for i in failing[0])  # (the first that failed speaks)
+            evidence = tuple(x[at] for x in self.evidence)
+            replace(self, failed=self.failed[at], evidence=evidence).run()
+            return
         if backend.read_bool(self.failed):
             numbers: list[Any] = []
             for x in self.evidence:  # (0-d arrays, or vectors of several numbers)

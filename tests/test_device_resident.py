@@ -497,6 +497,28 @@ def test_jax_grad_and_vmap_through_an_estimate(jax_setup):
     np.testing.assert_allclose(numpy_of(values), [float(hutchinson(A)), 2 * float(hutchinson(A))])
 
 
+def test_jax_vmap_returns_estimates_whose_checks_read(jax_setup):
+    """``jax.vmap`` of a function that returns the Estimate itself gives a batch of
+    estimates: reading its value runs the checks of every member (their flags batched).
+    That read raised "The truth value of an array with more than one element is
+    ambiguous" for every method; now the batch reads, and a failed member raises its own
+    error, with its own evidence."""
+    jax, jnp = jax_setup
+    keys = jax.random.split(jax.random.key(0), 3)
+    A = jnp.asarray(test_matrix("flat", SIZE, seed=1))
+    batch = jax.vmap(lambda k: lt.trace(A, method="hutchinson", num_matvecs=BUDGET, seed=k))(keys)
+    expected = [
+        float(lt.trace(A, method="hutchinson", num_matvecs=BUDGET, seed=k).value) for k in keys
+    ]
+    np.testing.assert_allclose(numpy_of(batch.value), expected, rtol=1e-12)
+    indefinite = np.diag(np.linspace(1.0, 2.0, SIZE))
+    indefinite[0, 0] = -50.0  # (some probes see z^H A z < 0)
+    M = jnp.asarray(indefinite)
+    batch = jax.vmap(lambda k: lt.trace(M, method="xnystrace", num_matvecs=BUDGET, seed=k))(keys)
+    with pytest.raises(ValueError, match=r"z\^H A z = -[0-9.e+]+ < 0"):
+        batch.value  # noqa: B018
+
+
 def test_jax_auto_on_a_stored_matrix_is_one_compiled_exact_program(jax_setup, monkeypatch):
     """``auto`` reads a stored matrix's diagonal: that branch is taken once per plan, ahead
     of the run, so the estimate is the compiled program of ``exact`` (one dispatch, not
