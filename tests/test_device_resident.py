@@ -504,6 +504,12 @@ def test_jax_vmap_returns_estimates_whose_checks_read(jax_setup):
     ambiguous" for every method; now the batch reads, and a failed member raises its own
     error, with its own evidence."""
     jax, jnp = jax_setup
+    if tuple(int(part) for part in jax.__version__.split(".")[:2]) < (0, 7):
+        pytest.skip(
+            "JAX 0.6's vmap rebuilds its output's structure from placeholder leaves "
+            "(api_util.flatten_axes), which an Estimate's tree (fields that are arrays or "
+            "static numbers) does not survive: it cannot return an Estimate at all"
+        )
     keys = jax.random.split(jax.random.key(0), 3)
     A = jnp.asarray(test_matrix("flat", SIZE, seed=1))
     batch = jax.vmap(lambda k: lt.trace(A, method="hutchinson", num_matvecs=BUDGET, seed=k))(keys)
