@@ -718,7 +718,11 @@ def _computed_once(estimate: Estimate) -> Estimate:
     kept = [head, parts, {} if sums is None else dict(vars(sums))]
     leaves: list[Any] = []
     backend.substitute([kept, checks], leaves.append)
-    computed = iter(backend.compute_together(leaves))
+    try:
+        computed = iter(backend.compute_together(leaves))
+    except (ValueError, ArithmeticError) as error:
+        _name_failed_check(estimate, error)
+        raise
     kept = backend.substitute(kept, lambda _: backend.in_memory(next(computed)))
     checks = backend.substitute(checks, lambda _: next(computed))  # NumPy: read for free
     head, parts, sums_arrays = kept
@@ -731,6 +735,21 @@ def _computed_once(estimate: Estimate) -> Estimate:
     settled._verify()
     settled._resume = estimate._resume
     return settled
+
+
+def _name_failed_check(estimate: Estimate, error: BaseException) -> None:
+    """Raise the first of a Dask ``estimate``'s checks that fails, from ``error`` (what
+    computing the whole estimate raised): a non-finite product reaches SciPy's solvers in
+    the same graph as its check, and SciPy refuses it first ("array must not contain infs
+    or NaNs"). Each check is computed on its own; one whose graph fails too is passed
+    over. Returns where no check fails (the caller re-raises ``error``)."""
+    for check in estimate._checks:
+        try:
+            check.run()
+        except FloatingPointError as failed:
+            raise failed from error
+        except (ValueError, ArithmeticError):
+            continue
 
 
 def _compiled_run(

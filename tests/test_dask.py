@@ -273,6 +273,30 @@ def test_non_finite_products_raise_at_once(client):
         lt.trace(A, method="hutchinson", num_matvecs=4, seed=SEED)
 
 
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+@pytest.mark.parametrize(
+    "quantity, method",
+    [("trace", m) for m in ("hutchinson", "hutch++", "xtrace", "auto")]
+    + [("diagonal", m) for m in ("hutchinson", "diag++", "xdiag", "auto")],
+)
+def test_every_method_names_a_non_finite_product(quantity, method, bad):
+    """A non-finite product raises the FloatingPointError that names it, on every method
+    Dask runs. XTrace and XDiag raised SciPy's ValueError
+    ("array must not contain infs or NaNs"): their solves are in the same graph as the
+    products' checks, and the one ``dask.compute`` of the estimate failed in a solve
+    before any check was read."""
+    values = np.diag(np.linspace(1.0, 2.0, 40))
+    values[3, 9] = values[9, 3] = bad
+    dense = da.from_array(values, chunks=(20, 40))
+    A = lt.LinearOperator.from_callable(  # (products only: auto reads no stored diagonal)
+        matmat=lambda X: dense @ X, shape=(40, 40), like=dense, tags=("symmetric",)
+    )
+    function = getattr(lt, quantity)
+    with dask.config.set(scheduler="sync"):
+        with pytest.raises(FloatingPointError, match="matmat returned non-finite values"):
+            function(A, method=method, num_matvecs=20, seed=SEED).value  # noqa: B018
+
+
 @pytest.mark.parametrize("method", ["xtrace", "xdiag"])
 def test_short_probes_checked_for_independence(method):
     """Up to 64 rows, Rademacher blocks are redrawn when dependent (Gram matrix in NumPy)."""

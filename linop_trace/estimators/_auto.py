@@ -228,9 +228,15 @@ class Auto(Estimator):
         images = request.matmat(probes)
         if not _chooses_on_host(request, images):
             return _chosen_on_device(request, budget, probes, images)
-        hutch_var, xtrace_var, basis, triangular, directions = predict_variances(
-            probes, images, budget, xp
-        )
+        try:
+            hutch_var, xtrace_var, basis, triangular, directions = predict_variances(
+                probes, images, budget, xp
+            )
+        except (ValueError, ArithmeticError):
+            # a non-finite product is named as such: on Dask, the read of the prediction
+            # computes its solve, which SciPy refuses for a NaN before any check is read
+            request.matmat.check_now()
+            raise
         choice = {"hutchinson_variance": hutch_var, "xtrace_variance": xtrace_var}
         if xtrace_var < hutch_var:  # False for NaN (no values to compare): Hutchinson
             return _finishing_builtin("xtrace").finish_trace(

@@ -376,9 +376,13 @@ def covered_product(matmat: Any, block: Any, *, feeds_products: bool = False) ->
     ``feeds_products``: the operator is later applied to what this product becomes
     (XTrace's basis of it). Where reads are free (NumPy) such a product is checked at
     once, so that a non-finite one stops the run before the operator gets a NaN block
-    (which a function that checks its input refuses with an error of its own)."""
+    (which a function that checks its input refuses with an error of its own). On Dask it
+    gets a check of its own too: the graph's solvers come between it and the result
+    (SciPy's refuse a NaN with an error of their own), and the check is then computed
+    alone to name the cause."""
     if isinstance(matmat, CountingMatmat):
-        if feeds_products and backend.reads_are_free(matmat._operator.xp):
+        xp = matmat._operator.xp
+        if feeds_products and (backend.reads_are_free(xp) or backend.is_dask_namespace(xp)):
             return matmat(block)
         return matmat(block, covered=True)
     return matmat(block)
