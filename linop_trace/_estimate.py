@@ -263,6 +263,13 @@ class Estimate:
         first = self._decide()
         if choice is None or first is None:
             return
+        if choice.per_member is not None:  # a batch (jax.vmap) whose members differ
+            self._choice = None
+            self._info["methods"] = np.where(
+                choice.per_member, choice.first._method, choice.second._method
+            ).tolist()
+            self._state = None
+            return
         chosen = choice.first if first else choice.second
         if choice.scale is not None:  # (its info's arrays in the units of A)
             chosen = chosen.divided_by(choice.scale)
@@ -281,7 +288,14 @@ class Estimate:
         if choice is None or backend.is_tracer(choice.first_chosen):
             return None
         if choice.decision is None:
-            choice.decision = backend.read_bool(choice.first_chosen)
+            flag = choice.first_chosen
+            if getattr(flag, "ndim", 0):  # a batch of estimates (jax.vmap): a choice each
+                flags = np.asarray(backend.to_numpy(flag))
+                if flags.all() != flags.any():  # (they differ: the batch keeps its name)
+                    choice.per_member = flags
+                choice.decision = bool(flags.all())
+            else:
+                choice.decision = backend.read_bool(flag)
             if not choice.decision and choice.notice is not None:
                 choice.notice(self, choice.first, choice.second)
         return choice.decision
@@ -654,38 +668,48 @@ class Estimate:
 
     # ---------------------------------------------------- JAX pytree (compiled runs)
     def _tree_flatten(self) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+        # the children: the arrays, and what stands where the tree this Estimate was
+        # rebuilt from had arrays (its layout), so that a tree rebuilt from other leaves
+        # (JAX 0.6's vmap rebuilds its output from placeholders; a user's tree_map to
+        # numbers) keeps its structure
+        dof_was_child, (array_keys, nested_keys) = self.__dict__.get("_layout", _NO_LAYOUT)
+        was_child: set[tuple[str, ...]] = {(key,) for key in array_keys}
+        was_child.update((key, name) for key, names, _ in nested_keys for name in names)
         is_array = backend.is_array_like
-        arrays = {key: item for key, item in self._info.items() if is_array(item)}
+
+        def child(item: Any, path: tuple[str, ...]) -> bool:
+            return path in was_child or is_array(item)
+
+        arrays = {key: item for key, item in self._info.items() if child(item, (key,))}
         # dicts of arrays (auto's predicted variances, made on the device): their arrays
         # are children too (in the static part they leaked tracers out of a program)
         nested = {
-            key: item
+            key: [name for name, part in item.items() if child(part, (key, name))]
             for key, item in self._info.items()
-            if isinstance(item, dict) and any(is_array(part) for part in item.values())
+            if isinstance(item, dict) and key not in arrays
         }
+        nested = {key: names for key, names in nested.items() if names}
         static = tuple(
             (key, item)
             for key, item in self._info.items()
             if key not in arrays and key not in nested
         )
-        array_keys = tuple(arrays)
         nested_keys = tuple(
             (
                 key,
-                tuple(name for name, part in item.items() if is_array(part)),
-                _Static(tuple((name, part) for name, part in item.items() if not is_array(part))),
+                tuple(names),
+                _Static(tuple((n, p) for n, p in self._info[key].items() if n not in names)),
             )
-            for key, item in nested.items()
+            for key, names in nested.items()
         )
+        dof_child = dof_was_child or is_array(self._dof)
         children = (
             self._value,
             self._stderr,
-            self._dof if backend.is_array_like(self._dof) else None,
+            self._dof if dof_child else None,
             self._shape_of,
             tuple(arrays.values()),
-            tuple(
-                tuple(part for part in item.values() if is_array(part)) for item in nested.values()
-            ),
+            tuple(tuple(self._info[key][name] for name in names) for key, names in nested.items()),
             tuple((check.failed, check.evidence) for check in self._checks),
             self._state,
             self._choice,
@@ -694,8 +718,8 @@ class Estimate:
             self.num_matvecs,
             self._method,
             self.converged,
-            None if backend.is_array_like(self._dof) else self._dof,
-            (array_keys, nested_keys),
+            None if dof_child else self._dof,
+            (tuple(arrays), nested_keys),
             _Static(static),
             tuple(check.error for check in self._checks),
             self.confidence,
@@ -734,8 +758,14 @@ class Estimate:
             confidence=confidence,
             _state=state,
             _resume=None,
+            _layout=(dof is not None, keys),
         )
         return estimate
+
+
+#: The layout of an Estimate not rebuilt from a tree (whether its dof was a child, and
+#: the info keys that were, as in the tree's aux): only its arrays are children.
+_NO_LAYOUT: tuple[bool, Any] = (False, ((), ()))
 
 
 class Choice:
@@ -763,8 +793,10 @@ class Choice:
         self.first, self.second = first, second
         self.notice = notice
         self.scale = scale
-        #: The choice read on the host (``None``: not yet).
+        #: The choice read on the host (``None``: not yet; for a batch of estimates that
+        #: chose differently, False, and ``per_member`` holds each member's choice).
         self.decision: bool | None = None
+        self.per_member: np.ndarray | None = None
 
     def real_part(self) -> Choice:
         """The same choice between the real parts of the two estimates."""
@@ -931,7 +963,10 @@ def _divided(
         real = backend.real_dtype_for(xp, x.dtype)
         if real not in inverses:
             inverses[real] = 1 / xp.astype(scale, real)
-        return x * inverses[real]
+        inverse = inverses[real]
+        if inverse.ndim:  # a batch of estimates (jax.vmap): a scale per member, leading
+            inverse = xp.reshape(inverse, inverse.shape + (1,) * (x.ndim - inverse.ndim))
+        return x * inverse
 
     return (
         down(value),

@@ -504,12 +504,6 @@ def test_jax_vmap_returns_estimates_whose_checks_read(jax_setup):
     ambiguous" for every method; now the batch reads, and a failed member raises its own
     error, with its own evidence."""
     jax, jnp = jax_setup
-    if tuple(int(part) for part in jax.__version__.split(".")[:2]) < (0, 7):
-        pytest.skip(
-            "JAX 0.6's vmap rebuilds its output's structure from placeholder leaves "
-            "(api_util.flatten_axes), which an Estimate's tree (fields that are arrays or "
-            "static numbers) does not survive: it cannot return an Estimate at all"
-        )
     keys = jax.random.split(jax.random.key(0), 3)
     A = jnp.asarray(test_matrix("flat", SIZE, seed=1))
     batch = jax.vmap(lambda k: lt.trace(A, method="hutchinson", num_matvecs=BUDGET, seed=k))(keys)
@@ -523,6 +517,67 @@ def test_jax_vmap_returns_estimates_whose_checks_read(jax_setup):
     batch = jax.vmap(lambda k: lt.trace(M, method="xnystrace", num_matvecs=BUDGET, seed=k))(keys)
     with pytest.raises(ValueError, match=r"z\^H A z = -[0-9.e+]+ < 0"):
         batch.value  # noqa: B018
+
+
+@pytest.mark.parametrize(
+    "quantity, method, tags",
+    [
+        ("trace", "hutchinson", ("symmetric",)),
+        ("trace", "hutch++", ("symmetric",)),
+        ("trace", "na-hutch++", ("symmetric",)),
+        ("trace", "xtrace", ("symmetric",)),
+        ("trace", "xnystrace", ("symmetric", "positive_semidefinite")),
+        ("trace", "auto", ("symmetric",)),
+        ("trace", "auto", ("symmetric", "positive_semidefinite")),
+        ("diagonal", "hutchinson", ("symmetric",)),
+        ("diagonal", "diag++", ("symmetric",)),
+        ("diagonal", "xdiag", ("symmetric",)),
+        ("diagonal", "auto", ("symmetric",)),
+    ],
+)
+def test_jax_estimate_tree_keeps_its_structure_when_rebuilt(jax_setup, quantity, method, tags):
+    """An Estimate rebuilt from other leaves flattens to the same structure. Its dof and
+    info entries were children where they were arrays and static where they were not, so
+    a rebuilt tree changed its structure: JAX 0.6's ``vmap`` (which rebuilds its output
+    from placeholder leaves) could not return an Estimate at all, nor could a user's
+    ``tree_map`` to numbers be flattened back to the same structure."""
+    jax, jnp = jax_setup
+    A = jnp.asarray(test_matrix("flat", SIZE, seed=1))
+    operator = lt.LinearOperator.from_callable(
+        matmat=lambda X: A @ X, shape=A.shape, like=A, tags=tags
+    )  # (products only: auto estimates)
+    estimate = getattr(lt, quantity)(operator, method=method, num_matvecs=BUDGET, seed=0)
+    leaves, structure = jax.tree_util.tree_flatten(estimate)
+    for stand_in in (object(), 0.0):
+        rebuilt = structure.unflatten([stand_in] * len(leaves))
+        assert jax.tree_util.tree_structure(rebuilt) == structure
+    mapped = jax.tree_util.tree_map(lambda x: 1, estimate)
+    assert jax.tree_util.tree_structure(mapped) == structure
+
+
+def test_jax_vmap_of_auto_names_each_members_choice(jax_setup):
+    """``jax.vmap`` of ``auto`` returning the Estimate: each member chooses on the device.
+    Reading the batch read one member's choice as if it were all of them' ("truth value
+    of an array ... ambiguous"). Now each member's value and stderr are its own eager
+    estimate's; where the members chose differently the batch keeps the name "auto" and
+    ``info["methods"]`` names each one's method."""
+    jax, jnp = jax_setup
+    A = jnp.asarray(test_matrix("flat", 40, seed=1))
+    operator = lt.LinearOperator.from_callable(matmat=lambda X: A @ X, shape=A.shape, like=A)
+    keys = jax.random.split(jax.random.key(0), 8)
+    batch = jax.vmap(lambda k: lt.trace(operator, num_matvecs=12, seed=k))(keys)
+    eager = [lt.trace(operator, num_matvecs=12, seed=k) for k in keys]
+    methods = [estimate.method for estimate in eager]
+    assert len(set(methods)) == 2  # (this seed's keys: both methods chosen)
+    np.testing.assert_allclose(
+        numpy_of(batch.value), [float(e.value) for e in eager], rtol=1e-12, atol=1e-12
+    )
+    np.testing.assert_allclose(
+        numpy_of(batch.stderr), [float(e.stderr) for e in eager], rtol=1e-12, atol=1e-12
+    )
+    assert batch.method == "auto" and batch.info["methods"] == methods
+    same = jax.vmap(lambda k: lt.trace(operator, num_matvecs=12, seed=k))(keys[1:3])
+    assert same.method == methods[1] == methods[2]  # (one choice: its name)
 
 
 def test_jax_auto_on_a_stored_matrix_is_one_compiled_exact_program(jax_setup, monkeypatch):
