@@ -728,39 +728,61 @@ class Estimate:
 
     @classmethod
     def _tree_unflatten(cls, aux: tuple[Any, ...], children: tuple[Any, ...]) -> Estimate:
-        # (every compiled estimate's result goes through here: its fields are set in one
-        # update, and the info dict is built only from the parts it has)
-        num_matvecs, method, converged, static_dof, keys, static, errors, confidence = aux
+        # every compiled estimate's result comes through here, 7 us of a 250 us estimate
+        # at n = 512 when built field by field: the fields the structure fixes are made
+        # once per structure (its aux, the same object at every call of a program) and
+        # copied; the info dict is built only from the parts it has
         value, stderr, dof, shape_of, arrays, nested, checks, state, choice = children
-        array_keys, nested_keys = keys
-        info = dict(static.items)
+        static = aux[5]
+        fixed = static.fields
+        if fixed is None or fixed["_layout"][0] != (dof is not None):
+            fixed = static.fields = _fixed_fields(aux, dof is not None)
+        info = dict(static.info)
+        array_keys, nested_keys = aux[4]
         if array_keys:
             info.update(zip(array_keys, arrays))
         for (key, names, rest), parts in zip(nested_keys, nested):
             info[key] = {**dict(rest.items), **dict(zip(names, parts))}
-        estimate = cls.__new__(cls)
-        estimate.__dict__.update(
-            _value=value,
-            _stderr=stderr,
-            num_matvecs=num_matvecs,
-            _method=method,
-            converged=converged,
-            _dof=static_dof if dof is None else dof,
-            _info=info,
-            _choice=choice,
-            _shape_of=shape_of,
-            _shape=None,
-            _checks=tuple(
+        errors = aux[6]
+        made: tuple[DeferredCheck, ...]
+        if len(errors) == 1:
+            ((failed, evidence),) = checks
+            made = (_deferred_check(failed, evidence, errors[0]),)
+        else:
+            made = tuple(
                 _deferred_check(failed, evidence, error)
                 for (failed, evidence), error in zip(checks, errors)
-            ),
-            _verified=False,
-            confidence=confidence,
-            _state=state,
-            _resume=None,
-            _layout=(dof is not None, keys),
-        )
+            )
+        estimate = cls.__new__(cls)
+        fields = estimate.__dict__
+        fields.update(fixed)
+        fields["_value"] = value
+        fields["_stderr"] = stderr
+        if dof is not None:
+            fields["_dof"] = dof
+        fields["_info"] = info
+        fields["_choice"] = choice
+        fields["_shape_of"] = shape_of
+        fields["_checks"] = made
+        fields["_state"] = state
         return estimate
+
+
+def _fixed_fields(aux: tuple[Any, ...], dof_is_child: bool) -> dict[str, Any]:
+    """The fields of an Estimate rebuilt from a tree with this ``aux`` that its leaves do
+    not give (see :meth:`Estimate._tree_unflatten`)."""
+    num_matvecs, method, converged, static_dof, keys, _, _, confidence = aux
+    return {
+        "num_matvecs": num_matvecs,
+        "_method": method,
+        "converged": converged,
+        "_dof": static_dof,
+        "_shape": None,
+        "_verified": False,
+        "confidence": confidence,
+        "_resume": None,
+        "_layout": (dof_is_child, keys),
+    }
 
 
 #: The layout of an Estimate not rebuilt from a tree (whether its dof was a child, and
@@ -891,6 +913,10 @@ class _Static:
 
     def __init__(self, items: tuple[tuple[str, Any], ...]) -> None:
         self.items = items
+        self.info = dict(items)
+        #: The fixed fields of the Estimates rebuilt with the aux that holds this (made
+        #: at the first, :func:`_fixed_fields`).
+        self.fields: dict[str, Any] | None = None
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, _Static) and repr(self.items) == repr(other.items)
