@@ -1038,12 +1038,25 @@ def _sums_of(
     rows, cols = operator.shape
     target = operator.T if adjoint else operator
     counter = CountingMatmat(target, check_finite, precision=precision)
-    length = rows if adjoint else cols
-    ones = xp.ones((length, 1), dtype=operator.dtype, device=operator.device)
-    value = counter(ones)[:, 0]
+    length, count = (rows, cols) if adjoint else (cols, rows)
     real = backend.real_dtype_for(xp, operator.dtype)
-    stderr = xp.zeros(value.shape, dtype=real, device=operator.device)
+    # (made by a compiled program under JAX: made eagerly, their fill values were
+    # shipped from the host, a transfer at every call)
+    ones, stderr = backend.jit(xp, _ones_and_zeros, num_static=6)(
+        xp, length, count, operator.dtype, real, operator.device
+    )
+    value = counter(ones)[:, 0]
     return Estimate(value, stderr, counter.columns, "exact", checks=counter.deferred_checks())
+
+
+def _ones_and_zeros(
+    xp: Any, length: int, count: int, dtype: Any, real: Any, device: Any
+) -> tuple[Any, Any]:
+    """A ``(length, 1)`` column of ones of ``dtype`` and ``count`` zeros of ``real``."""
+    return (
+        xp.ones((length, 1), dtype=dtype, device=device),
+        xp.zeros((count,), dtype=real, device=device),
+    )
 
 
 def row_sums(A: Any, check_finite: bool = True, decompose: bool = True) -> Estimate:

@@ -646,7 +646,7 @@ def _slq(config: _SlqConfig, operator: LinearOperator, seed: Any) -> Estimate:
     checks: tuple[DeferredCheck, ...] = ()
     kept = None
     offset = None
-    offset_error = xp.zeros((), dtype=real, device=operator.device)
+    offset_error = backend.zeros(xp, (), real, operator.device)
     info: dict[str, Any] = {}
     if config.deflation is not None:
         kept, offset, offset_error, ritz = _deflate(matmat, sampler, config.deflation, function, xp)

@@ -247,6 +247,59 @@ def test_jax_whole_estimate_compiles_and_runs_under_the_transfer_guard(jax_setup
 
 
 @pytest.mark.parametrize("case", CASES, ids=_ids)
+def test_jax_estimate_over_uncompiled_functions_ships_nothing_to_the_device(jax_setup, case):
+    """An operator known by plain Python functions runs eagerly (its functions may close
+    over arrays that change), each step of the method a dispatch of its own. Those steps
+    shipped Python numbers to the device (an index of each slice of the product, ``eye``'s
+    offset, ``zeros``' fill, a ``/ 2``): under ``jax.transfer_guard("disallow")`` Hutch++,
+    NA-Hutch++, XNysTrace, Diag++ and the exact walk raised. (n = 100: Rademacher blocks
+    of up to 64 rows are read on the host, to redraw dependent ones.)"""
+    jax, jnp = jax_setup
+    quantity, method, tags = case
+    matrix = jnp.asarray(test_matrix("poly", SIZE, seed=0))
+    A = lt.LinearOperator.from_callable(
+        matmat=lambda X: matrix @ X,
+        rmatmat=lambda X: matrix.T @ X,
+        shape=matrix.shape,
+        like=matrix,
+        tags=tags,
+    )
+    function = getattr(lt, quantity)
+    first = function(A, method=method, num_matvecs=BUDGET, seed=3)  # (compiles its steps)
+    with jax.transfer_guard("disallow"):
+        estimate = function(A, method=method, num_matvecs=BUDGET, seed=3)
+        value, stderr = estimate.value, estimate.stderr
+    np.testing.assert_array_equal(numpy_of(value), numpy_of(first.value))
+    np.testing.assert_array_equal(numpy_of(stderr), numpy_of(first.stderr))
+    if method not in ("auto", "exact"):  # (a stored matrix: auto reads its diagonal)
+        tagged = lt.aslinearoperator(matrix, tags=tags)  # (compiled as one program)
+        compiled = function(tagged, method=method, num_matvecs=BUDGET, seed=3)
+        np.testing.assert_allclose(numpy_of(value), numpy_of(compiled.value), rtol=1e-9)
+    elif method == "exact":
+        expected = jnp.trace(matrix) if quantity == "trace" else jnp.diagonal(matrix)
+        np.testing.assert_allclose(numpy_of(value), numpy_of(expected), rtol=1e-13)
+
+
+@pytest.mark.parametrize("block_size", [30, 100])
+def test_jax_exact_walk_over_uncompiled_functions_in_blocks(jax_setup, block_size):
+    """The exact diagonal of an operator known by functions walks the identity in blocks
+    (30, 30, 30 and the last 10 columns here): each block is the last one shifted down,
+    made on the device, and its diagonal is read where the block has its ones."""
+    jax, jnp = jax_setup
+    values = test_matrix("poly", SIZE, seed=0) + np.triu(np.ones((SIZE, SIZE)), 1)
+    matrix = jnp.asarray(values)
+    A = lt.LinearOperator.from_callable(
+        matmat=lambda X: matrix @ X, shape=values.shape, like=matrix
+    )
+    lt.diagonal(A, method="exact", block_size=block_size)
+    with jax.transfer_guard("disallow"):
+        estimate = lt.diagonal(A, method="exact", block_size=block_size)
+        value = estimate.value
+    np.testing.assert_allclose(numpy_of(value), np.diagonal(values), rtol=1e-14, atol=1e-16)
+    assert estimate.num_matvecs == SIZE
+
+
+@pytest.mark.parametrize("case", CASES, ids=_ids)
 def test_jax_compiled_estimate_raises_on_a_non_finite_product(jax_setup, case):
     """Inside the one compiled program the finiteness check of a product rides on the
     samples it flows into (Hutchinson-type methods, so that XLA fuses the product with
@@ -394,12 +447,21 @@ def test_jax_traced_intervals_and_tolerances_are_refused_not_approximated(jax_se
         )
 
 
-def test_jax_row_and_column_sums_make_their_ones_on_the_device(jax_setup):
+@pytest.mark.parametrize("form", ["array", "functions"])
+def test_jax_row_and_column_sums_make_their_ones_on_the_device(jax_setup, form):
     """``row_sums``/``col_sums`` of a JAX array shipped their column of ones (its fill
-    value) from the host: under ``jax.transfer_guard("disallow")`` they raised."""
+    value) from the host: under ``jax.transfer_guard("disallow")`` they raised. So did
+    those of an operator known by its functions (run eagerly, not compiled)."""
     jax, jnp = jax_setup
     values = test_matrix("poly", SIZE, seed=0) + np.triu(np.ones((SIZE, SIZE)))
-    A = jnp.asarray(values)
+    A = matrix = jnp.asarray(values)
+    if form == "functions":
+        A = lt.LinearOperator.from_callable(
+            matmat=lambda X: matrix @ X,
+            rmatmat=lambda X: matrix.T @ X,
+            shape=values.shape,
+            like=matrix,
+        )
     lt.row_sums(A), lt.col_sums(A)  # compiled once
     with jax.transfer_guard("disallow"):
         rows, cols = lt.row_sums(A), lt.col_sums(A)

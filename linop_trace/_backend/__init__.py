@@ -110,6 +110,7 @@ from ._inputs import (  # noqa: F401
 from ._linalg import (  # noqa: F401
     COLUMN_CHUNK_ENTRIES,
     ONE_THREAD_MIN_WORK,
+    block_diagonal,
     cholesky,
     column_inner,
     column_norms,
@@ -117,15 +118,18 @@ from ._linalg import (  # noqa: F401
     finite_entries,
     frobenius_norm,
     gauss_rule,
+    identity_blocks,
     materialized,
     one_blas_thread,
     row_inner,
     solve,
     solve_triangular,
+    split,
     subtract_scaled_columns,
     thin_qr,
     vmap_columns,
     with_slot,
+    zeros,
 )
 from ._memory import (  # noqa: F401
     HOST_MEMORY_SECONDS,

@@ -19,7 +19,7 @@ import numpy as np
 
 from ._compiled import jit
 from ._dask import dask_column_inner, is_dask_array
-from ._device import is_tracer, stop_gradient
+from ._device import copied, is_tracer, stop_gradient
 
 __all__ = [
     "ONE_THREAD_MIN_WORK",
@@ -30,13 +30,17 @@ __all__ = [
     "finite_entries",
     "frobenius_norm",
     "materialized",
+    "block_diagonal",
+    "identity_blocks",
     "one_blas_thread",
     "row_inner",
     "solve",
     "solve_triangular",
+    "split",
     "subtract_scaled_columns",
     "thin_qr",
     "vmap_columns",
+    "zeros",
 ]
 
 # ------------------------------------------------------------ one thread on the host
@@ -289,6 +293,88 @@ def materialized(xp: Any, x: Any) -> Any:
     import jax
 
     return jax.lax.optimization_barrier(x)
+
+
+def split(xp: Any, x: Any, sizes: tuple[int, ...]) -> tuple[Any, ...]:
+    """The pieces of ``x`` along its last axis (columns of a matrix, entries of a
+    vector): ``sizes[0]`` of them, then ``sizes[1]``, ..., then the rest.
+
+    JAX's eager indexing ships each Python bound to the device (a host-to-device
+    transfer per slice, refused under ``jax.transfer_guard("disallow")``), so outside a
+    trace the pieces are cut by one compiled program there (one per ``sizes``)."""
+    if array_api_compat.is_jax_namespace(xp) and not is_tracer(x):
+        return jit(xp, _pieces, num_static=2)(xp, tuple(sizes), x)  # type: ignore[no-any-return]
+    return _pieces(xp, sizes, x)
+
+
+def _pieces(xp: Any, sizes: tuple[int, ...], x: Any) -> tuple[Any, ...]:
+    pieces, start = [], 0
+    for size in sizes:
+        pieces.append(x[..., start : start + size])
+        start += size
+    pieces.append(x[..., start:])
+    return tuple(pieces)
+
+
+def zeros(xp: Any, shape: tuple[int, ...], dtype: Any, device: Any) -> Any:
+    """``xp.zeros(shape, dtype=dtype, device=device)``; under JAX made by a compiled
+    program (eagerly, ``zeros`` ships its fill value from the host: a transfer refused
+    under ``jax.transfer_guard("disallow")``)."""
+    if array_api_compat.is_jax_namespace(xp):
+        return jit(xp, _zeros, num_static=4)(xp, tuple(shape), dtype, device)
+    return xp.zeros(shape, dtype=dtype, device=device)
+
+
+def _zeros(xp: Any, shape: tuple[int, ...], dtype: Any, device: Any) -> Any:
+    return xp.zeros(shape, dtype=dtype, device=device)
+
+
+def identity_blocks(xp: Any, n: int, block: int, dtype: Any, device: Any) -> Any:
+    """The columns of the ``n x n`` identity, ``block`` at a time (the last block the
+    rest): ``(start, columns)`` pairs, ``columns`` the ones where row - column = start.
+
+    Under JAX outside a trace, ``eye`` ships its offset (and its fill) from the host, a
+    transfer per block refused under ``jax.transfer_guard("disallow")``: there the first
+    block is made by a compiled program and each next one is the last one's rows
+    shifted down by ``block``, so that no start goes to the device."""
+    if not array_api_compat.is_jax_namespace(xp):
+        for start in range(0, n, block):
+            width = min(block, n - start)
+            yield start, xp.eye(n, width, k=-start, dtype=dtype, device=device)
+        return
+    columns = jit(xp, _eye, num_static=5)(xp, n, min(block, n), dtype, device)
+    for start in range(0, n, block):
+        width = min(block, n - start)
+        if width < columns.shape[1]:
+            columns = split(xp, columns, (width,))[0]
+        yield start, columns
+        if start + block < n:
+            columns = jit(xp, _shifted_down, num_static=2)(xp, block, columns)
+
+
+def _eye(xp: Any, n: int, width: int, dtype: Any, device: Any) -> Any:
+    return xp.eye(n, width, dtype=dtype, device=device)
+
+
+def _shifted_down(xp: Any, rows: int, x: Any) -> Any:
+    """``x`` with its rows moved down by ``rows`` (zeros above)."""
+    return xp.concat([xp.zeros_like(x[:rows]), x[: x.shape[0] - rows]], axis=0)
+
+
+def block_diagonal(xp: Any, image: Any, start: int, columns: Any) -> Any:
+    """``A[start + j, j]`` of ``image = A @ columns``, ``columns`` a block of the identity
+    from :func:`identity_blocks`: a copy of the diagonal of ``image``'s rows from
+    ``start`` (a view would keep the whole image alive); under JAX the entries where
+    ``columns`` has its ones (one compiled program, no start shipped to the device; the
+    other entries, NaN or infinite ones included, left out)."""
+    if not array_api_compat.is_jax_namespace(xp):
+        width = columns.shape[1]
+        return copied(xp, xp.linalg.diagonal(image[start : start + width, :]))
+    return jit(xp, _masked_column_sums)(xp, image, columns)
+
+
+def _masked_column_sums(xp: Any, image: Any, columns: Any) -> Any:
+    return xp.sum(xp.where(columns != 0, image, xp.zeros_like(image)), axis=0)
 
 
 def with_slot(xp: Any, buffer: Any, index: Any, value: Any) -> Any:

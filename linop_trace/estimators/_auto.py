@@ -356,7 +356,7 @@ def _chosen_on_device(
     rest = budget - s
     drawn = [request.probes(width) for width in request.blocks(rest)]
     fresh = drawn[0] if len(drawn) == 1 else xp.concat(drawn, axis=1)
-    sketch = basis if rest == s else xp.concat([basis, fresh[:, s:]], axis=1)
+    sketch = basis if rest == s else xp.concat([basis, backend.split(xp, fresh, (s,))[1]], axis=1)
     products = request.matmat(xp.where(use_xtrace, sketch, fresh))
     xtrace = _finishing_builtin("xtrace").finish_trace(
         request,
@@ -364,7 +364,7 @@ def _chosen_on_device(
         images,
         basis,
         directions,
-        basis_images=products[:, :s],
+        basis_images=backend.split(xp, products, (s,))[0],
         triangular=triangular,
     )
     samples = [xp.concat([column_inner(probes, images, xp), column_inner(fresh, products, xp)])]

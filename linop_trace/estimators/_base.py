@@ -524,7 +524,7 @@ class EstimationRequest:
 
 def _accepts_adjoint(operator: Any) -> bool:
     xp = operator.xp
-    empty = xp.zeros((operator.shape[0], 0), dtype=operator.dtype, device=operator.device)
+    empty = backend.zeros(xp, (operator.shape[0], 0), operator.dtype, operator.device)
     try:
         operator.rmatmat(empty)
     except NotImplementedError:

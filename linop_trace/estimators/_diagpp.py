@@ -61,7 +61,8 @@ def _residual_ratio_terms(
     else:
         width = probes.shape[1]
         both = hermitian_transpose(basis, xp) @ xp.concat([probe_image, probes], axis=1)
-        residual = probe_image - basis @ both[:, :width] - residual_basis @ both[:, width:]
+        onto_probe_image, onto_probes = backend.split(xp, both, (width,))
+        residual = probe_image - basis @ onto_probe_image - residual_basis @ onto_probes
     numerators = backend.conj(xp, probes) * residual
     return numerators, None if unit_modulus else backend.abs2(xp, probes)
 
@@ -113,13 +114,32 @@ def diagpp_core(
         basis, _ = backend.thin_qr(xp, matmat(sketch))
         width = basis.shape[1]
         image = matmat(xp.concat([basis, residual_probes], axis=1))
-        adjoint_basis, probe_image = image[:, :width], image[:, width:]
+        adjoint_basis, probe_image = backend.split(xp, image, (width,))
     else:  # A S and A G in the first call, A^H Q in the second
         width = sketch.shape[1]
         image = matmat(xp.concat([sketch, residual_probes], axis=1))
-        basis, _ = backend.thin_qr(xp, image[:, :width])
-        probe_image = image[:, width:]
+        sketch_image, probe_image = backend.split(xp, image, (width,))
+        basis, _ = backend.thin_qr(xp, sketch_image)
         adjoint_basis = adjoint(basis)
+    # (one compiled program under JAX: eagerly, each operation is a dispatch, and the
+    # Python numbers among them are shipped to the device)
+    low_rank_diagonal, numerators, denominators, residual_basis = backend.jit(
+        xp, _deflated_terms, num_static=3
+    )(xp, two_sided, unit_modulus, basis, adjoint_basis, probe_image, residual_probes)
+    return low_rank_diagonal, numerators, denominators, basis, adjoint_basis, residual_basis
+
+
+def _deflated_terms(
+    xp: Any,
+    two_sided: bool,
+    unit_modulus: bool,
+    basis: Any,
+    adjoint_basis: Any,
+    probe_image: Any,
+    residual_probes: Any,
+) -> tuple[Any, Any, Any, Any]:
+    """The algebra of :func:`diagpp_core` after its products: the low-rank diagonal, the
+    residual samples' numerators and denominators, and (two-sided) Zp."""
     residual_basis = None
     if two_sided:
         core = hermitian_transpose(basis, xp) @ adjoint_basis  # M = Q^H A Q
@@ -131,7 +151,7 @@ def diagpp_core(
     numerators, denominators = _residual_ratio_terms(
         probe_image, basis, adjoint_basis, residual_probes, xp, unit_modulus, residual_basis
     )
-    return low_rank_diagonal, numerators, denominators, basis, adjoint_basis, residual_basis
+    return low_rank_diagonal, numerators, denominators, residual_basis
 
 
 class DiagPlusPlus(Estimator):

@@ -29,14 +29,10 @@ def exact_diagonal(request: EstimationRequest) -> tuple[Any, tuple[DeferredCheck
     block = max(1, min(request.block_size, IDENTITY_BLOCK_BYTES // max(1, width_bytes), n))
     # exact: the products at full precision (JAX's float32 default on GPUs is TF32)
     walk = request.matmat.with_precision("highest")
-    pieces = []
-    for start in range(0, n, block):
-        width = min(block, n - start)
-        # columns start..start+width of the identity: ones where row - col == start
-        identity = xp.eye(n, width, k=-start, dtype=request.dtype, device=request.device)
-        image = walk(identity)
-        # copy: the diagonal is a view that would keep the whole (n, width) image alive
-        pieces.append(backend.copied(xp, xp.linalg.diagonal(image[start : start + width, :])))
+    pieces = [
+        backend.block_diagonal(xp, walk(identity), start, identity)
+        for start, identity in backend.identity_blocks(xp, n, block, request.dtype, request.device)
+    ]
     return (pieces[0] if len(pieces) == 1 else xp.concat(pieces)), ()
 
 
@@ -77,9 +73,7 @@ class Exact(Estimator):
     def _estimate(self, request: EstimationRequest, quantity: str) -> Estimate:
         xp = request.xp
         diagonal, checks = exact_diagonal(request)
-        value = xp.sum(diagonal) if quantity == "trace" else diagonal
-        real = backend.real_dtype_for(xp, value.dtype)
-        stderr = xp.zeros(value.shape, dtype=real, device=backend.device_of(value))
+        value, stderr = backend.jit(xp, _with_zero_error, num_static=2)(xp, quantity, diagonal)
         # an exact answer meets any tolerance asked for
         converged = True if request.adaptive else None
         return Estimate(value, stderr, request.columns, self.name, converged, checks=checks)
@@ -89,3 +83,10 @@ class Exact(Estimator):
 
     def diagonal(self, request: EstimationRequest) -> Estimate:
         return self._estimate(request, "diagonal")
+
+
+def _with_zero_error(xp: Any, quantity: str, diagonal: Any) -> tuple[Any, Any]:
+    """The exact ``quantity`` from the diagonal, and its zero standard error (one compiled
+    program under JAX: made eagerly, the zeros' fill was shipped from the host)."""
+    value = xp.sum(diagonal) if quantity == "trace" else diagonal
+    return value, xp.zeros_like(backend.real_part(xp, value))

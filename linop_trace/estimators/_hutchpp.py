@@ -98,8 +98,8 @@ def hutchpp_core(matmat: Matmat, sketch: Any, residual_probes: Any, xp: Any) -> 
     block = xp.concat([basis, deflated], axis=1)
     image = covered_product(matmat, block)
     inner = cover(matmat, backend.materialized(xp, column_inner(block, image, xp)))
-    low_rank_trace = xp.sum(inner[:width])
-    samples = inner[width:]
+    head, samples = backend.split(xp, inner, (width,))
+    low_rank_trace = xp.sum(head)
     return HutchPlusPlusResult(
         low_rank_trace, sample_mean(samples, xp, offset=low_rank_trace), basis
     )
@@ -324,8 +324,9 @@ class HutchPlusPlus(Estimator):
         deflated = project_out(basis, request.probes(residual_size), xp)
         width = int(basis.shape[1])
         image = matmat(xp.concat([basis, deflated], axis=1))
-        low_rank_trace = xp.sum(backend.conj(xp, basis) * image[:, :width])
-        state = _SketchState(basis, low_rank_trace, image[:, width:], deflated, xp)
+        basis_image, residual_image = backend.split(xp, image, (width,))
+        low_rank_trace = xp.sum(backend.conj(xp, basis) * basis_image)
+        state = _SketchState(basis, low_rank_trace, residual_image, deflated, xp)
         state.frobenius = [_mean_square_norm(first_image, xp), state.residual_frobenius()]
         state.ranks = [0, width]
         state.first_block = sketch_size
@@ -478,15 +479,20 @@ class _SketchState:
         """Orthogonalize the residual images into the basis; one product ``A [new, more]``."""
         xp = self.xp
         room = int(self.basis.shape[0]) - int(self.basis.shape[1])  # Q fills C^n at most
-        images = self.image if int(self.image.shape[1]) <= room else self.image[:, :room]
+        images = (
+            self.image
+            if int(self.image.shape[1]) <= room
+            else backend.split(xp, self.image, (room,))[0]
+        )
         new = extend_basis(self.basis, images, xp)
         self.basis = xp.concat([self.basis, new], axis=1)
         width = int(new.shape[1])
         block = new if more is None else xp.concat([new, project_out(self.basis, more, xp)], axis=1)
         image = matmat(block)
-        self.low_rank_trace = self.low_rank_trace + xp.sum(backend.conj(xp, new) * image[:, :width])
+        new_image, residual_image = backend.split(xp, image, (width,))
+        self.low_rank_trace = self.low_rank_trace + xp.sum(backend.conj(xp, new) * new_image)
         self.ranks.append(int(self.basis.shape[1]))
-        return block[:, width:], image[:, width:]
+        return backend.split(xp, block, (width,))[1], residual_image
 
     def top_up(self, matmat: Matmat, probes: Any) -> None:
         """More residual probes for the same sketch (their images kept for absorbing)."""
@@ -519,15 +525,20 @@ def _residual_mean(low_rank_trace: Any, samples: list[Any], xp: Any) -> SampleMe
     return sample_mean(drawn, xp, offset=low_rank_trace)
 
 
+def _scaled_squares(xp: Any, block: Any) -> tuple[Any, Any]:
+    """The sum of ``block``'s squares over its largest modulus, and that modulus."""
+    peak = xp.max(xp.abs(block))
+    scaled = block / xp.where(peak > 0, peak, xp.ones_like(peak))
+    return xp.sum(backend.abs2(xp, scaled)), peak
+
+
 def _mean_square_norm(block: Any, xp: Any) -> float | None:
     """``mean_j ||block_j||^2`` read as a float (``None`` without a value: JAX jit), its
     squares taken over the largest modulus and the scale put back in Python's float64
     (float32 products of 2^70 overflowed their squares, and the adaptive run moved)."""
     if int(block.shape[1]) == 0:
         return None
-    peak = xp.max(xp.abs(block))
-    scaled = block / xp.where(peak > 0, peak, xp.ones_like(peak))
-    numbers = backend.read_floats(xp, [xp.sum(backend.abs2(xp, scaled)), peak])
+    numbers = backend.read_floats(xp, list(backend.jit(xp, _scaled_squares)(xp, block)))
     if numbers is None:
         return None
     ratio, largest = numbers

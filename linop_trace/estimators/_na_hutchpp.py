@@ -72,15 +72,29 @@ def na_hutchpp_core(
     r, l_ = right_sketch.shape[1], left_sketch.shape[1]
     if adjoint is None:
         image = matmat(xp.concat([right_sketch, left_sketch, residual_probes], axis=1))
-        right_image, adjoint_left, probe_image = (
-            image[:, :r],
-            image[:, r : r + l_],
-            image[:, r + l_ :],
-        )
+        right_image, adjoint_left, probe_image = backend.split(xp, image, (r, l_))
     else:
         image = matmat(xp.concat([right_sketch, residual_probes], axis=1))
-        right_image, probe_image = image[:, :r], image[:, r:]
+        right_image, probe_image = backend.split(xp, image, (r,))
         adjoint_left = adjoint(left_sketch)
+    # (one compiled program under JAX: eagerly, each operation is a dispatch, and the
+    # Python numbers among them are shipped to the device)
+    low_rank_trace, samples = backend.jit(xp, _nystrom_terms)(
+        xp, left_sketch, residual_probes, right_image, adjoint_left, probe_image
+    )
+    return NAHutchPlusPlusResult(low_rank_trace, sample_mean(samples, xp, offset=low_rank_trace))
+
+
+def _nystrom_terms(
+    xp: Any,
+    left_sketch: Any,
+    residual_probes: Any,
+    right_image: Any,
+    adjoint_left: Any,
+    probe_image: Any,
+) -> tuple[Any, Any]:
+    """The algebra of :func:`na_hutchpp_core` after its products: tr(Ahat) and the
+    residual samples g_j^H (A - Ahat) g_j."""
     left_image = hermitian_transpose(adjoint_left, xp)  # W = S^H A, (l, n)
     # (r, l); a non-finite product is reported by its check when the estimate is read,
     # so the SVD inside pinv must not raise on it first
@@ -92,8 +106,7 @@ def na_hutchpp_core(
     left_factor = (hermitian_transpose(residual_probes, xp) @ right_image) @ core  # (g, l)
     right_factor = left_image @ residual_probes  # (l, g)
     approximated = xp.sum(left_factor * xp.matrix_transpose(right_factor), axis=1)
-    samples = column_inner(residual_probes, probe_image, xp) - approximated
-    return NAHutchPlusPlusResult(low_rank_trace, sample_mean(samples, xp, offset=low_rank_trace))
+    return low_rank_trace, column_inner(residual_probes, probe_image, xp) - approximated
 
 
 class NAHutchPlusPlus(Estimator):

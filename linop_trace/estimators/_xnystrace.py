@@ -104,7 +104,7 @@ def _sketch_pieces(xp: Any, probes: Any, images: Any) -> tuple[Any, ...]:
     return core, gram, nu, lam, vec, evidence
 
 
-def _psd_failed(xp: Any, evidence: Any, eps: float) -> Any:
+def _psd_failed(xp: Any, eps: float, evidence: Any) -> Any:
     """Whether the evidence of :func:`_sketch_pieces` shows that A is not symmetric PSD (or that
     the sketch overflowed), as a 0-d boolean array (:func:`_not_psd_error` says which)."""
     size, asymmetry, lowest, top, low = (evidence[i] for i in range(5))
@@ -176,7 +176,8 @@ def xnystrace_estimates(
             xp, improved, probes, images
         )
     # (the evidence as one array: one output of JAX's compiled estimate, not five)
-    check = DeferredCheck(_psd_failed(xp, evidence, eps), (evidence,), _not_psd_error(eps))
+    failed = backend.jit(xp, _psd_failed, num_static=2)(xp, eps, evidence)
+    check = DeferredCheck(failed, (evidence,), _not_psd_error(eps))
     return XNysTraceResult(value, error, estimates, pseudo, min_eigenvalue, check)
 
 
