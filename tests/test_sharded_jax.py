@@ -159,6 +159,41 @@ def test_callable_operator_over_a_sharded_matrix(mesh_setup):
 
 
 @needs_mesh
+@pytest.mark.parametrize(
+    "case", CASES + [("trace", "exact", ()), ("diagonal", "exact", ())], ids=_ids
+)
+def test_operator_of_functions_on_another_device(mesh_setup, case):
+    """An operator known by functions over a matrix on a device other than the default
+    one (a second GPU, here a second host device) runs eagerly: its probes, identity
+    blocks and zeros must be made there. The draws followed their key, made on the
+    default device, and the operator refused them ("devices are mixed"), every method;
+    row and column sums and the exact walk made their blocks on the default device."""
+    quantity, method, tags = case
+    _, plain, _ = mesh_setup
+    other = jax.device_put(plain, jax.devices("cpu")[1])
+
+    def operator(matrix):
+        return lt.LinearOperator.from_callable(
+            matmat=lambda X: matrix @ X,
+            rmatmat=lambda X: matrix.T @ X,
+            shape=matrix.shape,
+            like=matrix,
+            tags=tags or ("symmetric",),
+        )
+
+    function = getattr(lt, quantity)
+    reference = function(operator(plain), method=method, num_matvecs=BUDGET, seed=3)
+    moved = function(operator(other), method=method, num_matvecs=BUDGET, seed=3)
+    _assert_close(moved.value, reference.value)
+    assert moved.value.devices() == {jax.devices("cpu")[1]}
+    if quantity == "trace" and method == "exact":
+        for sums in (lt.row_sums, lt.col_sums):
+            result = sums(operator(other))
+            _assert_close(result.value, sums(plain).value)
+            assert result.value.devices() == result.stderr.devices() == {jax.devices("cpu")[1]}
+
+
+@needs_mesh
 @pytest.mark.parametrize("quantity", ["trace", "diagonal"])
 def test_adaptive_estimate_over_a_sharded_matrix(mesh_setup, quantity):
     """An adaptive estimate runs eagerly, its later blocks drawn in chunks of the first

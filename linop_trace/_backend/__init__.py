@@ -59,6 +59,7 @@ from ._device import (  # noqa: F401
     known_value,
     mutation_stamp,
     owned,
+    placed,
     prefers_whole_arrays,
     product_into,
     read_bool,

@@ -26,6 +26,7 @@ __all__ = [
     "copied",
     "mutation_stamp",
     "owned",
+    "placed",
     "concrete_floats",
     "device_cond",
     "finite_flag",
@@ -328,6 +329,25 @@ def device_cond(
 def can_branch(xp: Any) -> bool:
     """Whether :func:`device_cond` works for this library (host libraries and JAX)."""
     return reads_are_free(xp) or array_api_compat.is_jax_namespace(xp)
+
+
+def placed(x: Any, device: Any) -> Any:
+    """A JAX array made by a compiled program, on ``device`` (a JAX device or sharding;
+    ``None``: where it is). Inside ``jax.jit`` an array made from nothing lands on the
+    default device whatever ``device`` it was made with, and an operator on another
+    device refuses it; moved there (an explicit copy between devices, which the transfer
+    guard allows), or as it is where it is there already (``device_put`` would cost 16 us
+    and a new array)."""
+    if device is None or not array_api_compat.is_jax_array(x) or is_tracer(x):
+        return x  # (other libraries' arrays are made where they are asked to be)
+    import jax
+
+    if isinstance(device, jax.sharding.Sharding):
+        if x.sharding == device:
+            return x
+    elif x.sharding.device_set == {device}:  # (uncommitted there: it goes with any)
+        return x
+    return jax.device_put(x, device)
 
 
 def copied(xp: Any, x: Any) -> Any:

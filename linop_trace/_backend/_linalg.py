@@ -19,7 +19,7 @@ import numpy as np
 
 from ._compiled import jit
 from ._dask import dask_column_inner, is_dask_array
-from ._device import copied, is_tracer, stop_gradient
+from ._device import copied, is_tracer, placed, stop_gradient
 
 __all__ = [
     "ONE_THREAD_MIN_WORK",
@@ -319,9 +319,9 @@ def _pieces(xp: Any, sizes: tuple[int, ...], x: Any) -> tuple[Any, ...]:
 def zeros(xp: Any, shape: tuple[int, ...], dtype: Any, device: Any) -> Any:
     """``xp.zeros(shape, dtype=dtype, device=device)``; under JAX made by a compiled
     program (eagerly, ``zeros`` ships its fill value from the host: a transfer refused
-    under ``jax.transfer_guard("disallow")``)."""
+    under ``jax.transfer_guard("disallow")``) and placed on ``device``."""
     if array_api_compat.is_jax_namespace(xp):
-        return jit(xp, _zeros, num_static=4)(xp, tuple(shape), dtype, device)
+        return placed(jit(xp, _zeros, num_static=4)(xp, tuple(shape), dtype, device), device)
     return xp.zeros(shape, dtype=dtype, device=device)
 
 
@@ -333,16 +333,17 @@ def identity_blocks(xp: Any, n: int, block: int, dtype: Any, device: Any) -> Any
     """The columns of the ``n x n`` identity, ``block`` at a time (the last block the
     rest): ``(start, columns)`` pairs, ``columns`` the ones where row - column = start.
 
-    Under JAX outside a trace, ``eye`` ships its offset (and its fill) from the host, a
-    transfer per block refused under ``jax.transfer_guard("disallow")``: there the first
-    block is made by a compiled program and each next one is the last one's rows
-    shifted down by ``block``, so that no start goes to the device."""
+    Under JAX an eager ``eye`` ships its offset (and its fill) from the host, a transfer
+    per block refused under ``jax.transfer_guard("disallow")``: there the first block is
+    made by a compiled program (placed on ``device``) and each next one is the last one's
+    rows shifted down by ``block``, so that no start goes to the device (the same in a
+    trace)."""
     if not array_api_compat.is_jax_namespace(xp):
         for start in range(0, n, block):
             width = min(block, n - start)
             yield start, xp.eye(n, width, k=-start, dtype=dtype, device=device)
         return
-    columns = jit(xp, _eye, num_static=5)(xp, n, min(block, n), dtype, device)
+    columns = placed(jit(xp, _eye, num_static=5)(xp, n, min(block, n), dtype, device), device)
     for start in range(0, n, block):
         width = min(block, n - start)
         if width < columns.shape[1]:

@@ -12,7 +12,7 @@ import array_api_compat
 import numpy as np
 
 from ._dask import dask_probe_block, is_dask_array, is_dask_namespace
-from ._device import is_tracer, stop_gradient
+from ._device import is_tracer, placed, stop_gradient
 from ._identity import namespace_name
 
 __all__ = ["RandomSource", "fold_seed", "jax_key_of", "jax_seed", "make_random_source"]
@@ -478,6 +478,10 @@ def make_random_source(xp: Any, device: Any, seed: Any, like: Any = None) -> Ran
             # an operator over a sharded array: its probes are drawn on its mesh (a key
             # left on one device would draw the probes there, which the operator refuses)
             key = jax.device_put(key, device)
+        elif device is not None and not is_tracer(key):
+            # an operator on another device than the default one (a second GPU): the
+            # draws follow their key (made on the default device, they were refused)
+            key = placed(key, device)
         return RandomSource(xp, device, "jax", key)  # (key, columns drawn) once it draws
     if array_api_compat.is_cupy_namespace(xp):
         import cupy
