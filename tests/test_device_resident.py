@@ -640,6 +640,16 @@ def test_jax_vmap_of_auto_names_each_members_choice(jax_setup):
     assert batch.method == "auto" and batch.info["methods"] == methods
     same = jax.vmap(lambda k: lt.trace(operator, num_matvecs=12, seed=k))(keys[1:3])
     assert same.method == methods[1] == methods[2]  # (one choice: its name)
+    indefinite = np.diag(np.linspace(1.0, 2.0, 40))
+    indefinite[0, 0] = -50.0  # (tagged PSD: XNysTrace's check fails, Hutchinson's stands)
+    M = jnp.asarray(indefinite)
+    tagged = lt.LinearOperator.from_callable(
+        matmat=lambda X: M @ X, shape=M.shape, like=M, tags=("symmetric", "positive_semidefinite")
+    )
+    batch = jax.vmap(lambda k: lt.trace(tagged, num_matvecs=12, seed=k))(keys)
+    with pytest.warns(RuntimeWarning, match="in 8 of 8 members of the batch"):
+        batch.value  # noqa: B018
+    assert batch.method == "hutchinson"
 
 
 def test_jax_auto_on_a_stored_matrix_is_one_compiled_exact_program(jax_setup, monkeypatch):

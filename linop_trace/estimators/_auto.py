@@ -394,9 +394,14 @@ def _fell_back(estimate: Estimate, nystrom: Estimate, hutchinson: Estimate) -> N
         for check in nystrom._checks:
             check.run()
     except ValueError as error:
+        members = ""
+        flag = nystrom._checks[0].failed if nystrom._checks else None
+        if getattr(flag, "ndim", 0):  # a batch of estimates (jax.vmap): some members
+            flags = backend.to_numpy(flag)
+            members = f" in {int(flags.sum())} of {flags.size} members of the batch"
         warnings.warn(
             f"{error}; the operator is tagged positive_semidefinite, so method='auto' "
-            "falls back to Hutchinson's estimate from the same products",
+            f"falls back to Hutchinson's estimate from the same products{members}",
             RuntimeWarning,
             stacklevel=5,
         )
