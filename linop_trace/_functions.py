@@ -1040,28 +1040,16 @@ def _sums_of(
     counter = CountingMatmat(target, check_finite, precision=precision)
     length, count = (rows, cols) if adjoint else (cols, rows)
     real = backend.real_dtype_for(xp, operator.dtype)
-    # (made by a compiled program under JAX: made eagerly, their fill values were
+    # (made by compiled programs under JAX: made eagerly, their fill values were
     # shipped from the host, a transfer at every call)
-    ones, stderr = backend.jit(xp, _ones_and_zeros, num_static=6)(
-        xp, length, count, operator.dtype, real, operator.device
-    )
-    ones, stderr = backend.placed(ones, operator.device), backend.placed(stderr, operator.device)
+    ones = backend.ones(xp, (length, 1), operator.dtype, operator.device)
+    stderr = backend.zeros(xp, (count,), real, operator.device)
     value = backend.jit(xp, _first_column)(xp, counter(ones))  # (JAX 0.6: eager [:, 0] ships 0)
     return Estimate(value, stderr, counter.columns, "exact", checks=counter.deferred_checks())
 
 
 def _first_column(xp: Any, x: Any) -> Any:
     return x[:, 0]
-
-
-def _ones_and_zeros(
-    xp: Any, length: int, count: int, dtype: Any, real: Any, device: Any
-) -> tuple[Any, Any]:
-    """A ``(length, 1)`` column of ones of ``dtype`` and ``count`` zeros of ``real``."""
-    return (
-        xp.ones((length, 1), dtype=dtype, device=device),
-        xp.zeros((count,), dtype=real, device=device),
-    )
 
 
 def row_sums(A: Any, check_finite: bool = True, decompose: bool = True) -> Estimate:

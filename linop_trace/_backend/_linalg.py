@@ -41,6 +41,8 @@ __all__ = [
     "thin_qr",
     "vmap_columns",
     "zeros",
+    "ones",
+    "filled",
 ]
 
 # ------------------------------------------------------------ one thread on the host
@@ -317,16 +319,28 @@ def _pieces(xp: Any, sizes: tuple[int, ...], x: Any) -> tuple[Any, ...]:
 
 
 def zeros(xp: Any, shape: tuple[int, ...], dtype: Any, device: Any) -> Any:
-    """``xp.zeros(shape, dtype=dtype, device=device)``; under JAX made by a compiled
-    program (eagerly, ``zeros`` ships its fill value from the host: a transfer refused
-    under ``jax.transfer_guard("disallow")``) and placed on ``device``."""
+    """``xp.zeros(shape, dtype=dtype, device=device)``, made as :func:`filled` makes it."""
+    return filled(xp, shape, 0, dtype, device)
+
+
+def ones(xp: Any, shape: tuple[int, ...], dtype: Any, device: Any) -> Any:
+    """``xp.ones(shape, dtype=dtype, device=device)``, made as :func:`filled` makes it."""
+    return filled(xp, shape, 1, dtype, device)
+
+
+def filled(xp: Any, shape: tuple[int, ...], value: int, dtype: Any, device: Any) -> Any:
+    """``xp.full(shape, value, dtype=dtype, device=device)``; under JAX made by a compiled
+    program (eagerly, ``full``, ``zeros`` and ``ones`` ship their fill value from the
+    host: a transfer refused under ``jax.transfer_guard("disallow")``) and placed on
+    ``device``."""
     if array_api_compat.is_jax_namespace(xp):
-        return placed(jit(xp, _zeros, num_static=4)(xp, tuple(shape), dtype, device), device)
-    return xp.zeros(shape, dtype=dtype, device=device)
+        made = jit(xp, _full, num_static=5)(xp, tuple(shape), value, dtype, device)
+        return placed(made, device)
+    return _full(xp, shape, value, dtype, device)
 
 
-def _zeros(xp: Any, shape: tuple[int, ...], dtype: Any, device: Any) -> Any:
-    return xp.zeros(shape, dtype=dtype, device=device)
+def _full(xp: Any, shape: tuple[int, ...], value: int, dtype: Any, device: Any) -> Any:
+    return xp.full(shape, value, dtype=dtype, device=device)
 
 
 def identity_blocks(xp: Any, n: int, block: int, dtype: Any, device: Any) -> Any:
