@@ -1165,6 +1165,7 @@ def frobenius_norm_squared(
         drawn = xp.real(drawn)
     # the samples |A z|^2 are skewed: the interval is Hutchinson's shape-corrected t one
     info = {"probe": sampler.kind}
-    estimate = sample_mean(drawn, xp).estimate(counter.columns, "hutchinson", info=info)
+    result = sample_mean(drawn, xp, terms=operator.shape[0])  # (|A z|^2 sums n squares)
+    estimate = result.estimate(counter.columns, "hutchinson", info=info)
     estimate = estimate.with_checks(counter.deferred_checks(), counter.columns)
     return _computed_once(estimate) if backend.is_dask_namespace(xp) else estimate

@@ -162,3 +162,16 @@ def test_estimates_deep_copy_and_pickle(backend):
     with pytest.raises(TypeError, match="complex estimate: use complex"):
         float(complex_estimate)
     assert complex(complex_estimate) == pytest.approx(np.trace(values) * (1 + 1j))
+
+
+def test_frobenius_interval_of_a_diagonal_matrix_covers_its_rounded_value():
+    # |D z|^2 = sum d_i^2 for every Rademacher z: no spread, and the samples are one
+    # rounded sum of n = 200 squares. The standard error was 0.0 and all 40 intervals
+    # missed; it is now that sum's rounding, eps sqrt(n) mean |z^H A^H A z|
+    d = np.random.default_rng(0).uniform(1.0, 3.0, 200)
+    A = lt.LinearOperator.from_callable(matmat=lambda X: d[:, None] * X, shape=(200, 200))
+    truth = float(np.sum(np.square(d), dtype=np.longdouble))
+    for seed in range(40):
+        low, high = lt.frobenius_norm_squared(A, num_matvecs=20, seed=seed).ci()
+        assert low <= truth <= high
+        assert high - low < 1e-11 * truth

@@ -531,7 +531,7 @@ def divergence(
     # Hutchinson's estimate per sample b: mean, stderr and the shape-corrected interval
     # (over the largest deviation, so extreme scales neither overflow nor underflow)
     info = {"probe": sampler.kind}
-    estimate = sample_mean(samples, xp).estimate(num_matvecs, "hutchinson", info=info)
+    estimate = sample_mean(samples, xp, terms=dim).estimate(num_matvecs, "hutchinson", info=info)
     return estimate.with_checks(_finite_checks(xp, [samples], check_finite), num_matvecs)
 
 

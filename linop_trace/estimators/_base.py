@@ -542,7 +542,8 @@ class RefineState:
 
     - ``method``: the name of the estimator whose :meth:`Estimator.refine` continues it;
     - ``samples``: the per-probe samples of a sample mean (Hutchinson's trace, Hutch++'s
-      residual), ``offset`` the value they are added to (Hutch++: tr(Q^H A Q)) and
+      residual), ``offset`` the value they are added to (Hutch++: tr(Q^H A Q)),
+      ``offset_size`` the size of its rounding (Hutch++: sum_j |q_j^H A q_j|) and
       ``basis`` the sketch they are deflated by (Hutch++: Q);
     - ``sums``: a diagonal's running :class:`~linop_trace._stats.RatioSums`;
     - ``scale``: the power of two the products were multiplied by (``None``: none), and
@@ -553,6 +554,7 @@ class RefineState:
     samples: Any = None
     sums: Any = None
     offset: Any = None
+    offset_size: Any = None
     basis: Any = None
     scale: Any = None
     drawn: int = field(default=0, metadata={"static": True})

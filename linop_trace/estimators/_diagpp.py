@@ -24,7 +24,7 @@ from typing import Any
 
 from .. import _backend as backend
 from .._estimate import Estimate
-from .._stats import RatioSums
+from .._stats import RatioSums, with_rounding
 from ._adaptive import grow_diagonal
 from ._base import EstimationRequest, Estimator, deflation_split
 from ._linalg import hermitian_transpose, two_sided_low_rank_diagonal
@@ -154,6 +154,13 @@ def _deflated_terms(
     return low_rank_diagonal, numerators, denominators, residual_basis
 
 
+def _low_rank_size(xp: Any, basis: Any, adjoint_basis: Any, residual_basis: Any) -> Any:
+    """Entry k: sum_l |Q_kl (A^H Q)_kl| (two-sided: of ``(Z + Zp)``), the size of the terms
+    the low-rank diagonal sums (the scale of its rounding)."""
+    image = adjoint_basis if residual_basis is None else adjoint_basis + residual_basis
+    return xp.sum(xp.abs(basis * image), axis=1)
+
+
 class DiagPlusPlus(Estimator):
     """Diag++: exact diagonal of a range sketch plus a stochastic diagonal of the rest.
 
@@ -232,9 +239,12 @@ class DiagPlusPlus(Estimator):
 
         converged = grow_diagonal(request, sums, draw, low_rank) if request.adaptive else None
         residual_value, stderr, count = sums.estimate()
+        # the exact part's rounding (with a sketch of full rank the residual is rounding
+        # alone, and its spread was the whole error bar: a few ulps, which missed)
+        size = backend.jit(xp, _low_rank_size)(xp, basis, adjoint_basis, residual_basis)
         return Estimate(
             low_rank + residual_value,
-            stderr,
+            with_rounding(stderr, size, request.n, xp),
             request.columns,
             self.name,
             converged=converged,

@@ -52,7 +52,8 @@ def hutchinson_samples(matmat: Matmat, probes: Any, xp: Any) -> Any:
 def hutchinson_core(matmat: Matmat, probes: Any, xp: Any) -> SampleMean:
     """Hutchinson's trace estimate from the probe block ``probes`` (n, m): the mean of the
     samples, its standard error, and the samples' shape (one product)."""
-    return sample_mean(hutchinson_samples(matmat, probes, xp), xp)
+    samples = hutchinson_samples(matmat, probes, xp)
+    return sample_mean(samples, xp, terms=int(probes.shape[0]))
 
 
 def diagonal_hutchinson_samples(
@@ -155,7 +156,7 @@ class Hutchinson(ProbeOption):
         if request.adaptive:
 
             def measure() -> Progress:
-                result = sample_mean(_concatenated(samples, xp), xp)
+                result = sample_mean(_concatenated(samples, xp), xp, terms=request.n)
                 return sample_mean_progress(result, request)
 
             def grow() -> bool:
@@ -175,7 +176,7 @@ class Hutchinson(ProbeOption):
                 raise EstimateInterrupted(
                     self._estimate_so_far(request, samples, info)
                 ) from interrupt
-        result = sample_mean(_concatenated(samples, xp), xp)
+        result = sample_mean(_concatenated(samples, xp), xp, terms=request.n)
         return _with_refine_state(
             result.estimate(request.columns, self.name, converged, info), result
         )
@@ -192,7 +193,7 @@ class Hutchinson(ProbeOption):
         fewer than two samples: no error bar)."""
         if sum(int(block.shape[0]) for block in samples) < 2:
             return None
-        result = sample_mean(_concatenated(samples, request.xp), request.xp)
+        result = sample_mean(_concatenated(samples, request.xp), request.xp, terms=request.n)
         return result.estimate(request.columns, self.name, False, info)
 
     def diagonal(self, request: EstimationRequest) -> Estimate:

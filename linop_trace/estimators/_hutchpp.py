@@ -66,11 +66,14 @@ class HutchPlusPlusResult:
     """What :func:`hutchpp_core` computes: ``low_rank_trace`` = tr(Q^H A Q), the
     ``residual`` sample mean of g_j'^H A g_j' (g_j' = (I - QQ^H) g_j), and the ``basis`` Q
     (for further residual samples with :func:`deflated_samples`). The estimate is
-    ``residual.value`` (the low-rank trace is its offset)."""
+    ``residual.value`` (the low-rank trace is its offset). ``low_rank_size`` is
+    sum_j |q_j^H A q_j|, the size of the low-rank trace's rounding (its standard error
+    includes it: with a sketch of full rank the residual samples are rounding alone)."""
 
     low_rank_trace: Any
     residual: SampleMean
     basis: Any
+    low_rank_size: Any = None
 
 
 def hutchpp_core(matmat: Matmat, sketch: Any, residual_probes: Any, xp: Any) -> HutchPlusPlusResult:
@@ -99,10 +102,10 @@ def hutchpp_core(matmat: Matmat, sketch: Any, residual_probes: Any, xp: Any) -> 
     image = covered_product(matmat, block)
     inner = cover(matmat, backend.materialized(xp, column_inner(block, image, xp)))
     head, samples = backend.split(xp, inner, (width,))
-    low_rank_trace = xp.sum(head)
-    return HutchPlusPlusResult(
-        low_rank_trace, sample_mean(samples, xp, offset=low_rank_trace), basis
-    )
+    low_rank_trace, low_rank_size = xp.sum(head), xp.sum(xp.abs(head))
+    n = int(sketch.shape[0])
+    residual = sample_mean(samples, xp, offset=low_rank_trace, terms=n, offset_size=low_rank_size)
+    return HutchPlusPlusResult(low_rank_trace, residual, basis, low_rank_size)
 
 
 def deflated_samples(matmat: Matmat, basis: Any, probes: Any, xp: Any) -> Any:
@@ -121,6 +124,7 @@ def _residual_estimate(
     converged: bool | None,
     info: dict,
     basis: Any = None,
+    low_rank_size: Any = None,
 ) -> Estimate:
     """The estimate of the residual sample mean ``result``; with the sketch ``basis`` it
     keeps what :meth:`HutchPlusPlus.refine` continues from."""
@@ -129,7 +133,11 @@ def _residual_estimate(
     estimate = result.estimate(request.columns, name, converged, info)
     if basis is not None:
         estimate._state = RefineState(
-            "hutch++", samples=result.samples, offset=low_rank_trace, basis=basis
+            "hutch++",
+            samples=result.samples,
+            offset=low_rank_trace,
+            offset_size=low_rank_size,
+            basis=basis,
         )
     return estimate
 
@@ -271,6 +279,7 @@ class HutchPlusPlus(Estimator):
             None,
             {"sketch_size": int(result.basis.shape[1]), "probe": request.probes.kind},
             result.basis,
+            result.low_rank_size,
         )
 
     def refine(self, quantity: str, request: EstimationRequest, state: RefineState) -> Estimate:
@@ -288,7 +297,10 @@ class HutchPlusPlus(Estimator):
         if request.adaptive:
 
             def measure() -> Progress:
-                return sample_mean_progress(_residual_mean(state.offset, samples, xp), request)
+                return sample_mean_progress(
+                    _residual_mean(state.offset, samples, xp, request.n, state.offset_size),
+                    request,
+                )
 
             def grow() -> bool:
                 left = remaining(request)
@@ -302,12 +314,13 @@ class HutchPlusPlus(Estimator):
             converged = until_met(request, measure, grow)
         return _residual_estimate(
             self.name,
-            _residual_mean(state.offset, samples, xp),
+            _residual_mean(state.offset, samples, xp, request.n, state.offset_size),
             state.offset,
             request,
             converged,
             {"sketch_size": int(basis.shape[1]), "probe": request.probes.kind},
             basis,
+            state.offset_size,
         )
 
     def _adaptive_trace(self, request: EstimationRequest) -> Estimate:
@@ -325,8 +338,8 @@ class HutchPlusPlus(Estimator):
         width = int(basis.shape[1])
         image = matmat(xp.concat([basis, deflated], axis=1))
         basis_image, residual_image = backend.split(xp, image, (width,))
-        low_rank_trace = xp.sum(backend.conj(xp, basis) * basis_image)
-        state = _SketchState(basis, low_rank_trace, residual_image, deflated, xp)
+        low_rank_trace, low_rank_size = _low_rank_terms(basis, basis_image, xp)
+        state = _SketchState(basis, low_rank_trace, residual_image, deflated, xp, low_rank_size)
         state.frobenius = [_mean_square_norm(first_image, xp), state.residual_frobenius()]
         state.ranks = [0, width]
         state.first_block = sketch_size
@@ -337,7 +350,7 @@ class HutchPlusPlus(Estimator):
         state.path.append((0, math.inf if initial is None else initial))
 
         def measure() -> Progress:
-            return sample_mean_progress(_residual_mean(state.low_rank_trace, samples, xp), request)
+            return sample_mean_progress(state.residual_mean(samples), request)
 
         request.matmat.check_now()
         first = measure()
@@ -377,7 +390,7 @@ class HutchPlusPlus(Estimator):
 
             converged = until_met(request, measure, grow, measure_first=False)
         rank = int(state.basis.shape[1])
-        result = _residual_mean(state.low_rank_trace, samples, xp)
+        result = state.residual_mean(samples)
         return _residual_estimate(
             self.name,
             result,
@@ -393,6 +406,7 @@ class HutchPlusPlus(Estimator):
                 "probe": request.probes.kind,
             },
             state.basis,
+            state.low_rank_size,
         )
 
     def _grow_sketch(
@@ -459,10 +473,20 @@ class _SketchState:
     """The growing sketch of adaptive Hutch++: basis Q, ``tr(Q^H A Q)``, and the current
     residual probes ``G' = (I - QQ^H) G`` with their images ``A G'`` and samples."""
 
-    def __init__(self, basis: Any, low_rank_trace: Any, image: Any, deflated: Any, xp: Any):
+    def __init__(
+        self,
+        basis: Any,
+        low_rank_trace: Any,
+        image: Any,
+        deflated: Any,
+        xp: Any,
+        low_rank_size: Any,
+    ):
         self.xp = xp
         self.basis = basis
         self.low_rank_trace = low_rank_trace
+        #: sum_j |q_j^H A q_j| (the size of the low-rank trace's rounding)
+        self.low_rank_size = low_rank_size
         self.image = image
         self.samples = column_inner(deflated, image, xp)
         self.frobenius: list[float | None] = []
@@ -470,6 +494,12 @@ class _SketchState:
         self.path: list[tuple[int, float]] = []
         self.stopped = ""
         self.first_block = 0
+
+    def residual_mean(self, samples: list[Any]) -> SampleMean:
+        """The estimate from the residual sample blocks ``samples`` (its standard error
+        with the rounding of ``n`` terms and of the low-rank trace)."""
+        n = int(self.basis.shape[0])
+        return _residual_mean(self.low_rank_trace, samples, self.xp, n, self.low_rank_size)
 
     def residual_frobenius(self) -> float | None:
         """``mean_j ||(I - QQ^H) A g_j'||^2``, unbiased for ``||R||_F^2`` (E[g g^H] = I)."""
@@ -490,7 +520,9 @@ class _SketchState:
         block = new if more is None else xp.concat([new, project_out(self.basis, more, xp)], axis=1)
         image = matmat(block)
         new_image, residual_image = backend.split(xp, image, (width,))
-        self.low_rank_trace = self.low_rank_trace + xp.sum(backend.conj(xp, new) * new_image)
+        more_trace, more_size = _low_rank_terms(new, new_image, xp)
+        self.low_rank_trace = self.low_rank_trace + more_trace
+        self.low_rank_size = self.low_rank_size + more_size
         self.ranks.append(int(self.basis.shape[1]))
         return backend.split(xp, block, (width,))[1], residual_image
 
@@ -519,10 +551,24 @@ class _SketchState:
         return True
 
 
-def _residual_mean(low_rank_trace: Any, samples: list[Any], xp: Any) -> SampleMean:
-    """The estimate ``low_rank_trace + mean(samples)`` of the residual sample blocks."""
+def _residual_mean(
+    low_rank_trace: Any,
+    samples: list[Any],
+    xp: Any,
+    n: int = 0,
+    low_rank_size: Any = None,
+) -> SampleMean:
+    """The estimate ``low_rank_trace + mean(samples)`` of the residual sample blocks; with
+    ``n`` its standard error includes the rounding (:func:`~linop_trace._stats.sample_mean`),
+    of size ``low_rank_size`` in the low-rank trace."""
     drawn = samples[0] if len(samples) == 1 else xp.concat(samples)
-    return sample_mean(drawn, xp, offset=low_rank_trace)
+    return sample_mean(drawn, xp, offset=low_rank_trace, terms=n, offset_size=low_rank_size)
+
+
+def _low_rank_terms(basis: Any, image: Any, xp: Any) -> tuple[Any, Any]:
+    """``sum_j q_j^H A q_j`` and ``sum_j |q_j^H A q_j|`` from the basis and its image."""
+    head = column_inner(basis, image, xp)
+    return xp.sum(head), xp.sum(xp.abs(head))
 
 
 def _scaled_squares(xp: Any, block: Any) -> tuple[Any, Any]:

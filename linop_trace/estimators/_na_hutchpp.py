@@ -82,7 +82,9 @@ def na_hutchpp_core(
     low_rank_trace, samples = backend.jit(xp, _nystrom_terms)(
         xp, left_sketch, residual_probes, right_image, adjoint_left, probe_image
     )
-    return NAHutchPlusPlusResult(low_rank_trace, sample_mean(samples, xp, offset=low_rank_trace))
+    n = int(residual_probes.shape[0])
+    residual = sample_mean(samples, xp, offset=low_rank_trace, terms=n)
+    return NAHutchPlusPlusResult(low_rank_trace, residual)
 
 
 def _nystrom_terms(

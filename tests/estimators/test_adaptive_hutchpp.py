@@ -94,7 +94,8 @@ def test_one_growth_step_matches_a_naive_reference(complex_):
     S, G, G2 = (rng.choice([-1.0, 1.0], size=(n, w)) for w in (s, g, 8))
     Q1, _ = np.linalg.qr(A @ S)
     Gd = G - Q1 @ (Q1.conj().T @ G)
-    state = _SketchState(Q1, np.trace(Q1.conj().T @ A @ Q1), A @ Gd, Gd, npx)
+    head = np.diag(Q1.conj().T @ A @ Q1)
+    state = _SketchState(Q1, head.sum(), A @ Gd, Gd, npx, np.abs(head).sum())
     state.frobenius, state.ranks = [None], [s]
     state.grow(lambda X: A @ X, G2)
     Q2, _ = np.linalg.qr(np.concatenate([Q1, A @ Gd], axis=1))
@@ -103,6 +104,10 @@ def test_one_growth_step_matches_a_naive_reference(complex_):
     np.testing.assert_allclose(Q.conj().T @ Q, np.eye(s + g), atol=1e-12)
     np.testing.assert_allclose(Q @ Q.conj().T, Q2 @ Q2.conj().T, atol=1e-10)  # same span
     np.testing.assert_allclose(state.low_rank_trace, np.trace(Q2.conj().T @ A @ Q2), rtol=1e-12)
+    # the rounding size of the low-rank trace: sum_j |q_j^H A q_j| over the grown basis
+    np.testing.assert_allclose(
+        state.low_rank_size, np.abs(np.diag(Q.conj().T @ A @ Q)).sum(), rtol=1e-12
+    )
     G2d = P2 @ G2
     np.testing.assert_allclose(state.samples, np.diag(G2d.conj().T @ A @ G2d), atol=1e-10)
     np.testing.assert_allclose(

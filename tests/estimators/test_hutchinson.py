@@ -79,7 +79,10 @@ def test_rademacher_is_exact_on_diagonal_and_unchanged_by_shift(backend):
     d = np.arange(1.0, 41.0)
     est = lt.trace(backend.matrix(np.diag(d)), method="hutchinson", num_matvecs=8, seed=0)
     assert float(est) == pytest.approx(d.sum(), rel=1e-14)
-    assert float(numpy_of(est.stderr)) == pytest.approx(0.0, abs=1e-12)
+    # every sample is the trace: no spread, and the standard error is the rounding of a
+    # sum of n = 40 terms, eps sqrt(n) mean |z^T A z| (Higham and Mary's typical error)
+    eps = np.finfo(np.float64).eps
+    assert float(numpy_of(est.stderr)) == pytest.approx(eps * math.sqrt(40) * d.sum(), rel=1e-9)
     rng = np.random.default_rng(2)
     A = rng.standard_normal((40, 40))
     plain = lt.trace(backend.matrix(A), method="hutchinson", num_matvecs=50, seed=5)
@@ -89,6 +92,19 @@ def test_rademacher_is_exact_on_diagonal_and_unchanged_by_shift(backend):
     # z^T (A + cI) z = z^T A z + c n for +-1 probes: same spread, value shifted by c n
     assert float(shifted) - float(plain) == pytest.approx(7.0 * 40, rel=1e-12)
     assert float(numpy_of(shifted.stderr)) == pytest.approx(float(numpy_of(plain.stderr)), rel=1e-9)
+
+
+def test_interval_of_a_diagonal_matrix_covers_its_rounded_trace():
+    # Rademacher samples of a diagonal matrix are all tr(A) in exact arithmetic; rounded,
+    # they differ from the exactly rounded sum by a few ulps. Before the rounding floor
+    # the standard error was 0.0 and every one of these 40 intervals missed the trace
+    d = np.random.default_rng(0).uniform(1.0, 3.0, 200)
+    A = lt.LinearOperator.from_callable(matmat=lambda X: d[:, None] * X, shape=(200, 200))
+    truth = math.fsum(d)
+    for seed in range(40):
+        low, high = lt.trace(A, method="hutchinson", num_matvecs=20, seed=seed).ci()
+        assert low <= truth <= high
+        assert high - low < 1e-11 * truth  # (an interval of rounding, not of sampling)
 
 
 def test_backends_agree_with_their_own_samples(backend):
