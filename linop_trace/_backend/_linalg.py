@@ -230,6 +230,41 @@ def thin_qr(xp: Any, matrix: Any) -> tuple[Any, Any]:
         return xp.linalg.qr(matrix)
 
 
+def positive_part(xp: Any, x: Any) -> Any:
+    """``max(x, 0)`` entrywise, in one of the library's own operations (the array API's
+    ``clip`` is a wrapper of several on NumPy and torch: 5.7 against 1.5 us on a NumPy
+    scalar, the whole rounding floor of a standard error 16 against 9 us on torch's).
+
+    >>> import array_api_compat.numpy as xp
+    >>> import numpy as np
+    >>> positive_part(xp, np.array([4.0, -1.0]))
+    array([4., 0.])
+    """
+    if array_api_compat.is_numpy_namespace(xp):
+        return np.maximum(x, 0.0)
+    if array_api_compat.is_torch_namespace(xp):
+        import torch
+
+        return torch.clamp_min(x, 0.0)
+    if array_api_compat.is_jax_namespace(xp):
+        import jax.numpy as jnp
+
+        return jnp.maximum(x, 0.0)
+    return xp.clip(x, min=0.0)
+
+
+def hypot(xp: Any, x: Any, y: Any) -> Any:
+    """``sqrt(x^2 + y^2)`` entrywise without overflow, the library's own (the array API's
+    is a wrapper on torch, for type promotion, which two arrays of one dtype do not need)."""
+    if array_api_compat.is_numpy_namespace(xp):
+        return np.hypot(x, y)
+    if array_api_compat.is_torch_namespace(xp):
+        import torch
+
+        return torch.hypot(x, y)
+    return xp.hypot(x, y)
+
+
 def divide_by_largest(xp: Any, x: Any, axis: int | None = None) -> tuple[Any, Any]:
     """``(x / size, size)`` with ``size`` = max |x| (over ``axis``, kept real; the smallest
     normal number where it is below that, 0 included), the size cut from the gradient.

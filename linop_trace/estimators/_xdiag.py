@@ -68,7 +68,14 @@ from typing import Any
 
 from .. import _backend as backend
 from .._estimate import Estimate
-from .._stats import ERROR_PROBES, entrywise_dofs, entrywise_exchangeable_error, median_dof
+from .._stats import (
+    ERROR_PROBES,
+    entrywise_dofs,
+    entrywise_exchangeable_error,
+    low_rank_rounding_size,
+    median_dof,
+    with_rounding,
+)
 from ._base import EstimationRequest, Estimator
 from ._linalg import (
     hermitian_transpose,
@@ -406,9 +413,15 @@ def _xdiag_from_products(
             for k in range(3)
         )
         dof = median_dof(entrywise_dofs(rows_of_dofs, xp), xp, count - 1)
+    stderr = whole.stderr
+    if stderr is not None:
+        # the rounding of the low-rank diagonal that every d^(i) shares (as Diag++'s):
+        # where the sketch captures A (rank below s) the d^(i) agree but for rounding
+        size = low_rank_rounding_size(xp, adjoint_basis)
+        stderr = with_rounding(stderr, size, n, xp)
     return XDiagResult(
         whole.value,
-        whole.stderr,
+        stderr,
         whole.stderr_plain,
         dof,
         whole.low_rank_diagonal,

@@ -196,7 +196,7 @@ def _estimates_and_error(xp: Any, improved: bool, probes: Any, images: Any) -> t
     estimates = xp.where(zero, xp.zeros_like(estimates), estimates)
     pseudo = xp.where(zero, xp.zeros_like(pseudo), pseudo)
     value = xp.mean(estimates)
-    error = exchangeable_error(estimates, pseudo, value, xp)
+    error = exchangeable_error(estimates, pseudo, value, xp, terms=n)
     if error.dof is not None:
         error = ExchangeableError(
             error.stderr,

@@ -150,11 +150,13 @@ def _estimates_and_error(
     upper = triangular is not None  # R of the QR factorization, else any Q^H Y
     r = triangular if upper else hermitian_transpose(basis, xp) @ images  # Q^H Y
     sdir = downdate_directions(r, xp, upper=upper) if directions is None else directions
-    estimates, pseudo = _leave_one_out_estimates(
+    estimates, pseudo, low_rank_size = _leave_one_out_estimates(
         xp, improved, probes, images, basis, basis_images, r, sdir
     )
     value = xp.mean(estimates)
-    return estimates, pseudo, value, exchangeable_error(estimates, pseudo, value, xp)
+    n = int(probes.shape[0])
+    error = exchangeable_error(estimates, pseudo, value, xp, terms=n, size=low_rank_size)
+    return estimates, pseudo, value, error
 
 
 def _leave_one_out_estimates(
@@ -166,9 +168,10 @@ def _leave_one_out_estimates(
     basis_images: Any,
     r: Any,
     sdir: Any,
-) -> tuple[Any, Any]:
+) -> tuple[Any, Any, Any]:
     """The estimates t_i and pseudo-values p_i: pure array algebra after the products and
-    the downdate directions (JAX compiles it as one program)."""
+    the downdate directions (JAX compiles it as one program); and sum_j |(Q^H A Q)_jj|,
+    the size of the low-rank trace's terms (its rounding's scale)."""
     n, s = probes.shape
     ctype = probes.dtype
     probes = backend.materialized(xp, probes)
@@ -193,7 +196,8 @@ def _leave_one_out_estimates(
     su = sh @ u  # [k, j] = s_k^H u_j
     shs = sh @ (h @ sdir)  # s_k^H H s_l
     gram = sh @ sdir  # s_k^H s_l
-    trace_h = xp.sum(xp.linalg.diagonal(h))
+    h_diagonal = xp.linalg.diagonal(h)
+    trace_h = xp.sum(h_diagonal)
     residual_norm2 = omega_norm2 - w_norm2  # |wbar_j|^2
 
     # one left out: P_i w_i = Q s_i alpha_i
@@ -250,7 +254,7 @@ def _leave_one_out_estimates(
     influence = xp.sum(as_dtype(offdiag, ctype, xp) * (estimates[None, :] - pair), axis=1)
     pseudo = estimates + influence
 
-    return estimates, pseudo
+    return estimates, pseudo, xp.sum(xp.abs(h_diagonal))
 
 
 def xtrace_core(
