@@ -154,11 +154,11 @@ def _deflated_terms(
     return low_rank_diagonal, numerators, denominators, residual_basis
 
 
-def _low_rank_size(xp: Any, adjoint_basis: Any, residual_basis: Any) -> Any:
-    """Entry k: ``|W_k,:|`` with W = A^H Q (two-sided: ``Z + Zp``), the scale of the
-    low-rank diagonal's rounding (:func:`low_rank_rounding_size`)."""
+def _low_rank_size(xp: Any, basis: Any, adjoint_basis: Any, residual_basis: Any) -> Any:
+    """Entry k: ``|Q_k,:| |W_k,:|`` with W = A^H Q (two-sided: ``Z + Zp``), the scale of
+    the low-rank diagonal's rounding (:func:`low_rank_rounding_size`)."""
     image = adjoint_basis if residual_basis is None else adjoint_basis + residual_basis
-    return low_rank_rounding_size(xp, image)
+    return low_rank_rounding_size(xp, basis, image)
 
 
 class DiagPlusPlus(Estimator):
@@ -241,7 +241,7 @@ class DiagPlusPlus(Estimator):
         residual_value, stderr, count = sums.estimate()
         # the exact part's rounding (with a sketch of full rank the residual is rounding
         # alone, and its spread was the whole error bar: a few ulps, which missed)
-        size = backend.jit(xp, _low_rank_size)(xp, adjoint_basis, residual_basis)
+        size = backend.jit(xp, _low_rank_size)(xp, basis, adjoint_basis, residual_basis)
         return Estimate(
             low_rank + residual_value,
             with_rounding(stderr, size, request.n, xp),

@@ -417,7 +417,7 @@ def _xdiag_from_products(
     if stderr is not None:
         # the rounding of the low-rank diagonal that every d^(i) shares (as Diag++'s):
         # where the sketch captures A (rank below s) the d^(i) agree but for rounding
-        size = low_rank_rounding_size(xp, adjoint_basis)
+        size = low_rank_rounding_size(xp, basis, adjoint_basis)
         stderr = with_rounding(stderr, size, n, xp)
     return XDiagResult(
         whole.value,
