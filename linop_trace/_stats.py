@@ -126,10 +126,10 @@ def mean_and_stderr(
     program: eager, its eight operations cost 0.1 ms, a third of a product at n = 512.
 
     With ``terms`` (each sample a sum of that many products) the standard error has a
-    floor for the value's rounding (:func:`rounding_floor`) of size ``|mean| +
-    offset_size``: where the samples do not spread it is that of every sample (the one
-    case where the floor matters), and ``offset_size`` is the sum of the moduli of the
-    terms an ``offset`` was summed from (Hutch++'s low-rank trace)."""
+    floor for the value's rounding (:func:`rounding_floor`): the samples' own, of size
+    ``|mean|`` (where they do not spread, the one case where the floor matters, that is
+    every sample's size), and all of a shared part's, of size ``offset_size`` (the sum of
+    the moduli of the terms an ``offset`` was summed from: Hutch++'s low-rank trace)."""
     if offset_size is None:
         return backend.jit(xp, _mean_and_stderr, num_static=2)(xp, terms, samples)
     return backend.jit(xp, _mean_and_stderr, num_static=2)(xp, terms, samples, offset_size)
@@ -149,8 +149,8 @@ def rounding_floor(
     A value summed from ``n`` rounded terms of total modulus ``size`` is off by about
     ``eps (sqrt(b) + sqrt(n / b)) size`` (blocked summation with blocks of
     b = :data:`ROUNDING_BLOCK`: BLAS dot products and sums add in SIMD lanes and unrolled
-    accumulators; Higham and Mary's probabilistic error analysis), ``factor`` ``size``
-    (:func:`rounding_factor`). Two parts:
+    accumulators; Higham and Mary's probabilistic error analysis), that is ``factor size``
+    with ``factor`` from :func:`rounding_factor`. Two parts:
 
     - ``common``: the size of a part every sample shares, computed once (Hutch++'s
       low-rank trace, XTrace's tr(Q^H A Q), Diag++'s and XDiag's low-rank diagonals):
@@ -206,19 +206,17 @@ def with_rounding(stderr: Any, size: Any, terms: int, xp: Any) -> Any:
 
 
 def _with_rounding(xp: Any, terms: int, stderr: Any, size: Any) -> Any:
-    factor = rounding_factor(xp, stderr.dtype, terms)[0]
+    factor = rounding_factor(xp, stderr.dtype, terms)
     return rounding_floor(xp, stderr, factor, 1, common=size)
 
 
 @functools.lru_cache(maxsize=64)
-def rounding_factor(xp: Any, dtype: Any, terms: int) -> tuple[float, bool]:
-    """``eps (sqrt(b) + sqrt(terms / b))`` for ``dtype``'s precision (the rounding of a
-    sum of ``terms`` terms relative to their total modulus, :func:`rounding_floor`), and
-    whether ``dtype`` is complex. Looked up once: on NumPy a ``finfo`` and a dtype test
-    cost as much as the floor's array operations."""
+def rounding_factor(xp: Any, dtype: Any, terms: int) -> float:
+    """``eps (sqrt(b) + sqrt(terms / b))`` for ``dtype``'s precision: the rounding of a sum
+    of ``terms`` terms relative to their total modulus (:func:`rounding_floor`). Looked up
+    once: on NumPy a ``finfo`` costs as much as the floor's array operations."""
     eps = float(xp.finfo(backend.real_dtype_for(xp, dtype)).eps)
-    block = ROUNDING_BLOCK
-    return eps * (math.sqrt(block) + math.sqrt(terms / block)), backend.is_complex_dtype(xp, dtype)
+    return eps * (math.sqrt(ROUNDING_BLOCK) + math.sqrt(terms / ROUNDING_BLOCK))
 
 
 def _mean_and_stderr(xp: Any, terms: int, samples: Any, offset_size: Any = None) -> tuple[Any, Any]:
@@ -238,7 +236,7 @@ def _mean_and_stderr(xp: Any, terms: int, samples: Any, offset_size: Any = None)
     # the same to the bit whatever the block size)
     stderr = size * xp.sqrt(xp.sum(backend.abs2(xp, deviation), axis=0) * (1.0 / ((m - 1) * m)))
     if terms:
-        factor = rounding_factor(xp, samples.dtype, terms)[0]
+        factor = rounding_factor(xp, samples.dtype, terms)
         stderr = rounding_floor(xp, stderr, factor, m, xp.abs(mean), offset_size)
     real = backend.real_dtype_for(xp, samples.dtype)
     if stderr.dtype != real:  # NumPy 1.x: a float32 scalar over an int is float64
@@ -524,7 +522,7 @@ def exchangeable_error(
     cross_var = xp.sum(cross) / (s * (s - 1))
     stderr = xp.sqrt(xp.maximum(cross_var, plain_var))
     if terms:
-        factor = rounding_factor(xp, estimates.dtype, terms)[0]
+        factor = rounding_factor(xp, estimates.dtype, terms)
         # the estimates' own size: |value| (their mean |t_i| where they agree) less the
         # shared part it holds, which is added whole (counted twice, it doubled the
         # floor, and a float32 adaptive XTrace spent its whole budget: found by a review)
