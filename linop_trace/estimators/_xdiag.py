@@ -26,10 +26,12 @@ exchangeable but positively correlated. XTrace's cross jackknife (``_xtrace.py``
 over entry by entry: with d_j^(i) the estimate of probe j when probe i also leaves the
 sketch and the jackknife pseudo-values p_i = d^(i) + sum_{j != i} (d^(j) - d_j^(i)),
 
-    stderr_k^2 = max(sum_i Re conj(d_ki - dbar_k)(p_ki - pbar_k), sum_i |d_ki - dbar_k|^2)
+    C_k = sum_i Re conj(d_ki - dbar_k)(p_ki - pbar_k),   J_k = sum_i |p_ki - pbar_k|^2,
+    stderr_k^2 = max(C_k + min(J_k - C_k, C_k) / (s - 2), sum_i |d_ki - dbar_k|^2)
                  / (s (s - 1))
 
-for each entry k. All pairs come from s x s matrices: with c_ij = s_i^H s_j,
+for each entry k (C_k alone falls short by (s - 2) / (s - 1) on a flat spectrum; the
+second-order correction is :func:`~linop_trace._stats.second_order_sum`'s). All pairs come from s x s matrices: with c_ij = s_i^H s_j,
 Q_(ij) Q_(ij)^H = Q (I - Pi_ij) Q^H, where Pi_ij = (s_i s_i^H - c_ij s_i s_j^H
 - conj(c_ij) s_j s_i^H + s_j s_j^H) / (1 - |c_ij|^2) projects onto span(s_i, s_j) (a
 rank-two downdate). With B = Q S, C = Z S, u_ij = s_i^H t_j:
@@ -42,11 +44,11 @@ rank-two downdate). With B = Q S, C = Z S, u_ij = s_i^H t_j:
 every sum over j is an (n, s) @ (s, s) product: O(n s^2) flops, never an (n, s, s) array,
 no further operator product.
 
-Degrees of freedom. Entry k has Satterthwaite's dof 2 s mean(c_k)^2 / var(c_k) for the
-variance estimate it uses (c_ki the cross products, or the squares |d_ki - dbar_k|^2 where
-the floor applies), clipped to [2, s - 1]. ``Estimate.dof`` is one number: the median over
-the entries, rounded down (the dof of a typical entry, independent of n; the minimum would
-grow more conservative with every entry).
+Degrees of freedom. Entry k has Satterthwaite's dof 2 s mean(v_k)^2 / var(v_k) for the
+variance estimate it uses (v_ki its per-probe terms, or the squares |d_ki - dbar_k|^2
+where the floor applies), clipped to [2, s - 1]. ``Estimate.dof`` is one number: the
+median over the entries, rounded down (the dof of a typical entry, independent of n; the
+minimum would grow more conservative with every entry).
 
 Degenerate sketches. Where 1 - |c_ij|^2 < sqrt(eps) (s_i parallel to s_j: Y numerically
 rank deficient) the pair takes d_j^(i) = d^(j) instead of dividing round-off by round-off.

@@ -26,17 +26,20 @@ w_i while E[e_i | w_k, k != i] = 0, so by exchangeability, exactly,
     Var(mean t) = (1/s) E[e_i (p_i - tr(A))],   p_i = t_i + sum_{j != i} (t_j - t_j^(i)),
 
 p_i the jackknife pseudo-value of probe i (s t_bar - (s - 1) t_bar_(i), t_bar_(i) the
-estimate without probe i). Its sample version (a "cross" jackknife), floored at the plain
-value, is
+estimate without probe i). Its sample version (a "cross" jackknife) C = sum_i (t_i -
+t_bar)(p_i - p_bar) falls short by the pairs' share of the variance, (s - 2) / (s - 1) of
+it on a flat spectrum; with the jackknife sum J = sum_i (p_i - p_bar)^2 the correction
+is exact to second order (:func:`~linop_trace._stats.second_order_sum`), and floored at
+the plain value,
 
-    stderr^2 = max(sum_i (t_i - t_bar)(p_i - p_bar), sum_i (t_i - t_bar)^2) / (s (s - 1)).
+    stderr^2 = max(C + min(J - C, C) / (s - 2), sum_i (t_i - t_bar)^2) / (s (s - 1)).
 
 The plain var(t)/s and the usual jackknife's var(p)/s bracket it (too small, and too large
 by higher-order terms). All pairs (i, j) come from the same s x s matrices (a rank-two
 downdate): O(s^3) flops, no extra product. The interval's Student-t quantile has
-Satterthwaite's degrees of freedom for that variance estimate, 2 s mean(c)^2 / var(c)
-with c_i = (t_i - t_bar)(p_i - p_bar), clipped to [2, s - 1]: fewer where a few probes
-dominate the variance estimate.
+Satterthwaite's degrees of freedom for that variance estimate, 2 s mean(u)^2 / var(u)
+with u_i its per-probe terms, clipped to [2, s - 1]: fewer where a few probes dominate
+the variance estimate.
 
 Degenerate sketches. When Y is numerically rank deficient (rank(A) < s) R is singular:
 its inverse gets a round-off shift, and a pair whose directions are parallel
