@@ -52,6 +52,18 @@ def main(output: Path) -> None:
     results["uneven_hessian_products"] = (
         lt.hessian(model, loss_fn, batches, process_group=group) @ V
     )
+    # a rank whose shard holds no samples adds nothing (rank 0 holds all 256): a batch of
+    # no samples, and no batches at all
+    everything = (X, y)
+    for name, empty in [("empty_batch", (X[:0], y[:0])), ("no_batches", [])]:
+        mine = everything if rank == 0 else empty
+        try:
+            results[f"{name}_hessian_products"] = (
+                lt.hessian(model, loss_fn, mine, process_group=group) @ V
+            )
+            results[f"{name}_ggn_products"] = lt.ggn(model, loss_fn, mine, process_group=group) @ V
+        except Exception as error:
+            results[f"{name}_failure"] = (type(error).__name__, str(error))
     summed = torch.nn.CrossEntropyLoss(reduction="sum")
     results["sum_reduced_products"] = lt.hessian(model, summed, shard, process_group=group) @ V
 

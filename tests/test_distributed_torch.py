@@ -110,6 +110,19 @@ def test_uneven_shards_in_batches_weigh_each_rank_by_its_samples(ranks, digits):
         assert_close(results["uneven_hessian_products"], expected)
 
 
+@pytest.mark.parametrize("empty", ["empty_batch", "no_batches"])
+@pytest.mark.parametrize("name", ["hessian", "ggn"])
+def test_a_rank_whose_shard_holds_no_samples_adds_nothing(ranks, digits, empty, name):
+    # rank 0 holds all 256 samples, rank 1 a batch of none or no batches at all: it used
+    # to raise ("`data` holds no samples") and so stop every rank
+    model, loss_fn, data = digits
+    operator = getattr(lt, name)(model, loss_fn, data)
+    expected = operator @ probe_block(operator.shape[1])
+    for results in ranks:
+        assert f"{empty}_failure" not in results, results.get(f"{empty}_failure")
+        assert_close(results[f"{empty}_{name}_products"], expected)
+
+
 def test_sum_reduced_losses_add_the_ranks_products(ranks, digits):
     model, _, data = digits
     H = lt.hessian(model, torch.nn.CrossEntropyLoss(reduction="sum"), data)

@@ -528,7 +528,10 @@ class _NetworkProblem:
         loss_fn: Callable,
         data: Any,
         reduction: str | None,
+        shard: bool = False,
     ) -> None:
+        """``shard``: ``data`` is one rank's shard of a data-parallel problem, which may
+        hold no batches or no samples (the ranks' union is checked for samples)."""
         #: The ranks sharing the data (set by :func:`network_problem`), or None.
         self.parallel: _DataParallel | None = None
         self.model = model  # (named by signature)
@@ -554,7 +557,8 @@ class _NetworkProblem:
             inputs, targets = check_batch(batch, index)
             sizes.append(_batch_size(inputs, targets))
         self.reduction = loss_reduction(loss_fn, reduction)
-        batch_weights(sizes, self.reduction)  # validates: some batches, some samples
+        if not shard:
+            batch_weights(sizes, self.reduction)  # validates: some batches, some samples
         #: Samples in the weights n_b / N of a mean-reduced loss: over all ranks' shards
         #: for a data-parallel problem (set by :func:`network_problem`).
         self.num_samples = sum(sizes)
@@ -578,11 +582,14 @@ class _NetworkProblem:
         """``(weight, inputs, targets)`` per batch, in one pass over the data.
 
         Weights come from each batch's own size, so a shuffling data loader, walked
-        again for every product, still weighs every batch right.
+        again for every product, still weighs every batch right. Batches without samples
+        are skipped (they add nothing to the loss; a mean over none is NaN).
         """
         for index, batch in enumerate(self.batches):
             inputs, targets = check_batch(batch, index)
             size = _batch_size(inputs, targets)
+            if size == 0:
+                continue
             yield (1.0 if self.reduction == "sum" else size / self.num_samples), inputs, targets
 
     def output_fn(self, inputs: Any) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -846,6 +853,12 @@ def _data_parallel_problem(
 # ----------------------------------------------------------------------- operators
 
 
+def _no_terms(operator: Any, V: torch.Tensor) -> torch.Tensor:
+    """The local products of a data-parallel rank whose shard holds no samples: zeros,
+    which the sum over the ranks adds to the others' products."""
+    return V.new_zeros((operator.shape[0], V.shape[1]))
+
+
 def _no_columns(operator: Any, X: torch.Tensor) -> torch.Tensor:
     """The product with a block of no columns: vmap over zero columns raised an IndexError
     that the route chain took for the function's fault (a warning, and the slower route
@@ -965,8 +978,7 @@ class TorchHessian(_TorchOperator):
                 product = self._hvp(fn, self.theta, V)
                 product = product if weight == 1.0 else weight * product
                 out = product if out is None else out + product
-        assert out is not None
-        return out
+        return _no_terms(self, V) if out is None else out
 
     def _rmatmat(self, X: torch.Tensor) -> torch.Tensor:
         return self._matmat(X)  # a real Hessian is symmetric
@@ -1019,8 +1031,7 @@ class TorchGGN(_TorchOperator):
                 )
                 product = product if weight == 1.0 else weight * product
                 out = product if out is None else out + product
-        assert out is not None
-        return out
+        return _no_terms(self, V) if out is None else out
 
     def _rmatmat(self, X: torch.Tensor) -> torch.Tensor:
         return self._matmat(X)
@@ -1120,5 +1131,7 @@ def network_problem(
         return _NetworkProblem(model, params, loss_fn, data, reduction)
     parallel = _DataParallel(process_group)
     return _data_parallel_problem(
-        parallel, lambda: _NetworkProblem(model, params, loss_fn, data, reduction), what
+        parallel,
+        lambda: _NetworkProblem(model, params, loss_fn, data, reduction, shard=True),
+        what,
     )
