@@ -553,8 +553,8 @@ class XDiag(Estimator):
     Notes
     -----
     ``stderr`` is the honest elementwise error estimate: the covariance of the leave-one-out
-    estimates d^(i) with their jackknife pseudo-values, entry by entry, floored at the plain
-    value; ``dof`` is the median over the entries of their Satterthwaite dof (see the module
+    estimates d^(i) with their jackknife pseudo-values, entry by entry, corrected to second
+    order and floored at the plain value; ``dof`` is the median over the entries of their Satterthwaite dof (see the module
     docstring). ``info["stderr_plain"]`` keeps the paper's std(d^(i)) / sqrt(s), which
     covers less than its level (measured coverages: docs/estimators/xdiag.rst);
     ``info["two_sided"]`` says which form was used.

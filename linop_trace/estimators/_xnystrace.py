@@ -25,7 +25,9 @@ meaningless (errors of 100% and more). XNysTrace raises ``ValueError`` then, nam
 
 The error estimate is XTrace's honest one (see :mod:`._xtrace`): the covariance of the
 t_i with their jackknife pseudo-values p_i = t_i + sum_{j != i} (t_j - t_j^(i)), t_j^(i)
-the estimate of probe j from a sketch without probes i and j (a rank-two downdate of N).
+the estimate of probe j from a sketch without probes i and j (a rank-two downdate of N),
+corrected to second order (:func:`~linop_trace._stats.second_order_sum`) and floored at
+the plain value.
 Measured coverage: docs/estimators/xnystrace.rst.
 """
 

@@ -342,8 +342,8 @@ class XTrace(ProbeOption):
     -----
     See the module docstring for the formulas. ``stderr`` is the honest error estimate:
     the covariance of the leave-one-out estimates with their jackknife pseudo-values
-    (an exact variance identity for exchangeable estimates), floored at the plain
-    estimate; ``dof`` (Satterthwaite) sets the Student-t quantile of
+    (an exact variance identity for exchangeable estimates), corrected to second order
+    and floored at the plain estimate; ``dof`` (Satterthwaite) sets the Student-t quantile of
     :meth:`~linop_trace.Estimate.ci`. The literature's std(t_i) / sqrt(s) is kept as
     ``info["stderr_plain"]`` for comparison, the usual jackknife (too large) as
     ``info["stderr_jackknife"]``; measured coverage of all three:

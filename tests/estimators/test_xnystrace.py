@@ -138,14 +138,20 @@ def test_unbiased():
 @pytest.mark.stats
 @pytest.mark.parametrize("spectrum", ["flat", "poly"])
 def test_interval_coverage(spectrum):
-    """95% intervals cover in 93%-97% of 400 runs (n = 300, m = 60; binomial error 1.1%)."""
+    """95% intervals cover tr(A) in 93%-98.5% of 400 runs (n = 300, m = 60).
+
+    The binomial standard error of a 95% coverage over 400 runs is 1.1%. Below, the band
+    is 1.8 of them: an interval that covers too rarely is the failure that matters. Above,
+    it is 3.2, as for XTrace (test_xtrace.test_interval_coverage): measured 96.5% (386)
+    on both spectra, where a band of 1.8 (97%) was two runs away; it catches intervals
+    far too wide."""
     A = test_matrix(spectrum, 300, seed=0)
     truth = np.trace(A)
     hits = 0
     for seed in range(400):
         low, high = lt.trace(A, method="xnystrace", num_matvecs=60, seed=seed).ci(0.95)
         hits += low <= truth <= high
-    assert 0.93 <= hits / 400 <= 0.97, hits
+    assert 0.93 <= hits / 400 <= 0.985, hits
 
 
 def test_repr():
