@@ -552,7 +552,7 @@ def second_order_sum(xp: Any, cross: Any, jackknife: Any, s: int) -> tuple[Any, 
     p_bar) and J = sum_i |p_i - p_bar|^2 of s exchangeable estimates t_i and their jackknife
     pseudo-values p_i: ``(C + min(J - C, C) / (s - 2), capped)``. Over s (s - 1) it
     estimates the variance of their mean without bias up to second order, where C / (s
-    (s - 1)) falls short by a factor (s - 2) / (s - 1) on a flat spectrum; ``capped`` says
+    (s - 1)) falls short by up to a factor (s - 2) / (s - 1) (below); ``capped`` says
     where the correction was held at C / (s - 2) (:func:`second_order_products` gives the
     per-probe terms of either form, for the degrees of freedom).
 
