@@ -853,17 +853,14 @@ def _data_parallel_problem(
 # ----------------------------------------------------------------------- operators
 
 
-def _no_terms(operator: Any, V: torch.Tensor) -> torch.Tensor:
-    """The local products of a data-parallel rank whose shard holds no samples: zeros,
-    which the sum over the ranks adds to the others' products."""
-    return V.new_zeros((operator.shape[0], V.shape[1]))
+def _zero_products(operator: Any, X: torch.Tensor) -> torch.Tensor:
+    """Zeros of the operator's rows by the block's width, in the block's dtype and device.
 
-
-def _no_columns(operator: Any, X: torch.Tensor) -> torch.Tensor:
-    """The product with a block of no columns: vmap over zero columns raised an IndexError
-    that the route chain took for the function's fault (a warning, and the slower route
-    kept for good)."""
-    return X.new_zeros((operator.shape[0], 0))
+    For a block of no columns (vmap over zero columns raised an IndexError that the route
+    chain took for the function's fault: a warning, and the slower route kept for good),
+    and for the local products of a data-parallel rank whose shard holds no samples (the
+    sum over the ranks adds them to the others' products)."""
+    return X.new_zeros((operator.shape[0], X.shape[1]))
 
 
 class _TorchOperator(AutodiffOperator):
@@ -967,7 +964,7 @@ class TorchHessian(_TorchOperator):
 
     def _matmat(self, X: torch.Tensor) -> torch.Tensor:
         if not X.shape[1]:
-            return _no_columns(self, X)
+            return _zero_products(self, X)
         V = self._in_own_dtype(X)
         return _summed_over_ranks(self._parallel, self._local_products, V, "hessian").to(X.dtype)
 
@@ -978,7 +975,7 @@ class TorchHessian(_TorchOperator):
                 product = self._hvp(fn, self.theta, V)
                 product = product if weight == 1.0 else weight * product
                 out = product if out is None else out + product
-        return _no_terms(self, V) if out is None else out
+        return _zero_products(self, V) if out is None else out
 
     def _rmatmat(self, X: torch.Tensor) -> torch.Tensor:
         return self._matmat(X)  # a real Hessian is symmetric
@@ -1014,7 +1011,7 @@ class TorchGGN(_TorchOperator):
 
     def _matmat(self, X: torch.Tensor) -> torch.Tensor:
         if not X.shape[1]:
-            return _no_columns(self, X)
+            return _zero_products(self, X)
         V = self._in_own_dtype(X)
         parallel = self.network.parallel
         return _summed_over_ranks(parallel, self._local_products, V, "ggn").to(X.dtype)
@@ -1031,7 +1028,7 @@ class TorchGGN(_TorchOperator):
                 )
                 product = product if weight == 1.0 else weight * product
                 out = product if out is None else out + product
-        return _no_terms(self, V) if out is None else out
+        return _zero_products(self, V) if out is None else out
 
     def _rmatmat(self, X: torch.Tensor) -> torch.Tensor:
         return self._matmat(X)
@@ -1071,7 +1068,7 @@ class TorchJacobian(_TorchOperator):
 
     def _matmat(self, X: torch.Tensor) -> torch.Tensor:
         if not X.shape[1]:
-            return _no_columns(self, X)
+            return _zero_products(self, X)
         V = self._in_own_dtype(X)
         with _no_grad_unless(self.differentiable):
             out = self._jvp(self.fn, self.theta, V)
