@@ -260,7 +260,7 @@ class Auto(Estimator):
         the same products give Hutchinson's estimate instead (no column is wasted); to
         know, the estimate is read once."""
         xp = request.xp
-        m = min(request.num_matvecs, request.n)
+        m = _finishing_builtin("xnystrace").sketch_width(request)  # (exact at n and more)
         probes = request.probes.independent(m)
         images = request.matmat(probes)
         if not _chooses_on_host(request, images):  # both completed, chosen on the device

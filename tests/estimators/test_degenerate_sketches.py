@@ -303,16 +303,39 @@ def test_two_probes_give_no_error_estimate():
     assert est.converged is True and est.stderr is not None
 
 
-@pytest.mark.parametrize("method", ["hutch++", "na-hutch++"])
-def test_hutchpp_sketches_take_at_most_n_columns(method):
-    # num_matvecs = 20000 on n = 1: the sketch was 6667 columns (NA-Hutch++ then took the
-    # pseudo-inverse of a 6666 x 3333 core); at most n columns already span everything
+def test_hutchpp_sketch_takes_at_most_n_columns():
+    # num_matvecs = 20000 on n = 1: the sketch was 6667 columns; at most n columns
+    # already span everything
     op = lt.LinearOperator.from_callable(
         matvec=lambda x: 2 * x, rmatvec=lambda x: 2 * x, shape=(1, 1)
     )
-    est = lt.trace(op, method=method, num_matvecs=20000, seed=0)
-    assert est.info["sketch_size"] == 1 and est.info.get("left_sketch_size", 1) == 1
+    est = lt.trace(op, method="hutch++", num_matvecs=20000, seed=0)
+    assert est.info["sketch_size"] == 1
     assert float(est) == pytest.approx(2.0, rel=1e-12) and float(est.stderr) <= 1e-12
+
+
+@pytest.mark.parametrize("method", ["na-hutch++", "xnystrace"])
+@pytest.mark.parametrize("budget", [30, 31, 20000])
+def test_single_pass_sketches_compute_exactly_from_a_budget_of_n(method, budget):
+    # NA-Hutch++ with both sketches of n columns took the pseudo-inverse of an n x n core
+    # and missed 26 of 30 intervals (n = 60); XNysTrace's square Nystrom core missed 14 of
+    # 30 in float32 by up to 23% (n = 300). n identity columns fit the budget: exact.
+    rng = np.random.default_rng(0)
+    B = rng.standard_normal((30, 30))
+    A = B @ B.T
+    calls = []
+    op = lt.LinearOperator.from_callable(
+        matmat=lambda X: calls.append(X.shape[1]) or A @ X,
+        shape=A.shape,
+        tags=("symmetric", "positive_semidefinite"),
+    )
+    est = lt.trace(op, method=method, num_matvecs=budget, seed=0)
+    assert est.method == "exact" and est.info["requested_method"] == method
+    assert est.num_matvecs == sum(calls) == 30
+    assert float(est) == pytest.approx(np.trace(A), rel=1e-13) and float(est.stderr) == 0.0
+    # one column short of n: the method itself (XNysTrace leaves a gap: sketch_width)
+    est = lt.trace(op, method=method, num_matvecs=29, seed=0)
+    assert est.method == method and est.num_matvecs <= 29
 
 
 def _indefinite(n: int, seed: int) -> np.ndarray:
