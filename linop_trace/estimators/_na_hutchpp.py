@@ -20,7 +20,7 @@ from .. import _backend as backend
 from .._estimate import Estimate
 from .._stats import SampleMean, sample_mean
 from ._base import EstimationRequest, Estimator, exact_estimate
-from ._linalg import column_inner, hermitian_transpose
+from ._linalg import as_dtype, column_inner, hermitian_transpose
 
 __all__ = ["NAHutchPlusPlus", "NAHutchPlusPlusResult", "na_hutchpp_core", "na_hutchpp_split"]
 
@@ -96,18 +96,34 @@ def _nystrom_terms(
     probe_image: Any,
 ) -> tuple[Any, Any]:
     """The algebra of :func:`na_hutchpp_core` after its products: tr(Ahat) and the
-    residual samples g_j^H (A - Ahat) g_j."""
-    left_image = hermitian_transpose(adjoint_left, xp)  # W = S^H A, (l, n)
-    # (r, l); a non-finite product is reported by its check when the estimate is read,
-    # so the SVD inside pinv must not raise on it first
-    core = xp.linalg.pinv(
-        backend.finite_entries(xp, hermitian_transpose(left_sketch, xp) @ right_image)
-    )
-    low_rank_trace = xp.sum(core * xp.matrix_transpose(left_image @ right_image))
-    # diag(G^H Z core W G) without the g x g matrix
-    left_factor = (hermitian_transpose(residual_probes, xp) @ right_image) @ core  # (g, l)
-    right_factor = left_image @ residual_probes  # (l, g)
-    approximated = xp.sum(left_factor * xp.matrix_transpose(right_factor), axis=1)
+    residual samples g_j^H (A - Ahat) g_j.
+
+    With the SVD S^H Z = U diag(s) V^H (directions below max(l, r) eps s_1 dropped, as a
+    pseudo-inverse drops them), Ahat = Zv diag(1/s) Wu^H for Zv = Z V and Wu = A^H S U:
+    the sketches are projected onto the singular directions before any product of two
+    of them. tr(Ahat) = sum_k Wu_k^H Zv_k / s_k and g^H Ahat g come from the same Zv and
+    Wu, so the estimate is that of one matrix Ahat, and the rounding of a direction is
+    of the size of its own vectors. Formed the other way, tr((S^H Z)^+ (W Z)), the l x r
+    product W Z rounds at eps |W| |Z| in every entry, which the small singular values
+    then amplify in the trace alone: in float32 on an exponentially decaying spectrum
+    (n = 300, m = 200, 80 seeds) the error reached 6.7e-4 of the trace against standard
+    errors of 1.3e-5 and 76 intervals missed; projected first, 1.4e-5 and 6 missed.
+    """
+    # a non-finite product is reported by its check when the estimate is read, so the
+    # SVD must not raise on it first
+    core = backend.finite_entries(xp, hermitian_transpose(left_sketch, xp) @ right_image)
+    u, s, vh = xp.linalg.svd(core, full_matrices=False)  # (l, k), (k,), (k, r)
+    eps = float(xp.finfo(s.dtype).eps)
+    kept = s > (max(core.shape) * eps) * s[:1]
+    inverse = xp.where(kept, 1 / xp.where(kept, s, xp.ones_like(s)), xp.zeros_like(s))
+    inverse = as_dtype(inverse, right_image.dtype, xp)
+    right = right_image @ hermitian_transpose(vh, xp)  # Z V, (n, k)
+    left = adjoint_left @ u  # A^H S U, (n, k)
+    low_rank_trace = xp.sum(column_inner(left, right, xp) * inverse)
+    # diag(G^H Zv diag(1/s) Wu^H G) without the g x g matrix
+    right_factor = hermitian_transpose(residual_probes, xp) @ right  # (g, k)
+    left_factor = hermitian_transpose(residual_probes, xp) @ left  # (g, k)
+    approximated = xp.sum(right_factor * inverse[None, :] * backend.conj(xp, left_factor), axis=1)
     return low_rank_trace, column_inner(residual_probes, probe_image, xp) - approximated
 
 
