@@ -945,9 +945,11 @@ def computes_exactly(
     answer is that for the sum of its implicit terms. ``"auto"`` does when the operator
     stores its diagonal (a dense or sparse matrix: it is read, with no product) or when
     n is at most the budget (``max_matvecs`` with a tolerance, else ``num_matvecs``; the
-    defaults are :data:`DEFAULT_MAX_MATVECS` and :data:`DEFAULT_NUM_MATVECS`). The other
-    methods estimate. The answer is the estimator's own decision, taken on the options
-    as the estimate would validate them.
+    defaults are :data:`DEFAULT_MAX_MATVECS` and :data:`DEFAULT_NUM_MATVECS`), and
+    ``"xnystrace"`` and ``"na-hutch++"`` when n is at most ``num_matvecs``. The other
+    methods estimate. The answer is the estimator's own decision
+    (:meth:`~linop_trace.Estimator.uses_exact`), taken on the options as the estimate
+    would validate them.
 
     Parameters
     ----------
@@ -978,6 +980,8 @@ def computes_exactly(
     (False, True)
     >>> computes_exactly(A, method="hutchinson", num_matvecs=500)
     False
+    >>> computes_exactly(A, method="xnystrace", num_matvecs=500)
+    True
     """
     if quantity not in ("trace", "diagonal"):
         raise ValueError(f"quantity must be 'trace' or 'diagonal', got {quantity!r}")
@@ -991,8 +995,8 @@ def computes_exactly(
         if split.implicit is None:
             return True
         operator = widened(split.implicit)
-    if not isinstance(estimator, Auto):
-        return False
+    if not estimator.supports(quantity):
+        return False  # (trace or diagonal refuses it below, with its own message)
     settings = _settings(
         operator,
         estimator,
@@ -1007,7 +1011,7 @@ def computes_exactly(
         check_finite=True,
     )
     request = settings.request(operator, None, estimator.name)
-    return bool(estimator.uses_exact(request))  # auto's own rule, not a copy of it
+    return bool(estimator.uses_exact(request))  # the estimator's own rule, not a copy
 
 
 def _sums(A: Any, adjoint: bool, check_finite: bool, decompose: bool = False) -> Estimate:

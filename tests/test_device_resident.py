@@ -39,10 +39,10 @@ CASES = [
     ("trace", "auto", ("symmetric", "positive_semidefinite")),
     ("diagonal", "auto", ()),
 ]
-#: Waits inside torch itself on a CUDA device: its eigendecomposition and pseudo-inverse
-#: (SVD) read their LAPACK status on the host (XNysTrace, NA-Hutch++). No Python-level read
+#: Waits inside torch itself on a CUDA device: its eigendecomposition and SVD read their
+#: LAPACK status on the host (XNysTrace, NA-Hutch++). No Python-level read
 #: is ours; CUDA's detector is not applied to these two.
-TORCH_CUDA_SYNCS = {"xnystrace": "torch.linalg.eigh", "na-hutch++": "torch.linalg.pinv"}
+TORCH_CUDA_SYNCS = {"xnystrace": "torch.linalg.eigh", "na-hutch++": "torch.linalg.svd"}
 #: n > 64: short Rademacher blocks (n <= 64) are checked for independence on the host.
 SIZE = 100
 BUDGET = 30

@@ -67,3 +67,21 @@ def test_refuses_what_the_estimate_refuses():
         computes_exactly(np.eye(3), num_matvecs=10, max_matvecs=5, rtol=0.1)
     with pytest.raises(ValueError, match="quantity"):
         computes_exactly(np.eye(3), "rowsums")
+
+
+@pytest.mark.parametrize("method", ["xnystrace", "na-hutch++"])
+@pytest.mark.parametrize("num_matvecs", [N - 1, N, 2 * N])
+def test_the_single_pass_sketches_answer_what_they_do(backend, method, num_matvecs):
+    # from a budget of n they compute exactly (their square sketches round by their
+    # conditioning); computes_exactly answered False there before
+    factor = np.random.default_rng(2).standard_normal((N, N))
+    matrix = backend.asarray(factor @ factor.T)
+    operator = linop_trace.LinearOperator.from_callable(
+        matmat=lambda X: matrix @ X,
+        shape=(N, N),
+        like=matrix,
+        tags=("symmetric", "positive_semidefinite"),
+    )
+    answer = computes_exactly(operator, method=method, num_matvecs=num_matvecs)
+    estimate = linop_trace.trace(operator, method=method, num_matvecs=num_matvecs, seed=0)
+    assert answer == (estimate.method == "exact") == (num_matvecs >= N)

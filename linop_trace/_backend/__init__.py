@@ -133,6 +133,7 @@ from ._linalg import (  # noqa: F401
     subtract_scaled_columns,
     thin_qr,
     vmap_columns,
+    with_gradient_of,
     with_slot,
     zeros,
 )
@@ -272,6 +273,7 @@ __all__ = [
     "thin_qr",
     "to_numpy",
     "vmap_columns",
+    "with_gradient_of",
     "with_slot",
     "writes_in_place",
 ]

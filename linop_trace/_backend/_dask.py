@@ -59,7 +59,7 @@ PROBE_CHUNK_BYTES = 64 * 2**20
 #: Methods that need linear algebra ``dask.array`` lacks, and what they need.
 DASK_REFUSED = {
     "xnystrace": "a symmetric eigendecomposition (linalg.eigh)",
-    "na-hutch++": "a pseudo-inverse (linalg.pinv)",
+    "na-hutch++": "a singular value decomposition of its core (linalg.svd)",
 }
 
 

@@ -500,6 +500,84 @@ def cholesky(xp: Any, matrix: Any) -> Any:
         return xp.linalg.cholesky(matrix)
 
 
+# ------------------------------------------------------------ value and gradient apart
+def with_gradient_of(
+    xp: Any,
+    value_function: Callable[..., Any],
+    gradient_function: Callable[..., Any],
+    *arrays: Any,
+) -> Any:
+    """``value_function(*arrays)``, differentiated as ``gradient_function(*arrays)``: two
+    forms of the same function of the arrays, one computed for its rounding and one for
+    its derivatives (an SVD's backward pass divides by the gaps between singular values,
+    and is NaN where two are equal; a pseudo-inverse's is not).
+
+    Under JAX a ``jax.custom_jvp`` whose tangent is ``gradient_function``'s (forward and
+    reverse mode, inside ``jax.jit`` and ``jax.vmap``; the gradient form runs only when
+    something is differentiated). On torch, where an array requires a gradient, an
+    ``autograd.Function`` whose backward pass is ``gradient_function``'s (its graph built
+    from the saved inputs, so second derivatives go through it). Elsewhere the value
+    alone."""
+    if array_api_compat.is_jax_namespace(xp):
+        return _jax_with_gradient_of(value_function, gradient_function)(*arrays)
+    if array_api_compat.is_torch_namespace(xp):
+        import torch
+
+        if torch.is_grad_enabled() and any(x.requires_grad for x in arrays):
+            return _torch_with_gradient_of().apply(value_function, gradient_function, *arrays)
+    return value_function(*arrays)
+
+
+def _jax_with_gradient_of(
+    value_function: Callable[..., Any], gradient_function: Callable[..., Any]
+) -> Callable[..., Any]:
+    import jax
+
+    @jax.custom_jvp
+    def function(*arrays: Any) -> Any:
+        return value_function(*arrays)
+
+    @function.defjvp
+    def tangent(primals: Any, tangents: Any) -> tuple[Any, Any]:
+        _, direction = jax.jvp(gradient_function, tuple(primals), tuple(tangents))
+        return value_function(*primals), direction
+
+    return function  # type: ignore[no-any-return]
+
+
+@functools.lru_cache(maxsize=1)
+def _torch_with_gradient_of() -> Any:
+    import torch
+
+    class WithGradientOf(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx: Any, value_function: Any, gradient_function: Any, *arrays: Any) -> Any:
+            ctx.gradient_function = gradient_function
+            ctx.save_for_backward(*arrays)
+            return value_function(*arrays)
+
+        @staticmethod
+        def backward(ctx: Any, *grads: Any) -> Any:
+            arrays = ctx.saved_tensors
+            wanted = [i for i, x in enumerate(arrays) if ctx.needs_input_grad[i + 2]]
+            with torch.enable_grad():
+                outputs = ctx.gradient_function(*arrays)
+                outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+                found = torch.autograd.grad(
+                    outputs,
+                    [arrays[i] for i in wanted],
+                    grads,
+                    allow_unused=True,
+                    create_graph=torch.is_grad_enabled(),
+                )
+            result: list[Any] = [None] * len(arrays)
+            for i, gradient in zip(wanted, found):
+                result[i] = gradient
+            return (None, None, *result)
+
+    return WithGradientOf
+
+
 # ------------------------------------------------------------ Gauss quadrature rules
 def gauss_rule(
     xp: Any, tridiagonal: Any, function: Callable[[Any, Any], Any]

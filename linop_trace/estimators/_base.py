@@ -641,6 +641,8 @@ class Estimator:
       under JAX the whole estimate compiles into one program (the built-in methods do);
     - :meth:`refine`: continues an estimate it left a :class:`RefineState` on (its
       ``_state``), for :meth:`~linop_trace.Estimate.refine` (by default none);
+    - :meth:`uses_exact`: whether a request is computed exactly rather than estimated
+      (what :func:`~linop_trace.computes_exactly` answers; by default never);
     - ``unit_scaled``: the quantities for which a fixed-budget estimate gets its products
       scaled by a power of two that brings their largest entry near 1, and its value,
       stderr and every array in its ``info`` scaled back (exactly) at the end; for
@@ -689,6 +691,13 @@ class Estimator:
         ``request.max_matvecs`` more columns. The probes continue the run's random stream.
         """
         raise NotImplementedError(f"method {self.name!r} cannot refine its estimates")
+
+    def uses_exact(self, request: EstimationRequest) -> bool:
+        """Whether the estimator computes ``request`` exactly (``method="exact"``'s
+        identity walk or stored diagonal) instead of estimating it, decided before any
+        product: ``"auto"`` when the budget covers n columns or the diagonal is stored,
+        XNysTrace and NA-Hutch++ when the budget covers n columns. By default, never."""
+        return False
 
     def supports(self, quantity: str) -> bool:
         """Whether this estimator overrides ``trace`` or ``diagonal``."""

@@ -42,7 +42,12 @@ from typing import Any
 
 from .. import _backend as backend
 from .._estimate import DeferredCheck, Estimate
-from .._stats import ExchangeableError, exchangeable_error, exchangeable_estimate
+from .._stats import (
+    ERROR_PROBES,
+    ExchangeableError,
+    exchangeable_error,
+    exchangeable_estimate,
+)
 from ._base import EstimationRequest, ProbeOption, cover, covered_product, exact_estimate
 from ._linalg import as_dtype, hermitian_transpose
 
@@ -66,7 +71,8 @@ SKETCH_GAP = 20
 
 def sketch_width(num_matvecs: int, n: int, dtype: Any, xp: Any) -> int:
     """The probes XNysTrace draws for a budget below n: the budget, or fewer where it
-    comes within ``g = max(2, ceil(SKETCH_GAP n sqrt(eps)))`` of n.
+    comes within ``g = max(2, ceil(SKETCH_GAP n sqrt(eps)))`` of n (never fewer than
+    the 3 probes of an error bar: at n < g + 3 the budget as given).
 
     The improved normalization needs (Omega^H Omega)^{-1}, whose condition number for
     m Gaussian probes is about (sqrt(n) + sqrt(m))^2 / (sqrt(n) - sqrt(m))^2, some
@@ -79,7 +85,7 @@ def sketch_width(num_matvecs: int, n: int, dtype: Any, xp: Any) -> int:
     computed exactly instead (:class:`XNysTrace`)."""
     eps = float(xp.finfo(backend.real_dtype_for(xp, dtype)).eps)
     gap = max(2, math.ceil(SKETCH_GAP * n * math.sqrt(eps)))
-    if n - gap < 2:  # too small to leave a gap: the budget as given
+    if n - gap < ERROR_PROBES:  # too small to leave a gap and keep an error bar
         return num_matvecs
     return min(num_matvecs, n - gap)
 
@@ -419,14 +425,18 @@ class XNysTrace(ProbeOption):
     unit_scaled = ("trace",)
 
     def trace(self, request: EstimationRequest) -> Estimate:
-        n = request.n
-        if request.num_matvecs >= n:
+        if self.uses_exact(request):
             return exact_estimate(request, "trace", {"requested_method": self.name})
         m = self.sketch_width(request)
         improved = request.probes.rotation_invariant
         # (the improved normalization sees each probe's direction only: see _probes)
         probes = request.probes.independent(m, any_length=improved)
         return self._estimate(request, xnystrace_core(request.matmat, probes, request.xp, improved))
+
+    def uses_exact(self, request: EstimationRequest) -> bool:
+        """A budget of n or more: n identity columns give the trace exactly (a square
+        sketch's core amplifies rounding by its conditioning)."""
+        return request.num_matvecs >= request.n
 
     def sketch_width(self, request: EstimationRequest) -> int:
         """The probes drawn for a budget below n (:func:`sketch_width`): the entry point

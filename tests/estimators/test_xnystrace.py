@@ -173,6 +173,23 @@ def test_intervals_hold_where_the_sketch_captures_A_to_rounding(dtype, spectrum,
     assert misses <= 3, misses
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_the_rounding_floor_stays_at_the_rounding_scale(dtype):
+    """A PSD matrix of rank 10 with m = 250 of n = 300: every estimate is exact but for
+    rounding, 30 - 60 eps of the trace (the parent's intervals, 6 - 10 eps, all missed).
+    The floor is conservative there (about 400 eps), but it must stay at the scale of
+    the rounding: at most 1000 eps of the trace, and it must cover."""
+    rng = np.random.default_rng(5)
+    factor = rng.standard_normal((300, 10))
+    A = factor @ factor.T
+    truth, eps = np.trace(A), np.finfo(dtype).eps
+    operator = lt.aslinearoperator(A.astype(dtype), tags=("symmetric", "positive_semidefinite"))
+    for seed in range(5):
+        est = lt.trace(operator, method="xnystrace", num_matvecs=250, seed=seed)
+        low, high = est.ci(0.95)
+        assert low <= truth <= high and float(est.stderr) <= 1000 * eps * truth
+
+
 def test_budgets_near_n_leave_a_gap():
     """A sketch of n - 1 probes inverts Omega^H Omega of condition ~16 n^2: in float32 at
     n = 300 its intervals missed by up to 2.3% of the trace. The gap is
