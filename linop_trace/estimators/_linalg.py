@@ -196,10 +196,16 @@ def _solve_h(xp: Any, matrix: Any, rhs: Any, upper: bool) -> Any:
 
 def downdate_directions(triangular: Any, xp: Any, *, upper: bool = True) -> Any:
     """Columns of R^{-H}, normalized: s_i spans range(Q) minus range(Y without column i)
-    (:func:`regularized_inverse_h` when R is singular; ``upper`` as there)."""
+    (:func:`regularized_inverse_h` when R is singular; ``upper`` as there).
+
+    Each column is divided by its largest entry before its length is taken: R^{-H} of
+    a nearly singular R has entries past the square root of the largest float, whose
+    squares overflowed (float32 XDiag with a sketch wider than n: entries of 1e20, a
+    length of inf, and the column zeroed)."""
     inverse_h = regularized_inverse_h(triangular, xp, upper=upper)
-    norms = xp.sqrt(xp.sum(backend.abs2(xp, inverse_h), axis=0))
-    return inverse_h / xp.astype(norms, inverse_h.dtype)
+    scaled, _ = backend.divide_by_largest(xp, inverse_h, axis=0)
+    norms = xp.sqrt(xp.sum(backend.abs2(xp, scaled), axis=0))
+    return scaled / xp.astype(norms, scaled.dtype)
 
 
 def two_sided_low_rank_diagonal(basis: Any, image: Any, residual: Any, xp: Any) -> Any:

@@ -80,9 +80,9 @@ from .._stats import (
 )
 from ._base import EstimationRequest, Estimator
 from ._linalg import (
+    downdate_directions,
     hermitian_transpose,
     orthonormal_factors,
-    regularized_inverse_h,
     two_sided_low_rank_diagonal,
 )
 
@@ -202,10 +202,8 @@ def _products_and_factors(
 
 def _one_sided_downdates(xp: Any, triangular: Any) -> Downdates:
     """:class:`Downdates` from the triangular factor R of the sketch."""
-    downdate = regularized_inverse_h(triangular, xp)  # R^{-H}
-    norms = xp.sqrt(xp.sum(xp.abs(downdate) ** 2, axis=0))  # nu_i
+    downdate = downdate_directions(triangular, xp)  # R^{-H} e_i / nu_i
     dtype = downdate.dtype
-    downdate = downdate / (xp.astype(norms, dtype) if norms.dtype != dtype else norms)
     # 1 / nu_i = s_i^H r_i (R triangular); from R itself, so a singular R (regularized
     # above) gives the residual of y_i it has, e.g. exact zeros when A Omega = 0
     inverse_norms = xp.sum(backend.conj(xp, downdate) * triangular, axis=0)

@@ -90,3 +90,16 @@ def test_householder_below_the_threshold_and_for_ill_conditioned_blocks(
     _linalg.orthonormal_factors(_block(shape, condition), xp)
     assert calls["householder"] == int(householder)
     assert calls["cholesky"] == int(shape == LARGE)
+
+
+def test_downdate_directions_do_not_overflow(dense_backend):
+    """R^{-H} of a nearly singular float32 R has entries past sqrt(max float) (1e24 here:
+    diagonal entries of 1e-6, above the regularizing shift, compound through the
+    substitution), whose squares overflowed: the column's length was inf and the column
+    came back zero (XDiag in float32 with a sketch wider than n, with a RuntimeWarning).
+    Each column is divided by its largest entry first: unit columns along R^{-H}'s."""
+    R = np.triu(np.ones((5, 5))) + np.diag([0.0, -1 + 1e-6, -1 + 1e-6, -1 + 1e-6, -1 + 1e-6])
+    directions = _linalg.downdate_directions(dense_backend.asarray(R, np.float32), dense_backend.xp)
+    expected = np.linalg.inv(R).T
+    expected /= np.linalg.norm(expected, axis=0)
+    np.testing.assert_allclose(numpy_of(directions), expected, rtol=1e-4, atol=1e-4)
