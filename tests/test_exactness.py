@@ -69,10 +69,10 @@ def test_refuses_what_the_estimate_refuses():
         computes_exactly(np.eye(3), "rowsums")
 
 
-@pytest.mark.parametrize("method", ["xnystrace", "na-hutch++"])
+@pytest.mark.parametrize("method", ["xnystrace", "na-hutch++", "xtrace"])
 @pytest.mark.parametrize("num_matvecs", [N - 1, N, 2 * N])
-def test_the_single_pass_sketches_answer_what_they_do(backend, method, num_matvecs):
-    # from a budget of n they compute exactly (their square sketches round by their
+def test_the_sketches_answer_what_they_do(backend, method, num_matvecs):
+    # from a budget of n they compute exactly (their full sketches round by their
     # conditioning); computes_exactly answered False there before
     factor = np.random.default_rng(2).standard_normal((N, N))
     matrix = backend.asarray(factor @ factor.T)

@@ -63,7 +63,7 @@ from .. import _backend as backend
 from .._estimate import Estimate
 from .._stats import ExchangeableError, exchangeable_error, exchangeable_estimate
 from ._adaptive import Progress, remaining, until_met
-from ._base import EstimationRequest, ProbeOption, cover, covered_product
+from ._base import EstimationRequest, ProbeOption, cover, covered_product, exact_estimate
 from ._linalg import (
     as_dtype,
     column_inner,
@@ -327,8 +327,11 @@ def _with_more_probes(
 class XTrace(ProbeOption):
     """XTrace: exchangeable trace estimation with an honest error bar.
 
-    Uses ``num_matvecs // 2`` probes (at most n) and as many products with their
-    orthonormalized images, in two block products (more if ``block_size`` is smaller).
+    Uses ``num_matvecs // 2`` probes and as many products with their orthonormalized
+    images, in two block products (more if ``block_size`` is smaller). A fixed budget of
+    n or more gets the exact trace instead (n identity columns, ``method="exact"`` in the
+    result, ``info["requested_method"]``); a sketch keeps at most n - 1 probes (of n, its
+    Hutchinson terms divide by residuals that vanish: float32 errors of 5e-4 - 7e-3).
 
     Parameters
     ----------
@@ -372,8 +375,18 @@ class XTrace(ProbeOption):
     jit_compatible = True
     unit_scaled = ("trace",)
 
+    def uses_exact(self, request: EstimationRequest) -> bool:
+        """A fixed budget of n or more: n identity columns give the trace exactly. (A
+        sketch of n probes, from a budget of 2 n, had float32 errors of 5e-4 - 7e-3 of
+        the trace against 3e-6 - 7e-4 with n - 1, and float64 1e-12 - 1e-10 against
+        5e-16 - 7e-4: its Hutchinson terms divide by residuals that vanish.) A
+        tolerance stops on its own, and grows the sketch to n - 1 probes at most."""
+        return not request.adaptive and request.num_matvecs >= request.n
+
     def trace(self, request: EstimationRequest) -> Estimate:
-        num_probes = min(request.num_matvecs // 2, request.n)
+        if self.uses_exact(request):
+            return exact_estimate(request, "trace", {"requested_method": self.name})
+        num_probes = min(request.num_matvecs // 2, max(request.n - 1, 1))
         # (the improved normalization sees each probe's direction only: see _probes)
         improved = request.probes.rotation_invariant
         probes = request.probes.independent(num_probes, any_length=improved)
@@ -426,7 +439,7 @@ class XTrace(ProbeOption):
             def grow() -> bool:
                 nonlocal result
                 s = int(result.probes.shape[1])
-                more = min(s, remaining(request) // 2, request.n - s)
+                more = min(s, remaining(request) // 2, request.n - 1 - s)
                 if more < 1:
                     return False
                 fresh = request.probes.independent(more, result.probes, any_length=improved)

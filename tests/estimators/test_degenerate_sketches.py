@@ -314,9 +314,9 @@ def test_hutchpp_sketch_takes_at_most_n_columns():
     assert float(est) == pytest.approx(2.0, rel=1e-12) and float(est.stderr) <= 1e-12
 
 
-@pytest.mark.parametrize("method", ["na-hutch++", "xnystrace"])
+@pytest.mark.parametrize("method", ["na-hutch++", "xnystrace", "xtrace"])
 @pytest.mark.parametrize("budget", [30, 31, 20000])
-def test_single_pass_sketches_compute_exactly_from_a_budget_of_n(method, budget):
+def test_sketches_compute_exactly_from_a_budget_of_n(method, budget):
     # NA-Hutch++ with both sketches of n columns took the pseudo-inverse of an n x n core
     # and missed 26 of 30 intervals (n = 60); XNysTrace's square Nystrom core missed 14 of
     # 30 in float32 by up to 23% (n = 300). n identity columns fit the budget: exact.
