@@ -514,18 +514,34 @@ def with_gradient_of(
 
     Under JAX a ``jax.custom_jvp`` whose tangent is ``gradient_function``'s (forward and
     reverse mode, inside ``jax.jit`` and ``jax.vmap``; the gradient form runs only when
-    something is differentiated). On torch, where an array requires a gradient, an
-    ``autograd.Function`` whose backward pass is ``gradient_function``'s (its graph built
-    from the saved inputs, so second derivatives go through it). Elsewhere the value
-    alone."""
+    something is differentiated). On torch an ``autograd.Function`` whose backward pass
+    (``torch.func.vjp``) and forward-mode rule (the pullback of the pullback) are
+    ``gradient_function``'s, with a generated vmap rule, so ``torch.func.grad``,
+    ``torch.func.jvp``, ``torch.func.vmap`` and second derivatives go through it.
+    Elsewhere the value alone."""
     if array_api_compat.is_jax_namespace(xp):
         return _jax_with_gradient_of(value_function, gradient_function)(*arrays)
-    if array_api_compat.is_torch_namespace(xp):
-        import torch
-
-        if torch.is_grad_enabled() and any(x.requires_grad for x in arrays):
-            return _torch_with_gradient_of().apply(value_function, gradient_function, *arrays)
+    if array_api_compat.is_torch_namespace(xp) and _torch_differentiating(arrays):
+        return _torch_with_gradient_of().apply(value_function, gradient_function, *arrays)
     return value_function(*arrays)
+
+
+def _torch_differentiating(arrays: Any) -> bool:
+    """Whether torch may differentiate through ``arrays``: reverse mode (an array that
+    requires a gradient, with grad mode on), a forward-mode dual level, or a torch.func
+    transform. Elsewhere the Function is skipped: always on, an NA-Hutch++ estimate at
+    n = 200 took 736 - 748 us against 616 - 634 on the parent. Where torch lacks the
+    private flags read here, assume so."""
+    import torch
+
+    if torch.is_grad_enabled() and any(x.requires_grad for x in arrays):
+        return True
+    from torch.autograd import forward_ad
+
+    if getattr(forward_ad, "_current_level", 0) >= 0:
+        return True
+    active = getattr(torch._C, "_are_functorch_transforms_active", None)
+    return True if active is None else bool(active())
 
 
 def _jax_with_gradient_of(
@@ -550,30 +566,44 @@ def _torch_with_gradient_of() -> Any:
     import torch
 
     class WithGradientOf(torch.autograd.Function):
+        # (the setup_context form, with a vmap rule and a forward-mode rule: torch.func's
+        # transforms and forward-mode AD go through the gradient form as well)
+        generate_vmap_rule = True
+
         @staticmethod
-        def forward(ctx: Any, value_function: Any, gradient_function: Any, *arrays: Any) -> Any:
-            ctx.gradient_function = gradient_function
-            ctx.save_for_backward(*arrays)
+        def forward(value_function: Any, gradient_function: Any, *arrays: Any) -> Any:
             return value_function(*arrays)
+
+        @staticmethod
+        def setup_context(ctx: Any, inputs: Any, output: Any) -> None:
+            _, ctx.gradient_function, *arrays = inputs
+            ctx.save_for_backward(*arrays)
+            ctx.save_for_forward(*arrays)
 
         @staticmethod
         def backward(ctx: Any, *grads: Any) -> Any:
             arrays = ctx.saved_tensors
-            wanted = [i for i, x in enumerate(arrays) if ctx.needs_input_grad[i + 2]]
-            with torch.enable_grad():
-                outputs = ctx.gradient_function(*arrays)
-                outputs = outputs if isinstance(outputs, tuple) else (outputs,)
-                found = torch.autograd.grad(
-                    outputs,
-                    [arrays[i] for i in wanted],
-                    grads,
-                    allow_unused=True,
-                    create_graph=torch.is_grad_enabled(),
-                )
-            result: list[Any] = [None] * len(arrays)
-            for i, gradient in zip(wanted, found):
-                result[i] = gradient
-            return (None, None, *result)
+            _, pullback = torch.func.vjp(ctx.gradient_function, *arrays)  # type: ignore[misc]
+            found = pullback(grads if len(grads) > 1 else grads[0])
+            wanted = ctx.needs_input_grad[2:]
+            return (None, None, *(g if w else None for g, w in zip(found, wanted)))
+
+        @staticmethod
+        def jvp(ctx: Any, _value: Any, _gradient: Any, *tangents: Any) -> Any:
+            # J t as the pullback of the pullback (torch.func.jvp would nest forward-mode
+            # AD inside torch.autograd.forward_ad's level, which torch refuses)
+            arrays = ctx.saved_tensors
+            directions = tuple(
+                torch.zeros_like(x) if t is None else t for x, t in zip(arrays, tangents)
+            )
+            outputs, pullback = torch.func.vjp(ctx.gradient_function, *arrays)  # type: ignore[misc]
+            several = isinstance(outputs, tuple)
+            zeros = tuple(torch.zeros_like(y) for y in outputs) if several else (outputs * 0,)
+            _, transposed = torch.func.vjp(  # type: ignore[misc]
+                lambda *cotangents: pullback(cotangents if several else cotangents[0]), *zeros
+            )
+            found = transposed(directions)
+            return found if several else found[0]
 
     return WithGradientOf
 

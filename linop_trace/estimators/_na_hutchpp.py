@@ -112,8 +112,8 @@ def _nystrom_terms(
     Differentiated as the pseudo-inverse form (:func:`_pseudo_inverse_terms`,
     ``backend.with_gradient_of``): the SVD's backward pass is NaN where two singular
     values are equal (a zero operator, a matrix of ones), the pseudo-inverse's is not.
-    (The cut is the array API's default pseudo-inverse cut; JAX's own ``pinv`` cuts at
-    ten times it, which the gradient form uses.)
+    (Both cut at the array API's default pseudo-inverse cut, max(l, r) eps s_1; JAX's
+    own ``pinv`` default is ten times it.)
     """
     arrays = (left_sketch, residual_probes, right_image, adjoint_left, probe_image)
     return backend.with_gradient_of(  # type: ignore[no-any-return]
@@ -163,9 +163,10 @@ def _pseudo_inverse_terms(
     """:func:`_nystrom_terms` formed with the pseudo-inverse, tr((S^H Z)^+ (W Z)): the
     same function of the products, for its derivatives only."""
     left_image = hermitian_transpose(adjoint_left, xp)  # W = S^H A, (l, n)
-    core = xp.linalg.pinv(
-        backend.finite_entries(xp, hermitian_transpose(left_sketch, xp) @ right_image)
-    )
+    core = backend.finite_entries(xp, hermitian_transpose(left_sketch, xp) @ right_image)
+    # (the value's cut: JAX's own default is ten times it)
+    eps = float(xp.finfo(backend.real_part(xp, core).dtype).eps)
+    core = xp.linalg.pinv(core, rtol=max(core.shape) * eps)
     low_rank_trace = xp.sum(core * xp.matrix_transpose(left_image @ right_image))
     left_factor = (hermitian_transpose(residual_probes, xp) @ right_image) @ core  # (g, l)
     right_factor = left_image @ residual_probes  # (l, g)

@@ -330,8 +330,9 @@ class XTrace(ProbeOption):
     Uses ``num_matvecs // 2`` probes and as many products with their orthonormalized
     images, in two block products (more if ``block_size`` is smaller). A fixed budget of
     n or more gets the exact trace instead (n identity columns, ``method="exact"`` in the
-    result, ``info["requested_method"]``); a sketch keeps at most n - 1 probes (of n, its
-    Hutchinson terms divide by residuals that vanish: float32 errors of 5e-4 - 7e-3).
+    result, ``info["requested_method"]``); a fixed budget's sketch keeps at most n - 1
+    probes (of n, its Hutchinson terms divide by residuals that vanish: float32 errors of
+    5e-4 - 7e-3); a tolerance's may grow to n.
 
     Parameters
     ----------
@@ -380,7 +381,8 @@ class XTrace(ProbeOption):
         sketch of n probes, from a budget of 2 n, had float32 errors of 5e-4 - 7e-3 of
         the trace against 3e-6 - 7e-4 with n - 1, and float64 1e-12 - 1e-10 against
         5e-16 - 7e-4: its Hutchinson terms divide by residuals that vanish.) A
-        tolerance stops on its own, and grows the sketch to n - 1 probes at most."""
+        tolerance stops on its own: it starts below n probes and may grow to n, whose
+        interval still covers (a sketch capped at n - 1 could not meet a tight one)."""
         return not request.adaptive and request.num_matvecs >= request.n
 
     def trace(self, request: EstimationRequest) -> Estimate:
@@ -439,7 +441,7 @@ class XTrace(ProbeOption):
             def grow() -> bool:
                 nonlocal result
                 s = int(result.probes.shape[1])
-                more = min(s, remaining(request) // 2, request.n - 1 - s)
+                more = min(s, remaining(request) // 2, request.n - s)
                 if more < 1:
                     return False
                 fresh = request.probes.independent(more, result.probes, any_length=improved)

@@ -311,6 +311,33 @@ def test_na_hutchpp_gradient_is_finite_where_singular_values_repeat(matrix):
     assert np.all(np.isfinite(gradient)) and abs(np.trace(gradient) - n) < 0.2 * n
 
 
+def test_na_hutchpp_torch_forward_mode_and_func_transforms_take_the_gradient_form():
+    """On torch the pseudo-inverse form must give every derivative, not only reverse
+    mode: forward-mode AD went through the SVD (a NaN tangent on the zero operator) and
+    torch.func.grad raised. d tr(B(t) B(t)^T) / dt for B(t) = t B0 three ways agree (to
+    rounding: one pseudo-inverse form), and with B0 = 0 the tangent is 0."""
+    torch = pytest.importorskip("torch")
+    import torch.autograd.forward_ad as forward_ad
+
+    base = torch.as_tensor(np.random.default_rng(3).standard_normal((40, 40)))
+
+    def value(t, scale=1.0):
+        B = base * scale * t
+        operator = lt.aslinearoperator(B @ B.T, tags=("symmetric",))
+        return lt.trace(operator, method="na-hutch++", num_matvecs=24, seed=0).value
+
+    t = torch.tensor(1.3, dtype=torch.float64)
+    reverse = torch.func.grad(value)(t)
+    forward = torch.func.jvp(value, (t,), (torch.ones_like(t),))[1]
+    with forward_ad.dual_level():
+        dual = forward_ad.make_dual(t, torch.ones_like(t))
+        tangent = forward_ad.unpack_dual(value(dual)).tangent
+    for other in (forward, tangent):
+        assert float(other) == pytest.approx(float(reverse), rel=1e-12)
+    zero = torch.func.jvp(lambda x: value(x, 0.0), (t,), (torch.ones_like(t),))[1]
+    assert float(zero) == 0.0
+
+
 # ----------------------------------------------------------------------------- adaptive
 def test_adaptive_hutchpp_meets_the_tolerance():
     A = test_matrix("flat", 200, seed=4)

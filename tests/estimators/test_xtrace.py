@@ -194,16 +194,17 @@ def test_budget_checks():
 def test_a_full_sketch_is_left_to_the_exact_trace(dtype):
     """At n = 120 (fastexp, 20 seeds) a sketch of n probes (budget 2 n) had errors up to
     1e-3 of the trace in float32 and 3e-12 in float64, against 3e-6 and 5e-15 with
-    n - 1 probes: from a budget of n the trace is computed exactly, and an adaptive
-    XTrace grows its sketch to n - 1 probes at most."""
+    n - 1 probes: from a fixed budget of n the trace is computed exactly. An adaptive
+    XTrace may still grow to n probes: capped at n - 1 it could not meet a tight
+    tolerance (rtol = 1e-10 at n = 20: 7.9e-4 and not converged, against 6.2e-15)."""
     A = test_matrix("fastexp", 120, seed=0)
     operator = lt.aslinearoperator(A.astype(dtype), tags=("symmetric",))
     est = lt.trace(operator, method="xtrace", num_matvecs=240, seed=0)
     assert est.method == "exact" and float(est) == pytest.approx(np.trace(A), rel=1e-6)
     assert lt.computes_exactly(operator, method="xtrace", num_matvecs=120)
-    adaptive = lt.trace(operator, method="xtrace", rtol=0.0, max_matvecs=1000, seed=0)
-    assert adaptive.method == "xtrace" and adaptive.info["num_probes"] == 119
-    assert adaptive.converged is False
+    small = lt.aslinearoperator(test_matrix("flat", 20, seed=0), tags=("symmetric",))
+    adaptive = lt.trace(small, method="xtrace", rtol=1e-10, max_matvecs=1000, seed=0)
+    assert adaptive.method == "xtrace" and adaptive.converged is True
 
 
 # ------------------------------------------------------------------- statistics
