@@ -202,9 +202,18 @@ def test_a_full_sketch_is_left_to_the_exact_trace(dtype):
     est = lt.trace(operator, method="xtrace", num_matvecs=240, seed=0)
     assert est.method == "exact" and float(est) == pytest.approx(np.trace(A), rel=1e-6)
     assert lt.computes_exactly(operator, method="xtrace", num_matvecs=120)
-    small = lt.aslinearoperator(test_matrix("flat", 20, seed=0), tags=("symmetric",))
-    adaptive = lt.trace(small, method="xtrace", rtol=1e-10, max_matvecs=1000, seed=0)
-    assert adaptive.method == "xtrace" and adaptive.converged is True
+    # (whether 1e-10 is met then depends on the rounding floor, which differs between
+    # NumPy releases: the sketch's width and the error are what the cap changed)
+    small = test_matrix("flat", 20, seed=0)
+    adaptive = lt.trace(
+        lt.aslinearoperator(small, tags=("symmetric",)),
+        method="xtrace",
+        rtol=1e-10,
+        max_matvecs=1000,
+        seed=0,
+    )
+    assert adaptive.method == "xtrace" and adaptive.info["num_probes"] == 20
+    assert abs(float(adaptive) - np.trace(small)) <= 1e-12 * np.trace(small)
 
 
 # ------------------------------------------------------------------- statistics
