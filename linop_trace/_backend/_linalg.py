@@ -20,6 +20,8 @@ import numpy as np
 from ._compiled import jit
 from ._dask import dask_column_inner, is_dask_array
 from ._device import copied, is_tracer, placed, stop_gradient
+from ._dtypes import real_dtype_for
+from ._identity import device_of
 
 __all__ = [
     "ONE_THREAD_MIN_WORK",
@@ -227,7 +229,138 @@ def thin_qr(xp: Any, matrix: Any) -> tuple[Any, Any]:
             return scipy.linalg.qr(copy, mode="economic", overwrite_a=True, check_finite=False)
         if is_dask_array(matrix) and matrix.ndim == 2:  # Dask's tsqr: one column chunk
             matrix = matrix.rechunk({1: -1})
+        if array_api_compat.is_jax_namespace(xp) and is_tracer(matrix):
+            return _jax_qr(xp)(matrix)  # type: ignore[no-any-return]
+        if array_api_compat.is_torch_namespace(xp) and _torch_differentiating((matrix,)):
+            return _torch_qr().apply(matrix)  # type: ignore[no-any-return]
         return xp.linalg.qr(matrix)
+
+
+# ------------------------------------------------------------ the QR's derivative
+# The thin QR's own derivative (JAX's, torch's) solves with R: where the block is rank
+# deficient (the zero operator, a matrix of low rank whose sketch R has exact or
+# round-off zeros on its diagonal) it is NaN (torch) or of size 1e32 - 1e64 (JAX), and
+# so was every gradient of Hutch++, XTrace, Diag++ and XDiag there. The rule below is
+# the same derivative with R^{-1} replaced by the pseudo-inverse R^+ whose cut-off is the
+# block's rounding: equal to it where R is invertible above that level, and where it is
+# not, the columns of Q that only rounding determines are moved by the part of the
+# tangent that the other columns leave.
+
+
+def qr_rounding_rtol(xp: Any, dtype: Any, rows: int) -> float:
+    """The relative cut-off of R^+ in the QR's derivative: singular values of the block
+    below ``eps (sqrt(32) + sqrt(rows / 32))`` of its largest are its products' rounding
+    (blocked sums of ``rows`` terms: the package's rounding model,
+    :func:`~linop_trace._stats.rounding_factor`), and the directions they give carry
+    no derivative."""
+    eps = float(xp.finfo(dtype).eps)
+    return eps * (math.sqrt(32) + math.sqrt(rows / 32))
+
+
+def _qr_pinv(xp: Any, q: Any, r: Any) -> Any:
+    """R^+ at the cut-off of :func:`qr_rounding_rtol` (R square, k x k)."""
+    return xp.linalg.pinv(r, rtol=qr_rounding_rtol(xp, real_dtype_for(xp, r.dtype), q.shape[-2]))
+
+
+def _triangles(xp: Any, c: Any) -> tuple[Any, Any]:
+    """The strict lower triangle's mask and the diagonal's, in ``c``'s dtype (k x k)."""
+    index = xp.arange(c.shape[-1], device=device_of(c))
+    return (
+        xp.astype(index[:, None] > index[None, :], c.dtype),
+        xp.astype(index[:, None] == index[None, :], c.dtype),
+    )
+
+
+def _h(xp: Any, x: Any) -> Any:
+    """The conjugate transpose of a matrix."""
+    x = xp.matrix_transpose(x)
+    return xp.conj(x) if xp.isdtype(x.dtype, "complex floating") else x
+
+
+def _imaginary_diagonal(xp: Any, c: Any, diagonal: Any) -> Any:
+    """``i Im diag(c)`` as a matrix (zero for real ``c``)."""
+    if not xp.isdtype(c.dtype, "complex floating"):
+        return xp.zeros_like(c)
+    return diagonal * (c - xp.astype(xp.real(c), c.dtype))
+
+
+def qr_tangent(xp: Any, q: Any, r: Any, direction: Any) -> tuple[Any, Any]:
+    """``(dQ, dR)`` of the thin QR ``Y = QR`` along ``dY`` (Walter and Lehmann's formula,
+    R^{-1} as R^+): with B = dY R^+ and C = Q^H B, Omega the skew-Hermitian part of C
+    (its strict lower triangle L less L^H, and the imaginary part of its diagonal),
+
+        dQ = Q (Omega - C) + B,   dR = (C - Omega) R."""
+    b = direction @ _qr_pinv(xp, q, r)
+    c = _h(xp, q) @ b
+    strict, diagonal = _triangles(xp, c)
+    low = c * strict
+    omega = low - _h(xp, low) + _imaginary_diagonal(xp, c, diagonal)
+    return q @ (omega - c) + b, (c - omega) @ r
+
+
+def qr_cotangent(xp: Any, q: Any, r: Any, grad_q: Any, grad_r: Any) -> Any:
+    """``gY`` of the thin QR's pullback, the adjoint of :func:`qr_tangent`: with
+    M = Q^H gQ - gR R^H and G = tril(M, -1) - tril(M^H, -1) + i Im diag(M),
+
+        gY = (gQ + Q (G - M)) R^{+H}."""
+    m = _h(xp, q) @ grad_q - grad_r @ _h(xp, r)
+    strict, diagonal = _triangles(xp, m)
+    g = (m - _h(xp, m)) * strict + _imaginary_diagonal(xp, m, diagonal)
+    return (grad_q + q @ (g - m)) @ _h(xp, _qr_pinv(xp, q, r))
+
+
+@functools.lru_cache(maxsize=1)
+def _jax_qr(xp: Any) -> Callable[[Any], tuple[Any, Any]]:
+    """The thin QR with :func:`qr_tangent` as its ``jax.custom_jvp`` (reverse mode by
+    transposition; inside ``jit`` and ``vmap``; the rule is differentiable again)."""
+    import jax
+
+    @jax.custom_jvp
+    def qr(matrix: Any) -> tuple[Any, Any]:
+        return tuple(xp.linalg.qr(matrix))  # type: ignore[return-value]
+
+    @qr.defjvp
+    def qr_jvp(primals: Any, tangents: Any) -> tuple[Any, Any]:
+        (matrix,), (direction,) = primals, tangents
+        q, r = qr(matrix)
+        return (q, r), qr_tangent(xp, q, r, direction)
+
+    return qr
+
+
+@functools.lru_cache(maxsize=1)
+def _torch_qr() -> Any:
+    import array_api_compat.torch as tx
+    import torch
+
+    class ThinQR(torch.autograd.Function):
+        """torch's thin QR with :func:`qr_cotangent` as its backward pass and
+        :func:`qr_tangent` as its forward-mode rule (both differentiable again)."""
+
+        generate_vmap_rule = True
+
+        @staticmethod
+        def forward(matrix: Any) -> Any:
+            return tuple(torch.linalg.qr(matrix))
+
+        @staticmethod
+        def setup_context(ctx: Any, inputs: Any, output: Any) -> None:
+            ctx.save_for_backward(*output)
+            ctx.save_for_forward(*output)
+
+        @staticmethod
+        def backward(ctx: Any, grad_q: Any, grad_r: Any) -> Any:
+            q, r = ctx.saved_tensors
+            grad_q = torch.zeros_like(q) if grad_q is None else grad_q
+            grad_r = torch.zeros_like(r) if grad_r is None else grad_r
+            return qr_cotangent(tx, q, r, grad_q, grad_r)
+
+        @staticmethod
+        def jvp(ctx: Any, direction: Any) -> Any:
+            q, r = ctx.saved_tensors
+            return qr_tangent(tx, q, r, direction)
+
+    return ThinQR
 
 
 def positive_part(xp: Any, x: Any) -> Any:

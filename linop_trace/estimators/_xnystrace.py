@@ -124,7 +124,17 @@ def _sketch_pieces(xp: Any, probes: Any, images: Any) -> tuple[Any, ...]:
     core_nu = (core_nu + hermitian_transpose(core_nu, xp)) / 2
     # (a non-finite product fails the check below, read with the estimate: eigh must not
     # raise first)
-    lam, vec = xp.linalg.eigh(backend.finite_entries(xp, core_nu))
+    core_nu = backend.finite_entries(xp, core_nu)
+    # Zero on the probes (Y = 0): the core is zero, its eigenvalues all equal, and eigh's
+    # derivative, which divides by their gaps, was NaN. A stand-in with distinct
+    # eigenvalues is decomposed instead and the eigenvalues taken as zero; the estimates
+    # are then the probes' quadratic forms (:func:`_estimates_and_error`).
+    m = core_nu.shape[0]
+    vanishes = xp.all(core_nu == 0)
+    eye = xp.eye(m, dtype=core_nu.dtype, device=backend.device_of(core_nu))
+    stand_in = eye * xp.arange(1, m + 1, dtype=core_nu.dtype, device=backend.device_of(core_nu))
+    lam, vec = xp.linalg.eigh(xp.where(vanishes, stand_in, core_nu))
+    lam = xp.where(vanishes, xp.zeros_like(lam), lam)
     fixed = backend.stop_gradient(core)
     evidence = xp.stack(
         [
@@ -227,8 +237,12 @@ def _estimates_and_error(xp: Any, improved: bool, probes: Any, images: Any) -> t
     estimates, pseudo, rounding = _leave_one_out_estimates(
         xp, improved, probes, images, gram, lam, vec, nu, floor
     )
-    estimates = xp.where(zero, xp.zeros_like(estimates), estimates)
-    pseudo = xp.where(zero, xp.zeros_like(pseudo), pseudo)
+    # where the core is zero, the probes' quadratic forms w_i^H A w_i: exact zeros, whose
+    # derivative is Hutchinson's (the Nystrom terms' would divide by zero eigenvalues)
+    forms = backend.real_part(xp, xp.linalg.diagonal(core))
+    forms = xp.astype(forms, estimates.dtype) if forms.dtype != estimates.dtype else forms
+    estimates = xp.where(zero, forms, estimates)
+    pseudo = xp.where(zero, forms, pseudo)
     value = xp.mean(estimates)
     error = exchangeable_error(estimates, pseudo, value, xp, terms=n)
     if error.dof is not None:

@@ -472,3 +472,46 @@ def test_rounding_floor_lets_a_float32_adaptive_xtrace_stop():
     op = _decaying_low_rank(20000, 150, 0.8, np.float32)
     est = lt.trace(op, method="xtrace", rtol=1e-5, max_matvecs=400, seed=0)
     assert est.converged and est.num_matvecs < 400
+
+
+# ------------------------------------------------------ gradients at degenerate sketches
+GRADIENT_CASES = [
+    ("trace", "xnystrace"),
+    ("trace", "xtrace"),
+    ("trace", "hutch++"),
+    ("trace", "auto"),
+    ("diagonal", "xdiag"),
+    ("diagonal", "diag++"),
+]
+
+
+@pytest.mark.parametrize("matrix", ["zero", "ones"])
+@pytest.mark.parametrize(("quantity", "method"), GRADIENT_CASES)
+def test_gradients_are_finite_on_the_zero_operator_and_a_rank_one_matrix(quantity, method, matrix):
+    """The QR of a rank-deficient sketch (zero on the probes, or of rank 1: R has exact or
+    round-off zeros on its diagonal) has a derivative that solves with R: torch's
+    backward pass was NaN and jax.grad gave entries of 1e32 - 1e64 for Hutch++, XTrace,
+    Diag++ and XDiag, and XNysTrace's eigh of a zero core was NaN. The derivative of the
+    sum of every estimate is I plus the probes' noise where it exists; at these points
+    (not differentiable: along E the estimate grows as the estimate of E) it must still be
+    finite and of that size, not of the size of 1 / rounding."""
+    n = 100
+    values = np.zeros((n, n)) if matrix == "zero" else np.ones((n, n))
+    options = {"method": method, "num_matvecs": 60, "seed": 0}
+    tags = ("symmetric", "positive_semidefinite")
+
+    def total(M: Any) -> Any:
+        est = getattr(lt, quantity)(lt.aslinearoperator(M, tags=tags), **options)
+        return est.value if quantity == "trace" else est.value.sum()
+
+    gradients = {}
+    jax = pytest.importorskip("jax")
+    jax.config.update("jax_enable_x64", True)
+    gradients["jax"] = np.asarray(jax.grad(total)(jax.numpy.asarray(values)))
+    torch = pytest.importorskip("torch")
+    M = torch.tensor(values, requires_grad=True)
+    total(M).backward()
+    gradients["torch"] = M.grad.numpy()
+    for library, gradient in gradients.items():
+        assert np.all(np.isfinite(gradient)), library
+        assert np.max(np.abs(gradient)) < 10, (library, np.max(np.abs(gradient)))

@@ -4,6 +4,8 @@ Householder QR below the size where Cholesky QR twice pays, by Cholesky QR twice
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 from conftest import numpy_of
@@ -103,3 +105,78 @@ def test_downdate_directions_do_not_overflow(dense_backend):
     expected = np.linalg.inv(R).T
     expected /= np.linalg.norm(expected, axis=0)
     np.testing.assert_allclose(numpy_of(directions), expected, rtol=1e-4, atol=1e-4)
+
+
+# ------------------------------------------------------------ the QR's derivative
+def _full_rank_blocks() -> list[np.ndarray]:
+    rng = np.random.default_rng(5)
+    real = rng.standard_normal((30, 7))
+    return [real, real + 1j * rng.standard_normal((30, 7))]
+
+
+@pytest.mark.parametrize("complex_block", [False, True])
+def test_qr_derivative_is_the_native_one_where_r_is_invertible_torch(complex_block):
+    """The thin QR's rule (R^+ for R^{-1}) gives torch's own derivatives of a full-rank
+    block: reverse mode, forward mode, and second derivatives (gradgradcheck)."""
+    torch = pytest.importorskip("torch")
+    from torch.autograd import forward_ad
+
+    from linop_trace._backend._linalg import _torch_qr
+
+    block = torch.as_tensor(_full_rank_blocks()[complex_block])
+    rng = np.random.default_rng(6)
+    weights = [torch.as_tensor(rng.standard_normal(s)).to(block.dtype) for s in ((30, 7), (7, 7))]
+
+    def loss(qr: Any, Y: Any) -> Any:
+        q, r = qr(Y)
+        return torch.real(torch.sum(weights[0] * q) + torch.sum(weights[1] * r))
+
+    Y = block.clone().requires_grad_(True)
+    (ours,) = torch.autograd.grad(loss(_torch_qr().apply, Y), Y)
+    (native,) = torch.autograd.grad(loss(torch.linalg.qr, Y), Y)
+    assert torch.allclose(ours, native, rtol=1e-10, atol=1e-12)
+    direction = torch.as_tensor(rng.standard_normal((30, 7))).to(block.dtype)
+    tangents = []
+    for qr in (_torch_qr().apply, torch.linalg.qr):
+        with forward_ad.dual_level():
+            q, r = qr(forward_ad.make_dual(block, direction))
+            tangents.append([forward_ad.unpack_dual(x).tangent for x in (q, r)])
+    for ours_t, native_t in zip(*tangents):
+        assert torch.allclose(ours_t, native_t, rtol=1e-10, atol=1e-12)
+    if not complex_block:
+        Y = block.clone().requires_grad_(True)
+        assert torch.autograd.gradgradcheck(lambda Y: _torch_qr().apply(Y), (Y,))
+
+
+@pytest.mark.parametrize("complex_block", [False, True])
+def test_qr_derivative_is_the_native_one_where_r_is_invertible_jax(complex_block):
+    """The same under JAX: the custom rule's jvp, its transpose (jax.grad) and a second
+    derivative agree with jnp.linalg.qr's, compiled and batched."""
+    jax = pytest.importorskip("jax")
+    jax.config.update("jax_enable_x64", True)
+    import jax.numpy as jnp
+    from array_api_compat import array_namespace
+
+    from linop_trace._backend._linalg import _jax_qr
+
+    block = jnp.asarray(_full_rank_blocks()[complex_block])
+    qr = _jax_qr(array_namespace(block))
+    direction = jnp.asarray(np.random.default_rng(7).standard_normal((30, 7))).astype(block.dtype)
+    ours = jax.jit(lambda Y, D: jax.jvp(qr, (Y,), (D,))[1])(block, direction)
+    native = jax.jvp(jnp.linalg.qr, (block,), (direction,))[1]
+    for a, b in zip(ours, native):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-10, atol=1e-12)
+
+    def loss(function: Any, Y: Any) -> Any:
+        q, r = function(Y)
+        return jnp.real(jnp.sum(jnp.sin(q)) + jnp.sum(r * r))
+
+    for order in (1, 2):
+
+        def grad(function: Any, order: int = order) -> Any:
+            g = jax.grad(lambda Y: loss(function, Y))
+            return g if order == 1 else jax.grad(lambda Y: jnp.real(jnp.sum(g(Y) * direction)))
+
+        ours_g = jax.vmap(grad(qr))(jnp.stack([block, 2 * block]))
+        native_g = jax.vmap(grad(jnp.linalg.qr))(jnp.stack([block, 2 * block]))
+        np.testing.assert_allclose(np.asarray(ours_g), np.asarray(native_g), rtol=1e-8, atol=1e-10)
