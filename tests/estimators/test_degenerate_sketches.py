@@ -485,9 +485,12 @@ GRADIENT_CASES = [
 ]
 
 
+@pytest.mark.parametrize("library", ["jax", "torch"])
 @pytest.mark.parametrize("matrix", ["zero", "ones"])
 @pytest.mark.parametrize(("quantity", "method"), GRADIENT_CASES)
-def test_gradients_are_finite_on_the_zero_operator_and_a_rank_one_matrix(quantity, method, matrix):
+def test_gradients_are_finite_on_the_zero_operator_and_a_rank_one_matrix(
+    quantity, method, matrix, library
+):
     """The QR of a rank-deficient sketch (zero on the probes, or of rank 1: R has exact or
     round-off zeros on its diagonal) has a derivative that solves with R: torch's
     backward pass was NaN and jax.grad gave entries of 1e32 - 1e64 for Hutch++, XTrace,
@@ -504,14 +507,14 @@ def test_gradients_are_finite_on_the_zero_operator_and_a_rank_one_matrix(quantit
         est = getattr(lt, quantity)(lt.aslinearoperator(M, tags=tags), **options)
         return est.value if quantity == "trace" else est.value.sum()
 
-    gradients = {}
-    jax = pytest.importorskip("jax")
-    jax.config.update("jax_enable_x64", True)
-    gradients["jax"] = np.asarray(jax.grad(total)(jax.numpy.asarray(values)))
-    torch = pytest.importorskip("torch")
-    M = torch.tensor(values, requires_grad=True)
-    total(M).backward()
-    gradients["torch"] = M.grad.numpy()
-    for library, gradient in gradients.items():
-        assert np.all(np.isfinite(gradient)), library
-        assert np.max(np.abs(gradient)) < 10, (library, np.max(np.abs(gradient)))
+    if library == "jax":
+        jax = pytest.importorskip("jax")
+        jax.config.update("jax_enable_x64", True)
+        gradient = np.asarray(jax.grad(total)(jax.numpy.asarray(values)))
+    else:
+        torch = pytest.importorskip("torch")
+        M = torch.tensor(values, requires_grad=True)
+        total(M).backward()
+        gradient = M.grad.numpy()
+    assert np.all(np.isfinite(gradient))
+    assert np.max(np.abs(gradient)) < 10, np.max(np.abs(gradient))
