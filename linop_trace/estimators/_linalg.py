@@ -10,6 +10,7 @@ so does the one-thread cap on the host's BLAS around this small algebra
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -62,7 +63,7 @@ def project_out(basis: Any, block: Any, xp: Any) -> Any:
 CHOLESKY_QR_MIN_WORK = 2**20
 
 
-def orthonormal_factors(block: Any, xp: Any) -> tuple[Any, Any]:
+def orthonormal_factors(block: Any, xp: Any, floor: Any = None) -> tuple[Any, Any]:
     """A thin QR factorization ``block = Q R``: Q orthonormal, R upper triangular.
 
     Cholesky QR twice (BLAS-3 products: 40 against 64 ms for Householder QR at 16384 x
@@ -76,29 +77,39 @@ def orthonormal_factors(block: Any, xp: Any) -> tuple[Any, Any]:
     decides for NumPy, the device for JAX (``lax.cond``); torch and CuPy, which cannot
     branch on the device, take Householder QR. On one host thread
     (:func:`~linop_trace._backend.one_blas_thread`).
+
+    Where the block may be differentiated, its derivative is the QR rule of
+    :func:`~linop_trace._backend.qr_with_rule` (finite where the block is rank
+    deficient), whichever factorization ran; ``floor``: its singular values below this
+    carry none.
     """
+    return backend.qr_with_rule(xp, functools.partial(_factors, xp), block, floor)
+
+
+def _factors(xp: Any, block: Any) -> tuple[Any, Any]:
+    """:func:`orthonormal_factors` with the libraries' own derivatives."""
     n, k = block.shape
     with backend.one_blas_thread(xp, work=n * k * k):
         if not backend.can_branch(xp) or n * k * k < CHOLESKY_QR_MIN_WORK:
-            return backend.thin_qr(xp, block)
+            return backend.householder_qr(xp, block)
         try:
             basis, triangular, good = backend.jit(xp, _cholesky_qr2)(xp, block)
         except Exception:  # Cholesky failed (NumPy raises): numerically rank deficient
-            return tuple(backend.thin_qr(xp, block))
+            return tuple(backend.householder_qr(xp, block))
         return backend.device_cond(
             xp,
             good,
             lambda basis, triangular, block: (basis, triangular),
-            lambda basis, triangular, block: tuple(backend.thin_qr(xp, block)),
+            lambda basis, triangular, block: tuple(backend.householder_qr(xp, block)),
             basis,
             triangular,
             block,
         )
 
 
-def orthonormal_basis(block: Any, xp: Any) -> Any:
+def orthonormal_basis(block: Any, xp: Any, floor: Any = None) -> Any:
     """An orthonormal basis Q of range(block) (the Q of :func:`orthonormal_factors`)."""
-    return orthonormal_factors(block, xp)[0]
+    return orthonormal_factors(block, xp, floor)[0]
 
 
 def _cholesky_qr2(xp: Any, block: Any) -> tuple[Any, Any, Any]:
@@ -125,7 +136,7 @@ def _cholesky_pass(xp: Any, block: Any, gram: Any) -> tuple[Any, Any]:
     return block @ hermitian_transpose(inverse, xp), lower
 
 
-def extend_basis(basis: Any, block: Any, xp: Any) -> Any:
+def extend_basis(basis: Any, block: Any, xp: Any, floor: Any = None) -> Any:
     """Orthonormal columns spanning ``(I - QQ^H) block``, orthogonal to ``basis`` Q.
 
     Projected twice (classical Gram-Schmidt with one reorthogonalization), then
@@ -133,13 +144,17 @@ def extend_basis(basis: Any, block: Any, xp: Any) -> Any:
     deficient (A of low rank, repeated probes) the QR fills the missing columns with
     normalized rounding errors, which carry O(1) components along Q until projected out
     again. ``[Q, new]`` stays orthonormal to working precision either way. On one host
-    thread (:func:`~linop_trace._backend.one_blas_thread`)."""
+    thread (:func:`~linop_trace._backend.one_blas_thread`).
+
+    ``floor``: directions of the projected block below this size carry no derivative
+    (:func:`orthonormal_factors`); the second pass, of an orthonormal block, needs none."""
     n, p = basis.shape
     k = block.shape[-1]
     with backend.one_blas_thread(xp, work=n * (p + k) * k):
         for _ in range(2):
             block = project_out(basis, project_out(basis, block, xp), xp)
-            block = orthonormal_basis(block, xp)
+            block = orthonormal_basis(block, xp, floor)
+            floor = None
     return block
 
 

@@ -76,17 +76,17 @@ def test_householder_below_the_threshold_and_for_ill_conditioned_blocks(
     import array_api_compat.numpy as xp
 
     calls = {"householder": 0, "cholesky": 0}
-    thin_qr, cholesky_qr2 = backend_module.thin_qr, _linalg._cholesky_qr2
+    householder_qr, cholesky_qr2 = backend_module.householder_qr, _linalg._cholesky_qr2
 
     def counted_qr(*args):
         calls["householder"] += 1
-        return thin_qr(*args)
+        return householder_qr(*args)
 
     def counted_cholesky(*args):
         calls["cholesky"] += 1
         return cholesky_qr2(*args)
 
-    monkeypatch.setattr(backend_module, "thin_qr", counted_qr)
+    monkeypatch.setattr(backend_module, "householder_qr", counted_qr)
     monkeypatch.setattr(_linalg, "_cholesky_qr2", counted_cholesky)
     assert (shape[0] * shape[1] ** 2 >= _linalg.CHOLESKY_QR_MIN_WORK) == (shape == LARGE)
     _linalg.orthonormal_factors(_block(shape, condition), xp)
@@ -116,12 +116,16 @@ def _full_rank_blocks() -> list[np.ndarray]:
 
 @pytest.mark.parametrize("complex_block", [False, True])
 def test_qr_derivative_is_the_native_one_where_r_is_invertible_torch(complex_block):
-    """The thin QR's rule (R^+ for R^{-1}) gives torch's own derivatives of a full-rank
-    block: reverse mode, forward mode, and second derivatives (gradgradcheck)."""
+    """The thin QR's rule (R^+ for R^{-1}), taken by backend.thin_qr where torch
+    differentiates, gives torch's own derivatives of a full-rank block: reverse mode,
+    forward mode, batched backward passes (is_grads_batched), torch.func.vmap, and
+    second derivatives (gradgradcheck)."""
     torch = pytest.importorskip("torch")
+    import array_api_compat.torch as tx
     from torch.autograd import forward_ad
 
-    from linop_trace._backend._linalg import _torch_qr
+    def ours(Y: Any) -> Any:
+        return backend_module.thin_qr(tx, Y)
 
     block = torch.as_tensor(_full_rank_blocks()[complex_block])
     rng = np.random.default_rng(6)
@@ -131,21 +135,36 @@ def test_qr_derivative_is_the_native_one_where_r_is_invertible_torch(complex_blo
         q, r = qr(Y)
         return torch.real(torch.sum(weights[0] * q) + torch.sum(weights[1] * r))
 
-    Y = block.clone().requires_grad_(True)
-    (ours,) = torch.autograd.grad(loss(_torch_qr().apply, Y), Y)
-    (native,) = torch.autograd.grad(loss(torch.linalg.qr, Y), Y)
-    assert torch.allclose(ours, native, rtol=1e-10, atol=1e-12)
+    gradients = []
+    for qr in (ours, torch.linalg.qr):
+        Y = block.clone().requires_grad_(True)
+        gradients.append(torch.autograd.grad(loss(qr, Y), Y)[0])
+    assert torch.allclose(*gradients, rtol=1e-10, atol=1e-12)
     direction = torch.as_tensor(rng.standard_normal((30, 7))).to(block.dtype)
     tangents = []
-    for qr in (_torch_qr().apply, torch.linalg.qr):
+    for qr in (ours, torch.linalg.qr):
         with forward_ad.dual_level():
             q, r = qr(forward_ad.make_dual(block, direction))
             tangents.append([forward_ad.unpack_dual(x).tangent for x in (q, r)])
     for ours_t, native_t in zip(*tangents):
         assert torch.allclose(ours_t, native_t, rtol=1e-10, atol=1e-12)
-    if not complex_block:
+    # batched: a Jacobian's rows at once, through torch's older batching and torch.func
+    cotangents = torch.as_tensor(rng.standard_normal((3, 30, 7))).to(block.dtype)
+    batched = []
+    for qr in (ours, torch.linalg.qr):
         Y = block.clone().requires_grad_(True)
-        assert torch.autograd.gradgradcheck(lambda Y: _torch_qr().apply(Y), (Y,))
+        q, _ = qr(Y)
+        batched.append(torch.autograd.grad(q, Y, cotangents, is_grads_batched=True)[0])
+    assert torch.allclose(*batched, rtol=1e-10, atol=1e-12)
+    mapped = [
+        torch.func.vmap(torch.func.grad(lambda Y, qr=qr: loss(qr, Y)))(
+            torch.stack([block, 2 * block])
+        )
+        for qr in (ours, torch.linalg.qr)
+    ]
+    assert torch.allclose(*mapped, rtol=1e-10, atol=1e-12)
+    Y = block.clone().requires_grad_(True)
+    assert torch.autograd.gradgradcheck(ours, (Y,))
 
 
 @pytest.mark.parametrize("complex_block", [False, True])
@@ -157,10 +176,12 @@ def test_qr_derivative_is_the_native_one_where_r_is_invertible_jax(complex_block
     import jax.numpy as jnp
     from array_api_compat import array_namespace
 
-    from linop_trace._backend._linalg import _jax_qr
-
     block = jnp.asarray(_full_rank_blocks()[complex_block])
-    qr = _jax_qr(array_namespace(block))
+    xp = array_namespace(block)
+
+    def qr(Y: Any) -> Any:
+        return backend_module.thin_qr(xp, Y)
+
     direction = jnp.asarray(np.random.default_rng(7).standard_normal((30, 7))).astype(block.dtype)
     ours = jax.jit(lambda Y, D: jax.jvp(qr, (Y,), (D,))[1])(block, direction)
     native = jax.jvp(jnp.linalg.qr, (block,), (direction,))[1]
@@ -186,3 +207,37 @@ def test_qr_derivative_is_the_native_one_where_r_is_invertible_jax(complex_block
     np.testing.assert_allclose(
         np.asarray(second(qr)), np.asarray(second(jnp.linalg.qr)), rtol=1e-8, atol=1e-10
     )
+
+
+def test_qr_rule_covers_cholesky_qr_under_jax():
+    """Blocks of n k^2 >= 2^20 multiply-adds are factored by Cholesky QR twice under JAX
+    (lax.cond on its first pass); a rank-deficient one falls back to Householder, and the
+    zero cotangent through the failed Cholesky factors made the gradient NaN (XTrace and
+    XDiag at 500 x 100 matvecs on the zero operator, found by a review). The rule covers
+    whichever factorization ran: finite on a zero block, and the native derivative of a
+    full-rank one."""
+    jax = pytest.importorskip("jax")
+    jax.config.update("jax_enable_x64", True)
+    import jax.numpy as jnp
+    from array_api_compat import array_namespace
+
+    n, k = 4096, 16  # n k^2 = 2^20
+    assert n * k * k >= _linalg.CHOLESKY_QR_MIN_WORK
+    full = jnp.asarray(np.random.default_rng(8).standard_normal((n, k)))
+    xp = array_namespace(full)
+    weights = jnp.asarray(np.random.default_rng(9).standard_normal((n, k)))
+
+    def loss(function: Any, Y: Any) -> Any:
+        # invariant to the signs of Q's columns (R's rows), which Cholesky QR and
+        # LAPACK choose differently
+        q, r = function(Y)
+        return jnp.sum((q.T @ weights) ** 2) + jnp.sum(r * r)
+
+    def ours(Y: Any) -> Any:
+        return _linalg.orthonormal_factors(Y, xp)
+
+    zero = np.asarray(jax.grad(lambda Y: loss(ours, Y))(jnp.zeros((n, k))))
+    assert np.all(np.isfinite(zero))
+    got = jax.grad(lambda Y: loss(ours, Y))(full)
+    want = jax.grad(lambda Y: loss(jnp.linalg.qr, Y))(full)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-8, atol=1e-10)
