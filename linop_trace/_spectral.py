@@ -772,10 +772,11 @@ def _deflate(
             # read 131.66 for 30)
             norms = xp.where(norms > 0, norms, xp.ones_like(norms))
             jitter = sampler(b) * xp.astype(norms * (100 * eps / math.sqrt(n)), image.dtype)
-            # (differentiated: directions of A V_j outside the space below 1e4 eps of its
-            # columns are the jitter's, and carry no derivative; moving with A at
-            # 1 / jitter, the basis gave log det(2 I) a gradient with entries of 4e13)
-            floor = 1e4 * eps * xp.max(norms) if backend.may_differentiate(xp, image) else None
+            # (differentiated: directions of A V_j outside the space below 1000 eps of its
+            # largest column, 10 times the jitter's, are the jitter's and carry no
+            # derivative; moving with A at 1 / jitter, the basis gave log det(2 I) a
+            # gradient with entries of 4e13)
+            floor = 1e3 * eps * xp.max(norms) if backend.may_differentiate(xp, image) else None
             blocks.append(extend_basis(xp.concat(blocks, axis=1), image + jitter, xp, floor))
     basis = xp.concat(blocks, axis=1)
     projected = backend.conj(xp, xp.matrix_transpose(basis)) @ xp.concat(images, axis=1)

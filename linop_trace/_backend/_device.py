@@ -274,9 +274,29 @@ def product_into(matrix: Any, block: Any, out: Any) -> Any:
         import torch
 
         usable = matrix.layout in (torch.strided, torch.sparse_csr) and matrix.ndim == 2
-        if usable and matrix.device == out.device and not matrix.requires_grad:
+        # (no out= where torch differentiates in any mode: forward-mode AD and torch.func
+        # refuse it, and their tensors need not require a gradient)
+        if usable and matrix.device == out.device and not _torch_differentiating((matrix,)):
             return torch.mm(matrix, block, out=out)
     return None
+
+
+def _torch_differentiating(arrays: Any) -> bool:
+    """Whether torch may differentiate through ``arrays``: reverse mode (an array that
+    requires a gradient, with grad mode on), a forward-mode dual level, or a torch.func
+    transform. Elsewhere the Function is skipped: always on, an NA-Hutch++ estimate at
+    n = 200 took 736 - 748 us against 616 - 634 on the parent. Where torch lacks the
+    private flags read here, assume so."""
+    import torch
+
+    if torch.is_grad_enabled() and any(x.requires_grad for x in arrays):
+        return True
+    from torch.autograd import forward_ad
+
+    if getattr(forward_ad, "_current_level", 0) >= 0:
+        return True
+    active = getattr(torch._C, "_are_functorch_transforms_active", None)
+    return True if active is None else bool(active())
 
 
 def writes_in_place(x: Any) -> bool:
@@ -288,7 +308,7 @@ def writes_in_place(x: Any) -> bool:
     if type(x) is np.ndarray:
         return True
     if array_api_compat.is_torch_array(x):
-        return x.device.type == "cpu" and not x.requires_grad
+        return x.device.type == "cpu" and not _torch_differentiating((x,))
     return False
 
 

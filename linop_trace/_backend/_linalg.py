@@ -19,7 +19,7 @@ import numpy as np
 
 from ._compiled import jit
 from ._dask import dask_column_inner, is_dask_array
-from ._device import copied, is_tracer, placed, stop_gradient
+from ._device import _torch_differentiating, copied, is_tracer, placed, stop_gradient
 from ._dtypes import real_dtype_for
 from ._identity import device_of
 
@@ -258,12 +258,13 @@ def qr_with_rule(
     that size (:func:`~linop_trace._spectral._deflate`'s jitter)."""
     if matrix.shape[-2] < matrix.shape[-1] or not may_differentiate(xp, matrix):
         return factor(matrix)
-    cut = xp.zeros((), dtype=real_dtype_for(xp, matrix.dtype), device=device_of(matrix))
     if floor is not None:
-        cut = cut + stop_gradient(floor)
+        floor = stop_gradient(
+            xp.asarray(floor, dtype=real_dtype_for(xp, matrix.dtype), device=device_of(matrix))
+        )
     if array_api_compat.is_jax_namespace(xp):
-        return _jax_qr()(factor, matrix, cut)  # type: ignore[no-any-return]
-    return _torch_qr().apply(matrix, cut, factor)  # type: ignore[no-any-return]
+        return _jax_qr()(factor, matrix, floor)  # type: ignore[no-any-return]
+    return _torch_qr().apply(matrix, floor, factor)  # type: ignore[no-any-return]
 
 
 # ------------------------------------------------------------ the QR's derivative
@@ -289,12 +290,16 @@ def qr_rounding_rtol(xp: Any, dtype: Any, rows: int) -> float:
 
 def _qr_pinv(xp: Any, q: Any, r: Any, floor: Any) -> Any:
     """R^+ at the cut-off of :func:`qr_rounding_rtol` relative to R's largest singular
-    value, or at ``floor`` (absolute) where that is higher: with |R|_F for the largest
-    (no SVD for it), which cuts at sqrt(k) floor at most."""
-    rtol = qr_rounding_rtol(xp, real_dtype_for(xp, r.dtype), q.shape[-2])
-    size = xp.linalg.vector_norm(stop_gradient(r), axis=(-2, -1))
-    relative = stop_gradient(floor) / xp.where(size > 0, size, xp.ones_like(size))
-    return xp.linalg.pinv(r, rtol=xp.maximum(relative, xp.full_like(relative, rtol)))
+    value, with the directions of singular values below ``floor`` (absolute; ``None``:
+    none) removed too: R^+ (I - U_s U_s^H), U_s their left singular vectors, taken
+    without derivative. (The relative cut stays a Python number: JAX's ``pinv`` takes
+    its tolerance as a static argument, and a traced one broke second derivatives.)"""
+    inverse = xp.linalg.pinv(r, rtol=qr_rounding_rtol(xp, real_dtype_for(xp, r.dtype), q.shape[-2]))
+    if floor is None:
+        return inverse
+    left, values, _ = xp.linalg.svd(stop_gradient(r))
+    small = xp.astype(values < stop_gradient(floor), r.dtype)
+    return inverse - (inverse @ (left * small[..., None, :])) @ _h(xp, left)
 
 
 def _triangles(xp: Any, c: Any) -> tuple[Any, Any]:
@@ -324,7 +329,7 @@ def _imaginary_diagonal(xp: Any, c: Any, diagonal: Any) -> Any:
     return diagonal * (c - xp.astype(xp.real(c), c.dtype))
 
 
-def qr_tangent(xp: Any, q: Any, r: Any, direction: Any, floor: Any = 0.0) -> tuple[Any, Any]:
+def qr_tangent(xp: Any, q: Any, r: Any, direction: Any, floor: Any = None) -> tuple[Any, Any]:
     """``(dQ, dR)`` of the thin QR ``Y = QR`` along ``dY`` (Walter and Lehmann's formula,
     R^{-1} as R^+): with B = dY R^+ and C = Q^H B, Omega the skew-Hermitian part of C
     (its strict lower triangle L less L^H, and the imaginary part of its diagonal),
@@ -387,20 +392,21 @@ def _torch_qr() -> Any:
 
         @staticmethod
         def setup_context(ctx: Any, inputs: Any, output: Any) -> None:
-            ctx.save_for_backward(*output, inputs[1])
-            ctx.save_for_forward(*output, inputs[1])
+            ctx.save_for_backward(*output)
+            ctx.save_for_forward(*output)
+            ctx.floor = inputs[1]  # (no derivative: cut from the graph by the caller)
 
         @staticmethod
         def backward(ctx: Any, grad_q: Any, grad_r: Any) -> Any:
-            q, r, floor = ctx.saved_tensors
+            q, r = ctx.saved_tensors
             grad_q = torch.zeros_like(q) if grad_q is None else grad_q
             grad_r = torch.zeros_like(r) if grad_r is None else grad_r
-            return qr_cotangent(tx, q, r, grad_q, grad_r, floor), None, None
+            return qr_cotangent(tx, q, r, grad_q, grad_r, ctx.floor), None, None
 
         @staticmethod
         def jvp(ctx: Any, direction: Any, _floor: Any, _factor: Any) -> Any:
-            q, r, floor = ctx.saved_tensors
-            return qr_tangent(tx, q, r, direction, floor)
+            q, r = ctx.saved_tensors
+            return qr_tangent(tx, q, r, direction, ctx.floor)
 
     return ThinQR
 
@@ -701,24 +707,6 @@ def with_gradient_of(
     return value_function(*arrays)
 
 
-def _torch_differentiating(arrays: Any) -> bool:
-    """Whether torch may differentiate through ``arrays``: reverse mode (an array that
-    requires a gradient, with grad mode on), a forward-mode dual level, or a torch.func
-    transform. Elsewhere the Function is skipped: always on, an NA-Hutch++ estimate at
-    n = 200 took 736 - 748 us against 616 - 634 on the parent. Where torch lacks the
-    private flags read here, assume so."""
-    import torch
-
-    if torch.is_grad_enabled() and any(x.requires_grad for x in arrays):
-        return True
-    from torch.autograd import forward_ad
-
-    if getattr(forward_ad, "_current_level", 0) >= 0:
-        return True
-    active = getattr(torch._C, "_are_functorch_transforms_active", None)
-    return True if active is None else bool(active())
-
-
 def may_differentiate(xp: Any, x: Any) -> bool:
     """Whether ``x`` may be differentiated: a JAX tracer (a transformation may be taking
     its derivative), a torch tensor under some form of differentiation
@@ -810,7 +798,7 @@ def gauss_rule(
     through ``eigh``'s own backward pass. The value is the same function of T either
     way. Under JAX the same gradient is the value's ``jax.custom_jvp`` (forward and
     reverse mode, inside ``jax.jit`` and ``jax.vmap``)."""
-    if array_api_compat.is_torch_namespace(xp) and tridiagonal.requires_grad:
+    if array_api_compat.is_torch_namespace(xp) and _torch_differentiating((tridiagonal,)):
         return _torch_gauss_rule().apply(tridiagonal, function, xp)
     if array_api_compat.is_jax_namespace(xp):
         return _jax_gauss_rule(xp, tridiagonal, function)
@@ -900,11 +888,14 @@ def _block_rule_value(xp: Any, nodes: Any, vectors: Any, values: Any, rows: int)
 
 
 def _values_and_slopes(xp: Any, function: Callable[[Any, Any], Any], nodes: Any) -> Any:
-    """f and f' at ``nodes`` (an elementwise f, by one forward-mode product)."""
+    """f and f' at ``nodes`` (an elementwise f: one forward-mode product under JAX; on
+    torch one pullback of ones, since torch.func.jvp inside a torch.autograd.forward_ad
+    level is refused)."""
     if array_api_compat.is_torch_namespace(xp):
         import torch
 
-        return torch.func.jvp(lambda x: function(xp, x), (nodes,), (torch.ones_like(nodes),))
+        values, pullback = torch.func.vjp(lambda x: function(xp, x), nodes)  # type: ignore[misc]
+        return values, pullback(torch.ones_like(values))[0]
     import jax
 
     return jax.jvp(lambda x: function(xp, x), (nodes,), (xp.ones_like(nodes),))
@@ -940,23 +931,41 @@ def _jax_block_gauss_rule(
 def _torch_block_gauss_rule() -> Any:
     import torch
 
+    def gradient(xp: Any, matrix: Any, function: Any, rows: int) -> Any:
+        # (the eigenpairs of the saved T again: G is then a differentiable function of T,
+        # and second derivatives go through eigh's own)
+        nodes, vectors = torch.linalg.eigh(matrix)
+        values, slopes = _values_and_slopes(xp, function, nodes)
+        return _daleckii_krein(xp, nodes[None], vectors[None], values[None], slopes[None], rows)[0]
+
     class BlockGaussRule(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx: Any, matrix: Any, function: Any, xp: Any, rows: int) -> Any:
-            nodes, vectors = torch.linalg.eigh(matrix)
-            values, slopes = _values_and_slopes(xp, function, nodes)
-            ctx.save_for_backward(nodes, vectors, values, slopes)
-            ctx.xp, ctx.rows = xp, rows
-            ctx.mark_non_differentiable(nodes)
-            return _block_rule_value(xp, nodes, vectors, values, rows), nodes
+        # (the setup_context form, with a vmap rule and a forward-mode rule: torch.func's
+        # transforms and forward-mode AD go through the rule as well)
+        generate_vmap_rule = True
 
         @staticmethod
-        def backward(ctx: Any, grad: Any, *_: Any) -> Any:
-            nodes, vectors, values, slopes = ctx.saved_tensors
-            gradient = _daleckii_krein(
-                ctx.xp, nodes[None], vectors[None], values[None], slopes[None], ctx.rows
-            )[0]
-            return gradient * grad, None, None, None
+        def forward(matrix: Any, function: Any, xp: Any, rows: int) -> Any:
+            nodes, vectors = torch.linalg.eigh(matrix)
+            return _block_rule_value(xp, nodes, vectors, function(xp, nodes), rows), nodes
+
+        @staticmethod
+        def setup_context(ctx: Any, inputs: Any, output: Any) -> None:
+            matrix, ctx.function, ctx.xp, ctx.rows = inputs
+            ctx.save_for_backward(matrix)
+            ctx.save_for_forward(matrix)
+            ctx.mark_non_differentiable(output[1])
+
+        @staticmethod
+        def backward(ctx: Any, grad: Any, _: Any) -> Any:
+            (matrix,) = ctx.saved_tensors
+            return gradient(ctx.xp, matrix, ctx.function, ctx.rows) * grad, None, None, None
+
+        @staticmethod
+        def jvp(ctx: Any, direction: Any, *_: Any) -> Any:
+            (matrix,) = ctx.saved_tensors
+            g = gradient(ctx.xp, matrix, ctx.function, ctx.rows)
+            tangent = torch.sum(g.transpose(-2, -1) * direction)
+            return (tangent.real if tangent.is_complex() else tangent), None
 
     return BlockGaussRule
 
@@ -965,22 +974,41 @@ def _torch_block_gauss_rule() -> Any:
 def _torch_gauss_rule() -> Any:
     import torch
 
+    def gradient(xp: Any, tridiagonal: Any, function: Any) -> Any:
+        # (the eigenpairs of the saved T again: G is a differentiable function of T, and
+        # second derivatives go through eigh's own)
+        nodes, vectors = torch.linalg.eigh(tridiagonal)
+        values, slopes = _values_and_slopes(xp, function, nodes)
+        return _daleckii_krein(xp, nodes, vectors, values, slopes)
+
     class GaussRule(torch.autograd.Function):
+        # (the setup_context form, with a vmap rule and a forward-mode rule: torch.func's
+        # transforms and forward-mode AD go through the rule; the old form raised there)
+        generate_vmap_rule = True
+
         @staticmethod
-        def forward(ctx: Any, tridiagonal: Any, function: Any, xp: Any) -> Any:
+        def forward(tridiagonal: Any, function: Any, xp: Any) -> Any:
             nodes, vectors = torch.linalg.eigh(tridiagonal)
-            values, slopes = torch.func.jvp(  # (f' of an elementwise f)
-                lambda x: function(xp, x), (nodes,), (torch.ones_like(nodes),)
-            )[:2]
-            ctx.save_for_backward(nodes, vectors, values, slopes)
-            ctx.xp = xp
-            ctx.mark_non_differentiable(nodes, vectors)
-            return torch.sum(vectors[:, 0, :] ** 2 * values, dim=1), nodes, vectors
+            values = function(xp, nodes)
+            return torch.sum(vectors[..., 0, :] ** 2 * values, dim=-1), nodes, vectors
+
+        @staticmethod
+        def setup_context(ctx: Any, inputs: Any, output: Any) -> None:
+            tridiagonal, ctx.function, ctx.xp = inputs
+            ctx.save_for_backward(tridiagonal)
+            ctx.save_for_forward(tridiagonal)
+            ctx.mark_non_differentiable(output[1], output[2])
 
         @staticmethod
         def backward(ctx: Any, grad: Any, *_: Any) -> Any:
-            nodes, vectors, values, slopes = ctx.saved_tensors
-            gradient = _daleckii_krein(ctx.xp, nodes, vectors, values, slopes)
-            return gradient * grad[:, None, None], None, None
+            (tridiagonal,) = ctx.saved_tensors
+            g = gradient(ctx.xp, tridiagonal, ctx.function)
+            return g * grad[..., None, None], None, None
+
+        @staticmethod
+        def jvp(ctx: Any, direction: Any, *_: Any) -> Any:
+            (tridiagonal,) = ctx.saved_tensors
+            g = gradient(ctx.xp, tridiagonal, ctx.function)
+            return torch.sum(g * direction, dim=(-2, -1)), None, None
 
     return GaussRule

@@ -518,3 +518,30 @@ def test_gradients_are_finite_on_the_zero_operator_and_a_rank_one_matrix(
         gradient = M.grad.numpy()
     assert np.all(np.isfinite(gradient))
     assert np.max(np.abs(gradient)) < 10, np.max(np.abs(gradient))
+
+
+@pytest.mark.parametrize("method", ["xtrace", "hutch++"])
+def test_second_derivatives_through_the_qr_rule_under_jax(method):
+    """The estimate runs as the package's own compiled program, and its QR rule's
+    pseudo-inverse took a traced tolerance: jax.jvp of jax.grad raised "No constant
+    handler for type: DynamicJaxprTracer" (found by a review; JAX's pinv takes the
+    tolerance as a static argument). E^T H E by forward-over-reverse equals the central
+    difference of the gradient along E (O(h^2) plus eps |g| / h)."""
+    jax = pytest.importorskip("jax")
+    jax.config.update("jax_enable_x64", True)
+    import jax.numpy as jnp
+
+    n = 30
+    rng = np.random.default_rng(0)
+    B = rng.standard_normal((n, n))
+    M = jnp.asarray(B @ B.T / n + np.eye(n))
+    E = jnp.asarray((lambda E: (E + E.T) / 2)(rng.standard_normal((n, n))))
+
+    def along(A: Any) -> Any:  # the gradient of tr(A^2)'s estimate along E
+        gradient = jax.grad(lambda A: lt.trace(A @ A, method=method, num_matvecs=12, seed=0).value)
+        return jnp.sum(gradient(A) * E)
+
+    second = float(jax.jvp(along, (M,), (E,))[1])
+    h = 1e-5
+    central = (float(along(M + h * E)) - float(along(M - h * E))) / (2 * h)
+    assert second == pytest.approx(central, rel=1e-6)
