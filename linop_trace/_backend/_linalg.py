@@ -20,7 +20,7 @@ import numpy as np
 from ._compiled import jit
 from ._dask import dask_column_inner, is_dask_array
 from ._device import _torch_differentiating, copied, is_tracer, placed, stop_gradient
-from ._dtypes import real_dtype_for
+from ._dtypes import abs2, conj, is_complex_dtype, real_dtype_for, real_part
 from ._identity import device_of
 
 __all__ = [
@@ -316,15 +316,13 @@ def _h(xp: Any, x: Any) -> Any:
     ``swapaxes``, which its older batching of backward passes lacks a rule for:
     ``is_grads_batched`` and vectorized Jacobians failed)."""
     if array_api_compat.is_torch_namespace(xp):
-        x = x.transpose(-2, -1)
-    else:
-        x = xp.matrix_transpose(x)
-    return xp.conj(x) if xp.isdtype(x.dtype, "complex floating") else x
+        return conj(xp, x.transpose(-2, -1))
+    return conj(xp, xp.matrix_transpose(x))
 
 
 def _imaginary_diagonal(xp: Any, c: Any, diagonal: Any) -> Any:
     """``i Im diag(c)`` as a matrix (zero for real ``c``)."""
-    if not xp.isdtype(c.dtype, "complex floating"):
+    if not is_complex_dtype(xp, c.dtype):
         return xp.zeros_like(c)
     return diagonal * (c - xp.astype(xp.real(c), c.dtype))
 
@@ -858,10 +856,6 @@ def _daleckii_krein(
     return vectors @ inner @ _h(xp, vectors)
 
 
-def _complex(xp: Any, x: Any) -> bool:
-    return bool(xp.isdtype(x.dtype, "complex floating"))
-
-
 def block_gauss_rule(
     xp: Any, matrix: Any, rows: int, function: Callable[[Any, Any], Any]
 ) -> tuple[Any, Any]:
@@ -883,7 +877,7 @@ def block_gauss_rule(
 
 def _block_rule_value(xp: Any, nodes: Any, vectors: Any, values: Any, rows: int) -> Any:
     top = vectors[:rows, :]
-    weights = xp.real(top * xp.conj(top)) if _complex(xp, top) else top * top
+    weights = abs2(xp, top)
     return xp.sum(xp.sum(weights, axis=0) * values)
 
 
@@ -921,7 +915,7 @@ def _jax_block_gauss_rule(
             xp, nodes[None, :], vectors[None, :, :], values[None, :], slopes[None, :], rows
         )[0]
         tangent = xp.sum(xp.matrix_transpose(gradient) * direction)
-        tangent = xp.real(tangent) if _complex(xp, tangent) else tangent
+        tangent = real_part(xp, tangent)
         return (value, nodes), (xp.astype(tangent, value.dtype), xp.zeros_like(nodes))
 
     return rule(matrix)  # type: ignore[no-any-return]
@@ -965,7 +959,7 @@ def _torch_block_gauss_rule() -> Any:
             (matrix,) = ctx.saved_tensors
             g = gradient(ctx.xp, matrix, ctx.function, ctx.rows)
             tangent = torch.sum(g.transpose(-2, -1) * direction)
-            return (tangent.real if tangent.is_complex() else tangent), None
+            return real_part(ctx.xp, tangent), None
 
     return BlockGaussRule
 
