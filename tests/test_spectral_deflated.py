@@ -348,3 +348,87 @@ def test_torch_logdet_derivatives_in_every_mode(method):
     h = 1e-5
     central_second = (along(A + h * E) - along(A - h * E)) / (2 * h)
     assert float(torch.sum(second * E)) == pytest.approx(central_second, rel=1e-5)
+
+
+@pytest.mark.parametrize("library", ["torch", "jax"])
+@pytest.mark.parametrize("rows", [1, 2])
+def test_gauss_rule_gradient_takes_divided_differences_of_close_small_nodes(library, rows):
+    """The Daleckii-Krein gradient of sum_{i<rows} log(T)_ii uses the divided difference
+    (f(a) - f(b)) / (a - b) of two eigenvalues, and the mean of f' only where they are
+    within sqrt(eps) of the larger of the two. The test was relative to the largest
+    eigenvalue: 1e-9 and 2e-9 next to 1 counted as equal, the mean of slopes 0.75e9 stood
+    for log(2) / 1e-9 = 0.69e9, and the gradient along D was 5.7% (block rule) and 5.2%
+    (Lanczos rule) off (found by a review). Reference: the formula with exact divided
+    differences on the eigenpairs T was built from; eigh's rounding of the small
+    eigenvalues (1e-16 absolute, 1e-7 relative) moves it by under 1e-6."""
+    from linop_trace import _backend as backend
+
+    k = 4
+    rng = np.random.default_rng(0)
+    V = np.linalg.qr(rng.standard_normal((k, k)))[0]
+    nodes = np.array([1.0, 0.5, 2e-9, 1e-9])
+    T = (V * nodes) @ V.T
+    T = (T + T.T) / 2
+    D = rng.standard_normal((k, k))
+    D = (D + D.T) / 2
+    gaps = nodes[:, None] - nodes[None, :]
+    same = gaps == 0
+    divided = np.where(
+        same, 1 / nodes[:, None], (np.log(nodes)[:, None] - np.log(nodes)[None, :]) / (gaps + same)
+    )
+    weights = V[:rows].T @ V[:rows]
+    expected = float(np.sum((V @ (divided * weights) @ V.T) * D))
+
+    def log(xp, x):
+        return xp.log(x)
+
+    if library == "torch":
+        torch = pytest.importorskip("torch")
+        import array_api_compat.torch as xp
+
+        matrix = torch.tensor(T, requires_grad=True)
+        if rows == 1:
+            backend.gauss_rule(xp, matrix[None], log)[0].sum().backward()
+        else:
+            backend.block_gauss_rule(xp, matrix, rows, log)[0].backward()
+        gradient = matrix.grad.numpy()
+    else:
+        jax = pytest.importorskip("jax")
+        jax.config.update("jax_enable_x64", True)
+        import jax.numpy as jnp
+
+        if rows == 1:
+            gradient = jax.grad(lambda M: backend.gauss_rule(jnp, M[None], log)[0][0])(
+                jnp.asarray(T)
+            )
+        else:
+            gradient = jax.grad(lambda M: backend.block_gauss_rule(jnp, M, rows, log)[0])(
+                jnp.asarray(T)
+            )
+        gradient = np.asarray(gradient)
+    assert float(np.sum(gradient * D)) == pytest.approx(expected, rel=1e-5)
+
+
+def test_deflated_logdet_gradient_on_a_spectrum_of_ten_orders():
+    """The same fault through ``logdet(method="slq++")`` on torch: eigenvalues 1e10 and
+    5e9 over fourteen between 1 and 2 (the projected T holds both scales), along a
+    direction that moves the small ones only. The gradient was 1.2% off the estimate's
+    central difference; it now agrees to the difference's own spread (h = 1e-3 and 1e-4
+    differ by 3e-4 relative; smaller h is rounding). (JAX agrees with XLA's default
+    compilation, -2.8413 against -2.8438, but not at the test sessions' optimisation level
+    0, where the gradient reads 10.80, -3.97 before this fix: a rounding sensitivity of
+    this spectrum that is open, so JAX is not asserted here.)"""
+    library = "torch"
+    n = 16
+    rng = np.random.default_rng(5)
+    V = np.linalg.qr(rng.standard_normal((n, n)))[0]
+    A = (V * np.r_[1e10, 5e9, np.linspace(1, 2, n - 2)]) @ V.T
+    A = (A + A.T) / 2
+    S = rng.standard_normal((n, n))
+    S[:2], S[:, :2] = 0, 0  # it moves the eigenvalues between 1 and 2 only
+    E = V @ ((S + S.T) / 2) @ V.T
+    E = (E + E.T) / 2
+    gradient, value = _logdet_gradient(library, A, {"method": "slq++", "seed": 0})
+    h = 1e-3
+    central = (value(A + h * E) - value(A - h * E)) / (2 * h)
+    assert float(np.sum(gradient * E)) == pytest.approx(central, rel=2e-3)
