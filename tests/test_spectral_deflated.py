@@ -416,8 +416,9 @@ def test_deflated_logdet_gradient_on_a_spectrum_of_ten_orders():
     central difference; it now agrees to the difference's own spread (h = 1e-3 and 1e-4
     differ by 3e-4 relative; smaller h is rounding). (JAX agrees with XLA's default
     compilation, -2.8413 against -2.8438, but not at the test sessions' optimisation level
-    0, where the gradient reads 10.80, -3.97 before this fix: a rounding sensitivity of
-    this spectrum that is open, so JAX is not asserted here.)"""
+    0, where reverse mode reads 10.80, -3.97 before this fix, and forward mode -2.8411:
+    the deflated estimate's reverse pass loses it to rounding at this conditioning, which
+    is open, so JAX is not asserted here.)"""
     library = "torch"
     n = 16
     rng = np.random.default_rng(5)
