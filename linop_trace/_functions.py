@@ -259,6 +259,23 @@ class _Launch:
         return estimate
 
 
+def _estimator_state(estimator: Any) -> Any:
+    """What an estimator's plan depends on, as a value: its class and settings
+    (``Estimator._config``), so that an estimator whose settings were changed in place
+    (``est.probe = "gaussian"`` between two calls) is not taken for the one the plan was
+    made for (its repeat kept Rademacher probes; found by a review). A plug-in without
+    hashable settings stands for itself."""
+    config = getattr(estimator, "_config", None)
+    if config is None:
+        return estimator
+    try:
+        state = config()
+        hash(state)
+    except (TypeError, ValueError):
+        return estimator
+    return state
+
+
 class _LastCall:
     """The last estimate of a quantity: what the call gave and the plan (and, compiled,
     the launch) it ran. The same call again (the same object, method and options: a loop
@@ -286,6 +303,7 @@ class _LastCall:
         "plan",
         "precision",
         "quantity",
+        "state",
         "xp_device",
     )
 
@@ -315,6 +333,7 @@ class _LastCall:
         )
         self.method, self.decompose = method, decompose
         self.estimator = get_estimator(method, quantity)
+        self.state = _estimator_state(self.estimator)
         self.options = dict(options)
         self.xp_device = (operator.xp, operator.device)
         self.free = (
@@ -343,6 +362,7 @@ class _LastCall:
             or options != self.options
             or (registered(method) if isinstance(method, str) else get_estimator(method, quantity))
             is not self.estimator
+            or _estimator_state(self.estimator) != self.state
         ):
             return False
         xp, device = self.xp_device
@@ -393,7 +413,7 @@ def _settings_key(
     structure = operator.settings_identity()  # None: this object only
     key = (
         id(operator) if structure is None else structure,
-        estimator,
+        _estimator_state(estimator),
         quantity,
         split,
         tuple(options.items()),

@@ -377,6 +377,71 @@ def test_jax_integer_seed_is_passed_as_its_kept_key(jax_setup):
     )
 
 
+def test_jax_keys_of_another_default_implementation(jax_setup):
+    """With ``jax_default_prng_impl`` set to ``rbg`` (or ``unsafe_rbg``), integer seeds and
+    keys of that implementation draw through jax.random, and a threefry key draws what it
+    draws under the default threefry. The compiled draws took the default implementation
+    at their first call for threefry: a process whose default was rbg failed every
+    estimate (a TypeError on the key's data), and a threefry key gave another estimate
+    there (found by a review)."""
+    jax, jnp = jax_setup
+    from linop_trace._backend import _random
+
+    A = jnp.asarray(test_matrix("flat", SIZE, seed=3))
+    options = {"method": "xtrace", "num_matvecs": BUDGET}
+    threefry = float(lt.trace(A, seed=jax.random.key(4, impl="threefry2x32"), **options))
+    default = str(jax.config.jax_default_prng_impl)
+    try:
+        for impl in ("rbg", "unsafe_rbg"):
+            jax.config.update("jax_default_prng_impl", impl)
+            _random._jax_programs.cache_clear()  # (their first call: a fresh process's)
+            by_int = lt.trace(A, seed=4, **options)
+            by_key = lt.trace(A, seed=jax.random.key(4), **options)
+            assert float(by_int) == float(by_key)
+            assert np.isfinite(float(by_int))
+            again = lt.trace(A, seed=jax.random.key(4, impl="threefry2x32"), **options)
+            assert float(again) == threefry
+    finally:
+        jax.config.update("jax_default_prng_impl", default)
+        _random._jax_programs.cache_clear()
+
+
+def test_jax_integer_seed_keys_follow_64_bit_mode(jax_setup):
+    """An integer seed's key is kept per seed, PRNG implementation, device and 64-bit
+    mode: with x64 off JAX keeps a seed's low 32 bits, and a key kept from a call with it
+    on came back after it was turned off (another estimate than a fresh process gives;
+    found by a review)."""
+    jax, jnp = jax_setup
+    A = jnp.asarray(test_matrix("flat", SIZE, seed=3), dtype=jnp.float32)
+    seed = 2**40 + 5
+    options = {"method": "hutchinson", "num_matvecs": BUDGET}
+    float(lt.trace(A, seed=seed, **options))  # (x64 on: its key is kept)
+    try:
+        jax.config.update("jax_enable_x64", False)
+        narrow = jnp.asarray(test_matrix("flat", SIZE, seed=3), dtype=jnp.float32)
+        by_int = float(lt.trace(narrow, seed=seed, **options))
+        by_key = float(lt.trace(narrow, seed=jax.random.key(seed), **options))
+    finally:
+        jax.config.update("jax_enable_x64", True)
+    assert by_int == by_key
+
+
+def test_an_estimator_changed_in_place_gets_a_new_plan():
+    """Plans and repeated calls are keyed by an estimator's settings, not the object:
+    after ``est.probe = "gaussian"`` the next call drew Rademacher probes still, both
+    by the repeat shortcut and by the kept plan (found by a review)."""
+    from linop_trace.estimators import Hutchinson
+
+    A = test_matrix("flat", SIZE, seed=3)
+    estimator = Hutchinson()
+    first = lt.trace(A, method=estimator, num_matvecs=BUDGET, seed=2)
+    estimator.probe = "gaussian"
+    changed = lt.trace(A, method=estimator, num_matvecs=BUDGET, seed=2)
+    fresh = lt.trace(A, method=Hutchinson(probe="gaussian"), num_matvecs=BUDGET, seed=2)
+    assert changed.info["probe"] == "gaussian" == fresh.info["probe"]
+    assert float(changed) == float(fresh) != float(first)
+
+
 def test_jax_seeds_of_a_loop_get_their_keys_made_in_a_batch(jax_setup):
     """Seeds in a loop (a constant stride, three calls running) get their next keys made
     in one program (a fresh key per estimate cost 110 us of an n = 512 estimate's 380:

@@ -294,7 +294,12 @@ def _jax_programs() -> dict[str, Callable[..., Any]]:
     import jax
     import jax.numpy as jnp
 
-    threefry = jax.random.key_impl(jax.random.key(0))  # (the default implementation)
+    # Threefry itself, named: the default implementation may be another (``rbg``, set by
+    # ``jax_default_prng_impl``), whose keys go through jax.random's own draws; taken as
+    # the default at the first draw, an rbg default sent every key down the threefry path
+    # (a TypeError on its key data), and a threefry key drew other values in a process
+    # whose default was rbg (found by a review)
+    threefry = jax.random.key_impl(jax.random.key(0, impl="threefry2x32"))
 
     def column_keys(key: Any, drawn: Any, count: int) -> tuple[Any, Any]:
         """The keys ``fold_in(key, j)`` of columns j = drawn .. drawn + count - 1: for a
@@ -515,7 +520,7 @@ def make_random_source(xp: Any, device: Any, seed: Any, like: Any = None) -> Ran
 #: of an estimate's product at n = 512, and the estimate that takes a key not yet computed
 #: waits for it: a loop over fresh seeds ran 380 us an estimate against 265 us with keys
 #: made before. Keys are immutable, so one serves every estimate with its seed.
-_JAX_KEYS: collections.OrderedDict[tuple[int, str, Any], Any] = collections.OrderedDict()
+_JAX_KEYS: collections.OrderedDict[tuple[int, str, Any, bool], Any] = collections.OrderedDict()
 JAX_KEYS_KEPT = 256
 #: Keys a loop over seeds gets made at once (:func:`_jax_key`).
 JAX_KEY_BATCH = 64
@@ -537,7 +542,10 @@ def _jax_key(value: int) -> Any:
 
     config = jax.config
     impl, device = str(config.jax_default_prng_impl), config.jax_default_device  # type: ignore[attr-defined]
-    slot = (value, impl, device)
+    # (with 64-bit integers off JAX keeps a seed's low 32 bits: x64 is part of the slot,
+    # or a key made with it on came back after it was turned off; found by a review)
+    wide = bool(config.jax_enable_x64)  # type: ignore[attr-defined]
+    slot = (value, impl, device, wide)
     recent = _RECENT_SEEDS[-2:]
     _RECENT_SEEDS[:] = [*recent[-1:], value]
     key = _JAX_KEYS.get(slot)
@@ -550,7 +558,7 @@ def _jax_key(value: int) -> Any:
             keys = list(_key_maker(impl)(seeds))
             if not is_tracer(keys[0]):
                 for seed, made in zip(seeds.tolist(), keys):
-                    _keep_key((seed, impl, device), made)
+                    _keep_key((seed, impl, device, wide), made)
             return keys[0]
     key = jax.random.key(value)
     if not is_tracer(key):
@@ -558,7 +566,7 @@ def _jax_key(value: int) -> Any:
     return key
 
 
-def _keep_key(slot: tuple[int, str, Any], key: Any) -> None:
+def _keep_key(slot: tuple[int, str, Any, bool], key: Any) -> None:
     _JAX_KEYS.pop(slot, None)  # (then last: the most recently made)
     _JAX_KEYS[slot] = key
     while len(_JAX_KEYS) > JAX_KEYS_KEPT:
